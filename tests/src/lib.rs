@@ -1,0 +1,1 @@
+//! Integration, property, determinism and golden tests live in `tests/tests/`.
