@@ -1,1 +1,33 @@
-fn main() {}
+//! `djinn`: the command-line front of the toolkit.
+//!
+//! Subcommands for the simulator live in this file's modules; the real engine's commands live in
+//! `engine_cmd.rs` (owned by the engine work), so the two can grow without touching each other.
+
+mod engine_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "djinn", version, about = "Scheduling research for many concurrent LLM agents on one GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The real engine: correctness checks, generation and benchmarks (GPU parts need `--features cuda`).
+    Engine(engine_cmd::EngineArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Engine(args)) => engine_cmd::run(args),
+        None => Ok(()),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(2);
+    }
+}
