@@ -808,6 +808,7 @@ mod tests {
         // Agent 1 takes 4 blocks: the 2 never-used ones, agent 0's partial (uncached) last block,
         // then the oldest freed cached block, which is agent 0's tail.
         kv.ensure_capacity(1, 64).unwrap();
+        kv.advance(1, 64).unwrap();
         assert_eq!(kv.counters.cache_evicted_blocks, 1);
         assert_eq!(kv.reclaimable_prefix_blocks(0), 2);
         kv.audit().unwrap();
