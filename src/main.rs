@@ -3,6 +3,7 @@
 //! Subcommands for the simulator live in this file's modules; the real engine's commands live in
 //! `engine_cmd.rs` (owned by the engine work), so the two can grow without touching each other.
 
+mod bench_cmd;
 mod engine_cmd;
 mod runio;
 mod simulate_cmd;
@@ -21,6 +22,8 @@ enum Command {
     /// Simulate workloads under scheduling policies on a simulated GPU and compare them
     /// (the default: the original Djinn experiment, seed-exp1 then seed-cliff, 80 agents, four policies).
     Simulate(simulate_cmd::SimulateArgs),
+    /// Benchmarks (simulator speed; the engine's live under `djinn engine`).
+    Bench(bench_cmd::BenchArgs),
     /// The real engine: correctness checks, generation and benchmarks (GPU parts need `--features cuda`).
     Engine(engine_cmd::EngineArgs),
 }
@@ -29,6 +32,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Simulate(args)) => simulate_cmd::run(args).map(|_| ()),
+        Some(Command::Bench(args)) => bench_cmd::run(args),
         Some(Command::Engine(args)) => engine_cmd::run(args),
         None => simulate_cmd::run(simulate_cmd::SimulateArgs::default()).map(|_| ()),
     };

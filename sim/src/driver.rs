@@ -81,6 +81,8 @@ pub struct RunOutput {
     pub host_blocks_used_peak: u32,
     pub agents_alive_peak: u32,
     pub audits: u64,
+    /// Scheduler events delivered (arrivals, turn ends, swap completions).
+    pub events_delivered: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,6 +124,8 @@ struct LoopState<'w> {
     admit_seq: u64,
     unfinished: u32,
     alive: u32,
+    /// Step stamp of the last batch each agent was in (duplicate detection).
+    batch_stamp: Vec<u64>,
     events: Vec<SchedEvent>,
 }
 
@@ -160,6 +164,7 @@ impl<'w> LoopState<'w> {
             admit_seq: 0,
             unfinished: n,
             alive: 0,
+            batch_stamp: vec![0; n as usize],
             events: Vec::new(),
         };
         for a in &workload.agents {
@@ -217,6 +222,7 @@ impl<'w> LoopState<'w> {
             }
             if !self.events.is_empty() {
                 let events = std::mem::take(&mut self.events);
+                self.out.events_delivered += events.len() as u64;
                 let view = self.view(now, backend);
                 for e in &events {
                     scheduler.on_event(e, &view);
@@ -363,16 +369,16 @@ impl<'w> LoopState<'w> {
     }
 
     fn complete_swap(&mut self, c: &SwapCompletion, now: SimTime) -> Result<(), RunError> {
-        let job = self.kv.complete_swap(c.swap_id).map_err(|e| self.kv_err(now, e))?;
+        let (agent, direction) = self.kv.complete_swap(c.swap_id).map_err(|e| self.kv_err(now, e))?;
         if let Some(&index) = self.swap_starts.get(&c.swap_id) {
             self.out.swaps[index].end_ns = c.at.as_nanos();
             self.swap_starts.remove(&c.swap_id);
         }
-        if job.direction == SwapDirection::In {
-            let start = self.last_swap_in[job.agent as usize].map(|(s, _)| s).unwrap_or(c.at);
-            self.last_swap_in[job.agent as usize] = Some((start, c.at));
+        if direction == SwapDirection::In {
+            let start = self.last_swap_in[agent as usize].map(|(s, _)| s).unwrap_or(c.at);
+            self.last_swap_in[agent as usize] = Some((start, c.at));
         }
-        self.events.push(SchedEvent::SwapDone { agent: job.agent, swap_id: job.id, direction: job.direction });
+        self.events.push(SchedEvent::SwapDone { agent, swap_id: c.swap_id, direction });
         Ok(())
     }
 
@@ -409,16 +415,14 @@ impl<'w> LoopState<'w> {
         let block_bytes = self.settings.costs.block_bytes;
         let (mut in_bytes, mut out_bytes) = (0u64, 0u64);
         for &(agent, blocks) in &plan.swap_out {
-            let job = self.kv.start_swap_out(agent, blocks).map_err(|e| self.kv_err(now, e))?;
-            out_bytes += job.pairs.len() as u64 * block_bytes;
-            self.start_swap(now, &job, backend)?;
+            let id = self.kv.start_swap_out(agent, blocks).map_err(|e| self.kv_err(now, e))?;
+            out_bytes += self.start_swap(now, id, backend)? * block_bytes;
             changed = true;
         }
         for &agent in &plan.swap_in {
-            let job = self.kv.start_swap_in(agent).map_err(|e| self.kv_err(now, e))?;
-            in_bytes += job.pairs.len() as u64 * block_bytes;
+            let id = self.kv.start_swap_in(agent).map_err(|e| self.kv_err(now, e))?;
             self.last_swap_in[agent as usize] = Some((now, SimTime::MAX));
-            self.start_swap(now, &job, backend)?;
+            in_bytes += self.start_swap(now, id, backend)? * block_bytes;
             changed = true;
         }
         let seq_limit = self.settings.sched.max_batch_sequences as usize;
@@ -450,11 +454,14 @@ impl<'w> LoopState<'w> {
             self.kv.ensure_capacity(agent, context + 1).map_err(|e| self.kv_err(now, e))?;
             batch.decode.push(BatchSeq { agent, context_tokens: context, tokens: 1 });
         }
-        // One order per agent per step.
-        let mut seen: Vec<AgentId> = batch.prefill.iter().chain(batch.decode.iter()).map(|s| s.agent).collect();
-        seen.sort_unstable();
-        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-            return Err(self.invariant(now, format!("agent {} appears twice in one batch", w[0])));
+        // One order per agent per step (a stamp per agent makes this O(batch) without sorting).
+        let stamp = self.step + 1;
+        for i in 0..batch.prefill.len() + batch.decode.len() {
+            let agent = if i < batch.prefill.len() { batch.prefill[i].agent } else { batch.decode[i - batch.prefill.len()].agent };
+            if self.batch_stamp[agent as usize] == stamp {
+                return Err(self.invariant(now, format!("agent {agent} appears twice in one batch")));
+            }
+            self.batch_stamp[agent as usize] = stamp;
         }
         for s in batch.prefill.iter().chain(batch.decode.iter()) {
             let a = &mut self.agents[s.agent as usize];
@@ -490,7 +497,9 @@ impl<'w> LoopState<'w> {
         Ok(())
     }
 
-    fn start_swap(&mut self, now: SimTime, job: &crate::kv::SwapJob, backend: &mut dyn Backend) -> Result<(), RunError> {
+    /// Hands a started swap to the backend and records it. Returns its block count.
+    fn start_swap(&mut self, now: SimTime, id: SwapId, backend: &mut dyn Backend) -> Result<u64, RunError> {
+        let job = self.kv.swap_job(id).expect("just started");
         backend
             .start_swap(now, job, &self.kv)
             .map_err(|e| RunError::Backend { seed: self.settings.seed, step: self.step, message: e.to_string() })?;
@@ -505,7 +514,7 @@ impl<'w> LoopState<'w> {
             end_ns: 0,
             concurrent_swaps_at_start: self.kv.swaps_in_flight() as u32,
         });
-        Ok(())
+        Ok(job.pairs.len() as u64)
     }
 
     fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch, swap_in_bytes: u64, swap_out_bytes: u64) {

@@ -410,7 +410,7 @@ impl KvManager {
 
     /// Starts copying the agent's last `block_count` GPU blocks to the host (all of them when
     /// `block_count` exceeds what is on the GPU). The GPU copies stay allocated until completion.
-    pub fn start_swap_out(&mut self, agent: AgentId, block_count: u32) -> Result<SwapJob, KvError> {
+    pub fn start_swap_out(&mut self, agent: AgentId, block_count: u32) -> Result<SwapId, KvError> {
         let a = &self.agents[agent as usize];
         if a.moving_in_count > 0 || a.moving_out_count > 0 {
             return Err(KvError::SwapInFlight { agent, action: "swap out" });
@@ -445,7 +445,7 @@ impl KvManager {
     }
 
     /// Starts copying all of the agent's host blocks back to newly allocated GPU blocks.
-    pub fn start_swap_in(&mut self, agent: AgentId) -> Result<SwapJob, KvError> {
+    pub fn start_swap_in(&mut self, agent: AgentId) -> Result<SwapId, KvError> {
         let a = &self.agents[agent as usize];
         if a.moving_in_count > 0 || a.moving_out_count > 0 {
             return Err(KvError::SwapInFlight { agent, action: "swap in" });
@@ -471,16 +471,16 @@ impl KvManager {
         Ok(self.register_swap(agent, SwapDirection::In, pairs))
     }
 
-    fn register_swap(&mut self, agent: AgentId, direction: SwapDirection, pairs: Vec<(BlockId, BlockId)>) -> SwapJob {
+    fn register_swap(&mut self, agent: AgentId, direction: SwapDirection, pairs: Vec<(BlockId, BlockId)>) -> SwapId {
         let id = self.next_swap_id;
         self.next_swap_id += 1;
-        let job = SwapJob { id, agent, direction, pairs };
-        self.in_flight.insert(id, job.clone());
-        job
+        self.in_flight.insert(id, SwapJob { id, agent, direction, pairs });
+        id
     }
 
     /// Completes a swap: the source copies are freed and the destination becomes the block.
-    pub fn complete_swap(&mut self, id: SwapId) -> Result<SwapJob, KvError> {
+    /// Returns the agent and direction.
+    pub fn complete_swap(&mut self, id: SwapId) -> Result<(AgentId, SwapDirection), KvError> {
         let job = self.in_flight.remove(&id).ok_or(KvError::UnknownSwap(id))?;
         let agent = job.agent;
         for i in 0..self.agents[agent as usize].slots.len() {
@@ -502,7 +502,7 @@ impl KvManager {
                 _ => {}
             }
         }
-        Ok(job)
+        Ok((agent, job.direction))
     }
 
     /// Drops the KV beyond the first `keep_tokens` tokens (rounded down to whole blocks). The
@@ -773,14 +773,15 @@ mod tests {
         assert_eq!(kv.blocks(0), 3);
         kv.advance(0, 40).unwrap();
         let out = kv.start_swap_out(0, u32::MAX).unwrap();
+        assert_eq!(kv.swap_job(out).unwrap().pairs.len(), 3);
         assert_eq!(kv.state(0), KvState::SwappingOut);
         assert_eq!(kv.gpu_blocks_free(), 7, "GPU copies stay held while moving out");
         kv.audit().unwrap();
-        kv.complete_swap(out.id).unwrap();
+        kv.complete_swap(out).unwrap();
         assert_eq!((kv.state(0), kv.gpu_blocks_free(), kv.host_blocks_free()), (KvState::Host, 10, 7));
         let inn = kv.start_swap_in(0).unwrap();
         assert!(kv.advance(0, 1).is_err(), "no compute while swapping in");
-        kv.complete_swap(inn.id).unwrap();
+        kv.complete_swap(inn).unwrap();
         assert_eq!((kv.state(0), kv.kv_tokens(0)), (KvState::Gpu, 40));
         kv.audit().unwrap();
     }

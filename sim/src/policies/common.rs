@@ -53,6 +53,11 @@ impl WaitQueue {
         self.entries.iter().map(|(_, _, _, a)| *a)
     }
 
+    /// Lowest priority first.
+    pub fn iter_rev(&self) -> impl Iterator<Item = AgentId> + '_ {
+        self.entries.iter().rev().map(|(_, _, _, a)| *a)
+    }
+
     pub fn first(&self) -> Option<AgentId> {
         self.entries.iter().next().map(|(_, _, _, a)| *a)
     }
@@ -149,11 +154,16 @@ pub fn commit_waiting(
     plan: &mut StepPlan,
     avail: &mut i64,
     strict: bool,
+    skip: &[AgentId],
 ) -> Option<(AgentId, u32)> {
-    // Bounded scan: more turns than this could never be committed at once.
-    let order: Vec<AgentId> = waiting.iter().take(COMMIT_SCAN_MAX).collect();
-    for agent in order {
-        if !ready_to_commit(view, agent) {
+    // Lazy, bounded scan: committed agents leave the queue as we go, skipped (not ready) ones
+    // are stepped over; more turns than COMMIT_SCAN_MAX could never be committed at once.
+    let mut skipped = 0usize;
+    for _ in 0..COMMIT_SCAN_MAX {
+        let Some(agent) = waiting.iter().nth(skipped) else { break };
+        // Not ready, or already acted on by this plan (e.g. evicted): step over it.
+        if !ready_to_commit(view, agent) || skip.contains(&agent) {
+            skipped += 1;
             continue;
         }
         let need = need_blocks(view, agent);
@@ -166,6 +176,8 @@ pub fn commit_waiting(
             committed.push(agent);
         } else if strict {
             return Some((agent, need));
+        } else {
+            skipped += 1;
         }
     }
     None

@@ -9,7 +9,8 @@
 //!    the one predicted to return last first (swap if the host has room, else drop).
 //! 3. It prefetches: the swap-in starts at `predicted return - T_swap_in - margin - channel
 //!    backlog`, so the KV is resident when the agent returns (no restore stall with exact hints).
-//! 4. Returning agents are served in program-level order (the agent's first arrival), with
+//! 4. Waiting turns are committed first come, first served by turn arrival (program-level
+//!    orders are available in [`TurnOrder`]; see there why they are not the default), with
 //!    chunked prefill, and every committed turn's growth is reserved so nothing is preempted.
 //! 5. Without a hint it predicts the pause from the agent's own history (EWMA), else from the
 //!    workload's (EWMA over all agents).
@@ -36,6 +37,21 @@ pub struct DjinnParams {
     pub prefetch_margin_fraction: f64,
     /// Weight of the newest observation in the pause EWMA.
     pub ewma_alpha: f64,
+    /// Order in which waiting turns are committed.
+    pub order: TurnOrder,
+}
+
+/// Admission order of waiting turns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TurnOrder {
+    /// First come, first served by the turn's arrival (the default: it bounds the tail).
+    TurnArrival,
+    /// Program-level first come, first served (the agent's first arrival). It finishes early
+    /// agents' programs sooner but, under overload, starves late agents: on agents-capacity with
+    /// 200 agents it gave P99 turn latency 88.9 s against 11-16 s for turn order.
+    AgentArrival,
+    /// Least attained service first (program-level, Autellix-style without promotion).
+    LeastAttainedService,
 }
 
 impl Default for DjinnParams {
@@ -46,6 +62,7 @@ impl Default for DjinnParams {
             prefetch_margin_ns: 2_000_000,
             prefetch_margin_fraction: 0.1,
             ewma_alpha: 0.3,
+            order: TurnOrder::TurnArrival,
         }
     }
 }
@@ -171,7 +188,13 @@ impl Scheduler for Djinn {
                     self.ewma_agent_ns.insert(agent, per_agent);
                     self.ewma_global_ns = Some(Self::ewma(self.ewma_global_ns, observed, alpha));
                 }
-                self.waiting.push(agent, view.agent(agent).first_arrival.as_nanos());
+                let a = view.agent(agent);
+                let key = match self.params.order {
+                    TurnOrder::TurnArrival => a.turn_arrival.as_nanos(),
+                    TurnOrder::AgentArrival => a.first_arrival.as_nanos(),
+                    TurnOrder::LeastAttainedService => a.attained_service_ns,
+                };
+                self.waiting.push(agent, key);
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
@@ -211,12 +234,16 @@ impl Scheduler for Djinn {
         let total = kv.gpu_blocks_total() as i64;
         let watermark = (total as f64 * self.params.watermark_fraction).ceil() as i64;
         let reserved = reserved_growth(view, &self.committed) as i64;
-        // Demand of the turns that could be admitted next (bounded: beyond the pool size nothing fits).
+        // Demand of the turns that could be admitted next. The scan stops once the demand exceeds
+        // every block not held by a committed turn: eviction could not serve more, and the bound
+        // keeps a plan O(batch) with thousands of agents queued.
+        let committed_held: i64 = self.committed.iter().map(|&a| kv.gpu_blocks_held(a) as i64).sum();
+        let demand_cap = total - committed_held - reserved;
         let mut waiting_demand: i64 = 0;
         for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
             if ready_to_commit(view, agent) {
                 waiting_demand += need_blocks(view, agent) as i64;
-                if waiting_demand > total {
+                if waiting_demand > demand_cap {
                     break;
                 }
             }
@@ -246,7 +273,9 @@ impl Scheduler for Djinn {
             }
         }
 
-        // 2. Evict ahead of need: free what waiting turns need (plus a watermark), furthest return first.
+        // 2. Evict ahead of need: free what waiting turns need (plus a watermark), furthest predicted
+        //    return first. An agent predicted back sooner than its swap round trip is left alone:
+        //    evicting it would only make it wait for its own KV (and thrash the copy engine).
         let mut deficit = waiting_demand + watermark - (budget.free - reserved) - budget.freeing;
         while deficit > 0 {
             let Some(&(key, agent)) = self.resident_paused.iter().next_back() else { break };
@@ -254,8 +283,34 @@ impl Scheduler for Djinn {
                 self.resident_paused.remove(&(key, agent));
                 continue;
             }
-            deficit -= kv.blocks(agent) as i64;
+            let blocks = kv.blocks(agent);
+            let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
+            if key != u64::MAX && key.saturating_sub(now.as_nanos()) < round_trip {
+                // Sorted by return: everyone left returns even sooner.
+                break;
+            }
+            deficit -= blocks as i64;
             self.evict(view, agent, plan, &mut budget);
+        }
+        // A stall: nothing runs or moves out, yet turns wait. Then the GPU is held by waiting turns
+        // parked behind the head; move the lowest-priority ones out of the way.
+        let mut evicted_waiting: Vec<AgentId> = Vec::new();
+        if deficit > 0 && self.committed.is_empty() && budget.freeing == 0 {
+            let head = self.waiting.first();
+            let parked: Vec<AgentId> = self
+                .waiting
+                .iter_rev()
+                .filter(|&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
+                .take(WAITING_SCAN_MAX)
+                .collect();
+            for agent in parked {
+                if deficit <= 0 {
+                    break;
+                }
+                deficit -= kv.blocks(agent) as i64;
+                self.evict(view, agent, plan, &mut budget);
+                evicted_waiting.push(agent);
+            }
         }
 
         // 3. Prefetch paused agents whose predicted return is near.
@@ -283,12 +338,18 @@ impl Scheduler for Djinn {
             plan.swap_in.push(agent);
         }
 
-        // 4. Commit returning and new turns in program order.
+        // 4. Commit waiting turns in order. When the head does not fit and nothing is running,
+        //    later turns that fit may overtake it (work conservation: e.g. agents back from a short
+        //    pause whose KV is still resident need only their growth).
         let mut avail = budget.free - reserved;
-        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true) {
+        let mut blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &evicted_waiting);
+        if blocked.is_some() && self.committed.is_empty() {
+            blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, false, &evicted_waiting).or(blocked);
+        }
+        if let Some((head, _)) = blocked {
             let evictable = !self.resident_paused.is_empty();
             let nothing_can_free = self.committed.is_empty() && kv.swaps_in_flight() == 0 && plan.swap_out.is_empty() && plan.drop.is_empty() && !evictable;
-            if never_fits(view, head) || nothing_can_free {
+            if self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free) {
                 self.waiting.remove(head);
                 plan.reject.push(head);
             }

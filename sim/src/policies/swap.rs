@@ -51,7 +51,7 @@ impl Scheduler for Swap {
         }
         let reserved = reserved_growth(view, &self.committed) as i64;
         let mut avail = view.kv.gpu_blocks_free() as i64 + freed_now - reserved;
-        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true) {
+        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &[]) {
             let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0 && plan.swap_out.is_empty();
             if never_fits(view, head) || nothing_can_free {
                 self.waiting.remove(head);
