@@ -28,6 +28,12 @@ impl WaitQueue {
         self.insert(agent, 0, key);
     }
 
+    /// Pushes into an explicit class (lower classes go first; class 0 is also used by
+    /// `push_front`, whose keys count down from `u64::MAX`).
+    pub fn push_class(&mut self, agent: AgentId, class: u8, key: u64) {
+        self.insert(agent, class, key);
+    }
+
     fn insert(&mut self, agent: AgentId, class: u8, key: u64) {
         self.remove(agent);
         let seq = self.next_seq;

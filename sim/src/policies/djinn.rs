@@ -22,6 +22,7 @@ use crate::kv::{KvState, SwapDirection};
 use crate::sched::{Phase, SchedEvent, SchedView, Scheduler, StepPlan};
 use crate::time::SimTime;
 
+use super::predict::{PausePredictor, PredictorMode};
 use super::common::{build_batch, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth, WaitQueue};
 
 /// Tunables of the semantic policy (defaults are what the shipped comparisons use).
@@ -35,8 +36,10 @@ pub struct DjinnParams {
     pub prefetch_margin_ns: u64,
     /// Proportional part of the prefetch margin (of the swap-in time).
     pub prefetch_margin_fraction: f64,
-    /// Weight of the newest observation in the pause EWMA.
-    pub ewma_alpha: f64,
+    /// What the policy does with pause hints (believe them, predict from history, or neither).
+    pub predictor: PredictorMode,
+    /// Read the true pause instead of predicting it (the `oracle` bound; never a real policy).
+    pub knows_true_pauses: bool,
     /// Order in which waiting turns are committed.
     pub order: TurnOrder,
 }
@@ -61,7 +64,8 @@ impl Default for DjinnParams {
             watermark_fraction: 0.02,
             prefetch_margin_ns: 2_000_000,
             prefetch_margin_fraction: 0.1,
-            ewma_alpha: 0.3,
+            predictor: PredictorMode::Hint,
+            knows_true_pauses: false,
             order: TurnOrder::TurnArrival,
         }
     }
@@ -87,14 +91,12 @@ pub struct Djinn {
     prefetch_key: BTreeMap<AgentId, u64>,
     /// Agents swapping out, with the GPU blocks the copy will free.
     swapping_out: BTreeMap<AgentId, u32>,
-    ewma_agent_ns: BTreeMap<AgentId, f64>,
-    ewma_global_ns: Option<f64>,
+    predictor: PausePredictor,
 }
 
 impl Djinn {
     pub fn new(params: DjinnParams) -> Self {
         Djinn {
-            params,
             waiting: WaitQueue::default(),
             committed: Vec::new(),
             predicted_return: BTreeMap::new(),
@@ -103,15 +105,8 @@ impl Djinn {
             prefetch_at: BTreeSet::new(),
             prefetch_key: BTreeMap::new(),
             swapping_out: BTreeMap::new(),
-            ewma_agent_ns: BTreeMap::new(),
-            ewma_global_ns: None,
-        }
-    }
-
-    fn ewma(old: Option<f64>, new: f64, alpha: f64) -> f64 {
-        match old {
-            Some(o) => alpha * new + (1.0 - alpha) * o,
-            None => new,
+            predictor: PausePredictor::new(params.predictor),
+            params,
         }
     }
 
@@ -167,7 +162,7 @@ impl Default for Djinn {
 
 impl Scheduler for Djinn {
     fn name(&self) -> String {
-        "djinn".into()
+        if self.params.knows_true_pauses { "oracle" } else { "djinn" }.into()
     }
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
@@ -182,11 +177,7 @@ impl Scheduler for Djinn {
                     self.predicted_return.remove(&agent);
                     self.fresh.retain(|&a| a != agent);
                     let a = view.agent(agent);
-                    let observed = (a.turn_arrival - a.pause_started) as f64;
-                    let alpha = self.params.ewma_alpha;
-                    let per_agent = Self::ewma(self.ewma_agent_ns.get(&agent).copied(), observed, alpha);
-                    self.ewma_agent_ns.insert(agent, per_agent);
-                    self.ewma_global_ns = Some(Self::ewma(self.ewma_global_ns, observed, alpha));
+                    self.predictor.observe(agent, a.turn_arrival - a.pause_started);
                 }
                 let a = view.agent(agent);
                 let key = match self.params.order {
@@ -199,12 +190,8 @@ impl Scheduler for Djinn {
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
                 if let Some(p) = pause {
-                    let predicted_ns = p
-                        .hint_ns
-                        .map(|h| h as f64)
-                        .or_else(|| self.ewma_agent_ns.get(&agent).copied())
-                        .or(self.ewma_global_ns);
-                    let predicted_return = predicted_ns.map(|d| view.now + d.max(0.0) as u64);
+                    let predicted_ns = if self.params.knows_true_pauses { Some(p.true_ns_for_oracle) } else { self.predictor.predict(agent, p.hint_ns) };
+                    let predicted_return = predicted_ns.map(|d| view.now + d);
                     self.predicted_return.insert(agent, predicted_return);
                     let key = self.return_key(agent);
                     self.resident_paused.insert((key, agent));
