@@ -66,15 +66,9 @@ pub fn read_text(path: &Path) -> Result<String, TraceError> {
 /// renamed over the target. An interrupted run therefore never leaves a half-written file that
 /// looks complete.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TraceError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| TraceError::io(dir, e))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
@@ -127,16 +121,12 @@ pub fn write_csv_atomic<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), Tra
 
 /// Rows as CSV bytes with a header line (an empty slice still gets its header).
 pub fn csv_bytes<T: Serialize>(rows: &[T]) -> Result<Vec<u8>, csv::Error> {
-    let mut writer = csv::WriterBuilder::new()
-        .has_headers(true)
-        .from_writer(Vec::new());
+    let mut writer = csv::WriterBuilder::new().has_headers(true).from_writer(Vec::new());
     for row in rows {
         writer.serialize(row)?;
     }
     writer.flush()?;
-    writer
-        .into_inner()
-        .map_err(|e| csv::Error::from(e.into_error()))
+    writer.into_inner().map_err(|e| csv::Error::from(e.into_error()))
 }
 
 /// Reads a CSV file with a header into rows; an error names the line.
@@ -147,9 +137,7 @@ pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, TraceError> 
 
 /// Parses CSV bytes that came from `path`.
 pub fn parse_csv<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Vec<T>, TraceError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(bytes);
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
     let mut rows = Vec::new();
     for (index, row) in reader.deserialize::<T>().enumerate() {
         match row {
@@ -178,10 +166,7 @@ mod tests {
         write_json_atomic(&path, &vec![1, 2, 3]).unwrap();
         let back: Vec<i32> = read_json(&path).unwrap();
         assert_eq!(back, vec![1, 2, 3]);
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "only the target remains: {names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

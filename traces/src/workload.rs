@@ -73,19 +73,13 @@ impl Distribution {
     pub fn validate(&self, field: &str) -> Result<(), (String, String)> {
         let finite_non_negative = |name: &str, v: f64| -> Result<(), (String, String)> {
             if !v.is_finite() || v < 0.0 {
-                return Err((
-                    format!("{field}.{name}"),
-                    format!("must be a finite number >= 0, got {v}"),
-                ));
+                return Err((format!("{field}.{name}"), format!("must be a finite number >= 0, got {v}")));
             }
             Ok(())
         };
         let positive = |name: &str, v: f64| -> Result<(), (String, String)> {
             if !v.is_finite() || v <= 0.0 {
-                return Err((
-                    format!("{field}.{name}"),
-                    format!("must be a finite number > 0, got {v}"),
-                ));
+                return Err((format!("{field}.{name}"), format!("must be a finite number > 0, got {v}")));
             }
             Ok(())
         };
@@ -95,38 +89,22 @@ impl Distribution {
                 finite_non_negative("low", *low)?;
                 finite_non_negative("high", *high)?;
                 if high < low {
-                    return Err((
-                        format!("{field}.high"),
-                        format!("must be >= low ({low}), got {high}"),
-                    ));
+                    return Err((format!("{field}.high"), format!("must be >= low ({low}), got {high}")));
                 }
                 Ok(())
             }
             Distribution::Exponential { mean } => positive("mean", *mean),
-            Distribution::LogNormal {
-                median,
-                sigma,
-                p90,
-                max,
-            } => {
+            Distribution::LogNormal { median, sigma, p90, max } => {
                 positive("median", *median)?;
                 match (sigma, p90) {
                     (Some(s), None) => finite_non_negative("sigma", *s)?,
                     (None, Some(p)) => {
                         positive("p90", *p)?;
                         if *p < *median {
-                            return Err((
-                                format!("{field}.p90"),
-                                format!("must be >= median ({median}), got {p}"),
-                            ));
+                            return Err((format!("{field}.p90"), format!("must be >= median ({median}), got {p}")));
                         }
                     }
-                    _ => {
-                        return Err((
-                            field.to_string(),
-                            "lognormal needs exactly one of `sigma` or `p90`".into(),
-                        ))
-                    }
+                    _ => return Err((field.to_string(), "lognormal needs exactly one of `sigma` or `p90`".into())),
                 }
                 if let Some(m) = max {
                     positive("max", *m)?;
@@ -161,18 +139,13 @@ impl Distribution {
             Distribution::Constant { value } => *value,
             Distribution::Uniform { low, high } => (low + high) / 2.0,
             Distribution::Exponential { mean } => *mean,
-            Distribution::LogNormal {
-                median, sigma, p90, ..
-            } => {
+            Distribution::LogNormal { median, sigma, p90, .. } => {
                 let s = Self::lognormal_sigma(*median, *sigma, *p90);
                 median * (s * s / 2.0).exp()
             }
             Distribution::Mixture { components } => {
                 let total: f64 = components.iter().map(|c| c.weight).sum();
-                components
-                    .iter()
-                    .map(|c| c.weight / total * c.dist.mean())
-                    .sum()
+                components.iter().map(|c| c.weight / total * c.dist.mean()).sum()
             }
         }
     }
@@ -272,71 +245,46 @@ impl WorkloadSpec {
         if self.schema_version != crate::SCHEMA_VERSION {
             return fail(
                 "schema_version",
-                format!(
-                    "this build reads version {}, got {}",
-                    crate::SCHEMA_VERSION,
-                    self.schema_version
-                ),
+                format!("this build reads version {}, got {}", crate::SCHEMA_VERSION, self.schema_version),
             );
         }
         if self.name.trim().is_empty() {
             return fail("name", "must not be empty".into());
         }
         if self.agents == 0 || self.agents > AGENTS_MAX {
-            return fail(
-                "agents",
-                format!("must be in 1..={AGENTS_MAX}, got {}", self.agents),
-            );
+            return fail("agents", format!("must be in 1..={AGENTS_MAX}, got {}", self.agents));
         }
         if self.max_context_tokens < 2 || self.max_context_tokens > CONTEXT_TOKENS_MAX {
             return fail(
                 "max_context_tokens",
-                format!(
-                    "must be in 2..={CONTEXT_TOKENS_MAX}, got {}",
-                    self.max_context_tokens
-                ),
+                format!("must be in 2..={CONTEXT_TOKENS_MAX}, got {}", self.max_context_tokens),
             );
         }
         match &self.arrival {
             Arrival::Poisson { rate_per_s } => {
                 if !rate_per_s.is_finite() || *rate_per_s <= 0.0 {
-                    return fail(
-                        "arrival.rate_per_s",
-                        format!("must be a finite number > 0, got {rate_per_s}"),
-                    );
+                    return fail("arrival.rate_per_s", format!("must be a finite number > 0, got {rate_per_s}"));
                 }
             }
             Arrival::Ramp { ramp_s } => {
                 if !ramp_s.is_finite() || *ramp_s < 0.0 {
-                    return fail(
-                        "arrival.ramp_s",
-                        format!("must be a finite number >= 0, got {ramp_s}"),
-                    );
+                    return fail("arrival.ramp_s", format!("must be a finite number >= 0, got {ramp_s}"));
                 }
             }
             Arrival::Explicit { times_s } => {
                 if times_s.is_empty() || times_s.len() > AGENTS_MAX as usize {
-                    return fail(
-                        "arrival.times_s",
-                        format!("must list 1..={AGENTS_MAX} times"),
-                    );
+                    return fail("arrival.times_s", format!("must list 1..={AGENTS_MAX} times"));
                 }
                 for (i, t) in times_s.iter().enumerate() {
                     if !t.is_finite() || *t < 0.0 {
-                        return fail(
-                            &format!("arrival.times_s[{i}]"),
-                            format!("must be a finite number >= 0, got {t}"),
-                        );
+                        return fail(&format!("arrival.times_s[{i}]"), format!("must be a finite number >= 0, got {t}"));
                     }
                 }
             }
         }
         if let HintSpec::Noisy { sigma } = self.hint {
             if !sigma.is_finite() || sigma < 0.0 {
-                return fail(
-                    "hint.sigma",
-                    format!("must be a finite number >= 0, got {sigma}"),
-                );
+                return fail("hint.sigma", format!("must be a finite number >= 0, got {sigma}"));
             }
         }
         let a = &self.agent;
@@ -347,8 +295,7 @@ impl WorkloadSpec {
             ("agent.generated_tokens", &a.generated_tokens),
             ("agent.pause_s", &a.pause_s),
         ] {
-            dist.validate(name)
-                .map_err(|(field, message)| TraceError::invalid(path, field, message))?;
+            dist.validate(name).map_err(|(field, message)| TraceError::invalid(path, field, message))?;
         }
         Ok(())
     }
@@ -400,27 +347,16 @@ sigma = 0.5
     #[test]
     fn errors_name_file_and_field() {
         let bad = GOOD.replace("low = 10.0", "low = -1.0");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("w.toml") && err.contains("agent.pause_s.low"),
-            "{err}"
-        );
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        assert!(err.contains("w.toml") && err.contains("agent.pause_s.low"), "{err}");
         let bad = GOOD.replace("rate_per_s = 0.2", "rate_per_s = nan");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
         assert!(err.contains("arrival.rate_per_s"), "{err}");
         let bad = GOOD.replace("agents = 3", "agents = 3\nsurprise = 1");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
         assert!(err.contains("line 5") && err.contains("surprise"), "{err}");
         let bad = GOOD.replace("agents = 3", "agents = \"three\"");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
         assert!(err.contains("w.toml") && err.contains("line 4"), "{err}");
     }
 

@@ -19,20 +19,9 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 5] = [
-        PolicyKind::Djinn,
-        PolicyKind::Vllm,
-        PolicyKind::VllmNoApc,
-        PolicyKind::Pin,
-        PolicyKind::Swap,
-    ];
+    pub const ALL: [PolicyKind; 5] = [PolicyKind::Djinn, PolicyKind::Vllm, PolicyKind::VllmNoApc, PolicyKind::Pin, PolicyKind::Swap];
     /// The four policies of the original comparison (the default of `djinn simulate`).
-    pub const DEFAULT_SET: [PolicyKind; 4] = [
-        PolicyKind::Djinn,
-        PolicyKind::Vllm,
-        PolicyKind::Pin,
-        PolicyKind::Swap,
-    ];
+    pub const DEFAULT_SET: [PolicyKind; 4] = [PolicyKind::Djinn, PolicyKind::Vllm, PolicyKind::Pin, PolicyKind::Swap];
 
     pub fn name(self) -> &'static str {
         match self {

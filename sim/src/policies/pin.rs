@@ -21,9 +21,7 @@ impl Scheduler for Pin {
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
         match *event {
-            SchedEvent::TurnArrived { agent, .. } => self
-                .waiting
-                .push(agent, view.agent(agent).turn_arrival.as_nanos()),
+            SchedEvent::TurnArrived { agent, .. } => self.waiting.push(agent, view.agent(agent).turn_arrival.as_nanos()),
             SchedEvent::TurnFinished { agent, .. } => self.committed.retain(|&a| a != agent),
             SchedEvent::SwapDone { .. } => {}
         }
@@ -32,15 +30,7 @@ impl Scheduler for Pin {
     fn plan_step(&mut self, view: &SchedView, plan: &mut StepPlan) {
         let reserved = reserved_growth(view, &self.committed) as i64;
         let mut avail = view.kv.gpu_blocks_free() as i64 - reserved;
-        if let Some((head, _need)) = commit_waiting(
-            view,
-            &mut self.waiting,
-            &mut self.committed,
-            plan,
-            &mut avail,
-            true,
-            &[],
-        ) {
+        if let Some((head, _need)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &[]) {
             let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0;
             if never_fits(view, head) || nothing_can_free {
                 self.waiting.remove(head);

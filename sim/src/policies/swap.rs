@@ -22,9 +22,7 @@ impl Scheduler for Swap {
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
         match *event {
-            SchedEvent::TurnArrived { agent, .. } => self
-                .waiting
-                .push(agent, view.agent(agent).turn_arrival.as_nanos()),
+            SchedEvent::TurnArrived { agent, .. } => self.waiting.push(agent, view.agent(agent).turn_arrival.as_nanos()),
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
                 if pause.is_some() {
@@ -53,18 +51,8 @@ impl Scheduler for Swap {
         }
         let reserved = reserved_growth(view, &self.committed) as i64;
         let mut avail = view.kv.gpu_blocks_free() as i64 + freed_now - reserved;
-        if let Some((head, _)) = commit_waiting(
-            view,
-            &mut self.waiting,
-            &mut self.committed,
-            plan,
-            &mut avail,
-            true,
-            &[],
-        ) {
-            let nothing_can_free = self.committed.is_empty()
-                && view.kv.swaps_in_flight() == 0
-                && plan.swap_out.is_empty();
+        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &[]) {
+            let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0 && plan.swap_out.is_empty();
             if never_fits(view, head) || nothing_can_free {
                 self.waiting.remove(head);
                 plan.reject.push(head);
