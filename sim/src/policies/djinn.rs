@@ -75,6 +75,9 @@ impl Default for DjinnParams {
 /// the bound keeps a plan O(batch) even with thousands of agents queued.
 const WAITING_SCAN_MAX: usize = 512;
 
+/// Prefetches looked at together when deciding when the copy channel must start.
+const PREFETCH_LOOKAHEAD: usize = 64;
+
 #[derive(Debug)]
 pub struct Djinn {
     params: DjinnParams,
@@ -111,15 +114,26 @@ impl Djinn {
     }
 
     fn prefetch_margin_ns(&self, swap_in_ns: u64) -> u64 {
-        self.params.prefetch_margin_ns + (swap_in_ns as f64 * self.params.prefetch_margin_fraction) as u64
+        self.params.prefetch_margin_ns
+            + (swap_in_ns as f64 * self.params.prefetch_margin_fraction) as u64
     }
 
     fn return_key(&self, agent: AgentId) -> u64 {
-        self.predicted_return.get(&agent).copied().flatten().map_or(u64::MAX, |t| t.as_nanos())
+        self.predicted_return
+            .get(&agent)
+            .copied()
+            .flatten()
+            .map_or(u64::MAX, |t| t.as_nanos())
     }
 
     /// Takes a paused, resident agent's KV off the GPU: swap if the host has room, else drop.
-    fn evict(&mut self, view: &SchedView, agent: AgentId, plan: &mut StepPlan, budget: &mut PlanBudget) {
+    fn evict(
+        &mut self,
+        view: &SchedView,
+        agent: AgentId,
+        plan: &mut StepPlan,
+        budget: &mut PlanBudget,
+    ) {
         let blocks = view.kv.blocks(agent);
         let key = self.return_key(agent);
         self.resident_paused.remove(&(key, agent));
@@ -139,7 +153,9 @@ impl Djinn {
         if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
             let blocks = view.kv.blocks(agent) - view.kv.gpu_blocks_held(agent);
             let t_in = view.costs.swap_in_ns(blocks);
-            let start = ret.as_nanos().saturating_sub(t_in + self.prefetch_margin_ns(t_in));
+            let start = ret
+                .as_nanos()
+                .saturating_sub(t_in + self.prefetch_margin_ns(t_in));
             self.prefetch_at.insert((start, agent));
             self.prefetch_key.insert(agent, start);
         }
@@ -198,7 +214,9 @@ impl Scheduler for Djinn {
                     self.fresh.push(agent);
                 }
             }
-            SchedEvent::SwapDone { agent, direction, .. } => match direction {
+            SchedEvent::SwapDone {
+                agent, direction, ..
+            } => match direction {
                 SwapDirection::Out => {
                     self.swapping_out.remove(&agent);
                     if view.agent(agent).phase == Phase::Paused {
@@ -224,7 +242,11 @@ impl Scheduler for Djinn {
         // Demand of the turns that could be admitted next. The scan stops once the demand exceeds
         // every block not held by a committed turn: eviction could not serve more, and the bound
         // keeps a plan O(batch) with thousands of agents queued.
-        let committed_held: i64 = self.committed.iter().map(|&a| kv.gpu_blocks_held(a) as i64).sum();
+        let committed_held: i64 = self
+            .committed
+            .iter()
+            .map(|&a| kv.gpu_blocks_held(a) as i64)
+            .sum();
         let demand_cap = total - committed_held - reserved;
         let mut waiting_demand: i64 = 0;
         for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
@@ -240,11 +262,15 @@ impl Scheduler for Djinn {
             host_free: kv.host_blocks_free() as i64,
             freeing: self.swapping_out.values().map(|&b| b as i64).sum(),
         };
-        let pressure = (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
+        let pressure =
+            (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
 
         // 1. Pause-start decisions.
         for agent in std::mem::take(&mut self.fresh) {
-            if pressure < self.params.keep_below_pressure || view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Gpu {
+            if pressure < self.params.keep_below_pressure
+                || view.agent(agent).phase != Phase::Paused
+                || kv.state(agent) != KvState::Gpu
+            {
                 continue;
             }
             let blocks = kv.blocks(agent);
@@ -254,7 +280,8 @@ impl Scheduler for Djinn {
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
             if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
                 let remaining = ret.saturating_sub(now).as_nanos();
-                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks)) {
+                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
+                {
                     self.evict(view, agent, plan, &mut budget);
                 }
             }
@@ -265,8 +292,13 @@ impl Scheduler for Djinn {
         //    evicting it would only make it wait for its own KV (and thrash the copy engine).
         let mut deficit = waiting_demand + watermark - (budget.free - reserved) - budget.freeing;
         while deficit > 0 {
-            let Some(&(key, agent)) = self.resident_paused.iter().next_back() else { break };
-            if view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Gpu || kv.blocks(agent) == 0 {
+            let Some(&(key, agent)) = self.resident_paused.iter().next_back() else {
+                break;
+            };
+            if view.agent(agent).phase != Phase::Paused
+                || kv.state(agent) != KvState::Gpu
+                || kv.blocks(agent) == 0
+            {
                 self.resident_paused.remove(&(key, agent));
                 continue;
             }
@@ -279,11 +311,15 @@ impl Scheduler for Djinn {
             deficit -= blocks as i64;
             self.evict(view, agent, plan, &mut budget);
         }
-        // A stall: nothing runs or moves out, yet turns wait. Then the GPU is held by waiting turns
-        // parked behind the head; move the lowest-priority ones out of the way.
+        // A stall: nothing runs, and the first waiting turn cannot fit even counting what is
+        // already moving out. Then the GPU is held by waiting turns parked behind it; move the
+        // lowest-priority ones out of the way.
         let mut evicted_waiting: Vec<AgentId> = Vec::new();
-        if deficit > 0 && self.committed.is_empty() && budget.freeing == 0 {
-            let head = self.waiting.first();
+        let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
+        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
+            - (budget.free - reserved)
+            - budget.freeing;
+        if head_deficit > 0 && self.committed.is_empty() {
             let parked: Vec<AgentId> = self
                 .waiting
                 .iter_rev()
@@ -291,10 +327,10 @@ impl Scheduler for Djinn {
                 .take(WAITING_SCAN_MAX)
                 .collect();
             for agent in parked {
-                if deficit <= 0 {
+                if head_deficit <= 0 {
                     break;
                 }
-                deficit -= kv.blocks(agent) as i64;
+                head_deficit -= kv.blocks(agent) as i64;
                 self.evict(view, agent, plan, &mut budget);
                 evicted_waiting.push(agent);
             }
@@ -302,40 +338,80 @@ impl Scheduler for Djinn {
 
         // 3. Prefetch paused agents whose predicted return is near.
         let mut spare = budget.free - reserved - waiting_demand - watermark;
-        let backlog = view.swap_in_busy_until.saturating_sub(now).as_nanos();
-        while let Some(&(start, agent)) = self.prefetch_at.iter().next() {
-            if start > now.as_nanos() + backlog {
-                plan.wake_no_later_than(SimTime(start.saturating_sub(backlog)).max(now + 1));
+        // Copies queue on the host-to-device channel: a prefetch starts earlier by the backlog
+        // ahead of it, including the prefetches this plan issues.
+        let mut backlog = view.swap_in_busy_until.saturating_sub(now).as_nanos();
+        // Prefetches are copied one after another, so a prefetch due later can force an earlier
+        // one to start sooner: the first in line must start by min over the next few of
+        // (their deadline - margin - the copy time of everything up to and including them).
+        loop {
+            let Some(&(first_key, first)) = self.prefetch_at.iter().next() else {
                 break;
-            }
-            if view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Host {
-                self.prefetch_at.remove(&(start, agent));
-                self.prefetch_key.remove(&agent);
+            };
+            if view.agent(first).phase != Phase::Paused || kv.state(first) != KvState::Host {
+                self.prefetch_at.remove(&(first_key, first));
+                self.prefetch_key.remove(&first);
                 continue;
             }
-            let blocks = (kv.blocks(agent) - kv.gpu_blocks_held(agent)) as i64;
+            let mut cumulative_ns = 0u64;
+            let mut latest_start = u64::MAX;
+            for &(key, agent) in self.prefetch_at.iter().take(PREFETCH_LOOKAHEAD) {
+                let t_in = view
+                    .costs
+                    .swap_in_ns(kv.blocks(agent).saturating_sub(kv.gpu_blocks_held(agent)));
+                cumulative_ns += t_in;
+                // key = deadline - t_in - margin, so deadline - margin - cumulative = key + t_in - cumulative.
+                latest_start = latest_start.min((key + t_in).saturating_sub(cumulative_ns));
+            }
+            if now.as_nanos() + backlog < latest_start {
+                plan.wake_no_later_than(SimTime(latest_start.saturating_sub(backlog)).max(now + 1));
+                break;
+            }
+            let blocks = (kv.blocks(first) - kv.gpu_blocks_held(first)) as i64;
             if blocks > spare {
                 // No room yet: try again after the next event (returns and finishes free memory).
                 break;
             }
-            self.prefetch_at.remove(&(start, agent));
-            self.prefetch_key.remove(&agent);
+            self.prefetch_at.remove(&(first_key, first));
+            self.prefetch_key.remove(&first);
             spare -= blocks;
             budget.free -= blocks;
-            plan.swap_in.push(agent);
+            backlog += view.costs.swap_in_ns(blocks as u32);
+            plan.swap_in.push(first);
         }
 
         // 4. Commit waiting turns in order. When the head does not fit and nothing is running,
         //    later turns that fit may overtake it (work conservation: e.g. agents back from a short
         //    pause whose KV is still resident need only their growth).
         let mut avail = budget.free - reserved;
-        let mut blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &evicted_waiting);
+        let mut blocked = commit_waiting(
+            view,
+            &mut self.waiting,
+            &mut self.committed,
+            plan,
+            &mut avail,
+            true,
+            &evicted_waiting,
+        );
         if blocked.is_some() && self.committed.is_empty() {
-            blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, false, &evicted_waiting).or(blocked);
+            blocked = commit_waiting(
+                view,
+                &mut self.waiting,
+                &mut self.committed,
+                plan,
+                &mut avail,
+                false,
+                &evicted_waiting,
+            )
+            .or(blocked);
         }
         if let Some((head, _)) = blocked {
             let evictable = !self.resident_paused.is_empty();
-            let nothing_can_free = self.committed.is_empty() && kv.swaps_in_flight() == 0 && plan.swap_out.is_empty() && plan.drop.is_empty() && !evictable;
+            let nothing_can_free = self.committed.is_empty()
+                && kv.swaps_in_flight() == 0
+                && plan.swap_out.is_empty()
+                && plan.drop.is_empty()
+                && !evictable;
             if self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free) {
                 self.waiting.remove(head);
                 plan.reject.push(head);
