@@ -36,6 +36,8 @@ pub struct SimConfig {
     pub sched: SchedConfig,
     pub limits: RunLimits,
     pub check: CheckLevel,
+    /// What hint-using policies do with pause hints.
+    pub predictor: crate::policies::PredictorMode,
 }
 
 impl SimConfig {
@@ -50,6 +52,7 @@ impl SimConfig {
             sched: SchedConfig::default(),
             limits: RunLimits::default(),
             check: CheckLevel::Step { audit_interval_steps: 1024 },
+            predictor: crate::policies::PredictorMode::Hint,
         }
     }
 
@@ -108,7 +111,7 @@ pub fn simulate(spec: &WorkloadSpec, agents: Option<u32>, config: &SimConfig) ->
 
 /// Simulates an already generated workload.
 pub fn simulate_workload(workload: &Workload, config: &SimConfig) -> Result<RunOutput, RunError> {
-    let mut scheduler = config.policy.build();
+    let mut scheduler = config.policy.build_with(crate::policies::PolicyOptions { predictor: config.predictor });
     let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
     let mut clock = VirtualClock::default();
     driver::run(&config.settings(), workload, scheduler.as_mut(), &mut backend, &mut clock)
@@ -125,6 +128,7 @@ pub fn manifest(spec: &WorkloadSpec, agents: u32, config: &SimConfig, code_versi
     options.insert("block_bytes".into(), config.block_bytes().to_string());
     options.insert("max_batch_tokens".into(), config.sched.max_batch_tokens.to_string());
     options.insert("max_batch_sequences".into(), config.sched.max_batch_sequences.to_string());
+    options.insert("predictor".into(), config.predictor.name().to_string());
     RunManifest {
         schema_version: traces::SCHEMA_VERSION,
         tool: "djinn".into(),

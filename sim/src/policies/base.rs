@@ -154,7 +154,14 @@ impl Admission {
                 plan.reject.push(head);
             }
         }
-        build_batch(view, &self.committed, plan);
+        if plan.reclaim.is_empty() {
+            build_batch(view, &self.committed, plan);
+        } else {
+            // A reclaim lands when the plan is applied, after the view was taken: the agent's
+            // pending tokens are known from the next step on.
+            let ready: Vec<AgentId> = self.committed.iter().copied().filter(|a| !plan.reclaim.contains(a)).collect();
+            build_batch(view, &ready, plan);
+        }
     }
 
     /// Strict in-order commit; returns the head that did not fit, with its need.
