@@ -38,7 +38,8 @@ pub struct SimulateArgs {
     /// path to a TOML spec. Repeat for several. Default: seed-exp1 then seed-cliff.
     #[arg(long = "workload", short = 'w', value_name = "NAME|PATH")]
     pub workloads: Vec<String>,
-    /// Policy to run (djinn, vllm, vllm-noapc, pin, swap). Repeat for several. Default: djinn, vllm, pin, swap.
+    /// Policy to run (djinn, vllm, vllm-noapc, pin, swap, infercept, infercept-h, continuum, continuum-fixed,
+    /// autellix, autellix-swap, autellix-continuum, next-use, oracle). Repeat for several. Default: djinn, vllm, pin, swap.
     #[arg(long = "policy", short = 'p', value_name = "NAME")]
     pub policies: Vec<String>,
     /// Number of agents (default: the workload's own, 80 for the seed workloads).
@@ -79,6 +80,11 @@ pub struct SimulateArgs {
     /// Log-normal sigma of the hint noise (implies --hint noisy when given alone).
     #[arg(long)]
     pub hint_sigma: Option<f64>,
+    /// What hint-using policies (djinn, infercept, infercept-h, next-use) do with hints: `hint`
+    /// believes them (exact or noisy as --hint says), `ewma` ignores them and predicts from each
+    /// agent's own past pauses, `none` predicts nothing.
+    #[arg(long, default_value = "hint", value_parser = ["hint", "ewma", "none"])]
+    pub predictor: String,
     /// Latency SLO (ms) whose attainment the summary reports.
     #[arg(long, default_value_t = 5000.0)]
     pub slo_ms: f64,
@@ -160,6 +166,7 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
     base.host_memory_bytes = (args.host_memory_gib * (1u64 << 30) as f64) as u64;
     base.block_size_tokens = args.block_size;
     base.sched.max_batch_tokens = args.max_batch_tokens;
+    base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
     base.check = match args.check {
         CheckOverride::Step => CheckLevel::Step { audit_interval_steps: 1024 },
         CheckOverride::Full => CheckLevel::Full,
@@ -187,6 +194,9 @@ fn reproduce_line(args: &SimulateArgs, spec: &WorkloadSpec, policy: PolicyKind, 
     }
     if let Some(h) = args.hint {
         line.push_str(&format!(" --hint {}", format!("{h:?}").to_lowercase()));
+    }
+    if args.predictor != "hint" {
+        line.push_str(&format!(" --predictor {}", args.predictor));
     }
     if let Some(s) = args.hint_sigma {
         line.push_str(&format!(" --hint-sigma {s}"));
@@ -217,7 +227,7 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
             plan.base.block_size_tokens,
             plan.base.host_blocks()
         );
-        let workload = sim::workload::generate(spec, agents, args.seed);
+        let workload = sim::replay::build_workload(spec, agents, args.seed)?;
         let results: Vec<Result<RunResult>> = plan
             .policies
             .par_iter()

@@ -67,6 +67,8 @@ pub enum RunError {
     Limit { seed: u64, step: u64, time: SimTime, limit: String },
     #[error("backend error (seed {seed}, step {step}): {message}")]
     Backend { seed: u64, step: u64, message: String },
+    #[error("workload: {0}")]
+    Workload(String),
 }
 
 /// Everything a run produced.

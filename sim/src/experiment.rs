@@ -7,14 +7,17 @@ use crate::driver::{self, CheckLevel, RunError, RunLimits, RunOutput, RunSetting
 use crate::policies::PolicyKind;
 use crate::sched::{CostHints, SchedConfig};
 use crate::time::VirtualClock;
-use crate::workload::{self, Workload};
+use crate::workload::Workload;
 
 /// The shipped workload specs, embedded so the binary works anywhere.
-pub const SHIPPED_WORKLOADS: [(&str, &str); 4] = [
+pub const SHIPPED_WORKLOADS: [(&str, &str); 7] = [
     ("seed-exp1", include_str!("../workloads/seed-exp1.toml")),
     ("seed-cliff", include_str!("../workloads/seed-cliff.toml")),
     ("agents-capacity", include_str!("../workloads/agents-capacity.toml")),
     ("azure-conv-synth", include_str!("../workloads/azure-conv-synth.toml")),
+    ("swe-agent", include_str!("../workloads/swe-agent.toml")),
+    ("chat", include_str!("../workloads/chat.toml")),
+    ("agents-background", include_str!("../workloads/agents-background.toml")),
 ];
 
 /// The text of a shipped workload by name.
@@ -104,7 +107,7 @@ impl SimConfig {
 
 /// Generates the workload and simulates it.
 pub fn simulate(spec: &WorkloadSpec, agents: Option<u32>, config: &SimConfig) -> Result<(Workload, RunOutput), RunError> {
-    let workload = workload::generate(spec, spec.agent_count(agents), config.seed);
+    let workload = crate::replay::build_workload(spec, spec.agent_count(agents), config.seed).map_err(|e| RunError::Workload(e.to_string()))?;
     let output = simulate_workload(&workload, config)?;
     Ok((workload, output))
 }

@@ -22,6 +22,7 @@ pub mod kv;
 pub mod policies;
 pub mod rng;
 pub mod sched;
+pub mod replay;
 pub mod time;
 pub mod workload;
 

@@ -203,9 +203,66 @@ pub struct WorkloadSpec {
     pub agents: u32,
     /// The model window: an agent's program ends before its context would exceed it.
     pub max_context_tokens: u32,
+    /// Required unless `replay` is given (the trace then gives arrival times).
+    #[serde(default = "Arrival::missing")]
     pub arrival: Arrival,
+    /// Required unless `replay` is given (the trace then gives every turn).
+    #[serde(default = "AgentSpec::missing")]
     pub agent: AgentSpec,
     pub hint: HintSpec,
+    /// Agent programs replayed from a trace file instead of drawn from `arrival` and `agent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplaySpec>,
+    /// Background (non-agent, single-turn) requests from an Azure-format CSV, mixed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<BackgroundSpec>,
+}
+
+/// A trace replayed as agent programs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaySpec {
+    /// Trace format: `mooncake` (JSONL; multi-turn sessions by the prefix-hash rule).
+    pub format: String,
+    /// Path to the trace, or the name of a sample shipped with the project.
+    pub path: String,
+    /// Every token count is multiplied by this (fits long traces to a model window).
+    #[serde(default = "one")]
+    pub token_scale: f64,
+    /// Every arrival time and pause is multiplied by this (compresses or stretches time).
+    #[serde(default = "one")]
+    pub time_scale: f64,
+}
+
+/// Background traffic mixed into a workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackgroundSpec {
+    /// Path to an Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens), or a shipped sample name.
+    pub path: String,
+    /// Fraction of all requests (turns) that are background, in [0, 0.9].
+    pub fraction: f64,
+    #[serde(default = "one")]
+    pub token_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Arrival {
+    /// Placeholder of an absent `[arrival]` (allowed only with `replay`).
+    pub fn missing() -> Arrival {
+        Arrival::Explicit { times_s: Vec::new() }
+    }
+}
+
+impl AgentSpec {
+    /// Placeholder of an absent `[agent]` (allowed only with `replay`).
+    pub fn missing() -> AgentSpec {
+        let nothing = Distribution::Constant { value: -1.0 };
+        AgentSpec { turns: nothing.clone(), first_prompt_tokens: nothing.clone(), new_tokens: nothing.clone(), generated_tokens: nothing.clone(), pause_s: nothing }
+    }
 }
 
 /// Upper bounds that keep a spec from asking for absurd runs (each is a limit checked at load).
@@ -259,6 +316,44 @@ impl WorkloadSpec {
                 "max_context_tokens",
                 format!("must be in 2..={CONTEXT_TOKENS_MAX}, got {}", self.max_context_tokens),
             );
+        }
+        if let Some(r) = &self.replay {
+            if r.format != "mooncake" {
+                return fail("replay.format", format!("must be \"mooncake\", got {:?}", r.format));
+            }
+            if r.path.trim().is_empty() {
+                return fail("replay.path", "must not be empty".into());
+            }
+            for (name, v) in [("replay.token_scale", r.token_scale), ("replay.time_scale", r.time_scale)] {
+                if !v.is_finite() || v <= 0.0 || v > 1e6 {
+                    return fail(name, format!("must be a finite number in (0, 1e6], got {v}"));
+                }
+            }
+        }
+        if let Some(b) = &self.background {
+            if b.path.trim().is_empty() {
+                return fail("background.path", "must not be empty".into());
+            }
+            if !b.fraction.is_finite() || !(0.0..=0.9).contains(&b.fraction) {
+                return fail("background.fraction", format!("must be in [0, 0.9], got {}", b.fraction));
+            }
+            if !b.token_scale.is_finite() || b.token_scale <= 0.0 || b.token_scale > 1e6 {
+                return fail("background.token_scale", format!("must be a finite number in (0, 1e6], got {}", b.token_scale));
+            }
+        }
+        if self.replay.is_some() {
+            if let HintSpec::Noisy { sigma } = self.hint {
+                if !sigma.is_finite() || sigma < 0.0 {
+                    return fail("hint.sigma", format!("must be a finite number >= 0, got {sigma}"));
+                }
+            }
+            return Ok(());
+        }
+        if self.arrival == Arrival::missing() {
+            return fail("arrival", "missing (required unless [replay] is given)".into());
+        }
+        if self.agent == AgentSpec::missing() {
+            return fail("agent", "missing (required unless [replay] is given)".into());
         }
         match &self.arrival {
             Arrival::Poisson { rate_per_s } => {
