@@ -4,9 +4,11 @@
 //! `engine_cmd.rs` (owned by the engine work), so the two can grow without touching each other.
 
 mod bench_cmd;
+mod capacity_cmd;
 mod engine_cmd;
 mod runio;
 mod simulate_cmd;
+mod sweep_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +26,11 @@ enum Command {
     Simulate(simulate_cmd::SimulateArgs),
     /// Benchmarks (simulator speed; the engine's live under `djinn engine`).
     Bench(bench_cmd::BenchArgs),
+    /// Run a sweep spec (policies x workloads x agent counts x seeds x overrides) in parallel,
+    /// resumable and shardable; `djinn sweep merge` joins shards.
+    Sweep(sweep_cmd::SweepArgs),
+    /// Per policy, the largest number of agents served within a latency SLO.
+    Capacity(capacity_cmd::CapacityArgs),
     /// The real engine: correctness checks, generation and benchmarks (GPU parts need `--features cuda`).
     Engine(engine_cmd::EngineArgs),
 }
@@ -33,6 +40,8 @@ fn main() {
     let result = match cli.command {
         Some(Command::Simulate(args)) => simulate_cmd::run(args).map(|_| ()),
         Some(Command::Bench(args)) => bench_cmd::run(args),
+        Some(Command::Sweep(args)) => sweep_cmd::run(args),
+        Some(Command::Capacity(args)) => capacity_cmd::run(args),
         Some(Command::Engine(args)) => engine_cmd::run(args),
         None => simulate_cmd::run(simulate_cmd::SimulateArgs::default()).map(|_| ()),
     };
