@@ -398,6 +398,8 @@ impl WorkloadSpec {
     /// The agent count a run uses: explicit arrivals fix it, otherwise the override or the default.
     pub fn agent_count(&self, override_agents: Option<u32>) -> u32 {
         match &self.arrival {
+            // A replay takes the first N sessions of its trace.
+            _ if self.replay.is_some() => override_agents.unwrap_or(self.agents),
             Arrival::Explicit { times_s } => times_s.len() as u32,
             _ => override_agents.unwrap_or(self.agents),
         }

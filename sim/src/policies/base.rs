@@ -161,6 +161,9 @@ impl Admission {
             // pending tokens are known from the next step on.
             let ready: Vec<AgentId> = self.committed.iter().copied().filter(|a| !plan.reclaim.contains(a)).collect();
             build_batch(view, &ready, plan);
+            // Plan again at this instant (without compute the run loop would otherwise move on
+            // to the next event).
+            plan.wake_no_later_than(view.now);
         }
     }
 

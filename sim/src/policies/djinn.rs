@@ -42,6 +42,9 @@ pub struct DjinnParams {
     pub knows_true_pauses: bool,
     /// Order in which waiting turns are committed.
     pub order: TurnOrder,
+    /// Count the expected queueing delay into the time until a paused agent's KV is needed, and
+    /// evict waiting turns parked at the queue tail (see `plan_step`).
+    pub queue_aware: bool,
 }
 
 /// Admission order of waiting turns.
@@ -66,6 +69,7 @@ impl Default for DjinnParams {
             prefetch_margin_fraction: 0.1,
             predictor: PredictorMode::Hint,
             knows_true_pauses: false,
+            queue_aware: true,
             order: TurnOrder::TurnArrival,
         }
     }
@@ -74,6 +78,9 @@ impl Default for DjinnParams {
 /// Upper bound of waiting turns looked at per plan: more could never fit the pool at once, and
 /// the bound keeps a plan O(batch) even with thousands of agents queued.
 const WAITING_SCAN_MAX: usize = 512;
+
+/// Weight of the newest admission in the queueing-delay EWMA.
+const QUEUE_WAIT_ALPHA: f64 = 0.05;
 
 /// Prefetches looked at together when deciding when the copy channel must start.
 const PREFETCH_LOOKAHEAD: usize = 64;
@@ -95,6 +102,8 @@ pub struct Djinn {
     /// Agents swapping out, with the GPU blocks the copy will free.
     swapping_out: BTreeMap<AgentId, u32>,
     predictor: PausePredictor,
+    /// EWMA of the queueing delay of admitted turns (arrival to commitment).
+    queue_wait_ns: f64,
 }
 
 impl Djinn {
@@ -109,6 +118,7 @@ impl Djinn {
             prefetch_key: BTreeMap::new(),
             swapping_out: BTreeMap::new(),
             predictor: PausePredictor::new(params.predictor),
+            queue_wait_ns: 0.0,
             params,
         }
     }
@@ -249,7 +259,10 @@ impl Scheduler for Djinn {
             .sum();
         let demand_cap = total - committed_held - reserved;
         let mut waiting_demand: i64 = 0;
+        // Waiting turns at the head that the current memory could serve; later ones wait longer.
+        let mut head_region = 0usize;
         for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
+            head_region += 1;
             if ready_to_commit(view, agent) {
                 waiting_demand += need_blocks(view, agent) as i64;
                 if waiting_demand > demand_cap {
@@ -265,6 +278,10 @@ impl Scheduler for Djinn {
         let pressure =
             (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
 
+        // When turns queue, a returning agent waits before it runs: its KV is needed that much
+        // later, so keeping it resident through the wait is wasted memory.
+        let queue_wait = if self.params.queue_aware { self.queue_wait_ns as u64 } else { 0 };
+
         // 1. Pause-start decisions.
         for agent in std::mem::take(&mut self.fresh) {
             if pressure < self.params.keep_below_pressure
@@ -279,7 +296,7 @@ impl Scheduler for Djinn {
             }
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
             if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
-                let remaining = ret.saturating_sub(now).as_nanos();
+                let remaining = ret.saturating_sub(now).as_nanos() + queue_wait;
                 if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
                 {
                     self.evict(view, agent, plan, &mut budget);
@@ -304,7 +321,7 @@ impl Scheduler for Djinn {
             }
             let blocks = kv.blocks(agent);
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
-            if key != u64::MAX && key.saturating_sub(now.as_nanos()) < round_trip {
+            if key != u64::MAX && (key + queue_wait).saturating_sub(now.as_nanos()) < round_trip {
                 // Sorted by return: everyone left returns even sooner.
                 break;
             }
@@ -315,6 +332,29 @@ impl Scheduler for Djinn {
         // already moving out. Then the GPU is held by waiting turns parked behind it; move the
         // lowest-priority ones out of the way.
         let mut evicted_waiting: Vec<AgentId> = Vec::new();
+        // Under a queue, turns parked beyond the head region hold KV they will not use for at
+        // least the queueing delay: move them out (tail first) before the head waits for memory.
+        if self.params.queue_aware && deficit > 0 && self.waiting.len() > head_region {
+            let parked: Vec<AgentId> = self
+                .waiting
+                .iter_rev()
+                .take(self.waiting.len() - head_region)
+                .take(WAITING_SCAN_MAX)
+                .filter(|&a| kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
+                .collect();
+            for agent in parked {
+                if deficit <= 0 {
+                    break;
+                }
+                let blocks = kv.blocks(agent);
+                if queue_wait < view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks) {
+                    break;
+                }
+                deficit -= blocks as i64;
+                self.evict(view, agent, plan, &mut budget);
+                evicted_waiting.push(agent);
+            }
+        }
         let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
         let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
             - (budget.free - reserved)
@@ -384,6 +424,7 @@ impl Scheduler for Djinn {
         //    later turns that fit may overtake it (work conservation: e.g. agents back from a short
         //    pause whose KV is still resident need only their growth).
         let mut avail = budget.free - reserved;
+        let committed_before = self.committed.len();
         let mut blocked = commit_waiting(
             view,
             &mut self.waiting,
@@ -404,6 +445,10 @@ impl Scheduler for Djinn {
                 &evicted_waiting,
             )
             .or(blocked);
+        }
+        for &agent in &self.committed[committed_before..] {
+            let waited = now.saturating_sub(view.agent(agent).turn_arrival).as_nanos() as f64;
+            self.queue_wait_ns = QUEUE_WAIT_ALPHA * waited + (1.0 - QUEUE_WAIT_ALPHA) * self.queue_wait_ns;
         }
         if let Some((head, _)) = blocked {
             let evictable = !self.resident_paused.is_empty();
