@@ -147,12 +147,18 @@ impl Admission {
                 }
             }
         }
-        if let Some((head, _)) = blocked {
+        // Reject every head that cannot fit while nothing can free memory (all in this plan: one
+        // rejection per plan would spin the run loop at one instant).
+        while let Some((head, _)) = blocked {
             let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0 && plan.swap_out.is_empty() && plan.drop.is_empty() && plan.release.is_empty();
-            if self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free) {
-                self.waiting.remove(head);
-                plan.reject.push(head);
+            if !(self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free)) {
+                break;
             }
+            self.waiting.remove(head);
+            plan.reject.push(head);
+            // A rejected returning agent's KV is freed with it.
+            avail += view.kv.gpu_blocks_held(head) as i64;
+            blocked = self.commit(view, plan, &mut avail);
         }
         if plan.reclaim.is_empty() {
             build_batch(view, &self.committed, plan);

@@ -296,9 +296,12 @@ impl Scheduler for Djinn {
             }
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
             if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
-                let remaining = ret.saturating_sub(now).as_nanos() + queue_wait;
+                let remaining = ret.saturating_sub(now).as_nanos();
                 if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
+                    && (!self.params.queue_aware || blocks as i64 <= budget.host_free)
                 {
+                    // Ahead of need only a swap pays: a drop here would buy recompute for memory
+                    // nobody asked for yet (the demand-driven step below may still drop).
                     self.evict(view, agent, plan, &mut budget);
                 }
             }
@@ -308,6 +311,10 @@ impl Scheduler for Djinn {
         //    return first. An agent predicted back sooner than its swap round trip is left alone:
         //    evicting it would only make it wait for its own KV (and thrash the copy engine).
         let mut deficit = waiting_demand + watermark - (budget.free - reserved) - budget.freeing;
+        // What the first waiting turn alone lacks: when the host is full an eviction is a drop
+        // (recompute later), worth it only for the turn that runs next.
+        let head_need = self.waiting.iter().find(|&a| ready_to_commit(view, a)).map_or(0, |h| need_blocks(view, h) as i64);
+        let mut head_lack = head_need - (budget.free - reserved) - budget.freeing;
         while deficit > 0 {
             let Some(&(key, agent)) = self.resident_paused.iter().next_back() else {
                 break;
@@ -325,7 +332,11 @@ impl Scheduler for Djinn {
                 // Sorted by return: everyone left returns even sooner.
                 break;
             }
+            if self.params.queue_aware && blocks as i64 > budget.host_free && head_lack <= 0 {
+                break;
+            }
             deficit -= blocks as i64;
+            head_lack -= blocks as i64;
             self.evict(view, agent, plan, &mut budget);
         }
         // A stall: nothing runs, and the first waiting turn cannot fit even counting what is
@@ -348,6 +359,10 @@ impl Scheduler for Djinn {
                 }
                 let blocks = kv.blocks(agent);
                 if queue_wait < view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks) {
+                    break;
+                }
+                if blocks as i64 > budget.host_free {
+                    // Host full: dropping a turn that is about to run only moves work to recompute.
                     break;
                 }
                 deficit -= blocks as i64;
