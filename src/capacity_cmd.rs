@@ -289,3 +289,33 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     println!("wrote {}", args.out.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_capacity_on_seed_cliff_matches_its_pool_arithmetic() {
+        let spec = load_workload("seed-cliff").unwrap();
+        let base = SimConfig::new(PolicyKind::Pin, calibration::load_profile("h100-llama2-7b").unwrap());
+        let text = pin_arithmetic(&spec, &base);
+        let predicted: u32 = text.rsplit("at most N = ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        // A generous SLO: only memory limits pin.
+        let args = CapacityArgs {
+            workloads: vec![],
+            policies: vec![],
+            slo_ms: 600_000.0,
+            metric: CapacityMetric::TurnP99,
+            seeds: 2,
+            min_agents: 16,
+            max_agents: 256,
+            profile: calibration::DEFAULT_PROFILE.into(),
+            predictor: "hint".into(),
+            out: PathBuf::new(),
+            threads: Some(1),
+        };
+        let row = search(&spec, &base, PolicyKind::Pin, &args, args.slo_ms).unwrap();
+        assert_eq!(row.capacity_agents, predicted, "{text}\n{row:?}");
+        assert!(row.failure.contains("rejected"), "{row:?}");
+    }
+}

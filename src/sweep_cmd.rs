@@ -446,3 +446,102 @@ fn merge(args: MergeArgs) -> Result<()> {
     println!("merged {} configurations from {} folders into {}", results.len(), args.dirs.len(), args.out.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_spec(dir: &Path, text: &str) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let p = dir.join("sweep.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const SPEC: &str = r#"
+name = "t"
+workloads = ["seed-exp1"]
+policies = ["djinn", "vllm"]
+agents = [2, 3]
+seeds = [0, 1]
+[[overrides]]
+name = "a"
+[[overrides]]
+name = "b"
+hint = "noisy:0.5"
+predictor = "ewma"
+"#;
+
+    fn args(spec: &Path, out: &Path, shard: Option<&str>) -> SweepArgs {
+        SweepArgs { command: None, spec: Some(spec.to_path_buf()), out: out.to_path_buf(), shard: shard.map(String::from), threads: Some(2), run_dirs: false, dry_run: false, quiet: true }
+    }
+
+    #[test]
+    fn expansion_is_the_full_product_and_shards_partition_it() {
+        let dir = std::env::temp_dir().join(format!("djinn-sweep-expand-{}", std::process::id()));
+        let spec = read_spec(&write_spec(&dir, SPEC)).unwrap();
+        let configs = expand(&spec).unwrap();
+        assert_eq!(configs.len(), 2 * 2 * 2 * 2);
+        let ids: std::collections::BTreeSet<&str> = configs.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids.len(), configs.len(), "ids are unique");
+        let mut seen = vec![0; configs.len()];
+        for k in 0..3 {
+            for c in configs.iter().filter(|c| c.index % 3 == k) {
+                seen[c.index] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+        assert_eq!(parse_shard("2/3").unwrap(), (2, 3));
+        assert!(parse_shard("3/3").is_err() && parse_shard("x").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("djinn-sweep-bad-{}", std::process::id()));
+        for (text, field) in [
+            (SPEC.replace("\"vllm\"", "\"nope\""), "policies[1]"),
+            (SPEC.replace("agents = [2, 3]", "agents = [0]"), "agents[0]"),
+            (SPEC.replace("noisy:0.5", "noisy:x"), "overrides[1].hint"),
+            (SPEC.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
+        ] {
+            let e = format!("{:#}", read_spec(&write_spec(&dir, &text)).unwrap_err());
+            assert!(e.contains(field) && e.contains("sweep.toml"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn resumes_skipping_finished_configurations_and_shards_merge_to_the_whole() {
+        let dir = std::env::temp_dir().join(format!("djinn-sweep-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spec = write_spec(&dir, SPEC);
+        let full = dir.join("full");
+        run(args(&spec, &full, None)).unwrap();
+        let whole = std::fs::read(full.join("results.csv")).unwrap();
+        assert_eq!(String::from_utf8_lossy(&whole).lines().count(), 1 + 16);
+        // Interrupt: one configuration never finished (no file); another finished earlier.
+        let configs = expand(&read_spec(&spec).unwrap()).unwrap();
+        let lost = result_path(&full, &configs[5].id);
+        let kept = result_path(&full, &configs[6].id);
+        std::fs::remove_file(&lost).unwrap();
+        std::fs::write(&kept, std::fs::read_to_string(&kept).unwrap().replace("\"hint\"", "\"hint\" ")).unwrap();
+        let marker = std::fs::read(&kept).unwrap();
+        run(args(&spec, &full, None)).unwrap();
+        assert!(lost.exists(), "the unfinished configuration was redone");
+        assert_eq!(std::fs::read(&kept).unwrap(), marker, "a finished configuration is not rerun");
+        assert_eq!(std::fs::read(full.join("results.csv")).unwrap(), whole);
+        // Three shards into three folders, merged, equal the single run.
+        let dirs: Vec<PathBuf> = (0..3).map(|k| dir.join(format!("shard{k}"))).collect();
+        for (k, d) in dirs.iter().enumerate() {
+            run(args(&spec, d, Some(&format!("{k}/3")))).unwrap();
+        }
+        let merged = dir.join("merged.csv");
+        merge(MergeArgs { dirs: dirs.clone(), out: merged.clone(), spec: Some(spec.clone()) }).unwrap();
+        assert_eq!(std::fs::read(&merged).unwrap(), whole);
+        let e = merge(MergeArgs { dirs: dirs[..2].to_vec(), out: dir.join("partial.csv"), spec: Some(spec.clone()) }).unwrap_err();
+        assert!(format!("{e:#}").contains("missing"), "{e:#}");
+        assert!(!dir.join("partial.csv").exists(), "no output for an incomplete merge");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
