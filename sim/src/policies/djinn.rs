@@ -221,7 +221,13 @@ impl Scheduler for Djinn {
                     self.predicted_return.insert(agent, predicted_return);
                     let key = self.return_key(agent);
                     self.resident_paused.insert((key, agent));
-                    self.fresh.push(agent);
+                    // A pause-start swap is taken on a told pause only: a history average of
+                    // bimodal pauses predicts neither mode, and acting on it swaps out agents
+                    // back in milliseconds. Predictions from history still order evictions.
+                    let told = self.params.knows_true_pauses || (self.params.predictor == PredictorMode::Hint && p.hint_ns.is_some());
+                    if told || !self.params.queue_aware {
+                        self.fresh.push(agent);
+                    }
                 }
             }
             SchedEvent::SwapDone {
@@ -282,6 +288,8 @@ impl Scheduler for Djinn {
         // later, so keeping it resident through the wait is wasted memory.
         let queue_wait = if self.params.queue_aware { self.queue_wait_ns as u64 } else { 0 };
 
+        let mut out_backlog = if self.params.queue_aware { view.swap_out_busy_until.saturating_sub(now).as_nanos() } else { 0 };
+
         // 1. Pause-start decisions.
         for agent in std::mem::take(&mut self.fresh) {
             if pressure < self.params.keep_below_pressure
@@ -297,12 +305,15 @@ impl Scheduler for Djinn {
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
             if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
                 let remaining = ret.saturating_sub(now).as_nanos();
-                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
+                // The copy starts only after the device-to-host backlog: a swap that cannot
+                // finish and come back before the return only delays the agent.
+                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks)) + out_backlog
                     && (!self.params.queue_aware || blocks as i64 <= budget.host_free)
                 {
                     // Ahead of need only a swap pays: a drop here would buy recompute for memory
                     // nobody asked for yet (the demand-driven step below may still drop).
                     self.evict(view, agent, plan, &mut budget);
+                    out_backlog += view.costs.swap_out_ns(blocks);
                 }
             }
         }
