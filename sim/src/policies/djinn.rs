@@ -91,6 +91,9 @@ pub struct Djinn {
     /// Paused agents whose KV is on the host, by the time their prefetch should start.
     prefetch_at: BTreeSet<(u64, AgentId)>,
     prefetch_key: BTreeMap<AgentId, u64>,
+    /// Waiting (uncommitted) agents whose KV is on the GPU, by their queue position: they hold
+    /// memory while they wait, so they may overtake a head that does not fit.
+    parked: BTreeSet<AgentId>,
     /// Agents swapping out, with the GPU blocks the copy will free.
     swapping_out: BTreeMap<AgentId, u32>,
     ewma_agent_ns: BTreeMap<AgentId, f64>,
@@ -109,6 +112,7 @@ impl Djinn {
             prefetch_at: BTreeSet::new(),
             prefetch_key: BTreeMap::new(),
             swapping_out: BTreeMap::new(),
+            parked: BTreeSet::new(),
             ewma_agent_ns: BTreeMap::new(),
             ewma_global_ns: None,
         }
@@ -145,6 +149,7 @@ impl Djinn {
         let blocks = view.kv.blocks(agent);
         let key = self.return_key(agent);
         self.resident_paused.remove(&(key, agent));
+        self.parked.remove(&agent);
         if blocks as i64 <= budget.host_free {
             budget.host_free -= blocks as i64;
             budget.freeing += blocks as i64;
@@ -215,6 +220,9 @@ impl Scheduler for Djinn {
                     TurnOrder::LeastAttainedService => a.attained_service_ns,
                 };
                 self.waiting.push(agent, key);
+                if view.kv.state(agent) == KvState::Gpu && view.kv.blocks(agent) > 0 {
+                    self.parked.insert(agent);
+                }
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
@@ -333,17 +341,17 @@ impl Scheduler for Djinn {
         // lowest-priority ones out of the way.
         let mut evicted_waiting: Vec<AgentId> = Vec::new();
         let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
-        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
-            - (budget.free - reserved)
-            - budget.freeing;
+        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64) - (budget.free - reserved) - budget.freeing;
         if head_deficit > 0 && self.committed.is_empty() {
-            let parked: Vec<AgentId> = self
-                .waiting
-                .iter_rev()
-                .filter(|&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
-                .take(WAITING_SCAN_MAX)
+            // Lowest priority first: the parked agents latest in the queue.
+            let mut parked: Vec<(u64, AgentId)> = self
+                .parked
+                .iter()
+                .filter(|&&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
+                .filter_map(|&a| self.waiting.position_key(a).map(|k| (k, a)))
                 .collect();
-            for agent in parked {
+            parked.sort_unstable_by(|x, y| y.cmp(x));
+            for (_, agent) in parked {
                 if head_deficit <= 0 {
                     break;
                 }
@@ -401,26 +409,27 @@ impl Scheduler for Djinn {
         //    later turns that fit may overtake it (work conservation: e.g. agents back from a short
         //    pause whose KV is still resident need only their growth).
         let mut avail = budget.free - reserved;
-        let mut blocked = commit_waiting(
-            view,
-            &mut self.waiting,
-            &mut self.committed,
-            plan,
-            &mut avail,
-            true,
-            &evicted_waiting,
-        );
-        if blocked.is_some() && self.committed.is_empty() {
-            blocked = commit_waiting(
-                view,
-                &mut self.waiting,
-                &mut self.committed,
-                plan,
-                &mut avail,
-                false,
-                &evicted_waiting,
-            )
-            .or(blocked);
+        let mut blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &evicted_waiting);
+        if blocked.is_some() {
+            // Turns whose KV is already on the GPU hold their memory anyway: running them (they
+            // need only their growth) beats parking them behind a head that does not fit.
+            let resident: Vec<AgentId> = self.parked.iter().copied().filter(|a| !evicted_waiting.contains(a)).collect();
+            for agent in resident {
+                if kv.state(agent) != KvState::Gpu || !self.waiting.contains(agent) {
+                    self.parked.remove(&agent);
+                    continue;
+                }
+                let need = need_blocks(view, agent) as i64;
+                if need <= avail {
+                    avail -= need;
+                    self.waiting.remove(agent);
+                    self.parked.remove(&agent);
+                    self.committed.push(agent);
+                }
+            }
+            if self.committed.is_empty() {
+                blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, false, &evicted_waiting).or(blocked);
+            }
         }
         if let Some((head, _)) = blocked {
             let evictable = !self.resident_paused.is_empty();
@@ -433,6 +442,10 @@ impl Scheduler for Djinn {
                 self.waiting.remove(head);
                 plan.reject.push(head);
             }
+        }
+
+        for agent in &self.committed {
+            self.parked.remove(agent);
         }
 
         // 5. The batch.
