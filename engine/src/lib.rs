@@ -8,4 +8,7 @@
 //! mechanism names in a plan), or make scheduling decisions. It is the only crate that reads the OS
 //! clock.
 
+pub mod batch;
 pub mod config;
+pub mod swap;
+pub mod weights;
