@@ -208,7 +208,7 @@ const HISTORY_LIMIT: usize = 4096;
 pub struct CudaSwapEngine {
     ctx: Arc<CudaContext>,
     gpu_pool: GpuKvPoolRef,
-    host_pool: PinnedHostPool,
+    host_pool: Option<PinnedHostPool>,
     out_stream: Arc<CudaStream>,
     in_stream: Arc<CudaStream>,
     anchor_stream: Arc<CudaStream>,
@@ -284,7 +284,7 @@ impl CudaSwapEngine {
         Ok(CudaSwapEngine {
             ctx: ctx.clone(),
             gpu_pool,
-            host_pool,
+            host_pool: Some(host_pool),
             out_stream,
             in_stream,
             anchor_stream,
@@ -309,12 +309,35 @@ impl CudaSwapEngine {
     }
 
     pub fn host_pool(&self) -> &PinnedHostPool {
-        &self.host_pool
+        self.host_pool
+            .as_ref()
+            .expect("the host pool lives as long as the engine")
     }
 
     /// The host pool, writable; only for blocks no swap holds (tests and checkpoint loading).
     pub fn host_pool_mut(&mut self) -> &mut PinnedHostPool {
-        &mut self.host_pool
+        self.host_pool
+            .as_mut()
+            .expect("the host pool lives as long as the engine")
+    }
+
+    /// Waits for every copy, then hands the pinned pool back (pinning is slow: a benchmark moves
+    /// one pool between engines over different device pools).
+    pub fn into_host_pool(mut self) -> Result<PinnedHostPool, SwapError> {
+        self.wait_all()?;
+        Ok(self
+            .host_pool
+            .take()
+            .expect("the host pool lives as long as the engine"))
+    }
+
+    pub fn copy_method(&self) -> CopyMethod {
+        self.copy_method
+    }
+
+    /// Changes how later swaps are enqueued (benchmarks compare the two).
+    pub fn set_copy_method(&mut self, copy_method: CopyMethod) {
+        self.copy_method = copy_method;
     }
 
     pub fn stream(&self, direction: SwapDirection) -> &Arc<CudaStream> {
@@ -334,7 +357,7 @@ impl CudaSwapEngine {
         validate_pairs(
             pairs,
             self.gpu_pool.block_count,
-            self.host_pool.block_count(),
+            self.host_pool().block_count(),
         )?;
         self.busy.check_free(pairs)?;
         if self.in_flight.len() >= self.max_in_flight {
@@ -410,7 +433,7 @@ impl CudaSwapEngine {
         self.scratch_sizes.clear();
         for run in runs {
             let device = self.gpu_pool.block_ptr(run.gpu_first);
-            let host = self.host_pool.block_addr(run.host_first);
+            let host = self.host_pool().block_addr(run.host_first);
             let (dst, src) = match direction {
                 SwapDirection::Out => (host, device),
                 SwapDirection::In => (device, host),
