@@ -336,6 +336,7 @@ pub fn run(
             model_options,
         )?;
         model.fill_kv_random(options.seed ^ 0x5eed, 1.0)?;
+        model.capture_decode_graphs(options.decode_batch)?;
         let pool = model.kv_pool();
         assert_eq!(
             pool.block_bytes(),

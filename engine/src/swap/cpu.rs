@@ -122,8 +122,9 @@ impl<T: Copy + Default> CpuSwapEngine<T> {
             bytes: (pairs.len() * block_elems * std::mem::size_of::<T>()) as u64,
             start_ns,
             end_ns,
-            // Copies run one at a time inside submit: nothing else is copying at its start.
-            concurrent_swaps_at_start: 0,
+            // Copies run one at a time inside submit: every earlier swap's copy has ended, so
+            // only this one is in flight at its start.
+            concurrent_swaps_at_start: 1,
         };
         self.pending.insert(
             swap_id,

@@ -193,6 +193,8 @@ impl ClockAnchor {
 }
 
 struct InFlightSwap {
+    /// Host time of the submit call, on the run's clock.
+    submit_ns: u64,
     agent_id: AgentId,
     direction: SwapDirection,
     pairs: Vec<BlockPair>,
@@ -223,6 +225,7 @@ pub struct CudaSwapEngine {
     next_swap_id: SwapId,
     in_flight: BTreeMap<SwapId, InFlightSwap>,
     busy: BusyBlocks,
+    /// (submit_ns, end_ns) of recently reported swaps.
     history: VecDeque<(u64, u64)>,
     free_events: Vec<CudaEvent>,
     scratch_dsts: Vec<sys::CUdeviceptr>,
@@ -376,6 +379,7 @@ impl CudaSwapEngine {
         self.ctx
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
+        let submit_ns = self.epoch.elapsed().as_nanos() as u64;
         if let Some((compute, event)) = &self.order_after {
             event
                 .record(compute)
@@ -406,6 +410,7 @@ impl CudaSwapEngine {
         self.in_flight.insert(
             swap_id,
             InFlightSwap {
+                submit_ns,
                 agent_id,
                 direction,
                 pairs: pairs.to_vec(),
@@ -513,40 +518,29 @@ impl CudaSwapEngine {
         self.poll()
     }
 
-    /// Time of an event in the run's clock, if the GPU has passed it.
-    fn event_ns_if_done(anchor: &ClockAnchor, event: &CudaEvent) -> Result<Option<u64>, SwapError> {
-        if event
-            .try_is_complete()
-            .map_err(driver("querying a swap event"))?
-        {
-            Ok(Some(anchor.event_ns(event)?))
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// Other swaps whose copy was running at `start_ns`.
+    /// Swaps in flight when a copy began at `start_ns`, this one included (the definition of
+    /// `traces::SwapRecord::concurrent_swaps_at_start`): every swap submitted by then whose copy
+    /// had not ended, whatever its direction and whether it was copying or queued.
     fn concurrent_at(&self, swap_id: SwapId, start_ns: u64) -> Result<u32, SwapError> {
-        let mut count = self
+        let mut count = 1 + self
             .history
             .iter()
-            .filter(|(start, end)| *start <= start_ns && start_ns < *end)
+            .filter(|(submit, end)| *submit <= start_ns && start_ns < *end)
             .count();
         for (other_id, other) in &self.in_flight {
-            if *other_id == swap_id {
+            if *other_id == swap_id || other.submit_ns > start_ns {
                 continue;
             }
-            // A swap whose start event has not passed started after `start_ns` (which has).
-            let Some(other_start) = Self::event_ns_if_done(&other.anchor, &other.start)? else {
-                continue;
+            let running = if other
+                .end
+                .try_is_complete()
+                .map_err(driver("querying a swap event"))?
+            {
+                start_ns < other.anchor.event_ns(&other.end)?
+            } else {
+                true
             };
-            let running = match Self::event_ns_if_done(&other.anchor, &other.end)? {
-                Some(other_end) => start_ns < other_end,
-                None => true,
-            };
-            if other_start <= start_ns && running {
-                count += 1;
-            }
+            count += running as usize;
         }
         Ok(count as u32)
     }
@@ -613,7 +607,7 @@ impl SwapEngine for CudaSwapEngine {
             if self.history.len() == HISTORY_LIMIT {
                 self.history.pop_front();
             }
-            self.history.push_back((start_ns, end_ns));
+            self.history.push_back((swap.submit_ns, end_ns));
             records.push(SwapRecord {
                 swap_id,
                 agent_id: swap.agent_id,

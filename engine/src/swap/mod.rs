@@ -72,8 +72,9 @@ pub struct BlockPair {
 /// `start_ns` / `end_ns` are nanoseconds since the engine's epoch (the run's clock origin) at
 /// which the copy began and ended on the copy engine; on the GPU they come from CUDA events, so a
 /// swap queued behind another one of the same direction starts when that one ends.
-/// `concurrent_swaps_at_start` counts the other swaps (either direction) whose copy was running
-/// at `start_ns`.
+/// `concurrent_swaps_at_start` counts the swaps in flight when this one's copy began, this one
+/// included: every swap submitted by then whose copy had not ended (either direction, copying or
+/// queued).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwapRecord {
     pub swap_id: SwapId,
