@@ -599,7 +599,7 @@ fn single_agent(
             (SwapDirection::In, &in_pairs),
         ] {
             let submitted = Instant::now();
-            let id = engine.submit(rep as u64, direction, pairs)?;
+            let id = engine.submit(rep as u32, direction, pairs)?;
             let submit_cost_us = submitted.elapsed().as_secs_f64() * 1e6;
             // Busy-poll like a run loop with nothing else to do: the latency the scheduler sees.
             let mut done = Vec::new();
@@ -745,9 +745,9 @@ fn many_agents(
         );
         // Both directions at once, submissions interleaved as a plan would list them.
         for k in 0..agents {
-            engine.submit(k as u64, SwapDirection::Out, &traffic.out_agents[k])?;
+            engine.submit(k as u32, SwapDirection::Out, &traffic.out_agents[k])?;
             engine.submit(
-                (agents + k) as u64,
+                (agents + k) as u32,
                 SwapDirection::In,
                 &traffic.in_agents[k],
             )?;
@@ -766,12 +766,12 @@ fn many_agents(
         let (gb_all, ms_all, bytes) = span_gb_per_s(&done);
         // One direction at a time: N agents queued on one stream.
         for k in 0..agents {
-            engine.submit(k as u64, SwapDirection::Out, &traffic.out_agents[k])?;
+            engine.submit(k as u32, SwapDirection::Out, &traffic.out_agents[k])?;
         }
         let out_only = engine.wait_all()?;
         for k in 0..agents {
             engine.submit(
-                (agents + k) as u64,
+                (agents + k) as u32,
                 SwapDirection::In,
                 &traffic.in_agents[k],
             )?;
@@ -1017,7 +1017,7 @@ impl SwapPump<'_> {
                 {
                     break;
                 }
-                engine.submit((d * agents.len() + k) as u64, direction, &agents[k])?;
+                engine.submit((d * agents.len() + k) as u32, direction, &agents[k])?;
                 self.next[d] += 1;
                 self.queued[d] += 1;
             }

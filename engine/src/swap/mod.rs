@@ -39,7 +39,7 @@ pub mod cuda;
 pub type SwapId = u64;
 
 /// Agent identifier as the plan names it.
-pub type AgentId = u64;
+pub type AgentId = u32;
 
 /// Direction of a swap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
