@@ -2,6 +2,8 @@
 
 use clap::{Args, Subcommand};
 
+pub mod generate_cmd;
+
 #[derive(Args)]
 pub struct EngineArgs {
     #[command(subcommand)]
@@ -12,10 +14,13 @@ pub struct EngineArgs {
 pub enum EngineCommand {
     /// Print the model presets and their KV footprint.
     Presets,
+    /// Greedy continuation of a prompt with a GGUF model (e.g. SmolLM2-135M-Instruct).
+    Generate(generate_cmd::GenerateArgs),
 }
 
 pub fn run(args: EngineArgs) -> anyhow::Result<()> {
     match args.command {
+        EngineCommand::Generate(a) => generate_cmd::generate(a),
         EngineCommand::Presets => {
             for name in engine::config::ModelConfig::PRESET_NAMES {
                 let config = engine::config::ModelConfig::preset(name).expect("listed preset exists");

@@ -10,5 +10,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod cpu;
 pub mod swap;
+pub mod tokenizer;
 pub mod weights;
