@@ -3,7 +3,7 @@
 HF transformers' LlamaForCausalLM (fp32, eager attention).
 
 Versions that produced the committed files (pip, CPU):
-    python 3.11.7, torch 2.15.0, transformers 5.24.0, safetensors 0.8.0, gguf 0.18.0, numpy 2.4.6
+    python 3.11.7, torch 2.15.0, transformers 5.24.0, safetensors 0.8.0, gguf 0.19.0, numpy 2.4.6
 
 Usage (from the repository root):
     python3 engine/scripts/golden.py                      # tiny + tiny-gqa -> engine/tests/data/<preset>/
@@ -65,8 +65,9 @@ PRESETS = {
     ),
 }
 
-# Sequence lengths: one token, a block boundary of 16-token blocks (16, 17) and a longer one.
-SEQUENCE_LENGTHS = [1, 5, 16, 17, 40]
+# Logits of every position are kept, so the 40-token sequence covers every prefix length up to 40
+# (crossing 16-token block boundaries twice); the 7-token one is a second, independent sequence.
+SEQUENCE_LENGTHS = [7, 40]
 
 
 def make_weights(preset, generator):
