@@ -15,7 +15,10 @@ fn check_preset_against_golden(preset: &str, block_size: usize) {
         name: preset.to_string(),
         ..ModelConfig::preset(preset).unwrap()
     };
-    assert_eq!(weights.config, expected_config, "config.json of {preset} matches the preset");
+    assert_eq!(
+        weights.config, expected_config,
+        "config.json of {preset} matches the preset"
+    );
     let golden = load_golden(preset);
     let max_len = golden.iter().map(|s| s.tokens.len()).max().unwrap();
     let blocks_per_seq = max_len.div_ceil(block_size);
@@ -23,7 +26,10 @@ fn check_preset_against_golden(preset: &str, block_size: usize) {
     let mut worst_abs = 0.0f32;
     for (index, sequence) in golden.iter().enumerate() {
         // Reversed, offset block ids: the paged addressing must not rely on contiguous blocks.
-        let table: Vec<u32> = (0..blocks_per_seq as u32).rev().map(|b| b * 2 + 1).collect();
+        let table: Vec<u32> = (0..blocks_per_seq as u32)
+            .rev()
+            .map(|b| b * 2 + 1)
+            .collect();
         let step = SeqStep {
             block_table: &table,
             context_len: 0,
@@ -32,14 +38,24 @@ fn check_preset_against_golden(preset: &str, block_size: usize) {
         let logits = model.forward_every_token(&[step]).unwrap();
         assert_eq!(logits.rows, sequence.tokens.len());
         let expected: Vec<f32> = sequence.logits.concat();
-        let (ratio, abs) = compare(&logits.data, &expected, GOLDEN_ABS_TOLERANCE, GOLDEN_REL_TOLERANCE);
+        let (ratio, abs) = compare(
+            &logits.data,
+            &expected,
+            GOLDEN_ABS_TOLERANCE,
+            GOLDEN_REL_TOLERANCE,
+        );
         assert!(
             ratio <= 1.0,
             "{preset} sequence {index}: max |diff| {abs:e} over tolerance {GOLDEN_ABS_TOLERANCE:e} + {GOLDEN_REL_TOLERANCE:e}*|golden| (ratio {ratio})"
         );
         // The last-token path agrees with the every-token path (up to GEMM summation order).
         let last = model.forward(&[step]).unwrap();
-        assert_rows_close(last.row(0), logits.row(logits.rows - 1), CONSISTENCY_ABS_TOLERANCE, "last row");
+        assert_rows_close(
+            last.row(0),
+            logits.row(logits.rows - 1),
+            CONSISTENCY_ABS_TOLERANCE,
+            "last row",
+        );
         worst_abs = worst_abs.max(abs);
     }
     println!("{preset} block_size {block_size}: max |logit - HF golden| = {worst_abs:e}");
@@ -61,7 +77,12 @@ fn tiny_gqa_matches_hf_golden_logits() {
 fn golden_check_fails_on_a_wrong_model() {
     // The tolerance is tight enough to see a small change: scaling one norm by 1% breaks it.
     let mut weights = load_tiny("tiny");
-    for v in &mut weights.tensors.get_mut("model.layers.1.post_attention_layernorm.weight").unwrap().data {
+    for v in &mut weights
+        .tensors
+        .get_mut("model.layers.1.post_attention_layernorm.weight")
+        .unwrap()
+        .data
+    {
         *v *= 1.01;
     }
     let golden = load_golden("tiny");
@@ -75,6 +96,14 @@ fn golden_check_fails_on_a_wrong_model() {
             tokens: &sequence.tokens,
         }])
         .unwrap();
-    let (ratio, abs) = compare(&logits.data, &sequence.logits.concat(), GOLDEN_ABS_TOLERANCE, GOLDEN_REL_TOLERANCE);
-    assert!(ratio > 1.0, "a 1% norm change went unnoticed (max |diff| {abs:e})");
+    let (ratio, abs) = compare(
+        &logits.data,
+        &sequence.logits.concat(),
+        GOLDEN_ABS_TOLERANCE,
+        GOLDEN_REL_TOLERANCE,
+    );
+    assert!(
+        ratio > 1.0,
+        "a 1% norm change went unnoticed (max |diff| {abs:e})"
+    );
 }

@@ -20,7 +20,9 @@ pub const GOLDEN_REL_TOLERANCE: f32 = 2e-5;
 pub const CONSISTENCY_ABS_TOLERANCE: f32 = 1e-5;
 
 pub fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("data")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data")
 }
 
 pub struct GoldenSequence {
@@ -38,19 +40,31 @@ pub fn load_golden(preset: &str) -> Vec<GoldenSequence> {
         .unwrap()
         .iter()
         .map(|seq| GoldenSequence {
-            tokens: seq["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect(),
+            tokens: seq["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect(),
             logits: seq["logits"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+                .map(|row| {
+                    row.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect()
+                })
                 .collect(),
         })
         .collect()
 }
 
 pub fn load_tiny(preset: &str) -> WeightSet {
-    WeightSet::from_hf_dir(&data_dir().join(preset)).unwrap_or_else(|e| panic!("loading {preset}: {e}"))
+    WeightSet::from_hf_dir(&data_dir().join(preset))
+        .unwrap_or_else(|e| panic!("loading {preset}: {e}"))
 }
 
 /// Largest violation ratio of |a - b| <= abs + rel * |b| (<= 1 means within tolerance), and the
@@ -108,15 +122,42 @@ pub fn llama_metadata(weights: &WeightSet) -> Vec<(String, Value)> {
     vec![
         ("general.architecture".into(), Value::String("llama".into())),
         ("general.name".into(), Value::String(c.name.clone())),
-        ("llama.embedding_length".into(), Value::U32(c.hidden_size as u32)),
-        ("llama.feed_forward_length".into(), Value::U32(c.intermediate_size as u32)),
-        ("llama.block_count".into(), Value::U32(c.num_hidden_layers as u32)),
-        ("llama.attention.head_count".into(), Value::U32(c.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv".into(), Value::U32(c.num_key_value_heads as u32)),
-        ("llama.rope.freq_base".into(), Value::F32(c.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(c.rms_norm_eps as f32)),
-        ("llama.context_length".into(), Value::U32(c.max_position_embeddings as u32)),
-        ("llama.rope.dimension_count".into(), Value::U32(c.head_dim() as u32)),
+        (
+            "llama.embedding_length".into(),
+            Value::U32(c.hidden_size as u32),
+        ),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (
+            "llama.block_count".into(),
+            Value::U32(c.num_hidden_layers as u32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            Value::U32(c.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(c.num_key_value_heads as u32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        (
+            "llama.context_length".into(),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
+        (
+            "llama.rope.dimension_count".into(),
+            Value::U32(c.head_dim() as u32),
+        ),
     ]
 }
 
@@ -139,16 +180,28 @@ pub fn write_gguf(
         }
         let mut data = tensor.data.clone();
         if hf_name.ends_with("q_proj.weight") {
-            data = permute_hf_rope_rows(&data, config.num_attention_heads, head_dim, config.hidden_size);
+            data = permute_hf_rope_rows(
+                &data,
+                config.num_attention_heads,
+                head_dim,
+                config.hidden_size,
+            );
         } else if hf_name.ends_with("k_proj.weight") {
-            data = permute_hf_rope_rows(&data, config.num_key_value_heads, head_dim, config.hidden_size);
+            data = permute_hf_rope_rows(
+                &data,
+                config.num_key_value_heads,
+                head_dim,
+                config.hidden_size,
+            );
         }
         let t = Tensor::from_vec(data, tensor.shape.as_slice(), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype_of(hf_name)).unwrap();
         qtensors.push((gguf_name_of_hf(hf_name).unwrap(), q));
     }
-    let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let metadata_refs: Vec<(&str, &Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
 }
