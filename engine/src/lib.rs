@@ -11,6 +11,8 @@
 pub mod batch;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod swap;
 pub mod tokenizer;
 pub mod weights;
