@@ -326,10 +326,8 @@ impl Tokenizer {
             .bytes()
             .map(|b| self.byte_to_char[b as usize])
             .collect();
-        if let Some(&id) = self.token_ids.get(&mapped) {
-            ids.push(id);
-            return Ok(());
-        }
+        // No whole-word shortcut: a word in the vocabulary that its merges cannot build is still
+        // split (HF and llama.cpp skip merges only for `ignore_merges` vocabularies, e.g. Llama 3).
         let mut symbols: Vec<String> = mapped.chars().map(String::from).collect();
         loop {
             let best = symbols
