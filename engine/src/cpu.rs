@@ -245,7 +245,7 @@ impl CpuModel {
 
     fn whole_blocks(&self, elems: usize) -> Result<usize, CpuError> {
         let block_elems = self.layout.block_elems();
-        if elems % block_elems != 0 {
+        if !elems.is_multiple_of(block_elems) {
             return Err(CpuError::BlockDataSize {
                 found: elems,
                 block_elems,

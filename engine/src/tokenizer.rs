@@ -29,6 +29,9 @@ pub enum PreTokenizer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// The GGUF file could not be opened or its header read.
+    #[error(transparent)]
+    File(#[from] crate::weights::WeightsError),
     #[error("{path}: tokenizer metadata `{key}`: {reason}")]
     Metadata {
         path: PathBuf,
@@ -143,12 +146,7 @@ impl Tokenizer {
 
     /// Reads `tokenizer.ggml.*` from a GGUF file.
     pub fn from_gguf(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let content =
-            crate::weights::gguf_metadata(path).map_err(|e| TokenizerError::Metadata {
-                path: path.to_path_buf(),
-                key: "<header>".into(),
-                reason: e.to_string(),
-            })?;
+        let content = crate::weights::gguf_metadata(path)?;
         Self::from_gguf_metadata(&content.metadata, path)
     }
 

@@ -208,7 +208,8 @@ fn config_json_errors_name_the_field() {
         &std::fs::read_to_string(data_dir().join("tiny").join("config.json")).unwrap(),
     )
     .unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "hidden_size",
             Box::new(|c| drop(c.as_object_mut().unwrap().remove("hidden_size"))),

@@ -19,16 +19,24 @@ use crate::config::ModelConfig;
 
 const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
 
+/// A candle error's message without the backtrace candle attaches when RUST_BACKTRACE is set.
+pub(crate) fn candle_message(error: &candle_core::Error) -> String {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
+}
+
 /// Reads the header of a GGUF file: metadata and tensor directory (no tensor data).
 pub fn gguf_metadata(path: &Path) -> Result<Content, WeightsError> {
-    let file = File::open(path).map_err(|source| WeightsError::Io {
+    let file = File::open(path).map_err(|error| WeightsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let mut reader = BufReader::new(file);
     Content::read(&mut reader).map_err(|e| WeightsError::Parse {
         path: path.to_path_buf(),
-        reason: format!("not a readable GGUF file: {e}"),
+        reason: format!("not a readable GGUF file: {}", candle_message(&e)),
     })
 }
 
@@ -41,7 +49,7 @@ pub fn unpermute_gguf_rope_rows(
     cols: usize,
 ) -> Vec<f32> {
     assert_eq!(data.len(), heads * head_dim * cols);
-    assert!(head_dim % 2 == 0);
+    assert!(head_dim.is_multiple_of(2));
     let half = head_dim / 2;
     let mut out = vec![0.0f32; data.len()];
     for head in 0..heads {
@@ -258,14 +266,14 @@ fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig, Weigh
 }
 
 pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
-    let file = File::open(path).map_err(|source| WeightsError::Io {
+    let file = File::open(path).map_err(|error| WeightsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|e| WeightsError::Parse {
         path: path.to_path_buf(),
-        reason: format!("not a readable GGUF file: {e}"),
+        reason: format!("not a readable GGUF file: {}", candle_message(&e)),
     })?;
     let config = config_from_gguf(&content, path)?;
     let head_dim = config.head_dim();
@@ -298,7 +306,7 @@ pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
         let shape = info.shape.dims().to_vec();
         let candle_error = |e: candle_core::Error| WeightsError::Parse {
             path: path.to_path_buf(),
-            reason: format!("tensor `{gguf_name}`: {e}"),
+            reason: format!("tensor `{gguf_name}`: {}", candle_message(&e)),
         };
         let qtensor = info
             .read(&mut reader, content.tensor_data_offset, &Device::Cpu)
@@ -331,9 +339,7 @@ pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
         tensors.insert(hf_name, HostTensor::new(shape, data));
     }
     let weights = WeightSet { config, tensors };
-    weights
-        .validate(path)
-        .map_err(|e| rename_tensor_in_error(e))?;
+    weights.validate(path).map_err(rename_tensor_in_error)?;
     Ok(weights)
 }
 

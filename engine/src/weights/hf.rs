@@ -142,9 +142,9 @@ pub fn config_from_hf_json(
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, WeightsError> {
-    std::fs::read(path).map_err(|source| WeightsError::Io {
+    std::fs::read(path).map_err(|error| WeightsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -195,7 +195,7 @@ pub(super) fn load_hf_dir(dir: &Path) -> Result<WeightSet, WeightsError> {
     } else {
         return Err(WeightsError::Io {
             path: single,
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "no model.safetensors nor model.safetensors.index.json in the directory",
             ),
@@ -270,9 +270,9 @@ impl WeightSet {
     /// Writes `config.json` and `model.safetensors` (f32) into `dir` in HF layout, so HF
     /// transformers (and `from_hf_dir`) read back exactly these weights.
     pub fn save_hf_dir(&self, dir: &Path) -> Result<(), WeightsError> {
-        std::fs::create_dir_all(dir).map_err(|source| WeightsError::Io {
+        std::fs::create_dir_all(dir).map_err(|error| WeightsError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let config = &self.config;
         let config_json = serde_json::json!({
@@ -296,9 +296,9 @@ impl WeightSet {
         });
         let config_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&config_json).expect("a JSON value serialises");
-        std::fs::write(&config_path, text).map_err(|source| WeightsError::Io {
+        std::fs::write(&config_path, text).map_err(|error| WeightsError::Io {
             path: config_path,
-            source,
+            error,
         })?;
         let byte_buffers: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors

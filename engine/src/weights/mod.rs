@@ -47,11 +47,11 @@ impl HostTensor {
 /// one is to blame, the tensor or field.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("{path}: {source}")]
+    // The io error is part of the message, not a `source`, so error chains print it once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: field `{field}`: {reason}")]
     Config {
