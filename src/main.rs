@@ -4,6 +4,8 @@
 //! `engine_cmd.rs` (owned by the engine work), so the two can grow without touching each other.
 
 mod engine_cmd;
+mod runio;
+mod simulate_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Simulate workloads under scheduling policies on a simulated GPU and compare them
+    /// (the default: the original Djinn experiment, seed-exp1 then seed-cliff, 80 agents, four policies).
+    Simulate(simulate_cmd::SimulateArgs),
     /// The real engine: correctness checks, generation and benchmarks (GPU parts need `--features cuda`).
     Engine(engine_cmd::EngineArgs),
 }
@@ -23,8 +28,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Some(Command::Simulate(args)) => simulate_cmd::run(args).map(|_| ()),
         Some(Command::Engine(args)) => engine_cmd::run(args),
-        None => Ok(()),
+        None => simulate_cmd::run(simulate_cmd::SimulateArgs::default()).map(|_| ()),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

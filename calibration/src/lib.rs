@@ -1,1 +1,65 @@
-//! Calibration.
+//! Calibration: GPU profiles for the simulated GPU.
+//!
+//! Owns: the profiles shipped under `calibration/profiles/` (analytic roofline profiles until
+//! measured ones replace them) and their lookup by name or path.
+//!
+//! Architecture invariant: depends on `traces` only; a profile is data (form, coefficients,
+//! provenance, fit error), never code.
+
+use std::path::Path;
+
+use traces::{GpuProfile, TraceError};
+
+/// Shipped profiles, embedded so the binary works anywhere: (name, file name, JSON).
+pub const SHIPPED_PROFILES: [(&str, &str, &str); 2] = [
+    ("h100-llama2-7b", "calibration/profiles/h100-llama2-7b.json", include_str!("../profiles/h100-llama2-7b.json")),
+    ("h200-llama2-7b", "calibration/profiles/h200-llama2-7b.json", include_str!("../profiles/h200-llama2-7b.json")),
+];
+
+/// The default profile: Llama-2-7B fp16 on an H100 80 GB.
+pub const DEFAULT_PROFILE: &str = "h100-llama2-7b";
+
+/// Loads a profile by shipped name, or from a JSON file path.
+pub fn load_profile(name_or_path: &str) -> Result<GpuProfile, TraceError> {
+    if let Some((_, file, text)) = SHIPPED_PROFILES.iter().find(|(n, _, _)| *n == name_or_path) {
+        return GpuProfile::from_json_str(Path::new(file), text);
+    }
+    let path = Path::new(name_or_path);
+    if !path.exists() {
+        let known: Vec<&str> = SHIPPED_PROFILES.iter().map(|(n, _, _)| *n).collect();
+        return Err(TraceError::invalid(
+            path,
+            "profile",
+            format!("no such file, and not a shipped profile name (known: {})", known.join(", ")),
+        ));
+    }
+    GpuProfile::read(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_profiles_load_and_are_analytic() {
+        for (name, _, _) in SHIPPED_PROFILES {
+            let p = load_profile(name).unwrap();
+            assert_eq!(p.provenance.kind, "analytic");
+            assert_eq!(p.kv_bytes_per_token, 512 * 1024);
+        }
+    }
+
+    #[test]
+    fn unknown_profile_is_a_clear_error() {
+        let err = load_profile("no-such-gpu").unwrap_err().to_string();
+        assert!(err.contains("no-such-gpu") && err.contains("h100-llama2-7b"), "{err}");
+    }
+
+    #[test]
+    fn bad_profile_field_is_named() {
+        let text = SHIPPED_PROFILES[0].2.replace("\"memory_bandwidth_bytes_per_s\": 3000000000000.0", "\"memory_bandwidth_bytes_per_s\": -1.0");
+        assert_ne!(text, SHIPPED_PROFILES[0].2, "the replacement must hit");
+        let err = GpuProfile::from_json_str(Path::new("p.json"), &text).unwrap_err().to_string();
+        assert!(err.contains("p.json") && err.contains("cost.memory_bandwidth_bytes_per_s"), "{err}");
+    }
+}

@@ -1,1 +1,29 @@
-//! Every on-disk format.
+//! Every on-disk format of Djinn.
+//!
+//! Owns: the serde types, readers and writers for workload specs (TOML), run manifests (JSON),
+//! turn, step and swap records (CSV), summaries (JSON) and GPU profiles (JSON), with their schema
+//! versions, plus the atomic-write helper every result file goes through.
+//!
+//! Architecture invariant: this crate depends on nothing of ours. Its types are a boundary
+//! (serialized formats), kept separate from the in-memory types of `sim` and `engine` and converted
+//! at the edge, so a change of internals never silently changes a file format.
+//!
+//! Must never: panic on bad input. Every reader returns a [`TraceError`] naming the file and the
+//! line or field that is wrong.
+
+pub mod io;
+pub mod manifest;
+pub mod profile;
+pub mod records;
+pub mod summary;
+pub mod workload;
+
+pub use io::{read_csv, read_json, write_atomic, write_csv_atomic, write_json_atomic, TraceError};
+pub use manifest::RunManifest;
+pub use profile::{CopyChannel, CostModel, GpuProfile, Provenance};
+pub use records::{StepRecord, SwapRecord, TurnRecord};
+pub use summary::{LatencyStats, RunSummary};
+pub use workload::{Arrival, Distribution, HintSpec, MixtureComponent, WorkloadSpec};
+
+/// Version of every schema in this crate; bumped whenever any field changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;

@@ -1,0 +1,647 @@
+//! The run loop: delivers events to the scheduler, applies its plans through the KV mechanism,
+//! runs steps and swaps on a backend, records turns, steps and swaps, and checks invariants after
+//! every step.
+//!
+//! Event order is total: the queue is keyed by (time, sequence number), and at one instant the
+//! loop first collects finished swaps (in completion order), then due arrivals (in key order),
+//! then plans.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use traces::{StepRecord, SwapRecord, TurnRecord};
+
+use crate::backend::{Backend, BatchSeq, StepBatch, SwapCompletion};
+use crate::ids::{AgentId, SwapId};
+use crate::kv::{KvError, KvManager, SwapDirection};
+use crate::sched::{AgentRuntime, CostHints, PauseNotice, Phase, SchedConfig, SchedEvent, SchedView, Scheduler, StepPlan};
+use crate::time::{Clock, SimTime};
+use crate::workload::Workload;
+
+/// How thoroughly invariants are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckLevel {
+    /// Incremental checks after every step, a full recount of the KV mechanism every
+    /// `audit_interval_steps` steps and at the end.
+    Step { audit_interval_steps: u64 },
+    /// A full recount after every step (tests; slower).
+    Full,
+}
+
+/// Limits that stop a run loudly instead of letting it spin.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunLimits {
+    pub max_steps: u64,
+    pub max_sim_time: SimTime,
+    /// Consecutive plans at the same instant without compute (guards against a policy looping).
+    pub max_idle_replans: u32,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        RunLimits { max_steps: 200_000_000, max_sim_time: SimTime::from_secs_f64(30.0 * 24.0 * 3600.0), max_idle_replans: 64 }
+    }
+}
+
+/// Settings of a run (everything but the workload, policy and backend).
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub seed: u64,
+    pub block_size_tokens: u32,
+    pub gpu_blocks: u32,
+    pub host_blocks: u32,
+    pub sched: SchedConfig,
+    pub costs: CostHints,
+    pub limits: RunLimits,
+    pub check: CheckLevel,
+}
+
+/// Why a run stopped early. Every variant names the seed, so it can be reproduced.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invariant violated (seed {seed}, step {step}, t={time}): {message}")]
+    Invariant { seed: u64, step: u64, time: SimTime, message: String },
+    #[error("deadlock (seed {seed}, step {step}, t={time}): nothing runs and nothing is pending, yet {unfinished} agents are unfinished; {detail}")]
+    Deadlock { seed: u64, step: u64, time: SimTime, unfinished: u32, detail: String },
+    #[error("limit exceeded (seed {seed}, step {step}, t={time}): {limit}")]
+    Limit { seed: u64, step: u64, time: SimTime, limit: String },
+    #[error("backend error (seed {seed}, step {step}): {message}")]
+    Backend { seed: u64, step: u64, message: String },
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug, Default)]
+pub struct RunOutput {
+    pub turns: Vec<TurnRecord>,
+    pub steps: Vec<StepRecord>,
+    pub swaps: Vec<SwapRecord>,
+    pub end_time: SimTime,
+    pub turns_planned: u64,
+    pub gpu_blocks_used_peak: u32,
+    pub host_blocks_used_peak: u32,
+    pub agents_alive_peak: u32,
+    pub audits: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum QueuedEvent {
+    /// The agent's next turn input is ready.
+    TurnArrival(AgentId),
+}
+
+struct TurnTracker {
+    record_index: usize,
+    first_time_tokens: u64,
+    new_tokens: u32,
+}
+
+/// Runs `workload` under `scheduler` on `backend` until every agent finished or was rejected.
+pub fn run(
+    settings: &RunSettings,
+    workload: &Workload,
+    scheduler: &mut dyn Scheduler,
+    backend: &mut dyn Backend,
+    clock: &mut dyn Clock,
+) -> Result<RunOutput, RunError> {
+    let mut state = LoopState::new(settings, workload);
+    state.run(scheduler, backend, clock)
+}
+
+struct LoopState<'w> {
+    settings: &'w RunSettings,
+    workload: &'w Workload,
+    kv: KvManager,
+    agents: Vec<AgentRuntime>,
+    trackers: Vec<Option<TurnTracker>>,
+    last_swap_in: Vec<Option<(SimTime, SimTime)>>,
+    swap_starts: std::collections::BTreeMap<SwapId, usize>,
+    queue: BinaryHeap<Reverse<(SimTime, u64, QueuedEvent)>>,
+    queue_seq: u64,
+    out: RunOutput,
+    step: u64,
+    admit_seq: u64,
+    unfinished: u32,
+    alive: u32,
+    events: Vec<SchedEvent>,
+}
+
+impl<'w> LoopState<'w> {
+    fn new(settings: &'w RunSettings, workload: &'w Workload) -> Self {
+        let n = workload.agents.len() as u32;
+        let mut state = LoopState {
+            settings,
+            workload,
+            kv: KvManager::new(settings.block_size_tokens, settings.gpu_blocks, settings.host_blocks, n),
+            agents: workload
+                .agents
+                .iter()
+                .map(|a| AgentRuntime {
+                    phase: Phase::NotArrived,
+                    first_arrival: a.arrival,
+                    turn_index: 0,
+                    turn_count: a.turns.len() as u32,
+                    turn_arrival: a.arrival,
+                    seq_tokens: 0,
+                    generated: 0,
+                    generate_target: 0,
+                    pause_started: SimTime::ZERO,
+                    pause_hint_ns: None,
+                    attained_service_ns: 0,
+                    admit_seq: 0,
+                })
+                .collect(),
+            trackers: (0..n).map(|_| None).collect(),
+            last_swap_in: vec![None; n as usize],
+            swap_starts: Default::default(),
+            queue: BinaryHeap::with_capacity(n as usize),
+            queue_seq: 0,
+            out: RunOutput { turns_planned: workload.turn_count(), ..Default::default() },
+            step: 0,
+            admit_seq: 0,
+            unfinished: n,
+            alive: 0,
+            events: Vec::new(),
+        };
+        for a in &workload.agents {
+            state.push_event(a.arrival, QueuedEvent::TurnArrival(a.agent_id));
+        }
+        state
+    }
+
+    fn push_event(&mut self, at: SimTime, event: QueuedEvent) {
+        self.queue.push(Reverse((at, self.queue_seq, event)));
+        self.queue_seq += 1;
+    }
+
+    fn invariant(&self, time: SimTime, message: impl Into<String>) -> RunError {
+        RunError::Invariant { seed: self.settings.seed, step: self.step, time, message: message.into() }
+    }
+
+    fn kv_err(&self, time: SimTime, e: KvError) -> RunError {
+        self.invariant(time, format!("the plan asked for the impossible: {e}"))
+    }
+
+    fn view<'a>(&'a self, now: SimTime, backend: &dyn Backend) -> SchedView<'a> {
+        SchedView {
+            now,
+            kv: &self.kv,
+            agents: &self.agents,
+            config: &self.settings.sched,
+            costs: &self.settings.costs,
+            swap_out_busy_until: backend.channel_busy_until(SwapDirection::Out),
+            swap_in_busy_until: backend.channel_busy_until(SwapDirection::In),
+        }
+    }
+
+    fn run(&mut self, scheduler: &mut dyn Scheduler, backend: &mut dyn Backend, clock: &mut dyn Clock) -> Result<RunOutput, RunError> {
+        let mut plan = StepPlan::default();
+        let mut batch = StepBatch::default();
+        let mut completions: Vec<SwapCompletion> = Vec::new();
+        let mut idle_replans = 0u32;
+        let mut now = clock.now();
+        loop {
+            // 1. Finished swaps, then due arrivals: all become scheduler events.
+            completions.clear();
+            backend.poll_swaps(now, &mut completions);
+            for c in &completions {
+                self.complete_swap(c, now)?;
+            }
+            while let Some(Reverse((at, _, event))) = self.queue.peek().copied() {
+                if at > now {
+                    break;
+                }
+                self.queue.pop();
+                match event {
+                    QueuedEvent::TurnArrival(agent) => self.turn_arrival(agent, at),
+                }
+            }
+            if !self.events.is_empty() {
+                let events = std::mem::take(&mut self.events);
+                let view = self.view(now, backend);
+                for e in &events {
+                    scheduler.on_event(e, &view);
+                }
+                self.events = events;
+                self.events.clear();
+            }
+            if self.unfinished == 0 && self.kv.swaps_in_flight() == 0 {
+                break;
+            }
+
+            // 2. Plan and apply.
+            plan.clear();
+            scheduler.plan_step(&self.view(now, backend), &mut plan);
+            batch.clear();
+            let (swap_in_bytes, swap_out_bytes, changed) = self.apply_plan(&plan, &mut batch, now, backend)?;
+
+            // 3. Run the step, or move time to the next thing that can happen.
+            if !batch.prefill.is_empty() || !batch.decode.is_empty() {
+                idle_replans = 0;
+                let duration = backend
+                    .execute_step(now, &batch, &self.kv)
+                    .map_err(|e| RunError::Backend { seed: self.settings.seed, step: self.step, message: e.to_string() })?;
+                self.record_step(now, duration, &batch, swap_in_bytes, swap_out_bytes);
+                let end = now + duration;
+                clock.advance_to(end);
+                now = clock.now();
+                self.finish_step(&batch, now, duration)?;
+                self.step += 1;
+                self.check_after_step(now, false)?;
+                if self.step >= self.settings.limits.max_steps {
+                    return Err(RunError::Limit {
+                        seed: self.settings.seed,
+                        step: self.step,
+                        time: now,
+                        limit: format!("max_steps = {}", self.settings.limits.max_steps),
+                    });
+                }
+            } else {
+                let mut next = self.queue.peek().map(|Reverse((t, _, _))| *t);
+                if let Some(t) = backend.next_swap_completion() {
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                }
+                if let Some(w) = plan.wake_at {
+                    next = Some(next.map_or(w, |n| n.min(w)));
+                }
+                match next {
+                    Some(t) if t > now => {
+                        idle_replans = 0;
+                        clock.advance_to(t);
+                        now = clock.now();
+                    }
+                    _ if changed || next.is_some() => {
+                        // Something changed (or a timer is due now): plan again at the same instant.
+                        idle_replans += 1;
+                        if idle_replans > self.settings.limits.max_idle_replans {
+                            return Err(RunError::Limit {
+                                seed: self.settings.seed,
+                                step: self.step,
+                                time: now,
+                                limit: format!("{idle_replans} plans in a row at one instant without compute (policy loops)"),
+                            });
+                        }
+                    }
+                    _ => {
+                        let waiting: Vec<String> = self
+                            .agents
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, a)| a.phase == Phase::Waiting || a.phase == Phase::Running)
+                            .take(5)
+                            .map(|(i, a)| format!("agent {i} {:?} kv {:?} pending {}", a.phase, self.kv.state(i as u32), a.pending_tokens(&self.kv, i as u32)))
+                            .collect();
+                        return Err(RunError::Deadlock {
+                            seed: self.settings.seed,
+                            step: self.step,
+                            time: now,
+                            unfinished: self.unfinished,
+                            detail: format!(
+                                "GPU blocks free {}/{}, host free {}/{}; e.g. {}",
+                                self.kv.gpu_blocks_free(),
+                                self.kv.gpu_blocks_total(),
+                                self.kv.host_blocks_free(),
+                                self.kv.host_blocks_total(),
+                                waiting.join("; ")
+                            ),
+                        });
+                    }
+                }
+                if changed {
+                    self.check_after_step(now, false)?;
+                }
+            }
+            if now > self.settings.limits.max_sim_time {
+                return Err(RunError::Limit {
+                    seed: self.settings.seed,
+                    step: self.step,
+                    time: now,
+                    limit: format!("max_sim_time = {}", self.settings.limits.max_sim_time),
+                });
+            }
+        }
+        self.check_after_step(now, true)?;
+        self.out.end_time = now;
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    fn turn_arrival(&mut self, agent: AgentId, at: SimTime) {
+        let program = &self.workload.agents[agent as usize];
+        let a = &mut self.agents[agent as usize];
+        if a.phase == Phase::NotArrived {
+            self.alive += 1;
+            self.out.agents_alive_peak = self.out.agents_alive_peak.max(self.alive);
+        } else {
+            a.turn_index += 1;
+        }
+        let turn = program.turns[a.turn_index as usize];
+        a.phase = Phase::Waiting;
+        a.turn_arrival = at;
+        a.seq_tokens += turn.new_tokens;
+        a.generated = 0;
+        a.generate_target = turn.generated_tokens;
+        a.pause_hint_ns = None;
+        let record_index = self.out.turns.len();
+        self.out.turns.push(TurnRecord {
+            agent_id: agent,
+            turn_index: a.turn_index,
+            arrival_ns: at.as_nanos(),
+            admitted_ns: None,
+            restore_start_ns: None,
+            restore_end_ns: None,
+            first_token_ns: None,
+            finished_ns: None,
+            tokens_prefilled: 0,
+            tokens_recomputed: 0,
+            tokens_generated: 0,
+            tokens_generated_requested: turn.generated_tokens,
+            context_tokens_at_admit: 0,
+            kv_source: String::new(),
+            rejected: false,
+        });
+        self.trackers[agent as usize] = Some(TurnTracker { record_index, first_time_tokens: 0, new_tokens: turn.new_tokens });
+        self.events.push(SchedEvent::TurnArrived { agent, turn_index: self.agents[agent as usize].turn_index });
+    }
+
+    fn complete_swap(&mut self, c: &SwapCompletion, now: SimTime) -> Result<(), RunError> {
+        let job = self.kv.complete_swap(c.swap_id).map_err(|e| self.kv_err(now, e))?;
+        if let Some(&index) = self.swap_starts.get(&c.swap_id) {
+            self.out.swaps[index].end_ns = c.at.as_nanos();
+            self.swap_starts.remove(&c.swap_id);
+        }
+        if job.direction == SwapDirection::In {
+            let start = self.last_swap_in[job.agent as usize].map(|(s, _)| s).unwrap_or(c.at);
+            self.last_swap_in[job.agent as usize] = Some((start, c.at));
+        }
+        self.events.push(SchedEvent::SwapDone { agent: job.agent, swap_id: job.id, direction: job.direction });
+        Ok(())
+    }
+
+    /// Applies a plan through the KV mechanism. Returns (swap-in bytes, swap-out bytes, changed).
+    fn apply_plan(&mut self, plan: &StepPlan, batch: &mut StepBatch, now: SimTime, backend: &mut dyn Backend) -> Result<(u64, u64, bool), RunError> {
+        self.kv.counters = Default::default();
+        let mut changed = false;
+        for &agent in &plan.reject {
+            let a = &self.agents[agent as usize];
+            if a.phase != Phase::Waiting || a.generated > 0 {
+                return Err(self.invariant(now, format!("rejected agent {agent} is {:?}, not a waiting turn", a.phase)));
+            }
+            self.kv.free_all(agent).map_err(|e| self.kv_err(now, e))?;
+            self.agents[agent as usize].phase = Phase::Rejected;
+            if let Some(t) = self.trackers[agent as usize].take() {
+                self.out.turns[t.record_index].rejected = true;
+            }
+            self.unfinished -= 1;
+            self.alive -= 1;
+            changed = true;
+        }
+        for &agent in &plan.release {
+            self.kv.release_to_cache(agent).map_err(|e| self.kv_err(now, e))?;
+            changed = true;
+        }
+        for &agent in &plan.reclaim {
+            self.kv.reclaim_cached(agent).map_err(|e| self.kv_err(now, e))?;
+            changed = true;
+        }
+        for &(agent, keep) in &plan.drop {
+            self.kv.drop_tail(agent, keep).map_err(|e| self.kv_err(now, e))?;
+            changed = true;
+        }
+        let block_bytes = self.settings.costs.block_bytes;
+        let (mut in_bytes, mut out_bytes) = (0u64, 0u64);
+        for &(agent, blocks) in &plan.swap_out {
+            let job = self.kv.start_swap_out(agent, blocks).map_err(|e| self.kv_err(now, e))?;
+            out_bytes += job.pairs.len() as u64 * block_bytes;
+            self.start_swap(now, &job, backend)?;
+            changed = true;
+        }
+        for &agent in &plan.swap_in {
+            let job = self.kv.start_swap_in(agent).map_err(|e| self.kv_err(now, e))?;
+            in_bytes += job.pairs.len() as u64 * block_bytes;
+            self.last_swap_in[agent as usize] = Some((now, SimTime::MAX));
+            self.start_swap(now, &job, backend)?;
+            changed = true;
+        }
+        let seq_limit = self.settings.sched.max_batch_sequences as usize;
+        if plan.prefill.len() + plan.decode.len() > seq_limit {
+            return Err(self.invariant(now, format!("batch of {} sequences exceeds max_batch_sequences {seq_limit}", plan.prefill.len() + plan.decode.len())));
+        }
+        let tokens: u64 = plan.prefill.iter().map(|p| p.tokens as u64).sum::<u64>() + plan.decode.len() as u64;
+        if tokens > self.settings.sched.max_batch_tokens as u64 {
+            return Err(self.invariant(now, format!("batch of {tokens} tokens exceeds max_batch_tokens {}", self.settings.sched.max_batch_tokens)));
+        }
+        for order in &plan.prefill {
+            let agent = order.agent;
+            self.check_computable(agent, now)?;
+            let pending = self.agents[agent as usize].pending_tokens(&self.kv, agent);
+            if order.tokens == 0 || order.tokens > pending {
+                return Err(self.invariant(now, format!("agent {agent}: prefill of {} tokens but {pending} pending", order.tokens)));
+            }
+            let context = self.kv.kv_tokens(agent);
+            self.kv.ensure_capacity(agent, context + order.tokens).map_err(|e| self.kv_err(now, e))?;
+            batch.prefill.push(BatchSeq { agent, context_tokens: context, tokens: order.tokens });
+        }
+        for &agent in &plan.decode {
+            self.check_computable(agent, now)?;
+            let a = &self.agents[agent as usize];
+            if a.generated == 0 || a.pending_tokens(&self.kv, agent) != 1 {
+                return Err(self.invariant(now, format!("agent {agent}: decode ordered but it is not decoding (generated {}, pending {})", a.generated, a.pending_tokens(&self.kv, agent))));
+            }
+            let context = self.kv.kv_tokens(agent);
+            self.kv.ensure_capacity(agent, context + 1).map_err(|e| self.kv_err(now, e))?;
+            batch.decode.push(BatchSeq { agent, context_tokens: context, tokens: 1 });
+        }
+        // One order per agent per step.
+        let mut seen: Vec<AgentId> = batch.prefill.iter().chain(batch.decode.iter()).map(|s| s.agent).collect();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(self.invariant(now, format!("agent {} appears twice in one batch", w[0])));
+        }
+        for s in batch.prefill.iter().chain(batch.decode.iter()) {
+            let a = &mut self.agents[s.agent as usize];
+            if a.phase == Phase::Waiting {
+                a.phase = Phase::Running;
+                self.admit_seq += 1;
+                a.admit_seq = self.admit_seq;
+                let t = self.trackers[s.agent as usize].as_ref().expect("a waiting agent has a turn");
+                let rec = &mut self.out.turns[t.record_index];
+                if rec.admitted_ns.is_none() {
+                    rec.admitted_ns = Some(now.as_nanos());
+                    rec.context_tokens_at_admit = s.context_tokens;
+                    if let Some((start, end)) = self.last_swap_in[s.agent as usize] {
+                        rec.restore_start_ns = Some(start.as_nanos());
+                        rec.restore_end_ns = Some(end.as_nanos());
+                    }
+                }
+            }
+        }
+        self.out.gpu_blocks_used_peak = self.out.gpu_blocks_used_peak.max(self.kv.gpu_blocks_used());
+        self.out.host_blocks_used_peak = self.out.host_blocks_used_peak.max(self.kv.host_blocks_used());
+        Ok((in_bytes, out_bytes, changed))
+    }
+
+    fn check_computable(&self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
+        let a = &self.agents[agent as usize];
+        if !matches!(a.phase, Phase::Waiting | Phase::Running) {
+            return Err(self.invariant(now, format!("agent {agent} ordered to compute while {:?}", a.phase)));
+        }
+        if !self.kv.is_resident(agent) {
+            return Err(self.invariant(now, format!("agent {agent} ordered to compute while its KV is {:?}", self.kv.state(agent))));
+        }
+        Ok(())
+    }
+
+    fn start_swap(&mut self, now: SimTime, job: &crate::kv::SwapJob, backend: &mut dyn Backend) -> Result<(), RunError> {
+        backend
+            .start_swap(now, job, &self.kv)
+            .map_err(|e| RunError::Backend { seed: self.settings.seed, step: self.step, message: e.to_string() })?;
+        self.swap_starts.insert(job.id, self.out.swaps.len());
+        self.out.swaps.push(SwapRecord {
+            swap_id: job.id,
+            agent_id: job.agent,
+            direction: job.direction.as_str().into(),
+            block_count: job.pairs.len() as u32,
+            bytes: job.pairs.len() as u64 * self.settings.costs.block_bytes,
+            start_ns: now.as_nanos(),
+            end_ns: 0,
+            concurrent_swaps_at_start: self.kv.swaps_in_flight() as u32,
+        });
+        Ok(())
+    }
+
+    fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch, swap_in_bytes: u64, swap_out_bytes: u64) {
+        self.out.steps.push(StepRecord {
+            step_index: self.step,
+            start_ns: now.as_nanos(),
+            duration_ns: duration,
+            prefill_tokens: batch.prefill_tokens() as u32,
+            prefill_sequences: batch.prefill.len() as u32,
+            prefill_attention_pairs: batch.prefill_attention_pairs(),
+            decode_batch: batch.decode.len() as u32,
+            decode_context_tokens: batch.decode_context_tokens(),
+            swap_in_bytes_started: swap_in_bytes,
+            swap_out_bytes_started: swap_out_bytes,
+            drops: self.kv.counters.drops,
+            dropped_tokens: self.kv.counters.dropped_tokens,
+            cache_evicted_blocks: self.kv.counters.cache_evicted_blocks,
+            gpu_blocks_free: self.kv.gpu_blocks_free(),
+            host_blocks_free: self.kv.host_blocks_free(),
+        });
+    }
+
+    /// Advances token counts after a step, emits tokens and finishes turns.
+    fn finish_step(&mut self, batch: &StepBatch, now: SimTime, duration: u64) -> Result<(), RunError> {
+        let total_tokens = (batch.prefill_tokens() + batch.decode.len() as u64).max(1);
+        for (is_prefill, s) in batch.prefill.iter().map(|s| (true, s)).chain(batch.decode.iter().map(|s| (false, s))) {
+            let agent = s.agent;
+            let recomputed = self.kv.advance(agent, s.tokens).map_err(|e| self.kv_err(now, e))?;
+            let a = &mut self.agents[agent as usize];
+            a.attained_service_ns += duration * s.tokens as u64 / total_tokens;
+            let tracker = self.trackers[agent as usize].as_mut().expect("a computing agent has a turn");
+            tracker.first_time_tokens += (s.tokens - recomputed) as u64;
+            let rec = &mut self.out.turns[tracker.record_index];
+            rec.tokens_recomputed += recomputed;
+            if is_prefill {
+                rec.tokens_prefilled += s.tokens - recomputed;
+            }
+            if self.kv.kv_tokens(agent) == a.seq_tokens {
+                // All known tokens have KV: the step produced the next token.
+                a.seq_tokens += 1;
+                a.generated += 1;
+                rec.tokens_generated = a.generated;
+                if rec.first_token_ns.is_none() {
+                    rec.first_token_ns = Some(now.as_nanos());
+                }
+                if a.generated == a.generate_target {
+                    self.finish_turn(agent, now)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_turn(&mut self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
+        let tracker = self.trackers[agent as usize].take().expect("finishing turn exists");
+        let a = &mut self.agents[agent as usize];
+        let rec = &mut self.out.turns[tracker.record_index];
+        rec.finished_ns = Some(now.as_nanos());
+        // Conservation: a turn computes each of its new tokens once (plus the previous turn's last
+        // generated token), and generates exactly what it asked for.
+        let expected = tracker.new_tokens as u64 + a.generate_target as u64 - u64::from(a.turn_index == 0);
+        if tracker.first_time_tokens != expected || a.generated != a.generate_target {
+            let message = format!(
+                "agent {agent} turn {}: computed {} first-time tokens (expected {expected}), generated {} of {}",
+                a.turn_index, tracker.first_time_tokens, a.generated, a.generate_target
+            );
+            return Err(self.invariant(now, message));
+        }
+        rec.kv_source = if rec.tokens_recomputed > 0 {
+            if rec.context_tokens_at_admit == 0 { "recomputed" } else { "partial_recompute" }
+        } else if rec.restore_end_ns.is_some() {
+            "swapped_in"
+        } else if a.turn_index == 0 {
+            "new"
+        } else {
+            "resident"
+        }
+        .to_string();
+        self.last_swap_in[agent as usize] = None;
+        let program = &self.workload.agents[agent as usize];
+        let turn_index = a.turn_index;
+        let pause = program.turns[turn_index as usize].pause_after;
+        match pause {
+            Some(p) => {
+                a.phase = Phase::Paused;
+                a.pause_started = now;
+                a.pause_hint_ns = p.hint_ns;
+                self.push_event(now + p.true_ns, QueuedEvent::TurnArrival(agent));
+                self.events.push(SchedEvent::TurnFinished {
+                    agent,
+                    turn_index,
+                    pause: Some(PauseNotice { hint_ns: p.hint_ns, true_ns_for_oracle: p.true_ns }),
+                });
+            }
+            None => {
+                a.phase = Phase::Done;
+                self.unfinished -= 1;
+                self.alive -= 1;
+                self.kv.free_all(agent).map_err(|e| self.kv_err(now, e))?;
+                self.events.push(SchedEvent::TurnFinished { agent, turn_index, pause: None });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_after_step(&mut self, now: SimTime, final_check: bool) -> Result<(), RunError> {
+        // Capacity is structural (counters cannot exceed pools); check the counters agree.
+        if self.kv.gpu_blocks_used() > self.kv.gpu_blocks_total() || self.kv.host_blocks_used() > self.kv.host_blocks_total() {
+            return Err(self.invariant(now, "pool capacity exceeded"));
+        }
+        let audit_now = final_check
+            || match self.settings.check {
+                CheckLevel::Full => true,
+                CheckLevel::Step { audit_interval_steps } => audit_interval_steps > 0 && self.step % audit_interval_steps == 0,
+            };
+        if audit_now {
+            self.out.audits += 1;
+            self.kv.audit().map_err(|m| self.invariant(now, m))?;
+            for (i, a) in self.agents.iter().enumerate() {
+                if a.generated > a.generate_target {
+                    return Err(self.invariant(now, format!("agent {i} generated {} of {}", a.generated, a.generate_target)));
+                }
+                if matches!(a.phase, Phase::Done | Phase::Rejected) && (self.kv.blocks(i as u32) > 0 || self.kv.has_cached_prefix(i as u32)) {
+                    return Err(self.invariant(now, format!("agent {i} ended but still holds KV")));
+                }
+            }
+        }
+        if final_check {
+            if self.kv.gpu_blocks_used() != 0 || self.kv.host_blocks_used() != 0 {
+                return Err(self.invariant(now, format!("run ended with {} GPU and {} host blocks still held (leak)", self.kv.gpu_blocks_used(), self.kv.host_blocks_used())));
+            }
+            let incomplete = self.out.turns.iter().filter(|t| !t.rejected && t.finished_ns.is_none()).count();
+            if incomplete > 0 {
+                return Err(self.invariant(now, format!("run ended with {incomplete} unfinished turns")));
+            }
+        }
+        Ok(())
+    }
+}

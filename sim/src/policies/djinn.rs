@@ -1,0 +1,300 @@
+//! `djinn`: the semantic policy. It is told when a turn ends, that a pause starts, and (if the
+//! workload gives one) the expected pause, and acts before memory runs out:
+//!
+//! 1. At pause start it prices keep / swap / drop. While memory is plentiful (projected use below
+//!    `keep_below_pressure` of the pool) keeping costs nothing, so it keeps. Otherwise it swaps the
+//!    KV out at once when the pause is long enough to hide the round trip (out, then back by
+//!    prefetch), and keeps short pauses. It drops only when the host pool is full.
+//! 2. When memory falls short of what waiting turns need, it evicts paused agents ahead of need,
+//!    the one predicted to return last first (swap if the host has room, else drop).
+//! 3. It prefetches: the swap-in starts at `predicted return - T_swap_in - margin - channel
+//!    backlog`, so the KV is resident when the agent returns (no restore stall with exact hints).
+//! 4. Returning agents are served in program-level order (the agent's first arrival), with
+//!    chunked prefill, and every committed turn's growth is reserved so nothing is preempted.
+//! 5. Without a hint it predicts the pause from the agent's own history (EWMA), else from the
+//!    workload's (EWMA over all agents).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::ids::AgentId;
+use crate::kv::{KvState, SwapDirection};
+use crate::sched::{Phase, SchedEvent, SchedView, Scheduler, StepPlan};
+use crate::time::SimTime;
+
+use super::common::{build_batch, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth, WaitQueue};
+
+/// Tunables of the semantic policy (defaults are what the shipped comparisons use).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DjinnParams {
+    /// Keep every pause while projected GPU use stays below this fraction of the pool.
+    pub keep_below_pressure: f64,
+    /// Free blocks kept in hand beyond known demand, as a fraction of the pool.
+    pub watermark_fraction: f64,
+    /// Fixed part of the prefetch margin.
+    pub prefetch_margin_ns: u64,
+    /// Proportional part of the prefetch margin (of the swap-in time).
+    pub prefetch_margin_fraction: f64,
+    /// Weight of the newest observation in the pause EWMA.
+    pub ewma_alpha: f64,
+}
+
+impl Default for DjinnParams {
+    fn default() -> Self {
+        DjinnParams {
+            keep_below_pressure: 0.5,
+            watermark_fraction: 0.02,
+            prefetch_margin_ns: 2_000_000,
+            prefetch_margin_fraction: 0.1,
+            ewma_alpha: 0.3,
+        }
+    }
+}
+
+/// Upper bound of waiting turns looked at per plan: more could never fit the pool at once, and
+/// the bound keeps a plan O(batch) even with thousands of agents queued.
+const WAITING_SCAN_MAX: usize = 512;
+
+#[derive(Debug)]
+pub struct Djinn {
+    params: DjinnParams,
+    waiting: WaitQueue,
+    committed: Vec<AgentId>,
+    /// Predicted return of every paused agent (None when nothing predicts it).
+    predicted_return: BTreeMap<AgentId, Option<SimTime>>,
+    /// Pauses whose start decision is still to take.
+    fresh: Vec<AgentId>,
+    /// Paused agents whose KV is on the GPU, by predicted return (unknown = last).
+    resident_paused: BTreeSet<(u64, AgentId)>,
+    /// Paused agents whose KV is on the host, by the time their prefetch should start.
+    prefetch_at: BTreeSet<(u64, AgentId)>,
+    prefetch_key: BTreeMap<AgentId, u64>,
+    /// Agents swapping out, with the GPU blocks the copy will free.
+    swapping_out: BTreeMap<AgentId, u32>,
+    ewma_agent_ns: BTreeMap<AgentId, f64>,
+    ewma_global_ns: Option<f64>,
+}
+
+impl Djinn {
+    pub fn new(params: DjinnParams) -> Self {
+        Djinn {
+            params,
+            waiting: WaitQueue::default(),
+            committed: Vec::new(),
+            predicted_return: BTreeMap::new(),
+            fresh: Vec::new(),
+            resident_paused: BTreeSet::new(),
+            prefetch_at: BTreeSet::new(),
+            prefetch_key: BTreeMap::new(),
+            swapping_out: BTreeMap::new(),
+            ewma_agent_ns: BTreeMap::new(),
+            ewma_global_ns: None,
+        }
+    }
+
+    fn ewma(old: Option<f64>, new: f64, alpha: f64) -> f64 {
+        match old {
+            Some(o) => alpha * new + (1.0 - alpha) * o,
+            None => new,
+        }
+    }
+
+    fn prefetch_margin_ns(&self, swap_in_ns: u64) -> u64 {
+        self.params.prefetch_margin_ns + (swap_in_ns as f64 * self.params.prefetch_margin_fraction) as u64
+    }
+
+    fn return_key(&self, agent: AgentId) -> u64 {
+        self.predicted_return.get(&agent).copied().flatten().map_or(u64::MAX, |t| t.as_nanos())
+    }
+
+    /// Takes a paused, resident agent's KV off the GPU: swap if the host has room, else drop.
+    fn evict(&mut self, view: &SchedView, agent: AgentId, plan: &mut StepPlan, budget: &mut PlanBudget) {
+        let blocks = view.kv.blocks(agent);
+        let key = self.return_key(agent);
+        self.resident_paused.remove(&(key, agent));
+        if blocks as i64 <= budget.host_free {
+            budget.host_free -= blocks as i64;
+            budget.freeing += blocks as i64;
+            self.swapping_out.insert(agent, blocks);
+            plan.swap_out.push((agent, blocks));
+        } else {
+            budget.free += blocks as i64;
+            plan.drop.push((agent, 0));
+        }
+    }
+
+    /// Registers a paused agent whose KV just landed on the host, for prefetch.
+    fn schedule_prefetch(&mut self, view: &SchedView, agent: AgentId) {
+        if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
+            let blocks = view.kv.blocks(agent) - view.kv.gpu_blocks_held(agent);
+            let t_in = view.costs.swap_in_ns(blocks);
+            let start = ret.as_nanos().saturating_sub(t_in + self.prefetch_margin_ns(t_in));
+            self.prefetch_at.insert((start, agent));
+            self.prefetch_key.insert(agent, start);
+        }
+    }
+}
+
+/// Block counts a plan works with while it is being built.
+struct PlanBudget {
+    free: i64,
+    host_free: i64,
+    /// GPU blocks already on their way out (freed when the copies finish).
+    freeing: i64,
+}
+
+impl Default for Djinn {
+    fn default() -> Self {
+        Self::new(DjinnParams::default())
+    }
+}
+
+impl Scheduler for Djinn {
+    fn name(&self) -> String {
+        "djinn".into()
+    }
+
+    fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
+        match *event {
+            SchedEvent::TurnArrived { agent, turn_index } => {
+                if turn_index > 0 {
+                    let key = self.return_key(agent);
+                    self.resident_paused.remove(&(key, agent));
+                    if let Some(start) = self.prefetch_key.remove(&agent) {
+                        self.prefetch_at.remove(&(start, agent));
+                    }
+                    self.predicted_return.remove(&agent);
+                    self.fresh.retain(|&a| a != agent);
+                    let a = view.agent(agent);
+                    let observed = (a.turn_arrival - a.pause_started) as f64;
+                    let alpha = self.params.ewma_alpha;
+                    let per_agent = Self::ewma(self.ewma_agent_ns.get(&agent).copied(), observed, alpha);
+                    self.ewma_agent_ns.insert(agent, per_agent);
+                    self.ewma_global_ns = Some(Self::ewma(self.ewma_global_ns, observed, alpha));
+                }
+                self.waiting.push(agent, view.agent(agent).first_arrival.as_nanos());
+            }
+            SchedEvent::TurnFinished { agent, pause, .. } => {
+                self.committed.retain(|&a| a != agent);
+                if let Some(p) = pause {
+                    let predicted_ns = p
+                        .hint_ns
+                        .map(|h| h as f64)
+                        .or_else(|| self.ewma_agent_ns.get(&agent).copied())
+                        .or(self.ewma_global_ns);
+                    let predicted_return = predicted_ns.map(|d| view.now + d.max(0.0) as u64);
+                    self.predicted_return.insert(agent, predicted_return);
+                    let key = self.return_key(agent);
+                    self.resident_paused.insert((key, agent));
+                    self.fresh.push(agent);
+                }
+            }
+            SchedEvent::SwapDone { agent, direction, .. } => match direction {
+                SwapDirection::Out => {
+                    self.swapping_out.remove(&agent);
+                    if view.agent(agent).phase == Phase::Paused {
+                        self.schedule_prefetch(view, agent);
+                    }
+                }
+                SwapDirection::In => {
+                    if view.agent(agent).phase == Phase::Paused {
+                        let key = self.return_key(agent);
+                        self.resident_paused.insert((key, agent));
+                    }
+                }
+            },
+        }
+    }
+
+    fn plan_step(&mut self, view: &SchedView, plan: &mut StepPlan) {
+        let kv = view.kv;
+        let now = view.now;
+        let total = kv.gpu_blocks_total() as i64;
+        let watermark = (total as f64 * self.params.watermark_fraction).ceil() as i64;
+        let reserved = reserved_growth(view, &self.committed) as i64;
+        // Demand of the turns that could be admitted next (bounded: beyond the pool size nothing fits).
+        let mut waiting_demand: i64 = 0;
+        for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
+            if ready_to_commit(view, agent) {
+                waiting_demand += need_blocks(view, agent) as i64;
+                if waiting_demand > total {
+                    break;
+                }
+            }
+        }
+        let mut budget = PlanBudget {
+            free: kv.gpu_blocks_free() as i64,
+            host_free: kv.host_blocks_free() as i64,
+            freeing: self.swapping_out.values().map(|&b| b as i64).sum(),
+        };
+        let pressure = (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
+
+        // 1. Pause-start decisions.
+        for agent in std::mem::take(&mut self.fresh) {
+            if pressure < self.params.keep_below_pressure || view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Gpu {
+                continue;
+            }
+            let blocks = kv.blocks(agent);
+            if blocks == 0 {
+                continue;
+            }
+            let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
+            if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
+                let remaining = ret.saturating_sub(now).as_nanos();
+                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks)) {
+                    self.evict(view, agent, plan, &mut budget);
+                }
+            }
+        }
+
+        // 2. Evict ahead of need: free what waiting turns need (plus a watermark), furthest return first.
+        let mut deficit = waiting_demand + watermark - (budget.free - reserved) - budget.freeing;
+        while deficit > 0 {
+            let Some(&(key, agent)) = self.resident_paused.iter().next_back() else { break };
+            if view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Gpu || kv.blocks(agent) == 0 {
+                self.resident_paused.remove(&(key, agent));
+                continue;
+            }
+            deficit -= kv.blocks(agent) as i64;
+            self.evict(view, agent, plan, &mut budget);
+        }
+
+        // 3. Prefetch paused agents whose predicted return is near.
+        let mut spare = budget.free - reserved - waiting_demand - watermark;
+        let backlog = view.swap_in_busy_until.saturating_sub(now).as_nanos();
+        while let Some(&(start, agent)) = self.prefetch_at.iter().next() {
+            if start > now.as_nanos() + backlog {
+                plan.wake_no_later_than(SimTime(start.saturating_sub(backlog)).max(now + 1));
+                break;
+            }
+            if view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Host {
+                self.prefetch_at.remove(&(start, agent));
+                self.prefetch_key.remove(&agent);
+                continue;
+            }
+            let blocks = (kv.blocks(agent) - kv.gpu_blocks_held(agent)) as i64;
+            if blocks > spare {
+                // No room yet: try again after the next event (returns and finishes free memory).
+                break;
+            }
+            self.prefetch_at.remove(&(start, agent));
+            self.prefetch_key.remove(&agent);
+            spare -= blocks;
+            budget.free -= blocks;
+            plan.swap_in.push(agent);
+        }
+
+        // 4. Commit returning and new turns in program order.
+        let mut avail = budget.free - reserved;
+        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true) {
+            let evictable = !self.resident_paused.is_empty();
+            let nothing_can_free = self.committed.is_empty() && kv.swaps_in_flight() == 0 && plan.swap_out.is_empty() && plan.drop.is_empty() && !evictable;
+            if never_fits(view, head) || nothing_can_free {
+                self.waiting.remove(head);
+                plan.reject.push(head);
+            }
+        }
+
+        // 5. The batch.
+        build_batch(view, &self.committed, plan);
+    }
+}

@@ -1,0 +1,256 @@
+//! Turns a [`WorkloadSpec`] and a seed into concrete agent programs.
+//!
+//! Each agent draws from its own sub-stream (`agent`/id for lengths and pauses, `hint`/id for hint
+//! noise, `arrival` for start times), so changing one agent's draws never shifts another's.
+
+use rand::Rng;
+use rand_distr::{Distribution as _, Exp, LogNormal, Normal};
+use traces::workload::{Arrival, Distribution, HintSpec, WorkloadSpec};
+
+use crate::ids::AgentId;
+use crate::rng::{stream, SimRng};
+use crate::time::SimTime;
+
+/// The pause after a turn: its true length and what the scheduler is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PauseProgram {
+    pub true_ns: u64,
+    pub hint_ns: Option<u64>,
+}
+
+/// One turn of an agent program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TurnProgram {
+    /// New tokens appended to the context at the start of this turn (prompt, tool output).
+    pub new_tokens: u32,
+    /// Tokens to generate (at least 1).
+    pub generated_tokens: u32,
+    /// The pause after this turn; `None` for the last turn.
+    pub pause_after: Option<PauseProgram>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentProgram {
+    pub agent_id: AgentId,
+    pub arrival: SimTime,
+    pub turns: Vec<TurnProgram>,
+}
+
+impl AgentProgram {
+    /// Tokens in the sequence after all turns (prompt, new and generated tokens).
+    pub fn final_sequence_tokens(&self) -> u64 {
+        self.turns.iter().map(|t| t.new_tokens as u64 + t.generated_tokens as u64).sum()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub max_context_tokens: u32,
+    pub agents: Vec<AgentProgram>,
+}
+
+impl Workload {
+    pub fn turn_count(&self) -> u64 {
+        self.agents.iter().map(|a| a.turns.len() as u64).sum()
+    }
+}
+
+/// Draws one value of `dist`.
+pub fn sample(dist: &Distribution, rng: &mut SimRng) -> f64 {
+    match dist {
+        Distribution::Constant { value } => *value,
+        Distribution::Uniform { low, high } => {
+            if high > low {
+                rng.gen_range(*low..*high)
+            } else {
+                *low
+            }
+        }
+        Distribution::Exponential { mean } => Exp::new(1.0 / mean).map(|d| d.sample(rng)).unwrap_or(*mean),
+        Distribution::LogNormal { median, sigma, p90, max } => {
+            let s = Distribution::lognormal_sigma(*median, *sigma, *p90);
+            let v = LogNormal::new(median.ln(), s).map(|d| d.sample(rng)).unwrap_or(*median);
+            match max {
+                Some(m) => v.min(*m),
+                None => v,
+            }
+        }
+        Distribution::Mixture { components } => {
+            let total: f64 = components.iter().map(|c| c.weight).sum();
+            let mut pick = rng.gen_range(0.0..total);
+            for c in components {
+                if pick < c.weight {
+                    return sample(&c.dist, rng);
+                }
+                pick -= c.weight;
+            }
+            sample(&components[components.len() - 1].dist, rng)
+        }
+    }
+}
+
+fn tokens(value: f64, min: u32) -> u32 {
+    (value.round().clamp(0.0, u32::MAX as f64) as u32).max(min)
+}
+
+/// Generates the programs of `agent_count` agents (explicit arrivals fix the count).
+pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
+    let agent_count = spec.agent_count(Some(agent_count));
+    let arrivals = arrival_times(&spec.arrival, agent_count, seed);
+    let mut agents = Vec::with_capacity(agent_count as usize);
+    for (index, arrival) in arrivals.into_iter().enumerate() {
+        let agent_id = index as AgentId;
+        let mut rng = stream(seed, "agent", index as u64);
+        let mut hint_rng = stream(seed, "hint", index as u64);
+        let turn_count = tokens(sample(&spec.agent.turns, &mut rng), 1);
+        let mut turns: Vec<TurnProgram> = Vec::with_capacity(turn_count as usize);
+        let mut context: u64 = 0;
+        let window = spec.max_context_tokens as u64;
+        for turn_index in 0..turn_count {
+            let mut new_tokens = if turn_index == 0 {
+                tokens(sample(&spec.agent.first_prompt_tokens, &mut rng), 1)
+            } else {
+                tokens(sample(&spec.agent.new_tokens, &mut rng), 0)
+            };
+            let mut generated_tokens = tokens(sample(&spec.agent.generated_tokens, &mut rng), 1);
+            let pause_s = sample(&spec.agent.pause_s, &mut rng);
+            let noise = match spec.hint {
+                HintSpec::Noisy { sigma } => Normal::new(0.0, sigma).map(|d| d.sample(&mut hint_rng)).unwrap_or(0.0),
+                _ => 0.0,
+            };
+            if context + new_tokens as u64 + generated_tokens as u64 > window {
+                if turn_index > 0 {
+                    // The model window is full: the agent's program ends with the previous turn.
+                    break;
+                }
+                // A first prompt longer than the window is cut to fit (as a client would truncate).
+                generated_tokens = generated_tokens.min((window / 2) as u32).max(1);
+                new_tokens = (window - generated_tokens as u64).max(1) as u32;
+            }
+            context += new_tokens as u64 + generated_tokens as u64;
+            let true_ns = SimTime::from_secs_f64(pause_s.max(0.0)).as_nanos();
+            let hint_ns = match spec.hint {
+                HintSpec::Exact => Some(true_ns),
+                HintSpec::Noisy { .. } => Some(SimTime::from_secs_f64(pause_s.max(0.0) * noise.exp()).as_nanos()),
+                HintSpec::None => None,
+            };
+            turns.push(TurnProgram {
+                new_tokens,
+                generated_tokens,
+                pause_after: Some(PauseProgram { true_ns, hint_ns }),
+            });
+        }
+        if let Some(last) = turns.last_mut() {
+            last.pause_after = None;
+        }
+        agents.push(AgentProgram { agent_id, arrival, turns });
+    }
+    Workload {
+        name: spec.name.clone(),
+        max_context_tokens: spec.max_context_tokens,
+        agents,
+    }
+}
+
+fn arrival_times(arrival: &Arrival, agent_count: u32, seed: u64) -> Vec<SimTime> {
+    let mut rng = stream(seed, "arrival", 0);
+    match arrival {
+        Arrival::Poisson { rate_per_s } => {
+            let exp = Exp::new(*rate_per_s).expect("validated rate > 0");
+            let mut t = 0.0f64;
+            (0..agent_count)
+                .map(|i| {
+                    if i > 0 {
+                        t += exp.sample(&mut rng);
+                    }
+                    SimTime::from_secs_f64(t)
+                })
+                .collect()
+        }
+        Arrival::Ramp { ramp_s } => {
+            let mut times: Vec<SimTime> = (0..agent_count)
+                .map(|_| {
+                    if *ramp_s > 0.0 {
+                        SimTime::from_secs_f64(rng.gen_range(0.0..*ramp_s))
+                    } else {
+                        SimTime::ZERO
+                    }
+                })
+                .collect();
+            // Agent ids follow arrival order, which keeps tables and traces readable.
+            times.sort();
+            times
+        }
+        Arrival::Explicit { times_s } => {
+            let mut times: Vec<SimTime> = times_s.iter().map(|t| SimTime::from_secs_f64(*t)).collect();
+            times.sort();
+            times
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> WorkloadSpec {
+        WorkloadSpec::from_toml_str(std::path::Path::new("test.toml"), text).unwrap()
+    }
+
+    const BASE: &str = r#"
+schema_version = 1
+name = "t"
+agents = 50
+max_context_tokens = 4096
+[arrival]
+kind = "poisson"
+rate_per_s = 2.0
+[agent]
+turns = { kind = "constant", value = 3 }
+first_prompt_tokens = { kind = "constant", value = 1000 }
+new_tokens = { kind = "uniform", low = 10.0, high = 20.0 }
+generated_tokens = { kind = "constant", value = 100 }
+pause_s = { kind = "exponential", mean = 5.0 }
+[hint]
+kind = "exact"
+"#;
+
+    #[test]
+    fn same_seed_same_programs_and_different_seed_differs() {
+        let s = spec(BASE);
+        assert_eq!(generate(&s, 50, 7), generate(&s, 50, 7));
+        assert_ne!(generate(&s, 50, 7), generate(&s, 50, 8));
+    }
+
+    #[test]
+    fn last_turn_has_no_pause_and_hints_are_exact() {
+        let w = generate(&spec(BASE), 50, 1);
+        for a in &w.agents {
+            assert_eq!(a.turns.len(), 3);
+            assert!(a.turns[2].pause_after.is_none());
+            let p = a.turns[0].pause_after.unwrap();
+            assert_eq!(p.hint_ns, Some(p.true_ns));
+        }
+        assert!(w.agents.windows(2).all(|p| p[0].arrival <= p[1].arrival));
+    }
+
+    #[test]
+    fn programs_respect_the_window() {
+        let text = BASE.replace("value = 3 }", "value = 100 }").replace("value = 1000", "value = 3000");
+        let w = generate(&spec(&text), 20, 3);
+        for a in &w.agents {
+            assert!(a.final_sequence_tokens() <= 4096, "{}", a.final_sequence_tokens());
+            assert!(a.turns.len() < 100);
+        }
+    }
+
+    #[test]
+    fn poisson_rate_is_about_right() {
+        let text = BASE.replace("agents = 50", "agents = 4000");
+        let w = generate(&spec(&text), 4000, 11);
+        let span = w.agents.last().unwrap().arrival.as_secs_f64();
+        let rate = 3999.0 / span;
+        assert!((rate - 2.0).abs() < 0.15, "rate {rate}");
+    }
+}

@@ -1,0 +1,265 @@
+//! `djinn simulate`: run workloads under policies on the simulated GPU and compare them.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use rayon::prelude::*;
+use sim::driver::CheckLevel;
+use sim::experiment::SimConfig;
+use sim::PolicyKind;
+use traces::workload::{Distribution, HintSpec};
+use traces::{RunSummary, WorkloadSpec};
+
+use crate::runio::{load_workload, parse_policy, run_dir, sim_manifest, write_run_dir};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HintOverride {
+    /// The true pause.
+    Exact,
+    /// The true pause times exp(N(0, sigma^2)); set sigma with --hint-sigma.
+    Noisy,
+    /// No hint: policies predict from history.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CheckOverride {
+    /// Incremental checks after every step, a full KV recount every 1024 steps and at the end.
+    Step,
+    /// A full KV recount after every step (slow; for debugging a policy).
+    Full,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Workload: a shipped name (seed-exp1, seed-cliff, agents-capacity, azure-conv-synth) or a
+    /// path to a TOML spec. Repeat for several. Default: seed-exp1 then seed-cliff.
+    #[arg(long = "workload", short = 'w', value_name = "NAME|PATH")]
+    pub workloads: Vec<String>,
+    /// Policy to run (djinn, vllm, vllm-noapc, pin, swap). Repeat for several. Default: djinn, vllm, pin, swap.
+    #[arg(long = "policy", short = 'p', value_name = "NAME")]
+    pub policies: Vec<String>,
+    /// Number of agents (default: the workload's own, 80 for the seed workloads).
+    #[arg(long, short = 'n')]
+    pub agents: Option<u32>,
+    /// Root seed of every random stream.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// GPU profile: a shipped name (h100-llama2-7b, h200-llama2-7b) or a path to a profile JSON.
+    #[arg(long, default_value = calibration::DEFAULT_PROFILE, value_name = "NAME|PATH")]
+    pub profile: String,
+    /// Folder for the run directories (<out>/<workload>/<policy>/) and comparison CSVs.
+    #[arg(long, default_value = "results/simulate")]
+    pub out: PathBuf,
+    /// Do not write run directories, only print the tables.
+    #[arg(long)]
+    pub no_write: bool,
+    /// Fraction of GPU memory the engine may use (weights + workspace + KV).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Host memory for swapped KV, GiB.
+    #[arg(long, default_value_t = 128.0)]
+    pub host_memory_gib: f64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    /// Chunked-prefill token budget per step.
+    #[arg(long, default_value_t = 8192)]
+    pub max_batch_tokens: u32,
+    /// Override the pause distribution with uniform(pause-min-s, pause-max-s).
+    #[arg(long, requires = "pause_max_s")]
+    pub pause_min_s: Option<f64>,
+    #[arg(long, requires = "pause_min_s")]
+    pub pause_max_s: Option<f64>,
+    /// Override what the scheduler is told about pauses.
+    #[arg(long, value_enum)]
+    pub hint: Option<HintOverride>,
+    /// Log-normal sigma of the hint noise (implies --hint noisy when given alone).
+    #[arg(long)]
+    pub hint_sigma: Option<f64>,
+    /// Latency SLO (ms) whose attainment the summary reports.
+    #[arg(long, default_value_t = 5000.0)]
+    pub slo_ms: f64,
+    /// Invariant checking level.
+    #[arg(long, value_enum, default_value_t = CheckOverride::Step)]
+    pub check: CheckOverride,
+}
+
+impl Default for SimulateArgs {
+    fn default() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: SimulateArgs,
+        }
+        Wrapper::parse_from(["djinn"]).args
+    }
+}
+
+/// Validated inputs of one simulate invocation.
+struct Plan {
+    specs: Vec<WorkloadSpec>,
+    policies: Vec<PolicyKind>,
+    base: SimConfig,
+}
+
+fn apply_overrides(args: &SimulateArgs, spec: &mut WorkloadSpec) -> Result<()> {
+    if let (Some(low), Some(high)) = (args.pause_min_s, args.pause_max_s) {
+        spec.agent.pause_s = Distribution::Uniform { low, high };
+    }
+    match (args.hint, args.hint_sigma) {
+        (Some(HintOverride::Exact), _) => spec.hint = HintSpec::Exact,
+        (Some(HintOverride::None), _) => spec.hint = HintSpec::None,
+        (Some(HintOverride::Noisy), sigma) => spec.hint = HintSpec::Noisy { sigma: sigma.unwrap_or(0.5) },
+        (None, Some(sigma)) => spec.hint = HintSpec::Noisy { sigma },
+        (None, None) => {}
+    }
+    spec.validate(std::path::Path::new("command-line overrides")).map_err(anyhow::Error::from)
+}
+
+fn validate(args: &SimulateArgs) -> Result<Plan> {
+    let workload_names = if args.workloads.is_empty() { vec!["seed-exp1".to_string(), "seed-cliff".to_string()] } else { args.workloads.clone() };
+    let mut specs = Vec::new();
+    for name in &workload_names {
+        let mut spec = load_workload(name)?;
+        apply_overrides(args, &mut spec)?;
+        specs.push(spec);
+    }
+    let policies = if args.policies.is_empty() {
+        PolicyKind::DEFAULT_SET.to_vec()
+    } else {
+        args.policies.iter().map(|p| parse_policy(p)).collect::<Result<Vec<_>>>()?
+    };
+    if let Some(n) = args.agents {
+        if n == 0 || n > traces::workload::AGENTS_MAX {
+            bail!("--agents must be in 1..={}, got {n}", traces::workload::AGENTS_MAX);
+        }
+    }
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
+    }
+    if !(args.host_memory_gib.is_finite() && args.host_memory_gib >= 0.0 && args.host_memory_gib <= 1048576.0) {
+        bail!("--host-memory-gib must be a finite number in [0, 1048576], got {}", args.host_memory_gib);
+    }
+    if args.block_size == 0 || args.block_size > 4096 {
+        bail!("--block-size must be in 1..=4096, got {}", args.block_size);
+    }
+    if args.max_batch_tokens == 0 {
+        bail!("--max-batch-tokens must be > 0");
+    }
+    if !(args.slo_ms.is_finite() && args.slo_ms > 0.0) {
+        bail!("--slo-ms must be a finite number > 0, got {}", args.slo_ms);
+    }
+    let profile = calibration::load_profile(&args.profile)?;
+    let mut base = SimConfig::new(PolicyKind::Djinn, profile);
+    base.seed = args.seed;
+    base.gpu_memory_utilization = args.gpu_memory_utilization;
+    base.host_memory_bytes = (args.host_memory_gib * (1u64 << 30) as f64) as u64;
+    base.block_size_tokens = args.block_size;
+    base.sched.max_batch_tokens = args.max_batch_tokens;
+    base.check = match args.check {
+        CheckOverride::Step => CheckLevel::Step { audit_interval_steps: 1024 },
+        CheckOverride::Full => CheckLevel::Full,
+    };
+    if base.gpu_blocks() == 0 {
+        bail!(
+            "the GPU KV pool is empty: {} B x {} - weights {} B - workspace {} B leaves no block of {} B",
+            base.profile.gpu_memory_bytes,
+            base.gpu_memory_utilization,
+            base.profile.weight_bytes,
+            base.profile.workspace_reserve_bytes,
+            base.block_bytes()
+        );
+    }
+    Ok(Plan { specs, policies, base })
+}
+
+fn reproduce_line(args: &SimulateArgs, spec: &WorkloadSpec, policy: PolicyKind, agents: u32) -> String {
+    let mut line = format!(
+        "djinn simulate --workload {} --policy {} --agents {agents} --seed {} --profile {} --gpu-memory-utilization {} --host-memory-gib {} --block-size {} --max-batch-tokens {}",
+        spec.name, policy.name(), args.seed, args.profile, args.gpu_memory_utilization, args.host_memory_gib, args.block_size, args.max_batch_tokens
+    );
+    if let (Some(a), Some(b)) = (args.pause_min_s, args.pause_max_s) {
+        line.push_str(&format!(" --pause-min-s {a} --pause-max-s {b}"));
+    }
+    if let Some(h) = args.hint {
+        line.push_str(&format!(" --hint {}", format!("{h:?}").to_lowercase()));
+    }
+    if let Some(s) = args.hint_sigma {
+        line.push_str(&format!(" --hint-sigma {s}"));
+    }
+    line
+}
+
+/// One finished simulated run.
+pub struct RunResult {
+    pub summary: RunSummary,
+    pub wall_s: f64,
+}
+
+pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
+    let plan = validate(&args)?;
+    let mut all = Vec::new();
+    for spec in &plan.specs {
+        let agents = spec.agent_count(args.agents);
+        println!(
+            "== {} ({}): {} agents, seed {}, profile {} ({}), GPU KV pool {} blocks x {} tokens, host pool {} blocks",
+            spec.name,
+            spec.description,
+            agents,
+            args.seed,
+            plan.base.profile.name,
+            plan.base.profile.provenance.kind,
+            plan.base.gpu_blocks(),
+            plan.base.block_size_tokens,
+            plan.base.host_blocks()
+        );
+        let workload = sim::workload::generate(spec, agents, args.seed);
+        let results: Vec<Result<RunResult>> = plan
+            .policies
+            .par_iter()
+            .map(|&policy| {
+                let mut config = plan.base.clone();
+                config.policy = policy;
+                let started = Instant::now();
+                let reproduce = reproduce_line(&args, spec, policy, agents);
+                let output = sim::experiment::simulate_workload(&workload, &config)
+                    .with_context(|| format!("{} / {}: reproduce with: {reproduce}", spec.name, policy.name()))?;
+                let wall_s = started.elapsed().as_secs_f64();
+                let inputs = analysis::SummaryInputs {
+                    policy: policy.name().into(),
+                    workload: spec.name.clone(),
+                    agents,
+                    seed: args.seed,
+                    turns_planned: output.turns_planned,
+                    block_bytes: config.block_bytes(),
+                    gpu_blocks_total: config.gpu_blocks(),
+                    host_blocks_total: config.host_blocks(),
+                    slo_ns: (args.slo_ms * 1e6) as u64,
+                };
+                let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
+                if !args.no_write {
+                    let manifest = sim_manifest(spec, agents, &config, reproduce);
+                    write_run_dir(&run_dir(&args.out, &spec.name, policy.name()), &manifest, &output, &summary)?;
+                }
+                Ok(RunResult { summary, wall_s })
+            })
+            .collect();
+        let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+        let summaries: Vec<RunSummary> = results.iter().map(|r| r.summary.clone()).collect();
+        print!("{}", analysis::comparison_table(&format!("turn latency (ms) and its P99 decomposition, {} agents", agents), &summaries));
+        let wall: f64 = results.iter().map(|r| r.wall_s).sum();
+        if !args.no_write {
+            let csv_path = args.out.join(&spec.name).join("comparison.csv");
+            let rows: Vec<analysis::table::SummaryRow> = summaries.iter().map(analysis::table::SummaryRow::from).collect();
+            traces::write_csv_atomic(&csv_path, &rows)?;
+            println!("run directories and comparison.csv under {} (simulated in {:.2} s of CPU)", args.out.join(&spec.name).display(), wall);
+        }
+        println!();
+        all.push(results);
+    }
+    Ok(all)
+}

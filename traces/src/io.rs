@@ -1,0 +1,184 @@
+//! Readers, writers and the error type shared by every format.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Why a trace file could not be read or written. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The file could not be opened, read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid UTF-8 text.
+    #[error("{path}: not UTF-8 text (byte {byte_offset})")]
+    NotUtf8 { path: PathBuf, byte_offset: usize },
+    /// The file does not parse; `location` is a line/column or a field path.
+    #[error("{path}: {location}: {message}")]
+    Parse {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+    /// The file parses but a value is out of range or inconsistent.
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+impl TraceError {
+    pub fn invalid(path: &Path, field: impl Into<String>, message: impl fmt::Display) -> Self {
+        TraceError::Invalid {
+            path: path.to_path_buf(),
+            field: field.into(),
+            message: message.to_string(),
+        }
+    }
+
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        TraceError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Reads a whole file as UTF-8 text, with errors naming the file.
+pub fn read_text(path: &Path) -> Result<String, TraceError> {
+    let bytes = std::fs::read(path).map_err(|e| TraceError::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| TraceError::NotUtf8 {
+        path: path.to_path_buf(),
+        byte_offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed, then
+/// renamed over the target. An interrupted run therefore never leaves a half-written file that
+/// looks complete.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TraceError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| TraceError::io(dir, e))?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(TraceError::io(path, e));
+    }
+    Ok(())
+}
+
+/// Serializes `value` as pretty JSON (with a trailing newline) and writes it atomically.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), TraceError> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| TraceError::Parse {
+        path: path.to_path_buf(),
+        location: "serialize".into(),
+        message: e.to_string(),
+    })?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Reads a JSON file into `T`; errors carry the line and column.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, TraceError> {
+    let text = read_text(path)?;
+    parse_json(path, &text)
+}
+
+/// Parses JSON text that came from `path` (used for embedded copies too).
+pub fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, TraceError> {
+    serde_json::from_str(text).map_err(|e| TraceError::Parse {
+        path: path.to_path_buf(),
+        location: format!("line {} column {}", e.line(), e.column()),
+        message: e.to_string(),
+    })
+}
+
+/// Serializes rows as CSV with a header and writes them atomically.
+pub fn write_csv_atomic<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), TraceError> {
+    let bytes = csv_bytes(rows).map_err(|e| TraceError::Parse {
+        path: path.to_path_buf(),
+        location: "serialize".into(),
+        message: e.to_string(),
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// Rows as CSV bytes with a header line (an empty slice still gets its header).
+pub fn csv_bytes<T: Serialize>(rows: &[T]) -> Result<Vec<u8>, csv::Error> {
+    let mut writer = csv::WriterBuilder::new().has_headers(true).from_writer(Vec::new());
+    for row in rows {
+        writer.serialize(row)?;
+    }
+    writer.flush()?;
+    writer.into_inner().map_err(|e| csv::Error::from(e.into_error()))
+}
+
+/// Reads a CSV file with a header into rows; an error names the line.
+pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, TraceError> {
+    let text = read_text(path)?;
+    parse_csv(path, text.as_bytes())
+}
+
+/// Parses CSV bytes that came from `path`.
+pub fn parse_csv<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Vec<T>, TraceError> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
+    let mut rows = Vec::new();
+    for (index, row) in reader.deserialize::<T>().enumerate() {
+        match row {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                let line = e.position().map(|p| p.line()).unwrap_or(index as u64 + 2);
+                return Err(TraceError::Parse {
+                    path: path.to_path_buf(),
+                    location: format!("line {line}"),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("djinn-traces-io-{}", std::process::id()));
+        let path = dir.join("a.json");
+        write_json_atomic(&path, &vec![1, 2, 3]).unwrap();
+        let back: Vec<i32> = read_json(&path).unwrap();
+        assert_eq!(back, vec![1, 2, 3]);
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "only the target remains: {names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn non_utf8_is_reported_with_offset() {
+        let dir = std::env::temp_dir().join(format!("djinn-traces-utf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, b"ab\xffcd").unwrap();
+        let err = read_text(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("byte 2"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

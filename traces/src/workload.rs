@@ -1,0 +1,369 @@
+//! Workload specs (TOML): who arrives when, and what each agent's turns and pauses look like.
+//!
+//! A spec describes distributions; `sim::workload` draws concrete agent programs from it with a
+//! seed. Example (the shipped `seed-exp1`):
+//!
+//! ```toml
+//! schema_version = 1
+//! name = "seed-exp1"
+//! agents = 80
+//! max_context_tokens = 4096
+//! [arrival]
+//! kind = "poisson"
+//! rate_per_s = 0.2
+//! [agent]
+//! turns = { kind = "constant", value = 2 }
+//! first_prompt_tokens = { kind = "constant", value = 1536 }
+//! new_tokens = { kind = "constant", value = 512 }
+//! generated_tokens = { kind = "constant", value = 128 }
+//! pause_s = { kind = "uniform", low = 10.0, high = 20.0 }
+//! [hint]
+//! kind = "exact"
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::io::{read_text, TraceError};
+
+/// A probability distribution over non-negative reals (tokens, seconds, counts).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Distribution {
+    Constant {
+        value: f64,
+    },
+    Uniform {
+        low: f64,
+        high: f64,
+    },
+    Exponential {
+        mean: f64,
+    },
+    /// Log-normal given by its median and either `sigma` (of the underlying normal) or `p90`.
+    LogNormal {
+        median: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sigma: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        p90: Option<f64>,
+        /// Optional clamp of draws (e.g. a tail cut), applied after drawing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<f64>,
+    },
+    Mixture {
+        components: Vec<MixtureComponent>,
+    },
+}
+
+/// One weighted component of a mixture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixtureComponent {
+    pub weight: f64,
+    pub dist: Distribution,
+}
+
+/// z-score of the 90th percentile of a standard normal.
+pub const Z_P90: f64 = 1.281_551_565_544_600_4;
+
+impl Distribution {
+    /// Checks ranges; `field` is the dotted path used in the error message.
+    pub fn validate(&self, field: &str) -> Result<(), (String, String)> {
+        let finite_non_negative = |name: &str, v: f64| -> Result<(), (String, String)> {
+            if !v.is_finite() || v < 0.0 {
+                return Err((format!("{field}.{name}"), format!("must be a finite number >= 0, got {v}")));
+            }
+            Ok(())
+        };
+        let positive = |name: &str, v: f64| -> Result<(), (String, String)> {
+            if !v.is_finite() || v <= 0.0 {
+                return Err((format!("{field}.{name}"), format!("must be a finite number > 0, got {v}")));
+            }
+            Ok(())
+        };
+        match self {
+            Distribution::Constant { value } => finite_non_negative("value", *value),
+            Distribution::Uniform { low, high } => {
+                finite_non_negative("low", *low)?;
+                finite_non_negative("high", *high)?;
+                if high < low {
+                    return Err((format!("{field}.high"), format!("must be >= low ({low}), got {high}")));
+                }
+                Ok(())
+            }
+            Distribution::Exponential { mean } => positive("mean", *mean),
+            Distribution::LogNormal { median, sigma, p90, max } => {
+                positive("median", *median)?;
+                match (sigma, p90) {
+                    (Some(s), None) => finite_non_negative("sigma", *s)?,
+                    (None, Some(p)) => {
+                        positive("p90", *p)?;
+                        if *p < *median {
+                            return Err((format!("{field}.p90"), format!("must be >= median ({median}), got {p}")));
+                        }
+                    }
+                    _ => return Err((field.to_string(), "lognormal needs exactly one of `sigma` or `p90`".into())),
+                }
+                if let Some(m) = max {
+                    positive("max", *m)?;
+                }
+                Ok(())
+            }
+            Distribution::Mixture { components } => {
+                if components.is_empty() {
+                    return Err((format!("{field}.components"), "must not be empty".into()));
+                }
+                for (i, c) in components.iter().enumerate() {
+                    positive(&format!("components[{i}].weight"), c.weight)?;
+                    c.dist.validate(&format!("{field}.components[{i}].dist"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The log-normal sigma implied by `sigma` or `p90`.
+    pub fn lognormal_sigma(median: f64, sigma: Option<f64>, p90: Option<f64>) -> f64 {
+        match (sigma, p90) {
+            (Some(s), _) => s,
+            (None, Some(p)) => (p / median).ln() / Z_P90,
+            (None, None) => 0.0,
+        }
+    }
+
+    /// Expected value (used for reporting and sanity checks, not for sampling).
+    pub fn mean(&self) -> f64 {
+        match self {
+            Distribution::Constant { value } => *value,
+            Distribution::Uniform { low, high } => (low + high) / 2.0,
+            Distribution::Exponential { mean } => *mean,
+            Distribution::LogNormal { median, sigma, p90, .. } => {
+                let s = Self::lognormal_sigma(*median, *sigma, *p90);
+                median * (s * s / 2.0).exp()
+            }
+            Distribution::Mixture { components } => {
+                let total: f64 = components.iter().map(|c| c.weight).sum();
+                components.iter().map(|c| c.weight / total * c.dist.mean()).sum()
+            }
+        }
+    }
+}
+
+/// How agents arrive.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Arrival {
+    /// Open loop: exponential inter-arrival times at `rate_per_s`, first agent at time 0.
+    Poisson { rate_per_s: f64 },
+    /// Closed loop: all agents start uniformly at random within `ramp_s` seconds.
+    Ramp { ramp_s: f64 },
+    /// Explicit start times in seconds (the agent count is their number).
+    Explicit { times_s: Vec<f64> },
+}
+
+/// What the scheduler is told about a pause's length.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HintSpec {
+    /// The true pause.
+    Exact,
+    /// `true * exp(N(0, sigma^2))`.
+    Noisy { sigma: f64 },
+    /// No hint; a policy must predict.
+    None,
+}
+
+/// Per-agent program distributions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Number of turns per agent (rounded, at least 1).
+    pub turns: Distribution,
+    /// Prompt tokens of the first turn.
+    pub first_prompt_tokens: Distribution,
+    /// New tokens (tool output, user message) appended at each later turn.
+    pub new_tokens: Distribution,
+    /// Tokens generated per turn (at least 1).
+    pub generated_tokens: Distribution,
+    /// Pause after each turn but the last, in seconds.
+    pub pause_s: Distribution,
+}
+
+/// A whole workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub schema_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Default agent count (overridden by `--agents`); ignored for explicit arrivals.
+    pub agents: u32,
+    /// The model window: an agent's program ends before its context would exceed it.
+    pub max_context_tokens: u32,
+    pub arrival: Arrival,
+    pub agent: AgentSpec,
+    pub hint: HintSpec,
+}
+
+/// Upper bounds that keep a spec from asking for absurd runs (each is a limit checked at load).
+pub const AGENTS_MAX: u32 = 1_000_000;
+pub const CONTEXT_TOKENS_MAX: u32 = 1 << 20;
+
+impl WorkloadSpec {
+    /// Parses and validates TOML text that came from `path`.
+    pub fn from_toml_str(path: &Path, text: &str) -> Result<Self, TraceError> {
+        let spec: WorkloadSpec = toml::from_str(text).map_err(|e| {
+            let location = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}")
+                }
+                None => "document".to_string(),
+            };
+            TraceError::Parse {
+                path: path.to_path_buf(),
+                location,
+                message: e.message().to_string(),
+            }
+        })?;
+        spec.validate(path)?;
+        Ok(spec)
+    }
+
+    /// Reads and validates a spec file.
+    pub fn read(path: &Path) -> Result<Self, TraceError> {
+        let text = read_text(path)?;
+        Self::from_toml_str(path, &text)
+    }
+
+    /// Range and consistency checks; the error names the field.
+    pub fn validate(&self, path: &Path) -> Result<(), TraceError> {
+        let fail = |field: &str, message: String| Err(TraceError::invalid(path, field, message));
+        if self.schema_version != crate::SCHEMA_VERSION {
+            return fail(
+                "schema_version",
+                format!("this build reads version {}, got {}", crate::SCHEMA_VERSION, self.schema_version),
+            );
+        }
+        if self.name.trim().is_empty() {
+            return fail("name", "must not be empty".into());
+        }
+        if self.agents == 0 || self.agents > AGENTS_MAX {
+            return fail("agents", format!("must be in 1..={AGENTS_MAX}, got {}", self.agents));
+        }
+        if self.max_context_tokens < 2 || self.max_context_tokens > CONTEXT_TOKENS_MAX {
+            return fail(
+                "max_context_tokens",
+                format!("must be in 2..={CONTEXT_TOKENS_MAX}, got {}", self.max_context_tokens),
+            );
+        }
+        match &self.arrival {
+            Arrival::Poisson { rate_per_s } => {
+                if !rate_per_s.is_finite() || *rate_per_s <= 0.0 {
+                    return fail("arrival.rate_per_s", format!("must be a finite number > 0, got {rate_per_s}"));
+                }
+            }
+            Arrival::Ramp { ramp_s } => {
+                if !ramp_s.is_finite() || *ramp_s < 0.0 {
+                    return fail("arrival.ramp_s", format!("must be a finite number >= 0, got {ramp_s}"));
+                }
+            }
+            Arrival::Explicit { times_s } => {
+                if times_s.is_empty() || times_s.len() > AGENTS_MAX as usize {
+                    return fail("arrival.times_s", format!("must list 1..={AGENTS_MAX} times"));
+                }
+                for (i, t) in times_s.iter().enumerate() {
+                    if !t.is_finite() || *t < 0.0 {
+                        return fail(&format!("arrival.times_s[{i}]"), format!("must be a finite number >= 0, got {t}"));
+                    }
+                }
+            }
+        }
+        if let HintSpec::Noisy { sigma } = self.hint {
+            if !sigma.is_finite() || sigma < 0.0 {
+                return fail("hint.sigma", format!("must be a finite number >= 0, got {sigma}"));
+            }
+        }
+        let a = &self.agent;
+        for (name, dist) in [
+            ("agent.turns", &a.turns),
+            ("agent.first_prompt_tokens", &a.first_prompt_tokens),
+            ("agent.new_tokens", &a.new_tokens),
+            ("agent.generated_tokens", &a.generated_tokens),
+            ("agent.pause_s", &a.pause_s),
+        ] {
+            dist.validate(name).map_err(|(field, message)| TraceError::invalid(path, field, message))?;
+        }
+        Ok(())
+    }
+
+    /// The agent count a run uses: explicit arrivals fix it, otherwise the override or the default.
+    pub fn agent_count(&self, override_agents: Option<u32>) -> u32 {
+        match &self.arrival {
+            Arrival::Explicit { times_s } => times_s.len() as u32,
+            _ => override_agents.unwrap_or(self.agents),
+        }
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("a validated spec always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+schema_version = 1
+name = "t"
+agents = 3
+max_context_tokens = 4096
+[arrival]
+kind = "poisson"
+rate_per_s = 0.2
+[agent]
+turns = { kind = "constant", value = 2 }
+first_prompt_tokens = { kind = "lognormal", median = 1020.0, p90 = 2734.0 }
+new_tokens = { kind = "mixture", components = [ { weight = 0.6, dist = { kind = "uniform", low = 1.0, high = 2.0 } }, { weight = 0.4, dist = { kind = "exponential", mean = 3.0 } } ] }
+generated_tokens = { kind = "constant", value = 128 }
+pause_s = { kind = "uniform", low = 10.0, high = 20.0 }
+[hint]
+kind = "noisy"
+sigma = 0.5
+"#;
+
+    #[test]
+    fn good_spec_parses_and_round_trips() {
+        let spec = WorkloadSpec::from_toml_str(Path::new("good.toml"), GOOD).unwrap();
+        assert_eq!(spec.agents, 3);
+        let again = WorkloadSpec::from_toml_str(Path::new("x"), &spec.to_toml_string()).unwrap();
+        assert_eq!(spec, again);
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let bad = GOOD.replace("low = 10.0", "low = -1.0");
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        assert!(err.contains("w.toml") && err.contains("agent.pause_s.low"), "{err}");
+        let bad = GOOD.replace("rate_per_s = 0.2", "rate_per_s = nan");
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        assert!(err.contains("arrival.rate_per_s"), "{err}");
+        let bad = GOOD.replace("agents = 3", "agents = 3\nsurprise = 1");
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        assert!(err.contains("line 5") && err.contains("surprise"), "{err}");
+        let bad = GOOD.replace("agents = 3", "agents = \"three\"");
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        assert!(err.contains("w.toml") && err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn lognormal_p90_gives_the_right_sigma() {
+        let s = Distribution::lognormal_sigma(1020.0, None, Some(2734.0));
+        assert!((s - (2734.0f64 / 1020.0).ln() / Z_P90).abs() < 1e-12);
+        assert!((s - 0.7694).abs() < 1e-3, "{s}");
+    }
+}
