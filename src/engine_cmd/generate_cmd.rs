@@ -14,6 +14,8 @@ use engine::weights::WeightSet;
 pub enum GenerateBackend {
     /// The CPU reference forward (candle-core, f32).
     Cpu,
+    /// The CUDA forward (fp16; needs a build with `--features cuda` and a GPU).
+    Cuda,
 }
 
 #[derive(Args)]
@@ -75,6 +77,13 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             let mut model = CpuModel::new(&weights, num_blocks, args.block_size)?;
             generate_greedy(&mut model, &prompt_ids, args.steps, &stop_tokens)?
         }
+        GenerateBackend::Cuda => super::gpu_cmd::generate_greedy_cuda(
+            &weights,
+            &prompt_ids,
+            args.steps,
+            &stop_tokens,
+            args.block_size,
+        )?,
     };
     let elapsed_s = started.elapsed().as_secs_f64();
     println!("generated_tokens {} {:?}", generated.len(), generated);

@@ -57,6 +57,22 @@ pub enum CheckCommand {
         #[arg(long, default_value_t = 1234)]
         seed: u64,
     },
+    /// CUDA against the CPU reference forward (f32) on the same weights: a scripted multi-sequence
+    /// session (batched prefill, mixed decode + later turn, batched greedy decode), logits compared
+    /// at every step.
+    CudaVsCpu {
+        /// HF directory (config.json + model.safetensors) or GGUF file.
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// Batched greedy decode steps after the prefills.
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        /// Tolerance on max |logit difference|, relative to max(1, max |reference logit|).
+        #[arg(long)]
+        tolerance: Option<f32>,
+    },
     /// Writes the CUDA model's weights as an HF checkpoint plus the engine's logits for a fixed
     /// prompt; engine/scripts/hf_compare_7b.py then compares them with HF transformers.
     HfDump {
@@ -82,8 +98,19 @@ pub fn check(_args: CheckArgs) -> anyhow::Result<()> {
     anyhow::bail!("this djinn was built without the CUDA backend; rebuild with `cargo build --release --features cuda`")
 }
 
+#[cfg(not(feature = "cuda"))]
+pub fn generate_greedy_cuda(
+    _weights: &engine::weights::WeightSet,
+    _prompt: &[u32],
+    _steps: usize,
+    _stop_tokens: &[u32],
+    _block_size: usize,
+) -> anyhow::Result<Vec<u32>> {
+    anyhow::bail!("this djinn was built without the CUDA backend; rebuild with `cargo build --release --features cuda`")
+}
+
 #[cfg(feature = "cuda")]
-pub use with_cuda::{bench, check};
+pub use with_cuda::{bench, check, generate_greedy_cuda};
 
 #[cfg(feature = "cuda")]
 mod with_cuda {
@@ -211,6 +238,31 @@ mod with_cuda {
                 println!("{}", cb::format_row(row));
             },
         )?;
+        // Where the time goes (eager launches, an event after every kernel and GEMM).
+        let mut profiles = Vec::new();
+        if let Some(&n) = args
+            .prefill
+            .iter()
+            .find(|&&n| n == 2048)
+            .or(args.prefill.first())
+        {
+            profiles.push(cb::format_profile(
+                &format!("prefill {n}"),
+                &cb::profile_prefill(&mut model, n)?,
+            ));
+        }
+        let big_ctx = args.contexts.iter().copied().max().unwrap_or(512);
+        for &b in [1usize, max_batch].iter() {
+            if b * big_ctx.div_ceil(bs) <= model.kv_pool().num_blocks() {
+                profiles.push(cb::format_profile(
+                    &format!("decode batch {b} context {big_ctx}"),
+                    &cb::profile_decode(&mut model, b, big_ctx)?,
+                ));
+            }
+        }
+        for p in &profiles {
+            println!("{p}");
+        }
         let report_device = model.device.name.clone();
         if let Some(path) = &args.hf_results {
             let text = std::fs::read_to_string(path)
@@ -285,8 +337,77 @@ mod with_cuda {
         Ok(())
     }
 
+    /// Greedy generation on the CUDA backend (for `djinn engine generate --backend cuda`).
+    pub fn generate_greedy_cuda(
+        weights: &WeightSet,
+        prompt: &[u32],
+        steps: usize,
+        stop_tokens: &[u32],
+        block_size: usize,
+    ) -> anyhow::Result<Vec<u32>> {
+        let device = GpuDevice::open(0)?;
+        print_device(&device);
+        let mut options = CudaModelOptions::for_config(&weights.config);
+        options.block_size_tokens = block_size;
+        options.max_blocks_per_seq = weights.config.max_position_embeddings.div_ceil(block_size);
+        options.num_kv_blocks = Some((prompt.len() + steps).div_ceil(block_size).max(1));
+        options.max_tokens_per_step = prompt.len().max(1);
+        options.max_seqs_per_step = 1;
+        let mut model = CudaModel::new(device, WeightSource::Host(weights), options)?;
+        Ok(engine::batch::generate_greedy(
+            &mut model,
+            prompt,
+            steps,
+            stop_tokens,
+        )?)
+    }
+
     pub fn check(args: CheckArgs) -> anyhow::Result<()> {
         match args.command {
+            CheckCommand::CudaVsCpu {
+                weights,
+                dtype,
+                steps,
+                tolerance,
+            } => {
+                let dtype = parse_dtype(&dtype)?;
+                let tol = tolerance.unwrap_or(if dtype == DType::Bf16 { 0.08 } else { 0.02 });
+                let ws = WeightSet::load(&weights)
+                    .with_context(|| format!("loading {}", weights.display()))?;
+                let blocks = 64;
+                let mut cpu = engine::cpu::CpuModel::new(&ws, blocks, 16)?;
+                let device = GpuDevice::open(0)?;
+                print_device(&device);
+                let mut options = CudaModelOptions::for_config(&ws.config);
+                options.dtype = dtype;
+                options.num_kv_blocks = Some(blocks);
+                options.max_tokens_per_step = 256;
+                options.max_seqs_per_step = 8;
+                let mut gpu = CudaModel::new(device, WeightSource::Host(&ws), options)?;
+                let report =
+                    cc::compare_backends(&mut gpu, &mut cpu, ws.config.vocab_size, steps, tol)
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                for d in &report.steps {
+                    println!(
+                        "step {:>2}: max |diff| {:.3e} (max |ref| {:.2}), rel L2 {:.2e}, argmax mismatches {} (near ties {})",
+                        d.step, d.max_abs_diff, d.ref_max_abs, d.rel_l2, d.argmax_mismatches, d.argmax_near_ties
+                    );
+                }
+                println!(
+                    "{} {}: CUDA {dtype:?} vs CPU f32 over {} steps: worst max |diff| {:.3e}, worst rel L2 {:.2e}, tolerance {tol} x max(1, max|ref|); greedy tokens identical for {} of {steps} decode steps",
+                    if report.passed { "PASS" } else { "FAIL" },
+                    weights.display(),
+                    report.steps.len(),
+                    report.worst_max_abs_diff,
+                    report.worst_rel_l2,
+                    report.greedy_steps_identical
+                );
+                anyhow::ensure!(
+                    report.passed,
+                    "CUDA and CPU logits disagree beyond the tolerance"
+                );
+                Ok(())
+            }
             CheckCommand::Consistency { model, dtype, seed } => {
                 let dtype = parse_dtype(&dtype)?;
                 let mut options = None;

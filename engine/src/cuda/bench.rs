@@ -283,3 +283,51 @@ pub fn format_row(row: &BenchRow) -> String {
         row.ratio_to_measured_floor
     )
 }
+
+/// GPU time per category (eager launches with an event after each kernel / GEMM) of one decode step
+/// of `batch` sequences attending to `context` tokens.
+pub fn profile_decode(
+    model: &mut CudaModel,
+    batch: usize,
+    context: usize,
+) -> Result<Vec<(String, f64)>, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let blocks_per_seq = context.div_ceil(bs);
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|b| ((b * blocks_per_seq) as u32..((b + 1) * blocks_per_seq) as u32).collect())
+        .collect();
+    let tokens: Vec<[u32; 1]> = (0..batch).map(|b| [b as u32 + 1]).collect();
+    let steps: Vec<SeqStep<'_>> = (0..batch)
+        .map(|b| SeqStep {
+            block_table: &tables[b],
+            context_len: context - 1,
+            tokens: &tokens[b],
+        })
+        .collect();
+    model.profile_step(&steps)?; // warm (cuBLAS heuristics, caches)
+    model.profile_step(&steps)
+}
+
+/// GPU time per category of a prefill of `n` tokens.
+pub fn profile_prefill(model: &mut CudaModel, n: usize) -> Result<Vec<(String, f64)>, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
+    let prompt: Vec<u32> = (0..n)
+        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
+        .collect();
+    let step = SeqStep {
+        block_table: &table,
+        context_len: 0,
+        tokens: &prompt,
+    };
+    model.profile_step(&[step])?;
+    model.profile_step(&[step])
+}
+
+pub fn format_profile(label: &str, profile: &[(String, f64)]) -> String {
+    let parts: Vec<String> = profile.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+    format!(
+        "profile {label} (GPU ms, eager launches): {}",
+        parts.join(", ")
+    )
+}

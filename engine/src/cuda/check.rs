@@ -234,11 +234,13 @@ pub fn self_consistency(
             && d.argmax_mismatches == d.argmax_near_ties;
         results.push((name.to_string(), d.max_abs_diff, ok));
     };
+    eprintln!("consistency: one-shot prefill of {n} tokens");
     let one_shot = model.forward_logits(&[SeqStep {
         block_table: &table_a,
         context_len: 0,
         tokens: &prompt,
     }])?;
+    eprintln!("consistency: prefill in two chunks");
     // Two chunks: 50 then 27 (a later turn on cached KV).
     model.forward_logits(&[SeqStep {
         block_table: &table_b,
@@ -256,6 +258,7 @@ pub fn self_consistency(
         &one_shot,
         &mut results,
     );
+    eprintln!("consistency: prefix + decode steps");
     // Prefix 70, then 7 single-token decode steps.
     model.forward_logits(&[SeqStep {
         block_table: &table_c,
@@ -287,6 +290,7 @@ pub fn self_consistency(
             tokens: &next[s],
         })
         .collect();
+    eprintln!("consistency: batched decode");
     let batched = model.forward_logits(&batch)?;
     for s in 0..3 {
         let alone = model.forward_logits(&[batch[s]])?;
@@ -302,6 +306,7 @@ pub fn self_consistency(
             &mut results,
         );
     }
+    eprintln!("consistency: eager vs graph");
     // Graph replay vs eager launches: same kernels, so bit-identical.
     let graphs = model.options.use_cuda_graphs;
     model.options.use_cuda_graphs = !graphs;

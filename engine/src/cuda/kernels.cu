@@ -329,7 +329,6 @@ extern "C" __global__ void attn_decode_reduce(const float* part_out, const float
 #define PF_ROWS 64
 #define PF_KEYS 64
 #define KS_PITCH (HEAD_DIM + 8)
-#define VT_PITCH (PF_KEYS + 8)
 
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE
@@ -341,8 +340,9 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 extern "C" __global__ void __launch_bounds__(128) attn_prefill(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers) {
+    // K and V chunks row-major ([key][dim], padded rows: conflict-free 4-byte and ldmatrix reads).
     __shared__ __align__(16) T ks[PF_KEYS * KS_PITCH];
-    __shared__ __align__(16) T vt[HEAD_DIM * VT_PITCH];
+    __shared__ __align__(16) T vs[PF_KEYS * KS_PITCH];
     // Longest tiles (last of each sequence) are listed last: start them first.
     const int4 tile = tiles[num_tiles - 1 - blockIdx.x];
     const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
@@ -390,9 +390,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill(
                 vraw = *reinterpret_cast<const uint4*>(kp + (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM);
             }
             *reinterpret_cast<uint4*>(&ks[tok * KS_PITCH + d8 * 8]) = kraw;
-            const T* v8 = reinterpret_cast<const T*>(&vraw);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) vt[(d8 * 8 + e) * VT_PITCH + tok] = v8[e];
+            *reinterpret_cast<uint4*>(&vs[tok * KS_PITCH + d8 * 8]) = vraw;
         }
         __syncthreads();
         if (kc > qpos_hi && kc > qpos_lo) continue;  // whole chunk in this warp's future: skip math
@@ -457,12 +455,19 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill(
             pa[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
             pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            // B fragments of V (k = key, n = dim) straight from row-major V with ldmatrix.trans:
+            // matrices (keys 0-7 | 8-15) x (dims nd | nd + 1), rows addressed by lanes 0-7, 8-15, ...
+            const int mat = lane >> 3, mrow = lane & 7;
 #pragma unroll
-            for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
-                const T* vrow = &vt[(nd * 8 + g) * VT_PITCH + kk * 16];
-                const u32 b0 = *reinterpret_cast<const u32*>(vrow + t4 * 2);
-                const u32 b1 = *reinterpret_cast<const u32*>(vrow + 8 + t4 * 2);
+            for (int nd = 0; nd < HEAD_DIM / 8; nd += 2) {
+                const T* addr = &vs[(kk * 16 + (mat & 1) * 8 + mrow) * KS_PITCH + (nd + (mat >> 1)) * 8];
+                const u32 saddr = (u32)__cvta_generic_to_shared(addr);
+                u32 b0, b1, b2, b3;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                             : "r"(saddr));
                 mma16816(o[nd], pa, b0, b1);
+                mma16816(o[nd + 1], pa, b2, b3);
             }
         }
     }

@@ -61,6 +61,8 @@ pub enum CudaError {
     BadInput(String),
     #[error("weights: {0}")]
     Weights(String),
+    #[error("the GPU did not finish {what} within {seconds} s (hung kernel or lost device)")]
+    Timeout { what: String, seconds: f64 },
     #[error("I/O on {path}: {message}")]
     Io { path: PathBuf, message: String },
 }

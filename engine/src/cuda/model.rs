@@ -23,6 +23,21 @@ const PREFILL_TILE_ROWS: usize = 64;
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Left free after sizing everything: CUDA graphs, cuBLAS internals, module code.
 const DEFAULT_RESERVE_BYTES: usize = 512 << 20;
+/// A step that has not finished after this long is reported as hung.
+const STEP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn trace_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("DJINN_CUDA_TRACE").is_some())
+}
+
+macro_rules! trace {
+    ($($t:tt)*) => {
+        if trace_on() {
+            eprintln!("[cuda] {}", format!($($t)*));
+        }
+    };
+}
 
 /// Where the weights come from.
 pub enum WeightSource<'a> {
@@ -218,6 +233,8 @@ pub struct CudaModel {
     logits_host: PinnedBuffer,
     pool: GpuKvPool,
     max_tiles: usize,
+    /// Set while `profile_step` runs: an event after each kernel / GEMM, with its category.
+    profiler: std::cell::RefCell<Option<Vec<(dsys::CUevent, &'static str)>>>,
     /// Bytes allocated at start-up, by purpose (for reports).
     pub memory_breakdown: Vec<(String, usize)>,
 }
@@ -496,6 +513,7 @@ impl CudaModel {
             logits_host,
             pool,
             max_tiles,
+            profiler: std::cell::RefCell::new(None),
             memory_breakdown: plan,
         };
         match source {
@@ -698,6 +716,60 @@ impl CudaModel {
         })
     }
 
+    /// Records an event closing the work of `category` (profiling only; a no-op otherwise).
+    fn mark(&self, category: &'static str) -> Result<(), CudaError> {
+        if let Some(events) = self.profiler.borrow_mut().as_mut() {
+            let event = drv(
+                "creating a profiling event",
+                dr::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT),
+            )?;
+            drv("recording a profiling event", unsafe {
+                dr::event::record(event, self.device.stream.cu_stream())
+            })?;
+            events.push((event, category));
+        }
+        Ok(())
+    }
+
+    /// Runs one step with eager launches and an event after every kernel and GEMM; returns the GPU
+    /// milliseconds spent per category (gemm_qkv, attention, ...) and in total.
+    pub fn profile_step(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<(String, f64)>, CudaError> {
+        let graphs = self.options.use_cuda_graphs;
+        self.options.use_cuda_graphs = false;
+        *self.profiler.borrow_mut() = Some(Vec::new());
+        let ran = self
+            .run_step(batch)
+            .and_then(|_| self.wait("a profiled step"));
+        self.options.use_cuda_graphs = graphs;
+        let events = self.profiler.borrow_mut().take().unwrap_or_default();
+        let mut totals: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut result = ran.map(|_| ());
+        for pair in events.windows(2) {
+            if result.is_ok() {
+                match unsafe { dr::event::elapsed(pair[0].0, pair[1].0) } {
+                    Ok(ms) => *totals.entry(pair[1].1).or_default() += ms as f64,
+                    Err(e) => {
+                        result = Err(CudaError::Driver {
+                            context: "reading profiling events".into(),
+                            message: format!("{e:?}"),
+                        })
+                    }
+                }
+            }
+        }
+        for (event, _) in events {
+            let _ = unsafe { dr::event::destroy(event) };
+        }
+        result?;
+        let total: f64 = totals.values().sum();
+        let mut out: Vec<(String, f64)> = totals
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        out.push(("total".to_string(), total));
+        Ok(out)
+    }
+
     fn step_ptr(&self, byte_offset: usize) -> u64 {
         self.step_dev.ptr() + byte_offset as u64
     }
@@ -734,12 +806,14 @@ impl CudaModel {
         let (h_i, null) = (h as i32, 0u64);
         let t = n_tokens as u32;
 
+        self.mark("start")?;
         self.launch(
             self.kernels.embed,
             (t, 1, 1),
             (256, 1, 1),
             kargs![tokens, self.wptr(self.embed_off), self.resid.ptr(), h_i],
         )?;
+        self.mark("embed")?;
         for (layer, lw) in self.layers.iter().enumerate() {
             let layer_i = layer as i32;
             let prev_delta = if layer == 0 { null } else { self.delta.ptr() };
@@ -757,6 +831,7 @@ impl CudaModel {
                     eps
                 ],
             )?;
+            self.mark("rmsnorm")?;
             self.gemm(
                 self.normed.ptr(),
                 self.wptr(lw.qkv),
@@ -766,6 +841,7 @@ impl CudaModel {
                 h,
                 false,
             )?;
+            self.mark("gemm_qkv")?;
             self.launch(
                 self.kernels.rope_kv_write,
                 (t, 1, 1),
@@ -782,6 +858,7 @@ impl CudaModel {
                     nl
                 ],
             )?;
+            self.mark("rope_kv_write")?;
             match mode {
                 AttnMode::Decode { splits } => {
                     let splits_i = splits as i32;
@@ -844,6 +921,7 @@ impl CudaModel {
                     )?;
                 }
             }
+            self.mark("attention")?;
             self.gemm(
                 self.buf_b.ptr(),
                 self.wptr(lw.o),
@@ -853,6 +931,7 @@ impl CudaModel {
                 nh as usize * hd,
                 false,
             )?;
+            self.mark("gemm_o")?;
             self.launch(
                 self.kernels.add_rmsnorm,
                 (t, 1, 1),
@@ -867,6 +946,7 @@ impl CudaModel {
                     eps
                 ],
             )?;
+            self.mark("rmsnorm")?;
             self.gemm(
                 self.normed.ptr(),
                 self.wptr(lw.gate_up),
@@ -876,6 +956,7 @@ impl CudaModel {
                 h,
                 false,
             )?;
+            self.mark("gemm_gate_up")?;
             let total = (n_tokens * inter) as u64;
             let inter_i = inter as i32;
             let grid = ((n_tokens * inter).div_ceil(256)).min(self.device.num_sms * 16) as u32;
@@ -885,6 +966,7 @@ impl CudaModel {
                 (256, 1, 1),
                 kargs![self.buf_a.ptr(), self.buf_b.ptr(), inter_i, total],
             )?;
+            self.mark("silu_mul")?;
             self.gemm(
                 self.buf_b.ptr(),
                 self.wptr(lw.down),
@@ -894,6 +976,7 @@ impl CudaModel {
                 inter,
                 false,
             )?;
+            self.mark("gemm_down")?;
         }
         self.launch(
             self.kernels.add_rmsnorm,
@@ -909,6 +992,7 @@ impl CudaModel {
                 eps
             ],
         )?;
+        self.mark("rmsnorm")?;
         self.gemm(
             self.final_normed.ptr(),
             self.wptr(self.lm_head_off),
@@ -918,6 +1002,7 @@ impl CudaModel {
             h,
             true,
         )?;
+        self.mark("lm_head")?;
         let vocab_i = c.vocab_size as i32;
         self.launch(
             self.kernels.argmax_rows,
@@ -925,6 +1010,7 @@ impl CudaModel {
             (1024, 1, 1),
             kargs![self.logits.ptr(), vocab_i, self.argmax.ptr()],
         )?;
+        self.mark("argmax")?;
         Ok(())
     }
 
@@ -1137,6 +1223,14 @@ impl CudaModel {
     fn run_step(&mut self, batch: &[SeqStep<'_>]) -> Result<usize, CudaError> {
         let use_graph = self.options.use_cuda_graphs;
         let (rows, seqs, mode) = self.stage(batch, use_graph)?;
+        trace!(
+            "step: {} seqs, {rows} rows, {seqs} padded seqs, {}",
+            batch.len(),
+            match mode {
+                AttnMode::Decode { splits } => format!("decode with {splits} splits"),
+                AttnMode::Prefill { num_tiles } => format!("prefill with {num_tiles} tiles"),
+            }
+        );
         match mode {
             AttnMode::Decode { .. } if use_graph => {
                 if !self.graphs.contains_key(&seqs) {
@@ -1152,8 +1246,10 @@ impl CudaModel {
 
     fn capture_decode_graph(&mut self, bucket: usize, mode: AttnMode) -> Result<(), CudaError> {
         // An eager run first: cuBLAS picks its kernels (and loads them) outside the capture.
+        trace!("capturing the decode graph of bucket {bucket}: eager warm-up");
         self.enqueue_forward(bucket, bucket, mode)?;
-        self.device.synchronize()?;
+        self.wait("the eager warm-up before a graph capture")?;
+        trace!("capturing the decode graph of bucket {bucket}: capture");
         let stream = self.device.stream.clone();
         drv(
             "beginning graph capture",
@@ -1167,6 +1263,7 @@ impl CudaModel {
             message: "the capture produced no graph".into(),
         })?;
         drv("uploading the graph", graph.upload())?;
+        trace!("captured the decode graph of bucket {bucket}");
         self.graphs.insert(bucket, graph);
         Ok(())
     }
@@ -1219,6 +1316,35 @@ impl CudaModel {
         Ok(())
     }
 
+    /// Waits for the compute stream with a deadline, so a GPU fault or hang becomes an error naming
+    /// the step instead of a process that never returns.
+    pub fn wait(&self, what: &str) -> Result<(), CudaError> {
+        let stream = self.device.stream.cu_stream();
+        let started = std::time::Instant::now();
+        loop {
+            // SAFETY: querying a live stream.
+            let status = unsafe { dsys::cuStreamQuery(stream) };
+            match status {
+                dsys::cudaError_enum::CUDA_SUCCESS => return Ok(()),
+                dsys::cudaError_enum::CUDA_ERROR_NOT_READY => {
+                    if started.elapsed() > STEP_DEADLINE {
+                        return Err(CudaError::Timeout {
+                            what: what.to_string(),
+                            seconds: STEP_DEADLINE.as_secs_f64(),
+                        });
+                    }
+                    std::hint::spin_loop();
+                }
+                other => {
+                    return Err(CudaError::Driver {
+                        context: format!("waiting for {what}"),
+                        message: format!("{other:?}"),
+                    })
+                }
+            }
+        }
+    }
+
     /// One step; returns the greedy (argmax) token of each sequence. Only `batch.len()` u32 come back
     /// from the device: this is the serving path.
     pub fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, CudaError> {
@@ -1227,7 +1353,7 @@ impl CudaModel {
         drv("reading the greedy tokens", unsafe {
             dr::memcpy_dtoh_async(&mut out, self.argmax.ptr(), self.device.stream.cu_stream())
         })?;
-        self.device.synchronize()?;
+        self.wait("a forward step (greedy)")?;
         Ok(out)
     }
 
@@ -1242,7 +1368,7 @@ impl CudaModel {
                 dr::memcpy_dtoh_async(dst, self.logits.ptr(), self.device.stream.cu_stream())
             })?;
         }
-        self.device.synchronize()?;
+        self.wait("a forward step (logits)")?;
         let data = self.logits_host.slice_mut::<f32>(0, n).to_vec();
         Ok(Logits {
             rows: batch.len(),
