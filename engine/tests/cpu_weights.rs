@@ -246,6 +246,29 @@ fn config_json_errors_name_the_field() {
             "{field}: {err}"
         );
     }
+    // transformers 5 layout: RoPE settings under `rope_parameters`.
+    let mut v5 = base.clone();
+    v5.as_object_mut().unwrap().remove("rope_theta");
+    v5["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 100000.0});
+    let dir = temp_dir("config_rope_parameters");
+    std::fs::write(dir.join("config.json"), v5.to_string()).unwrap();
+    std::fs::copy(
+        data_dir().join("tiny").join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        WeightSet::from_hf_dir(&dir).unwrap().config.rope_theta,
+        100000.0
+    );
+    v5["rope_parameters"]["rope_type"] = "llama3".into();
+    std::fs::write(dir.join("config.json"), v5.to_string()).unwrap();
+    let err = WeightSet::from_hf_dir(&dir).unwrap_err();
+    assert!(
+        err.to_string().contains("rope_parameters.rope_type"),
+        "{err}"
+    );
+
     let err = WeightSet::from_hf_dir(&temp_dir("no_config")).unwrap_err();
     assert!(
         matches!(err, WeightsError::Io { .. }) && err.to_string().contains("config.json"),

@@ -237,7 +237,7 @@ fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig, Weigh
     let embed_rows = content
         .tensor_infos
         .get("token_embd.weight")
-        .map(|info| info.shape.dims()[0])
+        .and_then(|info| info.shape.dims().first().copied())
         .ok_or_else(|| WeightsError::MissingTensor {
             path: path.to_path_buf(),
             tensor: "token_embd.weight".into(),

@@ -116,6 +116,40 @@ pub fn config_from_hf_json(
             ));
         }
     }
+    // transformers 5 writes `rope_parameters: {rope_type, rope_theta}` instead of top-level
+    // `rope_theta`; only the default (unscaled) RoPE is supported.
+    let rope_theta = match object.get("rope_parameters") {
+        None | Some(Value::Null) => get_f64("rope_theta", 10000.0)?,
+        Some(Value::Object(parameters)) => {
+            match parameters.get("rope_type").and_then(Value::as_str) {
+                None | Some("default") => {}
+                Some(other) => {
+                    return Err(field_error(
+                        "rope_parameters.rope_type",
+                        format!("RoPE type \"{other}\" is not supported; plain RoPE only"),
+                    ))
+                }
+            }
+            match parameters.get("rope_theta") {
+                None | Some(Value::Null) => get_f64("rope_theta", 10000.0)?,
+                Some(value) => value
+                    .as_f64()
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .ok_or_else(|| {
+                        field_error(
+                            "rope_parameters.rope_theta",
+                            format!("expected a positive number, found {value}"),
+                        )
+                    })?,
+            }
+        }
+        Some(other) => {
+            return Err(field_error(
+                "rope_parameters",
+                format!("expected an object, found {other}"),
+            ))
+        }
+    };
     let tie_word_embeddings = match object.get("tie_word_embeddings") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(tied)) => *tied,
@@ -134,7 +168,7 @@ pub fn config_from_hf_json(
         num_attention_heads,
         num_key_value_heads,
         vocab_size: get_usize("vocab_size", None)?,
-        rope_theta: get_f64("rope_theta", 10000.0)?,
+        rope_theta,
         rms_norm_eps: get_f64("rms_norm_eps", 1e-6)?,
         max_position_embeddings: get_usize("max_position_embeddings", Some(2048))?,
         tie_word_embeddings,
