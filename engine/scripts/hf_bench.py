@@ -141,7 +141,7 @@ def main():
         model.generation_config.cache_implementation = "static"
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         p = prompt(1, 512)
-        for _ in range(2):  # compile + record the graphs for these shapes
+        for _ in range(1):  # compile + record the graphs for these shapes
             decode_intervals(model, p, 64)
         print(f"torch.compile warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         times = decode_intervals(model, p, 64) + decode_intervals(model, p, 64)

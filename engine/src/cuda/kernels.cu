@@ -86,25 +86,37 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // Fused residual add + RMSNorm. For output row r, source row s = row_index ? row_index[r] : r:
 //   if delta: resid[s] += delta[s];  out[r] = resid[s] * rsqrt(mean(resid[s]^2) + eps) * weight.
-// With row_index it gathers the last token of each sequence for the LM head.
+// With row_index it gathers the last token of each sequence for the LM head. 4 elements per step
+// (hidden is a multiple of 8).
 extern "C" __global__ void add_rmsnorm(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
                                        int hidden, float eps) {
     __shared__ float scratch[32];
     const int r = blockIdx.x;
     const u64 s = row_index ? (u64)row_index[r] : (u64)r;
-    float* x = resid + s * hidden;
+    float4* x = reinterpret_cast<float4*>(resid + s * hidden);
+    const int n4 = hidden / 4;
     float sq = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = x[i];
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float4 v = x[i];
         if (delta) {
-            v += to_f(delta[s * hidden + i]);
+            const T2* d = reinterpret_cast<const T2*>(delta + s * hidden) + 2 * i;
+            const float2 a = to_f2(d[0]), b = to_f2(d[1]);
+            v.x += a.x;
+            v.y += a.y;
+            v.z += b.x;
+            v.w += b.y;
             x[i] = v;
         }
-        sq += v * v;
+        sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
     const float inv = rsqrtf(block_sum(sq, scratch) / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        out[(u64)r * hidden + i] = from_f(x[i] * inv * to_f(weight[i]));
+    T2* o = reinterpret_cast<T2*>(out + (u64)r * hidden);
+    const T2* w = reinterpret_cast<const T2*>(weight);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const float4 v = x[i];
+        const float2 wa = to_f2(w[2 * i]), wb = to_f2(w[2 * i + 1]);
+        o[2 * i] = from_f2(v.x * inv * wa.x, v.y * inv * wa.y);
+        o[2 * i + 1] = from_f2(v.z * inv * wb.x, v.w * inv * wb.y);
     }
 }
 
@@ -121,19 +133,22 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
     T* row = qkv + (u64)t * qkv_width;
     const int pos = positions[t];
     const long long slot = slots[t];
-    const int items = (num_heads + 2 * num_kv_heads) * half;
+    // Each item rotates two adjacent pairs (i, i + half) and (i + 1, i + 1 + half): 4-byte accesses.
+    const int items = (num_heads + 2 * num_kv_heads) * (half / 2);
     for (int item = threadIdx.x; item < items; item += blockDim.x) {
-        const int head = item / half;  // 0..nh-1 q, nh..nh+nkv-1 k, then v
-        const int i = item % half;
+        const int head = item / (half / 2);  // 0..nh-1 q, nh..nh+nkv-1 k, then v
+        const int i = 2 * (item % (half / 2));
         T* h = row + head * HEAD_DIM;
-        float a = to_f(h[i]), b = to_f(h[i + half]);
+        float2 a = to_f2(*reinterpret_cast<const T2*>(h + i));
+        float2 b = to_f2(*reinterpret_cast<const T2*>(h + i + half));
         if (head < num_heads + num_kv_heads) {
-            const float c = rope[(u64)pos * HEAD_DIM + 2 * i], s = rope[(u64)pos * HEAD_DIM + 2 * i + 1];
-            const float ra = a * c - b * s, rb = b * c + a * s;
+            const float4 cs = *reinterpret_cast<const float4*>(rope + (u64)pos * HEAD_DIM + 2 * i);  // c_i s_i c_i+1 s_i+1
+            const float2 ra = make_float2(a.x * cs.x - b.x * cs.y, a.y * cs.z - b.y * cs.w);
+            const float2 rb = make_float2(b.x * cs.x + a.x * cs.y, b.y * cs.z + a.y * cs.w);
             a = ra;
             b = rb;
-            h[i] = from_f(a);
-            h[i + half] = from_f(b);
+            *reinterpret_cast<T2*>(h + i) = from_f2(a.x, a.y);
+            *reinterpret_cast<T2*>(h + i + half) = from_f2(b.x, b.y);
         }
         if (head >= num_heads && slot >= 0) {
             const int kv = head < num_heads + num_kv_heads ? 0 : 1;
@@ -141,19 +156,31 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
             const u32 block = (u32)(slot / BLOCK_SIZE);
             const int off = (int)(slot % BLOCK_SIZE);
             T* dst = pool + kv_piece(block, layer, kv, kvh, num_layers, num_kv_heads) + off * HEAD_DIM;
-            dst[i] = from_f(a);
-            dst[i + half] = from_f(b);
+            *reinterpret_cast<T2*>(dst + i) = from_f2(a.x, a.y);
+            *reinterpret_cast<T2*>(dst + i + half) = from_f2(b.x, b.y);
         }
     }
 }
 
 // out[t, i] = silu(gu[t, i]) * gu[t, inter + i] (gate and up projections fused in one GEMM).
+// 8 elements (16 bytes) per step; inter is a multiple of 8.
 extern "C" __global__ void silu_mul(const T* gu, T* out, int inter, u64 total) {
-    for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (u64)gridDim.x * blockDim.x) {
-        const u64 t = idx / inter, i = idx % inter;
-        const float g = to_f(gu[t * 2 * inter + i]);
-        const float u = to_f(gu[t * 2 * inter + inter + i]);
-        out[idx] = from_f(g / (1.0f + __expf(-g)) * u);
+    const u64 total8 = total / 8;
+    const u64 inter8 = inter / 8;
+    for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total8; idx += (u64)gridDim.x * blockDim.x) {
+        const u64 t = idx / inter8, i8 = idx % inter8;
+        const uint4 graw = *reinterpret_cast<const uint4*>(gu + t * 2 * inter + i8 * 8);
+        const uint4 uraw = *reinterpret_cast<const uint4*>(gu + t * 2 * inter + inter + i8 * 8);
+        const T2* g2 = reinterpret_cast<const T2*>(&graw);
+        const T2* u2 = reinterpret_cast<const T2*>(&uraw);
+        uint4 res;
+        T2* r2 = reinterpret_cast<T2*>(&res);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float2 g = to_f2(g2[k]), u = to_f2(u2[k]);
+            r2[k] = from_f2(g.x / (1.0f + __expf(-g.x)) * u.x, g.y / (1.0f + __expf(-g.y)) * u.y);
+        }
+        *reinterpret_cast<uint4*>(out + idx * 8) = res;
     }
 }
 
@@ -337,140 +364,109 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-extern "C" __global__ void __launch_bounds__(128) attn_prefill(
-        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
-        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers) {
-    // K and V chunks row-major ([key][dim], padded rows: conflict-free 4-byte and ldmatrix reads).
-    __shared__ __align__(16) T ks[PF_KEYS * KS_PITCH];
-    __shared__ __align__(16) T vs[PF_KEYS * KS_PITCH];
-    // Longest tiles (last of each sequence) are listed last: start them first.
-    const int4 tile = tiles[num_tiles - 1 - blockIdx.x];
-    const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
-    const int h = blockIdx.y;
-    const int kvh = h / (num_heads / num_kv_heads);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+// One 64-key chunk of a warp's 16 query rows: S = Q K^T (mma), causal mask, online softmax, O += P V.
+// ks / vs: the chunk's K and V, row-major [key][KS_PITCH]. Keys past the tile's need are zero rows
+// (finite), masked out by the causal test for every real query row.
+__device__ __forceinline__ void prefill_chunk(const T* ks, const T* vs, int kc, int qpos_lo, int qpos_hi, float scale,
+                                              const u32 (&qa)[HEAD_DIM / 16][4], float (&o)[HEAD_DIM / 8][4],
+                                              float& m_lo, float& m_hi, float& l_lo, float& l_hi, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
-    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
-    const u32* table = block_tables + (u64)seq * table_stride;
-
-    // Q fragments (A operand, row-major 16 x HEAD_DIM per warp) straight from global memory.
-    u32 qa[HEAD_DIM / 16][4];
-    {
-        const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
-        const T* q_lo = qkv + (u64)(row0 + r_lo) * qkv_width + h * HEAD_DIM;
-        const T* q_hi = qkv + (u64)(row0 + r_hi) * qkv_width + h * HEAD_DIM;
+    float s[PF_KEYS / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        const T* krow = &ks[(nt * 8 + g) * KS_PITCH];
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-            const int c = kk * 16 + t4 * 2;
-            qa[kk][0] = r_lo < rows ? *reinterpret_cast<const u32*>(q_lo + c) : 0u;
-            qa[kk][1] = r_hi < rows ? *reinterpret_cast<const u32*>(q_hi + c) : 0u;
-            qa[kk][2] = r_lo < rows ? *reinterpret_cast<const u32*>(q_lo + c + 8) : 0u;
-            qa[kk][3] = r_hi < rows ? *reinterpret_cast<const u32*>(q_hi + c + 8) : 0u;
+            const u32 b0 = *reinterpret_cast<const u32*>(krow + kk * 16 + t4 * 2);
+            const u32 b1 = *reinterpret_cast<const u32*>(krow + kk * 16 + 8 + t4 * 2);
+            mma16816(s[nt], qa[kk], b0, b1);
         }
     }
-    const int qpos_lo = pos0 + warp * 16 + g, qpos_hi = qpos_lo + 8;
-    const int kv_len = pos0 + rows;  // keys needed by the tile's last row
-
-    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
-    float o[HEAD_DIM / 8][4];
+    float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
-    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
-
-    for (int kc = 0; kc < kv_len; kc += PF_KEYS) {
-        __syncthreads();
-        for (int c = threadIdx.x; c < PF_KEYS * (HEAD_DIM / 8); c += blockDim.x) {
-            const int tok = c / (HEAD_DIM / 8), d8 = c % (HEAD_DIM / 8);
-            const int kpos = kc + tok;
-            uint4 kraw = make_uint4(0, 0, 0, 0), vraw = make_uint4(0, 0, 0, 0);
-            if (kpos < kv_len) {
-                const u32 phys = table[kpos / BLOCK_SIZE];
-                const T* kp = pool + kv_piece(phys, layer, 0, kvh, num_layers, num_kv_heads) +
-                              (kpos % BLOCK_SIZE) * HEAD_DIM + d8 * 8;
-                kraw = *reinterpret_cast<const uint4*>(kp);
-                vraw = *reinterpret_cast<const uint4*>(kp + (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM);
-            }
-            *reinterpret_cast<uint4*>(&ks[tok * KS_PITCH + d8 * 8]) = kraw;
-            *reinterpret_cast<uint4*>(&vs[tok * KS_PITCH + d8 * 8]) = vraw;
-        }
-        __syncthreads();
-        if (kc > qpos_hi && kc > qpos_lo) continue;  // whole chunk in this warp's future: skip math
-
-        float s[PF_KEYS / 8][4];
+    for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
+        const int kpos = kc + nt * 8 + t4 * 2;
+        s[nt][0] = (kpos <= qpos_lo) ? s[nt][0] * scale : NEG_INF;
+        s[nt][1] = (kpos + 1 <= qpos_lo) ? s[nt][1] * scale : NEG_INF;
+        s[nt][2] = (kpos <= qpos_hi) ? s[nt][2] * scale : NEG_INF;
+        s[nt][3] = (kpos + 1 <= qpos_hi) ? s[nt][3] * scale : NEG_INF;
+        mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+    }
 #pragma unroll
-        for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const T* krow = &ks[(nt * 8 + g) * KS_PITCH];
+    for (int off = 1; off <= 2; off <<= 1) {
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    const float nm_lo = fmaxf(m_lo, mx_lo), nm_hi = fmaxf(m_hi, mx_hi);
+    const float a_lo = (m_lo == NEG_INF) ? 0.0f : __expf(m_lo - nm_lo);
+    const float a_hi = (m_hi == NEG_INF) ? 0.0f : __expf(m_hi - nm_hi);
+    m_lo = nm_lo;
+    m_hi = nm_hi;
+    float sum_lo = 0.0f, sum_hi = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                const u32 b0 = *reinterpret_cast<const u32*>(krow + kk * 16 + t4 * 2);
-                const u32 b1 = *reinterpret_cast<const u32*>(krow + kk * 16 + 8 + t4 * 2);
-                mma16816(s[nt], qa[kk], b0, b1);
-            }
-        }
-        float mx_lo = NEG_INF, mx_hi = NEG_INF;
+    for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
+        s[nt][0] = (s[nt][0] == NEG_INF) ? 0.0f : __expf(s[nt][0] - nm_lo);
+        s[nt][1] = (s[nt][1] == NEG_INF) ? 0.0f : __expf(s[nt][1] - nm_lo);
+        s[nt][2] = (s[nt][2] == NEG_INF) ? 0.0f : __expf(s[nt][2] - nm_hi);
+        s[nt][3] = (s[nt][3] == NEG_INF) ? 0.0f : __expf(s[nt][3] - nm_hi);
+        sum_lo += s[nt][0] + s[nt][1];
+        sum_hi += s[nt][2] + s[nt][3];
+    }
+    l_lo = l_lo * a_lo + sum_lo;
+    l_hi = l_hi * a_hi + sum_hi;
 #pragma unroll
-        for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
-            const int kpos = kc + nt * 8 + t4 * 2;
-            s[nt][0] = (kpos <= qpos_lo) ? s[nt][0] * scale : NEG_INF;
-            s[nt][1] = (kpos + 1 <= qpos_lo) ? s[nt][1] * scale : NEG_INF;
-            s[nt][2] = (kpos <= qpos_hi) ? s[nt][2] * scale : NEG_INF;
-            s[nt][3] = (kpos + 1 <= qpos_hi) ? s[nt][3] * scale : NEG_INF;
-            mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
-            mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
-        }
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+        o[nd][0] *= a_lo;
+        o[nd][1] *= a_lo;
+        o[nd][2] *= a_hi;
+        o[nd][3] *= a_hi;
+    }
+    // P (C layout of two n8 tiles) is the A operand of a k16 step: no shuffle needed.
+    const int mat = lane >> 3, mrow = lane & 7;
 #pragma unroll
-        for (int off = 1; off <= 2; off <<= 1) {
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-        }
-        const float nm_lo = fmaxf(m_lo, mx_lo), nm_hi = fmaxf(m_hi, mx_hi);
-        const float a_lo = (m_lo == NEG_INF) ? 0.0f : __expf(m_lo - nm_lo);
-        const float a_hi = (m_hi == NEG_INF) ? 0.0f : __expf(m_hi - nm_hi);
-        m_lo = nm_lo;
-        m_hi = nm_hi;
-        float sum_lo = 0.0f, sum_hi = 0.0f;
+    for (int kk = 0; kk < PF_KEYS / 16; ++kk) {
+        u32 pa[4];
+        pa[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        // B fragments of V (k = key, n = dim) straight from row-major V with ldmatrix.trans:
+        // matrices (keys 0-7 | 8-15) x (dims nd | nd + 1), rows addressed by lanes 0-7, 8-15, ...
 #pragma unroll
-        for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
-            s[nt][0] = (s[nt][0] == NEG_INF) ? 0.0f : __expf(s[nt][0] - nm_lo);
-            s[nt][1] = (s[nt][1] == NEG_INF) ? 0.0f : __expf(s[nt][1] - nm_lo);
-            s[nt][2] = (s[nt][2] == NEG_INF) ? 0.0f : __expf(s[nt][2] - nm_hi);
-            s[nt][3] = (s[nt][3] == NEG_INF) ? 0.0f : __expf(s[nt][3] - nm_hi);
-            sum_lo += s[nt][0] + s[nt][1];
-            sum_hi += s[nt][2] + s[nt][3];
-        }
-        l_lo = l_lo * a_lo + sum_lo;
-        l_hi = l_hi * a_hi + sum_hi;
-#pragma unroll
-        for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
-            o[nd][0] *= a_lo;
-            o[nd][1] *= a_lo;
-            o[nd][2] *= a_hi;
-            o[nd][3] *= a_hi;
-        }
-        // P (C layout of two n8 tiles) is the A operand of a k16 step: no shuffle needed.
-#pragma unroll
-        for (int kk = 0; kk < PF_KEYS / 16; ++kk) {
-            u32 pa[4];
-            pa[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            // B fragments of V (k = key, n = dim) straight from row-major V with ldmatrix.trans:
-            // matrices (keys 0-7 | 8-15) x (dims nd | nd + 1), rows addressed by lanes 0-7, 8-15, ...
-            const int mat = lane >> 3, mrow = lane & 7;
-#pragma unroll
-            for (int nd = 0; nd < HEAD_DIM / 8; nd += 2) {
-                const T* addr = &vs[(kk * 16 + (mat & 1) * 8 + mrow) * KS_PITCH + (nd + (mat >> 1)) * 8];
-                const u32 saddr = (u32)__cvta_generic_to_shared(addr);
-                u32 b0, b1, b2, b3;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                             : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
-                             : "r"(saddr));
-                mma16816(o[nd], pa, b0, b1);
-                mma16816(o[nd + 1], pa, b2, b3);
-            }
+        for (int nd = 0; nd < HEAD_DIM / 8; nd += 2) {
+            const T* addr = &vs[(kk * 16 + (mat & 1) * 8 + mrow) * KS_PITCH + (nd + (mat >> 1)) * 8];
+            const u32 saddr = (u32)__cvta_generic_to_shared(addr);
+            u32 b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                         : "r"(saddr));
+            mma16816(o[nd], pa, b0, b1);
+            mma16816(o[nd + 1], pa, b2, b3);
         }
     }
+}
+
+__device__ __forceinline__ void prefill_load_q(const T* qkv, int row0, int rows, int h, int qkv_width, int warp, int lane,
+                                               u32 (&qa)[HEAD_DIM / 16][4]) {
+    const int g = lane >> 2, t4 = lane & 3;
+    const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
+    const T* q_lo = qkv + (u64)(row0 + r_lo) * qkv_width + h * HEAD_DIM;
+    const T* q_hi = qkv + (u64)(row0 + r_hi) * qkv_width + h * HEAD_DIM;
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        const int c = kk * 16 + t4 * 2;
+        qa[kk][0] = r_lo < rows ? *reinterpret_cast<const u32*>(q_lo + c) : 0u;
+        qa[kk][1] = r_hi < rows ? *reinterpret_cast<const u32*>(q_hi + c) : 0u;
+        qa[kk][2] = r_lo < rows ? *reinterpret_cast<const u32*>(q_lo + c + 8) : 0u;
+        qa[kk][3] = r_hi < rows ? *reinterpret_cast<const u32*>(q_hi + c + 8) : 0u;
+    }
+}
+
+__device__ __forceinline__ void prefill_store(T* out, int row0, int rows, int h, int num_heads, int warp, int lane,
+                                              float (&o)[HEAD_DIM / 8][4], float l_lo, float l_hi) {
+    const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int off = 1; off <= 2; off <<= 1) {
         l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
@@ -488,6 +484,187 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill(
         }
         if (r_hi < rows) {
             *reinterpret_cast<T2*>(out + (u64)(row0 + r_hi) * out_width + c) = from_f2(o[nd][2] * inv_hi, o[nd][3] * inv_hi);
+        }
+    }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const u32 saddr = (u32)__cvta_generic_to_shared(smem);
+    const int bytes = valid ? 16 : 0;  // 0: zero-fill, nothing read
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(bytes));
+}
+
+// Double-buffered: the K/V chunk after the current one is copied with cp.async while the current
+// one is computed. Dynamic shared memory: 2 stages x (K, V) x PF_KEYS x KS_PITCH elements.
+extern "C" __global__ void __launch_bounds__(128) attn_prefill(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* smem = reinterpret_cast<T*>(smem_raw);
+    const int stage_elems = PF_KEYS * KS_PITCH;  // one K (or V) chunk
+    // Longest tiles (last of each sequence) are listed last: start them first.
+    const int4 tile = tiles[num_tiles - 1 - blockIdx.x];
+    const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
+    const int h = blockIdx.y;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
+    const u32* table = block_tables + (u64)seq * table_stride;
+    const int kv_len = pos0 + rows;  // keys needed by the tile's last row
+    const int nchunks = (kv_len + PF_KEYS - 1) / PF_KEYS;
+    const u64 v_offset = (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM;
+
+    auto load_chunk = [&](int chunk, int stage) {
+        T* ks = smem + stage * 2 * stage_elems;
+        T* vs = ks + stage_elems;
+        const int kc = chunk * PF_KEYS;
+        for (int c = threadIdx.x; c < PF_KEYS * (HEAD_DIM / 8); c += blockDim.x) {
+            const int tok = c / (HEAD_DIM / 8), d8 = c % (HEAD_DIM / 8);
+            const int kpos = kc + tok;
+            const bool valid = kpos < kv_len;
+            const T* kp = pool;
+            if (valid) {
+                const u32 phys = table[kpos / BLOCK_SIZE];
+                kp = pool + kv_piece(phys, layer, 0, kvh, num_layers, num_kv_heads) + (kpos % BLOCK_SIZE) * HEAD_DIM + d8 * 8;
+            }
+            cp_async16(&ks[tok * KS_PITCH + d8 * 8], kp, valid);
+            cp_async16(&vs[tok * KS_PITCH + d8 * 8], valid ? kp + v_offset : pool, valid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    load_chunk(0, 0);
+    u32 qa[HEAD_DIM / 16][4];
+    prefill_load_q(qkv, row0, rows, h, qkv_width, warp, lane, qa);
+    const int g = lane >> 2;
+    const int qpos_lo = pos0 + warp * 16 + g, qpos_hi = qpos_lo + 8;
+    const int warp_last_pos = pos0 + warp * 16 + 15;
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+    float o[HEAD_DIM / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+
+    for (int ci = 0; ci < nchunks; ++ci) {
+        if (ci + 1 < nchunks) {
+            load_chunk(ci + 1, (ci + 1) & 1);
+        } else {
+            asm volatile("cp.async.commit_group;\n" ::);  // empty group keeps the count uniform
+        }
+        asm volatile("cp.async.wait_group 1;\n" ::);  // chunk ci has landed (this thread's copies)
+        __syncthreads();                              // ... and everyone else's
+        const int kc = ci * PF_KEYS;
+        // Warp-uniform skip (the mma and shuffles need all 32 lanes): the whole chunk lies after
+        // every query row of this warp.
+        if (kc <= warp_last_pos) {
+            const T* ks = smem + (ci & 1) * 2 * stage_elems;
+            prefill_chunk(ks, ks + stage_elems, kc, qpos_lo, qpos_hi, scale, qa, o, m_lo, m_hi, l_lo, l_hi, lane);
+        }
+        __syncthreads();  // stage ci & 1 is refilled by the next iteration's prefetch
+    }
+    prefill_store(out, row0, rows, h, num_heads, warp, lane, o, l_lo, l_hi);
+}
+
+// Single-buffered variant (static shared memory); kept as a fallback (DJINN_CUDA_PREFILL_V1=1).
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_v1(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers) {
+    __shared__ __align__(16) T ks[PF_KEYS * KS_PITCH];
+    __shared__ __align__(16) T vs[PF_KEYS * KS_PITCH];
+    const int4 tile = tiles[num_tiles - 1 - blockIdx.x];
+    const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
+    const int h = blockIdx.y;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
+    const u32* table = block_tables + (u64)seq * table_stride;
+    u32 qa[HEAD_DIM / 16][4];
+    prefill_load_q(qkv, row0, rows, h, qkv_width, warp, lane, qa);
+    const int g = lane >> 2;
+    const int qpos_lo = pos0 + warp * 16 + g, qpos_hi = qpos_lo + 8;
+    const int warp_last_pos = pos0 + warp * 16 + 15;
+    const int kv_len = pos0 + rows;
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+    float o[HEAD_DIM / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    for (int kc = 0; kc < kv_len; kc += PF_KEYS) {
+        __syncthreads();
+        for (int c = threadIdx.x; c < PF_KEYS * (HEAD_DIM / 8); c += blockDim.x) {
+            const int tok = c / (HEAD_DIM / 8), d8 = c % (HEAD_DIM / 8);
+            const int kpos = kc + tok;
+            uint4 kraw = make_uint4(0, 0, 0, 0), vraw = make_uint4(0, 0, 0, 0);
+            if (kpos < kv_len) {
+                const u32 phys = table[kpos / BLOCK_SIZE];
+                const T* kp = pool + kv_piece(phys, layer, 0, kvh, num_layers, num_kv_heads) +
+                              (kpos % BLOCK_SIZE) * HEAD_DIM + d8 * 8;
+                kraw = *reinterpret_cast<const uint4*>(kp);
+                vraw = *reinterpret_cast<const uint4*>(kp + (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM);
+            }
+            *reinterpret_cast<uint4*>(&ks[tok * KS_PITCH + d8 * 8]) = kraw;
+            *reinterpret_cast<uint4*>(&vs[tok * KS_PITCH + d8 * 8]) = vraw;
+        }
+        __syncthreads();
+        if (kc <= warp_last_pos) {  // warp-uniform (see attn_prefill)
+            prefill_chunk(ks, vs, kc, qpos_lo, qpos_hi, scale, qa, o, m_lo, m_hi, l_lo, l_hi, lane);
+        }
+    }
+    prefill_store(out, row0, rows, h, num_heads, warp, lane, o, l_lo, l_hi);
+}
+
+// ------------------------------------------------------------------------------------------------
+// GEMV for one input row (decode at batch 1, memory-bound): y[n] = W[n, :] . x for W [N, K]
+// row-major. Each warp streams GEMV_ROWS rows with 16-byte loads, GEMV_ROWS x GEMV_UNROLL loads in
+// flight per lane. K must be a multiple of 8. out_f32: y is float (LM head), else T.
+#define GEMV_ROWS 2
+#define GEMV_UNROLL 4
+extern "C" __global__ void __launch_bounds__(256) gemv(const T* W, const T* x, void* y, int N, int K, int out_f32) {
+    const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    const int row0 = warp * GEMV_ROWS;
+    if (row0 >= N) return;
+    const int chunks = K / 8;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = 0.0f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        uint4 w[GEMV_ROWS][GEMV_UNROLL], xv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int c = c0 + u * 32;
+            const bool in = c < chunks;
+            xv[u] = in ? __ldg(reinterpret_cast<const uint4*>(x) + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r) {
+                w[r][u] = (in && row0 + r < N) ? __ldcs(reinterpret_cast<const uint4*>(W + (u64)(row0 + r) * K) + c)
+                                               : make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const T2* xp = reinterpret_cast<const T2*>(&xv[u]);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r) {
+                const T2* wp = reinterpret_cast<const T2*>(&w[r][u]);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const float2 a = to_f2(wp[k]), b = to_f2(xp[k]);
+                    acc[r] += a.x * b.x + a.y * b.y;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            if (row0 + r < N) {
+                if (out_f32) reinterpret_cast<float*>(y)[row0 + r] = acc[r];
+                else reinterpret_cast<T*>(y)[row0 + r] = from_f(acc[r]);
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::weights::WeightSet;
 
 const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 /// Most splits of one sequence's context in decode attention (flash-decoding).
-const MAX_DECODE_SPLITS: usize = 16;
+const MAX_DECODE_SPLITS: usize = 32;
 /// Query rows per prefill-attention tile (4 warps x 16 rows, see `attn_prefill`).
 const PREFILL_TILE_ROWS: usize = 64;
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -96,6 +96,8 @@ struct Kernels {
     attn_decode: dsys::CUfunction,
     attn_decode_reduce: dsys::CUfunction,
     attn_prefill: dsys::CUfunction,
+    attn_prefill_v1: dsys::CUfunction,
+    gemv: dsys::CUfunction,
     argmax_rows: dsys::CUfunction,
 }
 
@@ -235,6 +237,12 @@ pub struct CudaModel {
     max_tiles: usize,
     /// Set while `profile_step` runs: an event after each kernel / GEMM, with its category.
     profiler: std::cell::RefCell<Option<Vec<(dsys::CUevent, &'static str)>>>,
+    /// Dynamic shared memory of the double-buffered prefill attention kernel.
+    prefill_smem_bytes: usize,
+    /// Batch-1 GEMMs through the GEMV kernel (off with DJINN_CUDA_NO_GEMV=1: cuBLAS for all).
+    use_gemv: bool,
+    /// Single-buffered prefill attention (DJINN_CUDA_PREFILL_V1=1), the fallback.
+    use_prefill_v1: bool,
     /// Bytes allocated at start-up, by purpose (for reports).
     pub memory_breakdown: Vec<(String, usize)>,
 }
@@ -273,6 +281,12 @@ impl CudaModel {
             return Err(CudaError::Unsupported(format!(
                 "{}: head_dim {hd} (need 16, 32, 64, 128 or 256) with {} query heads and {} KV heads",
                 config.name, config.num_attention_heads, config.num_key_value_heads
+            )));
+        }
+        if config.hidden_size % 8 != 0 || config.intermediate_size % 8 != 0 {
+            return Err(CudaError::Unsupported(format!(
+                "{}: hidden {} and MLP size {} must be multiples of 8 (16-byte vector kernels)",
+                config.name, config.hidden_size, config.intermediate_size
             )));
         }
         let bs = options.block_size_tokens;
@@ -318,9 +332,20 @@ impl CudaModel {
             attn_decode: f("attn_decode")?,
             attn_decode_reduce: f("attn_decode_reduce")?,
             attn_prefill: f("attn_prefill")?,
+            attn_prefill_v1: f("attn_prefill_v1")?,
+            gemv: f("gemv")?,
             argmax_rows: f("argmax_rows")?,
             _module: module,
         };
+
+        let prefill_smem_bytes = 2 * 2 * PREFILL_TILE_ROWS * (hd + 8) * elem;
+        drv("raising the prefill kernel's shared memory limit", unsafe {
+            dr::function::set_function_attribute(
+                kernels.attn_prefill,
+                dsys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem_bytes as i32,
+            )
+        })?;
 
         // ---- sizes
         let h = config.hidden_size;
@@ -514,6 +539,9 @@ impl CudaModel {
             pool,
             max_tiles,
             profiler: std::cell::RefCell::new(None),
+            prefill_smem_bytes,
+            use_gemv: std::env::var_os("DJINN_CUDA_NO_GEMV").is_none(),
+            use_prefill_v1: std::env::var_os("DJINN_CUDA_PREFILL_V1").is_some(),
             memory_breakdown: plan,
         };
         match source {
@@ -659,10 +687,28 @@ impl CudaModel {
         block: (u32, u32, u32),
         args: &mut [*mut c_void],
     ) -> Result<(), CudaError> {
+        self.launch_smem(f, grid, block, 0, args)
+    }
+
+    fn launch_smem(
+        &self,
+        f: dsys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
         // SAFETY: each kernel's argument list matches its signature in kernels.cu; all pointers are
         // into buffers this model owns, sized at start-up for the largest step.
         drv("launching a kernel", unsafe {
-            dr::launch_kernel(f, grid, block, 0, self.device.stream.cu_stream(), args)
+            dr::launch_kernel(
+                f,
+                grid,
+                block,
+                shared_mem_bytes,
+                self.device.stream.cu_stream(),
+                args,
+            )
         })
     }
 
@@ -677,6 +723,20 @@ impl CudaModel {
         k: usize,
         out_f32: bool,
     ) -> Result<(), CudaError> {
+        if m == 1 && self.use_gemv && k % 8 == 0 {
+            // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
+            // cuBLAS does for m = 1 (see NOTES-cuda.md).
+            const ROWS_PER_WARP: usize = 2;
+            let warps = n.div_ceil(ROWS_PER_WARP);
+            let blocks = (warps * 32).div_ceil(256) as u32;
+            let (n_i, k_i, f32_i) = (n as i32, k as i32, i32::from(out_f32));
+            return self.launch(
+                self.kernels.gemv,
+                (blocks, 1, 1),
+                (256, 1, 1),
+                kargs![w, x, y, n_i, k_i, f32_i],
+            );
+        }
         let dt = match self.options.dtype {
             DType::Bf16 => bsys::cudaDataType_t::CUDA_R_16BF,
             _ => bsys::cudaDataType_t::CUDA_R_16F,
@@ -802,7 +862,8 @@ impl CudaModel {
         let (tables, tiles) = (self.step_ptr(sl.block_tables), self.step_ptr(sl.tiles));
         let table_stride = self.options.max_blocks_per_seq as i32;
         let pool = self.pool.base_device_ptr();
-        let norm_threads = (h.div_ceil(32) * 32).min(1024) as u32;
+        // add_rmsnorm handles 4 elements per thread.
+        let norm_threads = ((h / 4).div_ceil(32) * 32).min(1024) as u32;
         let (h_i, null) = (h as i32, 0u64);
         let t = n_tokens as u32;
 
@@ -900,10 +961,16 @@ impl CudaModel {
                 }
                 AttnMode::Prefill { num_tiles } => {
                     let tiles_i = num_tiles as i32;
-                    self.launch(
-                        self.kernels.attn_prefill,
+                    let (kernel, smem) = if self.use_prefill_v1 {
+                        (self.kernels.attn_prefill_v1, 0)
+                    } else {
+                        (self.kernels.attn_prefill, self.prefill_smem_bytes as u32)
+                    };
+                    self.launch_smem(
+                        kernel,
                         (num_tiles as u32, nh as u32, 1),
                         (128, 1, 1),
+                        smem,
                         kargs![
                             self.buf_a.ptr(),
                             pool,
@@ -1014,10 +1081,11 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Decode-attention splits for a bucket: enough CTAs to cover the SMs ~4 times over.
+    /// Decode-attention splits for a bucket: enough CTAs to cover the SMs ~8 times over (small
+    /// batches otherwise leave most SMs idle while a few CTAs walk long contexts).
     fn decode_splits(&self, bucket: usize) -> usize {
         let ctas = bucket * self.config.num_attention_heads;
-        (4 * self.device.num_sms)
+        (8 * self.device.num_sms)
             .div_ceil(ctas)
             .clamp(1, MAX_DECODE_SPLITS)
     }
