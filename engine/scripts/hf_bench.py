@@ -3,8 +3,9 @@
 
 Two peers, side by side:
   - hf-eager: `model.generate` with the default dynamic KV cache (what most users run);
-  - hf-static-compile: a static KV cache and `torch.compile(model.forward, mode="reduce-overhead",
-    fullgraph=True)` (CUDA graphs) -- the strongest recipe a user can run with transformers alone.
+  - hf-static-compile: a static KV cache with `generate`'s own torch.compile (CompileConfig
+    mode="reduce-overhead", fullgraph=True: CUDA graphs) -- the strongest recipe a user can run with
+    transformers alone.
 
 Decode: ms per generated token = median interval between successive logits-processor calls inside
 one `generate` (each interval is one decode step: forward, sampling, bookkeeping), synchronised.
@@ -135,13 +136,18 @@ def main():
         torch.cuda.empty_cache()
     json.dump(rows, open(out_path, "w"), indent=1)
 
-    # Static cache + torch.compile(mode="reduce-overhead").
+    # Static cache + torch.compile(mode="reduce-overhead"). Recent transformers compile the forward
+    # inside `generate` when the cache is static (CompileConfig); compiling `model.forward` by hand
+    # as well failed on transformers 5.17 ("accessing tensor output of CUDAGraphs that has been
+    # overwritten", H100, 2026-11-27), so this uses generate's own compilation.
     try:
+        from transformers import CompileConfig
+
         t0 = time.perf_counter()
         model.generation_config.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        model.generation_config.compile_config = CompileConfig(mode="reduce-overhead", fullgraph=True)
         p = prompt(1, 512)
-        for _ in range(1):  # compile + record the graphs for these shapes
+        for _ in range(2):  # compile + record the graphs for these shapes
             decode_intervals(model, p, 64)
         print(f"torch.compile warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         times = decode_intervals(model, p, 64) + decode_intervals(model, p, 64)
