@@ -34,6 +34,10 @@ pub struct SwapBenchArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Skip the transfer sections; time the engine's decode step (no token read-back) while
+    /// swapping with CUDA graphs on/off and copies ordered after the compute stream or not.
+    #[arg(long)]
+    pub diagnose_engine: bool,
 }
 
 #[derive(Args)]
@@ -78,6 +82,7 @@ mod with_cuda {
             decode_context_tokens: args.decode_context,
             decode_steps: args.decode_steps,
             seed: args.seed,
+            diagnose_engine: args.diagnose_engine,
         };
         println!("swap-bench options: {}", serde_json::to_string(&options)?);
         std::fs::create_dir_all(&args.out)

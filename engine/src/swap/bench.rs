@@ -76,6 +76,10 @@ pub struct SwapBenchOptions {
     pub decode_context_tokens: usize,
     pub decode_steps: usize,
     pub seed: u64,
+    /// Skip the transfer sections and run the engine decode step under a matrix of variants
+    /// (CUDA graphs on/off x copies ordered after the compute stream or not), to find what makes
+    /// the step wait for the swaps.
+    pub diagnose_engine: bool,
 }
 
 impl Default for SwapBenchOptions {
@@ -91,6 +95,7 @@ impl Default for SwapBenchOptions {
             decode_context_tokens: 2048,
             decode_steps: 20,
             seed: 0,
+            diagnose_engine: false,
         }
     }
 }
@@ -255,11 +260,16 @@ pub fn run(
     }
 
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-    for (tokens, method) in [
-        (2048usize, CopyMethod::Batched),
-        (4096, CopyMethod::Batched),
-        (2048, CopyMethod::PerRun),
-    ] {
+    let transfer_configs: &[(usize, CopyMethod)] = if options.diagnose_engine {
+        &[]
+    } else {
+        &[
+            (2048usize, CopyMethod::Batched),
+            (4096, CopyMethod::Batched),
+            (2048, CopyMethod::PerRun),
+        ]
+    };
+    for &(tokens, method) in transfer_configs {
         engine.set_copy_method(method);
         let blocks = tokens.div_ceil(options.block_size_tokens);
         for row in single_agent(
@@ -275,14 +285,19 @@ pub fn run(
         }
     }
     engine.set_copy_method(CopyMethod::Batched);
-    for row in many_agents(
-        &mut engine,
-        &mut rng,
-        options,
-        blocks_per_agent,
-        &floors,
-        &mut report.swap_records,
-    )? {
+    let many_agent_rows = if options.diagnose_engine {
+        Vec::new()
+    } else {
+        many_agents(
+            &mut engine,
+            &mut rng,
+            options,
+            blocks_per_agent,
+            &floors,
+            &mut report.swap_records,
+        )?
+    };
+    for row in many_agent_rows {
         push(&mut report, row);
     }
 
@@ -301,16 +316,23 @@ pub fn run(
         let decode_bytes =
             decode_step_bytes(&config, options.decode_batch, options.decode_context_tokens);
         let mut synthetic = SyntheticDecode::new(&device, decode_bytes)?;
-        let rows = decode_slowdown(
-            &mut engine,
-            &plan,
-            options,
-            &floors,
-            &mut report.swap_records,
-            "synthetic",
-            || synthetic.step(),
-        )?;
-        for row in rows {
+        for load in SYNTHETIC_LOADS {
+            let rows = decode_slowdown(
+                &mut engine,
+                &plan,
+                options,
+                &floors,
+                &mut report.swap_records,
+                "synthetic",
+                load,
+                || synthetic.step(),
+            )?;
+            for row in rows {
+                push(&mut report, row);
+            }
+        }
+        drop(synthetic);
+        for row in copy_engine_probe(&device, &mut engine, &plan, &mut report.swap_records)? {
             push(&mut report, row);
         }
     }
@@ -369,14 +391,49 @@ pub fn run(
         );
         let mut decode =
             EngineDecode::new(&model, options.decode_batch, options.decode_context_tokens);
+        if options.diagnose_engine {
+            let host_pool = engine.into_host_pool()?;
+            diagnose_engine_step(
+                &mut model,
+                host_pool,
+                pool_ref,
+                &plan,
+                options,
+                &floors,
+                &mut report,
+                epoch,
+                &mut decode,
+                &mut push,
+            )?;
+            return Ok(report);
+        }
+        for load in ENGINE_LOADS {
+            let rows = decode_slowdown(
+                &mut engine,
+                &plan,
+                options,
+                &floors,
+                &mut report.swap_records,
+                "engine",
+                load,
+                || decode.step(&mut model),
+            )?;
+            for row in rows {
+                push(&mut report, row);
+            }
+        }
+        // The same step without its device->host token copy, which the copy-engine probe shows
+        // waiting behind the queued swap-outs: what the step costs once it writes its tokens to
+        // mapped pinned memory with a kernel instead.
         let rows = decode_slowdown(
             &mut engine,
             &plan,
             options,
             &floors,
             &mut report.swap_records,
-            "engine",
-            || decode.step(&mut model),
+            "engine-no-readback",
+            load(2, true, true, false),
+            || decode.step_without_readback(&mut model),
         )?;
         for row in rows {
             push(&mut report, row);
@@ -384,6 +441,62 @@ pub fn run(
         drop(engine);
     }
     Ok(report)
+}
+
+/// The engine's step (no token read-back) while both directions swap, with CUDA graphs on and off
+/// and with the copies ordered after the compute stream or not.
+#[allow(clippy::too_many_arguments)]
+fn diagnose_engine_step(
+    model: &mut CudaModel,
+    mut host_pool: PinnedHostPool,
+    pool_ref: GpuKvPoolRef,
+    plan: &SwapTraffic,
+    options: &SwapBenchOptions,
+    floors: &Floors,
+    report: &mut SwapBenchReport,
+    epoch: Instant,
+    decode: &mut EngineDecode,
+    push: &mut impl FnMut(&mut SwapBenchReport, SwapBenchRow),
+) -> Result<(), SwapBenchError> {
+    let ctx = model.device.ctx.clone();
+    for (graphs, ordered) in [(true, false), (false, true), (false, false), (true, true)] {
+        model.options.use_cuda_graphs = graphs;
+        let order_after = if ordered {
+            Some(model.device.stream.clone())
+        } else {
+            None
+        };
+        let mut engine = CudaSwapEngine::new(
+            &ctx,
+            pool_ref,
+            host_pool,
+            order_after,
+            CopyMethod::Batched,
+            256,
+            epoch,
+        )?;
+        let label = format!(
+            "engine-no-readback [graphs {}, copies ordered after compute {}]",
+            if graphs { "on" } else { "off" },
+            if ordered { "yes" } else { "no" }
+        );
+        let rows = decode_slowdown(
+            &mut engine,
+            plan,
+            options,
+            floors,
+            &mut report.swap_records,
+            &label,
+            load(2, true, true, false),
+            || decode.step_without_readback(model),
+        )?;
+        for row in rows {
+            push(report, row);
+        }
+        host_pool = engine.into_host_pool()?;
+    }
+    model.options.use_cuda_graphs = true;
+    Ok(())
 }
 
 /// Bytes a decode step reads at least: every weight but the embedding table, and the batch's KV.
@@ -981,10 +1094,89 @@ impl EngineDecode {
     }
 }
 
-/// Keeps both copy streams busy: before every step, each direction gets swaps until two are
-/// queued, rotating over the traffic's agents.
+impl EngineDecode {
+    /// The step without reading the tokens back (enqueue, then wait for the compute stream); the
+    /// same input tokens are fed every step.
+    fn step_without_readback(&mut self, model: &mut CudaModel) -> Result<f64, SwapBenchError> {
+        let steps: Vec<SeqStep<'_>> = self
+            .tables
+            .iter()
+            .zip(&self.tokens)
+            .map(|(table, token)| SeqStep {
+                block_table: table,
+                context_len: self.context_tokens - 1,
+                tokens: token,
+            })
+            .collect();
+        let start = Instant::now();
+        model.enqueue_step(&steps)?;
+        model.wait("a decode step of the swap benchmark")?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+const fn load(depth: usize, out: bool, into: bool, prefer_overlap_with_compute: bool) -> SwapLoad {
+    SwapLoad {
+        depth,
+        out,
+        into,
+        prefer_overlap_with_compute,
+    }
+}
+
+/// Swap loads beside the synthetic step: both directions (the target case), each direction alone
+/// (which one costs HBM bandwidth), and a shallower queue.
+const SYNTHETIC_LOADS: [SwapLoad; 4] = [
+    load(2, true, true, false),
+    load(2, true, false, false),
+    load(2, false, true, false),
+    load(1, true, true, false),
+];
+
+/// Swap loads beside the engine's step: the step stages its inputs and reads its tokens back
+/// with small copies on the compute stream, which share the copy engines with the swaps, so the
+/// queue depth matters; the driver hint is tried too.
+const ENGINE_LOADS: [SwapLoad; 3] = [
+    load(2, true, true, false),
+    load(1, true, true, false),
+    load(2, true, true, true),
+];
+
+/// What runs on the copy streams during a decode measurement.
+#[derive(Clone, Copy, Debug)]
+struct SwapLoad {
+    /// Swaps kept queued per enabled direction.
+    depth: usize,
+    out: bool,
+    into: bool,
+    prefer_overlap_with_compute: bool,
+}
+
+impl SwapLoad {
+    fn label(&self) -> String {
+        let directions = match (self.out, self.into) {
+            (true, true) => "both directions",
+            (true, false) => "swap-out only",
+            (false, true) => "swap-in only",
+            (false, false) => "no direction",
+        };
+        format!(
+            "{directions}, {} x 1 GiB queued per direction{}",
+            self.depth,
+            if self.prefer_overlap_with_compute {
+                ", PREFER_OVERLAP_WITH_COMPUTE"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Keeps the copy streams busy: before every step, each enabled direction gets swaps until
+/// `depth` are queued, rotating over the traffic's agents.
 struct SwapPump<'a> {
     traffic: &'a SwapTraffic,
+    load: SwapLoad,
     next: [usize; 2],
     queued: [usize; 2],
 }
@@ -1003,12 +1195,20 @@ impl SwapPump<'_> {
             .into_iter()
             .enumerate()
         {
+            let enabled = if d == 0 {
+                self.load.out
+            } else {
+                self.load.into
+            };
+            if !enabled {
+                continue;
+            }
             let agents = if d == 0 {
                 &self.traffic.out_agents
             } else {
                 &self.traffic.in_agents
             };
-            while self.queued[d] < 2 {
+            while self.queued[d] < self.load.depth {
                 let k = self.next[d] % agents.len();
                 // An agent whose previous swap is still unreported waits for the next top-up.
                 if engine
@@ -1033,8 +1233,10 @@ fn decode_slowdown(
     floors: &Floors,
     records: &mut Vec<SwapRecord>,
     label: &str,
+    load: SwapLoad,
     mut step: impl FnMut() -> Result<f64, SwapBenchError>,
 ) -> Result<Vec<SwapBenchRow>, SwapBenchError> {
+    engine.set_prefer_overlap_with_compute(load.prefer_overlap_with_compute);
     // Warm-up (graphs, clocks), then alternate quiet and swapping phases twice so slow drift
     // (clocks, temperature) hits both conditions alike.
     for _ in 0..5 {
@@ -1049,6 +1251,7 @@ fn decode_slowdown(
         }
         let mut pump = SwapPump {
             traffic,
+            load,
             next: [0, 0],
             queued: [0, 0],
         };
@@ -1085,18 +1288,21 @@ fn decode_slowdown(
         options.decode_batch,
         options.decode_context_tokens,
     );
-    let what = if label == "synthetic" {
-        format!(
+    let what = match label {
+        "synthetic" => format!(
             "SYNTHETIC STAND-IN: one memory-bound kernel reading {:.1} GB (the bytes of a llama2-7b decode step, batch {}, context {}), timed by events",
             decode_bytes as f64 / 1e9,
             options.decode_batch,
             options.decode_context_tokens
-        )
-    } else {
-        format!(
-            "CUDA engine decode step (llama2-7b random fp16, batch {}, context {}, CUDA graph), wall time incl. staging and token read-back",
+        ),
+        label if label.starts_with("engine-no-readback") => format!(
+            "CUDA engine decode step (llama2-7b random fp16, batch {}, context {}, CUDA graph) WITHOUT its D2H token copy (enqueue_step + stream wait): stands in for a step that writes its tokens to mapped pinned memory with a kernel (probe: ~0.08 ms while swapping)",
             options.decode_batch, options.decode_context_tokens
-        )
+        ),
+        _ => format!(
+            "CUDA engine decode step (llama2-7b random fp16, batch {}, context {}, CUDA graph), wall time incl. staging and token read-back (forward_greedy)",
+            options.decode_batch, options.decode_context_tokens
+        ),
     };
     records.extend(busy_records.iter().cloned());
     Ok(vec![
@@ -1117,7 +1323,7 @@ fn decode_slowdown(
         },
         SwapBenchRow {
             section: "decode while swapping".into(),
-            name: format!("{label} decode step while both directions swap"),
+            name: format!("{label} decode step while swapping ({})", load.label()),
             bytes: decode_bytes,
             ms_p50: busy,
             ms_min: min_of(&busy_ms),
@@ -1140,6 +1346,175 @@ fn decode_slowdown(
             ),
         },
     ])
+}
+
+const PROBE_SOURCE: &str = r#"
+extern "C" __global__ void mapped_copy(const unsigned int* __restrict__ src, unsigned int* __restrict__ dst, unsigned int count) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+        dst[i] = src[i];
+    }
+}
+"#;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeMode {
+    /// cuMemcpyHtoDAsync of 4 KiB from pinned memory on the compute stream.
+    MemcpyH2dPinned,
+    /// cuMemcpyDtoHAsync of 4 KiB into pinned memory on the compute stream.
+    MemcpyD2hPinned,
+    /// cuMemcpyDtoHAsync of 128 B into a pageable Vec (how a step reads 32 greedy tokens back).
+    MemcpyD2hPageable,
+    /// A kernel reading 4 KiB of mapped pinned memory and one writing 4 KiB to it.
+    KernelMapped,
+}
+
+impl ProbeMode {
+    fn describe(self) -> &'static str {
+        match self {
+            ProbeMode::MemcpyH2dPinned => {
+                "cuMemcpyAsync 4 KiB pinned host->device on the compute stream"
+            }
+            ProbeMode::MemcpyD2hPinned => {
+                "cuMemcpyAsync 4 KiB device->pinned host on the compute stream"
+            }
+            ProbeMode::MemcpyD2hPageable => {
+                "cuMemcpyAsync 128 B device->pageable Vec on the compute stream"
+            }
+            ProbeMode::KernelMapped => {
+                "kernels moving 4 KiB in and 4 KiB out over mapped pinned memory (no copy engine)"
+            }
+        }
+    }
+}
+
+/// Why the engine's decode step slows down while swapping: a step's small input/output copies on
+/// the compute stream share the copy engines with the swaps. Times (host wall clock, enqueue to
+/// completion, as a run loop sees it) small transfers on the compute stream with the copy streams
+/// idle and with both directions swapping, by copy-engine memcpys and by kernels over mapped
+/// pinned memory.
+fn copy_engine_probe(
+    device: &GpuDevice,
+    engine: &mut CudaSwapEngine,
+    traffic: &SwapTraffic,
+    records: &mut Vec<SwapRecord>,
+) -> Result<Vec<SwapBenchRow>, SwapBenchError> {
+    const BYTES: usize = 4096;
+    let ctx = &device.ctx;
+    let stream = &device.stream;
+    let module = device.compile(PROBE_SOURCE, &[])?;
+    let function = device.function(&module, "mapped_copy")?;
+    let device_buffer = DeviceBuffer::alloc(ctx, BYTES, "the copy-engine probe's device buffer")?;
+    ctx.bind_to_thread()
+        .map_err(driver("binding the context"))?;
+    // DEVICEMAP: kernels read and write this host memory over PCIe themselves.
+    let host =
+        unsafe { cudarc::driver::result::malloc_host(2 * BYTES, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .map_err(driver("allocating the probe's mapped host memory"))? as *mut u8;
+    let mut host_device_ptr: sys::CUdeviceptr = 0;
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut host_device_ptr, host as *mut _, 0) }
+        .result()
+        .map_err(driver("mapping the probe's host memory"))?;
+    let count = (BYTES / 4) as u32;
+    let dev = device_buffer.ptr();
+    let host_in = host_device_ptr;
+    let host_out = host_device_ptr + BYTES as u64;
+    let mut pageable = vec![0u32; 32];
+    let mut time_one = |mode: ProbeMode| -> Result<f64, SwapBenchError> {
+        let started = Instant::now();
+        match mode {
+            ProbeMode::KernelMapped => {
+                for (src, dst) in [(host_in, dev), (dev, host_out)] {
+                    let mut launch = stream.launch_builder(&function);
+                    launch.arg(&src).arg(&dst).arg(&count);
+                    unsafe {
+                        launch.launch(LaunchConfig {
+                            grid_dim: (1, 1, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        })
+                    }
+                    .map_err(driver("launching the mapped-copy kernel"))?;
+                }
+            }
+            ProbeMode::MemcpyH2dPinned => unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dev, host as *const _, BYTES, stream.cu_stream())
+                    .result()
+                    .map_err(driver("probe H2D copy"))?
+            },
+            ProbeMode::MemcpyD2hPinned => unsafe {
+                sys::cuMemcpyDtoHAsync_v2(host.add(BYTES) as *mut _, dev, BYTES, stream.cu_stream())
+                    .result()
+                    .map_err(driver("probe D2H copy"))?
+            },
+            ProbeMode::MemcpyD2hPageable => unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut pageable, dev, stream.cu_stream())
+                    .map_err(driver("probe pageable D2H copy"))?
+            },
+        }
+        stream
+            .synchronize()
+            .map_err(driver("waiting for the probe"))?;
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    };
+    let reps = 20;
+    let mut rows = Vec::new();
+    for mode in [
+        ProbeMode::MemcpyH2dPinned,
+        ProbeMode::MemcpyD2hPinned,
+        ProbeMode::MemcpyD2hPageable,
+        ProbeMode::KernelMapped,
+    ] {
+        for _ in 0..3 {
+            time_one(mode)?;
+        }
+        let quiet: Vec<f64> = (0..reps)
+            .map(|_| time_one(mode))
+            .collect::<Result<_, _>>()?;
+        let mut pump = SwapPump {
+            traffic,
+            load: load(2, true, true, false),
+            next: [0, 0],
+            queued: [0, 0],
+        };
+        let mut busy = Vec::new();
+        for _ in 0..reps {
+            pump.top_up(engine, records)?;
+            busy.push(time_one(mode)?);
+            // Space the probes like decode steps, so the copy queues refill between them.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        records.extend(engine.wait_all()?);
+        let quiet_p50 = percentile_50(&quiet);
+        let busy_p50 = percentile_50(&busy);
+        rows.push(SwapBenchRow {
+            section: "copy-engine probe".into(),
+            name: format!(
+                "{} while both directions swap (2 x 1 GiB queued each)",
+                mode.describe()
+            ),
+            bytes: if mode == ProbeMode::MemcpyD2hPageable {
+                128
+            } else {
+                BYTES as u64
+            },
+            ms_p50: busy_p50,
+            ms_min: min_of(&busy),
+            reps: busy.len(),
+            gb_per_s: 0.0,
+            floor: quiet_p50,
+            floor_what: "ms p50 of the same with the copy streams idle (host wall clock)".into(),
+            ratio: busy_p50 / quiet_p50,
+            target: "-".into(),
+            meets_target: None,
+            note: format!(
+                "max while swapping {:.3} ms",
+                busy.iter().cloned().fold(0.0, f64::max)
+            ),
+        });
+    }
+    unsafe { cudarc::driver::result::free_host(host as *mut _) }
+        .map_err(driver("freeing the probe's host memory"))?;
+    Ok(rows)
 }
 
 /// One line per row: figure, floor, ratio, target.

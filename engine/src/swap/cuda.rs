@@ -219,6 +219,8 @@ pub struct CudaSwapEngine {
     /// event to express that.
     order_after: Option<(Arc<CudaStream>, CudaEvent)>,
     copy_method: CopyMethod,
+    /// Sets `CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE` on batched copies (a driver hint).
+    prefer_overlap_with_compute: bool,
     max_in_flight: usize,
     epoch: Instant,
     anchor: Rc<ClockAnchor>,
@@ -293,6 +295,7 @@ impl CudaSwapEngine {
             anchor_stream,
             order_after,
             copy_method,
+            prefer_overlap_with_compute: false,
             max_in_flight,
             epoch,
             anchor,
@@ -336,6 +339,11 @@ impl CudaSwapEngine {
 
     pub fn copy_method(&self) -> CopyMethod {
         self.copy_method
+    }
+
+    /// Asks the driver (batched copies only) to prefer overlapping the copies with compute.
+    pub fn set_prefer_overlap_with_compute(&mut self, prefer: bool) {
+        self.prefer_overlap_with_compute = prefer;
     }
 
     /// Changes how later swaps are enqueued (benchmarks compare the two).
@@ -456,6 +464,10 @@ impl CudaSwapEngine {
                 let mut attributes: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
                 attributes.srcAccessOrder =
                     sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+                if self.prefer_overlap_with_compute {
+                    attributes.flags =
+                        sys::CUmemcpyFlags::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE as u32;
+                }
                 let mut attribute_indices = [0usize];
                 unsafe {
                     sys::cuMemcpyBatchAsync_v2(

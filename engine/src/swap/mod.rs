@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod backend;
 pub mod cpu;
 pub mod host_pool;
 
