@@ -12,7 +12,7 @@ use sim::PolicyKind;
 use traces::workload::{Distribution, HintSpec};
 use traces::{RunSummary, WorkloadSpec};
 
-use crate::runio::{load_workload, parse_policy, run_dir, sim_manifest, write_run_dir};
+use crate::runio::{code_version, load_workload, parse_policy, run_dir};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum HintOverride {
@@ -242,8 +242,8 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
                 };
                 let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
                 if !args.no_write {
-                    let manifest = sim_manifest(spec, agents, &config, reproduce);
-                    write_run_dir(&run_dir(&args.out, &spec.name, policy.name()), &manifest, &output, &summary)?;
+                    let manifest = sim::experiment::manifest(spec, agents, &config, &code_version(), reproduce);
+                    traces::write_run_dir(&run_dir(&args.out, &spec.name, policy.name()), &manifest, &output.turns, &output.steps, &output.swaps, &summary)?;
                 }
                 Ok(RunResult { summary, wall_s })
             })

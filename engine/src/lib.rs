@@ -8,4 +8,11 @@
 //! mechanism names in a plan), or make scheduling decisions. It is the only crate that reads the OS
 //! clock.
 
+pub mod batch;
 pub mod config;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod swap;
+pub mod tokenizer;
+pub mod weights;

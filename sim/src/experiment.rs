@@ -1,6 +1,6 @@
 //! From a workload spec, a GPU profile and the run knobs to a finished simulated run.
 
-use traces::{GpuProfile, WorkloadSpec};
+use traces::{GpuProfile, RunManifest, WorkloadSpec};
 
 use crate::backend::SimGpu;
 use crate::driver::{self, CheckLevel, RunError, RunLimits, RunOutput, RunSettings};
@@ -112,4 +112,33 @@ pub fn simulate_workload(workload: &Workload, config: &SimConfig) -> Result<RunO
     let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
     let mut clock = VirtualClock::default();
     driver::run(&config.settings(), workload, scheduler.as_mut(), &mut backend, &mut clock)
+}
+
+/// The manifest of a simulated run: everything that fixes it, and the command that reproduces it.
+pub fn manifest(spec: &WorkloadSpec, agents: u32, config: &SimConfig, code_version: &str, reproduce: String) -> RunManifest {
+    let mut options = std::collections::BTreeMap::new();
+    options.insert("gpu_memory_utilization".into(), config.gpu_memory_utilization.to_string());
+    options.insert("host_memory_bytes".into(), config.host_memory_bytes.to_string());
+    options.insert("block_size_tokens".into(), config.block_size_tokens.to_string());
+    options.insert("gpu_blocks".into(), config.gpu_blocks().to_string());
+    options.insert("host_blocks".into(), config.host_blocks().to_string());
+    options.insert("block_bytes".into(), config.block_bytes().to_string());
+    options.insert("max_batch_tokens".into(), config.sched.max_batch_tokens.to_string());
+    options.insert("max_batch_sequences".into(), config.sched.max_batch_sequences.to_string());
+    RunManifest {
+        schema_version: traces::SCHEMA_VERSION,
+        tool: "djinn".into(),
+        code_version: code_version.into(),
+        backend: "sim".into(),
+        seed: config.seed,
+        policy: config.policy.name().into(),
+        agents,
+        workload: spec.clone(),
+        profile_name: config.profile.name.clone(),
+        profile_provenance: config.profile.provenance.kind.clone(),
+        device: String::new(),
+        model: config.profile.model_name.clone(),
+        options,
+        reproduce,
+    }
 }

@@ -15,6 +15,7 @@ pub mod io;
 pub mod manifest;
 pub mod profile;
 pub mod records;
+pub mod rundir;
 pub mod summary;
 pub mod workload;
 
@@ -22,6 +23,7 @@ pub use io::{read_csv, read_json, write_atomic, write_csv_atomic, write_json_ato
 pub use manifest::RunManifest;
 pub use profile::{CopyChannel, CostModel, GpuProfile, Provenance};
 pub use records::{StepRecord, SwapRecord, TurnRecord};
+pub use rundir::{write_run_dir, RUN_DIR_FILES};
 pub use summary::{LatencyStats, RunSummary};
 pub use workload::{Arrival, Distribution, HintSpec, MixtureComponent, WorkloadSpec};
 

@@ -22,7 +22,10 @@ use crate::kv::{KvState, SwapDirection};
 use crate::sched::{Phase, SchedEvent, SchedView, Scheduler, StepPlan};
 use crate::time::SimTime;
 
-use super::common::{build_batch, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth, WaitQueue};
+use super::common::{
+    build_batch, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth,
+    WaitQueue,
+};
 
 /// Tunables of the semantic policy (defaults are what the shipped comparisons use).
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +74,9 @@ impl Default for DjinnParams {
 /// the bound keeps a plan O(batch) even with thousands of agents queued.
 const WAITING_SCAN_MAX: usize = 512;
 
+/// Prefetches looked at together when deciding when the copy channel must start.
+const PREFETCH_LOOKAHEAD: usize = 64;
+
 #[derive(Debug)]
 pub struct Djinn {
     params: DjinnParams,
@@ -85,6 +91,9 @@ pub struct Djinn {
     /// Paused agents whose KV is on the host, by the time their prefetch should start.
     prefetch_at: BTreeSet<(u64, AgentId)>,
     prefetch_key: BTreeMap<AgentId, u64>,
+    /// Waiting (uncommitted) agents whose KV is on the GPU, by their queue position: they hold
+    /// memory while they wait, so they may overtake a head that does not fit.
+    parked: BTreeSet<AgentId>,
     /// Agents swapping out, with the GPU blocks the copy will free.
     swapping_out: BTreeMap<AgentId, u32>,
     ewma_agent_ns: BTreeMap<AgentId, f64>,
@@ -103,6 +112,7 @@ impl Djinn {
             prefetch_at: BTreeSet::new(),
             prefetch_key: BTreeMap::new(),
             swapping_out: BTreeMap::new(),
+            parked: BTreeSet::new(),
             ewma_agent_ns: BTreeMap::new(),
             ewma_global_ns: None,
         }
@@ -116,18 +126,30 @@ impl Djinn {
     }
 
     fn prefetch_margin_ns(&self, swap_in_ns: u64) -> u64 {
-        self.params.prefetch_margin_ns + (swap_in_ns as f64 * self.params.prefetch_margin_fraction) as u64
+        self.params.prefetch_margin_ns
+            + (swap_in_ns as f64 * self.params.prefetch_margin_fraction) as u64
     }
 
     fn return_key(&self, agent: AgentId) -> u64 {
-        self.predicted_return.get(&agent).copied().flatten().map_or(u64::MAX, |t| t.as_nanos())
+        self.predicted_return
+            .get(&agent)
+            .copied()
+            .flatten()
+            .map_or(u64::MAX, |t| t.as_nanos())
     }
 
     /// Takes a paused, resident agent's KV off the GPU: swap if the host has room, else drop.
-    fn evict(&mut self, view: &SchedView, agent: AgentId, plan: &mut StepPlan, budget: &mut PlanBudget) {
+    fn evict(
+        &mut self,
+        view: &SchedView,
+        agent: AgentId,
+        plan: &mut StepPlan,
+        budget: &mut PlanBudget,
+    ) {
         let blocks = view.kv.blocks(agent);
         let key = self.return_key(agent);
         self.resident_paused.remove(&(key, agent));
+        self.parked.remove(&agent);
         if blocks as i64 <= budget.host_free {
             budget.host_free -= blocks as i64;
             budget.freeing += blocks as i64;
@@ -144,7 +166,9 @@ impl Djinn {
         if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
             let blocks = view.kv.blocks(agent) - view.kv.gpu_blocks_held(agent);
             let t_in = view.costs.swap_in_ns(blocks);
-            let start = ret.as_nanos().saturating_sub(t_in + self.prefetch_margin_ns(t_in));
+            let start = ret
+                .as_nanos()
+                .saturating_sub(t_in + self.prefetch_margin_ns(t_in));
             self.prefetch_at.insert((start, agent));
             self.prefetch_key.insert(agent, start);
         }
@@ -184,7 +208,8 @@ impl Scheduler for Djinn {
                     let a = view.agent(agent);
                     let observed = (a.turn_arrival - a.pause_started) as f64;
                     let alpha = self.params.ewma_alpha;
-                    let per_agent = Self::ewma(self.ewma_agent_ns.get(&agent).copied(), observed, alpha);
+                    let per_agent =
+                        Self::ewma(self.ewma_agent_ns.get(&agent).copied(), observed, alpha);
                     self.ewma_agent_ns.insert(agent, per_agent);
                     self.ewma_global_ns = Some(Self::ewma(self.ewma_global_ns, observed, alpha));
                 }
@@ -195,6 +220,9 @@ impl Scheduler for Djinn {
                     TurnOrder::LeastAttainedService => a.attained_service_ns,
                 };
                 self.waiting.push(agent, key);
+                if view.kv.state(agent) == KvState::Gpu && view.kv.blocks(agent) > 0 {
+                    self.parked.insert(agent);
+                }
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
@@ -211,7 +239,9 @@ impl Scheduler for Djinn {
                     self.fresh.push(agent);
                 }
             }
-            SchedEvent::SwapDone { agent, direction, .. } => match direction {
+            SchedEvent::SwapDone {
+                agent, direction, ..
+            } => match direction {
                 SwapDirection::Out => {
                     self.swapping_out.remove(&agent);
                     if view.agent(agent).phase == Phase::Paused {
@@ -237,7 +267,11 @@ impl Scheduler for Djinn {
         // Demand of the turns that could be admitted next. The scan stops once the demand exceeds
         // every block not held by a committed turn: eviction could not serve more, and the bound
         // keeps a plan O(batch) with thousands of agents queued.
-        let committed_held: i64 = self.committed.iter().map(|&a| kv.gpu_blocks_held(a) as i64).sum();
+        let committed_held: i64 = self
+            .committed
+            .iter()
+            .map(|&a| kv.gpu_blocks_held(a) as i64)
+            .sum();
         let demand_cap = total - committed_held - reserved;
         let mut waiting_demand: i64 = 0;
         for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
@@ -253,11 +287,15 @@ impl Scheduler for Djinn {
             host_free: kv.host_blocks_free() as i64,
             freeing: self.swapping_out.values().map(|&b| b as i64).sum(),
         };
-        let pressure = (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
+        let pressure =
+            (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
 
         // 1. Pause-start decisions.
         for agent in std::mem::take(&mut self.fresh) {
-            if pressure < self.params.keep_below_pressure || view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Gpu {
+            if pressure < self.params.keep_below_pressure
+                || view.agent(agent).phase != Phase::Paused
+                || kv.state(agent) != KvState::Gpu
+            {
                 continue;
             }
             let blocks = kv.blocks(agent);
@@ -267,7 +305,8 @@ impl Scheduler for Djinn {
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
             if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
                 let remaining = ret.saturating_sub(now).as_nanos();
-                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks)) {
+                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
+                {
                     self.evict(view, agent, plan, &mut budget);
                 }
             }
@@ -278,8 +317,13 @@ impl Scheduler for Djinn {
         //    evicting it would only make it wait for its own KV (and thrash the copy engine).
         let mut deficit = waiting_demand + watermark - (budget.free - reserved) - budget.freeing;
         while deficit > 0 {
-            let Some(&(key, agent)) = self.resident_paused.iter().next_back() else { break };
-            if view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Gpu || kv.blocks(agent) == 0 {
+            let Some(&(key, agent)) = self.resident_paused.iter().next_back() else {
+                break;
+            };
+            if view.agent(agent).phase != Phase::Paused
+                || kv.state(agent) != KvState::Gpu
+                || kv.blocks(agent) == 0
+            {
                 self.resident_paused.remove(&(key, agent));
                 continue;
             }
@@ -292,22 +336,26 @@ impl Scheduler for Djinn {
             deficit -= blocks as i64;
             self.evict(view, agent, plan, &mut budget);
         }
-        // A stall: nothing runs or moves out, yet turns wait. Then the GPU is held by waiting turns
-        // parked behind the head; move the lowest-priority ones out of the way.
+        // A stall: nothing runs, and the first waiting turn cannot fit even counting what is
+        // already moving out. Then the GPU is held by waiting turns parked behind it; move the
+        // lowest-priority ones out of the way.
         let mut evicted_waiting: Vec<AgentId> = Vec::new();
-        if deficit > 0 && self.committed.is_empty() && budget.freeing == 0 {
-            let head = self.waiting.first();
-            let parked: Vec<AgentId> = self
-                .waiting
-                .iter_rev()
-                .filter(|&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
-                .take(WAITING_SCAN_MAX)
+        let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
+        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64) - (budget.free - reserved) - budget.freeing;
+        if head_deficit > 0 && self.committed.is_empty() {
+            // Lowest priority first: the parked agents latest in the queue.
+            let mut parked: Vec<(u64, AgentId)> = self
+                .parked
+                .iter()
+                .filter(|&&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
+                .filter_map(|&a| self.waiting.position_key(a).map(|k| (k, a)))
                 .collect();
-            for agent in parked {
-                if deficit <= 0 {
+            parked.sort_unstable_by(|x, y| y.cmp(x));
+            for (_, agent) in parked {
+                if head_deficit <= 0 {
                     break;
                 }
-                deficit -= kv.blocks(agent) as i64;
+                head_deficit -= kv.blocks(agent) as i64;
                 self.evict(view, agent, plan, &mut budget);
                 evicted_waiting.push(agent);
             }
@@ -315,27 +363,46 @@ impl Scheduler for Djinn {
 
         // 3. Prefetch paused agents whose predicted return is near.
         let mut spare = budget.free - reserved - waiting_demand - watermark;
-        let backlog = view.swap_in_busy_until.saturating_sub(now).as_nanos();
-        while let Some(&(start, agent)) = self.prefetch_at.iter().next() {
-            if start > now.as_nanos() + backlog {
-                plan.wake_no_later_than(SimTime(start.saturating_sub(backlog)).max(now + 1));
+        // Copies queue on the host-to-device channel: a prefetch starts earlier by the backlog
+        // ahead of it, including the prefetches this plan issues.
+        let mut backlog = view.swap_in_busy_until.saturating_sub(now).as_nanos();
+        // Prefetches are copied one after another, so a prefetch due later can force an earlier
+        // one to start sooner: the first in line must start by min over the next few of
+        // (their deadline - margin - the copy time of everything up to and including them).
+        loop {
+            let Some(&(first_key, first)) = self.prefetch_at.iter().next() else {
                 break;
-            }
-            if view.agent(agent).phase != Phase::Paused || kv.state(agent) != KvState::Host {
-                self.prefetch_at.remove(&(start, agent));
-                self.prefetch_key.remove(&agent);
+            };
+            if view.agent(first).phase != Phase::Paused || kv.state(first) != KvState::Host {
+                self.prefetch_at.remove(&(first_key, first));
+                self.prefetch_key.remove(&first);
                 continue;
             }
-            let blocks = (kv.blocks(agent) - kv.gpu_blocks_held(agent)) as i64;
+            let mut cumulative_ns = 0u64;
+            let mut latest_start = u64::MAX;
+            for &(key, agent) in self.prefetch_at.iter().take(PREFETCH_LOOKAHEAD) {
+                let t_in = view
+                    .costs
+                    .swap_in_ns(kv.blocks(agent).saturating_sub(kv.gpu_blocks_held(agent)));
+                cumulative_ns += t_in;
+                // key = deadline - t_in - margin, so deadline - margin - cumulative = key + t_in - cumulative.
+                latest_start = latest_start.min((key + t_in).saturating_sub(cumulative_ns));
+            }
+            if now.as_nanos() + backlog < latest_start {
+                plan.wake_no_later_than(SimTime(latest_start.saturating_sub(backlog)).max(now + 1));
+                break;
+            }
+            let blocks = (kv.blocks(first) - kv.gpu_blocks_held(first)) as i64;
             if blocks > spare {
                 // No room yet: try again after the next event (returns and finishes free memory).
                 break;
             }
-            self.prefetch_at.remove(&(start, agent));
-            self.prefetch_key.remove(&agent);
+            self.prefetch_at.remove(&(first_key, first));
+            self.prefetch_key.remove(&first);
             spare -= blocks;
             budget.free -= blocks;
-            plan.swap_in.push(agent);
+            backlog += view.costs.swap_in_ns(blocks as u32);
+            plan.swap_in.push(first);
         }
 
         // 4. Commit waiting turns in order. When the head does not fit and nothing is running,
@@ -343,16 +410,42 @@ impl Scheduler for Djinn {
         //    pause whose KV is still resident need only their growth).
         let mut avail = budget.free - reserved;
         let mut blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &evicted_waiting);
-        if blocked.is_some() && self.committed.is_empty() {
-            blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, false, &evicted_waiting).or(blocked);
+        if blocked.is_some() {
+            // Turns whose KV is already on the GPU hold their memory anyway: running them (they
+            // need only their growth) beats parking them behind a head that does not fit.
+            let resident: Vec<AgentId> = self.parked.iter().copied().filter(|a| !evicted_waiting.contains(a)).collect();
+            for agent in resident {
+                if kv.state(agent) != KvState::Gpu || !self.waiting.contains(agent) {
+                    self.parked.remove(&agent);
+                    continue;
+                }
+                let need = need_blocks(view, agent) as i64;
+                if need <= avail {
+                    avail -= need;
+                    self.waiting.remove(agent);
+                    self.parked.remove(&agent);
+                    self.committed.push(agent);
+                }
+            }
+            if self.committed.is_empty() {
+                blocked = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, false, &evicted_waiting).or(blocked);
+            }
         }
         if let Some((head, _)) = blocked {
             let evictable = !self.resident_paused.is_empty();
-            let nothing_can_free = self.committed.is_empty() && kv.swaps_in_flight() == 0 && plan.swap_out.is_empty() && plan.drop.is_empty() && !evictable;
+            let nothing_can_free = self.committed.is_empty()
+                && kv.swaps_in_flight() == 0
+                && plan.swap_out.is_empty()
+                && plan.drop.is_empty()
+                && !evictable;
             if self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free) {
                 self.waiting.remove(head);
                 plan.reject.push(head);
             }
+        }
+
+        for agent in &self.committed {
+            self.parked.remove(agent);
         }
 
         // 5. The batch.
