@@ -270,14 +270,23 @@ impl<'w> LoopState<'w> {
                     next = Some(next.map_or(w, |n| n.min(w)));
                 }
                 match next {
-                    Some(t) if t > now => {
+                    // A plan that changed state without computing (a release, drop or swap start)
+                    // may have made room for compute now: plan again at this instant before time
+                    // moves on. (Advancing first left the GPU idle until the next event; the
+                    // property tests found turns waiting for an unrelated arrival.)
+                    Some(t) if t > now && !changed => {
                         idle_replans = 0;
                         clock.advance_to(t);
                         now = clock.now();
                     }
                     _ if changed || next.is_some() => {
                         // Something changed (or a timer is due now): plan again at the same instant.
-                        idle_replans += 1;
+                        // A rejection ends a turn for good, so plans that reject are progress, not a
+                        // loop (policies reject one blocked head per plan; many at one instant
+                        // tripped the limit; found by the property tests).
+                        if plan.reject.is_empty() {
+                            idle_replans += 1;
+                        }
                         if idle_replans > self.settings.limits.max_idle_replans {
                             return Err(RunError::Limit {
                                 seed: self.settings.seed,

@@ -269,7 +269,10 @@ pub fn check_policy(
         let bound = Horizon::of(case, m).turn_latency_bound_ns().max(1);
         if put.promises.no_rejection_when_fits && facts.turns_rejected > 0 {
             let t = output.turns.iter().find(|t| t.rejected).expect("counted");
-            return Err(fail(format!("{} turns rejected although the pool holds the largest context; first: agent {} turn {}", facts.turns_rejected, t.agent_id, t.turn_index)));
+            return Err(fail(format!(
+                "{} turns rejected although the pool holds the largest context; first: agent {} turn {}",
+                facts.turns_rejected, t.agent_id, t.turn_index
+            )));
         }
         for t in &output.turns {
             if let Some(end) = t.finished_ns {
@@ -401,7 +404,10 @@ pub fn check_records(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(
             if t.tokens_prefilled < inputs
                 || t.tokens_prefilled > inputs + turn.generated_tokens - 1
             {
-                return Err(format!("agent {agent} turn {i}: prefilled {} first-time tokens for {inputs} inputs and {} generated", t.tokens_prefilled, turn.generated_tokens));
+                return Err(format!(
+                    "agent {agent} turn {i}: prefilled {} first-time tokens for {inputs} inputs and {} generated",
+                    t.tokens_prefilled, turn.generated_tokens
+                ));
             }
             if let (Some(start), Some(end)) = (t.restore_start_ns, t.restore_end_ns) {
                 // Residency: a turn computes only once its KV is back on the GPU.

@@ -30,36 +30,10 @@ pub fn summary(
     analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps)
 }
 
-/// A manifest of a simulated test run. It carries no code version, so golden digests do not move
-/// with every commit (the CLI's manifest adds the commit).
+/// The manifest `djinn simulate` writes (`sim::experiment::manifest`), with a fixed code version
+/// and no command line, so golden digests do not move with every commit.
 pub fn manifest(spec: &WorkloadSpec, agents: u32, config: &SimConfig) -> RunManifest {
-    let mut options = BTreeMap::new();
-    options.insert("gpu_blocks".to_string(), config.gpu_blocks().to_string());
-    options.insert("host_blocks".to_string(), config.host_blocks().to_string());
-    options.insert(
-        "block_size_tokens".to_string(),
-        config.block_size_tokens.to_string(),
-    );
-    options.insert(
-        "max_batch_tokens".to_string(),
-        config.sched.max_batch_tokens.to_string(),
-    );
-    RunManifest {
-        schema_version: traces::SCHEMA_VERSION,
-        tool: "djinn-tests".into(),
-        code_version: "test".into(),
-        backend: "sim".into(),
-        seed: config.seed,
-        policy: config.policy.name().into(),
-        agents,
-        workload: spec.clone(),
-        profile_name: config.profile.name.clone(),
-        profile_provenance: config.profile.provenance.kind.clone(),
-        device: String::new(),
-        model: config.profile.model_name.clone(),
-        options,
-        reproduce: String::new(),
-    }
+    sim::experiment::manifest(spec, agents, config, "test", String::new())
 }
 
 /// Writes a run directory the way `djinn simulate` does.

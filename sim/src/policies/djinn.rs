@@ -261,6 +261,23 @@ impl Scheduler for Djinn {
     fn plan_step(&mut self, view: &SchedView, plan: &mut StepPlan) {
         let kv = view.kv;
         let now = view.now;
+        // A paused agent still away after its predicted return was mispredicted (a noisy or
+        // missing hint). Left at its stale key it counted as "back sooner than a round trip"
+        // forever, was never evicted, and waiting turns stalled until its true return (minutes;
+        // found by the property tests). Predict again: away as long again as it has been so far.
+        while let Some(&(key, agent)) = self.resident_paused.iter().next() {
+            if key >= now.as_nanos() {
+                break;
+            }
+            self.resident_paused.remove(&(key, agent));
+            if view.agent(agent).phase != Phase::Paused || self.return_key(agent) != key {
+                continue;
+            }
+            let elapsed = now - view.agent(agent).pause_started;
+            let predicted = now + elapsed.max(1);
+            self.predicted_return.insert(agent, Some(predicted));
+            self.resident_paused.insert((predicted.as_nanos(), agent));
+        }
         let total = kv.gpu_blocks_total() as i64;
         let watermark = (total as f64 * self.params.watermark_fraction).ceil() as i64;
         let reserved = reserved_growth(view, &self.committed) as i64;
@@ -438,7 +455,11 @@ impl Scheduler for Djinn {
                 && plan.swap_out.is_empty()
                 && plan.drop.is_empty()
                 && !evictable;
-            if self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free) {
+            // A head whose prefetch is still copying in cannot be freed yet: reject it once the
+            // copy lands (rejecting it mid-copy asked the mechanism for the impossible; found by
+            // the property tests).
+            let moving = matches!(kv.state(head), KvState::SwappingIn | KvState::SwappingOut);
+            if self.waiting.contains(head) && !moving && (never_fits(view, head) || nothing_can_free) {
                 self.waiting.remove(head);
                 plan.reject.push(head);
             }
