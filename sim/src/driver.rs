@@ -553,7 +553,9 @@ impl<'w> LoopState<'w> {
             let agent = s.agent;
             let recomputed = self.kv.advance(agent, s.tokens).map_err(|e| self.kv_err(now, e))?;
             let a = &mut self.agents[agent as usize];
-            a.attained_service_ns += duration * s.tokens as u64 / total_tokens;
+            // In u128: a profile with absurd (but valid) costs makes steps long enough to overflow
+            // u64 here (found by the robust-input tests).
+            a.attained_service_ns = a.attained_service_ns.saturating_add((duration as u128 * s.tokens as u128 / total_tokens as u128) as u64);
             let tracker = self.trackers[agent as usize].as_mut().expect("a computing agent has a turn");
             tracker.first_time_tokens += (s.tokens - recomputed) as u64;
             let rec = &mut self.out.turns[tracker.record_index];

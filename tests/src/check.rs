@@ -166,9 +166,11 @@ impl Horizon {
 /// Fair order: no turn's queue wait exceeds this multiple of the mean queue wait...
 pub const FAIRNESS_WAIT_MULTIPLE: u64 = 20;
 
-/// ...plus this slack: the longest service (admission to last token) of any turn in the run plus
-/// four of the longest steps. Even first come, first served at low load makes an unlucky turn
-/// wait for one running turn that holds the memory it needs, while the mean wait stays near zero.
+/// ...plus this slack: four times the longest service (admission to last token) of any turn in the
+/// run plus four of the longest steps. Even first come, first served at low load makes an unlucky
+/// turn wait for the running turns that hold the memory it needs while the mean wait stays near
+/// zero; and a big head that does not fit yet may be overtaken by turns that do (work
+/// conservation), so it may wait for a few services.
 pub fn fairness_slack_ns(output: &RunOutput) -> u64 {
     let longest_step = output
         .steps
@@ -182,7 +184,7 @@ pub fn fairness_slack_ns(output: &RunOutput) -> u64 {
         .filter_map(|t| Some(t.finished_ns? - t.admitted_ns?))
         .max()
         .unwrap_or(0);
-    longest_service + 4 * longest_step
+    4 * longest_service + 4 * longest_step
 }
 
 /// Runs one policy on a case with every-step checking and the liveness horizon as a time limit.
