@@ -126,6 +126,10 @@ struct LoopState<'w> {
     alive: u32,
     /// Step stamp of the last batch each agent was in (duplicate detection).
     batch_stamp: Vec<u64>,
+    /// Swap bytes started by plans since the last step record. Plans without compute write no
+    /// record, so their swaps (and the KV counters' drops) go into the next one; they were lost
+    /// before (found by the property tests: steps.csv reported no swaps for a lone agent).
+    unreported_swap_bytes: (u64, u64),
     events: Vec<SchedEvent>,
 }
 
@@ -165,6 +169,7 @@ impl<'w> LoopState<'w> {
             unfinished: n,
             alive: 0,
             batch_stamp: vec![0; n as usize],
+            unreported_swap_bytes: (0, 0),
             events: Vec::new(),
         };
         for a in &workload.agents {
@@ -239,6 +244,8 @@ impl<'w> LoopState<'w> {
             scheduler.plan_step(&self.view(now, backend), &mut plan);
             batch.clear();
             let (swap_in_bytes, swap_out_bytes, changed) = self.apply_plan(&plan, &mut batch, now, backend)?;
+            self.unreported_swap_bytes.0 += swap_in_bytes;
+            self.unreported_swap_bytes.1 += swap_out_bytes;
 
             // 3. Run the step, or move time to the next thing that can happen.
             if !batch.prefill.is_empty() || !batch.decode.is_empty() {
@@ -246,7 +253,7 @@ impl<'w> LoopState<'w> {
                 let duration = backend
                     .execute_step(now, &batch, &self.kv)
                     .map_err(|e| RunError::Backend { seed: self.settings.seed, step: self.step, message: e.to_string() })?;
-                self.record_step(now, duration, &batch, swap_in_bytes, swap_out_bytes);
+                self.record_step(now, duration, &batch);
                 let end = now + duration;
                 clock.advance_to(end);
                 now = clock.now();
@@ -393,7 +400,7 @@ impl<'w> LoopState<'w> {
 
     /// Applies a plan through the KV mechanism. Returns (swap-in bytes, swap-out bytes, changed).
     fn apply_plan(&mut self, plan: &StepPlan, batch: &mut StepBatch, now: SimTime, backend: &mut dyn Backend) -> Result<(u64, u64, bool), RunError> {
-        self.kv.counters = Default::default();
+        // `kv.counters` accumulate until the next step record (see `unreported_swap_bytes`).
         let mut changed = false;
         for &agent in &plan.reject {
             let a = &self.agents[agent as usize];
@@ -526,7 +533,9 @@ impl<'w> LoopState<'w> {
         Ok(job.pairs.len() as u64)
     }
 
-    fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch, swap_in_bytes: u64, swap_out_bytes: u64) {
+    fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch) {
+        let (swap_in_bytes, swap_out_bytes) = std::mem::take(&mut self.unreported_swap_bytes);
+        let counters = std::mem::take(&mut self.kv.counters);
         self.out.steps.push(StepRecord {
             step_index: self.step,
             start_ns: now.as_nanos(),
@@ -538,9 +547,9 @@ impl<'w> LoopState<'w> {
             decode_context_tokens: batch.decode_context_tokens(),
             swap_in_bytes_started: swap_in_bytes,
             swap_out_bytes_started: swap_out_bytes,
-            drops: self.kv.counters.drops,
-            dropped_tokens: self.kv.counters.dropped_tokens,
-            cache_evicted_blocks: self.kv.counters.cache_evicted_blocks,
+            drops: counters.drops,
+            dropped_tokens: counters.dropped_tokens,
+            cache_evicted_blocks: counters.cache_evicted_blocks,
             gpu_blocks_free: self.kv.gpu_blocks_free(),
             host_blocks_free: self.kv.host_blocks_free(),
         });

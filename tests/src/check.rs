@@ -499,6 +499,35 @@ pub fn check_records(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(
             channel_free = s.end_ns;
         }
     }
+    // Every swap start is reported by a step record (the summary's swap columns and bandwidth
+    // plots come from there), including those planned while nothing computed.
+    let started_in: u64 = out.steps.iter().map(|s| s.swap_in_bytes_started).sum();
+    let started_out: u64 = out.steps.iter().map(|s| s.swap_out_bytes_started).sum();
+    let swapped_in: u64 = out
+        .swaps
+        .iter()
+        .filter(|s| s.direction == "in")
+        .map(|s| s.bytes)
+        .sum();
+    let swapped_out: u64 = out
+        .swaps
+        .iter()
+        .filter(|s| s.direction == "out")
+        .map(|s| s.bytes)
+        .sum();
+    // A swap planned after the last step is reported by no step: that happens only for an agent
+    // rejected afterwards (anyone else computes again), so equality holds without rejections.
+    let rejections = out.turns.iter().any(|t| t.rejected);
+    let reported = if rejections {
+        started_in <= swapped_in && started_out <= swapped_out
+    } else {
+        (started_in, started_out) == (swapped_in, swapped_out)
+    };
+    if !reported {
+        return Err(format!(
+            "step records report {started_in} B swapped in and {started_out} B out, the swap records {swapped_in} B and {swapped_out} B"
+        ));
+    }
     if out
         .swaps
         .iter()
