@@ -17,7 +17,7 @@ use proptest::test_runner::{TestCaseError, TestError, TestRunner};
 use traces::workload::{AgentSpec, Arrival, Distribution, HintSpec, WorkloadSpec};
 
 /// Cases per property in CI (`DJINN_PROPTEST_CASES` raises it for a soak).
-const CI_CASES: u32 = 48;
+const CI_CASES: u32 = 64;
 
 /// Runs a property with the shared configuration and panics with a reproducible report.
 fn run_property<S: Strategy>(
