@@ -95,7 +95,8 @@ fn agents_on_sim_block_tables_survive_swap_out_and_in() {
     }
 
     // Swap agent 1 out whole: copy each (GPU, host) pair, then complete.
-    let job = kv.start_swap_out(1, u32::MAX).unwrap();
+    let job_id = kv.start_swap_out(1, u32::MAX).unwrap();
+    let job = kv.swap_job(job_id).unwrap().clone();
     for &(gpu, host) in &job.pairs {
         let host = host as usize * block_elems;
         host_pool[host..host + block_elems].copy_from_slice(model.blocks(gpu, 1).unwrap());
@@ -114,7 +115,8 @@ fn agents_on_sim_block_tables_survive_swap_out_and_in() {
     }
 
     // Swap agent 1 back in (to whatever GPU blocks are free now) and continue all three.
-    let job = kv.start_swap_in(1).unwrap();
+    let job_id = kv.start_swap_in(1).unwrap();
+    let job = kv.swap_job(job_id).unwrap().clone();
     for &(gpu, host) in &job.pairs {
         let host = host as usize * block_elems;
         model

@@ -108,7 +108,8 @@ fn the_engine_refuses_an_agent_whose_swap_is_still_in_flight() {
     }
 
     // Swap agent 0 out; until it is back it may not run.
-    let out = kv.start_swap_out(0, u32::MAX).unwrap();
+    let out_id = kv.start_swap_out(0, u32::MAX).unwrap();
+    let out = kv.swap_job(out_id).unwrap().clone();
     engine.start_swap(SimTime::ZERO, &out, &kv).unwrap();
     let err = try_decode(&mut engine, &kv, 0).unwrap_err();
     assert!(err.contains("not resident"), "{err}");
@@ -125,7 +126,8 @@ fn the_engine_refuses_an_agent_whose_swap_is_still_in_flight() {
 
     // Swap it back in. A loop that marks the swap complete without the engine's report would let
     // it run while the copy is still "in flight": the engine refuses.
-    let back = kv.start_swap_in(0).unwrap();
+    let back_id = kv.start_swap_in(0).unwrap();
+    let back = kv.swap_job(back_id).unwrap().clone();
     engine.start_swap(SimTime(2), &back, &kv).unwrap();
     kv.complete_swap(back.id).unwrap();
     assert!(kv.is_resident(0));

@@ -292,6 +292,7 @@ pub fn self_consistency(
         .collect();
     eprintln!("consistency: batched decode");
     let batched = model.forward_logits(&batch)?;
+    #[allow(clippy::needless_range_loop)]
     for s in 0..3 {
         let alone = model.forward_logits(&[batch[s]])?;
         let row = Logits {

@@ -713,6 +713,7 @@ impl CudaModel {
     }
 
     /// Row-major `y[m, n] = x[m, k] · w[n, k]^T` (PyTorch Linear layout), fp32 accumulate.
+    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         x: u64,

@@ -1226,6 +1226,7 @@ impl SwapPump<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // a bench helper: the measurement's whole context
 fn decode_slowdown(
     engine: &mut CudaSwapEngine,
     traffic: &SwapTraffic,

@@ -94,6 +94,20 @@ impl SwapRecord {
         let duration_ns = self.end_ns.saturating_sub(self.start_ns).max(1);
         self.bytes as f64 / duration_ns as f64
     }
+
+    /// The swaps.csv row of this swap.
+    pub fn to_trace(&self) -> traces::SwapRecord {
+        traces::SwapRecord {
+            swap_id: self.swap_id,
+            agent_id: self.agent_id,
+            direction: self.direction.as_str().to_string(),
+            block_count: self.block_count,
+            bytes: self.bytes,
+            start_ns: self.start_ns,
+            end_ns: self.end_ns,
+            concurrent_swaps_at_start: self.concurrent_swaps_at_start,
+        }
+    }
 }
 
 /// Which of the two pools a block id refers to (for error messages).
@@ -463,6 +477,31 @@ mod tests {
             })
         ));
         assert!(validate_pairs(&[pair(0, 3), pair(3, 0)], 4, 4).is_ok());
+    }
+
+    #[test]
+    fn records_convert_to_the_swaps_csv_row() {
+        let record = SwapRecord {
+            swap_id: 4,
+            agent_id: 9,
+            direction: SwapDirection::In,
+            block_count: 2,
+            bytes: 16,
+            start_ns: 10,
+            end_ns: 30,
+            concurrent_swaps_at_start: 2,
+        };
+        let row = record.to_trace();
+        assert_eq!(
+            (row.swap_id, row.agent_id, row.direction.as_str()),
+            (4, 9, "in")
+        );
+        assert_eq!(
+            (row.block_count, row.bytes, row.start_ns, row.end_ns),
+            (2, 16, 10, 30)
+        );
+        assert_eq!(row.concurrent_swaps_at_start, 2);
+        assert_eq!(record.bandwidth_gb_per_s(), 0.8);
     }
 
     #[test]
