@@ -99,6 +99,7 @@ struct Kernels {
     attn_prefill_v1: dsys::CUfunction,
     gemv: dsys::CUfunction,
     argmax_rows: dsys::CUfunction,
+    copy_words: dsys::CUfunction,
 }
 
 /// Element offsets of one layer's tensors inside the weight buffer.
@@ -158,20 +159,32 @@ impl StepLayout {
     }
 }
 
-/// Page-locked host memory (staging for step inputs and results), freed on drop.
+/// Page-locked host memory (staging for step inputs and results), freed on drop. It is also
+/// mapped into the device's address space, so kernels can read the step's inputs and write its
+/// tokens directly: the step then needs no copy engine, and never queues behind KV swaps, which
+/// keep both copy engines busy for tens of milliseconds (measured in engine/NOTES-swap.md: a
+/// 32 KiB `cuMemcpyHtoDAsync` waited for the queued swaps, a mapped-memory kernel did not).
 struct PinnedBuffer {
     ptr: *mut u8,
+    /// The same memory as seen from the device.
+    dev_ptr: u64,
     bytes: usize,
 }
 
 impl PinnedBuffer {
     fn new(bytes: usize) -> Result<Self, CudaError> {
-        // SAFETY: plain page-locked allocation (flags 0: ordinary pinned memory, CPU-readable).
+        // SAFETY: page-locked allocation, CPU-readable (not write-combined) and mapped for the
+        // device (CU_MEMHOSTALLOC_DEVICEMAP = 2).
         let ptr = drv("allocating pinned staging memory", unsafe {
-            dr::malloc_host(bytes.max(1), 0)
+            dr::malloc_host(bytes.max(1), 2)
         })? as *mut u8;
         unsafe { std::ptr::write_bytes(ptr, 0, bytes.max(1)) };
-        Ok(PinnedBuffer { ptr, bytes })
+        let mut dev_ptr: dsys::CUdeviceptr = 0;
+        // SAFETY: `ptr` was just allocated with the device-map flag.
+        drv("mapping pinned staging memory for the device", unsafe {
+            dsys::cuMemHostGetDevicePointer_v2(&mut dev_ptr, ptr as *mut c_void, 0).result()
+        })?;
+        Ok(PinnedBuffer { ptr, dev_ptr, bytes })
     }
 
     fn slice_mut<T: Copy>(&mut self, byte_offset: usize, len: usize) -> &mut [T] {
@@ -335,6 +348,7 @@ impl CudaModel {
             attn_prefill_v1: f("attn_prefill_v1")?,
             gemv: f("gemv")?,
             argmax_rows: f("argmax_rows")?,
+            copy_words: f("copy_words")?,
             _module: module,
         };
 
@@ -835,6 +849,37 @@ impl CudaModel {
         self.step_dev.ptr() + byte_offset as u64
     }
 
+    /// Copies `bytes` (a multiple of 4) between device-visible addresses with a kernel on the
+    /// compute stream (used with mapped pinned memory, so no copy engine is involved). With
+    /// `DJINN_CUDA_COPY_ENGINE_STEP_IO=1` the step's inputs go through the copy engine instead
+    /// (the old path, kept for A/B measurements).
+    fn copy_on_stream(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        debug_assert_eq!(bytes % 4, 0);
+        let words = (bytes / 4) as i32;
+        if words == 0 {
+            return Ok(());
+        }
+        let blocks = ((words as u32).div_ceil(256)).min(1024);
+        self.launch(self.kernels.copy_words, (blocks, 1, 1), (256, 1, 1), kargs![dst, src, words])
+    }
+
+    fn copy_engine_step_io() -> bool {
+        std::env::var_os("DJINN_CUDA_COPY_ENGINE_STEP_IO").is_some_and(|v| v == "1")
+    }
+
+    /// Moves a staged input range from pinned host memory to the step buffer.
+    fn upload_staged(&self, offset: usize, bytes: usize) -> Result<(), CudaError> {
+        if Self::copy_engine_step_io() {
+            // SAFETY: the pinned staging buffer outlives the copy (every step synchronises before
+            // the staging buffer is written again).
+            let src = unsafe { std::slice::from_raw_parts(self.step_host.ptr.add(offset), bytes) };
+            return drv("copying step inputs", unsafe {
+                dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
+            });
+        }
+        self.copy_on_stream(self.step_ptr(offset), self.step_host.dev_ptr + offset as u64, bytes)
+    }
+
     /// Enqueues one forward over `n_tokens` rows / `n_seqs` sequences whose inputs are already in
     /// the step buffer: logits of each sequence's last row in `logits`, argmax in `argmax`.
     fn enqueue_forward(
@@ -1277,12 +1322,7 @@ impl CudaModel {
             copies.push((sl.tiles, 16 * num_tiles));
         }
         for (offset, bytes) in copies {
-            // SAFETY: the pinned staging buffer outlives the copy (every step synchronises before
-            // the staging buffer is written again).
-            let src = unsafe { std::slice::from_raw_parts(self.step_host.ptr.add(offset), bytes) };
-            drv("copying step inputs", unsafe {
-                dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
-            })?;
+            self.upload_staged(offset, bytes)?;
         }
         Ok((rows, seqs, mode))
     }
@@ -1377,10 +1417,7 @@ impl CudaModel {
             (sl.seq_lens, 4 * rows),
             (sl.last_rows, 4 * rows),
         ] {
-            let src = unsafe { std::slice::from_raw_parts(self.step_host.ptr.add(offset), bytes) };
-            drv("copying step inputs", unsafe {
-                dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
-            })?;
+            self.upload_staged(offset, bytes)?;
         }
         Ok(())
     }
@@ -1418,12 +1455,19 @@ impl CudaModel {
     /// from the device: this is the serving path.
     pub fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, CudaError> {
         self.run_step(batch)?;
-        let mut out = vec![0u32; batch.len()];
-        drv("reading the greedy tokens", unsafe {
-            dr::memcpy_dtoh_async(&mut out, self.argmax.ptr(), self.device.stream.cu_stream())
-        })?;
+        let n = batch.len();
+        if Self::copy_engine_step_io() {
+            let mut out = vec![0u32; n];
+            drv("reading the greedy tokens", unsafe {
+                dr::memcpy_dtoh_async(&mut out, self.argmax.ptr(), self.device.stream.cu_stream())
+            })?;
+            self.wait("a forward step (greedy)")?;
+            return Ok(out);
+        }
+        // The tokens go to mapped pinned memory by a kernel (no copy engine: see PinnedBuffer).
+        self.copy_on_stream(self.logits_host.dev_ptr, self.argmax.ptr(), 4 * n)?;
         self.wait("a forward step (greedy)")?;
-        Ok(out)
+        Ok(self.logits_host.slice_mut::<u32>(0, n).to_vec())
     }
 
     /// One step; returns the f32 logits of each sequence's last new token.
