@@ -254,6 +254,10 @@ pub struct CudaModel {
     prefill_smem_bytes: usize,
     /// Batch-1 GEMMs through the GEMV kernel (off with DJINN_CUDA_NO_GEMV=1: cuBLAS for all).
     use_gemv: bool,
+    /// Smallest output width sent to the GEMV kernel: it beats cuBLAS on the wide projections
+    /// (qkv, gate/up, LM head) but not on the 4096-wide ones (o, down), measured on H100
+    /// (NOTES-cuda.md). DJINN_CUDA_GEMV_ALL=1 sends every batch-1 GEMM to it.
+    gemv_min_n: usize,
     /// Single-buffered prefill attention (DJINN_CUDA_PREFILL_V1=1), the fallback.
     use_prefill_v1: bool,
     /// Bytes allocated at start-up, by purpose (for reports).
@@ -555,6 +559,7 @@ impl CudaModel {
             profiler: std::cell::RefCell::new(None),
             prefill_smem_bytes,
             use_gemv: std::env::var_os("DJINN_CUDA_NO_GEMV").is_none(),
+            gemv_min_n: if std::env::var_os("DJINN_CUDA_GEMV_ALL").is_some() { 0 } else { 8192 },
             use_prefill_v1: std::env::var_os("DJINN_CUDA_PREFILL_V1").is_some(),
             memory_breakdown: plan,
         };
@@ -738,7 +743,7 @@ impl CudaModel {
         k: usize,
         out_f32: bool,
     ) -> Result<(), CudaError> {
-        if m == 1 && self.use_gemv && k % 8 == 0 {
+        if m == 1 && self.use_gemv && k % 8 == 0 && n > self.gemv_min_n {
             // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
             // cuBLAS does for m = 1 (see NOTES-cuda.md).
             const ROWS_PER_WARP: usize = 2;
