@@ -9,6 +9,7 @@
 //! clock.
 
 pub mod batch;
+pub mod clock;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -16,3 +17,5 @@ pub mod cuda;
 pub mod swap;
 pub mod tokenizer;
 pub mod weights;
+
+pub use clock::WallClock;

@@ -710,3 +710,12 @@ extern "C" __global__ void argmax_rows(const float* logits, int vocab, u32* out)
         out[b] = best_i == 0x7fffffff ? 0u : (u32)best_i;
     }
 }
+
+// Plain word copy on the compute stream. Used between device memory and mapped pinned host
+// memory, so a step's small inputs and outputs never wait in the copy engines' queues behind KV
+// swaps.
+extern "C" __global__ void copy_words(u32* dst, const u32* src, int n_words) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_words; i += gridDim.x * blockDim.x) {
+        dst[i] = src[i];
+    }
+}

@@ -99,6 +99,7 @@ struct Kernels {
     attn_prefill_v1: dsys::CUfunction,
     gemv: dsys::CUfunction,
     argmax_rows: dsys::CUfunction,
+    copy_words: dsys::CUfunction,
 }
 
 /// Element offsets of one layer's tensors inside the weight buffer.
@@ -158,20 +159,32 @@ impl StepLayout {
     }
 }
 
-/// Page-locked host memory (staging for step inputs and results), freed on drop.
+/// Page-locked host memory (staging for step inputs and results), freed on drop. It is also
+/// mapped into the device's address space, so kernels can read the step's inputs and write its
+/// tokens directly: the step then needs no copy engine, and never queues behind KV swaps, which
+/// keep both copy engines busy for tens of milliseconds (measured in engine/NOTES-swap.md: a
+/// 32 KiB `cuMemcpyHtoDAsync` waited for the queued swaps, a mapped-memory kernel did not).
 struct PinnedBuffer {
     ptr: *mut u8,
+    /// The same memory as seen from the device.
+    dev_ptr: u64,
     bytes: usize,
 }
 
 impl PinnedBuffer {
     fn new(bytes: usize) -> Result<Self, CudaError> {
-        // SAFETY: plain page-locked allocation (flags 0: ordinary pinned memory, CPU-readable).
+        // SAFETY: page-locked allocation, CPU-readable (not write-combined) and mapped for the
+        // device (CU_MEMHOSTALLOC_DEVICEMAP = 2).
         let ptr = drv("allocating pinned staging memory", unsafe {
-            dr::malloc_host(bytes.max(1), 0)
+            dr::malloc_host(bytes.max(1), 2)
         })? as *mut u8;
         unsafe { std::ptr::write_bytes(ptr, 0, bytes.max(1)) };
-        Ok(PinnedBuffer { ptr, bytes })
+        let mut dev_ptr: dsys::CUdeviceptr = 0;
+        // SAFETY: `ptr` was just allocated with the device-map flag.
+        drv("mapping pinned staging memory for the device", unsafe {
+            dsys::cuMemHostGetDevicePointer_v2(&mut dev_ptr, ptr as *mut c_void, 0).result()
+        })?;
+        Ok(PinnedBuffer { ptr, dev_ptr, bytes })
     }
 
     fn slice_mut<T: Copy>(&mut self, byte_offset: usize, len: usize) -> &mut [T] {
@@ -241,6 +254,10 @@ pub struct CudaModel {
     prefill_smem_bytes: usize,
     /// Batch-1 GEMMs through the GEMV kernel (off with DJINN_CUDA_NO_GEMV=1: cuBLAS for all).
     use_gemv: bool,
+    /// Smallest output width sent to the GEMV kernel: it beats cuBLAS on the wide projections
+    /// (qkv, gate/up, LM head) but not on the 4096-wide ones (o, down), measured on H100
+    /// (NOTES-cuda.md). DJINN_CUDA_GEMV_ALL=1 sends every batch-1 GEMM to it.
+    gemv_min_n: usize,
     /// Single-buffered prefill attention (DJINN_CUDA_PREFILL_V1=1), the fallback.
     use_prefill_v1: bool,
     /// Bytes allocated at start-up, by purpose (for reports).
@@ -335,6 +352,7 @@ impl CudaModel {
             attn_prefill_v1: f("attn_prefill_v1")?,
             gemv: f("gemv")?,
             argmax_rows: f("argmax_rows")?,
+            copy_words: f("copy_words")?,
             _module: module,
         };
 
@@ -541,6 +559,7 @@ impl CudaModel {
             profiler: std::cell::RefCell::new(None),
             prefill_smem_bytes,
             use_gemv: std::env::var_os("DJINN_CUDA_NO_GEMV").is_none(),
+            gemv_min_n: if std::env::var_os("DJINN_CUDA_GEMV_ALL").is_some() { 0 } else { 8192 },
             use_prefill_v1: std::env::var_os("DJINN_CUDA_PREFILL_V1").is_some(),
             memory_breakdown: plan,
         };
@@ -724,7 +743,7 @@ impl CudaModel {
         k: usize,
         out_f32: bool,
     ) -> Result<(), CudaError> {
-        if m == 1 && self.use_gemv && k % 8 == 0 {
+        if m == 1 && self.use_gemv && k % 8 == 0 && n > self.gemv_min_n {
             // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
             // cuBLAS does for m = 1 (see NOTES-cuda.md).
             const ROWS_PER_WARP: usize = 2;
@@ -833,6 +852,37 @@ impl CudaModel {
 
     fn step_ptr(&self, byte_offset: usize) -> u64 {
         self.step_dev.ptr() + byte_offset as u64
+    }
+
+    /// Copies `bytes` (a multiple of 4) between device-visible addresses with a kernel on the
+    /// compute stream (used with mapped pinned memory, so no copy engine is involved). With
+    /// `DJINN_CUDA_COPY_ENGINE_STEP_IO=1` the step's inputs go through the copy engine instead
+    /// (the old path, kept for A/B measurements).
+    fn copy_on_stream(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        debug_assert_eq!(bytes % 4, 0);
+        let words = (bytes / 4) as i32;
+        if words == 0 {
+            return Ok(());
+        }
+        let blocks = ((words as u32).div_ceil(256)).min(1024);
+        self.launch(self.kernels.copy_words, (blocks, 1, 1), (256, 1, 1), kargs![dst, src, words])
+    }
+
+    fn copy_engine_step_io() -> bool {
+        std::env::var_os("DJINN_CUDA_COPY_ENGINE_STEP_IO").is_some_and(|v| v == "1")
+    }
+
+    /// Moves a staged input range from pinned host memory to the step buffer.
+    fn upload_staged(&self, offset: usize, bytes: usize) -> Result<(), CudaError> {
+        if Self::copy_engine_step_io() {
+            // SAFETY: the pinned staging buffer outlives the copy (every step synchronises before
+            // the staging buffer is written again).
+            let src = unsafe { std::slice::from_raw_parts(self.step_host.ptr.add(offset), bytes) };
+            return drv("copying step inputs", unsafe {
+                dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
+            });
+        }
+        self.copy_on_stream(self.step_ptr(offset), self.step_host.dev_ptr + offset as u64, bytes)
     }
 
     /// Enqueues one forward over `n_tokens` rows / `n_seqs` sequences whose inputs are already in
@@ -1277,12 +1327,7 @@ impl CudaModel {
             copies.push((sl.tiles, 16 * num_tiles));
         }
         for (offset, bytes) in copies {
-            // SAFETY: the pinned staging buffer outlives the copy (every step synchronises before
-            // the staging buffer is written again).
-            let src = unsafe { std::slice::from_raw_parts(self.step_host.ptr.add(offset), bytes) };
-            drv("copying step inputs", unsafe {
-                dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
-            })?;
+            self.upload_staged(offset, bytes)?;
         }
         Ok((rows, seqs, mode))
     }
@@ -1377,10 +1422,7 @@ impl CudaModel {
             (sl.seq_lens, 4 * rows),
             (sl.last_rows, 4 * rows),
         ] {
-            let src = unsafe { std::slice::from_raw_parts(self.step_host.ptr.add(offset), bytes) };
-            drv("copying step inputs", unsafe {
-                dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
-            })?;
+            self.upload_staged(offset, bytes)?;
         }
         Ok(())
     }
@@ -1418,12 +1460,19 @@ impl CudaModel {
     /// from the device: this is the serving path.
     pub fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, CudaError> {
         self.run_step(batch)?;
-        let mut out = vec![0u32; batch.len()];
-        drv("reading the greedy tokens", unsafe {
-            dr::memcpy_dtoh_async(&mut out, self.argmax.ptr(), self.device.stream.cu_stream())
-        })?;
+        let n = batch.len();
+        if Self::copy_engine_step_io() {
+            let mut out = vec![0u32; n];
+            drv("reading the greedy tokens", unsafe {
+                dr::memcpy_dtoh_async(&mut out, self.argmax.ptr(), self.device.stream.cu_stream())
+            })?;
+            self.wait("a forward step (greedy)")?;
+            return Ok(out);
+        }
+        // The tokens go to mapped pinned memory by a kernel (no copy engine: see PinnedBuffer).
+        self.copy_on_stream(self.logits_host.dev_ptr, self.argmax.ptr(), 4 * n)?;
         self.wait("a forward step (greedy)")?;
-        Ok(out)
+        Ok(self.logits_host.slice_mut::<u32>(0, n).to_vec())
     }
 
     /// One step; returns the f32 logits of each sequence's last new token.
