@@ -2,6 +2,10 @@
 
 use clap::{Args, Subcommand};
 
+pub mod generate_cmd;
+pub mod gpu_cmd;
+pub mod swap_cmd;
+
 #[derive(Args)]
 pub struct EngineArgs {
     #[command(subcommand)]
@@ -12,10 +16,25 @@ pub struct EngineArgs {
 pub enum EngineCommand {
     /// Print the model presets and their KV footprint.
     Presets,
+    /// Greedy continuation of a prompt with a GGUF model (e.g. SmolLM2-135M-Instruct).
+    Generate(generate_cmd::GenerateArgs),
+    /// Benchmark the CUDA forward (llama2-7b fp16 by default): decode steps and prefills, each beside its floor.
+    Bench(gpu_cmd::BenchArgs),
+    /// GPU correctness checks of the CUDA forward.
+    Check(gpu_cmd::CheckArgs),
+    /// Benchmark the GPU KV swap engine (pinned host pool, copy streams), each figure beside the measured PCIe floor.
+    SwapBench(swap_cmd::SwapBenchArgs),
+    /// GPU correctness checks of the swap engine (bit-exact round trips, busy blocks, logits after swap).
+    SwapCheck(swap_cmd::SwapCheckArgs),
 }
 
 pub fn run(args: EngineArgs) -> anyhow::Result<()> {
     match args.command {
+        EngineCommand::Generate(a) => generate_cmd::generate(a),
+        EngineCommand::Bench(a) => gpu_cmd::bench(a),
+        EngineCommand::Check(a) => gpu_cmd::check(a),
+        EngineCommand::SwapBench(a) => swap_cmd::swap_bench(a),
+        EngineCommand::SwapCheck(a) => swap_cmd::swap_check(a),
         EngineCommand::Presets => {
             for name in engine::config::ModelConfig::PRESET_NAMES {
                 let config = engine::config::ModelConfig::preset(name).expect("listed preset exists");

@@ -8,4 +8,14 @@
 //! mechanism names in a plan), or make scheduling decisions. It is the only crate that reads the OS
 //! clock.
 
+pub mod batch;
+pub mod clock;
 pub mod config;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod swap;
+pub mod tokenizer;
+pub mod weights;
+
+pub use clock::WallClock;

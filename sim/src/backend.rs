@@ -116,7 +116,9 @@ impl SimGpu {
             SwapDirection::In => &self.profile.host_to_device,
             SwapDirection::Out => &self.profile.device_to_host,
         };
-        ch.latency_ns + (bytes as f64 / ch.bandwidth_bytes_per_s * 1e9).round() as u64
+        // Saturating: a valid profile may have an absurd latency or a tiny bandwidth; the run then
+        // ends at its time limit instead of overflowing (found by the robust-input tests).
+        ch.latency_ns.saturating_add((bytes as f64 / ch.bandwidth_bytes_per_s * 1e9).round() as u64)
     }
 
     pub fn block_bytes(&self) -> u64 {

@@ -128,6 +128,10 @@ struct LoopState<'w> {
     alive: u32,
     /// Step stamp of the last batch each agent was in (duplicate detection).
     batch_stamp: Vec<u64>,
+    /// Swap bytes started by plans since the last step record. Plans without compute write no
+    /// record, so their swaps (and the KV counters' drops) go into the next one; they were lost
+    /// before (found by the property tests: steps.csv reported no swaps for a lone agent).
+    unreported_swap_bytes: (u64, u64),
     events: Vec<SchedEvent>,
 }
 
@@ -167,6 +171,7 @@ impl<'w> LoopState<'w> {
             unfinished: n,
             alive: 0,
             batch_stamp: vec![0; n as usize],
+            unreported_swap_bytes: (0, 0),
             events: Vec::new(),
         };
         for a in &workload.agents {
@@ -241,6 +246,8 @@ impl<'w> LoopState<'w> {
             scheduler.plan_step(&self.view(now, backend), &mut plan);
             batch.clear();
             let (swap_in_bytes, swap_out_bytes, changed) = self.apply_plan(&plan, &mut batch, now, backend)?;
+            self.unreported_swap_bytes.0 += swap_in_bytes;
+            self.unreported_swap_bytes.1 += swap_out_bytes;
 
             // 3. Run the step, or move time to the next thing that can happen.
             if !batch.prefill.is_empty() || !batch.decode.is_empty() {
@@ -248,7 +255,7 @@ impl<'w> LoopState<'w> {
                 let duration = backend
                     .execute_step(now, &batch, &self.kv)
                     .map_err(|e| RunError::Backend { seed: self.settings.seed, step: self.step, message: e.to_string() })?;
-                self.record_step(now, duration, &batch, swap_in_bytes, swap_out_bytes);
+                self.record_step(now, duration, &batch);
                 let end = now + duration;
                 clock.advance_to(end);
                 now = clock.now();
@@ -272,14 +279,23 @@ impl<'w> LoopState<'w> {
                     next = Some(next.map_or(w, |n| n.min(w)));
                 }
                 match next {
-                    Some(t) if t > now => {
+                    // A plan that changed state without computing (a release, drop or swap start)
+                    // may have made room for compute now: plan again at this instant before time
+                    // moves on. (Advancing first left the GPU idle until the next event; the
+                    // property tests found turns waiting for an unrelated arrival.)
+                    Some(t) if t > now && !changed => {
                         idle_replans = 0;
                         clock.advance_to(t);
                         now = clock.now();
                     }
                     _ if changed || next.is_some() => {
                         // Something changed (or a timer is due now): plan again at the same instant.
-                        idle_replans += 1;
+                        // A rejection ends a turn for good, so plans that reject are progress, not a
+                        // loop (policies reject one blocked head per plan; many at one instant
+                        // tripped the limit; found by the property tests).
+                        if plan.reject.is_empty() {
+                            idle_replans += 1;
+                        }
                         if idle_replans > self.settings.limits.max_idle_replans {
                             return Err(RunError::Limit {
                                 seed: self.settings.seed,
@@ -386,7 +402,7 @@ impl<'w> LoopState<'w> {
 
     /// Applies a plan through the KV mechanism. Returns (swap-in bytes, swap-out bytes, changed).
     fn apply_plan(&mut self, plan: &StepPlan, batch: &mut StepBatch, now: SimTime, backend: &mut dyn Backend) -> Result<(u64, u64, bool), RunError> {
-        self.kv.counters = Default::default();
+        // `kv.counters` accumulate until the next step record (see `unreported_swap_bytes`).
         let mut changed = false;
         for &agent in &plan.reject {
             let a = &self.agents[agent as usize];
@@ -519,7 +535,9 @@ impl<'w> LoopState<'w> {
         Ok(job.pairs.len() as u64)
     }
 
-    fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch, swap_in_bytes: u64, swap_out_bytes: u64) {
+    fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch) {
+        let (swap_in_bytes, swap_out_bytes) = std::mem::take(&mut self.unreported_swap_bytes);
+        let counters = std::mem::take(&mut self.kv.counters);
         self.out.steps.push(StepRecord {
             step_index: self.step,
             start_ns: now.as_nanos(),
@@ -531,9 +549,9 @@ impl<'w> LoopState<'w> {
             decode_context_tokens: batch.decode_context_tokens(),
             swap_in_bytes_started: swap_in_bytes,
             swap_out_bytes_started: swap_out_bytes,
-            drops: self.kv.counters.drops,
-            dropped_tokens: self.kv.counters.dropped_tokens,
-            cache_evicted_blocks: self.kv.counters.cache_evicted_blocks,
+            drops: counters.drops,
+            dropped_tokens: counters.dropped_tokens,
+            cache_evicted_blocks: counters.cache_evicted_blocks,
             gpu_blocks_free: self.kv.gpu_blocks_free(),
             host_blocks_free: self.kv.host_blocks_free(),
         });
@@ -546,7 +564,9 @@ impl<'w> LoopState<'w> {
             let agent = s.agent;
             let recomputed = self.kv.advance(agent, s.tokens).map_err(|e| self.kv_err(now, e))?;
             let a = &mut self.agents[agent as usize];
-            a.attained_service_ns += duration * s.tokens as u64 / total_tokens;
+            // In u128: a profile with absurd (but valid) costs makes steps long enough to overflow
+            // u64 here (found by the robust-input tests).
+            a.attained_service_ns = a.attained_service_ns.saturating_add((duration as u128 * s.tokens as u128 / total_tokens as u128) as u64);
             let tracker = self.trackers[agent as usize].as_mut().expect("a computing agent has a turn");
             tracker.first_time_tokens += (s.tokens - recomputed) as u64;
             let rec = &mut self.out.turns[tracker.record_index];

@@ -377,6 +377,13 @@ impl KvManager {
         if extra > self.gpu.free_count {
             return Err(KvError::GpuPoolExhausted { agent, needed: extra, free: self.gpu.free_count });
         }
+        if !self.agents[agent as usize].cached.is_empty() {
+            // Growing without reclaiming first recomputes from scratch: the cached prefix can no
+            // longer be reclaimed (that needs an empty table), so forget it. Left tagged, the agent
+            // held both blocks and a cached prefix, which the audit rejects (found by the
+            // model-based KV test).
+            self.untag_cached(agent);
+        }
         for _ in 0..extra {
             let b = self.alloc_gpu(agent);
             let a = &mut self.agents[agent as usize];

@@ -98,10 +98,10 @@ pub struct CostHints {
 
 impl CostHints {
     pub fn swap_in_ns(&self, blocks: u32) -> u64 {
-        self.swap_latency_ns + (blocks as f64 * self.block_bytes as f64 / self.swap_in_bandwidth_bytes_per_s * 1e9) as u64
+        self.swap_latency_ns.saturating_add((blocks as f64 * self.block_bytes as f64 / self.swap_in_bandwidth_bytes_per_s * 1e9) as u64)
     }
     pub fn swap_out_ns(&self, blocks: u32) -> u64 {
-        self.swap_latency_ns + (blocks as f64 * self.block_bytes as f64 / self.swap_out_bandwidth_bytes_per_s * 1e9) as u64
+        self.swap_latency_ns.saturating_add((blocks as f64 * self.block_bytes as f64 / self.swap_out_bandwidth_bytes_per_s * 1e9) as u64)
     }
     pub fn recompute_ns(&self, tokens: u32) -> u64 {
         (tokens as f64 * self.prefill_ns_per_token) as u64

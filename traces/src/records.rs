@@ -8,7 +8,7 @@ pub const KV_SOURCES: [&str; 5] = ["new", "resident", "swapped_in", "recomputed"
 
 /// One turn of one agent. Times are nanoseconds since the run started; an optional time is empty
 /// in the CSV when the event never happened (e.g. no restore, or a rejected turn).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TurnRecord {
     pub agent_id: u32,
     pub turn_index: u32,
@@ -36,7 +36,7 @@ pub struct TurnRecord {
 }
 
 /// One engine step (one forward over a batch).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step_index: u64,
     pub start_ns: u64,
@@ -60,7 +60,7 @@ pub struct StepRecord {
 }
 
 /// One asynchronous KV copy between GPU and host.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SwapRecord {
     pub swap_id: u64,
     pub agent_id: u32,

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::io::{csv_bytes, TraceError};
+use crate::io::{csv_bytes_with_header, TraceError};
 use crate::{RunManifest, RunSummary, StepRecord, SwapRecord, TurnRecord};
 
 /// The files of a run directory, in the order they are written.
@@ -34,9 +34,9 @@ pub fn write_run_dir(
         };
         let json = |value: &dyn erased::Json| -> Vec<u8> { value.to_json() };
         write("manifest.json", json(manifest))?;
-        write("turns.csv", csv_bytes(turns).map_err(|e| csv_err(&tmp.join("turns.csv"), e))?)?;
-        write("steps.csv", csv_bytes(steps).map_err(|e| csv_err(&tmp.join("steps.csv"), e))?)?;
-        write("swaps.csv", csv_bytes(swaps).map_err(|e| csv_err(&tmp.join("swaps.csv"), e))?)?;
+        write("turns.csv", csv_bytes_with_header(turns).map_err(|e| csv_err(&tmp.join("turns.csv"), e))?)?;
+        write("steps.csv", csv_bytes_with_header(steps).map_err(|e| csv_err(&tmp.join("steps.csv"), e))?)?;
+        write("swaps.csv", csv_bytes_with_header(swaps).map_err(|e| csv_err(&tmp.join("swaps.csv"), e))?)?;
         write("summary.json", json(summary))?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| TraceError::io(dir, e))?;

@@ -165,7 +165,7 @@ pub enum Arrival {
 
 /// What the scheduler is told about a pause's length.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "lowercase", try_from = "HintSpecFields")]
 pub enum HintSpec {
     /// The true pause.
     Exact,
@@ -173,6 +173,33 @@ pub enum HintSpec {
     Noisy { sigma: f64 },
     /// No hint; a policy must predict.
     None,
+}
+
+/// The fields a `[hint]` table may have; `HintSpec` is read through it. serde's internally tagged
+/// enums ignore unknown fields of unit variants (`exact`, `none`) even with
+/// `deny_unknown_fields`, so `kind = "exact"` with a misspelt key was silently accepted (found by
+/// the robust-input tests).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HintSpecFields {
+    kind: String,
+    #[serde(default)]
+    sigma: Option<f64>,
+}
+
+impl TryFrom<HintSpecFields> for HintSpec {
+    type Error = String;
+
+    fn try_from(fields: HintSpecFields) -> Result<Self, String> {
+        match (fields.kind.as_str(), fields.sigma) {
+            ("exact", None) => Ok(HintSpec::Exact),
+            ("none", None) => Ok(HintSpec::None),
+            ("noisy", Some(sigma)) => Ok(HintSpec::Noisy { sigma }),
+            ("noisy", None) => Err("missing field `sigma` (kind `noisy` needs it)".into()),
+            (kind @ ("exact" | "none"), Some(_)) => Err(format!("unknown field `sigma` for kind `{kind}` (only `noisy` has one)")),
+            (kind, _) => Err(format!("unknown variant `{kind}`, expected one of `exact`, `noisy`, `none`")),
+        }
+    }
 }
 
 /// Per-agent program distributions.

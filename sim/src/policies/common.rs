@@ -59,6 +59,19 @@ impl WaitQueue {
         self.entries.iter().map(|(_, _, _, a)| *a)
     }
 
+    /// A sortable position of the agent in the queue (smaller = earlier), if it is queued.
+    pub fn position_key(&self, agent: AgentId) -> Option<u64> {
+        // Front pushes (class 0) come before everything; within a class, (key, sequence) orders.
+        self.index.get(&agent).map(|&(class, key, seq)| {
+            let _ = seq;
+            if class == 0 {
+                0
+            } else {
+                key.saturating_add(1)
+            }
+        })
+    }
+
     /// Lowest priority first.
     pub fn iter_rev(&self) -> impl Iterator<Item = AgentId> + '_ {
         self.entries.iter().rev().map(|(_, _, _, a)| *a)

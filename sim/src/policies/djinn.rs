@@ -99,6 +99,9 @@ pub struct Djinn {
     /// Paused agents whose KV is on the host, by the time their prefetch should start.
     prefetch_at: BTreeSet<(u64, AgentId)>,
     prefetch_key: BTreeMap<AgentId, u64>,
+    /// Waiting (uncommitted) agents whose KV is on the GPU, by their queue position: they hold
+    /// memory while they wait, so they may overtake a head that does not fit.
+    parked: BTreeSet<AgentId>,
     /// Agents swapping out, with the GPU blocks the copy will free.
     swapping_out: BTreeMap<AgentId, u32>,
     predictor: PausePredictor,
@@ -119,6 +122,7 @@ impl Djinn {
             swapping_out: BTreeMap::new(),
             predictor: PausePredictor::new(params.predictor),
             queue_wait_ns: 0.0,
+            parked: BTreeSet::new(),
             params,
         }
     }
@@ -147,6 +151,7 @@ impl Djinn {
         let blocks = view.kv.blocks(agent);
         let key = self.return_key(agent);
         self.resident_paused.remove(&(key, agent));
+        self.parked.remove(&agent);
         if blocks as i64 <= budget.host_free {
             budget.host_free -= blocks as i64;
             budget.freeing += blocks as i64;
@@ -212,6 +217,9 @@ impl Scheduler for Djinn {
                     TurnOrder::LeastAttainedService => a.attained_service_ns,
                 };
                 self.waiting.push(agent, key);
+                if view.kv.state(agent) == KvState::Gpu && view.kv.blocks(agent) > 0 {
+                    self.parked.insert(agent);
+                }
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
@@ -252,6 +260,23 @@ impl Scheduler for Djinn {
     fn plan_step(&mut self, view: &SchedView, plan: &mut StepPlan) {
         let kv = view.kv;
         let now = view.now;
+        // A paused agent still away after its predicted return was mispredicted (a noisy or
+        // missing hint). Left at its stale key it counted as "back sooner than a round trip"
+        // forever, was never evicted, and waiting turns stalled until its true return (minutes;
+        // found by the property tests). Predict again: away as long again as it has been so far.
+        while let Some(&(key, agent)) = self.resident_paused.iter().next() {
+            if key >= now.as_nanos() {
+                break;
+            }
+            self.resident_paused.remove(&(key, agent));
+            if view.agent(agent).phase != Phase::Paused || self.return_key(agent) != key {
+                continue;
+            }
+            let elapsed = now - view.agent(agent).pause_started;
+            let predicted = now + elapsed.max(1);
+            self.predicted_return.insert(agent, Some(predicted));
+            self.resident_paused.insert((predicted.as_nanos(), agent));
+        }
         let total = kv.gpu_blocks_total() as i64;
         let watermark = (total as f64 * self.params.watermark_fraction).ceil() as i64;
         let reserved = reserved_growth(view, &self.committed) as i64;
@@ -382,17 +407,17 @@ impl Scheduler for Djinn {
             }
         }
         let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
-        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
-            - (budget.free - reserved)
-            - budget.freeing;
+        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64) - (budget.free - reserved) - budget.freeing;
         if head_deficit > 0 && self.committed.is_empty() {
-            let parked: Vec<AgentId> = self
-                .waiting
-                .iter_rev()
-                .filter(|&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
-                .take(WAITING_SCAN_MAX)
+            // Lowest priority first: the parked agents latest in the queue.
+            let mut parked: Vec<(u64, AgentId)> = self
+                .parked
+                .iter()
+                .filter(|&&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
+                .filter_map(|&a| self.waiting.position_key(a).map(|k| (k, a)))
                 .collect();
-            for agent in parked {
+            parked.sort_unstable_by(|x, y| y.cmp(x));
+            for (_, agent) in parked {
                 if head_deficit <= 0 {
                     break;
                 }
@@ -483,10 +508,18 @@ impl Scheduler for Djinn {
                 && plan.swap_out.is_empty()
                 && plan.drop.is_empty()
                 && !evictable;
-            if self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free) {
+            // A head whose prefetch is still copying in cannot be freed yet: reject it once the
+            // copy lands (rejecting it mid-copy asked the mechanism for the impossible; found by
+            // the property tests).
+            let moving = matches!(kv.state(head), KvState::SwappingIn | KvState::SwappingOut);
+            if self.waiting.contains(head) && !moving && (never_fits(view, head) || nothing_can_free) {
                 self.waiting.remove(head);
                 plan.reject.push(head);
             }
+        }
+
+        for agent in &self.committed {
+            self.parked.remove(agent);
         }
 
         // 5. The batch.

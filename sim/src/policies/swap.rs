@@ -36,10 +36,16 @@ impl Scheduler for Swap {
     fn plan_step(&mut self, view: &SchedView, plan: &mut StepPlan) {
         let mut host_free = view.kv.host_blocks_free();
         let mut freed_now = 0i64;
+        let mut evicted: Vec<AgentId> = Vec::new();
         for agent in self.to_evict.drain(..) {
-            if view.agent(agent).phase != Phase::Paused || view.kv.state(agent) != KvState::Gpu {
+            // Always swap at turn end, even when the pause was zero and the agent is already back
+            // (waiting). A returned agent that kept its KV outside the committed set held blocks
+            // the head of the queue needed, and the head was rejected although the pool fits it
+            // (found by the property tests).
+            if !matches!(view.agent(agent).phase, Phase::Paused | Phase::Waiting) || view.kv.state(agent) != KvState::Gpu {
                 continue;
             }
+            evicted.push(agent);
             let blocks = view.kv.blocks(agent);
             if blocks <= host_free {
                 host_free -= blocks;
@@ -51,7 +57,7 @@ impl Scheduler for Swap {
         }
         let reserved = reserved_growth(view, &self.committed) as i64;
         let mut avail = view.kv.gpu_blocks_free() as i64 + freed_now - reserved;
-        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &[]) {
+        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &evicted) {
             let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0 && plan.swap_out.is_empty();
             if never_fits(view, head) || nothing_can_free {
                 self.waiting.remove(head);

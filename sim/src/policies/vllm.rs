@@ -56,11 +56,16 @@ impl Scheduler for Vllm {
     fn plan_step(&mut self, view: &SchedView, plan: &mut StepPlan) {
         let kv = view.kv;
         let mut free = kv.gpu_blocks_free() as i64;
+        let mut released_now: Vec<AgentId> = Vec::new();
         for agent in std::mem::take(&mut self.to_release) {
-            // An agent already back (zero pause) keeps its blocks: a full prefix-cache hit.
-            if view.agent(agent).phase == Phase::Paused && kv.blocks(agent) > 0 && kv.is_resident(agent) {
+            // Released even when the agent is already back (a zero pause), as vLLM does: a
+            // finished request's blocks go to the prefix cache and its next turn reclaims them.
+            // A waiting turn that kept its blocks outside the free count could hold what the head
+            // of the queue needs while waiting behind it: a deadlock (found by the property tests).
+            if matches!(view.agent(agent).phase, Phase::Paused | Phase::Waiting) && kv.blocks(agent) > 0 && kv.is_resident(agent) {
                 free += kv.blocks(agent) as i64;
                 self.free_blocks(agent, plan);
+                released_now.push(agent);
             }
         }
         let mut tokens_left = view.config.max_batch_tokens as i64;
@@ -111,6 +116,11 @@ impl Scheduler for Vllm {
             let order: Vec<AgentId> = self.waiting.iter().take(super::common::COMMIT_SCAN_MAX).collect();
             for agent in order {
                 if seqs_left == 0 || tokens_left <= 0 {
+                    break;
+                }
+                if released_now.contains(&agent) {
+                    // Its release is applied with this plan; it is admitted (reclaiming its cached
+                    // prefix) by the next plan, at the same instant. Stop here to keep the order.
                     break;
                 }
                 if never_fits(view, agent) {

@@ -1,0 +1,333 @@
+//! `djinn engine bench`: decode-step and prefill timings of the CUDA forward, each printed beside
+//! its hardware floor and the ratio to it.
+//!
+//! Floors: a decode step must read every weight except the embedding table once plus the KV of
+//! every sequence (memory-bound); a prefill must do 2 FLOPs per weight per token plus causal
+//! attention (compute-bound). Rates: the H100 SXM datasheet (3.35 TB/s, 989 TFLOP/s dense fp16) and
+//! the rates measured on our H100 (3.0 TB/s device copy, ~790 TFLOP/s cuBLAS fp16 on random data).
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CudaError, CudaModel};
+use crate::batch::SeqStep;
+
+pub const DATASHEET_BANDWIDTH_BYTES_PER_S: f64 = 3.35e12;
+pub const MEASURED_BANDWIDTH_BYTES_PER_S: f64 = 3.0e12;
+pub const DATASHEET_FP16_FLOP_PER_S: f64 = 989e12;
+pub const MEASURED_FP16_FLOP_PER_S: f64 = 790e12;
+
+/// One measured configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchRow {
+    pub system: String,
+    pub kind: String,
+    pub batch: usize,
+    /// Decode: tokens each sequence attends to (its new token included). Prefill: prompt tokens.
+    pub tokens: usize,
+    pub ms_p50: f64,
+    pub ms_mean: f64,
+    pub ms_min: f64,
+    pub reps: usize,
+    pub tokens_per_s: f64,
+    pub bytes_moved_min: f64,
+    pub flops: f64,
+    pub floor_ms_datasheet: f64,
+    pub floor_ms_measured_rates: f64,
+    /// ms_p50 / floor_ms_datasheet.
+    pub ratio_to_datasheet_floor: f64,
+    pub ratio_to_measured_floor: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub model: String,
+    pub dtype: String,
+    pub kv_blocks: usize,
+    pub kv_block_bytes: usize,
+    pub cuda_graphs: bool,
+    pub rows: Vec<BenchRow>,
+}
+
+/// Bytes a decode step must read at least: all weights but the embedding table, plus the KV.
+pub fn decode_bytes(model: &CudaModel, batch: usize, context: usize) -> f64 {
+    let c = &model.config;
+    let weight_params = weight_params(model)
+        - if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * c.hidden_size
+        };
+    let elem = model.options.dtype.size_bytes();
+    (weight_params * elem + batch * context * c.kv_bytes_per_token(model.options.dtype)) as f64
+}
+
+fn weight_params(model: &CudaModel) -> usize {
+    let c = &model.config;
+    let hd = c.head_dim();
+    let per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+        + c.hidden_size * c.num_attention_heads * hd
+        + 3 * c.hidden_size * c.intermediate_size
+        + 2 * c.hidden_size;
+    let lm_head = if c.tie_word_embeddings {
+        0
+    } else {
+        c.vocab_size * c.hidden_size
+    };
+    c.vocab_size * c.hidden_size + per_layer * c.num_hidden_layers + c.hidden_size + lm_head
+}
+
+/// FLOPs of a prefill of `n` tokens: 2 per linear weight per token (no LM head: only the last
+/// token's logits are computed) plus causal attention (QK^T and PV over n^2/2 pairs).
+pub fn prefill_flops(model: &CudaModel, n: usize) -> f64 {
+    let c = &model.config;
+    let hd = c.head_dim();
+    let linear_per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+        + c.hidden_size * c.num_attention_heads * hd
+        + 3 * c.hidden_size * c.intermediate_size;
+    let linear = 2.0 * (linear_per_layer * c.num_hidden_layers) as f64 * n as f64;
+    let attention = 2.0
+        * (n as f64)
+        * (n as f64)
+        * (c.num_attention_heads * hd) as f64
+        * c.num_hidden_layers as f64;
+    linear + attention
+}
+
+fn stats(mut times_ms: Vec<f64>) -> (f64, f64, f64) {
+    times_ms.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+    let n = times_ms.len();
+    let p50 = if n % 2 == 1 {
+        times_ms[n / 2]
+    } else {
+        0.5 * (times_ms[n / 2 - 1] + times_ms[n / 2])
+    };
+    (p50, times_ms.iter().sum::<f64>() / n as f64, times_ms[0])
+}
+
+/// Times `reps` decode steps (after `warmup`) of `batch` sequences each attending to `context`
+/// tokens; every sequence has its own blocks. Each step is the serving path: stage inputs, replay
+/// the graph, read back the greedy tokens (wall time, synchronised).
+pub fn bench_decode(
+    model: &mut CudaModel,
+    batch: usize,
+    context: usize,
+    warmup: usize,
+    reps: usize,
+) -> Result<BenchRow, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let blocks_per_seq = context.div_ceil(bs);
+    if batch * blocks_per_seq > model.kv_pool().num_blocks() {
+        return Err(CudaError::BadInput(format!(
+            "decode batch {batch} x context {context} needs {} KV blocks; the pool has {}",
+            batch * blocks_per_seq,
+            model.kv_pool().num_blocks()
+        )));
+    }
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|b| ((b * blocks_per_seq) as u32..((b + 1) * blocks_per_seq) as u32).collect())
+        .collect();
+    let mut tokens: Vec<[u32; 1]> = (0..batch)
+        .map(|b| [(b as u32 * 7919 + 1) % model.config.vocab_size as u32])
+        .collect();
+    let mut times = Vec::with_capacity(reps);
+    for rep in 0..warmup + reps {
+        let steps: Vec<SeqStep<'_>> = (0..batch)
+            .map(|b| SeqStep {
+                block_table: &tables[b],
+                context_len: context - 1,
+                tokens: &tokens[b],
+            })
+            .collect();
+        let start = Instant::now();
+        let next = model.forward_greedy(&steps)?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if rep >= warmup {
+            times.push(ms);
+        }
+        for (t, n) in tokens.iter_mut().zip(next) {
+            t[0] = n;
+        }
+    }
+    let (p50, mean, min) = stats(times);
+    let bytes = decode_bytes(model, batch, context);
+    let flops = 2.0 * weight_params(model) as f64 * batch as f64;
+    let floor_ds =
+        (bytes / DATASHEET_BANDWIDTH_BYTES_PER_S).max(flops / DATASHEET_FP16_FLOP_PER_S) * 1e3;
+    let floor_ms =
+        (bytes / MEASURED_BANDWIDTH_BYTES_PER_S).max(flops / MEASURED_FP16_FLOP_PER_S) * 1e3;
+    Ok(BenchRow {
+        system: "djinn-cuda".into(),
+        kind: "decode_step".into(),
+        batch,
+        tokens: context,
+        ms_p50: p50,
+        ms_mean: mean,
+        ms_min: min,
+        reps,
+        tokens_per_s: batch as f64 / (p50 / 1e3),
+        bytes_moved_min: bytes,
+        flops,
+        floor_ms_datasheet: floor_ds,
+        floor_ms_measured_rates: floor_ms,
+        ratio_to_datasheet_floor: p50 / floor_ds,
+        ratio_to_measured_floor: p50 / floor_ms,
+    })
+}
+
+/// Times a prefill of `n` prompt tokens (one sequence, empty context), LM head on the last token.
+pub fn bench_prefill(
+    model: &mut CudaModel,
+    n: usize,
+    warmup: usize,
+    reps: usize,
+) -> Result<BenchRow, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
+    let prompt: Vec<u32> = (0..n)
+        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
+        .collect();
+    let mut times = Vec::with_capacity(reps);
+    for rep in 0..warmup + reps {
+        let step = SeqStep {
+            block_table: &table,
+            context_len: 0,
+            tokens: &prompt,
+        };
+        let start = Instant::now();
+        model.forward_greedy(&[step])?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if rep >= warmup {
+            times.push(ms);
+        }
+    }
+    let (p50, mean, min) = stats(times);
+    let flops = prefill_flops(model, n);
+    let bytes = decode_bytes(model, 1, n);
+    let floor_ds =
+        (flops / DATASHEET_FP16_FLOP_PER_S).max(bytes / DATASHEET_BANDWIDTH_BYTES_PER_S) * 1e3;
+    let floor_ms =
+        (flops / MEASURED_FP16_FLOP_PER_S).max(bytes / MEASURED_BANDWIDTH_BYTES_PER_S) * 1e3;
+    Ok(BenchRow {
+        system: "djinn-cuda".into(),
+        kind: "prefill".into(),
+        batch: 1,
+        tokens: n,
+        ms_p50: p50,
+        ms_mean: mean,
+        ms_min: min,
+        reps,
+        tokens_per_s: n as f64 / (p50 / 1e3),
+        bytes_moved_min: bytes,
+        flops,
+        floor_ms_datasheet: floor_ds,
+        floor_ms_measured_rates: floor_ms,
+        ratio_to_datasheet_floor: p50 / floor_ds,
+        ratio_to_measured_floor: p50 / floor_ms,
+    })
+}
+
+/// Runs the whole grid: prefill 512/2048/4096, then decode at batch 1/8/32/64 x context 512/2048
+/// (configurations that do not fit the pool are reported and skipped). `on_row` sees each row as it
+/// is measured (for printing).
+pub fn run_grid(
+    model: &mut CudaModel,
+    prefill_lengths: &[usize],
+    decode_batches: &[usize],
+    decode_contexts: &[usize],
+    mut on_row: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>, CudaError> {
+    let mut rows = Vec::new();
+    for &n in prefill_lengths {
+        let row = bench_prefill(model, n, 2, 7)?;
+        on_row(&row);
+        rows.push(row);
+    }
+    model.fill_kv_random(0x5eed, 1.0)?;
+    for &context in decode_contexts {
+        for &batch in decode_batches {
+            let reps = if batch * context >= 32 * 2048 { 20 } else { 50 };
+            match bench_decode(model, batch, context, 5, reps) {
+                Ok(row) => {
+                    on_row(&row);
+                    rows.push(row);
+                }
+                Err(CudaError::BadInput(why)) => {
+                    eprintln!("skipped decode batch {batch} context {context}: {why}")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// One line per row: figure, floor, ratio.
+pub fn format_row(row: &BenchRow) -> String {
+    format!(
+        "{:<12} {:<12} batch {:>3} tokens {:>5}: {:>9.3} ms p50 (mean {:.3}, min {:.3}, n={}) {:>10.0} tok/s | floor {:.3} ms @3.35TB/s+989TF (x{:.2}), {:.3} ms @3.0TB/s+790TF (x{:.2})",
+        row.system,
+        row.kind,
+        row.batch,
+        row.tokens,
+        row.ms_p50,
+        row.ms_mean,
+        row.ms_min,
+        row.reps,
+        row.tokens_per_s,
+        row.floor_ms_datasheet,
+        row.ratio_to_datasheet_floor,
+        row.floor_ms_measured_rates,
+        row.ratio_to_measured_floor
+    )
+}
+
+/// GPU time per category (eager launches with an event after each kernel / GEMM) of one decode step
+/// of `batch` sequences attending to `context` tokens.
+pub fn profile_decode(
+    model: &mut CudaModel,
+    batch: usize,
+    context: usize,
+) -> Result<Vec<(String, f64)>, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let blocks_per_seq = context.div_ceil(bs);
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|b| ((b * blocks_per_seq) as u32..((b + 1) * blocks_per_seq) as u32).collect())
+        .collect();
+    let tokens: Vec<[u32; 1]> = (0..batch).map(|b| [b as u32 + 1]).collect();
+    let steps: Vec<SeqStep<'_>> = (0..batch)
+        .map(|b| SeqStep {
+            block_table: &tables[b],
+            context_len: context - 1,
+            tokens: &tokens[b],
+        })
+        .collect();
+    model.profile_step(&steps)?; // warm (cuBLAS heuristics, caches)
+    model.profile_step(&steps)
+}
+
+/// GPU time per category of a prefill of `n` tokens.
+pub fn profile_prefill(model: &mut CudaModel, n: usize) -> Result<Vec<(String, f64)>, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
+    let prompt: Vec<u32> = (0..n)
+        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
+        .collect();
+    let step = SeqStep {
+        block_table: &table,
+        context_len: 0,
+        tokens: &prompt,
+    };
+    model.profile_step(&[step])?;
+    model.profile_step(&[step])
+}
+
+pub fn format_profile(label: &str, profile: &[(String, f64)]) -> String {
+    let parts: Vec<String> = profile.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+    format!(
+        "profile {label} (GPU ms, eager launches): {}",
+        parts.join(", ")
+    )
+}

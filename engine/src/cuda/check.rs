@@ -1,0 +1,323 @@
+//! Correctness checks of the CUDA forward that need a GPU (run by `djinn engine check ...` and the
+//! `cuda_*` tests on the GPU machine): CUDA against a reference backend (the CPU one) on the same
+//! weights, and self-consistency of the paged machinery (prefill-then-decode vs one prefill, batched
+//! vs single decode, graph replay vs eager launches).
+
+use serde::Serialize;
+
+use super::{CudaError, CudaModel};
+use crate::batch::{Logits, PagedModel, SeqStep};
+
+/// Logit agreement of one step.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepDiff {
+    pub step: usize,
+    pub max_abs_diff: f32,
+    /// Largest |logit| of the reference in this step (the scale the tolerance is relative to).
+    pub ref_max_abs: f32,
+    pub rel_l2: f64,
+    /// Rows whose argmax differs between the two.
+    pub argmax_mismatches: usize,
+    /// Of those, rows where the reference's top-2 gap is within the tolerance (a legitimate tie).
+    pub argmax_near_ties: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CompareReport {
+    pub steps: Vec<StepDiff>,
+    pub tolerance_rel: f32,
+    pub greedy_steps_identical: usize,
+    pub worst_max_abs_diff: f32,
+    pub worst_rel_l2: f64,
+    pub passed: bool,
+}
+
+/// Compares two logit sets: max |a - b|, relative L2 and argmax.
+pub fn diff_logits(
+    step: usize,
+    candidate: &Logits,
+    reference: &Logits,
+    tolerance_rel: f32,
+) -> StepDiff {
+    assert_eq!(
+        (candidate.rows, candidate.vocab),
+        (reference.rows, reference.vocab)
+    );
+    let mut max_abs_diff = 0f32;
+    let mut ref_max_abs = 0f32;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in candidate.data.iter().zip(&reference.data) {
+        let d = if a.is_finite() {
+            (a - b).abs()
+        } else {
+            f32::INFINITY
+        };
+        max_abs_diff = max_abs_diff.max(d);
+        ref_max_abs = ref_max_abs.max(b.abs());
+        num += (d as f64) * (d as f64);
+        den += (*b as f64) * (*b as f64);
+    }
+    let tol = tolerance_rel * ref_max_abs.max(1.0);
+    let (mut mismatches, mut near_ties) = (0, 0);
+    for row in 0..reference.rows {
+        let (ca, ra) = (candidate.argmax(row), reference.argmax(row));
+        if ca != ra {
+            mismatches += 1;
+            let r = reference.row(row);
+            if (r[ra as usize] - r[ca as usize]).abs() <= 2.0 * tol {
+                near_ties += 1;
+            }
+        }
+    }
+    StepDiff {
+        step,
+        max_abs_diff,
+        ref_max_abs,
+        rel_l2: (num / den.max(1e-30)).sqrt(),
+        argmax_mismatches: mismatches,
+        argmax_near_ties: near_ties,
+    }
+}
+
+/// Runs the same scripted multi-sequence session on `candidate` and `reference` and compares the
+/// logits of every step. Session: three sequences with paged, interleaved block tables; a batched
+/// prefill of different prompt lengths; a mixed step (two decodes + a later turn of 17 tokens on
+/// top of cached context); then `decode_steps` batched greedy decode steps. Both models are fed the
+/// reference's greedy tokens (so every step compares logits on identical inputs); the greedy streams
+/// are identical for as long as no argmax differs.
+pub fn compare_backends<A: PagedModel, B: PagedModel>(
+    candidate: &mut A,
+    reference: &mut B,
+    vocab: usize,
+    decode_steps: usize,
+    tolerance_rel: f32,
+) -> Result<CompareReport, String> {
+    let bs = candidate.block_size_tokens();
+    if reference.block_size_tokens() != bs {
+        return Err(format!(
+            "block sizes differ: candidate {bs}, reference {}",
+            reference.block_size_tokens()
+        ));
+    }
+    let prompt_lens = [23usize, 40, 5];
+    let later_turn = 17usize;
+    let max_len = prompt_lens.iter().max().unwrap() + later_turn + decode_steps + 2;
+    let blocks_per_seq = max_len.div_ceil(bs);
+    let nseq = prompt_lens.len();
+    let pool_blocks = candidate.num_blocks().min(reference.num_blocks());
+    if nseq * blocks_per_seq > pool_blocks {
+        return Err(format!(
+            "the check needs {} KV blocks; the pools have {pool_blocks}",
+            nseq * blocks_per_seq
+        ));
+    }
+    // Interleaved tables (sequence i uses blocks i, i + 3, i + 6, ... reversed) so that logical
+    // order and pool order differ.
+    let tables: Vec<Vec<u32>> = (0..nseq)
+        .map(|i| {
+            (0..blocks_per_seq)
+                .rev()
+                .map(|j| (j * nseq + i) as u32)
+                .collect()
+        })
+        .collect();
+    let token = |seq: usize, i: usize| ((seq * 131 + i * 29 + 7) % vocab) as u32;
+    let prompts: Vec<Vec<u32>> = prompt_lens
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n).map(|i| token(s, i)).collect())
+        .collect();
+
+    let mut steps = Vec::new();
+    let mut greedy_identical = 0usize;
+    let mut diverged = false;
+    let mut run = |step_index: usize,
+                   batch: &[SeqStep<'_>],
+                   steps: &mut Vec<StepDiff>|
+     -> Result<Vec<u32>, String> {
+        let a = candidate
+            .forward(batch)
+            .map_err(|e| format!("candidate step {step_index}: {e}"))?;
+        let b = reference
+            .forward(batch)
+            .map_err(|e| format!("reference step {step_index}: {e}"))?;
+        let d = diff_logits(step_index, &a, &b, tolerance_rel);
+        let next: Vec<u32> = (0..b.rows).map(|r| b.argmax(r)).collect();
+        steps.push(d);
+        Ok(next)
+    };
+
+    // Step 0: batched prefill of three prompts.
+    let batch: Vec<SeqStep<'_>> = (0..nseq)
+        .map(|s| SeqStep {
+            block_table: &tables[s],
+            context_len: 0,
+            tokens: &prompts[s],
+        })
+        .collect();
+    let mut next = run(0, &batch, &mut steps)?;
+    let mut lens: Vec<usize> = prompt_lens.to_vec();
+    // Step 1: sequences 0 and 1 decode, sequence 2 gets a later turn on top of its cached prompt.
+    let turn: Vec<u32> = (0..later_turn).map(|i| token(9, i)).collect();
+    let inputs: Vec<Vec<u32>> = vec![vec![next[0]], vec![next[1]], turn.clone()];
+    let batch: Vec<SeqStep<'_>> = (0..nseq)
+        .map(|s| SeqStep {
+            block_table: &tables[s],
+            context_len: lens[s],
+            tokens: &inputs[s],
+        })
+        .collect();
+    next = run(1, &batch, &mut steps)?;
+    for (s, input) in inputs.iter().enumerate() {
+        lens[s] += input.len();
+    }
+    // Batched greedy decode.
+    for step in 0..decode_steps {
+        let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let batch: Vec<SeqStep<'_>> = (0..nseq)
+            .map(|s| SeqStep {
+                block_table: &tables[s],
+                context_len: lens[s],
+                tokens: &inputs[s],
+            })
+            .collect();
+        next = run(2 + step, &batch, &mut steps)?;
+        for len in lens.iter_mut() {
+            *len += 1;
+        }
+        let last = steps.last().unwrap();
+        if !diverged && last.argmax_mismatches == 0 {
+            greedy_identical += 1;
+        } else {
+            diverged = true;
+        }
+    }
+    let worst_max_abs_diff = steps.iter().map(|d| d.max_abs_diff).fold(0f32, f32::max);
+    let worst_rel_l2 = steps.iter().map(|d| d.rel_l2).fold(0f64, f64::max);
+    let within = steps.iter().all(|d| {
+        d.max_abs_diff.is_finite() && d.max_abs_diff <= tolerance_rel * d.ref_max_abs.max(1.0)
+    });
+    let ties_only = steps
+        .iter()
+        .all(|d| d.argmax_mismatches == d.argmax_near_ties);
+    Ok(CompareReport {
+        passed: within && ties_only,
+        steps,
+        tolerance_rel,
+        greedy_steps_identical: greedy_identical,
+        worst_max_abs_diff,
+        worst_rel_l2,
+    })
+}
+
+/// Self-consistency of the paged forward on one model (any size, e.g. the random 7B):
+/// (1) a prompt prefilled at once vs prefilled in two chunks (later turn) vs prefix + token-by-token
+/// decode give the same last-token logits; (2) a batch of decodes equals each decoded alone;
+/// (3) graph replay equals eager launches. Returns a list of (check, max |diff|, rel tolerance used,
+/// passed).
+pub fn self_consistency(
+    model: &mut CudaModel,
+    tolerance_rel: f32,
+) -> Result<Vec<(String, f32, bool)>, CudaError> {
+    let vocab = model.config.vocab_size;
+    let bs = model.options.block_size_tokens;
+    let n = 77usize;
+    let prompt: Vec<u32> = (0..n).map(|i| ((i * 104729 + 13) % vocab) as u32).collect();
+    let blocks = (n + 8).div_ceil(bs);
+    let table_a: Vec<u32> = (0..blocks as u32).collect();
+    let table_b: Vec<u32> = (blocks as u32..2 * blocks as u32).rev().collect();
+    let table_c: Vec<u32> = (2 * blocks as u32..3 * blocks as u32).collect();
+    let mut results = Vec::new();
+    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Vec<(String, f32, bool)>| {
+        let d = diff_logits(0, a, b, tolerance_rel);
+        let ok = d.max_abs_diff <= tolerance_rel * d.ref_max_abs.max(1.0)
+            && d.argmax_mismatches == d.argmax_near_ties;
+        results.push((name.to_string(), d.max_abs_diff, ok));
+    };
+    eprintln!("consistency: one-shot prefill of {n} tokens");
+    let one_shot = model.forward_logits(&[SeqStep {
+        block_table: &table_a,
+        context_len: 0,
+        tokens: &prompt,
+    }])?;
+    eprintln!("consistency: prefill in two chunks");
+    // Two chunks: 50 then 27 (a later turn on cached KV).
+    model.forward_logits(&[SeqStep {
+        block_table: &table_b,
+        context_len: 0,
+        tokens: &prompt[..50],
+    }])?;
+    let chunked = model.forward_logits(&[SeqStep {
+        block_table: &table_b,
+        context_len: 50,
+        tokens: &prompt[50..],
+    }])?;
+    record(
+        "prefill in two chunks == one prefill",
+        &chunked,
+        &one_shot,
+        &mut results,
+    );
+    eprintln!("consistency: prefix + decode steps");
+    // Prefix 70, then 7 single-token decode steps.
+    model.forward_logits(&[SeqStep {
+        block_table: &table_c,
+        context_len: 0,
+        tokens: &prompt[..70],
+    }])?;
+    let mut last = None;
+    for i in 70..n {
+        last = Some(model.forward_logits(&[SeqStep {
+            block_table: &table_c,
+            context_len: i,
+            tokens: &prompt[i..i + 1],
+        }])?);
+    }
+    record(
+        "prefix + token-by-token decode == one prefill",
+        last.as_ref().unwrap(),
+        &one_shot,
+        &mut results,
+    );
+    // Batched decode of the three sequences (all hold the same 77-token context now) with different
+    // next tokens, against each alone.
+    let next = [[5u32], [17u32], [99u32 % vocab as u32]];
+    let tables = [&table_a, &table_b, &table_c];
+    let batch: Vec<SeqStep<'_>> = (0..3)
+        .map(|s| SeqStep {
+            block_table: tables[s],
+            context_len: n,
+            tokens: &next[s],
+        })
+        .collect();
+    eprintln!("consistency: batched decode");
+    let batched = model.forward_logits(&batch)?;
+    #[allow(clippy::needless_range_loop)]
+    for s in 0..3 {
+        let alone = model.forward_logits(&[batch[s]])?;
+        let row = Logits {
+            rows: 1,
+            vocab,
+            data: batched.row(s).to_vec(),
+        };
+        record(
+            &format!("batched decode row {s} == decoded alone"),
+            &row,
+            &alone,
+            &mut results,
+        );
+    }
+    eprintln!("consistency: eager vs graph");
+    // Graph replay vs eager launches: same kernels, so bit-identical.
+    let graphs = model.options.use_cuda_graphs;
+    model.options.use_cuda_graphs = !graphs;
+    let other = model.forward_logits(&batch)?;
+    model.options.use_cuda_graphs = graphs;
+    let d = diff_logits(0, &other, &batched, 0.0);
+    results.push((
+        "graph replay == eager launches (bit-exact)".to_string(),
+        d.max_abs_diff,
+        d.max_abs_diff == 0.0,
+    ));
+    Ok(results)
+}

@@ -1,0 +1,1630 @@
+//! The Llama forward on the GPU over the paged KV pool.
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as br, sys as bsys, CudaBlas};
+use cudarc::driver::{result as dr, sys as dsys, CudaGraph, CudaModule};
+
+use super::pool::mib;
+use super::{drv, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
+use crate::batch::{Logits, PagedModel, SeqStep};
+use crate::config::{DType, KvLayout, ModelConfig};
+use crate::weights::WeightSet;
+
+const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+/// Most splits of one sequence's context in decode attention (flash-decoding).
+const MAX_DECODE_SPLITS: usize = 32;
+/// Query rows per prefill-attention tile (4 warps x 16 rows, see `attn_prefill`).
+const PREFILL_TILE_ROWS: usize = 64;
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+/// Left free after sizing everything: CUDA graphs, cuBLAS internals, module code.
+const DEFAULT_RESERVE_BYTES: usize = 512 << 20;
+/// A step that has not finished after this long is reported as hung.
+const STEP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn trace_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("DJINN_CUDA_TRACE").is_some())
+}
+
+macro_rules! trace {
+    ($($t:tt)*) => {
+        if trace_on() {
+            eprintln!("[cuda] {}", format!($($t)*));
+        }
+    };
+}
+
+/// Where the weights come from.
+pub enum WeightSource<'a> {
+    /// Host weights in HF names (f32), converted to the model dtype on upload.
+    Host(&'a WeightSet),
+    /// Seeded random weights generated on the GPU by a counter-based hash (for the 7B preset, which
+    /// would take 27 GB as host f32). Linear weights are uniform with variance 1/in_features, norm
+    /// weights uniform in [0.9, 1.1], embeddings with unit variance: activations keep unit scale
+    /// through the layers and logits have unit spread, so many steps stay finite in fp16.
+    DeviceRandom { config: ModelConfig, seed: u64 },
+}
+
+/// Sizes fixed at start-up (everything is allocated once).
+#[derive(Clone, Debug)]
+pub struct CudaModelOptions {
+    /// F16 or Bf16 (weights and KV).
+    pub dtype: DType,
+    pub block_size_tokens: usize,
+    /// KV pool blocks; `None` fills the free memory left after everything else (minus the reserve).
+    pub num_kv_blocks: Option<usize>,
+    /// Most new tokens in one forward (a prefill longer than this must be chunked).
+    pub max_tokens_per_step: usize,
+    /// Most sequences in one forward (also the largest decode graph bucket).
+    pub max_seqs_per_step: usize,
+    /// Width of the device block tables: the longest context is this many blocks.
+    pub max_blocks_per_seq: usize,
+    /// Device memory left unallocated for graphs and library internals.
+    pub reserve_bytes: usize,
+    /// Replay decode steps from captured CUDA graphs (off: launch every kernel each step).
+    pub use_cuda_graphs: bool,
+}
+
+impl CudaModelOptions {
+    pub fn for_config(config: &ModelConfig) -> Self {
+        let block_size_tokens = 16;
+        CudaModelOptions {
+            dtype: DType::F16,
+            block_size_tokens,
+            num_kv_blocks: None,
+            max_tokens_per_step: 4096,
+            max_seqs_per_step: 256,
+            max_blocks_per_seq: config.max_position_embeddings.div_ceil(block_size_tokens),
+            reserve_bytes: DEFAULT_RESERVE_BYTES,
+            use_cuda_graphs: true,
+        }
+    }
+}
+
+struct Kernels {
+    _module: Arc<CudaModule>,
+    random_fill: dsys::CUfunction,
+    embed: dsys::CUfunction,
+    add_rmsnorm: dsys::CUfunction,
+    rope_kv_write: dsys::CUfunction,
+    silu_mul: dsys::CUfunction,
+    attn_decode: dsys::CUfunction,
+    attn_decode_reduce: dsys::CUfunction,
+    attn_prefill: dsys::CUfunction,
+    attn_prefill_v1: dsys::CUfunction,
+    gemv: dsys::CUfunction,
+    argmax_rows: dsys::CUfunction,
+    copy_words: dsys::CUfunction,
+}
+
+/// Element offsets of one layer's tensors inside the weight buffer.
+#[derive(Clone, Copy)]
+struct LayerOffsets {
+    qkv: usize,
+    o: usize,
+    gate_up: usize,
+    down: usize,
+    input_norm: usize,
+    post_norm: usize,
+}
+
+/// Byte offsets (from the step-input buffer's start) of the per-step arrays; the same layout is
+/// used in the pinned host staging buffer.
+#[derive(Clone, Copy)]
+struct StepLayout {
+    tokens: usize,
+    positions: usize,
+    slots: usize,
+    seq_lens: usize,
+    last_rows: usize,
+    block_tables: usize,
+    tiles: usize,
+    total: usize,
+}
+
+fn align256(x: usize) -> usize {
+    x.div_ceil(256) * 256
+}
+
+impl StepLayout {
+    fn new(max_tokens: usize, max_seqs: usize, table_stride: usize, max_tiles: usize) -> Self {
+        let mut at = 0usize;
+        let mut take = |bytes: usize| {
+            let start = at;
+            at = align256(at + bytes);
+            start
+        };
+        let tokens = take(4 * max_tokens);
+        let positions = take(4 * max_tokens);
+        let slots = take(8 * max_tokens);
+        let seq_lens = take(4 * max_seqs);
+        let last_rows = take(4 * max_seqs);
+        let block_tables = take(4 * max_seqs * table_stride);
+        let tiles = take(16 * max_tiles);
+        StepLayout {
+            tokens,
+            positions,
+            slots,
+            seq_lens,
+            last_rows,
+            block_tables,
+            tiles,
+            total: at,
+        }
+    }
+}
+
+/// Page-locked host memory (staging for step inputs and results), freed on drop. It is also
+/// mapped into the device's address space, so kernels can read the step's inputs and write its
+/// tokens directly: the step then needs no copy engine, and never queues behind KV swaps, which
+/// keep both copy engines busy for tens of milliseconds (measured in engine/NOTES-swap.md: a
+/// 32 KiB `cuMemcpyHtoDAsync` waited for the queued swaps, a mapped-memory kernel did not).
+struct PinnedBuffer {
+    ptr: *mut u8,
+    /// The same memory as seen from the device.
+    dev_ptr: u64,
+    bytes: usize,
+}
+
+impl PinnedBuffer {
+    fn new(bytes: usize) -> Result<Self, CudaError> {
+        // SAFETY: page-locked allocation, CPU-readable (not write-combined) and mapped for the
+        // device (CU_MEMHOSTALLOC_DEVICEMAP = 2).
+        let ptr = drv("allocating pinned staging memory", unsafe {
+            dr::malloc_host(bytes.max(1), 2)
+        })? as *mut u8;
+        unsafe { std::ptr::write_bytes(ptr, 0, bytes.max(1)) };
+        let mut dev_ptr: dsys::CUdeviceptr = 0;
+        // SAFETY: `ptr` was just allocated with the device-map flag.
+        drv("mapping pinned staging memory for the device", unsafe {
+            dsys::cuMemHostGetDevicePointer_v2(&mut dev_ptr, ptr as *mut c_void, 0).result()
+        })?;
+        Ok(PinnedBuffer { ptr, dev_ptr, bytes })
+    }
+
+    fn slice_mut<T: Copy>(&mut self, byte_offset: usize, len: usize) -> &mut [T] {
+        assert!(byte_offset + len * std::mem::size_of::<T>() <= self.bytes);
+        assert_eq!(byte_offset % std::mem::align_of::<T>(), 0);
+        // SAFETY: in bounds and aligned (checked above); T is plain data.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(byte_offset) as *mut T, len) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        let _ = unsafe { dr::free_host(self.ptr as *mut c_void) };
+    }
+}
+
+/// How attention runs in one enqueued forward.
+#[derive(Clone, Copy)]
+enum AttnMode {
+    /// One new token per sequence (row b = sequence b), split-KV with `splits` splits.
+    Decode { splits: usize },
+    /// Any number of new tokens per sequence, `num_tiles` query tiles.
+    Prefill { num_tiles: usize },
+}
+
+macro_rules! kargs {
+    ($($x:expr),* $(,)?) => {
+        &mut [$(&$x as *const _ as *mut c_void),*]
+    };
+}
+
+/// A Llama model on the GPU: weights, activations, the KV pool and the decode graphs.
+pub struct CudaModel {
+    // Field order matters for drop: graphs before the buffers they reference.
+    graphs: BTreeMap<usize, CudaGraph>,
+    pub config: ModelConfig,
+    pub options: CudaModelOptions,
+    pub device: GpuDevice,
+    blas: CudaBlas,
+    kernels: Kernels,
+    weights: DeviceBuffer,
+    embed_off: usize,
+    final_norm_off: usize,
+    lm_head_off: usize,
+    layers: Vec<LayerOffsets>,
+    resid: DeviceBuffer,
+    normed: DeviceBuffer,
+    delta: DeviceBuffer,
+    buf_a: DeviceBuffer,
+    buf_b: DeviceBuffer,
+    final_normed: DeviceBuffer,
+    logits: DeviceBuffer,
+    argmax: DeviceBuffer,
+    part_out: DeviceBuffer,
+    part_lse: DeviceBuffer,
+    rope: DeviceBuffer,
+    _cublas_workspace: DeviceBuffer,
+    step_dev: DeviceBuffer,
+    step_host: PinnedBuffer,
+    step_layout: StepLayout,
+    logits_host: PinnedBuffer,
+    pool: GpuKvPool,
+    max_tiles: usize,
+    /// Set while `profile_step` runs: an event after each kernel / GEMM, with its category.
+    profiler: std::cell::RefCell<Option<Vec<(dsys::CUevent, &'static str)>>>,
+    /// Dynamic shared memory of the double-buffered prefill attention kernel.
+    prefill_smem_bytes: usize,
+    /// Batch-1 GEMMs through the GEMV kernel (off with DJINN_CUDA_NO_GEMV=1: cuBLAS for all).
+    use_gemv: bool,
+    /// Smallest output width sent to the GEMV kernel: it beats cuBLAS on the wide projections
+    /// (qkv, gate/up, LM head) but not on the 4096-wide ones (o, down), measured on H100
+    /// (NOTES-cuda.md). DJINN_CUDA_GEMV_ALL=1 sends every batch-1 GEMM to it.
+    gemv_min_n: usize,
+    /// Single-buffered prefill attention (DJINN_CUDA_PREFILL_V1=1), the fallback.
+    use_prefill_v1: bool,
+    /// Bytes allocated at start-up, by purpose (for reports).
+    pub memory_breakdown: Vec<(String, usize)>,
+}
+
+fn dtype_elem(dtype: DType) -> Result<usize, CudaError> {
+    match dtype {
+        DType::F16 | DType::Bf16 => Ok(2),
+        DType::F32 => Err(CudaError::Unsupported(
+            "the CUDA backend stores weights and KV in fp16 or bf16, not f32".into(),
+        )),
+    }
+}
+
+impl CudaModel {
+    /// Compiles the kernels, checks that everything fits, allocates all device memory, uploads or
+    /// generates the weights.
+    pub fn new(
+        device: GpuDevice,
+        source: WeightSource<'_>,
+        options: CudaModelOptions,
+    ) -> Result<CudaModel, CudaError> {
+        let config = match &source {
+            WeightSource::Host(ws) => {
+                ws.validate(Path::new("<weights>"))
+                    .map_err(|e| CudaError::Weights(e.to_string()))?;
+                ws.config.clone()
+            }
+            WeightSource::DeviceRandom { config, .. } => config.clone(),
+        };
+        let elem = dtype_elem(options.dtype)?;
+        let hd = config.head_dim();
+        if config.hidden_size % config.num_attention_heads != 0
+            || !matches!(hd, 16 | 32 | 64 | 128 | 256)
+            || config.num_attention_heads % config.num_key_value_heads != 0
+        {
+            return Err(CudaError::Unsupported(format!(
+                "{}: head_dim {hd} (need 16, 32, 64, 128 or 256) with {} query heads and {} KV heads",
+                config.name, config.num_attention_heads, config.num_key_value_heads
+            )));
+        }
+        if config.hidden_size % 8 != 0 || config.intermediate_size % 8 != 0 {
+            return Err(CudaError::Unsupported(format!(
+                "{}: hidden {} and MLP size {} must be multiples of 8 (16-byte vector kernels)",
+                config.name, config.hidden_size, config.intermediate_size
+            )));
+        }
+        let bs = options.block_size_tokens;
+        if bs == 0 || bs > 256 {
+            return Err(CudaError::Unsupported(format!(
+                "block size {bs} tokens (need 1..=256)"
+            )));
+        }
+        if options.max_tokens_per_step == 0
+            || options.max_seqs_per_step == 0
+            || options.max_blocks_per_seq == 0
+        {
+            return Err(CudaError::Unsupported(
+                "max tokens, sequences and blocks per step must be positive".into(),
+            ));
+        }
+
+        let kernel_defines = [
+            ("HEAD_DIM", hd.to_string()),
+            ("BLOCK_SIZE", bs.to_string()),
+            (
+                "USE_BF16",
+                if options.dtype == DType::Bf16 {
+                    "1"
+                } else {
+                    "0"
+                }
+                .to_string(),
+            ),
+        ];
+        let module = device.compile(KERNEL_SOURCE, &kernel_defines)?;
+        let f = |name: &str| {
+            device
+                .function(&module, name)
+                .map(|func| func.cu_function())
+        };
+        let kernels = Kernels {
+            random_fill: f("random_fill")?,
+            embed: f("embed")?,
+            add_rmsnorm: f("add_rmsnorm")?,
+            rope_kv_write: f("rope_kv_write")?,
+            silu_mul: f("silu_mul")?,
+            attn_decode: f("attn_decode")?,
+            attn_decode_reduce: f("attn_decode_reduce")?,
+            attn_prefill: f("attn_prefill")?,
+            attn_prefill_v1: f("attn_prefill_v1")?,
+            gemv: f("gemv")?,
+            argmax_rows: f("argmax_rows")?,
+            copy_words: f("copy_words")?,
+            _module: module,
+        };
+
+        let prefill_smem_bytes = 2 * 2 * PREFILL_TILE_ROWS * (hd + 8) * elem;
+        drv("raising the prefill kernel's shared memory limit", unsafe {
+            dr::function::set_function_attribute(
+                kernels.attn_prefill,
+                dsys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem_bytes as i32,
+            )
+        })?;
+
+        // ---- sizes
+        let h = config.hidden_size;
+        let inter = config.intermediate_size;
+        let nh = config.num_attention_heads;
+        let nkv = config.num_key_value_heads;
+        let vocab = config.vocab_size;
+        let qkv_width = (nh + 2 * nkv) * hd;
+        let mut weight_elems = 0usize;
+        let mut take = |elems: usize| {
+            let start = weight_elems;
+            weight_elems += elems.div_ceil(128) * 128; // 256-byte aligned tensors
+            start
+        };
+        let embed_off = take(vocab * h);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            layers.push(LayerOffsets {
+                qkv: take(qkv_width * h),
+                o: take(h * nh * hd),
+                gate_up: take(2 * inter * h),
+                down: take(h * inter),
+                input_norm: take(h),
+                post_norm: take(h),
+            });
+        }
+        let final_norm_off = take(h);
+        let lm_head_off = if config.tie_word_embeddings {
+            embed_off
+        } else {
+            take(vocab * h)
+        };
+
+        let max_t = options.max_tokens_per_step;
+        let max_s = options.max_seqs_per_step;
+        let table_stride = options.max_blocks_per_seq;
+        let max_tiles = max_t.div_ceil(PREFILL_TILE_ROWS) + max_s;
+        let step_layout = StepLayout::new(max_t, max_s, table_stride, max_tiles);
+        let max_pos = config.max_position_embeddings.min(table_stride * bs);
+        let mut plan: Vec<(String, usize)> = vec![
+            ("weights".into(), weight_elems * elem),
+            ("residual stream (f32)".into(), max_t * h * 4),
+            ("normed activations".into(), max_t * h * elem),
+            ("layer outputs".into(), max_t * h * elem),
+            (
+                "qkv / gate-up activations".into(),
+                max_t * qkv_width.max(2 * inter) * elem,
+            ),
+            (
+                "attention / MLP activations".into(),
+                max_t * (nh * hd).max(inter) * elem,
+            ),
+            ("final norm rows".into(), max_s * h * elem),
+            ("logits (f32)".into(), max_s * vocab * 4),
+            ("argmax".into(), max_s * 4),
+            (
+                "decode split partials".into(),
+                max_s * nh * MAX_DECODE_SPLITS * (hd + 1) * 4,
+            ),
+            ("RoPE table".into(), max_pos * hd * 4),
+            ("cuBLAS workspace".into(), CUBLAS_WORKSPACE_BYTES),
+            ("step inputs".into(), step_layout.total),
+        ];
+        let fixed_bytes: usize = plan.iter().map(|(_, b)| b).sum();
+        let layout = KvLayout::new(&config, bs);
+        let block_bytes = layout.block_elems() * elem;
+        let (free, total) = device.mem_info()?;
+        let available = free.saturating_sub(options.reserve_bytes);
+        let breakdown = |plan: &[(String, usize)]| {
+            plan.iter()
+                .map(|(what, b)| format!("{what} {:.1} MiB", mib(*b)))
+                .collect::<Vec<_>>()
+                .join(", ")
+                + &format!(", reserve {:.1} MiB", mib(options.reserve_bytes))
+        };
+        let num_blocks = match options.num_kv_blocks {
+            Some(n) => n,
+            None => available.saturating_sub(fixed_bytes) / block_bytes,
+        };
+        plan.push((
+            format!(
+                "KV pool ({num_blocks} blocks of {:.2} MiB)",
+                mib(block_bytes)
+            ),
+            num_blocks * block_bytes,
+        ));
+        let needed: usize = plan.iter().map(|(_, b)| b).sum::<usize>() + options.reserve_bytes;
+        if needed > free || num_blocks == 0 {
+            return Err(CudaError::OutOfMemory {
+                what: format!(
+                    "{} ({:?}) with a {num_blocks}-block KV pool",
+                    config.name, options.dtype
+                ),
+                requested_mib: mib(needed),
+                free_mib: mib(free),
+                total_mib: mib(total),
+                breakdown: breakdown(&plan),
+            });
+        }
+
+        let ctx = device.ctx.clone();
+        let alloc = |bytes: usize, what: &str| DeviceBuffer::alloc(&ctx, bytes, what);
+        let weights = alloc(weight_elems * elem, "weights")?;
+        let resid = alloc(max_t * h * 4, "residual stream")?;
+        let normed = alloc(max_t * h * elem, "normed activations")?;
+        let delta = alloc(max_t * h * elem, "layer outputs")?;
+        let buf_a = alloc(
+            max_t * qkv_width.max(2 * inter) * elem,
+            "qkv / gate-up activations",
+        )?;
+        let buf_b = alloc(
+            max_t * (nh * hd).max(inter) * elem,
+            "attention / MLP activations",
+        )?;
+        let final_normed = alloc(max_s * h * elem, "final norm rows")?;
+        let logits = alloc(max_s * vocab * 4, "logits")?;
+        let argmax = alloc(max_s * 4, "argmax")?;
+        let part_out = alloc(
+            max_s * nh * MAX_DECODE_SPLITS * hd * 4,
+            "decode split partials",
+        )?;
+        let part_lse = alloc(max_s * nh * MAX_DECODE_SPLITS * 4, "decode split LSE")?;
+        let rope = alloc(max_pos * hd * 4, "RoPE table")?;
+        let cublas_workspace = alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")?;
+        let step_dev = alloc(step_layout.total, "step inputs")?;
+        let step_host = PinnedBuffer::new(step_layout.total)?;
+        let logits_host = PinnedBuffer::new(max_s * vocab * 4)?;
+        let pool = GpuKvPool::new(&ctx, layout, options.dtype, num_blocks)?;
+
+        let blas = CudaBlas::new(device.stream.clone()).map_err(|e| CudaError::Cublas {
+            context: "creating the cuBLAS handle".into(),
+            message: format!("{e:?}"),
+        })?;
+        // A fixed workspace keeps cuBLAS from allocating during graph capture.
+        unsafe {
+            bsys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                cublas_workspace.ptr() as *mut c_void,
+                CUBLAS_WORKSPACE_BYTES,
+            )
+            .result()
+            .map_err(|e| CudaError::Cublas {
+                context: "setting the cuBLAS workspace".into(),
+                message: format!("{e:?}"),
+            })?;
+        }
+
+        // RoPE table in f64 on the host: cos/sin of pos * theta^(-2i/hd), interleaved.
+        let mut table = vec![0f32; max_pos * hd];
+        for pos in 0..max_pos {
+            for i in 0..hd / 2 {
+                let inv_freq = config.rope_theta.powf(-(2.0 * i as f64) / hd as f64);
+                let angle = pos as f64 * inv_freq;
+                table[pos * hd + 2 * i] = angle.cos() as f32;
+                table[pos * hd + 2 * i + 1] = angle.sin() as f32;
+            }
+        }
+        drv("binding the context", ctx.bind_to_thread())?;
+        drv("uploading the RoPE table", unsafe {
+            dr::memcpy_htod_sync(rope.ptr(), &table)
+        })?;
+
+        let mut model = CudaModel {
+            graphs: BTreeMap::new(),
+            config,
+            options,
+            device,
+            blas,
+            kernels,
+            weights,
+            embed_off,
+            final_norm_off,
+            lm_head_off,
+            layers,
+            resid,
+            normed,
+            delta,
+            buf_a,
+            buf_b,
+            final_normed,
+            logits,
+            argmax,
+            part_out,
+            part_lse,
+            rope,
+            _cublas_workspace: cublas_workspace,
+            step_dev,
+            step_host,
+            step_layout,
+            logits_host,
+            pool,
+            max_tiles,
+            profiler: std::cell::RefCell::new(None),
+            prefill_smem_bytes,
+            use_gemv: std::env::var_os("DJINN_CUDA_NO_GEMV").is_none(),
+            gemv_min_n: if std::env::var_os("DJINN_CUDA_GEMV_ALL").is_some() { 0 } else { 8192 },
+            use_prefill_v1: std::env::var_os("DJINN_CUDA_PREFILL_V1").is_some(),
+            memory_breakdown: plan,
+        };
+        match source {
+            WeightSource::Host(ws) => model.upload_weights(ws)?,
+            WeightSource::DeviceRandom { seed, .. } => model.generate_random_weights(seed)?,
+        }
+        model.device.synchronize()?;
+        Ok(model)
+    }
+
+    pub fn kv_pool(&self) -> &GpuKvPool {
+        &self.pool
+    }
+
+    fn elem(&self) -> usize {
+        self.options.dtype.size_bytes()
+    }
+
+    fn wptr(&self, elem_offset: usize) -> u64 {
+        self.weights.ptr() + (elem_offset * self.elem()) as u64
+    }
+
+    /// Every HF-named tensor with its shape and element offset in the weight buffer (q/k/v and
+    /// gate/up are stored fused; these are their parts).
+    fn tensor_map(&self) -> Vec<(String, Vec<usize>, usize)> {
+        let c = &self.config;
+        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (q_rows, kv_rows) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![c.vocab_size, h],
+            self.embed_off,
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![h], l.input_norm));
+            out.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![q_rows, h],
+                l.qkv,
+            ));
+            out.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![kv_rows, h],
+                l.qkv + q_rows * h,
+            ));
+            out.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![kv_rows, h],
+                l.qkv + (q_rows + kv_rows) * h,
+            ));
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q_rows], l.o));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                l.post_norm,
+            ));
+            out.push((
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![inter, h],
+                l.gate_up,
+            ));
+            out.push((
+                format!("{p}.mlp.up_proj.weight"),
+                vec![inter, h],
+                l.gate_up + inter * h,
+            ));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, inter], l.down));
+        }
+        out.push((
+            "model.norm.weight".to_string(),
+            vec![h],
+            self.final_norm_off,
+        ));
+        if !c.tie_word_embeddings {
+            out.push((
+                "lm_head.weight".to_string(),
+                vec![c.vocab_size, h],
+                self.lm_head_off,
+            ));
+        }
+        out
+    }
+
+    fn upload_weights(&mut self, ws: &WeightSet) -> Result<(), CudaError> {
+        for (name, shape, offset) in self.tensor_map() {
+            let tensor = ws
+                .get(&name)
+                .ok_or_else(|| CudaError::Weights(format!("tensor `{name}` is missing")))?;
+            if tensor.shape != shape {
+                return Err(CudaError::Weights(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    tensor.shape
+                )));
+            }
+            let bits: Vec<u16> = match self.options.dtype {
+                DType::Bf16 => tensor
+                    .data
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect(),
+                _ => tensor
+                    .data
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect(),
+            };
+            drv(&format!("uploading `{name}`"), unsafe {
+                dr::memcpy_htod_sync(self.wptr(offset), &bits)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn generate_random_weights(&mut self, seed: u64) -> Result<(), CudaError> {
+        for (index, (name, shape, offset)) in self.tensor_map().into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let (scale, bias) = if shape.len() == 1 {
+                (0.1f32, 1.0f32)
+            } else if name == "model.embed_tokens.weight" {
+                (3f32.sqrt(), 0.0)
+            } else {
+                ((3.0 / shape[1] as f32).sqrt(), 0.0)
+            };
+            let tensor_seed = splitmix64(seed ^ splitmix64(index as u64 + 1));
+            let ptr = self.wptr(offset);
+            let n64 = n as u64;
+            let grid = (n.div_ceil(256).min(65536 * 4)) as u32;
+            self.launch(
+                self.kernels.random_fill,
+                (grid, 1, 1),
+                (256, 1, 1),
+                kargs![ptr, n64, tensor_seed, scale, bias],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        f: dsys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        self.launch_smem(f, grid, block, 0, args)
+    }
+
+    fn launch_smem(
+        &self,
+        f: dsys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        // SAFETY: each kernel's argument list matches its signature in kernels.cu; all pointers are
+        // into buffers this model owns, sized at start-up for the largest step.
+        drv("launching a kernel", unsafe {
+            dr::launch_kernel(
+                f,
+                grid,
+                block,
+                shared_mem_bytes,
+                self.device.stream.cu_stream(),
+                args,
+            )
+        })
+    }
+
+    /// Row-major `y[m, n] = x[m, k] · w[n, k]^T` (PyTorch Linear layout), fp32 accumulate.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        out_f32: bool,
+    ) -> Result<(), CudaError> {
+        if m == 1 && self.use_gemv && k % 8 == 0 && n > self.gemv_min_n {
+            // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
+            // cuBLAS does for m = 1 (see NOTES-cuda.md).
+            const ROWS_PER_WARP: usize = 2;
+            let warps = n.div_ceil(ROWS_PER_WARP);
+            let blocks = (warps * 32).div_ceil(256) as u32;
+            let (n_i, k_i, f32_i) = (n as i32, k as i32, i32::from(out_f32));
+            return self.launch(
+                self.kernels.gemv,
+                (blocks, 1, 1),
+                (256, 1, 1),
+                kargs![w, x, y, n_i, k_i, f32_i],
+            );
+        }
+        let dt = match self.options.dtype {
+            DType::Bf16 => bsys::cudaDataType_t::CUDA_R_16BF,
+            _ => bsys::cudaDataType_t::CUDA_R_16F,
+        };
+        let out_dt = if out_f32 {
+            bsys::cudaDataType_t::CUDA_R_32F
+        } else {
+            dt
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        unsafe {
+            br::gemm_ex(
+                *self.blas.handle(),
+                bsys::cublasOperation_t::CUBLAS_OP_T,
+                bsys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                dt,
+                k as i32,
+                x as *const c_void,
+                dt,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                out_dt,
+                n as i32,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Cublas {
+            context: format!("GEMM m={m} n={n} k={k}"),
+            message: format!("{e:?}"),
+        })
+    }
+
+    /// Records an event closing the work of `category` (profiling only; a no-op otherwise).
+    fn mark(&self, category: &'static str) -> Result<(), CudaError> {
+        if let Some(events) = self.profiler.borrow_mut().as_mut() {
+            let event = drv(
+                "creating a profiling event",
+                dr::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT),
+            )?;
+            drv("recording a profiling event", unsafe {
+                dr::event::record(event, self.device.stream.cu_stream())
+            })?;
+            events.push((event, category));
+        }
+        Ok(())
+    }
+
+    /// Runs one step with eager launches and an event after every kernel and GEMM; returns the GPU
+    /// milliseconds spent per category (gemm_qkv, attention, ...) and in total.
+    pub fn profile_step(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<(String, f64)>, CudaError> {
+        let graphs = self.options.use_cuda_graphs;
+        self.options.use_cuda_graphs = false;
+        *self.profiler.borrow_mut() = Some(Vec::new());
+        let ran = self
+            .run_step(batch)
+            .and_then(|_| self.wait("a profiled step"));
+        self.options.use_cuda_graphs = graphs;
+        let events = self.profiler.borrow_mut().take().unwrap_or_default();
+        let mut totals: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut result = ran.map(|_| ());
+        for pair in events.windows(2) {
+            if result.is_ok() {
+                match unsafe { dr::event::elapsed(pair[0].0, pair[1].0) } {
+                    Ok(ms) => *totals.entry(pair[1].1).or_default() += ms as f64,
+                    Err(e) => {
+                        result = Err(CudaError::Driver {
+                            context: "reading profiling events".into(),
+                            message: format!("{e:?}"),
+                        })
+                    }
+                }
+            }
+        }
+        for (event, _) in events {
+            let _ = unsafe { dr::event::destroy(event) };
+        }
+        result?;
+        let total: f64 = totals.values().sum();
+        let mut out: Vec<(String, f64)> = totals
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        out.push(("total".to_string(), total));
+        Ok(out)
+    }
+
+    fn step_ptr(&self, byte_offset: usize) -> u64 {
+        self.step_dev.ptr() + byte_offset as u64
+    }
+
+    /// Copies `bytes` (a multiple of 4) between device-visible addresses with a kernel on the
+    /// compute stream (used with mapped pinned memory, so no copy engine is involved). With
+    /// `DJINN_CUDA_COPY_ENGINE_STEP_IO=1` the step's inputs go through the copy engine instead
+    /// (the old path, kept for A/B measurements).
+    fn copy_on_stream(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        debug_assert_eq!(bytes % 4, 0);
+        let words = (bytes / 4) as i32;
+        if words == 0 {
+            return Ok(());
+        }
+        let blocks = ((words as u32).div_ceil(256)).min(1024);
+        self.launch(self.kernels.copy_words, (blocks, 1, 1), (256, 1, 1), kargs![dst, src, words])
+    }
+
+    fn copy_engine_step_io() -> bool {
+        std::env::var_os("DJINN_CUDA_COPY_ENGINE_STEP_IO").is_some_and(|v| v == "1")
+    }
+
+    /// Moves a staged input range from pinned host memory to the step buffer.
+    fn upload_staged(&self, offset: usize, bytes: usize) -> Result<(), CudaError> {
+        if Self::copy_engine_step_io() {
+            // SAFETY: the pinned staging buffer outlives the copy (every step synchronises before
+            // the staging buffer is written again).
+            let src = unsafe { std::slice::from_raw_parts(self.step_host.ptr.add(offset), bytes) };
+            return drv("copying step inputs", unsafe {
+                dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
+            });
+        }
+        self.copy_on_stream(self.step_ptr(offset), self.step_host.dev_ptr + offset as u64, bytes)
+    }
+
+    /// Enqueues one forward over `n_tokens` rows / `n_seqs` sequences whose inputs are already in
+    /// the step buffer: logits of each sequence's last row in `logits`, argmax in `argmax`.
+    fn enqueue_forward(
+        &self,
+        n_tokens: usize,
+        n_seqs: usize,
+        mode: AttnMode,
+    ) -> Result<(), CudaError> {
+        let c = &self.config;
+        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (nh, nkv, nl) = (
+            c.num_attention_heads as i32,
+            c.num_key_value_heads as i32,
+            c.num_hidden_layers as i32,
+        );
+        let qkv_width = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
+        let eps = c.rms_norm_eps as f32;
+        let scale = 1.0f32 / (hd as f32).sqrt();
+        let sl = self.step_layout;
+        let (tokens, positions, slots) = (
+            self.step_ptr(sl.tokens),
+            self.step_ptr(sl.positions),
+            self.step_ptr(sl.slots),
+        );
+        let (seq_lens, last_rows) = (self.step_ptr(sl.seq_lens), self.step_ptr(sl.last_rows));
+        let (tables, tiles) = (self.step_ptr(sl.block_tables), self.step_ptr(sl.tiles));
+        let table_stride = self.options.max_blocks_per_seq as i32;
+        let pool = self.pool.base_device_ptr();
+        // add_rmsnorm handles 4 elements per thread.
+        let norm_threads = ((h / 4).div_ceil(32) * 32).min(1024) as u32;
+        let (h_i, null) = (h as i32, 0u64);
+        let t = n_tokens as u32;
+
+        self.mark("start")?;
+        self.launch(
+            self.kernels.embed,
+            (t, 1, 1),
+            (256, 1, 1),
+            kargs![tokens, self.wptr(self.embed_off), self.resid.ptr(), h_i],
+        )?;
+        self.mark("embed")?;
+        for (layer, lw) in self.layers.iter().enumerate() {
+            let layer_i = layer as i32;
+            let prev_delta = if layer == 0 { null } else { self.delta.ptr() };
+            self.launch(
+                self.kernels.add_rmsnorm,
+                (t, 1, 1),
+                (norm_threads, 1, 1),
+                kargs![
+                    self.resid.ptr(),
+                    prev_delta,
+                    self.wptr(lw.input_norm),
+                    self.normed.ptr(),
+                    null,
+                    h_i,
+                    eps
+                ],
+            )?;
+            self.mark("rmsnorm")?;
+            self.gemm(
+                self.normed.ptr(),
+                self.wptr(lw.qkv),
+                self.buf_a.ptr(),
+                n_tokens,
+                qkv_width,
+                h,
+                false,
+            )?;
+            self.mark("gemm_qkv")?;
+            self.launch(
+                self.kernels.rope_kv_write,
+                (t, 1, 1),
+                (256, 1, 1),
+                kargs![
+                    self.buf_a.ptr(),
+                    positions,
+                    slots,
+                    self.rope.ptr(),
+                    pool,
+                    layer_i,
+                    nh,
+                    nkv,
+                    nl
+                ],
+            )?;
+            self.mark("rope_kv_write")?;
+            match mode {
+                AttnMode::Decode { splits } => {
+                    let splits_i = splits as i32;
+                    self.launch(
+                        self.kernels.attn_decode,
+                        (nh as u32, n_seqs as u32, splits as u32),
+                        (128, 1, 1),
+                        kargs![
+                            self.buf_a.ptr(),
+                            pool,
+                            tables,
+                            table_stride,
+                            seq_lens,
+                            self.part_out.ptr(),
+                            self.part_lse.ptr(),
+                            self.buf_b.ptr(),
+                            layer_i,
+                            splits_i,
+                            scale,
+                            nh,
+                            nkv,
+                            nl
+                        ],
+                    )?;
+                    if splits > 1 {
+                        self.launch(
+                            self.kernels.attn_decode_reduce,
+                            (nh as u32, n_seqs as u32, 1),
+                            (hd as u32, 1, 1),
+                            kargs![
+                                self.part_out.ptr(),
+                                self.part_lse.ptr(),
+                                self.buf_b.ptr(),
+                                splits_i,
+                                nh
+                            ],
+                        )?;
+                    }
+                }
+                AttnMode::Prefill { num_tiles } => {
+                    let tiles_i = num_tiles as i32;
+                    let (kernel, smem) = if self.use_prefill_v1 {
+                        (self.kernels.attn_prefill_v1, 0)
+                    } else {
+                        (self.kernels.attn_prefill, self.prefill_smem_bytes as u32)
+                    };
+                    self.launch_smem(
+                        kernel,
+                        (num_tiles as u32, nh as u32, 1),
+                        (128, 1, 1),
+                        smem,
+                        kargs![
+                            self.buf_a.ptr(),
+                            pool,
+                            tables,
+                            table_stride,
+                            tiles,
+                            tiles_i,
+                            self.buf_b.ptr(),
+                            layer_i,
+                            scale,
+                            nh,
+                            nkv,
+                            nl
+                        ],
+                    )?;
+                }
+            }
+            self.mark("attention")?;
+            self.gemm(
+                self.buf_b.ptr(),
+                self.wptr(lw.o),
+                self.delta.ptr(),
+                n_tokens,
+                h,
+                nh as usize * hd,
+                false,
+            )?;
+            self.mark("gemm_o")?;
+            self.launch(
+                self.kernels.add_rmsnorm,
+                (t, 1, 1),
+                (norm_threads, 1, 1),
+                kargs![
+                    self.resid.ptr(),
+                    self.delta.ptr(),
+                    self.wptr(lw.post_norm),
+                    self.normed.ptr(),
+                    null,
+                    h_i,
+                    eps
+                ],
+            )?;
+            self.mark("rmsnorm")?;
+            self.gemm(
+                self.normed.ptr(),
+                self.wptr(lw.gate_up),
+                self.buf_a.ptr(),
+                n_tokens,
+                2 * inter,
+                h,
+                false,
+            )?;
+            self.mark("gemm_gate_up")?;
+            let total = (n_tokens * inter) as u64;
+            let inter_i = inter as i32;
+            let grid = ((n_tokens * inter).div_ceil(256)).min(self.device.num_sms * 16) as u32;
+            self.launch(
+                self.kernels.silu_mul,
+                (grid, 1, 1),
+                (256, 1, 1),
+                kargs![self.buf_a.ptr(), self.buf_b.ptr(), inter_i, total],
+            )?;
+            self.mark("silu_mul")?;
+            self.gemm(
+                self.buf_b.ptr(),
+                self.wptr(lw.down),
+                self.delta.ptr(),
+                n_tokens,
+                h,
+                inter,
+                false,
+            )?;
+            self.mark("gemm_down")?;
+        }
+        self.launch(
+            self.kernels.add_rmsnorm,
+            (n_seqs as u32, 1, 1),
+            (norm_threads, 1, 1),
+            kargs![
+                self.resid.ptr(),
+                self.delta.ptr(),
+                self.wptr(self.final_norm_off),
+                self.final_normed.ptr(),
+                last_rows,
+                h_i,
+                eps
+            ],
+        )?;
+        self.mark("rmsnorm")?;
+        self.gemm(
+            self.final_normed.ptr(),
+            self.wptr(self.lm_head_off),
+            self.logits.ptr(),
+            n_seqs,
+            c.vocab_size,
+            h,
+            true,
+        )?;
+        self.mark("lm_head")?;
+        let vocab_i = c.vocab_size as i32;
+        self.launch(
+            self.kernels.argmax_rows,
+            (n_seqs as u32, 1, 1),
+            (1024, 1, 1),
+            kargs![self.logits.ptr(), vocab_i, self.argmax.ptr()],
+        )?;
+        self.mark("argmax")?;
+        Ok(())
+    }
+
+    /// Decode-attention splits for a bucket: enough CTAs to cover the SMs ~8 times over (small
+    /// batches otherwise leave most SMs idle while a few CTAs walk long contexts).
+    fn decode_splits(&self, bucket: usize) -> usize {
+        let ctas = bucket * self.config.num_attention_heads;
+        (8 * self.device.num_sms)
+            .div_ceil(ctas)
+            .clamp(1, MAX_DECODE_SPLITS)
+    }
+
+    /// Graph bucket for a decode batch of `n` sequences: 1, 2, 4, 8, then multiples of 8.
+    fn bucket_for(&self, n: usize) -> usize {
+        let b = if n <= 8 {
+            n.next_power_of_two()
+        } else {
+            n.div_ceil(8) * 8
+        };
+        b.min(self.options.max_seqs_per_step)
+    }
+
+    /// Checks a batch against the model's limits and fills the host staging buffer. Returns
+    /// (rows, sequences, attention mode, rows to copy, sequences to copy).
+    fn stage(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        pad_decode: bool,
+    ) -> Result<(usize, usize, AttnMode), CudaError> {
+        let c = &self.config;
+        let bs = self.options.block_size_tokens;
+        let stride = self.options.max_blocks_per_seq;
+        if batch.is_empty() {
+            return Err(CudaError::BadInput("empty batch".into()));
+        }
+        if batch.len() > self.options.max_seqs_per_step {
+            return Err(CudaError::BadInput(format!(
+                "{} sequences in one step; the model was sized for at most {}",
+                batch.len(),
+                self.options.max_seqs_per_step
+            )));
+        }
+        let n_tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        if n_tokens > self.options.max_tokens_per_step {
+            return Err(CudaError::BadInput(format!(
+                "{n_tokens} new tokens in one step; the model was sized for at most {} (chunk the prefill)",
+                self.options.max_tokens_per_step
+            )));
+        }
+        let max_pos = (self.rope.bytes() / 4) / c.head_dim();
+        for (i, s) in batch.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(CudaError::BadInput(format!(
+                    "sequence {i} has no new tokens"
+                )));
+            }
+            let end = s.end_len();
+            if end > max_pos {
+                return Err(CudaError::BadInput(format!(
+                    "sequence {i} reaches position {end}, beyond the model's {max_pos} positions"
+                )));
+            }
+            let needed = end.div_ceil(bs);
+            if s.block_table.len() < needed || needed > stride {
+                return Err(CudaError::BadInput(format!(
+                    "sequence {i} needs {needed} blocks for {end} tokens; its table has {} (device tables hold {stride})",
+                    s.block_table.len()
+                )));
+            }
+            if let Some(&bad) = s.block_table[..needed]
+                .iter()
+                .find(|&&b| b as usize >= self.pool.num_blocks())
+            {
+                return Err(CudaError::BadInput(format!(
+                    "sequence {i} names block {bad}, outside the pool of {} blocks",
+                    self.pool.num_blocks()
+                )));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(CudaError::BadInput(format!(
+                    "sequence {i} has token {bad}, outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+        }
+        let is_decode = batch.iter().all(|s| s.tokens.len() == 1);
+        let (rows, seqs) = if is_decode && pad_decode {
+            let b = self.bucket_for(batch.len());
+            (b, b)
+        } else {
+            (n_tokens, batch.len())
+        };
+        let sl = self.step_layout;
+        {
+            let tokens = self.step_host.slice_mut::<u32>(sl.tokens, rows);
+            let mut r = 0;
+            for s in batch {
+                tokens[r..r + s.tokens.len()].copy_from_slice(s.tokens);
+                r += s.tokens.len();
+            }
+            tokens[r..].fill(0);
+        }
+        {
+            let positions = self.step_host.slice_mut::<i32>(sl.positions, rows);
+            let mut r = 0;
+            for s in batch {
+                for j in 0..s.tokens.len() {
+                    positions[r] = (s.context_len + j) as i32;
+                    r += 1;
+                }
+            }
+            positions[r..].fill(0);
+        }
+        {
+            let slots = self.step_host.slice_mut::<i64>(sl.slots, rows);
+            let mut r = 0;
+            for s in batch {
+                for j in 0..s.tokens.len() {
+                    let p = s.context_len + j;
+                    slots[r] = s.block_table[p / bs] as i64 * bs as i64 + (p % bs) as i64;
+                    r += 1;
+                }
+            }
+            slots[r..].fill(-1);
+        }
+        {
+            let seq_lens = self.step_host.slice_mut::<i32>(sl.seq_lens, seqs);
+            for (i, s) in batch.iter().enumerate() {
+                seq_lens[i] = s.end_len() as i32;
+            }
+            seq_lens[batch.len()..].fill(0);
+        }
+        {
+            let last_rows = self.step_host.slice_mut::<i32>(sl.last_rows, seqs);
+            let mut r = 0;
+            for (i, s) in batch.iter().enumerate() {
+                r += s.tokens.len();
+                last_rows[i] = (r - 1) as i32;
+            }
+            for (i, v) in last_rows.iter_mut().enumerate().skip(batch.len()) {
+                *v = i as i32;
+            }
+        }
+        {
+            let tables = self
+                .step_host
+                .slice_mut::<u32>(sl.block_tables, seqs * stride);
+            tables.fill(0);
+            for (i, s) in batch.iter().enumerate() {
+                let n = s.end_len().div_ceil(bs);
+                tables[i * stride..i * stride + n].copy_from_slice(&s.block_table[..n]);
+            }
+        }
+        let mode = if is_decode {
+            AttnMode::Decode {
+                splits: self.decode_splits(seqs),
+            }
+        } else {
+            let mut tile_list: Vec<[i32; 4]> = Vec::new();
+            let mut row0 = 0usize;
+            for (i, s) in batch.iter().enumerate() {
+                let n = s.tokens.len();
+                let mut q = 0;
+                while q < n {
+                    let rows_in_tile = (n - q).min(PREFILL_TILE_ROWS);
+                    tile_list.push([
+                        i as i32,
+                        (row0 + q) as i32,
+                        rows_in_tile as i32,
+                        (s.context_len + q) as i32,
+                    ]);
+                    q += rows_in_tile;
+                }
+                row0 += n;
+            }
+            assert!(tile_list.len() <= self.max_tiles);
+            let tiles = self
+                .step_host
+                .slice_mut::<[i32; 4]>(sl.tiles, tile_list.len());
+            tiles.copy_from_slice(&tile_list);
+            AttnMode::Prefill {
+                num_tiles: tile_list.len(),
+            }
+        };
+        // Copy the used part of each array to the device (stream-ordered before the forward).
+        let stride_bytes = 4 * stride;
+        let mut copies = vec![
+            (sl.tokens, 4 * rows),
+            (sl.positions, 4 * rows),
+            (sl.slots, 8 * rows),
+            (sl.seq_lens, 4 * seqs),
+            (sl.last_rows, 4 * seqs),
+            (sl.block_tables, stride_bytes * seqs),
+        ];
+        if let AttnMode::Prefill { num_tiles } = mode {
+            copies.push((sl.tiles, 16 * num_tiles));
+        }
+        for (offset, bytes) in copies {
+            self.upload_staged(offset, bytes)?;
+        }
+        Ok((rows, seqs, mode))
+    }
+
+    /// Runs one step on the GPU (graph replay for decode batches), leaving logits and argmax on
+    /// the device. Returns the number of sequence rows computed (the bucket for decode).
+    fn run_step(&mut self, batch: &[SeqStep<'_>]) -> Result<usize, CudaError> {
+        let use_graph = self.options.use_cuda_graphs;
+        let (rows, seqs, mode) = self.stage(batch, use_graph)?;
+        trace!(
+            "step: {} seqs, {rows} rows, {seqs} padded seqs, {}",
+            batch.len(),
+            match mode {
+                AttnMode::Decode { splits } => format!("decode with {splits} splits"),
+                AttnMode::Prefill { num_tiles } => format!("prefill with {num_tiles} tiles"),
+            }
+        );
+        match mode {
+            AttnMode::Decode { .. } if use_graph => {
+                if !self.graphs.contains_key(&seqs) {
+                    self.capture_decode_graph(seqs, mode)?;
+                }
+                let graph = &self.graphs[&seqs];
+                drv("replaying the decode graph", graph.launch())?;
+            }
+            _ => self.enqueue_forward(rows, seqs, mode)?,
+        }
+        Ok(seqs)
+    }
+
+    fn capture_decode_graph(&mut self, bucket: usize, mode: AttnMode) -> Result<(), CudaError> {
+        // An eager run first: cuBLAS picks its kernels (and loads them) outside the capture.
+        trace!("capturing the decode graph of bucket {bucket}: eager warm-up");
+        self.enqueue_forward(bucket, bucket, mode)?;
+        self.wait("the eager warm-up before a graph capture")?;
+        trace!("capturing the decode graph of bucket {bucket}: capture");
+        let stream = self.device.stream.clone();
+        drv(
+            "beginning graph capture",
+            stream.begin_capture(dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+        )?;
+        let enqueued = self.enqueue_forward(bucket, bucket, mode);
+        let graph = stream.end_capture(dsys::CUgraphInstantiate_flags(0));
+        enqueued?;
+        let graph = drv("ending graph capture", graph)?.ok_or_else(|| CudaError::Driver {
+            context: "graph capture".into(),
+            message: "the capture produced no graph".into(),
+        })?;
+        drv("uploading the graph", graph.upload())?;
+        trace!("captured the decode graph of bucket {bucket}");
+        self.graphs.insert(bucket, graph);
+        Ok(())
+    }
+
+    /// Captures the decode graphs of every bucket up to `max_batch` now (start-up), so no step pays
+    /// for a capture later.
+    pub fn capture_decode_graphs(&mut self, max_batch: usize) -> Result<(), CudaError> {
+        let mut n = 1;
+        while n <= max_batch.min(self.options.max_seqs_per_step) {
+            let bucket = self.bucket_for(n);
+            if !self.graphs.contains_key(&bucket) {
+                // Inputs for the eager warm-up run: padding rows (no KV writes, empty contexts).
+                self.stage_padding(bucket)?;
+                let mode = AttnMode::Decode {
+                    splits: self.decode_splits(bucket),
+                };
+                self.capture_decode_graph(bucket, mode)?;
+            }
+            n = bucket + 1;
+        }
+        self.device.synchronize()
+    }
+
+    fn stage_padding(&mut self, rows: usize) -> Result<(), CudaError> {
+        let sl = self.step_layout;
+        self.step_host.slice_mut::<u32>(sl.tokens, rows).fill(0);
+        self.step_host.slice_mut::<i32>(sl.positions, rows).fill(0);
+        self.step_host.slice_mut::<i64>(sl.slots, rows).fill(-1);
+        self.step_host.slice_mut::<i32>(sl.seq_lens, rows).fill(0);
+        for (i, v) in self
+            .step_host
+            .slice_mut::<i32>(sl.last_rows, rows)
+            .iter_mut()
+            .enumerate()
+        {
+            *v = i as i32;
+        }
+        for (offset, bytes) in [
+            (sl.tokens, 4 * rows),
+            (sl.positions, 4 * rows),
+            (sl.slots, 8 * rows),
+            (sl.seq_lens, 4 * rows),
+            (sl.last_rows, 4 * rows),
+        ] {
+            self.upload_staged(offset, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the compute stream with a deadline, so a GPU fault or hang becomes an error naming
+    /// the step instead of a process that never returns.
+    pub fn wait(&self, what: &str) -> Result<(), CudaError> {
+        let stream = self.device.stream.cu_stream();
+        let started = std::time::Instant::now();
+        loop {
+            // SAFETY: querying a live stream.
+            let status = unsafe { dsys::cuStreamQuery(stream) };
+            match status {
+                dsys::cudaError_enum::CUDA_SUCCESS => return Ok(()),
+                dsys::cudaError_enum::CUDA_ERROR_NOT_READY => {
+                    if started.elapsed() > STEP_DEADLINE {
+                        return Err(CudaError::Timeout {
+                            what: what.to_string(),
+                            seconds: STEP_DEADLINE.as_secs_f64(),
+                        });
+                    }
+                    std::hint::spin_loop();
+                }
+                other => {
+                    return Err(CudaError::Driver {
+                        context: format!("waiting for {what}"),
+                        message: format!("{other:?}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// One step; returns the greedy (argmax) token of each sequence. Only `batch.len()` u32 come back
+    /// from the device: this is the serving path.
+    pub fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, CudaError> {
+        self.run_step(batch)?;
+        let n = batch.len();
+        if Self::copy_engine_step_io() {
+            let mut out = vec![0u32; n];
+            drv("reading the greedy tokens", unsafe {
+                dr::memcpy_dtoh_async(&mut out, self.argmax.ptr(), self.device.stream.cu_stream())
+            })?;
+            self.wait("a forward step (greedy)")?;
+            return Ok(out);
+        }
+        // The tokens go to mapped pinned memory by a kernel (no copy engine: see PinnedBuffer).
+        self.copy_on_stream(self.logits_host.dev_ptr, self.argmax.ptr(), 4 * n)?;
+        self.wait("a forward step (greedy)")?;
+        Ok(self.logits_host.slice_mut::<u32>(0, n).to_vec())
+    }
+
+    /// One step; returns the f32 logits of each sequence's last new token.
+    pub fn forward_logits(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, CudaError> {
+        self.run_step(batch)?;
+        let vocab = self.config.vocab_size;
+        let n = batch.len() * vocab;
+        {
+            let dst = self.logits_host.slice_mut::<f32>(0, n);
+            drv("reading the logits", unsafe {
+                dr::memcpy_dtoh_async(dst, self.logits.ptr(), self.device.stream.cu_stream())
+            })?;
+        }
+        self.wait("a forward step (logits)")?;
+        let data = self.logits_host.slice_mut::<f32>(0, n).to_vec();
+        Ok(Logits {
+            rows: batch.len(),
+            vocab,
+            data,
+        })
+    }
+
+    /// Fills the whole KV pool with seeded uniform values in [-scale, scale] (benchmarks: decode
+    /// attention then reads realistic, non-zero data without a prefill per sequence).
+    pub fn fill_kv_random(&mut self, seed: u64, scale: f32) -> Result<(), CudaError> {
+        let n = (self.pool.total_bytes() / self.elem()) as u64;
+        let ptr = self.pool.base_device_ptr();
+        let grid = (self.device.num_sms * 32) as u32;
+        let bias = 0.0f32;
+        self.launch(
+            self.kernels.random_fill,
+            (grid, 1, 1),
+            (256, 1, 1),
+            kargs![ptr, n, seed, scale, bias],
+        )?;
+        self.device.synchronize()
+    }
+
+    /// Enqueues a step without waiting for it (benchmarks time a stream of these with events).
+    pub fn enqueue_step(&mut self, batch: &[SeqStep<'_>]) -> Result<(), CudaError> {
+        self.run_step(batch).map(|_| ())
+    }
+
+    /// Writes the weights as an HF checkpoint (`config.json` + `model.safetensors`, fp16/bf16) so HF
+    /// transformers can load exactly the weights this model runs.
+    pub fn save_hf_checkpoint(&self, dir: &Path) -> Result<(), CudaError> {
+        let io = |path: &Path, e: std::io::Error| CudaError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let c = &self.config;
+        let dtype_name = if self.options.dtype == DType::Bf16 {
+            "bfloat16"
+        } else {
+            "float16"
+        };
+        let config_json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim(),
+            "vocab_size": c.vocab_size,
+            "rope_theta": c.rope_theta,
+            "rms_norm_eps": c.rms_norm_eps,
+            "max_position_embeddings": c.max_position_embeddings,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": dtype_name,
+        });
+        let config_path = dir.join("config.json");
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(&config_json).expect("json"),
+        )
+        .map_err(|e| io(&config_path, e))?;
+
+        let st_dtype = if self.options.dtype == DType::Bf16 {
+            "BF16"
+        } else {
+            "F16"
+        };
+        let tensors = self.tensor_map();
+        let mut header = serde_json::Map::new();
+        let mut at = 0usize;
+        for (name, shape, _) in &tensors {
+            let bytes = shape.iter().product::<usize>() * 2;
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": st_dtype, "shape": shape, "data_offsets": [at, at + bytes]}),
+            );
+            at += bytes;
+        }
+        let mut header_bytes =
+            serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+        while header_bytes.len() % 8 != 0 {
+            header_bytes.push(b' ');
+        }
+        let path = dir.join("model.safetensors");
+        let file = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+        let mut w = std::io::BufWriter::with_capacity(64 << 20, file);
+        w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+            .map_err(|e| io(&path, e))?;
+        w.write_all(&header_bytes).map_err(|e| io(&path, e))?;
+        for (name, shape, offset) in &tensors {
+            let n: usize = shape.iter().product();
+            let mut host = vec![0u16; n];
+            drv(&format!("downloading `{name}`"), unsafe {
+                dr::memcpy_dtoh_sync(&mut host, self.wptr(*offset))
+            })?;
+            // SAFETY: u16 slice viewed as bytes (little-endian host, as safetensors requires).
+            let bytes = unsafe { std::slice::from_raw_parts(host.as_ptr() as *const u8, n * 2) };
+            w.write_all(bytes).map_err(|e| io(&path, e))?;
+        }
+        w.flush().map_err(|e| io(&path, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for CudaModel {
+    fn drop(&mut self) {
+        // Buffers are freed after this; nothing may still run on them.
+        let _ = self.device.stream.synchronize();
+        self.graphs.clear();
+    }
+}
+
+impl PagedModel for CudaModel {
+    type Error = CudaError;
+
+    fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, CudaError> {
+        self.forward_logits(batch)
+    }
+
+    fn block_size_tokens(&self) -> usize {
+        self.options.block_size_tokens
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.pool.num_blocks()
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}

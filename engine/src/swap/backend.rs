@@ -1,0 +1,418 @@
+//! The real engine behind `sim`'s [`Backend`] seam: a paged model (CPU or CUDA) and a swap
+//! engine over its KV pool, driven by the same run loop as the simulated GPU.
+//!
+//! The run loop owns block ids (`sim::kv::KvManager`) and the agents' KV state machine; this
+//! backend executes steps on the block tables the mechanism holds and swaps the block pairs its
+//! `SwapJob`s name. It never lets an agent run while a swap still copies one of its blocks: a
+//! step naming such a block is refused with an error, even if the mechanism already thinks the
+//! agent is resident (a swap is complete only once `poll_swaps` has reported it).
+//!
+//! Token ids: the workload gives token counts, not text, so new input tokens are drawn from a
+//! seeded hash of (agent, position); a decode step feeds back the token the agent generated last
+//! (greedy), so a run is a real generation whose tokens can be checked afterwards.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use sim::backend::{Backend, BackendError, StepBatch, SwapCompletion};
+use sim::ids::AgentId;
+use sim::kv::{KvManager, SwapDirection as SimDirection, SwapJob};
+use sim::time::SimTime;
+
+use super::cpu::CpuSwapEngine;
+use super::{BlockPair, SwapDirection, SwapEngine, SwapError, SwapId, SwapRecord};
+use crate::batch::{PagedModel, SeqStep};
+use crate::cpu::CpuModel;
+
+/// A swap engine that can copy blocks of a given model's KV pool.
+pub trait SwapExecutor: SwapEngine {
+    type Model: PagedModel;
+
+    fn submit_for(
+        &mut self,
+        model: &mut Self::Model,
+        agent: AgentId,
+        direction: SwapDirection,
+        pairs: &[BlockPair],
+    ) -> Result<SwapId, SwapError>;
+}
+
+impl SwapExecutor for CpuSwapEngine<f32> {
+    type Model = CpuModel;
+
+    fn submit_for(
+        &mut self,
+        model: &mut CpuModel,
+        agent: AgentId,
+        direction: SwapDirection,
+        pairs: &[BlockPair],
+    ) -> Result<SwapId, SwapError> {
+        self.submit(model.kv_pool_mut(), agent, direction, pairs)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl SwapExecutor for super::cuda::CudaSwapEngine {
+    type Model = crate::cuda::CudaModel;
+
+    fn submit_for(
+        &mut self,
+        _model: &mut crate::cuda::CudaModel,
+        agent: AgentId,
+        direction: SwapDirection,
+        pairs: &[BlockPair],
+    ) -> Result<SwapId, SwapError> {
+        // The engine was built over this model's pool (base pointer) and ordered after its stream.
+        self.submit(agent, direction, pairs)
+    }
+}
+
+/// How the backend predicts when copies finish (for `next_swap_completion` and
+/// `channel_busy_until`); completions themselves always come from the swap engine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SwapEstimate {
+    pub latency_ns: u64,
+    pub out_bytes_per_s: f64,
+    pub in_bytes_per_s: f64,
+}
+
+impl SwapEstimate {
+    /// The H100 pinned-copy rates measured by `djinn engine swap-bench` (engine/bench/).
+    pub fn h100_measured() -> Self {
+        SwapEstimate {
+            latency_ns: 20_000,
+            out_bytes_per_s: 55e9,
+            in_bytes_per_s: 55e9,
+        }
+    }
+}
+
+/// While a swap is predicted done but not yet reported, the run loop is asked to look again this
+/// much later (it has nothing else to do).
+const REPOLL_NS: u64 = 20_000;
+
+pub struct EngineBackend<M: PagedModel, S: SwapExecutor<Model = M>> {
+    model: M,
+    swap: S,
+    name: String,
+    vocab_size: u32,
+    token_seed: u64,
+    block_bytes: u64,
+    estimate: SwapEstimate,
+    /// The token each agent generated last (the input of its next decode step).
+    last_token: BTreeMap<AgentId, u32>,
+    /// Every token of each agent's sequence as the engine ran it (inputs and generated).
+    sequences: BTreeMap<AgentId, Vec<u32>>,
+    /// Greedy tokens each agent generated, in order.
+    generated: BTreeMap<AgentId, Vec<u32>>,
+    /// Positions of each agent's sequence whose token is one the model generated (fed back).
+    generated_positions: BTreeMap<AgentId, std::collections::BTreeSet<u32>>,
+    /// Engine swap id -> the run loop's swap id.
+    sim_swap_of: BTreeMap<SwapId, sim::ids::SwapId>,
+    predicted_end: BTreeMap<sim::ids::SwapId, SimTime>,
+    /// Predicted end of the copies queued per direction: [out, in].
+    free_at: [SimTime; 2],
+    last_now: SimTime,
+    records: Vec<SwapRecord>,
+    /// A failure seen where the trait cannot return one (`poll_swaps`); reported by the next call
+    /// that can.
+    deferred_failure: Option<String>,
+}
+
+fn failed(message: impl Into<String>) -> BackendError {
+    BackendError::Failed(message.into())
+}
+
+fn engine_direction(direction: SimDirection) -> SwapDirection {
+    match direction {
+        SimDirection::Out => SwapDirection::Out,
+        SimDirection::In => SwapDirection::In,
+    }
+}
+
+fn channel(direction: SimDirection) -> usize {
+    match direction {
+        SimDirection::Out => 0,
+        SimDirection::In => 1,
+    }
+}
+
+/// A new input token of `agent` at `position` (seeded, so runs repeat).
+fn input_token(seed: u64, agent: AgentId, position: u32, vocab_size: u32) -> u32 {
+    let mut x = seed ^ ((agent as u64) << 32) ^ position as u64;
+    // splitmix64 finaliser: a fixed, well-mixed function of the inputs.
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    (x % vocab_size as u64) as u32
+}
+
+impl<M: PagedModel, S: SwapExecutor<Model = M>> EngineBackend<M, S> {
+    /// `block_bytes`: bytes of one KV block (for the swap-time predictions).
+    pub fn new(
+        name: impl Into<String>,
+        model: M,
+        swap: S,
+        vocab_size: u32,
+        block_bytes: u64,
+        token_seed: u64,
+        estimate: SwapEstimate,
+    ) -> Self {
+        EngineBackend {
+            model,
+            swap,
+            name: name.into(),
+            vocab_size,
+            token_seed,
+            block_bytes,
+            estimate,
+            last_token: BTreeMap::new(),
+            sequences: BTreeMap::new(),
+            generated: BTreeMap::new(),
+            generated_positions: BTreeMap::new(),
+            sim_swap_of: BTreeMap::new(),
+            predicted_end: BTreeMap::new(),
+            free_at: [SimTime::ZERO; 2],
+            last_now: SimTime::ZERO,
+            records: Vec::new(),
+            deferred_failure: None,
+        }
+    }
+
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    pub fn model_mut(&mut self) -> &mut M {
+        &mut self.model
+    }
+
+    pub fn swap_engine(&self) -> &S {
+        &self.swap
+    }
+
+    /// The copy engine's record of every reported swap (ids are the run loop's swap ids).
+    pub fn swap_records(&self) -> &[SwapRecord] {
+        &self.records
+    }
+
+    /// The tokens of an agent's sequence as run (new inputs and fed-back generated tokens).
+    pub fn sequence(&self, agent: AgentId) -> &[u32] {
+        self.sequences.get(&agent).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The greedy tokens an agent generated, in order.
+    pub fn generated(&self, agent: AgentId) -> &[u32] {
+        self.generated.get(&agent).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Positions of the agent's sequence that hold a token the model generated and that was fed
+    /// back: the logits at the position before must pick exactly that token (greedy).
+    pub fn generated_positions(&self, agent: AgentId) -> Vec<u32> {
+        self.generated_positions
+            .get(&agent)
+            .map(|p| p.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn check_deferred(&mut self) -> Result<(), BackendError> {
+        match self.deferred_failure.take() {
+            Some(message) => Err(failed(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// The block table of an agent that may run now, or why it may not.
+    fn runnable_table(&self, agent: AgentId, kv: &KvManager) -> Result<Vec<u32>, BackendError> {
+        if !kv.is_resident(agent) {
+            return Err(failed(format!(
+                "agent {agent} was scheduled while its KV is {:?}, not resident on the GPU",
+                kv.state(agent)
+            )));
+        }
+        let table: Vec<u32> = kv.gpu_block_table(agent).collect();
+        for &block in &table {
+            if let Some(swap_id) = self.swap.busy_swap_of_gpu_block(block) {
+                return Err(failed(format!(
+                    "agent {agent} was scheduled while engine swap {swap_id} still copies its GPU block {block}; \
+                     a swap is complete only once poll_swaps has reported it"
+                )));
+            }
+        }
+        Ok(table)
+    }
+}
+
+impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn execute_step(
+        &mut self,
+        _now: SimTime,
+        batch: &StepBatch,
+        kv: &KvManager,
+    ) -> Result<u64, BackendError> {
+        self.check_deferred()?;
+        let seqs: Vec<_> = batch.prefill.iter().chain(&batch.decode).copied().collect();
+        let mut tables = Vec::with_capacity(seqs.len());
+        let mut inputs = Vec::with_capacity(seqs.len());
+        let mut fed_generated = Vec::new();
+        for seq in &seqs {
+            tables.push(self.runnable_table(seq.agent, kv)?);
+            // Positions already run keep their tokens (a dropped prefix is recomputed from the
+            // same tokens); the first new position takes the token generated last; later ones
+            // are new input.
+            let known = self
+                .sequences
+                .get(&seq.agent)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let pending = self.last_token.get(&seq.agent).copied();
+            let tokens: Vec<u32> = (0..seq.tokens)
+                .map(|i| {
+                    let position = seq.context_tokens + i;
+                    match known.get(position as usize) {
+                        Some(&token) => token,
+                        None if position as usize == known.len() && pending.is_some() => {
+                            fed_generated.push((seq.agent, position));
+                            pending.expect("checked")
+                        }
+                        None => input_token(self.token_seed, seq.agent, position, self.vocab_size),
+                    }
+                })
+                .collect();
+            inputs.push(tokens);
+        }
+        let steps: Vec<SeqStep<'_>> = seqs
+            .iter()
+            .zip(&tables)
+            .zip(&inputs)
+            .map(|((seq, table), tokens)| SeqStep {
+                block_table: table,
+                context_len: seq.context_tokens as usize,
+                tokens,
+            })
+            .collect();
+        let started = Instant::now();
+        let logits = self
+            .model
+            .forward(&steps)
+            .map_err(|e| failed(format!("forward failed: {e}")))?;
+        let duration_ns = started.elapsed().as_nanos() as u64;
+        for (agent, position) in fed_generated {
+            self.generated_positions
+                .entry(agent)
+                .or_default()
+                .insert(position);
+        }
+        for (row, (seq, tokens)) in seqs.iter().zip(&inputs).enumerate() {
+            let sequence = self.sequences.entry(seq.agent).or_default();
+            let end = seq.context_tokens as usize + tokens.len();
+            if end > sequence.len() {
+                // New positions: the pending generated token (if any) is now part of the sequence.
+                sequence.truncate(seq.context_tokens as usize);
+                sequence.extend_from_slice(tokens);
+                let token = logits.argmax(row);
+                self.last_token.insert(seq.agent, token);
+                self.generated.entry(seq.agent).or_default().push(token);
+            }
+            // Else a recompute of positions already run: same tokens, nothing new generated.
+        }
+        Ok(duration_ns.max(1))
+    }
+
+    fn start_swap(
+        &mut self,
+        now: SimTime,
+        job: &SwapJob,
+        _kv: &KvManager,
+    ) -> Result<(), BackendError> {
+        self.check_deferred()?;
+        let pairs: Vec<BlockPair> = job
+            .pairs
+            .iter()
+            .map(|&(gpu_block, host_block)| BlockPair {
+                gpu_block,
+                host_block,
+            })
+            .collect();
+        let engine_id = self
+            .swap
+            .submit_for(
+                &mut self.model,
+                job.agent,
+                engine_direction(job.direction),
+                &pairs,
+            )
+            .map_err(|e| failed(format!("swap {} of agent {}: {e}", job.id, job.agent)))?;
+        self.sim_swap_of.insert(engine_id, job.id);
+        let bytes = pairs.len() as f64 * self.block_bytes as f64;
+        let rate = match job.direction {
+            SimDirection::Out => self.estimate.out_bytes_per_s,
+            SimDirection::In => self.estimate.in_bytes_per_s,
+        };
+        let lane = channel(job.direction);
+        let start = self.free_at[lane].max(now);
+        let end = start + self.estimate.latency_ns + (bytes / rate * 1e9).round() as u64;
+        self.free_at[lane] = end;
+        self.predicted_end.insert(job.id, end);
+        Ok(())
+    }
+
+    fn poll_swaps(&mut self, now: SimTime, out: &mut Vec<SwapCompletion>) {
+        self.last_now = now;
+        let mut records = match self.swap.poll() {
+            Ok(records) => records,
+            Err(e) => {
+                self.deferred_failure = Some(format!("polling the swap engine failed: {e}"));
+                return;
+            }
+        };
+        // Completion order: by when each copy ended.
+        records.sort_by_key(|r| (r.end_ns, r.swap_id));
+        for mut record in records {
+            let Some(sim_id) = self.sim_swap_of.remove(&record.swap_id) else {
+                self.deferred_failure = Some(format!(
+                    "the swap engine reported swap {} it was never given",
+                    record.swap_id
+                ));
+                return;
+            };
+            self.predicted_end.remove(&sim_id);
+            record.swap_id = sim_id;
+            out.push(SwapCompletion {
+                swap_id: sim_id,
+                at: now,
+            });
+            self.records.push(record);
+        }
+    }
+
+    fn next_swap_completion(&self) -> Option<SimTime> {
+        let predicted = self.predicted_end.values().min().copied()?;
+        // Never "now or earlier": the run loop would re-plan at the same instant until it gives up.
+        Some(predicted.max(self.last_now + REPOLL_NS))
+    }
+
+    fn channel_busy_until(&self, direction: SimDirection) -> SimTime {
+        self.free_at[channel(direction)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_tokens_are_seeded_and_in_range() {
+        let a = input_token(1, 2, 3, 256);
+        assert_eq!(a, input_token(1, 2, 3, 256));
+        assert!((0..100).map(|p| input_token(1, 2, p, 256)).all(|t| t < 256));
+        let distinct: std::collections::BTreeSet<u32> =
+            (0..100).map(|p| input_token(1, 2, p, 256)).collect();
+        assert!(distinct.len() > 50, "tokens should vary with position");
+    }
+}

@@ -1,0 +1,364 @@
+//! GPU correctness checks of the CUDA swap engine, run by `djinn engine swap-check` on the GPU
+//! machine and by `engine/tests/swap_cuda.rs` (which skips, saying why, where no GPU exists).
+//!
+//! - bit-exact round trip: blocks swapped out and back into different device blocks hold the same
+//!   bytes; no other block changes (batched and per-run copies, both directions at once);
+//! - busy blocks: a block named by an unreported swap is refused to another swap and to a drop;
+//! - records: bytes, direction, block count and times are consistent;
+//! - logits: an agent's next-token logits after swap-out / swap-in into different blocks equal
+//!   (bit for bit) those of the same agent never swapped; after a drop, recomputing the context
+//!   gives the same logits within the forward's fp16 tolerance.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{result, CudaContext};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
+use super::{BlockPair, SwapDirection, SwapEngine, SwapError};
+use crate::batch::{Logits, SeqStep};
+use crate::config::ModelConfig;
+use crate::cuda::{CudaError, CudaModel, CudaModelOptions, DeviceBuffer, GpuDevice, WeightSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapCheckError {
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error("CUDA driver call failed while {during}: {detail}")]
+    Driver {
+        during: &'static str,
+        detail: String,
+    },
+}
+
+fn driver(during: &'static str) -> impl Fn(cudarc::driver::DriverError) -> SwapCheckError {
+    move |error| SwapCheckError::Driver {
+        during,
+        detail: format!("{error:?}"),
+    }
+}
+
+/// The outcome of one check: its name, whether it held, and what was seen.
+#[derive(Clone, Debug)]
+pub struct CheckOutcome {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+fn outcome(name: &str, passed: bool, detail: String) -> CheckOutcome {
+    CheckOutcome {
+        name: name.into(),
+        passed,
+        detail,
+    }
+}
+
+/// Opens the GPU, or says why there is none (the caller skips).
+pub fn open_gpu() -> Result<GpuDevice, String> {
+    GpuDevice::open(0).map_err(|error| error.to_string())
+}
+
+/// Runs every check; an error is a failure to run, a failed check is an outcome.
+pub fn run_all(device: GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> {
+    let mut outcomes = Vec::new();
+    for method in [CopyMethod::Batched, CopyMethod::PerRun] {
+        outcomes.extend(round_trip(&device.ctx, method)?);
+    }
+    outcomes.extend(busy_blocks(&device.ctx)?);
+    outcomes.extend(logits_after_swap(device)?);
+    Ok(outcomes)
+}
+
+fn pool_bytes(ctx: &Arc<CudaContext>, pool: GpuKvPoolRef) -> Result<Vec<u8>, SwapCheckError> {
+    let mut bytes = vec![0u8; pool.block_bytes * pool.block_count as usize];
+    ctx.bind_to_thread()
+        .map_err(driver("binding the context"))?;
+    unsafe { result::memcpy_dtoh_sync(&mut bytes, pool.base) }
+        .map_err(driver("reading the device pool"))?;
+    Ok(bytes)
+}
+
+fn pairs(gpu: &[u32], host: &[u32]) -> Vec<BlockPair> {
+    gpu.iter()
+        .zip(host)
+        .map(|(&gpu_block, &host_block)| BlockPair {
+            gpu_block,
+            host_block,
+        })
+        .collect()
+}
+
+/// Device pool of 64 blocks of 1 MiB + 4 KiB (an odd size on purpose), host pool of 48.
+fn round_trip(
+    ctx: &Arc<CudaContext>,
+    method: CopyMethod,
+) -> Result<Vec<CheckOutcome>, SwapCheckError> {
+    let block_bytes = (1 << 20) + 4096;
+    let gpu_blocks = 64u32;
+    let buffer = DeviceBuffer::alloc(
+        ctx,
+        block_bytes * gpu_blocks as usize,
+        "the swap check's device pool",
+    )?;
+    let pool = GpuKvPoolRef {
+        base: buffer.ptr(),
+        block_bytes,
+        block_count: gpu_blocks,
+    };
+    let mut original = vec![0u8; block_bytes * gpu_blocks as usize];
+    ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut original);
+    ctx.bind_to_thread()
+        .map_err(driver("binding the context"))?;
+    unsafe { result::memcpy_htod_sync(pool.base, &original) }
+        .map_err(driver("filling the device pool"))?;
+    let host = PinnedHostPool::new(ctx, block_bytes, 48)?;
+    let mut engine = CudaSwapEngine::new(ctx, pool, host, None, method, 16, Instant::now())?;
+    let block = |data: &[u8], b: u32| {
+        data[b as usize * block_bytes..(b as usize + 1) * block_bytes].to_vec()
+    };
+
+    // Agent A: scattered device blocks plus a run contiguous on both sides; agent B: scattered.
+    let a_gpu = [9u32, 2, 33, 20, 21, 22, 23, 5];
+    let a_host = [40u32, 0, 17, 3, 4, 5, 6, 30];
+    let b_gpu = [60u32, 1, 44];
+    let b_host = [11u32, 12, 47];
+    let a_out = pairs(&a_gpu, &a_host);
+    let b_out = pairs(&b_gpu, &b_host);
+    engine.submit(1, SwapDirection::Out, &a_out)?;
+    engine.submit(2, SwapDirection::Out, &b_out)?;
+    let records = engine.wait_all()?;
+    let mut host_matches = true;
+    for pair in a_out.iter().chain(&b_out) {
+        let host_block = unsafe { engine.host_pool().block(pair.host_block) }.to_vec();
+        host_matches &= host_block == block(&original, pair.gpu_block);
+    }
+
+    // Wipe A's and B's device blocks, then bring A back into other blocks while C (blocks 50..53,
+    // untouched so far) goes out at the same time: both directions in flight together.
+    for &b in a_gpu.iter().chain(&b_gpu) {
+        unsafe { result::memset_d8_sync(pool.block_ptr(b), 0xAB, block_bytes) }
+            .map_err(driver("wiping blocks"))?;
+    }
+    let a_back_gpu = [40u32, 41, 42, 43, 12, 13, 59, 0];
+    let a_in = pairs(&a_back_gpu, &a_host);
+    let c_out = pairs(&[50, 51, 52, 53], &[20, 21, 22, 23]);
+    engine.submit(1, SwapDirection::In, &a_in)?;
+    engine.submit(3, SwapDirection::Out, &c_out)?;
+    let more = engine.wait_all()?;
+    let after = pool_bytes(ctx, pool)?;
+    let mut back_matches = true;
+    for (&from, &to) in a_gpu.iter().zip(&a_back_gpu) {
+        back_matches &= block(&after, to) == block(&original, from);
+    }
+    let mut c_matches = true;
+    for pair in &c_out {
+        c_matches &= unsafe { engine.host_pool().block(pair.host_block) }
+            == block(&original, pair.gpu_block).as_slice();
+    }
+    // Every block neither wiped nor written by the swap-in keeps its bytes.
+    let touched: Vec<u32> = a_gpu
+        .iter()
+        .chain(&b_gpu)
+        .chain(&a_back_gpu)
+        .copied()
+        .collect();
+    let untouched_same = (0..gpu_blocks)
+        .filter(|b| !touched.contains(b))
+        .all(|b| block(&after, b) == block(&original, b));
+
+    let all_records: Vec<_> = records.iter().chain(&more).collect();
+    let records_ok = all_records.len() == 4
+        && all_records.iter().all(|r| {
+            r.end_ns >= r.start_ns && r.bytes == r.block_count as u64 * block_bytes as u64
+        })
+        && all_records.iter().map(|r| r.block_count).sum::<u32>() == 8 + 3 + 8 + 4;
+    let name = format!("{method:?}");
+    Ok(vec![
+        outcome(
+            &format!("swap-out copies device blocks to the named host blocks bit-exactly ({name})"),
+            host_matches,
+            format!("{} blocks", a_out.len() + b_out.len()),
+        ),
+        outcome(
+            &format!("swap-out then swap-in into different device blocks is bit-exact ({name})"),
+            back_matches,
+            format!("{} blocks of {block_bytes} bytes", a_in.len()),
+        ),
+        outcome(
+            &format!("a swap-out running beside a swap-in is bit-exact ({name})"),
+            c_matches,
+            "4 blocks".into(),
+        ),
+        outcome(
+            &format!("blocks no swap names are unchanged ({name})"),
+            untouched_same,
+            format!("{} blocks", gpu_blocks as usize - touched.len()),
+        ),
+        outcome(
+            &format!("swap records are consistent ({name})"),
+            records_ok,
+            format!("{:?}", all_records),
+        ),
+    ])
+}
+
+fn busy_blocks(ctx: &Arc<CudaContext>) -> Result<Vec<CheckOutcome>, SwapCheckError> {
+    let block_bytes = 1 << 20;
+    let buffer = DeviceBuffer::alloc(ctx, block_bytes * 8, "the busy-block check's device pool")?;
+    let pool = GpuKvPoolRef {
+        base: buffer.ptr(),
+        block_bytes,
+        block_count: 8,
+    };
+    let host = PinnedHostPool::new(ctx, block_bytes, 8)?;
+    let mut engine = CudaSwapEngine::new(
+        ctx,
+        pool,
+        host,
+        None,
+        CopyMethod::Batched,
+        4,
+        Instant::now(),
+    )?;
+    let first = engine.submit(1, SwapDirection::Out, &pairs(&[0, 1], &[0, 1]))?;
+    let same_gpu = engine.submit(2, SwapDirection::In, &pairs(&[1], &[5]));
+    let same_host = engine.submit(2, SwapDirection::In, &pairs(&[6], &[0]));
+    let drop_busy = engine.check_drop(&[0], &[]);
+    let busy_seen = engine.busy_swap_of_gpu_block(1) == Some(first);
+    engine.wait_all()?;
+    let after = engine.submit(2, SwapDirection::In, &pairs(&[1], &[5]));
+    let drop_after = engine.check_drop(&[0], &[0]);
+    engine.wait_all()?;
+    let refused = matches!(same_gpu, Err(SwapError::BlockBusy { swap_id, .. }) if swap_id == first)
+        && matches!(same_host, Err(SwapError::BlockBusy { swap_id, .. }) if swap_id == first)
+        && matches!(drop_busy, Err(SwapError::BlockBusy { .. }))
+        && busy_seen;
+    Ok(vec![
+        outcome(
+            "blocks of an unreported swap are refused to other swaps and drops",
+            refused,
+            format!("{same_gpu:?} / {same_host:?} / {drop_busy:?}"),
+        ),
+        outcome(
+            "blocks are free again once poll reported the swap",
+            after.is_ok() && drop_after.is_ok(),
+            format!("{after:?} / {drop_after:?}"),
+        ),
+    ])
+}
+
+/// Largest |a - b| relative to the largest |b| (same shapes).
+fn max_rel_diff(a: &Logits, b: &Logits) -> f32 {
+    let scale = b.data.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.data
+        .iter()
+        .zip(&b.data)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// The tiny model on the CUDA engine; its pool is swapped by an engine ordered after its stream.
+fn logits_after_swap(device: GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> {
+    let config = ModelConfig::tiny();
+    let mut options = CudaModelOptions::for_config(&config);
+    options.num_kv_blocks = Some(24);
+    options.max_tokens_per_step = 256;
+    options.max_seqs_per_step = 4;
+    let mut model = CudaModel::new(
+        device,
+        WeightSource::DeviceRandom {
+            config: config.clone(),
+            seed: 11,
+        },
+        options,
+    )?;
+    let block_size = model.options.block_size_tokens;
+    let pool = model.kv_pool();
+    let pool_ref = GpuKvPoolRef {
+        base: pool.base_device_ptr(),
+        block_bytes: pool.block_bytes(),
+        block_count: pool.num_blocks() as u32,
+    };
+    let ctx = model.device.ctx.clone();
+    let host = PinnedHostPool::new(&ctx, pool_ref.block_bytes, 8)?;
+    let compute = model.device.stream.clone();
+    let mut engine = CudaSwapEngine::new(
+        &ctx,
+        pool_ref,
+        host,
+        Some(compute),
+        CopyMethod::Batched,
+        8,
+        Instant::now(),
+    )?;
+
+    let prompt: Vec<u32> = (0..45u32)
+        .map(|i| (i * 37 + 5) % config.vocab_size as u32)
+        .collect();
+    let next_token = [17u32];
+    let blocks = (prompt.len() + 1).div_ceil(block_size);
+    assert!(blocks <= 4);
+    let table_first = [3u32, 7, 1, 9][..blocks].to_vec();
+    let table_back = [10u32, 4, 12, 20][..blocks].to_vec();
+    let table_recompute = [15u32, 16, 2, 18][..blocks].to_vec();
+    let host_blocks = [6u32, 0, 3, 5][..blocks].to_vec();
+    let prefill = |model: &mut CudaModel, table: &[u32]| -> Result<Logits, CudaError> {
+        model.forward_logits(&[SeqStep {
+            block_table: table,
+            context_len: 0,
+            tokens: &prompt,
+        }])
+    };
+    let decode = |model: &mut CudaModel, table: &[u32]| -> Result<Logits, CudaError> {
+        model.forward_logits(&[SeqStep {
+            block_table: table,
+            context_len: prompt.len(),
+            tokens: &next_token,
+        }])
+    };
+
+    // Never swapped.
+    prefill(&mut model, &table_first)?;
+    let reference = decode(&mut model, &table_first)?;
+
+    // Same agent: prefill, swap out, let another agent overwrite its blocks, swap in elsewhere.
+    prefill(&mut model, &table_first)?;
+    let out = engine.submit(1, SwapDirection::Out, &pairs(&table_first, &host_blocks))?;
+    engine.wait(out)?;
+    let other_prompt: Vec<u32> = (0..45u32)
+        .map(|i| (i * 11 + 3) % config.vocab_size as u32)
+        .collect();
+    model.forward_logits(&[SeqStep {
+        block_table: &table_first,
+        context_len: 0,
+        tokens: &other_prompt,
+    }])?;
+    let back = engine.submit(1, SwapDirection::In, &pairs(&table_back, &host_blocks))?;
+    engine.wait(back)?;
+    let swapped = decode(&mut model, &table_back)?;
+
+    // Dropped: nothing kept; recompute the whole context into fresh blocks, then decode.
+    engine.check_drop(&table_back, &host_blocks)?;
+    prefill(&mut model, &table_recompute)?;
+    let recomputed = decode(&mut model, &table_recompute)?;
+
+    let recompute_diff = max_rel_diff(&recomputed, &reference);
+    let tolerance = 2e-3f32;
+    Ok(vec![
+        outcome(
+            "logits after swap-out / swap-in into different blocks equal the never-swapped logits (bit-exact, CUDA tiny model)",
+            swapped.data == reference.data,
+            format!("max relative difference {:.3e}", max_rel_diff(&swapped, &reference)),
+        ),
+        outcome(
+            "logits after drop and recompute match the never-swapped logits within the fp16 tolerance",
+            recompute_diff <= tolerance,
+            format!("max |diff| / max |logit| = {recompute_diff:.3e} (tolerance {tolerance:.0e})"),
+        ),
+    ])
+}

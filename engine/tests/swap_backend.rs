@@ -1,0 +1,318 @@
+//! The real engine (CPU model + CPU swap engine) behind `sim`'s Backend seam: it refuses to run
+//! an agent whose swap is still in flight, and whole runs of the shared run loop with swapping and
+//! dropping policies produce the same greedy tokens as recomputing each agent's sequence at once.
+
+use std::time::Instant;
+
+use engine::batch::{greedy_token, SeqStep};
+use engine::config::{KvLayout, ModelConfig};
+use engine::cpu::CpuModel;
+use engine::swap::backend::{EngineBackend, SwapEstimate};
+use engine::swap::cpu::CpuSwapEngine;
+use engine::weights::WeightSet;
+use sim::backend::{Backend, BatchSeq, StepBatch};
+use sim::driver::{self, CheckLevel, RunLimits, RunSettings};
+use sim::kv::{KvManager, KvState};
+use sim::sched::{CostHints, SchedConfig};
+use sim::time::{SimTime, VirtualClock};
+use sim::workload::{AgentProgram, PauseProgram, TurnProgram, Workload};
+use sim::PolicyKind;
+
+type CpuBackend = EngineBackend<CpuModel, CpuSwapEngine<f32>>;
+
+fn backend(
+    weights: &WeightSet,
+    block_size: usize,
+    gpu_blocks: u32,
+    host_blocks: u32,
+) -> CpuBackend {
+    let model = CpuModel::new(weights, gpu_blocks as usize, block_size).unwrap();
+    let block_elems = KvLayout::new(&weights.config, block_size).block_elems();
+    let swap = CpuSwapEngine::<f32>::new(block_elems, gpu_blocks, host_blocks, 64, Instant::now())
+        .unwrap();
+    EngineBackend::new(
+        "cpu-engine",
+        model,
+        swap,
+        weights.config.vocab_size as u32,
+        (block_elems * 4) as u64,
+        7,
+        SwapEstimate::h100_measured(),
+    )
+}
+
+fn step(
+    backend: &mut CpuBackend,
+    kv: &mut KvManager,
+    prefill: &[(u32, u32)],
+    decode: &[u32],
+) -> Result<(), String> {
+    let mut batch = StepBatch::default();
+    for &(agent, tokens) in prefill {
+        let context_tokens = kv.kv_tokens(agent);
+        kv.ensure_capacity(agent, context_tokens + tokens).unwrap();
+        batch.prefill.push(BatchSeq {
+            agent,
+            context_tokens,
+            tokens,
+        });
+    }
+    for &agent in decode {
+        let context_tokens = kv.kv_tokens(agent);
+        kv.ensure_capacity(agent, context_tokens + 1).unwrap();
+        batch.decode.push(BatchSeq {
+            agent,
+            context_tokens,
+            tokens: 1,
+        });
+    }
+    backend
+        .execute_step(SimTime::ZERO, &batch, kv)
+        .map_err(|e| e.to_string())?;
+    for s in batch.prefill.iter().chain(&batch.decode) {
+        kv.advance(s.agent, s.tokens).unwrap();
+    }
+    Ok(())
+}
+
+/// A decode step of one agent as a loop would ask for it, without touching the mechanism (the
+/// agent's blocks already have room for one more token).
+fn try_decode(backend: &mut CpuBackend, kv: &KvManager, agent: u32) -> Result<(), String> {
+    let batch = StepBatch {
+        prefill: vec![],
+        decode: vec![BatchSeq {
+            agent,
+            context_tokens: kv.kv_tokens(agent),
+            tokens: 1,
+        }],
+    };
+    backend
+        .execute_step(SimTime::ZERO, &batch, kv)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_engine_refuses_an_agent_whose_swap_is_still_in_flight() {
+    let weights = WeightSet::random(&ModelConfig::tiny_gqa(), 3);
+    let (gpu_blocks, host_blocks) = (16, 16);
+    let mut engine = backend(&weights, 4, gpu_blocks, host_blocks);
+    let mut kv = KvManager::new(4, gpu_blocks, host_blocks, 2);
+    // The same agent on a second engine that never swaps: the reference tokens.
+    let mut reference = backend(&weights, 4, gpu_blocks, host_blocks);
+    let mut reference_kv = KvManager::new(4, gpu_blocks, host_blocks, 2);
+
+    for (e, k) in [(&mut engine, &mut kv), (&mut reference, &mut reference_kv)] {
+        step(e, k, &[(0, 13), (1, 6)], &[]).unwrap();
+        step(e, k, &[], &[0, 1]).unwrap();
+    }
+
+    // Swap agent 0 out; until it is back it may not run.
+    let out_id = kv.start_swap_out(0, u32::MAX).unwrap();
+    let out = kv.swap_job(out_id).unwrap().clone();
+    engine.start_swap(SimTime::ZERO, &out, &kv).unwrap();
+    let err = try_decode(&mut engine, &kv, 0).unwrap_err();
+    assert!(err.contains("not resident"), "{err}");
+    let mut done = Vec::new();
+    engine.poll_swaps(SimTime(1), &mut done);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].swap_id, out.id);
+    kv.complete_swap(out.id).unwrap();
+    assert_eq!(kv.state(0), KvState::Host);
+
+    // Agent 1 reuses the freed blocks meanwhile.
+    step(&mut engine, &mut kv, &[], &[1]).unwrap();
+    step(&mut reference, &mut reference_kv, &[], &[1]).unwrap();
+
+    // Swap it back in. A loop that marks the swap complete without the engine's report would let
+    // it run while the copy is still "in flight": the engine refuses.
+    let back_id = kv.start_swap_in(0).unwrap();
+    let back = kv.swap_job(back_id).unwrap().clone();
+    engine.start_swap(SimTime(2), &back, &kv).unwrap();
+    kv.complete_swap(back.id).unwrap();
+    assert!(kv.is_resident(0));
+    let err = try_decode(&mut engine, &kv, 0).unwrap_err();
+    assert!(err.contains("still copies its GPU block"), "{err}");
+    assert!(engine.next_swap_completion().is_some());
+
+    // Once poll_swaps reported it, the agent runs, and generates what it would have unswapped.
+    let mut done = Vec::new();
+    engine.poll_swaps(SimTime(3), &mut done);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].swap_id, back.id);
+    assert_eq!(engine.next_swap_completion(), None);
+    for _ in 0..3 {
+        step(&mut engine, &mut kv, &[], &[0, 1]).unwrap();
+        step(&mut reference, &mut reference_kv, &[], &[0, 1]).unwrap();
+    }
+    assert_eq!(engine.generated(0), reference.generated(0));
+    assert_eq!(engine.generated(1), reference.generated(1));
+    assert_eq!(engine.generated(0).len(), 5);
+    let records = engine.swap_records();
+    assert_eq!(records.len(), 2);
+    assert_eq!((records[0].swap_id, records[1].swap_id), (out.id, back.id));
+    assert_eq!(
+        records[0].bytes,
+        out.pairs.len() as u64 * KvLayout::new(&weights.config, 4).block_elems() as u64 * 4
+    );
+}
+
+/// Four agents, three turns each, pauses long enough that a swapping policy moves paused KV out.
+fn workload() -> Workload {
+    let agents = (0..4u32)
+        .map(|agent_id| AgentProgram {
+            agent_id,
+            arrival: SimTime::from_millis(agent_id as u64),
+            turns: (0..3)
+                .map(|turn| TurnProgram {
+                    new_tokens: 9 + 4 * agent_id + turn,
+                    generated_tokens: 5 + turn,
+                    pause_after: (turn < 2).then_some(PauseProgram {
+                        true_ns: 40_000_000,
+                        hint_ns: Some(40_000_000),
+                    }),
+                })
+                .collect(),
+        })
+        .collect();
+    Workload {
+        name: "swap-backend-test".into(),
+        max_context_tokens: 128,
+        agents,
+    }
+}
+
+fn settings(
+    block_size: u32,
+    gpu_blocks: u32,
+    host_blocks: u32,
+    config: &ModelConfig,
+) -> RunSettings {
+    let kv_bytes_per_token =
+        (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim() * 4) as u64;
+    RunSettings {
+        seed: 0,
+        block_size_tokens: block_size,
+        gpu_blocks,
+        host_blocks,
+        sched: SchedConfig::default(),
+        costs: CostHints {
+            kv_bytes_per_token,
+            block_bytes: kv_bytes_per_token * block_size as u64,
+            swap_latency_ns: 20_000,
+            swap_in_bandwidth_bytes_per_s: 55e9,
+            swap_out_bandwidth_bytes_per_s: 55e9,
+            prefill_ns_per_token: 20_000.0,
+            decode_step_ns: 1_000_000.0,
+        },
+        limits: RunLimits::default(),
+        check: CheckLevel::Full,
+    }
+}
+
+/// Recomputes each agent's whole sequence in one prefill and checks that every generated token
+/// fed back during the run is the greedy token of the position before it (a near-tie, top-2 gap
+/// under 1e-4, may go either way: batching changes the last bits of fp32 sums).
+fn check_generation_matches_recompute(
+    weights: &WeightSet,
+    engine: &CpuBackend,
+    agents: u32,
+) -> usize {
+    let mut checked = 0;
+    for agent in 0..agents {
+        let sequence = engine.sequence(agent);
+        let blocks = sequence.len().div_ceil(4);
+        let mut model = CpuModel::new(weights, blocks, 4).unwrap();
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let logits = model
+            .forward_every_token(&[SeqStep {
+                block_table: &table,
+                context_len: 0,
+                tokens: sequence,
+            }])
+            .unwrap();
+        for position in engine.generated_positions(agent) {
+            let row = logits.row(position as usize - 1);
+            let want = sequence[position as usize];
+            let got = greedy_token(row);
+            if got != want {
+                let gap = (row[got as usize] - row[want as usize]).abs();
+                assert!(gap < 1e-4, "agent {agent} position {position}: run generated {want}, recompute picks {got} (gap {gap})");
+            }
+            checked += 1;
+        }
+    }
+    checked
+}
+
+fn run_policy(policy: PolicyKind, gpu_blocks: u32, host_blocks: u32) -> (usize, usize, usize, u64) {
+    let config = ModelConfig::tiny_gqa();
+    let weights = WeightSet::random(&config, 5);
+    let mut engine = backend(&weights, 4, gpu_blocks, host_blocks);
+    let workload = workload();
+    let mut scheduler = policy.build();
+    let mut clock = VirtualClock::default();
+    let output = driver::run(
+        &settings(4, gpu_blocks, host_blocks, &config),
+        &workload,
+        scheduler.as_mut(),
+        &mut engine,
+        &mut clock,
+    )
+    .unwrap_or_else(|e| panic!("{} on the CPU engine: {e}", policy.name()));
+    assert_eq!(output.turns.len() as u64, workload.turn_count());
+    assert!(
+        output
+            .turns
+            .iter()
+            .all(|t| !t.rejected && t.finished_ns.is_some()),
+        "every turn finishes"
+    );
+    for t in &output.turns {
+        assert_eq!(t.tokens_generated, t.tokens_generated_requested);
+    }
+    let records = engine.swap_records();
+    let outs = records
+        .iter()
+        .filter(|r| r.direction == engine::swap::SwapDirection::Out)
+        .count();
+    let ins = records.len() - outs;
+    assert_eq!(
+        records.len(),
+        output.swaps.len(),
+        "every swap the loop started was copied and reported"
+    );
+    let checked =
+        check_generation_matches_recompute(&weights, &engine, workload.agents.len() as u32);
+    let recomputed = output
+        .turns
+        .iter()
+        .map(|t| t.tokens_recomputed as u64)
+        .sum();
+    (outs, ins, checked, recomputed)
+}
+
+#[test]
+fn a_swapping_policy_runs_on_the_engine_and_generates_what_a_recompute_generates() {
+    let (outs, ins, checked, _) = run_policy(PolicyKind::Swap, 48, 128);
+    eprintln!("swap policy: {outs} out, {ins} in, {checked} generated tokens checked");
+    assert!(
+        outs >= 4 && ins >= 4,
+        "the swap policy swapped paused agents out and back in ({outs} out, {ins} in)"
+    );
+    assert!(checked >= 40, "{checked} generated tokens checked");
+}
+
+#[test]
+fn the_djinn_policy_swaps_and_drops_on_the_engine_and_generates_what_a_recompute_generates() {
+    // A host pool of 8 blocks cannot hold every paused agent: djinn swaps some and drops others,
+    // whose context is recomputed from the same tokens when they return.
+    let (outs, ins, checked, recomputed) = run_policy(PolicyKind::Djinn, 40, 8);
+    eprintln!("djinn policy: {outs} out, {ins} in, {recomputed} tokens recomputed, {checked} generated tokens checked");
+    assert!(
+        outs >= 1 && ins >= 1,
+        "djinn swapped ({outs} out, {ins} in)"
+    );
+    assert!(recomputed > 0, "djinn dropped and recomputed some context");
+    assert!(checked >= 40, "{checked} generated tokens checked");
+}

@@ -1,0 +1,98 @@
+//! `djinn engine generate`: greedy continuation of a prompt with a GGUF model.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use engine::batch::generate_greedy;
+use engine::cpu::CpuModel;
+use engine::tokenizer::Tokenizer;
+use engine::weights::WeightSet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GenerateBackend {
+    /// The CPU reference forward (candle-core, f32).
+    Cpu,
+    /// The CUDA forward (fp16; needs a build with `--features cuda` and a GPU).
+    Cuda,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// GGUF model file (llama architecture, byte-level BPE tokenizer), e.g. from
+    /// engine/scripts/fetch_smollm2.sh.
+    #[arg(long)]
+    pub gguf: PathBuf,
+    /// Prompt text; special tokens such as <|im_start|> written in it are honoured.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate (greedy); stops early at the end-of-sequence token.
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    #[arg(long, value_enum, default_value_t = GenerateBackend::Cpu)]
+    pub backend: GenerateBackend,
+    /// Wrap the prompt as one ChatML user turn followed by the assistant header.
+    #[arg(long)]
+    pub chat: bool,
+    /// KV block size in tokens.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+}
+
+/// The prompt as the model sees it (ChatML user turn with `--chat`).
+pub fn prompt_text(args: &GenerateArgs) -> String {
+    if args.chat {
+        format!(
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            args.prompt
+        )
+    } else {
+        args.prompt.clone()
+    }
+}
+
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    anyhow::ensure!(args.block_size > 0, "--block-size must be at least 1");
+    let tokenizer = Tokenizer::from_gguf(&args.gguf).context("reading the tokenizer")?;
+    let weights = WeightSet::from_gguf(&args.gguf).context("loading the weights")?;
+    let prompt = prompt_text(&args);
+    let prompt_ids = tokenizer.encode(&prompt)?;
+    anyhow::ensure!(!prompt_ids.is_empty(), "the prompt encodes to no tokens");
+    let stop_tokens: Vec<u32> = tokenizer.eos_token_id.into_iter().collect();
+    let num_blocks = (prompt_ids.len() + args.steps).div_ceil(args.block_size);
+    println!(
+        "model {} ({} layers, hidden {}, {} parameters) backend {:?}",
+        weights.config.name,
+        weights.config.num_hidden_layers,
+        weights.config.hidden_size,
+        weights.param_count(),
+        args.backend
+    );
+    println!("prompt_tokens {} {:?}", prompt_ids.len(), prompt_ids);
+    let started = Instant::now();
+    let generated = match args.backend {
+        GenerateBackend::Cpu => {
+            let mut model = CpuModel::new(&weights, num_blocks, args.block_size)?;
+            generate_greedy(&mut model, &prompt_ids, args.steps, &stop_tokens)?
+        }
+        GenerateBackend::Cuda => super::gpu_cmd::generate_greedy_cuda(
+            &weights,
+            &prompt_ids,
+            args.steps,
+            &stop_tokens,
+            args.block_size,
+        )?,
+    };
+    let elapsed_s = started.elapsed().as_secs_f64();
+    println!("generated_tokens {} {:?}", generated.len(), generated);
+    println!(
+        "wall_s {:.2} ({:.1} tokens/s including the prefill)",
+        elapsed_s,
+        generated.len() as f64 / elapsed_s
+    );
+    println!("---");
+    println!("{}{}", prompt, tokenizer.decode(&generated)?);
+    Ok(())
+}

@@ -1,0 +1,496 @@
+//! `djinn engine bench` and `djinn engine check ...`: the CUDA backend's benchmark and GPU checks.
+//! Built without `--features cuda`, they exit with an error saying so.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model preset (weights are seeded random, generated on the GPU).
+    #[arg(long, default_value = "llama2-7b")]
+    pub model: String,
+    /// f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// Prefill lengths to time (tokens, one sequence each).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,4096")]
+    pub prefill: Vec<usize>,
+    /// Decode batch sizes to time.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub batches: Vec<usize>,
+    /// Decode contexts (tokens each sequence attends to, its new token included).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    pub contexts: Vec<usize>,
+    /// KV pool blocks (default: enough for the largest decode configuration).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Launch every kernel each step instead of replaying captured CUDA graphs.
+    #[arg(long)]
+    pub no_graphs: bool,
+    /// JSON written by engine/scripts/hf_bench.py, shown side by side (and merged into the output).
+    #[arg(long)]
+    pub hf_results: Option<PathBuf>,
+    /// Directory for engine_bench.json and engine_bench.csv.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    #[command(subcommand)]
+    pub command: CheckCommand,
+}
+
+#[derive(Subcommand)]
+pub enum CheckCommand {
+    /// Self-consistency of the CUDA forward on one model: chunked prefill, prefill + decode, batched
+    /// vs single decode, graph replay vs eager.
+    Consistency {
+        /// A preset (seeded random weights on the GPU) or a weights path (GGUF file / HF directory).
+        #[arg(long, default_value = "llama2-7b")]
+        model: String,
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+    },
+    /// CUDA against the CPU reference forward (f32) on the same weights: a scripted multi-sequence
+    /// session (batched prefill, mixed decode + later turn, batched greedy decode), logits compared
+    /// at every step.
+    CudaVsCpu {
+        /// HF directory (config.json + model.safetensors) or GGUF file.
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// Batched greedy decode steps after the prefills.
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        /// Tolerance on max |logit difference|, relative to max(1, max |reference logit|).
+        #[arg(long)]
+        tolerance: Option<f32>,
+    },
+    /// Writes the CUDA model's weights as an HF checkpoint plus the engine's logits for a fixed
+    /// prompt; engine/scripts/hf_compare_7b.py then compares them with HF transformers.
+    HfDump {
+        #[arg(long, default_value = "llama2-7b")]
+        model: String,
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+        /// Output directory (config.json, model.safetensors, engine_logits.json).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn bench(_args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::bail!("this djinn was built without the CUDA backend; rebuild with `cargo build --release --features cuda`")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn check(_args: CheckArgs) -> anyhow::Result<()> {
+    anyhow::bail!("this djinn was built without the CUDA backend; rebuild with `cargo build --release --features cuda`")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn generate_greedy_cuda(
+    _weights: &engine::weights::WeightSet,
+    _prompt: &[u32],
+    _steps: usize,
+    _stop_tokens: &[u32],
+    _block_size: usize,
+) -> anyhow::Result<Vec<u32>> {
+    anyhow::bail!("this djinn was built without the CUDA backend; rebuild with `cargo build --release --features cuda`")
+}
+
+#[cfg(feature = "cuda")]
+pub use with_cuda::{bench, check, generate_greedy_cuda};
+
+#[cfg(feature = "cuda")]
+mod with_cuda {
+    use super::*;
+    use anyhow::Context;
+    use engine::config::{DType, ModelConfig};
+    use engine::cuda::{
+        bench as cb, check as cc, CudaModel, CudaModelOptions, GpuDevice, WeightSource,
+    };
+    use engine::weights::WeightSet;
+
+    pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+        match s {
+            "f16" | "fp16" | "float16" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::Bf16),
+            other => anyhow::bail!("--dtype {other}: expected f16 or bf16"),
+        }
+    }
+
+    fn print_device(device: &GpuDevice) {
+        println!(
+            "device: {} (sm_{}{}, {} SMs, {:.1} GiB)",
+            device.name,
+            device.compute_capability.0,
+            device.compute_capability.1,
+            device.num_sms,
+            device.total_memory_bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+
+    /// Opens a CUDA model from a preset name (random weights generated on the GPU) or a weights path.
+    pub fn open_cuda_model(
+        model: &str,
+        dtype: DType,
+        seed: u64,
+        options: Option<CudaModelOptions>,
+    ) -> anyhow::Result<CudaModel> {
+        let device = GpuDevice::open(0)?;
+        print_device(&device);
+        if let Some(config) = ModelConfig::preset(model) {
+            let mut opts = options.unwrap_or_else(|| CudaModelOptions::for_config(&config));
+            opts.dtype = dtype;
+            let started = std::time::Instant::now();
+            let m = CudaModel::new(device, WeightSource::DeviceRandom { config, seed }, opts)?;
+            println!("model {model}: random weights (seed {seed}) generated on the GPU; start-up {:.2} s", started.elapsed().as_secs_f64());
+            Ok(m)
+        } else {
+            let path = PathBuf::from(model);
+            let ws = WeightSet::load(&path)
+                .with_context(|| format!("loading weights from {}", path.display()))?;
+            let mut opts = options.unwrap_or_else(|| CudaModelOptions::for_config(&ws.config));
+            opts.dtype = dtype;
+            Ok(CudaModel::new(device, WeightSource::Host(&ws), opts)?)
+        }
+    }
+
+    pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+        let dtype = parse_dtype(&args.dtype)?;
+        let config = ModelConfig::preset(&args.model).with_context(|| {
+            format!(
+                "--model {}: not a preset ({:?})",
+                args.model,
+                ModelConfig::PRESET_NAMES
+            )
+        })?;
+        let mut options = CudaModelOptions::for_config(&config);
+        options.dtype = dtype;
+        options.use_cuda_graphs = !args.no_graphs;
+        let bs = options.block_size_tokens;
+        let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+        let decode_blocks = args
+            .batches
+            .iter()
+            .flat_map(|b| args.contexts.iter().map(move |c| b * c.div_ceil(bs)))
+            .max()
+            .unwrap_or(0);
+        let prefill_blocks = args
+            .prefill
+            .iter()
+            .map(|n| n.div_ceil(bs))
+            .max()
+            .unwrap_or(0);
+        options.num_kv_blocks = Some(
+            args.kv_blocks
+                .unwrap_or(decode_blocks.max(prefill_blocks).max(1)),
+        );
+        options.max_tokens_per_step = args
+            .prefill
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(512)
+            .max(max_batch);
+        options.max_seqs_per_step = max_batch.max(1);
+        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options))?;
+        for (what, bytes) in &model.memory_breakdown {
+            println!(
+                "  memory: {what}: {:.1} MiB",
+                *bytes as f64 / (1 << 20) as f64
+            );
+        }
+        println!(
+            "KV pool: {} blocks x {} bytes at device address {:#x}; CUDA graphs {}",
+            model.kv_pool().num_blocks(),
+            model.kv_pool().block_bytes(),
+            model.kv_pool().base_device_ptr(),
+            if model.options.use_cuda_graphs {
+                "on"
+            } else {
+                "off"
+            }
+        );
+        let started = std::time::Instant::now();
+        model.capture_decode_graphs(max_batch)?;
+        println!(
+            "decode graphs captured up to batch {max_batch} in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        let mut rows = cb::run_grid(
+            &mut model,
+            &args.prefill,
+            &args.batches,
+            &args.contexts,
+            |row| {
+                println!("{}", cb::format_row(row));
+            },
+        )?;
+        // Where the time goes (eager launches, an event after every kernel and GEMM).
+        let mut profiles = Vec::new();
+        if let Some(&n) = args
+            .prefill
+            .iter()
+            .find(|&&n| n == 2048)
+            .or(args.prefill.first())
+        {
+            profiles.push(cb::format_profile(
+                &format!("prefill {n}"),
+                &cb::profile_prefill(&mut model, n)?,
+            ));
+        }
+        let big_ctx = args.contexts.iter().copied().max().unwrap_or(512);
+        for &b in [1usize, max_batch].iter() {
+            if b * big_ctx.div_ceil(bs) <= model.kv_pool().num_blocks() {
+                profiles.push(cb::format_profile(
+                    &format!("decode batch {b} context {big_ctx}"),
+                    &cb::profile_decode(&mut model, b, big_ctx)?,
+                ));
+            }
+        }
+        for p in &profiles {
+            println!("{p}");
+        }
+        let report_device = model.device.name.clone();
+        if let Some(path) = &args.hf_results {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let hf: Vec<cb::BenchRow> = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            println!(
+                "-- HF transformers on the same card (from {}):",
+                path.display()
+            );
+            for row in &hf {
+                println!("{}", cb::format_row(row));
+                if let Some(ours) = rows
+                    .iter()
+                    .find(|r| r.kind == row.kind && r.batch == row.batch && r.tokens == row.tokens)
+                {
+                    println!(
+                        "   djinn-cuda is x{:.2} faster than {} here",
+                        row.ms_p50 / ours.ms_p50,
+                        row.system
+                    );
+                } else if let Some(ours) = rows
+                    .iter()
+                    .filter(|r| r.kind == row.kind && r.batch == row.batch)
+                    .min_by_key(|r| r.tokens.abs_diff(row.tokens))
+                {
+                    println!(
+                        "   djinn-cuda ({} tokens) is x{:.2} faster than {} ({} tokens)",
+                        ours.tokens,
+                        row.ms_p50 / ours.ms_p50,
+                        row.system,
+                        row.tokens
+                    );
+                }
+            }
+            rows.extend(hf);
+        }
+        let report = cb::BenchReport {
+            device: report_device,
+            model: args.model.clone(),
+            dtype: args.dtype.clone(),
+            kv_blocks: model.kv_pool().num_blocks(),
+            kv_block_bytes: model.kv_pool().block_bytes(),
+            cuda_graphs: model.options.use_cuda_graphs,
+            rows,
+        };
+        std::fs::create_dir_all(&args.out)?;
+        let json_path = args.out.join("engine_bench.json");
+        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+        let mut csv = String::from("device,system,kind,batch,tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor\n");
+        for r in &report.rows {
+            csv += &format!(
+                "{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.1},{:.4},{:.3},{:.4},{:.3}\n",
+                report.device,
+                r.system,
+                r.kind,
+                r.batch,
+                r.tokens,
+                r.ms_p50,
+                r.ms_mean,
+                r.ms_min,
+                r.reps,
+                r.tokens_per_s,
+                r.floor_ms_datasheet,
+                r.ratio_to_datasheet_floor,
+                r.floor_ms_measured_rates,
+                r.ratio_to_measured_floor
+            );
+        }
+        std::fs::write(args.out.join("engine_bench.csv"), csv)?;
+        println!("wrote {} and engine_bench.csv", json_path.display());
+        Ok(())
+    }
+
+    /// Greedy generation on the CUDA backend (for `djinn engine generate --backend cuda`).
+    pub fn generate_greedy_cuda(
+        weights: &WeightSet,
+        prompt: &[u32],
+        steps: usize,
+        stop_tokens: &[u32],
+        block_size: usize,
+    ) -> anyhow::Result<Vec<u32>> {
+        let device = GpuDevice::open(0)?;
+        print_device(&device);
+        let mut options = CudaModelOptions::for_config(&weights.config);
+        options.block_size_tokens = block_size;
+        options.max_blocks_per_seq = weights.config.max_position_embeddings.div_ceil(block_size);
+        options.num_kv_blocks = Some((prompt.len() + steps).div_ceil(block_size).max(1));
+        options.max_tokens_per_step = prompt.len().max(1);
+        options.max_seqs_per_step = 1;
+        let mut model = CudaModel::new(device, WeightSource::Host(weights), options)?;
+        Ok(engine::batch::generate_greedy(
+            &mut model,
+            prompt,
+            steps,
+            stop_tokens,
+        )?)
+    }
+
+    pub fn check(args: CheckArgs) -> anyhow::Result<()> {
+        match args.command {
+            CheckCommand::CudaVsCpu {
+                weights,
+                dtype,
+                steps,
+                tolerance,
+            } => {
+                let dtype = parse_dtype(&dtype)?;
+                let tol = tolerance.unwrap_or(if dtype == DType::Bf16 { 0.08 } else { 0.02 });
+                let ws = WeightSet::load(&weights)
+                    .with_context(|| format!("loading {}", weights.display()))?;
+                let blocks = 64;
+                let mut cpu = engine::cpu::CpuModel::new(&ws, blocks, 16)?;
+                let device = GpuDevice::open(0)?;
+                print_device(&device);
+                let mut options = CudaModelOptions::for_config(&ws.config);
+                options.dtype = dtype;
+                options.num_kv_blocks = Some(blocks);
+                options.max_tokens_per_step = 256;
+                options.max_seqs_per_step = 8;
+                let mut gpu = CudaModel::new(device, WeightSource::Host(&ws), options)?;
+                let report =
+                    cc::compare_backends(&mut gpu, &mut cpu, ws.config.vocab_size, steps, tol)
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                for d in &report.steps {
+                    println!(
+                        "step {:>2}: max |diff| {:.3e} (max |ref| {:.2}), rel L2 {:.2e}, argmax mismatches {} (near ties {})",
+                        d.step, d.max_abs_diff, d.ref_max_abs, d.rel_l2, d.argmax_mismatches, d.argmax_near_ties
+                    );
+                }
+                println!(
+                    "{} {}: CUDA {dtype:?} vs CPU f32 over {} steps: worst max |diff| {:.3e}, worst rel L2 {:.2e}, tolerance {tol} x max(1, max|ref|); greedy tokens identical for {} of {steps} decode steps",
+                    if report.passed { "PASS" } else { "FAIL" },
+                    weights.display(),
+                    report.steps.len(),
+                    report.worst_max_abs_diff,
+                    report.worst_rel_l2,
+                    report.greedy_steps_identical
+                );
+                anyhow::ensure!(
+                    report.passed,
+                    "CUDA and CPU logits disagree beyond the tolerance"
+                );
+                Ok(())
+            }
+            CheckCommand::Consistency { model, dtype, seed } => {
+                let dtype = parse_dtype(&dtype)?;
+                let mut options = None;
+                if let Some(config) = ModelConfig::preset(&model) {
+                    let mut o = CudaModelOptions::for_config(&config);
+                    o.num_kv_blocks = Some(64);
+                    o.max_tokens_per_step = 512;
+                    o.max_seqs_per_step = 8;
+                    options = Some(o);
+                }
+                let mut m = open_cuda_model(&model, dtype, seed, options)?;
+                let tol = if dtype == DType::Bf16 { 0.08 } else { 0.02 };
+                let results = cc::self_consistency(&mut m, tol)?;
+                let mut failed = 0;
+                for (name, diff, ok) in &results {
+                    println!(
+                        "{} {name}: max |diff| {diff:.3e} (tolerance {tol} x max(1, max|logit|))",
+                        if *ok { "PASS" } else { "FAIL" }
+                    );
+                    failed += usize::from(!ok);
+                }
+                anyhow::ensure!(failed == 0, "{failed} consistency checks failed");
+                Ok(())
+            }
+            CheckCommand::HfDump {
+                model,
+                dtype,
+                seed,
+                out,
+            } => {
+                let dtype = parse_dtype(&dtype)?;
+                let mut options = None;
+                if let Some(config) = ModelConfig::preset(&model) {
+                    let mut o = CudaModelOptions::for_config(&config);
+                    o.num_kv_blocks = Some(16);
+                    o.max_tokens_per_step = 64;
+                    o.max_seqs_per_step = 2;
+                    options = Some(o);
+                }
+                let mut m = open_cuda_model(&model, dtype, seed, options)?;
+                let vocab = m.config.vocab_size;
+                let prompt: Vec<u32> = (0..32).map(|i| ((i * 7919 + 17) % vocab) as u32).collect();
+                let table: Vec<u32> = (0..4).collect();
+                let prefix = 24usize;
+                let mut decode_logits = Vec::new();
+                m.forward_logits(&[engine::batch::SeqStep {
+                    block_table: &table,
+                    context_len: 0,
+                    tokens: &prompt[..prefix],
+                }])?;
+                for i in prefix..prompt.len() {
+                    let l = m.forward_logits(&[engine::batch::SeqStep {
+                        block_table: &table,
+                        context_len: i,
+                        tokens: &prompt[i..i + 1],
+                    }])?;
+                    decode_logits.push(l.data);
+                }
+                let table2: Vec<u32> = (4..8).collect();
+                let prefill = m.forward_logits(&[engine::batch::SeqStep {
+                    block_table: &table2,
+                    context_len: 0,
+                    tokens: &prompt,
+                }])?;
+                let started = std::time::Instant::now();
+                m.save_hf_checkpoint(&out)?;
+                println!(
+                    "wrote the HF checkpoint to {} in {:.1} s",
+                    out.display(),
+                    started.elapsed().as_secs_f64()
+                );
+                let json = serde_json::json!({
+                    "prompt": prompt,
+                    "decode_positions": (prefix..prompt.len()).collect::<Vec<_>>(),
+                    "decode_logits": decode_logits,
+                    "prefill_last_logits": prefill.data,
+                    "dtype": format!("{dtype:?}"),
+                    "device": m.device.name,
+                });
+                std::fs::write(out.join("engine_logits.json"), serde_json::to_vec(&json)?)?;
+                println!("wrote {}", out.join("engine_logits.json").display());
+                Ok(())
+            }
+        }
+    }
+}
