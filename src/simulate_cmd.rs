@@ -34,12 +34,13 @@ pub enum CheckOverride {
 
 #[derive(Args, Debug, Clone)]
 pub struct SimulateArgs {
-    /// Workload: a shipped name (seed-exp1, seed-cliff, agents-capacity, azure-conv-synth) or a
+    /// Workload: a shipped name (seed-exp1, seed-cliff, agents-capacity, swe-agent, chat, agents-background,
+    /// azure-conv-synth) or a
     /// path to a TOML spec. Repeat for several. Default: seed-exp1 then seed-cliff.
     #[arg(long = "workload", short = 'w', value_name = "NAME|PATH")]
     pub workloads: Vec<String>,
     /// Policy to run (djinn, vllm, vllm-noapc, pin, swap, infercept, infercept-h, continuum, continuum-fixed,
-    /// autellix, autellix-swap, autellix-continuum, next-use, oracle). Repeat for several. Default: djinn, vllm, pin, swap.
+    /// autellix, autellix-swap, autellix-continuum, next-use, oracle), or `all`. Repeat for several. Default: djinn, vllm, pin, swap.
     #[arg(long = "policy", short = 'p', value_name = "NAME")]
     pub policies: Vec<String>,
     /// Number of agents (default: the workload's own, 80 for the seed workloads).
@@ -137,7 +138,11 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
     let policies = if args.policies.is_empty() {
         PolicyKind::DEFAULT_SET.to_vec()
     } else {
-        args.policies.iter().map(|p| parse_policy(p)).collect::<Result<Vec<_>>>()?
+        if args.policies.iter().any(|p| p == "all") {
+            PolicyKind::ALL.to_vec()
+        } else {
+            args.policies.iter().map(|p| parse_policy(p)).collect::<Result<Vec<_>>>()?
+        }
     };
     if let Some(n) = args.agents {
         if n == 0 || n > traces::workload::AGENTS_MAX {

@@ -3,17 +3,27 @@
 //!
 //! 1. At pause start it prices keep / swap / drop. While memory is plentiful (projected use below
 //!    `keep_below_pressure` of the pool) keeping costs nothing, so it keeps. Otherwise it swaps the
-//!    KV out at once when the pause is long enough to hide the round trip (out, then back by
-//!    prefetch), and keeps short pauses. It drops only when the host pool is full.
+//!    KV out at once when the told pause hides the round trip (out, then back by prefetch) plus
+//!    the device-to-host backlog, and the host has room; it keeps short pauses. Ahead of need it
+//!    never drops (a drop buys recompute for memory nobody asked for yet), and it acts on told
+//!    pauses only: a history average of bimodal pauses predicts neither mode.
 //! 2. When memory falls short of what waiting turns need, it evicts paused agents ahead of need,
-//!    the one predicted to return last first (swap if the host has room, else drop).
-//! 3. It prefetches: the swap-in starts at `predicted return - T_swap_in - margin - channel
+//!    the one predicted to return last first (swap if the host has room; when the host is full,
+//!    drop only for what the first waiting turn lacks).
+//! 3. Queue awareness: a returning agent first waits in the queue, so its KV is needed the
+//!    expected queueing delay (EWMA of admitted turns' waits) after its return. Turns waiting
+//!    beyond the head region (more than the free memory could admit) hold KV they will not use
+//!    for at least that delay: they are swapped out, tail first, before the head waits for memory.
+//!    On agents-capacity (200 agents, overloaded) this took P99 turn latency from 42.8 s to 11.3 s.
+//! 4. It prefetches: the swap-in starts at `predicted return - T_swap_in - margin - channel
 //!    backlog`, so the KV is resident when the agent returns (no restore stall with exact hints).
-//! 4. Waiting turns are committed first come, first served by turn arrival (program-level
+//! 5. Waiting turns are committed first come, first served by turn arrival (program-level
 //!    orders are available in [`TurnOrder`]; see there why they are not the default), with
 //!    chunked prefill, and every committed turn's growth is reserved so nothing is preempted.
-//! 5. Without a hint it predicts the pause from the agent's own history (EWMA), else from the
-//!    workload's (EWMA over all agents).
+//! 6. Predictions come from a [`PausePredictor`]: the hint (exact or noisy), else the agent's own
+//!    history (EWMA), else the workload's; or history only (`ewma`), or nothing (`none`).
+//!
+//! The `oracle` bound is this machinery fed the true pauses ([`DjinnParams::knows_true_pauses`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
