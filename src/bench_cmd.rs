@@ -63,18 +63,49 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 fn run_sim(args: SimBenchArgs) -> Result<()> {
     // One thread: the targets are per core.
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("building a 1-thread pool")?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .context("building a 1-thread pool")?;
     let profile = calibration::load_profile(&args.profile)?;
-    let cases = [("agents-capacity", crate::runio::parse_policy(&args.policy)?, 2.0), ("azure-conv-synth", PolicyKind::Vllm, 1.2)];
+    let cases = [
+        (
+            "agents-capacity",
+            crate::runio::parse_policy(&args.policy)?,
+            2.0,
+        ),
+        ("azure-conv-synth", PolicyKind::Vllm, 1.2),
+    ];
     let mut rows = Vec::new();
-    println!("simulator speed, one thread, profile {} ({} repetitions, best shown)", profile.name, args.repeat);
-    println!("{:<18} {:<6} {:>7} {:>8} {:>8} {:>10} {:>9} {:>10} {:>12} {:>12} {:>8}", "case", "policy", "agents", "turns", "wall s", "sim s", "steps", "events", "steps/s", "events/s", "target");
+    println!(
+        "simulator speed, one thread, profile {} ({} repetitions, best shown)",
+        profile.name, args.repeat
+    );
+    println!(
+        "{:<18} {:<6} {:>7} {:>8} {:>8} {:>10} {:>9} {:>10} {:>12} {:>12} {:>8}",
+        "case",
+        "policy",
+        "agents",
+        "turns",
+        "wall s",
+        "sim s",
+        "steps",
+        "events",
+        "steps/s",
+        "events/s",
+        "target"
+    );
     for (name, policy, target) in cases {
         let spec = load_workload(name)?;
         let mut config = SimConfig::new(policy, profile.clone());
         config.seed = 0;
         let workload = sim::workload::generate(&spec, args.agents, 0);
-        let min_turns = workload.agents.iter().map(|a| a.turns.len()).min().unwrap_or(0);
+        let min_turns = workload
+            .agents
+            .iter()
+            .map(|a| a.turns.len())
+            .min()
+            .unwrap_or(0);
         let mut best = f64::INFINITY;
         let mut last = None;
         for _ in 0..args.repeat.max(1) {
@@ -101,7 +132,17 @@ fn run_sim(args: SimBenchArgs) -> Result<()> {
         };
         println!(
             "{:<18} {:<6} {:>7} {:>8} {:>8.3} {:>10.1} {:>9} {:>10} {:>12.0} {:>12.0} {:>7.1}s {}",
-            row.case, row.policy, row.agents, row.turns, row.wall_s_best, row.sim_time_s, row.steps, row.events, row.steps_per_s, row.events_per_s, target,
+            row.case,
+            row.policy,
+            row.agents,
+            row.turns,
+            row.wall_s_best,
+            row.sim_time_s,
+            row.steps,
+            row.events,
+            row.steps_per_s,
+            row.events_per_s,
+            target,
             if best <= target { "ok" } else { "MISSED" }
         );
         if name == "agents-capacity" {

@@ -96,13 +96,30 @@ fn percentile_ms(mut v: Vec<u64>, p: f64) -> f64 {
     analysis::percentile(&v, p) as f64 / 1e6
 }
 
-fn probe(spec: &WorkloadSpec, base: &SimConfig, policy: PolicyKind, agents: u32, seeds: u64, metric: CapacityMetric) -> Result<Probe> {
-    let mut worst = Probe { p99_ms: 0.0, rejected: 0 };
+fn probe(
+    spec: &WorkloadSpec,
+    base: &SimConfig,
+    policy: PolicyKind,
+    agents: u32,
+    seeds: u64,
+    metric: CapacityMetric,
+) -> Result<Probe> {
+    let mut worst = Probe {
+        p99_ms: 0.0,
+        rejected: 0,
+    };
     for seed in 0..seeds {
         let mut config = base.clone();
         config.policy = policy;
         config.seed = seed;
-        let (_, out) = sim::experiment::simulate(spec, Some(agents), &config).with_context(|| format!("{} / {} / {agents} agents / seed {seed}", spec.name, policy.name()))?;
+        let (_, out) =
+            sim::experiment::simulate(spec, Some(agents), &config).with_context(|| {
+                format!(
+                    "{} / {} / {agents} agents / seed {seed}",
+                    spec.name,
+                    policy.name()
+                )
+            })?;
         let rejected = out.turns.iter().filter(|t| t.rejected).count() as u64;
         let values: Vec<u64> = out
             .turns
@@ -110,7 +127,9 @@ fn probe(spec: &WorkloadSpec, base: &SimConfig, policy: PolicyKind, agents: u32,
             .filter(|t| !t.rejected)
             .filter_map(|t| match metric {
                 CapacityMetric::TurnP99 => t.finished_ns.map(|f| f - t.arrival_ns),
-                CapacityMetric::TtftAfterPauseP99 => (t.turn_index > 0).then_some(t.first_token_ns.map(|f| f - t.arrival_ns)).flatten(),
+                CapacityMetric::TtftAfterPauseP99 => (t.turn_index > 0)
+                    .then_some(t.first_token_ns.map(|f| f - t.arrival_ns))
+                    .flatten(),
             })
             .collect();
         worst.p99_ms = worst.p99_ms.max(percentile_ms(values, 99.0));
@@ -120,7 +139,13 @@ fn probe(spec: &WorkloadSpec, base: &SimConfig, policy: PolicyKind, agents: u32,
 }
 
 /// Doubling then bisection over N.
-fn search(spec: &WorkloadSpec, base: &SimConfig, policy: PolicyKind, args: &CapacityArgs, slo_ms: f64) -> Result<CapacityRow> {
+fn search(
+    spec: &WorkloadSpec,
+    base: &SimConfig,
+    policy: PolicyKind,
+    args: &CapacityArgs,
+    slo_ms: f64,
+) -> Result<CapacityRow> {
     let mut probes = 0u32;
     let mut cache: BTreeMap<u32, (bool, f64, String)> = BTreeMap::new();
     let mut test = |n: u32, probes: &mut u32| -> Result<(bool, f64, String)> {
@@ -130,7 +155,11 @@ fn search(spec: &WorkloadSpec, base: &SimConfig, policy: PolicyKind, args: &Capa
         *probes += 1;
         let p = probe(spec, base, policy, n, args.seeds, args.metric)?;
         let verdict = if p.rejected > 0 {
-            (false, p.p99_ms, format!("{} turns rejected (out of memory)", p.rejected))
+            (
+                false,
+                p.p99_ms,
+                format!("{} turns rejected (out of memory)", p.rejected),
+            )
         } else if p.p99_ms > slo_ms {
             (false, p.p99_ms, format!("P99 {:.0} ms > SLO", p.p99_ms))
         } else {
@@ -180,7 +209,10 @@ fn search(spec: &WorkloadSpec, base: &SimConfig, policy: PolicyKind, args: &Capa
         capped: hi.is_none(),
         p99_ms_at_capacity: lo_p99,
         first_failing_agents: hi.as_ref().map_or(0, |h| h.0),
-        failure: hi.map_or_else(|| format!("passed at max_agents {}", args.max_agents), |h| h.1),
+        failure: hi.map_or_else(
+            || format!("passed at max_agents {}", args.max_agents),
+            |h| h.1,
+        ),
         probes,
     })
 }
@@ -196,7 +228,9 @@ fn constant(d: &Distribution) -> Option<u32> {
 /// and are alive together (seed-cliff): every paused agent holds its whole context.
 pub fn pin_arithmetic(spec: &WorkloadSpec, config: &SimConfig) -> String {
     let p = &config.profile;
-    let usable = p.gpu_memory_bytes as f64 * config.gpu_memory_utilization - p.weight_bytes as f64 - p.workspace_reserve_bytes as f64;
+    let usable = p.gpu_memory_bytes as f64 * config.gpu_memory_utilization
+        - p.weight_bytes as f64
+        - p.workspace_reserve_bytes as f64;
     let blocks = config.gpu_blocks();
     let bs = config.block_size_tokens;
     let mut s = format!(
@@ -211,7 +245,12 @@ pub fn pin_arithmetic(spec: &WorkloadSpec, config: &SimConfig) -> String {
         blocks as u64 * bs as u64
     );
     let a = &spec.agent;
-    if let (Some(2), Some(prompt), Some(new), Some(generated)) = (constant(&a.turns), constant(&a.first_prompt_tokens), constant(&a.new_tokens), constant(&a.generated_tokens)) {
+    if let (Some(2), Some(prompt), Some(new), Some(generated)) = (
+        constant(&a.turns),
+        constant(&a.first_prompt_tokens),
+        constant(&a.new_tokens),
+        constant(&a.generated_tokens),
+    ) {
         // The last generated token of a turn has no KV yet.
         let held = prompt + generated - 1;
         let held_blocks = held.div_ceil(bs);
@@ -235,23 +274,60 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     if !(args.slo_ms.is_finite() && args.slo_ms > 0.0) {
         bail!("--slo-ms must be a finite number > 0, got {}", args.slo_ms);
     }
-    if args.seeds == 0 || args.min_agents == 0 || args.min_agents > args.max_agents || args.max_agents > traces::workload::AGENTS_MAX {
-        bail!("need --seeds >= 1 and 1 <= --min-agents <= --max-agents <= {}", traces::workload::AGENTS_MAX);
+    if args.seeds == 0
+        || args.min_agents == 0
+        || args.min_agents > args.max_agents
+        || args.max_agents > traces::workload::AGENTS_MAX
+    {
+        bail!(
+            "need --seeds >= 1 and 1 <= --min-agents <= --max-agents <= {}",
+            traces::workload::AGENTS_MAX
+        );
     }
-    let workloads = if args.workloads.is_empty() { vec!["seed-cliff".into(), "agents-capacity".into(), "swe-agent".into()] } else { args.workloads.clone() };
-    let policies: Vec<PolicyKind> = if args.policies.is_empty() || args.policies.iter().any(|p| p == "all") {
-        PolicyKind::ALL.to_vec()
+    let workloads = if args.workloads.is_empty() {
+        vec![
+            "seed-cliff".into(),
+            "agents-capacity".into(),
+            "swe-agent".into(),
+        ]
     } else {
-        args.policies.iter().map(|p| parse_policy(p)).collect::<Result<_>>()?
+        args.workloads.clone()
     };
+    let policies: Vec<PolicyKind> =
+        if args.policies.is_empty() || args.policies.iter().any(|p| p == "all") {
+            PolicyKind::ALL.to_vec()
+        } else {
+            args.policies
+                .iter()
+                .map(|p| parse_policy(p))
+                .collect::<Result<_>>()?
+        };
     let mut base = SimConfig::new(PolicyKind::Pin, calibration::load_profile(&args.profile)?);
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
-    let specs: Vec<WorkloadSpec> = workloads.iter().map(|w| load_workload(w)).collect::<Result<_>>()?;
-    let jobs: Vec<(usize, PolicyKind)> = (0..specs.len()).flat_map(|w| policies.iter().map(move |&p| (w, p))).collect();
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("thread pool")?;
+    let specs: Vec<WorkloadSpec> = workloads
+        .iter()
+        .map(|w| load_workload(w))
+        .collect::<Result<_>>()?;
+    let jobs: Vec<(usize, PolicyKind)> = (0..specs.len())
+        .flat_map(|w| policies.iter().map(move |&p| (w, p)))
+        .collect();
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("thread pool")?;
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} searches, ETA {eta_precise}").expect("valid template").progress_chars("=> "));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} searches, ETA {eta_precise}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
     let rows: Vec<CapacityRow> = pool.install(|| {
         jobs.par_iter()
             .map(|&(w, p)| {
@@ -275,13 +351,31 @@ pub fn run(args: CapacityArgs) -> Result<()> {
             base.profile.name
         );
         println!("{}", pin_arithmetic(spec, &base));
-        println!("{:<20} {:>9} {:>12} {:>10}  first failure", "policy", "capacity", "p99 ms at N", "probes");
+        println!(
+            "{:<20} {:>9} {:>12} {:>10}  first failure",
+            "policy", "capacity", "p99 ms at N", "probes"
+        );
         let mut mine: Vec<&CapacityRow> = rows.iter().filter(|r| r.workload == spec.name).collect();
-        mine.sort_by(|a, b| b.capacity_agents.cmp(&a.capacity_agents).then(a.p99_ms_at_capacity.total_cmp(&b.p99_ms_at_capacity)));
+        mine.sort_by(|a, b| {
+            b.capacity_agents
+                .cmp(&a.capacity_agents)
+                .then(a.p99_ms_at_capacity.total_cmp(&b.p99_ms_at_capacity))
+        });
         for r in mine {
-            let cap = if r.capped { format!(">={}", r.capacity_agents) } else { r.capacity_agents.to_string() };
-            let fail = if r.capped { r.failure.clone() } else { format!("N={}: {}", r.first_failing_agents, r.failure) };
-            println!("{:<20} {:>9} {:>12.0} {:>10}  {}", r.policy, cap, r.p99_ms_at_capacity, r.probes, fail);
+            let cap = if r.capped {
+                format!(">={}", r.capacity_agents)
+            } else {
+                r.capacity_agents.to_string()
+            };
+            let fail = if r.capped {
+                r.failure.clone()
+            } else {
+                format!("N={}: {}", r.first_failing_agents, r.failure)
+            };
+            println!(
+                "{:<20} {:>9} {:>12.0} {:>10}  {}",
+                r.policy, cap, r.p99_ms_at_capacity, r.probes, fail
+            );
         }
         println!();
     }
@@ -297,9 +391,20 @@ mod tests {
     #[test]
     fn pin_capacity_on_seed_cliff_matches_its_pool_arithmetic() {
         let spec = load_workload("seed-cliff").unwrap();
-        let base = SimConfig::new(PolicyKind::Pin, calibration::load_profile("h100-llama2-7b").unwrap());
+        let base = SimConfig::new(
+            PolicyKind::Pin,
+            calibration::load_profile("h100-llama2-7b").unwrap(),
+        );
         let text = pin_arithmetic(&spec, &base);
-        let predicted: u32 = text.rsplit("at most N = ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        let predicted: u32 = text
+            .rsplit("at most N = ")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         // A generous SLO: only memory limits pin.
         let args = CapacityArgs {
             workloads: vec![],

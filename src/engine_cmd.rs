@@ -37,7 +37,8 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         EngineCommand::SwapCheck(a) => swap_cmd::swap_check(a),
         EngineCommand::Presets => {
             for name in engine::config::ModelConfig::PRESET_NAMES {
-                let config = engine::config::ModelConfig::preset(name).expect("listed preset exists");
+                let config =
+                    engine::config::ModelConfig::preset(name).expect("listed preset exists");
                 println!(
                     "{name}: layers {} hidden {} heads {}/{} kv_bytes_per_token_fp16 {}",
                     config.num_hidden_layers,

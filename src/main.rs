@@ -13,7 +13,11 @@ mod sweep_cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "djinn", version, about = "Scheduling research for many concurrent LLM agents on one GPU")]
+#[command(
+    name = "djinn",
+    version,
+    about = "Scheduling research for many concurrent LLM agents on one GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -22,12 +22,21 @@ pub fn load_workload(name_or_path: &str) -> Result<WorkloadSpec> {
 }
 
 pub fn parse_policy(name: &str) -> Result<PolicyKind> {
-    PolicyKind::parse(name).with_context(|| format!("unknown policy `{name}` (known: {})", PolicyKind::names().join(", ")))
+    PolicyKind::parse(name).with_context(|| {
+        format!(
+            "unknown policy `{name}` (known: {})",
+            PolicyKind::names().join(", ")
+        )
+    })
 }
 
 /// The code version written into manifests: the crate version and the git commit it was built from.
 pub fn code_version() -> String {
-    format!("{}+{}", env!("CARGO_PKG_VERSION"), option_env!("DJINN_GIT_COMMIT").unwrap_or("unknown"))
+    format!(
+        "{}+{}",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("DJINN_GIT_COMMIT").unwrap_or("unknown")
+    )
 }
 
 pub fn run_dir(out: &Path, workload: &str, policy: &str) -> PathBuf {

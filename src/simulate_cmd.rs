@@ -120,15 +120,24 @@ fn apply_overrides(args: &SimulateArgs, spec: &mut WorkloadSpec) -> Result<()> {
     match (args.hint, args.hint_sigma) {
         (Some(HintOverride::Exact), _) => spec.hint = HintSpec::Exact,
         (Some(HintOverride::None), _) => spec.hint = HintSpec::None,
-        (Some(HintOverride::Noisy), sigma) => spec.hint = HintSpec::Noisy { sigma: sigma.unwrap_or(0.5) },
+        (Some(HintOverride::Noisy), sigma) => {
+            spec.hint = HintSpec::Noisy {
+                sigma: sigma.unwrap_or(0.5),
+            }
+        }
         (None, Some(sigma)) => spec.hint = HintSpec::Noisy { sigma },
         (None, None) => {}
     }
-    spec.validate(std::path::Path::new("command-line overrides")).map_err(anyhow::Error::from)
+    spec.validate(std::path::Path::new("command-line overrides"))
+        .map_err(anyhow::Error::from)
 }
 
 fn validate(args: &SimulateArgs) -> Result<Plan> {
-    let workload_names = if args.workloads.is_empty() { vec!["seed-exp1".to_string(), "seed-cliff".to_string()] } else { args.workloads.clone() };
+    let workload_names = if args.workloads.is_empty() {
+        vec!["seed-exp1".to_string(), "seed-cliff".to_string()]
+    } else {
+        args.workloads.clone()
+    };
     let mut specs = Vec::new();
     for name in &workload_names {
         let mut spec = load_workload(name)?;
@@ -141,19 +150,34 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
         if args.policies.iter().any(|p| p == "all") {
             PolicyKind::ALL.to_vec()
         } else {
-            args.policies.iter().map(|p| parse_policy(p)).collect::<Result<Vec<_>>>()?
+            args.policies
+                .iter()
+                .map(|p| parse_policy(p))
+                .collect::<Result<Vec<_>>>()?
         }
     };
     if let Some(n) = args.agents {
         if n == 0 || n > traces::workload::AGENTS_MAX {
-            bail!("--agents must be in 1..={}, got {n}", traces::workload::AGENTS_MAX);
+            bail!(
+                "--agents must be in 1..={}, got {n}",
+                traces::workload::AGENTS_MAX
+            );
         }
     }
     if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
-        bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
+        bail!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            args.gpu_memory_utilization
+        );
     }
-    if !(args.host_memory_gib.is_finite() && args.host_memory_gib >= 0.0 && args.host_memory_gib <= 1048576.0) {
-        bail!("--host-memory-gib must be a finite number in [0, 1048576], got {}", args.host_memory_gib);
+    if !(args.host_memory_gib.is_finite()
+        && args.host_memory_gib >= 0.0
+        && args.host_memory_gib <= 1048576.0)
+    {
+        bail!(
+            "--host-memory-gib must be a finite number in [0, 1048576], got {}",
+            args.host_memory_gib
+        );
     }
     if args.block_size == 0 || args.block_size > 4096 {
         bail!("--block-size must be in 1..=4096, got {}", args.block_size);
@@ -173,7 +197,9 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
     base.sched.max_batch_tokens = args.max_batch_tokens;
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
     base.check = match args.check {
-        CheckOverride::Step => CheckLevel::Step { audit_interval_steps: 1024 },
+        CheckOverride::Step => CheckLevel::Step {
+            audit_interval_steps: 1024,
+        },
         CheckOverride::Full => CheckLevel::Full,
     };
     if base.gpu_blocks() == 0 {
@@ -186,10 +212,19 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
             base.block_bytes()
         );
     }
-    Ok(Plan { specs, policies, base })
+    Ok(Plan {
+        specs,
+        policies,
+        base,
+    })
 }
 
-fn reproduce_line(args: &SimulateArgs, spec: &WorkloadSpec, policy: PolicyKind, agents: u32) -> String {
+fn reproduce_line(
+    args: &SimulateArgs,
+    spec: &WorkloadSpec,
+    policy: PolicyKind,
+    agents: u32,
+) -> String {
     let mut line = format!(
         "djinn simulate --workload {} --policy {} --agents {agents} --seed {} --profile {} --gpu-memory-utilization {} --host-memory-gib {} --block-size {} --max-batch-tokens {}",
         spec.name, policy.name(), args.seed, args.profile, args.gpu_memory_utilization, args.host_memory_gib, args.block_size, args.max_batch_tokens
@@ -241,8 +276,14 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
                 config.policy = policy;
                 let started = Instant::now();
                 let reproduce = reproduce_line(&args, spec, policy, agents);
-                let output = sim::experiment::simulate_workload(&workload, &config)
-                    .with_context(|| format!("{} / {}: reproduce with: {reproduce}", spec.name, policy.name()))?;
+                let output =
+                    sim::experiment::simulate_workload(&workload, &config).with_context(|| {
+                        format!(
+                            "{} / {}: reproduce with: {reproduce}",
+                            spec.name,
+                            policy.name()
+                        )
+                    })?;
                 let wall_s = started.elapsed().as_secs_f64();
                 let inputs = analysis::SummaryInputs {
                     policy: policy.name().into(),
@@ -255,23 +296,53 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
                     host_blocks_total: config.host_blocks(),
                     slo_ns: (args.slo_ms * 1e6) as u64,
                 };
-                let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
+                let summary =
+                    analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
                 if !args.no_write {
-                    let manifest = sim::experiment::manifest(spec, agents, &config, &code_version(), reproduce);
-                    traces::write_run_dir(&run_dir(&args.out, &spec.name, policy.name()), &manifest, &output.turns, &output.steps, &output.swaps, &summary)?;
+                    let manifest = sim::experiment::manifest(
+                        spec,
+                        agents,
+                        &config,
+                        &code_version(),
+                        reproduce,
+                    );
+                    traces::write_run_dir(
+                        &run_dir(&args.out, &spec.name, policy.name()),
+                        &manifest,
+                        &output.turns,
+                        &output.steps,
+                        &output.swaps,
+                        &summary,
+                    )?;
                 }
                 Ok(RunResult { summary, wall_s })
             })
             .collect();
         let results = results.into_iter().collect::<Result<Vec<_>>>()?;
         let summaries: Vec<RunSummary> = results.iter().map(|r| r.summary.clone()).collect();
-        print!("{}", analysis::comparison_table(&format!("turn latency (ms) and its P99 decomposition, {} agents", agents), &summaries));
+        print!(
+            "{}",
+            analysis::comparison_table(
+                &format!(
+                    "turn latency (ms) and its P99 decomposition, {} agents",
+                    agents
+                ),
+                &summaries
+            )
+        );
         let wall: f64 = results.iter().map(|r| r.wall_s).sum();
         if !args.no_write {
             let csv_path = args.out.join(&spec.name).join("comparison.csv");
-            let rows: Vec<analysis::table::SummaryRow> = summaries.iter().map(analysis::table::SummaryRow::from).collect();
+            let rows: Vec<analysis::table::SummaryRow> = summaries
+                .iter()
+                .map(analysis::table::SummaryRow::from)
+                .collect();
             traces::write_csv_atomic(&csv_path, &rows)?;
-            println!("run directories and comparison.csv under {} (simulated in {:.2} s of CPU)", args.out.join(&spec.name).display(), wall);
+            println!(
+                "run directories and comparison.csv under {} (simulated in {:.2} s of CPU)",
+                args.out.join(&spec.name).display(),
+                wall
+            );
         }
         println!();
         all.push(results);

@@ -145,13 +145,28 @@ fn parse_hint(s: &str) -> Result<HintSpec> {
 
 /// Reads and validates a sweep spec; errors name the file and field.
 pub fn read_spec(path: &Path) -> Result<SweepSpec> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let spec: SweepSpec = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        anyhow::anyhow!("{}: {}{}", path.display(), line.map(|l| format!("line {l}: ")).unwrap_or_default(), e.message())
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        anyhow::anyhow!(
+            "{}: {}{}",
+            path.display(),
+            line.map(|l| format!("line {l}: ")).unwrap_or_default(),
+            e.message()
+        )
     })?;
-    let fail = |field: &str, msg: String| -> Result<SweepSpec> { bail!("{}: field `{field}`: {msg}", path.display()) };
-    for (field, empty) in [("policies", spec.policies.is_empty()), ("workloads", spec.workloads.is_empty()), ("agents", spec.agents.is_empty()), ("seeds", spec.seeds.is_empty())] {
+    let fail = |field: &str, msg: String| -> Result<SweepSpec> {
+        bail!("{}: field `{field}`: {msg}", path.display())
+    };
+    for (field, empty) in [
+        ("policies", spec.policies.is_empty()),
+        ("workloads", spec.workloads.is_empty()),
+        ("agents", spec.agents.is_empty()),
+        ("seeds", spec.seeds.is_empty()),
+    ] {
         if empty {
             return fail(field, "must list at least one value".into());
         }
@@ -161,29 +176,52 @@ pub fn read_spec(path: &Path) -> Result<SweepSpec> {
     }
     for (i, &n) in spec.agents.iter().enumerate() {
         if n == 0 || n > traces::workload::AGENTS_MAX {
-            return fail(&format!("agents[{i}]"), format!("must be in 1..={}, got {n}", traces::workload::AGENTS_MAX));
+            return fail(
+                &format!("agents[{i}]"),
+                format!("must be in 1..={}, got {n}", traces::workload::AGENTS_MAX),
+            );
         }
     }
     if !(spec.slo_ms.is_finite() && spec.slo_ms > 0.0) {
-        return fail("slo_ms", format!("must be a finite number > 0, got {}", spec.slo_ms));
+        return fail(
+            "slo_ms",
+            format!("must be a finite number > 0, got {}", spec.slo_ms),
+        );
     }
     let mut names = std::collections::BTreeSet::new();
     for (i, o) in spec.overrides.iter().enumerate() {
         let f = |name: &str| format!("overrides[{i}].{name}");
-        if o.name.is_empty() || !o.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-            return fail(&f("name"), format!("must be non-empty letters, digits, '-', '_' or '.', got {:?}", o.name));
+        if o.name.is_empty()
+            || !o
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return fail(
+                &f("name"),
+                format!(
+                    "must be non-empty letters, digits, '-', '_' or '.', got {:?}",
+                    o.name
+                ),
+            );
         }
         if !names.insert(o.name.clone()) {
             return fail(&f("name"), format!("{:?} appears twice", o.name));
         }
         if let Some(u) = o.gpu_memory_utilization {
             if !(u > 0.0 && u <= 1.0) {
-                return fail(&f("gpu_memory_utilization"), format!("must be in (0, 1], got {u}"));
+                return fail(
+                    &f("gpu_memory_utilization"),
+                    format!("must be in (0, 1], got {u}"),
+                );
             }
         }
         if let Some(h) = o.host_memory_gib {
             if !(h.is_finite() && (0.0..=1048576.0).contains(&h)) {
-                return fail(&f("host_memory_gib"), format!("must be in [0, 1048576], got {h}"));
+                return fail(
+                    &f("host_memory_gib"),
+                    format!("must be in [0, 1048576], got {h}"),
+                );
             }
         }
         if o.max_batch_tokens == Some(0) {
@@ -191,7 +229,10 @@ pub fn read_spec(path: &Path) -> Result<SweepSpec> {
         }
         if let Some(b) = o.pcie_gbps {
             if !(b.is_finite() && b > 0.0) {
-                return fail(&f("pcie_gbps"), format!("must be a finite number > 0, got {b}"));
+                return fail(
+                    &f("pcie_gbps"),
+                    format!("must be a finite number > 0, got {b}"),
+                );
             }
         }
         if let Some(h) = &o.hint {
@@ -199,7 +240,10 @@ pub fn read_spec(path: &Path) -> Result<SweepSpec> {
         }
         if let Some(p) = &o.predictor {
             if PredictorMode::parse(p).is_none() {
-                return fail(&f("predictor"), format!("must be hint, ewma or none, got {p:?}"));
+                return fail(
+                    &f("predictor"),
+                    format!("must be hint, ewma or none, got {p:?}"),
+                );
             }
         }
     }
@@ -208,10 +252,20 @@ pub fn read_spec(path: &Path) -> Result<SweepSpec> {
 
 /// The configurations of a spec, in a fixed order (workload, override, agents, seed, policy).
 pub fn expand(spec: &SweepSpec) -> Result<Vec<SweepConfig>> {
-    let overrides = if spec.overrides.is_empty() { vec![Override { name: "base".into(), ..Default::default() }] } else { spec.overrides.clone() };
+    let overrides = if spec.overrides.is_empty() {
+        vec![Override {
+            name: "base".into(),
+            ..Default::default()
+        }]
+    } else {
+        spec.overrides.clone()
+    };
     let mut out = Vec::new();
     for w in &spec.workloads {
-        let wname = Path::new(w).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| w.clone());
+        let wname = Path::new(w)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| w.clone());
         for o in &overrides {
             for &n in &spec.agents {
                 for &seed in &spec.seeds {
@@ -219,7 +273,15 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<SweepConfig>> {
                         let policy = parse_policy(p)?;
                         let index = out.len();
                         let id = format!("{wname}__{}__n{n}__s{seed}__{}", policy.name(), o.name);
-                        out.push(SweepConfig { index, id, workload: w.clone(), policy, agents: n, seed, knobs: o.clone() });
+                        out.push(SweepConfig {
+                            index,
+                            id,
+                            workload: w.clone(),
+                            policy,
+                            agents: n,
+                            seed,
+                            knobs: o.clone(),
+                        });
                     }
                 }
             }
@@ -230,8 +292,13 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<SweepConfig>> {
 
 /// Parses `K/N`.
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let (k, n) = s.split_once('/').context("--shard must be K/N, e.g. 3/16")?;
-    let (k, n): (usize, usize) = (k.trim().parse().context("--shard K")?, n.trim().parse().context("--shard N")?);
+    let (k, n) = s
+        .split_once('/')
+        .context("--shard must be K/N, e.g. 3/16")?;
+    let (k, n): (usize, usize) = (
+        k.trim().parse().context("--shard K")?,
+        n.trim().parse().context("--shard N")?,
+    );
     if n == 0 || k >= n {
         bail!("--shard K/N needs 0 <= K < N, got {k}/{n}");
     }
@@ -239,7 +306,11 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
 }
 
 /// The spec and base config of one configuration, overrides applied.
-pub fn resolve(config: &SweepConfig, profile: &traces::GpuProfile, specs: &BTreeMap<String, WorkloadSpec>) -> Result<(WorkloadSpec, SimConfig)> {
+pub fn resolve(
+    config: &SweepConfig,
+    profile: &traces::GpuProfile,
+    specs: &BTreeMap<String, WorkloadSpec>,
+) -> Result<(WorkloadSpec, SimConfig)> {
     let mut spec = specs[&config.workload].clone();
     let mut sim = SimConfig::new(config.policy, profile.clone());
     sim.seed = config.seed;
@@ -255,8 +326,10 @@ pub fn resolve(config: &SweepConfig, profile: &traces::GpuProfile, specs: &BTree
     }
     if let Some(b) = k.pcie_gbps {
         let cap = b * 1e9;
-        sim.profile.host_to_device.bandwidth_bytes_per_s = sim.profile.host_to_device.bandwidth_bytes_per_s.min(cap);
-        sim.profile.device_to_host.bandwidth_bytes_per_s = sim.profile.device_to_host.bandwidth_bytes_per_s.min(cap);
+        sim.profile.host_to_device.bandwidth_bytes_per_s =
+            sim.profile.host_to_device.bandwidth_bytes_per_s.min(cap);
+        sim.profile.device_to_host.bandwidth_bytes_per_s =
+            sim.profile.device_to_host.bandwidth_bytes_per_s.min(cap);
     }
     if let Some(h) = &k.hint {
         spec.hint = parse_hint(h)?;
@@ -265,7 +338,10 @@ pub fn resolve(config: &SweepConfig, profile: &traces::GpuProfile, specs: &BTree
         sim.predictor = PredictorMode::parse(p).context("predictor")?;
     }
     if sim.gpu_blocks() == 0 {
-        bail!("{}: the GPU KV pool is empty with these overrides", config.id);
+        bail!(
+            "{}: the GPU KV pool is empty with these overrides",
+            config.id
+        );
     }
     Ok((spec, sim))
 }
@@ -279,8 +355,14 @@ fn hint_name(h: &HintSpec) -> String {
 }
 
 /// Runs one configuration (simulate + summarize). Returns the result and the run output.
-pub fn run_config(config: &SweepConfig, spec: &WorkloadSpec, sim: &SimConfig, slo_ms: f64) -> Result<(ConfigResult, sim::driver::RunOutput, traces::RunSummary)> {
-    let (_, output) = sim::experiment::simulate(spec, Some(config.agents), sim).with_context(|| format!("configuration {}", config.id))?;
+pub fn run_config(
+    config: &SweepConfig,
+    spec: &WorkloadSpec,
+    sim: &SimConfig,
+    slo_ms: f64,
+) -> Result<(ConfigResult, sim::driver::RunOutput, traces::RunSummary)> {
+    let (_, output) = sim::experiment::simulate(spec, Some(config.agents), sim)
+        .with_context(|| format!("configuration {}", config.id))?;
     let inputs = analysis::SummaryInputs {
         policy: config.policy.name().into(),
         workload: spec.name.clone(),
@@ -326,7 +408,10 @@ pub fn results_csv(results: &[ConfigResult]) -> Result<Vec<u8>> {
     out.push_str(header);
     out.push('\n');
     for (r, line) in results.iter().zip(lines) {
-        out.push_str(&format!("{},{},{},{},{},{}\n", r.config_index, r.config_id, r.override_name, r.hint, r.predictor, line));
+        out.push_str(&format!(
+            "{},{},{},{},{},{}\n",
+            r.config_index, r.config_id, r.override_name, r.hint, r.predictor, line
+        ));
     }
     Ok(out.into_bytes())
 }
@@ -335,22 +420,38 @@ pub fn run(args: SweepArgs) -> Result<()> {
     if let Some(SweepCommand::Merge(m)) = args.command {
         return merge(m);
     }
-    let spec_path = args.spec.clone().context("a sweep spec is required: djinn sweep SPEC.toml (or djinn sweep merge DIRS...)")?;
+    let spec_path = args.spec.clone().context(
+        "a sweep spec is required: djinn sweep SPEC.toml (or djinn sweep merge DIRS...)",
+    )?;
     let spec = read_spec(&spec_path)?;
     let configs = expand(&spec)?;
     let (shard_k, shard_n) = match &args.shard {
         Some(s) => parse_shard(s)?,
         None => (0, 1),
     };
-    let mine: Vec<SweepConfig> = configs.iter().filter(|c| c.index % shard_n == shard_k).cloned().collect();
+    let mine: Vec<SweepConfig> = configs
+        .iter()
+        .filter(|c| c.index % shard_n == shard_k)
+        .cloned()
+        .collect();
     let profile = calibration::load_profile(&spec.profile)?;
     let mut specs = BTreeMap::new();
     for w in &spec.workloads {
-        specs.insert(w.clone(), load_workload(w).with_context(|| format!("{}: field `workloads`", spec_path.display()))?);
+        specs.insert(
+            w.clone(),
+            load_workload(w)
+                .with_context(|| format!("{}: field `workloads`", spec_path.display()))?,
+        );
     }
     // Validate every configuration before running any (bad overrides fail fast, nothing written).
-    let resolved: Vec<(SweepConfig, WorkloadSpec, SimConfig)> = mine.iter().map(|c| resolve(c, &profile, &specs).map(|(s, sim)| (c.clone(), s, sim))).collect::<Result<_>>()?;
-    let todo: Vec<&(SweepConfig, WorkloadSpec, SimConfig)> = resolved.iter().filter(|(c, _, _)| read_done(&result_path(&args.out, &c.id)).is_none()).collect();
+    let resolved: Vec<(SweepConfig, WorkloadSpec, SimConfig)> = mine
+        .iter()
+        .map(|c| resolve(c, &profile, &specs).map(|(s, sim)| (c.clone(), s, sim)))
+        .collect::<Result<_>>()?;
+    let todo: Vec<&(SweepConfig, WorkloadSpec, SimConfig)> = resolved
+        .iter()
+        .filter(|(c, _, _)| read_done(&result_path(&args.out, &c.id)).is_none())
+        .collect();
     println!(
         "sweep {}: {} configurations; shard {shard_k}/{shard_n} has {}, {} already done, {} to run",
         spec.name,
@@ -362,14 +463,28 @@ pub fn run(args: SweepArgs) -> Result<()> {
     if args.dry_run {
         return Ok(());
     }
-    std::fs::create_dir_all(args.out.join("configs")).with_context(|| format!("creating {}", args.out.display()))?;
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("thread pool")?;
-    let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(todo.len() as u64) };
+    std::fs::create_dir_all(args.out.join("configs"))
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("thread pool")?;
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(todo.len() as u64)
+    };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} configs, {per_sec}, ETA {eta_precise} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} configs, {per_sec}, ETA {eta_precise} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let started = Instant::now();
     let failures = AtomicUsize::new(0);
@@ -379,8 +494,25 @@ pub fn run(args: SweepArgs) -> Result<()> {
                 let outcome = (|| -> Result<()> {
                     let (result, output, summary) = run_config(c, s, sim, spec.slo_ms)?;
                     if args.run_dirs {
-                        let manifest = sim::experiment::manifest(s, c.agents, sim, &crate::runio::code_version(), format!("djinn sweep {} (configuration {})", spec_path.display(), c.id));
-                        traces::write_run_dir(&args.out.join("runs").join(&c.id), &manifest, &output.turns, &output.steps, &output.swaps, &summary)?;
+                        let manifest = sim::experiment::manifest(
+                            s,
+                            c.agents,
+                            sim,
+                            &crate::runio::code_version(),
+                            format!(
+                                "djinn sweep {} (configuration {})",
+                                spec_path.display(),
+                                c.id
+                            ),
+                        );
+                        traces::write_run_dir(
+                            &args.out.join("runs").join(&c.id),
+                            &manifest,
+                            &output.turns,
+                            &output.steps,
+                            &output.swaps,
+                            &summary,
+                        )?;
                     }
                     traces::write_json_atomic(&result_path(&args.out, &c.id), &result)?;
                     Ok(())
@@ -402,16 +534,31 @@ pub fn run(args: SweepArgs) -> Result<()> {
         todo.len() as f64 / wall_s.max(1e-9)
     );
     // Merge what this shard has (including configurations finished by earlier, interrupted runs).
-    let mut results: Vec<ConfigResult> = mine.iter().filter_map(|c| read_done(&result_path(&args.out, &c.id))).collect();
+    let mut results: Vec<ConfigResult> = mine
+        .iter()
+        .filter_map(|c| read_done(&result_path(&args.out, &c.id)))
+        .collect();
     results.sort_by_key(|r| r.config_index);
-    let csv_name = if shard_n == 1 { "results.csv".to_string() } else { format!("results-shard-{shard_k}-of-{shard_n}.csv") };
+    let csv_name = if shard_n == 1 {
+        "results.csv".to_string()
+    } else {
+        format!("results-shard-{shard_k}-of-{shard_n}.csv")
+    };
     traces::write_atomic(&args.out.join(&csv_name), &results_csv(&results)?)?;
-    println!("{} rows in {}", results.len(), args.out.join(&csv_name).display());
+    println!(
+        "{} rows in {}",
+        results.len(),
+        args.out.join(&csv_name).display()
+    );
     if !errors.is_empty() {
         for e in errors.iter().take(5) {
             eprintln!("failed: {e}");
         }
-        bail!("{} of {} configurations failed (rerun to retry them; finished ones are kept)", errors.len(), todo.len());
+        bail!(
+            "{} of {} configurations failed (rerun to retry them; finished ones are kept)",
+            errors.len(),
+            todo.len()
+        );
     }
     Ok(())
 }
@@ -420,12 +567,18 @@ fn merge(args: MergeArgs) -> Result<()> {
     let mut by_index: BTreeMap<usize, ConfigResult> = BTreeMap::new();
     for dir in &args.dirs {
         let configs = dir.join("configs");
-        let entries = std::fs::read_dir(&configs).with_context(|| format!("reading {}", configs.display()))?;
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        let entries = std::fs::read_dir(&configs)
+            .with_context(|| format!("reading {}", configs.display()))?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
         paths.sort();
         for p in paths {
-            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            let r: ConfigResult = serde_json::from_str(&text).with_context(|| format!("{}: not a configuration result", p.display()))?;
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            let r: ConfigResult = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a configuration result", p.display()))?;
             if let Some(prev) = by_index.get(&r.config_index) {
                 if prev.config_id != r.config_id {
                     bail!("{}: configuration {} is {} here but {} in another shard (different sweep specs?)", p.display(), r.config_index, r.config_id, prev.config_id);
@@ -436,14 +589,38 @@ fn merge(args: MergeArgs) -> Result<()> {
     }
     if let Some(spec_path) = &args.spec {
         let configs = expand(&read_spec(spec_path)?)?;
-        let missing: Vec<&str> = configs.iter().filter(|c| by_index.get(&c.index).map(|r| r.config_id != c.id).unwrap_or(true)).map(|c| c.id.as_str()).collect();
+        let missing: Vec<&str> = configs
+            .iter()
+            .filter(|c| {
+                by_index
+                    .get(&c.index)
+                    .map(|r| r.config_id != c.id)
+                    .unwrap_or(true)
+            })
+            .map(|c| c.id.as_str())
+            .collect();
         if !missing.is_empty() {
-            bail!("{} of {} configurations missing, e.g. {}", missing.len(), configs.len(), missing.iter().take(3).cloned().collect::<Vec<_>>().join(", "));
+            bail!(
+                "{} of {} configurations missing, e.g. {}",
+                missing.len(),
+                configs.len(),
+                missing
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
     }
     let results: Vec<ConfigResult> = by_index.into_values().collect();
     traces::write_atomic(&args.out, &results_csv(&results)?)?;
-    println!("merged {} configurations from {} folders into {}", results.len(), args.dirs.len(), args.out.display());
+    println!(
+        "merged {} configurations from {} folders into {}",
+        results.len(),
+        args.dirs.len(),
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -473,7 +650,16 @@ predictor = "ewma"
 "#;
 
     fn args(spec: &Path, out: &Path, shard: Option<&str>) -> SweepArgs {
-        SweepArgs { command: None, spec: Some(spec.to_path_buf()), out: out.to_path_buf(), shard: shard.map(String::from), threads: Some(2), run_dirs: false, dry_run: false, quiet: true }
+        SweepArgs {
+            command: None,
+            spec: Some(spec.to_path_buf()),
+            out: out.to_path_buf(),
+            shard: shard.map(String::from),
+            threads: Some(2),
+            run_dirs: false,
+            dry_run: false,
+            quiet: true,
+        }
     }
 
     #[test]
@@ -525,11 +711,21 @@ predictor = "ewma"
         let lost = result_path(&full, &configs[5].id);
         let kept = result_path(&full, &configs[6].id);
         std::fs::remove_file(&lost).unwrap();
-        std::fs::write(&kept, std::fs::read_to_string(&kept).unwrap().replace("\"hint\"", "\"hint\" ")).unwrap();
+        std::fs::write(
+            &kept,
+            std::fs::read_to_string(&kept)
+                .unwrap()
+                .replace("\"hint\"", "\"hint\" "),
+        )
+        .unwrap();
         let marker = std::fs::read(&kept).unwrap();
         run(args(&spec, &full, None)).unwrap();
         assert!(lost.exists(), "the unfinished configuration was redone");
-        assert_eq!(std::fs::read(&kept).unwrap(), marker, "a finished configuration is not rerun");
+        assert_eq!(
+            std::fs::read(&kept).unwrap(),
+            marker,
+            "a finished configuration is not rerun"
+        );
         assert_eq!(std::fs::read(full.join("results.csv")).unwrap(), whole);
         // Three shards into three folders, merged, equal the single run.
         let dirs: Vec<PathBuf> = (0..3).map(|k| dir.join(format!("shard{k}"))).collect();
@@ -537,11 +733,24 @@ predictor = "ewma"
             run(args(&spec, d, Some(&format!("{k}/3")))).unwrap();
         }
         let merged = dir.join("merged.csv");
-        merge(MergeArgs { dirs: dirs.clone(), out: merged.clone(), spec: Some(spec.clone()) }).unwrap();
+        merge(MergeArgs {
+            dirs: dirs.clone(),
+            out: merged.clone(),
+            spec: Some(spec.clone()),
+        })
+        .unwrap();
         assert_eq!(std::fs::read(&merged).unwrap(), whole);
-        let e = merge(MergeArgs { dirs: dirs[..2].to_vec(), out: dir.join("partial.csv"), spec: Some(spec.clone()) }).unwrap_err();
+        let e = merge(MergeArgs {
+            dirs: dirs[..2].to_vec(),
+            out: dir.join("partial.csv"),
+            spec: Some(spec.clone()),
+        })
+        .unwrap_err();
         assert!(format!("{e:#}").contains("missing"), "{e:#}");
-        assert!(!dir.join("partial.csv").exists(), "no output for an incomplete merge");
+        assert!(
+            !dir.join("partial.csv").exists(),
+            "no output for an incomplete merge"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -48,7 +48,9 @@ pub fn decompose(t: &TurnRecord) -> Option<TurnParts> {
     let arrival = t.arrival_ns;
     let wait = admitted.saturating_sub(arrival);
     let restore = match (t.restore_start_ns, t.restore_end_ns) {
-        (Some(start), Some(end)) if end > arrival => end.min(admitted).saturating_sub(start.max(arrival)),
+        (Some(start), Some(end)) if end > arrival => {
+            end.min(admitted).saturating_sub(start.max(arrival))
+        }
         _ => 0,
     }
     .min(wait);
@@ -67,7 +69,8 @@ fn mean_decomposition(parts: &[TurnParts]) -> LatencyDecomposition {
         return LatencyDecomposition::default();
     }
     let n = parts.len() as u128;
-    let avg = |f: fn(&TurnParts) -> u64| (parts.iter().map(|p| f(p) as u128).sum::<u128>() / n) as u64;
+    let avg =
+        |f: fn(&TurnParts) -> u64| (parts.iter().map(|p| f(p) as u128).sum::<u128>() / n) as u64;
     LatencyDecomposition {
         queue_wait_ns: avg(|p| p.queue_wait_ns),
         kv_restore_ns: avg(|p| p.kv_restore_ns),
@@ -90,13 +93,22 @@ pub struct SummaryInputs {
     pub slo_ns: u64,
 }
 
-pub fn summarize(inputs: &SummaryInputs, turns: &[TurnRecord], steps: &[StepRecord], swaps: &[SwapRecord]) -> RunSummary {
+pub fn summarize(
+    inputs: &SummaryInputs,
+    turns: &[TurnRecord],
+    steps: &[StepRecord],
+    swaps: &[SwapRecord],
+) -> RunSummary {
     let parts: Vec<TurnParts> = turns.iter().filter_map(decompose).collect();
     let mut by_total = parts.clone();
     by_total.sort_by_key(|p| p.total_ns);
     let totals: Vec<u64> = by_total.iter().map(|p| p.total_ns).collect();
     let p99 = percentile(&totals, 99.0);
-    let tail: Vec<TurnParts> = by_total.iter().copied().filter(|p| p.total_ns >= p99).collect();
+    let tail: Vec<TurnParts> = by_total
+        .iter()
+        .copied()
+        .filter(|p| p.total_ns >= p99)
+        .collect();
     let completed = parts.len() as u64;
     let within_slo = parts.iter().filter(|p| p.total_ns <= inputs.slo_ns).count() as u64;
     let end_ns = turns
@@ -106,8 +118,16 @@ pub fn summarize(inputs: &SummaryInputs, turns: &[TurnRecord], steps: &[StepReco
         .max()
         .unwrap_or(0);
     let tokens_generated: u64 = turns.iter().map(|t| t.tokens_generated as u64).sum();
-    let gpu_free_min = steps.iter().map(|s| s.gpu_blocks_free).min().unwrap_or(inputs.gpu_blocks_total);
-    let host_free_min = steps.iter().map(|s| s.host_blocks_free).min().unwrap_or(inputs.host_blocks_total);
+    let gpu_free_min = steps
+        .iter()
+        .map(|s| s.gpu_blocks_free)
+        .min()
+        .unwrap_or(inputs.gpu_blocks_total);
+    let host_free_min = steps
+        .iter()
+        .map(|s| s.host_blocks_free)
+        .min()
+        .unwrap_or(inputs.host_blocks_total);
     RunSummary {
         schema_version: traces::SCHEMA_VERSION,
         policy: inputs.policy.clone(),
@@ -125,8 +145,16 @@ pub fn summarize(inputs: &SummaryInputs, turns: &[TurnRecord], steps: &[StepReco
         decomposition_p99: mean_decomposition(&tail),
         swaps_out: swaps.iter().filter(|s| s.direction == "out").count() as u64,
         swaps_in: swaps.iter().filter(|s| s.direction == "in").count() as u64,
-        swap_out_bytes: swaps.iter().filter(|s| s.direction == "out").map(|s| s.bytes).sum(),
-        swap_in_bytes: swaps.iter().filter(|s| s.direction == "in").map(|s| s.bytes).sum(),
+        swap_out_bytes: swaps
+            .iter()
+            .filter(|s| s.direction == "out")
+            .map(|s| s.bytes)
+            .sum(),
+        swap_in_bytes: swaps
+            .iter()
+            .filter(|s| s.direction == "in")
+            .map(|s| s.bytes)
+            .sum(),
         drops: steps.iter().map(|s| s.drops as u64).sum(),
         dropped_tokens: steps.iter().map(|s| s.dropped_tokens).sum(),
         cache_evicted_blocks: steps.iter().map(|s| s.cache_evicted_blocks as u64).sum(),
@@ -137,12 +165,20 @@ pub fn summarize(inputs: &SummaryInputs, turns: &[TurnRecord], steps: &[StepReco
         tokens_generated,
         steps: steps.len() as u64,
         sim_time_ns: end_ns,
-        throughput_tokens_per_s: if end_ns > 0 { tokens_generated as f64 / (end_ns as f64 / 1e9) } else { 0.0 },
+        throughput_tokens_per_s: if end_ns > 0 {
+            tokens_generated as f64 / (end_ns as f64 / 1e9)
+        } else {
+            0.0
+        },
         gpu_kv_bytes_peak: (inputs.gpu_blocks_total - gpu_free_min) as u64 * inputs.block_bytes,
         host_kv_bytes_peak: (inputs.host_blocks_total - host_free_min) as u64 * inputs.block_bytes,
         agents_alive_peak: agents_alive_peak(turns),
         slo_ns: inputs.slo_ns,
-        slo_attainment: if completed > 0 { within_slo as f64 / completed as f64 } else { 0.0 },
+        slo_attainment: if completed > 0 {
+            within_slo as f64 / completed as f64
+        } else {
+            0.0
+        },
     }
 }
 
@@ -158,7 +194,10 @@ pub fn agents_alive_peak(turns: &[TurnRecord]) -> u32 {
     }
     // Ends sort before starts at the same instant (an agent that ends as another starts is not
     // counted twice).
-    let mut edges: Vec<(u64, i32)> = span.values().flat_map(|&(s, e)| [(s, 1), (e, -1)]).collect();
+    let mut edges: Vec<(u64, i32)> = span
+        .values()
+        .flat_map(|&(s, e)| [(s, 1), (e, -1)])
+        .collect();
     edges.sort_by_key(|&(t, d)| (t, d));
     let (mut alive, mut peak) = (0i64, 0i64);
     for (_, d) in edges {
@@ -172,7 +211,13 @@ pub fn agents_alive_peak(turns: &[TurnRecord]) -> u32 {
 mod tests {
     use super::*;
 
-    fn turn(arrival: u64, restore: Option<(u64, u64)>, admitted: u64, first: u64, finished: u64) -> TurnRecord {
+    fn turn(
+        arrival: u64,
+        restore: Option<(u64, u64)>,
+        admitted: u64,
+        first: u64,
+        finished: u64,
+    ) -> TurnRecord {
         TurnRecord {
             agent_id: 0,
             turn_index: 1,
@@ -195,16 +240,29 @@ mod tests {
     #[test]
     fn parts_add_up_and_a_hidden_prefetch_costs_nothing() {
         let p = decompose(&turn(100, Some((50, 90)), 120, 150, 400)).unwrap();
-        assert_eq!((p.kv_restore_ns, p.queue_wait_ns, p.prefill_ns, p.decode_ns), (0, 20, 30, 250));
+        assert_eq!(
+            (p.kv_restore_ns, p.queue_wait_ns, p.prefill_ns, p.decode_ns),
+            (0, 20, 30, 250)
+        );
         let p = decompose(&turn(100, Some((110, 130)), 140, 150, 400)).unwrap();
         assert_eq!((p.kv_restore_ns, p.queue_wait_ns), (20, 20));
-        assert_eq!(p.queue_wait_ns + p.kv_restore_ns + p.prefill_ns + p.decode_ns, p.total_ns);
+        assert_eq!(
+            p.queue_wait_ns + p.kv_restore_ns + p.prefill_ns + p.decode_ns,
+            p.total_ns
+        );
     }
 
     #[test]
     fn nearest_rank_percentiles() {
         let v: Vec<u64> = (1..=100).collect();
-        assert_eq!((percentile(&v, 50.0), percentile(&v, 99.0), percentile(&v, 100.0)), (50, 99, 100));
+        assert_eq!(
+            (
+                percentile(&v, 50.0),
+                percentile(&v, 99.0),
+                percentile(&v, 100.0)
+            ),
+            (50, 99, 100)
+        );
         assert_eq!(percentile(&[7], 99.0), 7);
     }
 

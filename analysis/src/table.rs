@@ -13,8 +13,22 @@ fn gib(bytes: u64) -> String {
 /// One row per run: latency percentiles and the P99 decomposition, then counts and memory.
 pub fn comparison_table(title: &str, rows: &[RunSummary]) -> String {
     let headers = [
-        "policy", "p50 ms", "p99 ms", "p99 queue", "restore", "prefill", "decode", "done", "rejected", "swaps out", "restores",
-        "drops", "recomp tok", "gpu KV GiB", "host KV GiB", "alive peak",
+        "policy",
+        "p50 ms",
+        "p99 ms",
+        "p99 queue",
+        "restore",
+        "prefill",
+        "decode",
+        "done",
+        "rejected",
+        "swaps out",
+        "restores",
+        "drops",
+        "recomp tok",
+        "gpu KV GiB",
+        "host KV GiB",
+        "alive peak",
     ];
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -41,13 +55,26 @@ pub fn comparison_table(title: &str, rows: &[RunSummary]) -> String {
         })
         .collect();
     let widths: Vec<usize> = (0..headers.len())
-        .map(|i| cells.iter().map(|c| c[i].len()).chain([headers[i].len()]).max().unwrap_or(0))
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |values: Vec<&str>| -> String {
         values
             .iter()
             .enumerate()
-            .map(|(i, v)| if i == 0 { format!("{:<w$}", v, w = widths[i]) } else { format!("{:>w$}", v, w = widths[i]) })
+            .map(|(i, v)| {
+                if i == 0 {
+                    format!("{:<w$}", v, w = widths[i])
+                } else {
+                    format!("{:>w$}", v, w = widths[i])
+                }
+            })
             .collect::<Vec<_>>()
             .join("  ")
     };

@@ -12,8 +12,16 @@ use traces::{GpuProfile, TraceError};
 
 /// Shipped profiles, embedded so the binary works anywhere: (name, file name, JSON).
 pub const SHIPPED_PROFILES: [(&str, &str, &str); 2] = [
-    ("h100-llama2-7b", "calibration/profiles/h100-llama2-7b.json", include_str!("../profiles/h100-llama2-7b.json")),
-    ("h200-llama2-7b", "calibration/profiles/h200-llama2-7b.json", include_str!("../profiles/h200-llama2-7b.json")),
+    (
+        "h100-llama2-7b",
+        "calibration/profiles/h100-llama2-7b.json",
+        include_str!("../profiles/h100-llama2-7b.json"),
+    ),
+    (
+        "h200-llama2-7b",
+        "calibration/profiles/h200-llama2-7b.json",
+        include_str!("../profiles/h200-llama2-7b.json"),
+    ),
 ];
 
 /// The default profile: Llama-2-7B fp16 on an H100 80 GB.
@@ -30,7 +38,10 @@ pub fn load_profile(name_or_path: &str) -> Result<GpuProfile, TraceError> {
         return Err(TraceError::invalid(
             path,
             "profile",
-            format!("no such file, and not a shipped profile name (known: {})", known.join(", ")),
+            format!(
+                "no such file, and not a shipped profile name (known: {})",
+                known.join(", ")
+            ),
         ));
     }
     GpuProfile::read(path)
@@ -52,14 +63,25 @@ mod tests {
     #[test]
     fn unknown_profile_is_a_clear_error() {
         let err = load_profile("no-such-gpu").unwrap_err().to_string();
-        assert!(err.contains("no-such-gpu") && err.contains("h100-llama2-7b"), "{err}");
+        assert!(
+            err.contains("no-such-gpu") && err.contains("h100-llama2-7b"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_profile_field_is_named() {
-        let text = SHIPPED_PROFILES[0].2.replace("\"memory_bandwidth_bytes_per_s\": 3000000000000.0", "\"memory_bandwidth_bytes_per_s\": -1.0");
+        let text = SHIPPED_PROFILES[0].2.replace(
+            "\"memory_bandwidth_bytes_per_s\": 3000000000000.0",
+            "\"memory_bandwidth_bytes_per_s\": -1.0",
+        );
         assert_ne!(text, SHIPPED_PROFILES[0].2, "the replacement must hit");
-        let err = GpuProfile::from_json_str(Path::new("p.json"), &text).unwrap_err().to_string();
-        assert!(err.contains("p.json") && err.contains("cost.memory_bandwidth_bytes_per_s"), "{err}");
+        let err = GpuProfile::from_json_str(Path::new("p.json"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("p.json") && err.contains("cost.memory_bandwidth_bytes_per_s"),
+            "{err}"
+        );
     }
 }

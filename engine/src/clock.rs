@@ -16,7 +16,9 @@ const SPIN_BELOW: Duration = Duration::from_micros(200);
 
 impl WallClock {
     pub fn start() -> Self {
-        WallClock { start: Instant::now() }
+        WallClock {
+            start: Instant::now(),
+        }
     }
 }
 

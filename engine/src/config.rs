@@ -153,10 +153,19 @@ impl KvLayout {
     }
 
     /// Element offset of `(block, layer, kv (0 = K, 1 = V), head, token_in_block, dim 0)`.
-    pub fn offset(&self, block: usize, layer: usize, kv: usize, head: usize, token_in_block: usize) -> usize {
+    pub fn offset(
+        &self,
+        block: usize,
+        layer: usize,
+        kv: usize,
+        head: usize,
+        token_in_block: usize,
+    ) -> usize {
         debug_assert!(layer < self.num_layers && kv < 2 && head < self.num_kv_heads);
         debug_assert!(token_in_block < self.block_size_tokens);
-        (((block * self.num_layers + layer) * 2 + kv) * self.num_kv_heads + head) * self.block_size_tokens * self.head_dim
+        (((block * self.num_layers + layer) * 2 + kv) * self.num_kv_heads + head)
+            * self.block_size_tokens
+            * self.head_dim
             + token_in_block * self.head_dim
     }
 }
@@ -167,7 +176,10 @@ mod tests {
 
     #[test]
     fn llama2_7b_kv_is_half_a_mebibyte_per_token() {
-        assert_eq!(ModelConfig::llama2_7b().kv_bytes_per_token(DType::F16), 512 * 1024);
+        assert_eq!(
+            ModelConfig::llama2_7b().kv_bytes_per_token(DType::F16),
+            512 * 1024
+        );
     }
 
     #[test]

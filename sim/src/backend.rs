@@ -40,12 +40,18 @@ impl StepBatch {
     pub fn prefill_attention_pairs(&self) -> u64 {
         self.prefill
             .iter()
-            .map(|s| s.tokens as u64 * s.context_tokens as u64 + s.tokens as u64 * (s.tokens as u64 + 1) / 2)
+            .map(|s| {
+                s.tokens as u64 * s.context_tokens as u64
+                    + s.tokens as u64 * (s.tokens as u64 + 1) / 2
+            })
             .sum()
     }
     /// Context tokens the decode batch attends to (its KV reads).
     pub fn decode_context_tokens(&self) -> u64 {
-        self.decode.iter().map(|s| s.context_tokens as u64 + 1).sum()
+        self.decode
+            .iter()
+            .map(|s| s.context_tokens as u64 + 1)
+            .sum()
     }
 }
 
@@ -66,9 +72,19 @@ pub enum BackendError {
 pub trait Backend {
     fn name(&self) -> String;
     /// Runs the step's compute starting at `now`; returns its duration in nanoseconds.
-    fn execute_step(&mut self, now: SimTime, batch: &StepBatch, kv: &KvManager) -> Result<u64, BackendError>;
+    fn execute_step(
+        &mut self,
+        now: SimTime,
+        batch: &StepBatch,
+        kv: &KvManager,
+    ) -> Result<u64, BackendError>;
     /// Starts an asynchronous swap at `now` on the channel of its direction.
-    fn start_swap(&mut self, now: SimTime, job: &SwapJob, kv: &KvManager) -> Result<(), BackendError>;
+    fn start_swap(
+        &mut self,
+        now: SimTime,
+        job: &SwapJob,
+        kv: &KvManager,
+    ) -> Result<(), BackendError>;
     /// Appends the swaps complete by `now` (in completion order).
     fn poll_swaps(&mut self, now: SimTime, out: &mut Vec<SwapCompletion>);
     /// When the next swap in flight completes, if known (always known in simulation).
@@ -91,7 +107,13 @@ pub struct SimGpu {
 impl SimGpu {
     pub fn new(profile: GpuProfile, block_size_tokens: u32) -> Self {
         let block_bytes = profile.kv_bytes_per_token * block_size_tokens as u64;
-        SimGpu { profile, block_bytes, h2d_free_at: SimTime::ZERO, d2h_free_at: SimTime::ZERO, pending: BinaryHeap::new() }
+        SimGpu {
+            profile,
+            block_bytes,
+            h2d_free_at: SimTime::ZERO,
+            d2h_free_at: SimTime::ZERO,
+            pending: BinaryHeap::new(),
+        }
     }
 
     /// The step time of a batch, in nanoseconds (the roofline-v1 form).
@@ -100,15 +122,22 @@ impl SimGpu {
         let prefill_tokens = batch.prefill_tokens() as f64;
         let decode_seqs = batch.decode.len() as f64;
         let decode_ctx = batch.decode_context_tokens() as f64;
-        let prefill_ctx_read: f64 = batch.prefill.iter().map(|s| (s.context_tokens + s.tokens) as f64).sum();
+        let prefill_ctx_read: f64 = batch
+            .prefill
+            .iter()
+            .map(|s| (s.context_tokens + s.tokens) as f64)
+            .sum();
         let pairs = batch.prefill_attention_pairs() as f64;
-        let memory_ns = (self.profile.weight_bytes as f64 + self.profile.kv_bytes_per_token as f64 * (decode_ctx + prefill_ctx_read))
+        let memory_ns = (self.profile.weight_bytes as f64
+            + self.profile.kv_bytes_per_token as f64 * (decode_ctx + prefill_ctx_read))
             / c.memory_bandwidth_bytes_per_s
             * 1e9;
-        let compute_ns = c.flops_per_token * (prefill_tokens + decode_seqs) / c.matmul_flops_per_s * 1e9
+        let compute_ns = c.flops_per_token * (prefill_tokens + decode_seqs) / c.matmul_flops_per_s
+            * 1e9
             + c.attention_flops_per_pair * (pairs + decode_ctx) / c.attention_flops_per_s * 1e9;
         let sequences = (batch.prefill.len() + batch.decode.len()) as f64;
-        (c.step_overhead_ns + c.per_sequence_ns * sequences + memory_ns.max(compute_ns)).round() as u64
+        (c.step_overhead_ns + c.per_sequence_ns * sequences + memory_ns.max(compute_ns)).round()
+            as u64
     }
 
     pub fn swap_ns(&self, direction: SwapDirection, bytes: u64) -> u64 {
@@ -118,7 +147,8 @@ impl SimGpu {
         };
         // Saturating: a valid profile may have an absurd latency or a tiny bandwidth; the run then
         // ends at its time limit instead of overflowing (found by the robust-input tests).
-        ch.latency_ns.saturating_add((bytes as f64 / ch.bandwidth_bytes_per_s * 1e9).round() as u64)
+        ch.latency_ns
+            .saturating_add((bytes as f64 / ch.bandwidth_bytes_per_s * 1e9).round() as u64)
     }
 
     pub fn block_bytes(&self) -> u64 {
@@ -131,11 +161,21 @@ impl Backend for SimGpu {
         "sim".into()
     }
 
-    fn execute_step(&mut self, _now: SimTime, batch: &StepBatch, _kv: &KvManager) -> Result<u64, BackendError> {
+    fn execute_step(
+        &mut self,
+        _now: SimTime,
+        batch: &StepBatch,
+        _kv: &KvManager,
+    ) -> Result<u64, BackendError> {
         Ok(self.step_ns(batch).max(1))
     }
 
-    fn start_swap(&mut self, now: SimTime, job: &SwapJob, _kv: &KvManager) -> Result<(), BackendError> {
+    fn start_swap(
+        &mut self,
+        now: SimTime,
+        job: &SwapJob,
+        _kv: &KvManager,
+    ) -> Result<(), BackendError> {
         let bytes = job.pairs.len() as u64 * self.block_bytes;
         let duration = self.swap_ns(job.direction, bytes);
         // One copy stream per direction: copies of a direction run one after another (FIFO).

@@ -14,7 +14,10 @@ use traces::{StepRecord, SwapRecord, TurnRecord};
 use crate::backend::{Backend, BatchSeq, StepBatch, SwapCompletion};
 use crate::ids::{AgentId, SwapId};
 use crate::kv::{KvError, KvManager, SwapDirection};
-use crate::sched::{AgentRuntime, CostHints, PauseNotice, Phase, SchedConfig, SchedEvent, SchedView, Scheduler, StepPlan};
+use crate::sched::{
+    AgentRuntime, CostHints, PauseNotice, Phase, SchedConfig, SchedEvent, SchedView, Scheduler,
+    StepPlan,
+};
 use crate::time::{Clock, SimTime};
 use crate::workload::Workload;
 
@@ -39,7 +42,11 @@ pub struct RunLimits {
 
 impl Default for RunLimits {
     fn default() -> Self {
-        RunLimits { max_steps: 200_000_000, max_sim_time: SimTime::from_secs_f64(30.0 * 24.0 * 3600.0), max_idle_replans: 64 }
+        RunLimits {
+            max_steps: 200_000_000,
+            max_sim_time: SimTime::from_secs_f64(30.0 * 24.0 * 3600.0),
+            max_idle_replans: 64,
+        }
     }
 }
 
@@ -60,13 +67,33 @@ pub struct RunSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("invariant violated (seed {seed}, step {step}, t={time}): {message}")]
-    Invariant { seed: u64, step: u64, time: SimTime, message: String },
+    Invariant {
+        seed: u64,
+        step: u64,
+        time: SimTime,
+        message: String,
+    },
     #[error("deadlock (seed {seed}, step {step}, t={time}): nothing runs and nothing is pending, yet {unfinished} agents are unfinished; {detail}")]
-    Deadlock { seed: u64, step: u64, time: SimTime, unfinished: u32, detail: String },
+    Deadlock {
+        seed: u64,
+        step: u64,
+        time: SimTime,
+        unfinished: u32,
+        detail: String,
+    },
     #[error("limit exceeded (seed {seed}, step {step}, t={time}): {limit}")]
-    Limit { seed: u64, step: u64, time: SimTime, limit: String },
+    Limit {
+        seed: u64,
+        step: u64,
+        time: SimTime,
+        limit: String,
+    },
     #[error("backend error (seed {seed}, step {step}): {message}")]
-    Backend { seed: u64, step: u64, message: String },
+    Backend {
+        seed: u64,
+        step: u64,
+        message: String,
+    },
     #[error("workload: {0}")]
     Workload(String),
 }
@@ -141,7 +168,12 @@ impl<'w> LoopState<'w> {
         let mut state = LoopState {
             settings,
             workload,
-            kv: KvManager::new(settings.block_size_tokens, settings.gpu_blocks, settings.host_blocks, n),
+            kv: KvManager::new(
+                settings.block_size_tokens,
+                settings.gpu_blocks,
+                settings.host_blocks,
+                n,
+            ),
             agents: workload
                 .agents
                 .iter()
@@ -165,7 +197,10 @@ impl<'w> LoopState<'w> {
             swap_starts: Default::default(),
             queue: BinaryHeap::with_capacity(n as usize),
             queue_seq: 0,
-            out: RunOutput { turns_planned: workload.turn_count(), ..Default::default() },
+            out: RunOutput {
+                turns_planned: workload.turn_count(),
+                ..Default::default()
+            },
             step: 0,
             admit_seq: 0,
             unfinished: n,
@@ -186,7 +221,12 @@ impl<'w> LoopState<'w> {
     }
 
     fn invariant(&self, time: SimTime, message: impl Into<String>) -> RunError {
-        RunError::Invariant { seed: self.settings.seed, step: self.step, time, message: message.into() }
+        RunError::Invariant {
+            seed: self.settings.seed,
+            step: self.step,
+            time,
+            message: message.into(),
+        }
     }
 
     fn kv_err(&self, time: SimTime, e: KvError) -> RunError {
@@ -205,7 +245,12 @@ impl<'w> LoopState<'w> {
         }
     }
 
-    fn run(&mut self, scheduler: &mut dyn Scheduler, backend: &mut dyn Backend, clock: &mut dyn Clock) -> Result<RunOutput, RunError> {
+    fn run(
+        &mut self,
+        scheduler: &mut dyn Scheduler,
+        backend: &mut dyn Backend,
+        clock: &mut dyn Clock,
+    ) -> Result<RunOutput, RunError> {
         let mut plan = StepPlan::default();
         let mut batch = StepBatch::default();
         let mut completions: Vec<SwapCompletion> = Vec::new();
@@ -245,16 +290,22 @@ impl<'w> LoopState<'w> {
             plan.clear();
             scheduler.plan_step(&self.view(now, backend), &mut plan);
             batch.clear();
-            let (swap_in_bytes, swap_out_bytes, changed) = self.apply_plan(&plan, &mut batch, now, backend)?;
+            let (swap_in_bytes, swap_out_bytes, changed) =
+                self.apply_plan(&plan, &mut batch, now, backend)?;
             self.unreported_swap_bytes.0 += swap_in_bytes;
             self.unreported_swap_bytes.1 += swap_out_bytes;
 
             // 3. Run the step, or move time to the next thing that can happen.
             if !batch.prefill.is_empty() || !batch.decode.is_empty() {
                 idle_replans = 0;
-                let duration = backend
-                    .execute_step(now, &batch, &self.kv)
-                    .map_err(|e| RunError::Backend { seed: self.settings.seed, step: self.step, message: e.to_string() })?;
+                let duration =
+                    backend
+                        .execute_step(now, &batch, &self.kv)
+                        .map_err(|e| RunError::Backend {
+                            seed: self.settings.seed,
+                            step: self.step,
+                            message: e.to_string(),
+                        })?;
                 self.record_step(now, duration, &batch);
                 let end = now + duration;
                 clock.advance_to(end);
@@ -312,7 +363,14 @@ impl<'w> LoopState<'w> {
                             .enumerate()
                             .filter(|(_, a)| a.phase == Phase::Waiting || a.phase == Phase::Running)
                             .take(5)
-                            .map(|(i, a)| format!("agent {i} {:?} kv {:?} pending {}", a.phase, self.kv.state(i as u32), a.pending_tokens(&self.kv, i as u32)))
+                            .map(|(i, a)| {
+                                format!(
+                                    "agent {i} {:?} kv {:?} pending {}",
+                                    a.phase,
+                                    self.kv.state(i as u32),
+                                    a.pending_tokens(&self.kv, i as u32)
+                                )
+                            })
                             .collect();
                         return Err(RunError::Deadlock {
                             seed: self.settings.seed,
@@ -382,32 +440,60 @@ impl<'w> LoopState<'w> {
             kv_source: String::new(),
             rejected: false,
         });
-        self.trackers[agent as usize] = Some(TurnTracker { record_index, first_time_tokens: 0, new_tokens: turn.new_tokens });
-        self.events.push(SchedEvent::TurnArrived { agent, turn_index: self.agents[agent as usize].turn_index });
+        self.trackers[agent as usize] = Some(TurnTracker {
+            record_index,
+            first_time_tokens: 0,
+            new_tokens: turn.new_tokens,
+        });
+        self.events.push(SchedEvent::TurnArrived {
+            agent,
+            turn_index: self.agents[agent as usize].turn_index,
+        });
     }
 
     fn complete_swap(&mut self, c: &SwapCompletion, now: SimTime) -> Result<(), RunError> {
-        let (agent, direction) = self.kv.complete_swap(c.swap_id).map_err(|e| self.kv_err(now, e))?;
+        let (agent, direction) = self
+            .kv
+            .complete_swap(c.swap_id)
+            .map_err(|e| self.kv_err(now, e))?;
         if let Some(&index) = self.swap_starts.get(&c.swap_id) {
             self.out.swaps[index].end_ns = c.at.as_nanos();
             self.swap_starts.remove(&c.swap_id);
         }
         if direction == SwapDirection::In {
-            let start = self.last_swap_in[agent as usize].map(|(s, _)| s).unwrap_or(c.at);
+            let start = self.last_swap_in[agent as usize]
+                .map(|(s, _)| s)
+                .unwrap_or(c.at);
             self.last_swap_in[agent as usize] = Some((start, c.at));
         }
-        self.events.push(SchedEvent::SwapDone { agent, swap_id: c.swap_id, direction });
+        self.events.push(SchedEvent::SwapDone {
+            agent,
+            swap_id: c.swap_id,
+            direction,
+        });
         Ok(())
     }
 
     /// Applies a plan through the KV mechanism. Returns (swap-in bytes, swap-out bytes, changed).
-    fn apply_plan(&mut self, plan: &StepPlan, batch: &mut StepBatch, now: SimTime, backend: &mut dyn Backend) -> Result<(u64, u64, bool), RunError> {
+    fn apply_plan(
+        &mut self,
+        plan: &StepPlan,
+        batch: &mut StepBatch,
+        now: SimTime,
+        backend: &mut dyn Backend,
+    ) -> Result<(u64, u64, bool), RunError> {
         // `kv.counters` accumulate until the next step record (see `unreported_swap_bytes`).
         let mut changed = false;
         for &agent in &plan.reject {
             let a = &self.agents[agent as usize];
             if a.phase != Phase::Waiting || a.generated > 0 {
-                return Err(self.invariant(now, format!("rejected agent {agent} is {:?}, not a waiting turn", a.phase)));
+                return Err(self.invariant(
+                    now,
+                    format!(
+                        "rejected agent {agent} is {:?}, not a waiting turn",
+                        a.phase
+                    ),
+                ));
             }
             self.kv.free_all(agent).map_err(|e| self.kv_err(now, e))?;
             self.agents[agent as usize].phase = Phase::Rejected;
@@ -419,48 +505,85 @@ impl<'w> LoopState<'w> {
             changed = true;
         }
         for &agent in &plan.release {
-            self.kv.release_to_cache(agent).map_err(|e| self.kv_err(now, e))?;
+            self.kv
+                .release_to_cache(agent)
+                .map_err(|e| self.kv_err(now, e))?;
             changed = true;
         }
         for &agent in &plan.reclaim {
-            self.kv.reclaim_cached(agent).map_err(|e| self.kv_err(now, e))?;
+            self.kv
+                .reclaim_cached(agent)
+                .map_err(|e| self.kv_err(now, e))?;
             changed = true;
         }
         for &(agent, keep) in &plan.drop {
-            self.kv.drop_tail(agent, keep).map_err(|e| self.kv_err(now, e))?;
+            self.kv
+                .drop_tail(agent, keep)
+                .map_err(|e| self.kv_err(now, e))?;
             changed = true;
         }
         let block_bytes = self.settings.costs.block_bytes;
         let (mut in_bytes, mut out_bytes) = (0u64, 0u64);
         for &(agent, blocks) in &plan.swap_out {
-            let id = self.kv.start_swap_out(agent, blocks).map_err(|e| self.kv_err(now, e))?;
+            let id = self
+                .kv
+                .start_swap_out(agent, blocks)
+                .map_err(|e| self.kv_err(now, e))?;
             out_bytes += self.start_swap(now, id, backend)? * block_bytes;
             changed = true;
         }
         for &agent in &plan.swap_in {
-            let id = self.kv.start_swap_in(agent).map_err(|e| self.kv_err(now, e))?;
+            let id = self
+                .kv
+                .start_swap_in(agent)
+                .map_err(|e| self.kv_err(now, e))?;
             self.last_swap_in[agent as usize] = Some((now, SimTime::MAX));
             in_bytes += self.start_swap(now, id, backend)? * block_bytes;
             changed = true;
         }
         let seq_limit = self.settings.sched.max_batch_sequences as usize;
         if plan.prefill.len() + plan.decode.len() > seq_limit {
-            return Err(self.invariant(now, format!("batch of {} sequences exceeds max_batch_sequences {seq_limit}", plan.prefill.len() + plan.decode.len())));
+            return Err(self.invariant(
+                now,
+                format!(
+                    "batch of {} sequences exceeds max_batch_sequences {seq_limit}",
+                    plan.prefill.len() + plan.decode.len()
+                ),
+            ));
         }
-        let tokens: u64 = plan.prefill.iter().map(|p| p.tokens as u64).sum::<u64>() + plan.decode.len() as u64;
+        let tokens: u64 =
+            plan.prefill.iter().map(|p| p.tokens as u64).sum::<u64>() + plan.decode.len() as u64;
         if tokens > self.settings.sched.max_batch_tokens as u64 {
-            return Err(self.invariant(now, format!("batch of {tokens} tokens exceeds max_batch_tokens {}", self.settings.sched.max_batch_tokens)));
+            return Err(self.invariant(
+                now,
+                format!(
+                    "batch of {tokens} tokens exceeds max_batch_tokens {}",
+                    self.settings.sched.max_batch_tokens
+                ),
+            ));
         }
         for order in &plan.prefill {
             let agent = order.agent;
             self.check_computable(agent, now)?;
             let pending = self.agents[agent as usize].pending_tokens(&self.kv, agent);
             if order.tokens == 0 || order.tokens > pending {
-                return Err(self.invariant(now, format!("agent {agent}: prefill of {} tokens but {pending} pending", order.tokens)));
+                return Err(self.invariant(
+                    now,
+                    format!(
+                        "agent {agent}: prefill of {} tokens but {pending} pending",
+                        order.tokens
+                    ),
+                ));
             }
             let context = self.kv.kv_tokens(agent);
-            self.kv.ensure_capacity(agent, context + order.tokens).map_err(|e| self.kv_err(now, e))?;
-            batch.prefill.push(BatchSeq { agent, context_tokens: context, tokens: order.tokens });
+            self.kv
+                .ensure_capacity(agent, context + order.tokens)
+                .map_err(|e| self.kv_err(now, e))?;
+            batch.prefill.push(BatchSeq {
+                agent,
+                context_tokens: context,
+                tokens: order.tokens,
+            });
         }
         for &agent in &plan.decode {
             self.check_computable(agent, now)?;
@@ -469,15 +592,27 @@ impl<'w> LoopState<'w> {
                 return Err(self.invariant(now, format!("agent {agent}: decode ordered but it is not decoding (generated {}, pending {})", a.generated, a.pending_tokens(&self.kv, agent))));
             }
             let context = self.kv.kv_tokens(agent);
-            self.kv.ensure_capacity(agent, context + 1).map_err(|e| self.kv_err(now, e))?;
-            batch.decode.push(BatchSeq { agent, context_tokens: context, tokens: 1 });
+            self.kv
+                .ensure_capacity(agent, context + 1)
+                .map_err(|e| self.kv_err(now, e))?;
+            batch.decode.push(BatchSeq {
+                agent,
+                context_tokens: context,
+                tokens: 1,
+            });
         }
         // One order per agent per step (a stamp per agent makes this O(batch) without sorting).
         let stamp = self.step + 1;
         for i in 0..batch.prefill.len() + batch.decode.len() {
-            let agent = if i < batch.prefill.len() { batch.prefill[i].agent } else { batch.decode[i - batch.prefill.len()].agent };
+            let agent = if i < batch.prefill.len() {
+                batch.prefill[i].agent
+            } else {
+                batch.decode[i - batch.prefill.len()].agent
+            };
             if self.batch_stamp[agent as usize] == stamp {
-                return Err(self.invariant(now, format!("agent {agent} appears twice in one batch")));
+                return Err(
+                    self.invariant(now, format!("agent {agent} appears twice in one batch"))
+                );
             }
             self.batch_stamp[agent as usize] = stamp;
         }
@@ -487,7 +622,9 @@ impl<'w> LoopState<'w> {
                 a.phase = Phase::Running;
                 self.admit_seq += 1;
                 a.admit_seq = self.admit_seq;
-                let t = self.trackers[s.agent as usize].as_ref().expect("a waiting agent has a turn");
+                let t = self.trackers[s.agent as usize]
+                    .as_ref()
+                    .expect("a waiting agent has a turn");
                 let rec = &mut self.out.turns[t.record_index];
                 if rec.admitted_ns.is_none() {
                     rec.admitted_ns = Some(now.as_nanos());
@@ -499,28 +636,50 @@ impl<'w> LoopState<'w> {
                 }
             }
         }
-        self.out.gpu_blocks_used_peak = self.out.gpu_blocks_used_peak.max(self.kv.gpu_blocks_used());
-        self.out.host_blocks_used_peak = self.out.host_blocks_used_peak.max(self.kv.host_blocks_used());
+        self.out.gpu_blocks_used_peak =
+            self.out.gpu_blocks_used_peak.max(self.kv.gpu_blocks_used());
+        self.out.host_blocks_used_peak = self
+            .out
+            .host_blocks_used_peak
+            .max(self.kv.host_blocks_used());
         Ok((in_bytes, out_bytes, changed))
     }
 
     fn check_computable(&self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
         let a = &self.agents[agent as usize];
         if !matches!(a.phase, Phase::Waiting | Phase::Running) {
-            return Err(self.invariant(now, format!("agent {agent} ordered to compute while {:?}", a.phase)));
+            return Err(self.invariant(
+                now,
+                format!("agent {agent} ordered to compute while {:?}", a.phase),
+            ));
         }
         if !self.kv.is_resident(agent) {
-            return Err(self.invariant(now, format!("agent {agent} ordered to compute while its KV is {:?}", self.kv.state(agent))));
+            return Err(self.invariant(
+                now,
+                format!(
+                    "agent {agent} ordered to compute while its KV is {:?}",
+                    self.kv.state(agent)
+                ),
+            ));
         }
         Ok(())
     }
 
     /// Hands a started swap to the backend and records it. Returns its block count.
-    fn start_swap(&mut self, now: SimTime, id: SwapId, backend: &mut dyn Backend) -> Result<u64, RunError> {
+    fn start_swap(
+        &mut self,
+        now: SimTime,
+        id: SwapId,
+        backend: &mut dyn Backend,
+    ) -> Result<u64, RunError> {
         let job = self.kv.swap_job(id).expect("just started");
         backend
             .start_swap(now, job, &self.kv)
-            .map_err(|e| RunError::Backend { seed: self.settings.seed, step: self.step, message: e.to_string() })?;
+            .map_err(|e| RunError::Backend {
+                seed: self.settings.seed,
+                step: self.step,
+                message: e.to_string(),
+            })?;
         self.swap_starts.insert(job.id, self.out.swaps.len());
         self.out.swaps.push(SwapRecord {
             swap_id: job.id,
@@ -558,16 +717,33 @@ impl<'w> LoopState<'w> {
     }
 
     /// Advances token counts after a step, emits tokens and finishes turns.
-    fn finish_step(&mut self, batch: &StepBatch, now: SimTime, duration: u64) -> Result<(), RunError> {
+    fn finish_step(
+        &mut self,
+        batch: &StepBatch,
+        now: SimTime,
+        duration: u64,
+    ) -> Result<(), RunError> {
         let total_tokens = (batch.prefill_tokens() + batch.decode.len() as u64).max(1);
-        for (is_prefill, s) in batch.prefill.iter().map(|s| (true, s)).chain(batch.decode.iter().map(|s| (false, s))) {
+        for (is_prefill, s) in batch
+            .prefill
+            .iter()
+            .map(|s| (true, s))
+            .chain(batch.decode.iter().map(|s| (false, s)))
+        {
             let agent = s.agent;
-            let recomputed = self.kv.advance(agent, s.tokens).map_err(|e| self.kv_err(now, e))?;
+            let recomputed = self
+                .kv
+                .advance(agent, s.tokens)
+                .map_err(|e| self.kv_err(now, e))?;
             let a = &mut self.agents[agent as usize];
             // In u128: a profile with absurd (but valid) costs makes steps long enough to overflow
             // u64 here (found by the robust-input tests).
-            a.attained_service_ns = a.attained_service_ns.saturating_add((duration as u128 * s.tokens as u128 / total_tokens as u128) as u64);
-            let tracker = self.trackers[agent as usize].as_mut().expect("a computing agent has a turn");
+            a.attained_service_ns = a.attained_service_ns.saturating_add(
+                (duration as u128 * s.tokens as u128 / total_tokens as u128) as u64,
+            );
+            let tracker = self.trackers[agent as usize]
+                .as_mut()
+                .expect("a computing agent has a turn");
             tracker.first_time_tokens += (s.tokens - recomputed) as u64;
             let rec = &mut self.out.turns[tracker.record_index];
             rec.tokens_recomputed += recomputed;
@@ -591,13 +767,16 @@ impl<'w> LoopState<'w> {
     }
 
     fn finish_turn(&mut self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
-        let tracker = self.trackers[agent as usize].take().expect("finishing turn exists");
+        let tracker = self.trackers[agent as usize]
+            .take()
+            .expect("finishing turn exists");
         let a = &mut self.agents[agent as usize];
         let rec = &mut self.out.turns[tracker.record_index];
         rec.finished_ns = Some(now.as_nanos());
         // Conservation: a turn computes each of its new tokens once (plus the previous turn's last
         // generated token), and generates exactly what it asked for.
-        let expected = tracker.new_tokens as u64 + a.generate_target as u64 - u64::from(a.turn_index == 0);
+        let expected =
+            tracker.new_tokens as u64 + a.generate_target as u64 - u64::from(a.turn_index == 0);
         if tracker.first_time_tokens != expected || a.generated != a.generate_target {
             let message = format!(
                 "agent {agent} turn {}: computed {} first-time tokens (expected {expected}), generated {} of {}",
@@ -606,7 +785,11 @@ impl<'w> LoopState<'w> {
             return Err(self.invariant(now, message));
         }
         rec.kv_source = if rec.tokens_recomputed > 0 {
-            if rec.context_tokens_at_admit == 0 { "recomputed" } else { "partial_recompute" }
+            if rec.context_tokens_at_admit == 0 {
+                "recomputed"
+            } else {
+                "partial_recompute"
+            }
         } else if rec.restore_end_ns.is_some() {
             "swapped_in"
         } else if a.turn_index == 0 {
@@ -628,7 +811,10 @@ impl<'w> LoopState<'w> {
                 self.events.push(SchedEvent::TurnFinished {
                     agent,
                     turn_index,
-                    pause: Some(PauseNotice { hint_ns: p.hint_ns, true_ns_for_oracle: p.true_ns }),
+                    pause: Some(PauseNotice {
+                        hint_ns: p.hint_ns,
+                        true_ns_for_oracle: p.true_ns,
+                    }),
                 });
             }
             None => {
@@ -636,7 +822,11 @@ impl<'w> LoopState<'w> {
                 self.unfinished -= 1;
                 self.alive -= 1;
                 self.kv.free_all(agent).map_err(|e| self.kv_err(now, e))?;
-                self.events.push(SchedEvent::TurnFinished { agent, turn_index, pause: None });
+                self.events.push(SchedEvent::TurnFinished {
+                    agent,
+                    turn_index,
+                    pause: None,
+                });
             }
         }
         Ok(())
@@ -644,33 +834,59 @@ impl<'w> LoopState<'w> {
 
     fn check_after_step(&mut self, now: SimTime, final_check: bool) -> Result<(), RunError> {
         // Capacity is structural (counters cannot exceed pools); check the counters agree.
-        if self.kv.gpu_blocks_used() > self.kv.gpu_blocks_total() || self.kv.host_blocks_used() > self.kv.host_blocks_total() {
+        if self.kv.gpu_blocks_used() > self.kv.gpu_blocks_total()
+            || self.kv.host_blocks_used() > self.kv.host_blocks_total()
+        {
             return Err(self.invariant(now, "pool capacity exceeded"));
         }
         let audit_now = final_check
             || match self.settings.check {
                 CheckLevel::Full => true,
-                CheckLevel::Step { audit_interval_steps } => audit_interval_steps > 0 && self.step % audit_interval_steps == 0,
+                CheckLevel::Step {
+                    audit_interval_steps,
+                } => audit_interval_steps > 0 && self.step % audit_interval_steps == 0,
             };
         if audit_now {
             self.out.audits += 1;
             self.kv.audit().map_err(|m| self.invariant(now, m))?;
             for (i, a) in self.agents.iter().enumerate() {
                 if a.generated > a.generate_target {
-                    return Err(self.invariant(now, format!("agent {i} generated {} of {}", a.generated, a.generate_target)));
+                    return Err(self.invariant(
+                        now,
+                        format!(
+                            "agent {i} generated {} of {}",
+                            a.generated, a.generate_target
+                        ),
+                    ));
                 }
-                if matches!(a.phase, Phase::Done | Phase::Rejected) && (self.kv.blocks(i as u32) > 0 || self.kv.has_cached_prefix(i as u32)) {
+                if matches!(a.phase, Phase::Done | Phase::Rejected)
+                    && (self.kv.blocks(i as u32) > 0 || self.kv.has_cached_prefix(i as u32))
+                {
                     return Err(self.invariant(now, format!("agent {i} ended but still holds KV")));
                 }
             }
         }
         if final_check {
             if self.kv.gpu_blocks_used() != 0 || self.kv.host_blocks_used() != 0 {
-                return Err(self.invariant(now, format!("run ended with {} GPU and {} host blocks still held (leak)", self.kv.gpu_blocks_used(), self.kv.host_blocks_used())));
+                return Err(self.invariant(
+                    now,
+                    format!(
+                        "run ended with {} GPU and {} host blocks still held (leak)",
+                        self.kv.gpu_blocks_used(),
+                        self.kv.host_blocks_used()
+                    ),
+                ));
             }
-            let incomplete = self.out.turns.iter().filter(|t| !t.rejected && t.finished_ns.is_none()).count();
+            let incomplete = self
+                .out
+                .turns
+                .iter()
+                .filter(|t| !t.rejected && t.finished_ns.is_none())
+                .count();
             if incomplete > 0 {
-                return Err(self.invariant(now, format!("run ended with {incomplete} unfinished turns")));
+                return Err(
+                    self.invariant(now, format!("run ended with {incomplete} unfinished turns"))
+                );
             }
         }
         Ok(())

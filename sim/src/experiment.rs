@@ -13,16 +13,28 @@ use crate::workload::Workload;
 pub const SHIPPED_WORKLOADS: [(&str, &str); 7] = [
     ("seed-exp1", include_str!("../workloads/seed-exp1.toml")),
     ("seed-cliff", include_str!("../workloads/seed-cliff.toml")),
-    ("agents-capacity", include_str!("../workloads/agents-capacity.toml")),
-    ("azure-conv-synth", include_str!("../workloads/azure-conv-synth.toml")),
+    (
+        "agents-capacity",
+        include_str!("../workloads/agents-capacity.toml"),
+    ),
+    (
+        "azure-conv-synth",
+        include_str!("../workloads/azure-conv-synth.toml"),
+    ),
     ("swe-agent", include_str!("../workloads/swe-agent.toml")),
     ("chat", include_str!("../workloads/chat.toml")),
-    ("agents-background", include_str!("../workloads/agents-background.toml")),
+    (
+        "agents-background",
+        include_str!("../workloads/agents-background.toml"),
+    ),
 ];
 
 /// The text of a shipped workload by name.
 pub fn shipped_workload(name: &str) -> Option<&'static str> {
-    SHIPPED_WORKLOADS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+    SHIPPED_WORKLOADS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
 }
 
 /// Knobs of a simulated run beyond the workload.
@@ -54,7 +66,9 @@ impl SimConfig {
             block_size_tokens: 16,
             sched: SchedConfig::default(),
             limits: RunLimits::default(),
-            check: CheckLevel::Step { audit_interval_steps: 1024 },
+            check: CheckLevel::Step {
+                audit_interval_steps: 1024,
+            },
             predictor: crate::policies::PredictorMode::Hint,
         }
     }
@@ -68,7 +82,9 @@ impl SimConfig {
         let usable = self.profile.gpu_memory_bytes as f64 * self.gpu_memory_utilization
             - self.profile.weight_bytes as f64
             - self.profile.workspace_reserve_bytes as f64;
-        (usable.max(0.0) / self.block_bytes() as f64).floor().min(u32::MAX as f64) as u32
+        (usable.max(0.0) / self.block_bytes() as f64)
+            .floor()
+            .min(u32::MAX as f64) as u32
     }
 
     pub fn host_blocks(&self) -> u32 {
@@ -79,11 +95,16 @@ impl SimConfig {
     pub fn cost_hints(&self) -> CostHints {
         let c = &self.profile.cost;
         let prefill_ns_per_token = c.flops_per_token / c.matmul_flops_per_s * 1e9;
-        let decode_step_ns = c.step_overhead_ns + self.profile.weight_bytes as f64 / c.memory_bandwidth_bytes_per_s * 1e9;
+        let decode_step_ns = c.step_overhead_ns
+            + self.profile.weight_bytes as f64 / c.memory_bandwidth_bytes_per_s * 1e9;
         CostHints {
             kv_bytes_per_token: self.profile.kv_bytes_per_token,
             block_bytes: self.block_bytes(),
-            swap_latency_ns: self.profile.host_to_device.latency_ns.max(self.profile.device_to_host.latency_ns),
+            swap_latency_ns: self
+                .profile
+                .host_to_device
+                .latency_ns
+                .max(self.profile.device_to_host.latency_ns),
             swap_in_bandwidth_bytes_per_s: self.profile.host_to_device.bandwidth_bytes_per_s,
             swap_out_bandwidth_bytes_per_s: self.profile.device_to_host.bandwidth_bytes_per_s,
             prefill_ns_per_token,
@@ -106,31 +127,65 @@ impl SimConfig {
 }
 
 /// Generates the workload and simulates it.
-pub fn simulate(spec: &WorkloadSpec, agents: Option<u32>, config: &SimConfig) -> Result<(Workload, RunOutput), RunError> {
-    let workload = crate::replay::build_workload(spec, spec.agent_count(agents), config.seed).map_err(|e| RunError::Workload(e.to_string()))?;
+pub fn simulate(
+    spec: &WorkloadSpec,
+    agents: Option<u32>,
+    config: &SimConfig,
+) -> Result<(Workload, RunOutput), RunError> {
+    let workload = crate::replay::build_workload(spec, spec.agent_count(agents), config.seed)
+        .map_err(|e| RunError::Workload(e.to_string()))?;
     let output = simulate_workload(&workload, config)?;
     Ok((workload, output))
 }
 
 /// Simulates an already generated workload.
 pub fn simulate_workload(workload: &Workload, config: &SimConfig) -> Result<RunOutput, RunError> {
-    let mut scheduler = config.policy.build_with(crate::policies::PolicyOptions { predictor: config.predictor });
+    let mut scheduler = config.policy.build_with(crate::policies::PolicyOptions {
+        predictor: config.predictor,
+    });
     let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
     let mut clock = VirtualClock::default();
-    driver::run(&config.settings(), workload, scheduler.as_mut(), &mut backend, &mut clock)
+    driver::run(
+        &config.settings(),
+        workload,
+        scheduler.as_mut(),
+        &mut backend,
+        &mut clock,
+    )
 }
 
 /// The manifest of a simulated run: everything that fixes it, and the command that reproduces it.
-pub fn manifest(spec: &WorkloadSpec, agents: u32, config: &SimConfig, code_version: &str, reproduce: String) -> RunManifest {
+pub fn manifest(
+    spec: &WorkloadSpec,
+    agents: u32,
+    config: &SimConfig,
+    code_version: &str,
+    reproduce: String,
+) -> RunManifest {
     let mut options = std::collections::BTreeMap::new();
-    options.insert("gpu_memory_utilization".into(), config.gpu_memory_utilization.to_string());
-    options.insert("host_memory_bytes".into(), config.host_memory_bytes.to_string());
-    options.insert("block_size_tokens".into(), config.block_size_tokens.to_string());
+    options.insert(
+        "gpu_memory_utilization".into(),
+        config.gpu_memory_utilization.to_string(),
+    );
+    options.insert(
+        "host_memory_bytes".into(),
+        config.host_memory_bytes.to_string(),
+    );
+    options.insert(
+        "block_size_tokens".into(),
+        config.block_size_tokens.to_string(),
+    );
     options.insert("gpu_blocks".into(), config.gpu_blocks().to_string());
     options.insert("host_blocks".into(), config.host_blocks().to_string());
     options.insert("block_bytes".into(), config.block_bytes().to_string());
-    options.insert("max_batch_tokens".into(), config.sched.max_batch_tokens.to_string());
-    options.insert("max_batch_sequences".into(), config.sched.max_batch_sequences.to_string());
+    options.insert(
+        "max_batch_tokens".into(),
+        config.sched.max_batch_tokens.to_string(),
+    );
+    options.insert(
+        "max_batch_sequences".into(),
+        config.sched.max_batch_sequences.to_string(),
+    );
     options.insert("predictor".into(), config.predictor.name().to_string());
     RunManifest {
         schema_version: traces::SCHEMA_VERSION,

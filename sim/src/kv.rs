@@ -17,9 +17,15 @@ pub enum Slot {
     Gpu(BlockId),
     Host(BlockId),
     /// Being copied GPU -> host; both copies are held until the copy completes.
-    SwapOut { gpu: BlockId, host: BlockId },
+    SwapOut {
+        gpu: BlockId,
+        host: BlockId,
+    },
     /// Being copied host -> GPU.
-    SwapIn { host: BlockId, gpu: BlockId },
+    SwapIn {
+        host: BlockId,
+        gpu: BlockId,
+    },
 }
 
 /// The agent KV state machine (derived from its slots).
@@ -69,13 +75,28 @@ pub struct SwapJob {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
     #[error("agent {agent}: GPU pool exhausted (needed {needed} blocks, {free} free)")]
-    GpuPoolExhausted { agent: AgentId, needed: u32, free: u32 },
+    GpuPoolExhausted {
+        agent: AgentId,
+        needed: u32,
+        free: u32,
+    },
     #[error("agent {agent}: host pool exhausted (needed {needed} blocks, {free} free)")]
-    HostPoolExhausted { agent: AgentId, needed: u32, free: u32 },
+    HostPoolExhausted {
+        agent: AgentId,
+        needed: u32,
+        free: u32,
+    },
     #[error("agent {agent}: {action} needs all blocks on the GPU, but its KV is {state:?}")]
-    NotResident { agent: AgentId, action: &'static str, state: KvState },
+    NotResident {
+        agent: AgentId,
+        action: &'static str,
+        state: KvState,
+    },
     #[error("agent {agent}: {action} not allowed while a swap is in flight")]
-    SwapInFlight { agent: AgentId, action: &'static str },
+    SwapInFlight {
+        agent: AgentId,
+        action: &'static str,
+    },
     #[error("agent {agent}: {message}")]
     Invalid { agent: AgentId, message: String },
     #[error("unknown swap {0}")]
@@ -221,7 +242,12 @@ pub struct KvManager {
 }
 
 impl KvManager {
-    pub fn new(block_size_tokens: u32, gpu_blocks: u32, host_blocks: u32, agent_count: u32) -> Self {
+    pub fn new(
+        block_size_tokens: u32,
+        gpu_blocks: u32,
+        host_blocks: u32,
+        agent_count: u32,
+    ) -> Self {
         assert!(block_size_tokens > 0, "block size must be > 0");
         KvManager {
             block_size_tokens,
@@ -346,19 +372,29 @@ impl KvManager {
     }
 
     fn free_gpu(&mut self, b: BlockId) {
-        debug_assert_ne!(self.gpu.owner[b as usize], NONE, "double free of GPU block {b}");
+        debug_assert_ne!(
+            self.gpu.owner[b as usize], NONE,
+            "double free of GPU block {b}"
+        );
         self.gpu.owner[b as usize] = NONE;
         self.gpu.push_back(b);
     }
 
     fn alloc_host(&mut self, agent: AgentId) -> BlockId {
-        let b = self.host.free.pop_front().expect("alloc_host on an empty pool");
+        let b = self
+            .host
+            .free
+            .pop_front()
+            .expect("alloc_host on an empty pool");
         self.host.owner[b as usize] = agent;
         b
     }
 
     fn free_host(&mut self, b: BlockId) {
-        debug_assert_ne!(self.host.owner[b as usize], NONE, "double free of host block {b}");
+        debug_assert_ne!(
+            self.host.owner[b as usize], NONE,
+            "double free of host block {b}"
+        );
         self.host.owner[b as usize] = NONE;
         self.host.free.push_back(b);
     }
@@ -366,7 +402,11 @@ impl KvManager {
     /// Grows a resident agent's GPU table so it can hold `tokens` tokens. Returns new blocks.
     pub fn ensure_capacity(&mut self, agent: AgentId, tokens: u32) -> Result<u32, KvError> {
         if !self.is_resident(agent) {
-            return Err(KvError::NotResident { agent, action: "grow", state: self.state(agent) });
+            return Err(KvError::NotResident {
+                agent,
+                action: "grow",
+                state: self.state(agent),
+            });
         }
         let have = self.blocks(agent);
         let need = self.blocks_for(tokens);
@@ -375,7 +415,11 @@ impl KvManager {
         }
         let extra = need - have;
         if extra > self.gpu.free_count {
-            return Err(KvError::GpuPoolExhausted { agent, needed: extra, free: self.gpu.free_count });
+            return Err(KvError::GpuPoolExhausted {
+                agent,
+                needed: extra,
+                free: self.gpu.free_count,
+            });
         }
         if !self.agents[agent as usize].cached.is_empty() {
             // Growing without reclaiming first recomputes from scratch: the cached prefix can no
@@ -397,7 +441,11 @@ impl KvManager {
     /// Returns how many of them were recomputes of dropped KV.
     pub fn advance(&mut self, agent: AgentId, tokens: u32) -> Result<u32, KvError> {
         if !self.is_resident(agent) {
-            return Err(KvError::NotResident { agent, action: "compute", state: self.state(agent) });
+            return Err(KvError::NotResident {
+                agent,
+                action: "compute",
+                state: self.state(agent),
+            });
         }
         let capacity = self.blocks(agent) * self.block_size_tokens;
         let a = &mut self.agents[agent as usize];
@@ -420,7 +468,10 @@ impl KvManager {
     pub fn start_swap_out(&mut self, agent: AgentId, block_count: u32) -> Result<SwapId, KvError> {
         let a = &self.agents[agent as usize];
         if a.moving_in_count > 0 || a.moving_out_count > 0 {
-            return Err(KvError::SwapInFlight { agent, action: "swap out" });
+            return Err(KvError::SwapInFlight {
+                agent,
+                action: "swap out",
+            });
         }
         let indices: Vec<usize> = a
             .slots
@@ -432,17 +483,26 @@ impl KvManager {
             .take(block_count as usize)
             .collect();
         if indices.is_empty() {
-            return Err(KvError::Invalid { agent, message: "swap out of an agent with no GPU blocks".into() });
+            return Err(KvError::Invalid {
+                agent,
+                message: "swap out of an agent with no GPU blocks".into(),
+            });
         }
         let needed = indices.len() as u32;
         if needed > self.host_blocks_free() {
-            return Err(KvError::HostPoolExhausted { agent, needed, free: self.host_blocks_free() });
+            return Err(KvError::HostPoolExhausted {
+                agent,
+                needed,
+                free: self.host_blocks_free(),
+            });
         }
         let mut pairs = Vec::with_capacity(indices.len());
         for &i in indices.iter().rev() {
             let host = self.alloc_host(agent);
             let a = &mut self.agents[agent as usize];
-            let Slot::Gpu(gpu) = a.slots[i] else { unreachable!() };
+            let Slot::Gpu(gpu) = a.slots[i] else {
+                unreachable!()
+            };
             a.slots[i] = Slot::SwapOut { gpu, host };
             a.gpu_slot_count -= 1;
             a.moving_out_count += 1;
@@ -455,14 +515,24 @@ impl KvManager {
     pub fn start_swap_in(&mut self, agent: AgentId) -> Result<SwapId, KvError> {
         let a = &self.agents[agent as usize];
         if a.moving_in_count > 0 || a.moving_out_count > 0 {
-            return Err(KvError::SwapInFlight { agent, action: "swap in" });
+            return Err(KvError::SwapInFlight {
+                agent,
+                action: "swap in",
+            });
         }
         let needed = a.host_slot_count;
         if needed == 0 {
-            return Err(KvError::Invalid { agent, message: "swap in of an agent with nothing on the host".into() });
+            return Err(KvError::Invalid {
+                agent,
+                message: "swap in of an agent with nothing on the host".into(),
+            });
         }
         if needed > self.gpu.free_count {
-            return Err(KvError::GpuPoolExhausted { agent, needed, free: self.gpu.free_count });
+            return Err(KvError::GpuPoolExhausted {
+                agent,
+                needed,
+                free: self.gpu.free_count,
+            });
         }
         let mut pairs = Vec::with_capacity(needed as usize);
         for i in 0..self.agents[agent as usize].slots.len() {
@@ -478,10 +548,23 @@ impl KvManager {
         Ok(self.register_swap(agent, SwapDirection::In, pairs))
     }
 
-    fn register_swap(&mut self, agent: AgentId, direction: SwapDirection, pairs: Vec<(BlockId, BlockId)>) -> SwapId {
+    fn register_swap(
+        &mut self,
+        agent: AgentId,
+        direction: SwapDirection,
+        pairs: Vec<(BlockId, BlockId)>,
+    ) -> SwapId {
         let id = self.next_swap_id;
         self.next_swap_id += 1;
-        self.in_flight.insert(id, SwapJob { id, agent, direction, pairs });
+        self.in_flight.insert(
+            id,
+            SwapJob {
+                id,
+                agent,
+                direction,
+                pairs,
+            },
+        );
         id
     }
 
@@ -521,7 +604,10 @@ impl KvManager {
             .iter()
             .any(|s| matches!(s, Slot::SwapIn { .. } | Slot::SwapOut { .. }))
         {
-            return Err(KvError::SwapInFlight { agent, action: "drop" });
+            return Err(KvError::SwapInFlight {
+                agent,
+                action: "drop",
+            });
         }
         while self.agents[agent as usize].slots.len() > keep_blocks {
             let slot = self.agents[agent as usize].slots.pop().expect("len > keep");
@@ -554,7 +640,11 @@ impl KvManager {
     /// first, so the oldest-freed tails are evicted before prefixes.
     pub fn release_to_cache(&mut self, agent: AgentId) -> Result<(), KvError> {
         if !self.is_resident(agent) {
-            return Err(KvError::NotResident { agent, action: "release", state: self.state(agent) });
+            return Err(KvError::NotResident {
+                agent,
+                action: "release",
+                state: self.state(agent),
+            });
         }
         self.untag_cached(agent);
         let bs = self.block_size_tokens;
@@ -567,7 +657,9 @@ impl KvManager {
         a.kv_tokens = 0;
         let mut cached = Vec::with_capacity(full_blocks);
         for (i, slot) in slots.iter().enumerate().rev() {
-            let Slot::Gpu(b) = *slot else { unreachable!("resident") };
+            let Slot::Gpu(b) = *slot else {
+                unreachable!("resident")
+            };
             self.free_gpu(b);
             if i < full_blocks {
                 self.gpu.cache_tag[b as usize] = (agent, i as u32);
@@ -584,7 +676,10 @@ impl KvManager {
     /// Takes back the surviving cached prefix of an agent with no blocks. Returns tokens reclaimed.
     pub fn reclaim_cached(&mut self, agent: AgentId) -> Result<u32, KvError> {
         if !self.agents[agent as usize].slots.is_empty() {
-            return Err(KvError::Invalid { agent, message: "reclaim with blocks already held".into() });
+            return Err(KvError::Invalid {
+                agent,
+                message: "reclaim with blocks already held".into(),
+            });
         }
         let survive = self.reclaimable_prefix_blocks(agent) as usize;
         let cached = std::mem::take(&mut self.agents[agent as usize].cached);
@@ -625,7 +720,10 @@ impl KvManager {
     pub fn free_all(&mut self, agent: AgentId) -> Result<(), KvError> {
         let a = &self.agents[agent as usize];
         if a.moving_in_count > 0 || a.moving_out_count > 0 {
-            return Err(KvError::SwapInFlight { agent, action: "free" });
+            return Err(KvError::SwapInFlight {
+                agent,
+                action: "free",
+            });
         }
         self.untag_cached(agent);
         let slots = std::mem::take(&mut self.agents[agent as usize].slots);
@@ -659,9 +757,14 @@ impl KvManager {
             let agent = agent as AgentId;
             let (mut g, mut h, mut o, mut i_) = (0u32, 0u32, 0u32, 0u32);
             let claim = |pool: &mut Vec<u32>, b: BlockId, what: &str| -> Result<(), String> {
-                let slot = pool.get_mut(b as usize).ok_or_else(|| format!("agent {agent}: {what} block {b} out of range"))?;
+                let slot = pool
+                    .get_mut(b as usize)
+                    .ok_or_else(|| format!("agent {agent}: {what} block {b} out of range"))?;
                 if *slot != NONE {
-                    return Err(format!("{what} block {b} owned by agents {} and {agent}", *slot));
+                    return Err(format!(
+                        "{what} block {b} owned by agents {} and {agent}",
+                        *slot
+                    ));
                 }
                 *slot = agent;
                 Ok(())
@@ -688,18 +791,33 @@ impl KvManager {
                     }
                 }
             }
-            if (g, h, o, i_) != (a.gpu_slot_count, a.host_slot_count, a.moving_out_count, a.moving_in_count) {
+            if (g, h, o, i_)
+                != (
+                    a.gpu_slot_count,
+                    a.host_slot_count,
+                    a.moving_out_count,
+                    a.moving_in_count,
+                )
+            {
                 return Err(format!(
                     "agent {agent}: slot counts (gpu {g}, host {h}, out {o}, in {i_}) disagree with bookkeeping ({}, {}, {}, {})",
                     a.gpu_slot_count, a.host_slot_count, a.moving_out_count, a.moving_in_count
                 ));
             }
             if a.kv_tokens > a.slots.len() as u32 * self.block_size_tokens {
-                return Err(format!("agent {agent}: {} KV tokens in {} blocks", a.kv_tokens, a.slots.len()));
+                return Err(format!(
+                    "agent {agent}: {} KV tokens in {} blocks",
+                    a.kv_tokens,
+                    a.slots.len()
+                ));
             }
             if a.slots.len() as u32 > self.blocks_for(a.kv_tokens) + 1 && !a.slots.is_empty() {
                 // Growth reserves at most the next block; more would be a leak inside an agent.
-                return Err(format!("agent {agent}: holds {} blocks for {} tokens", a.slots.len(), a.kv_tokens));
+                return Err(format!(
+                    "agent {agent}: holds {} blocks for {} tokens",
+                    a.slots.len(),
+                    a.kv_tokens
+                ));
             }
             // Conservation: every token dropped is either recomputed or still missing.
             let missing = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
@@ -710,17 +828,25 @@ impl KvManager {
                 ));
             }
             if !a.cached.is_empty() && !a.slots.is_empty() {
-                return Err(format!("agent {agent}: has both a cached prefix and blocks"));
+                return Err(format!(
+                    "agent {agent}: has both a cached prefix and blocks"
+                ));
             }
         }
         for b in 0..gpu_n {
             if gpu_seen[b] != self.gpu.owner[b] {
-                return Err(format!("GPU block {b}: owner {} but tables say {}", self.gpu.owner[b] as i64, gpu_seen[b] as i64));
+                return Err(format!(
+                    "GPU block {b}: owner {} but tables say {}",
+                    self.gpu.owner[b] as i64, gpu_seen[b] as i64
+                ));
             }
         }
         for b in 0..host_n {
             if host_seen[b] != self.host.owner[b] {
-                return Err(format!("host block {b}: owner {} but tables say {}", self.host.owner[b] as i64, host_seen[b] as i64));
+                return Err(format!(
+                    "host block {b}: owner {} but tables say {}",
+                    self.host.owner[b] as i64, host_seen[b] as i64
+                ));
             }
         }
         // The free queue holds exactly the unowned blocks, linked consistently.
@@ -743,11 +869,17 @@ impl KvManager {
         }
         let unowned = self.gpu.owner.iter().filter(|o| **o == NONE).count() as u32;
         if count != unowned || count != self.gpu.free_count {
-            return Err(format!("GPU free queue has {count} blocks, {unowned} unowned, counter {}", self.gpu.free_count));
+            return Err(format!(
+                "GPU free queue has {count} blocks, {unowned} unowned, counter {}",
+                self.gpu.free_count
+            ));
         }
         let host_unowned = self.host.owner.iter().filter(|o| **o == NONE).count();
         if host_unowned != self.host.free.len() {
-            return Err(format!("host free list has {} blocks but {host_unowned} are unowned", self.host.free.len()));
+            return Err(format!(
+                "host free list has {} blocks but {host_unowned} are unowned",
+                self.host.free.len()
+            ));
         }
         for b in 0..gpu_n {
             let (agent, index) = self.gpu.cache_tag[b];
@@ -782,10 +914,17 @@ mod tests {
         let out = kv.start_swap_out(0, u32::MAX).unwrap();
         assert_eq!(kv.swap_job(out).unwrap().pairs.len(), 3);
         assert_eq!(kv.state(0), KvState::SwappingOut);
-        assert_eq!(kv.gpu_blocks_free(), 7, "GPU copies stay held while moving out");
+        assert_eq!(
+            kv.gpu_blocks_free(),
+            7,
+            "GPU copies stay held while moving out"
+        );
         kv.audit().unwrap();
         kv.complete_swap(out).unwrap();
-        assert_eq!((kv.state(0), kv.gpu_blocks_free(), kv.host_blocks_free()), (KvState::Host, 10, 7));
+        assert_eq!(
+            (kv.state(0), kv.gpu_blocks_free(), kv.host_blocks_free()),
+            (KvState::Host, 10, 7)
+        );
         let inn = kv.start_swap_in(0).unwrap();
         assert!(kv.advance(0, 1).is_err(), "no compute while swapping in");
         kv.complete_swap(inn).unwrap();
@@ -798,7 +937,11 @@ mod tests {
         let mut kv = KvManager::new(16, 10, 0, 1);
         kv.ensure_capacity(0, 50).unwrap();
         kv.advance(0, 50).unwrap();
-        assert_eq!(kv.drop_tail(0, 20).unwrap(), 34, "keeps one whole block (16 tokens)");
+        assert_eq!(
+            kv.drop_tail(0, 20).unwrap(),
+            34,
+            "keeps one whole block (16 tokens)"
+        );
         kv.audit().unwrap();
         kv.ensure_capacity(0, 51).unwrap();
         assert_eq!(kv.advance(0, 35).unwrap(), 34, "34 recomputed, 1 new");
@@ -812,7 +955,11 @@ mod tests {
         kv.advance(0, 63).unwrap();
         kv.release_to_cache(0).unwrap();
         assert_eq!(kv.gpu_blocks_free(), 6);
-        assert_eq!(kv.reclaimable_prefix_blocks(0), 3, "three full blocks cached, the partial one not");
+        assert_eq!(
+            kv.reclaimable_prefix_blocks(0),
+            3,
+            "three full blocks cached, the partial one not"
+        );
         // Agent 1 takes 4 blocks: the 2 never-used ones, agent 0's partial (uncached) last block,
         // then the oldest freed cached block, which is agent 0's tail.
         kv.ensure_capacity(1, 64).unwrap();

@@ -20,9 +20,9 @@ pub mod experiment;
 pub mod ids;
 pub mod kv;
 pub mod policies;
+pub mod replay;
 pub mod rng;
 pub mod sched;
-pub mod replay;
 pub mod time;
 pub mod workload;
 

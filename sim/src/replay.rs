@@ -32,14 +32,26 @@ use crate::workload::{generate, AgentProgram, PauseProgram, TurnProgram, Workloa
 
 /// Sample traces shipped with the project (see `sim/workloads/traces/README.md`).
 pub const SHIPPED_TRACES: [(&str, &str); 3] = [
-    ("mooncake_conversation_sample.jsonl", include_str!("../workloads/traces/mooncake_conversation_sample.jsonl")),
-    ("azure_conv_sample.csv", include_str!("../workloads/traces/azure_conv_sample.csv")),
-    ("azure_code_sample.csv", include_str!("../workloads/traces/azure_code_sample.csv")),
+    (
+        "mooncake_conversation_sample.jsonl",
+        include_str!("../workloads/traces/mooncake_conversation_sample.jsonl"),
+    ),
+    (
+        "azure_conv_sample.csv",
+        include_str!("../workloads/traces/azure_conv_sample.csv"),
+    ),
+    (
+        "azure_code_sample.csv",
+        include_str!("../workloads/traces/azure_code_sample.csv"),
+    ),
 ];
 
 /// The text of a trace: a shipped sample by file name, else the file at `path`.
 pub fn trace_text(path: &str) -> Result<(String, String), TraceError> {
-    if let Some((name, text)) = SHIPPED_TRACES.iter().find(|(n, _)| *n == path || path.ends_with(&format!("workloads/traces/{n}"))) {
+    if let Some((name, text)) = SHIPPED_TRACES
+        .iter()
+        .find(|(n, _)| *n == path || path.ends_with(&format!("workloads/traces/{n}")))
+    {
         return Ok((format!("sim/workloads/traces/{name}"), text.to_string()));
     }
     let text = traces::io::read_text(Path::new(path))?;
@@ -75,19 +87,40 @@ pub fn parse_mooncake(file: &str, text: &str) -> Result<Vec<MooncakeRequest>, Tr
             continue;
         }
         let location = format!("line {}", i + 1);
-        let parsed: MooncakeLine = serde_json::from_str(line).map_err(|e| TraceError::Parse { path: path.to_path_buf(), location: location.clone(), message: e.to_string() })?;
+        let parsed: MooncakeLine = serde_json::from_str(line).map_err(|e| TraceError::Parse {
+            path: path.to_path_buf(),
+            location: location.clone(),
+            message: e.to_string(),
+        })?;
         if !parsed.timestamp.is_finite() || parsed.timestamp < 0.0 {
-            return Err(TraceError::invalid(path, format!("{location}: timestamp"), format!("must be a finite number >= 0, got {}", parsed.timestamp)));
+            return Err(TraceError::invalid(
+                path,
+                format!("{location}: timestamp"),
+                format!("must be a finite number >= 0, got {}", parsed.timestamp),
+            ));
         }
         let ts = parsed.timestamp as u64;
         if ts < last_ms {
-            return Err(TraceError::invalid(path, format!("{location}: timestamp"), format!("must not decrease (previous {last_ms}, got {ts})")));
+            return Err(TraceError::invalid(
+                path,
+                format!("{location}: timestamp"),
+                format!("must not decrease (previous {last_ms}, got {ts})"),
+            ));
         }
         last_ms = ts;
         if parsed.input_length == 0 {
-            return Err(TraceError::invalid(path, format!("{location}: input_length"), "must be > 0".to_string()));
+            return Err(TraceError::invalid(
+                path,
+                format!("{location}: input_length"),
+                "must be > 0".to_string(),
+            ));
         }
-        out.push(MooncakeRequest { timestamp_ms: ts, input_length: parsed.input_length, output_length: parsed.output_length, hash_ids: parsed.hash_ids });
+        out.push(MooncakeRequest {
+            timestamp_ms: ts,
+            input_length: parsed.input_length,
+            output_length: parsed.output_length,
+            hash_ids: parsed.hash_ids,
+        });
     }
     if out.is_empty() {
         return Err(TraceError::invalid(path, "document", "no requests"));
@@ -108,7 +141,11 @@ pub struct AzureRequest {
 fn parse_timestamp_ns(s: &str) -> Option<u64> {
     let (date, time) = s.trim().split_once(' ')?;
     let mut d = date.split('-');
-    let (y, m, day): (i64, i64, i64) = (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
+    let (y, m, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
     if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
         return None;
     }
@@ -124,7 +161,11 @@ fn parse_timestamp_ns(s: &str) -> Option<u64> {
         None => (time, ""),
     };
     let mut t = hms.split(':');
-    let (h, mi, sec): (u64, u64, u64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?, t.next()?.parse().ok()?);
+    let (h, mi, sec): (u64, u64, u64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
     if t.next().is_some() || h > 23 || mi > 59 || sec > 60 || days < 0 {
         return None;
     }
@@ -144,7 +185,11 @@ pub fn parse_azure(file: &str, text: &str) -> Result<Vec<AzureRequest>, TraceErr
     let mut lines = text.lines().enumerate();
     let header = lines.next().map(|(_, h)| h.trim()).unwrap_or("");
     if header != "TIMESTAMP,ContextTokens,GeneratedTokens" {
-        return Err(TraceError::invalid(path, "line 1", format!("expected header TIMESTAMP,ContextTokens,GeneratedTokens, got {header:?}")));
+        return Err(TraceError::invalid(
+            path,
+            "line 1",
+            format!("expected header TIMESTAMP,ContextTokens,GeneratedTokens, got {header:?}"),
+        ));
     }
     let mut out = Vec::new();
     let mut first: Option<u64> = None;
@@ -156,17 +201,47 @@ pub fn parse_azure(file: &str, text: &str) -> Result<Vec<AzureRequest>, TraceErr
         let location = format!("line {}", i + 1);
         let fields: Vec<&str> = line.split(',').collect();
         if fields.len() != 3 {
-            return Err(TraceError::invalid(path, &location, format!("expected 3 fields, got {}", fields.len())));
+            return Err(TraceError::invalid(
+                path,
+                &location,
+                format!("expected 3 fields, got {}", fields.len()),
+            ));
         }
-        let t = parse_timestamp_ns(fields[0]).ok_or_else(|| TraceError::invalid(path, format!("{location}: TIMESTAMP"), format!("not a YYYY-MM-DD HH:MM:SS.fffffff time: {:?}", fields[0])))?;
-        let context: u32 = fields[1].trim().parse().map_err(|_| TraceError::invalid(path, format!("{location}: ContextTokens"), format!("not a token count: {:?}", fields[1])))?;
-        let generated: u32 = fields[2].trim().parse().map_err(|_| TraceError::invalid(path, format!("{location}: GeneratedTokens"), format!("not a token count: {:?}", fields[2])))?;
+        let t = parse_timestamp_ns(fields[0]).ok_or_else(|| {
+            TraceError::invalid(
+                path,
+                format!("{location}: TIMESTAMP"),
+                format!("not a YYYY-MM-DD HH:MM:SS.fffffff time: {:?}", fields[0]),
+            )
+        })?;
+        let context: u32 = fields[1].trim().parse().map_err(|_| {
+            TraceError::invalid(
+                path,
+                format!("{location}: ContextTokens"),
+                format!("not a token count: {:?}", fields[1]),
+            )
+        })?;
+        let generated: u32 = fields[2].trim().parse().map_err(|_| {
+            TraceError::invalid(
+                path,
+                format!("{location}: GeneratedTokens"),
+                format!("not a token count: {:?}", fields[2]),
+            )
+        })?;
         let base = *first.get_or_insert(t);
         if t < last {
-            return Err(TraceError::invalid(path, format!("{location}: TIMESTAMP"), "must not decrease"));
+            return Err(TraceError::invalid(
+                path,
+                format!("{location}: TIMESTAMP"),
+                "must not decrease",
+            ));
         }
         last = t;
-        out.push(AzureRequest { offset_ns: t - base, context_tokens: context, generated_tokens: generated });
+        out.push(AzureRequest {
+            offset_ns: t - base,
+            context_tokens: context,
+            generated_tokens: generated,
+        });
     }
     if out.is_empty() {
         return Err(TraceError::invalid(path, "document", "no requests"));
@@ -181,7 +256,10 @@ pub const MIN_CHAIN_BLOCKS: usize = 2;
 pub fn sessions(requests: &[MooncakeRequest]) -> Vec<Vec<usize>> {
     // Rolling hashes of every request's full chain, mapped to the session that ended with it.
     fn mix(h: u64, x: u64) -> u64 {
-        let mut z = h ^ x.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        let mut z = h ^ x
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
@@ -196,7 +274,9 @@ pub fn sessions(requests: &[MooncakeRequest]) -> Vec<Vec<usize>> {
             prefixes.push(h);
         }
         // The longest earlier chain that is a prefix of this one (key: hash and length).
-        let found = (MIN_CHAIN_BLOCKS..=prefixes.len()).rev().find_map(|len| chain_to_session.get(&(prefixes[len - 1], len)).copied());
+        let found = (MIN_CHAIN_BLOCKS..=prefixes.len())
+            .rev()
+            .find_map(|len| chain_to_session.get(&(prefixes[len - 1], len)).copied());
         let session = match found {
             Some(s) => {
                 out[s].push(i);
@@ -224,7 +304,9 @@ fn hint_for(hint: &HintSpec, true_ns: u64, rng: &mut crate::rng::SimRng) -> Opti
     match hint {
         HintSpec::Exact => Some(true_ns),
         HintSpec::Noisy { sigma } => {
-            let noise = Normal::new(0.0, *sigma).map(|d| d.sample(rng)).unwrap_or(0.0);
+            let noise = Normal::new(0.0, *sigma)
+                .map(|d| d.sample(rng))
+                .unwrap_or(0.0);
             Some((true_ns as f64 * noise.exp()) as u64)
         }
         HintSpec::None => None,
@@ -232,9 +314,22 @@ fn hint_for(hint: &HintSpec, true_ns: u64, rng: &mut crate::rng::SimRng) -> Opti
 }
 
 /// Agent programs of the first `agents` sessions (by first arrival) of a Mooncake trace.
-pub fn chat_workload(name: &str, requests: &[MooncakeRequest], agents: u32, window: u32, token_scale: f64, time_scale: f64, hint: &HintSpec, seed: u64) -> Workload {
+pub fn chat_workload(
+    name: &str,
+    requests: &[MooncakeRequest],
+    agents: u32,
+    window: u32,
+    token_scale: f64,
+    time_scale: f64,
+    hint: &HintSpec,
+    seed: u64,
+) -> Workload {
     let mut programs = Vec::new();
-    for (index, session) in sessions(requests).into_iter().take(agents as usize).enumerate() {
+    for (index, session) in sessions(requests)
+        .into_iter()
+        .take(agents as usize)
+        .enumerate()
+    {
         let mut hint_rng = stream(seed, "hint", index as u64);
         let first = &requests[session[0]];
         let mut turns: Vec<TurnProgram> = Vec::new();
@@ -252,23 +347,43 @@ pub fn chat_workload(name: &str, requests: &[MooncakeRequest], agents: u32, wind
                 if turns.is_empty() {
                     // A first prompt longer than the window is cut to fit.
                     let g = generated.min(window / 2).max(1);
-                    turns.push(TurnProgram { new_tokens: window - g, generated_tokens: g, pause_after: None });
+                    turns.push(TurnProgram {
+                        new_tokens: window - g,
+                        generated_tokens: g,
+                        pause_after: None,
+                    });
                 }
                 break;
             }
             if let Some(last) = turns.last_mut() {
-                let gap_ns = ((r.timestamp_ms - previous_arrival_ms) as f64 * 1e6 * time_scale) as u64;
-                last.pause_after = Some(PauseProgram { true_ns: gap_ns, hint_ns: hint_for(hint, gap_ns, &mut hint_rng) });
+                let gap_ns =
+                    ((r.timestamp_ms - previous_arrival_ms) as f64 * 1e6 * time_scale) as u64;
+                last.pause_after = Some(PauseProgram {
+                    true_ns: gap_ns,
+                    hint_ns: hint_for(hint, gap_ns, &mut hint_rng),
+                });
             }
             previous_arrival_ms = r.timestamp_ms;
             context += new_tokens as u64 + generated as u64;
-            turns.push(TurnProgram { new_tokens, generated_tokens: generated, pause_after: None });
+            turns.push(TurnProgram {
+                new_tokens,
+                generated_tokens: generated,
+                pause_after: None,
+            });
         }
         let arrival = SimTime((first.timestamp_ms as f64 * 1e6 * time_scale) as u64);
-        programs.push(AgentProgram { agent_id: index as AgentId, arrival, turns });
+        programs.push(AgentProgram {
+            agent_id: index as AgentId,
+            arrival,
+            turns,
+        });
     }
     sort_and_renumber(&mut programs);
-    Workload { name: name.to_string(), max_context_tokens: window, agents: programs }
+    Workload {
+        name: name.to_string(),
+        max_context_tokens: window,
+        agents: programs,
+    }
 }
 
 fn sort_and_renumber(programs: &mut [AgentProgram]) {
@@ -281,7 +396,12 @@ fn sort_and_renumber(programs: &mut [AgentProgram]) {
 /// Mixes background requests into `workload` so they make `fraction` of all turns. Background
 /// arrivals keep the trace's relative spacing, rescaled to span the agent traffic's arrivals
 /// plus its mean program length.
-pub fn mix_background(workload: &mut Workload, requests: &[AzureRequest], fraction: f64, token_scale: f64) {
+pub fn mix_background(
+    workload: &mut Workload,
+    requests: &[AzureRequest],
+    fraction: f64,
+    token_scale: f64,
+) {
     if fraction <= 0.0 || requests.is_empty() {
         return;
     }
@@ -291,8 +411,20 @@ pub fn mix_background(workload: &mut Workload, requests: &[AzureRequest], fracti
         return;
     }
     // The span of the agent traffic: last first-arrival plus the sum of one program's pauses.
-    let pause_sum = |a: &AgentProgram| a.turns.iter().filter_map(|t| t.pause_after).map(|p| p.true_ns).sum::<u64>();
-    let span_ns = workload.agents.iter().map(|a| a.arrival.as_nanos() + pause_sum(a)).max().unwrap_or(0).max(1_000_000_000);
+    let pause_sum = |a: &AgentProgram| {
+        a.turns
+            .iter()
+            .filter_map(|t| t.pause_after)
+            .map(|p| p.true_ns)
+            .sum::<u64>()
+    };
+    let span_ns = workload
+        .agents
+        .iter()
+        .map(|a| a.arrival.as_nanos() + pause_sum(a))
+        .max()
+        .unwrap_or(0)
+        .max(1_000_000_000);
     // Repeat the trace if more requests are needed than it holds.
     let trace_span = requests.last().map(|r| r.offset_ns).unwrap_or(0).max(1);
     let window = workload.max_context_tokens;
@@ -305,7 +437,15 @@ pub fn mix_background(workload: &mut Workload, requests: &[AzureRequest], fracti
         let at = (offset as f64 / total_span as f64 * span_ns as f64) as u64;
         let generated = scaled(r.generated_tokens, token_scale).clamp(1, window / 2);
         let prompt = scaled(r.context_tokens, token_scale).clamp(1, window - generated);
-        workload.agents.push(AgentProgram { agent_id: next_id, arrival: SimTime(at), turns: vec![TurnProgram { new_tokens: prompt, generated_tokens: generated, pause_after: None }] });
+        workload.agents.push(AgentProgram {
+            agent_id: next_id,
+            arrival: SimTime(at),
+            turns: vec![TurnProgram {
+                new_tokens: prompt,
+                generated_tokens: generated,
+                pause_after: None,
+            }],
+        });
         next_id += 1;
     }
     sort_and_renumber(&mut workload.agents);
@@ -320,7 +460,16 @@ pub fn build_workload(spec: &WorkloadSpec, agents: u32, seed: u64) -> Result<Wor
         Some(r) => {
             let (file, text) = trace_text(&r.path)?;
             let requests = parse_mooncake(&file, &text)?;
-            chat_workload(&spec.name, &requests, agents, spec.max_context_tokens, r.token_scale, r.time_scale, &spec.hint, seed)
+            chat_workload(
+                &spec.name,
+                &requests,
+                agents,
+                spec.max_context_tokens,
+                r.token_scale,
+                r.time_scale,
+                &spec.hint,
+                seed,
+            )
         }
     };
     if let Some(b) = &spec.background {
@@ -337,8 +486,19 @@ mod tests {
 
     #[test]
     fn sessions_follow_the_prefix_rule() {
-        let r = |t: u64, ids: &[u64]| MooncakeRequest { timestamp_ms: t, input_length: 512 * ids.len() as u32, output_length: 10, hash_ids: ids.to_vec() };
-        let reqs = vec![r(0, &[0, 1, 2]), r(1, &[0, 5, 6]), r(2, &[0, 1, 7, 8]), r(3, &[0, 1, 7, 9]), r(4, &[0, 9])];
+        let r = |t: u64, ids: &[u64]| MooncakeRequest {
+            timestamp_ms: t,
+            input_length: 512 * ids.len() as u32,
+            output_length: 10,
+            hash_ids: ids.to_vec(),
+        };
+        let reqs = vec![
+            r(0, &[0, 1, 2]),
+            r(1, &[0, 5, 6]),
+            r(2, &[0, 1, 7, 8]),
+            r(3, &[0, 1, 7, 9]),
+            r(4, &[0, 9]),
+        ];
         // Request 0 registers [0, 1] (its partial last block dropped), a prefix of request 2,
         // which registers [0, 1, 7], the longest match of request 3. [0] alone links nothing.
         assert_eq!(sessions(&reqs), vec![vec![0, 2, 3], vec![1], vec![4]]);
@@ -351,7 +511,10 @@ mod tests {
         assert!(e.contains("t.jsonl") && e.contains("line 2"), "{e}");
         let bad = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:47,12,oops\n";
         let e = parse_azure("a.csv", bad).unwrap_err().to_string();
-        assert!(e.contains("a.csv") && e.contains("line 3") && e.contains("GeneratedTokens"), "{e}");
+        assert!(
+            e.contains("a.csv") && e.contains("line 3") && e.contains("GeneratedTokens"),
+            "{e}"
+        );
         let e = parse_azure("a.csv", "time,a,b\n").unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
     }
@@ -364,7 +527,10 @@ mod tests {
         assert_eq!(reqs[0].offset_ns, 0);
         // 2023-11-16 18:15:46.6805900 -> 18:15:50.9951690
         assert_eq!(reqs[1].offset_ns, 4_314_579_000);
-        assert_eq!((reqs[0].context_tokens, reqs[0].generated_tokens), (374, 44));
+        assert_eq!(
+            (reqs[0].context_tokens, reqs[0].generated_tokens),
+            (374, 44)
+        );
     }
 
     #[test]
@@ -374,7 +540,16 @@ mod tests {
         let s = sessions(&reqs);
         let multi = s.iter().filter(|x| x.len() > 1).count();
         assert!(multi >= 20, "{multi} multi-turn sessions");
-        let w = chat_workload("chat", &reqs, 500, 4096, 1.0 / 16.0, 1.0, &HintSpec::Exact, 1);
+        let w = chat_workload(
+            "chat",
+            &reqs,
+            500,
+            4096,
+            1.0 / 16.0,
+            1.0,
+            &HintSpec::Exact,
+            1,
+        );
         assert_eq!(w.agents.len(), 500);
         assert!(w.agents.iter().all(|a| a.final_sequence_tokens() <= 4096));
         assert!(w.agents.iter().any(|a| a.turns.len() > 1));
@@ -391,15 +566,40 @@ mod tests {
     fn background_makes_the_requested_fraction_of_turns() {
         let (file, text) = trace_text("azure_conv_sample.csv").unwrap();
         let reqs = parse_azure(&file, &text).unwrap();
-        let agent = AgentProgram { agent_id: 0, arrival: SimTime::ZERO, turns: vec![TurnProgram { new_tokens: 10, generated_tokens: 5, pause_after: Some(PauseProgram { true_ns: 60_000_000_000, hint_ns: None }) }; 3] };
-        let mut w = Workload { name: "x".into(), max_context_tokens: 4096, agents: vec![agent; 100] };
+        let agent = AgentProgram {
+            agent_id: 0,
+            arrival: SimTime::ZERO,
+            turns: vec![
+                TurnProgram {
+                    new_tokens: 10,
+                    generated_tokens: 5,
+                    pause_after: Some(PauseProgram {
+                        true_ns: 60_000_000_000,
+                        hint_ns: None
+                    })
+                };
+                3
+            ],
+        };
+        let mut w = Workload {
+            name: "x".into(),
+            max_context_tokens: 4096,
+            agents: vec![agent; 100],
+        };
         for a in w.agents.iter_mut() {
             a.turns[2].pause_after = None;
         }
         mix_background(&mut w, &reqs, 0.25, 1.0);
         let single = w.agents.iter().filter(|a| a.turns.len() == 1).count();
-        assert_eq!(single, 100, "300 agent turns + 100 background = 25% background");
+        assert_eq!(
+            single, 100,
+            "300 agent turns + 100 background = 25% background"
+        );
         assert!(w.agents.windows(2).all(|p| p[0].arrival <= p[1].arrival));
-        assert!(w.agents.iter().enumerate().all(|(i, a)| a.agent_id == i as u32));
+        assert!(w
+            .agents
+            .iter()
+            .enumerate()
+            .all(|(i, a)| a.agent_id == i as u32));
     }
 }

@@ -42,7 +42,10 @@ mod tests {
         assert_ne!(stream(0, "workload", 1).next_u64(), draws[0]);
         assert_ne!(stream(1, "workload", 0).next_u64(), draws[0]);
         assert_ne!(stream(0, "hints", 0).next_u64(), draws[0]);
-        assert_eq!(draws[0], PINNED_FIRST_DRAW, "first draw of stream(0, workload, 0) changed");
+        assert_eq!(
+            draws[0], PINNED_FIRST_DRAW,
+            "first draw of stream(0, workload, 0) changed"
+        );
     }
 
     const PINNED_FIRST_DRAW: u64 = 18_149_650_364_722_719_959;

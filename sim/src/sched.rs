@@ -77,7 +77,10 @@ pub struct SchedConfig {
 
 impl Default for SchedConfig {
     fn default() -> Self {
-        SchedConfig { max_batch_tokens: 8192, max_batch_sequences: 256 }
+        SchedConfig {
+            max_batch_tokens: 8192,
+            max_batch_sequences: 256,
+        }
     }
 }
 
@@ -98,10 +101,16 @@ pub struct CostHints {
 
 impl CostHints {
     pub fn swap_in_ns(&self, blocks: u32) -> u64 {
-        self.swap_latency_ns.saturating_add((blocks as f64 * self.block_bytes as f64 / self.swap_in_bandwidth_bytes_per_s * 1e9) as u64)
+        self.swap_latency_ns.saturating_add(
+            (blocks as f64 * self.block_bytes as f64 / self.swap_in_bandwidth_bytes_per_s * 1e9)
+                as u64,
+        )
     }
     pub fn swap_out_ns(&self, blocks: u32) -> u64 {
-        self.swap_latency_ns.saturating_add((blocks as f64 * self.block_bytes as f64 / self.swap_out_bandwidth_bytes_per_s * 1e9) as u64)
+        self.swap_latency_ns.saturating_add(
+            (blocks as f64 * self.block_bytes as f64 / self.swap_out_bandwidth_bytes_per_s * 1e9)
+                as u64,
+        )
     }
     pub fn recompute_ns(&self, tokens: u32) -> u64 {
         (tokens as f64 * self.prefill_ns_per_token) as u64
@@ -137,7 +146,9 @@ impl SchedView<'_> {
         let a = &self.agents[agent as usize];
         // The final token of a turn is generated without its KV being written.
         let final_tokens = a.seq_tokens + a.remaining_generate().saturating_sub(1);
-        self.kv.blocks_for(final_tokens).saturating_sub(self.kv.blocks(agent))
+        self.kv
+            .blocks_for(final_tokens)
+            .saturating_sub(self.kv.blocks(agent))
     }
 }
 
@@ -147,9 +158,17 @@ pub enum SchedEvent {
     /// A turn's input is ready (first arrival or return from a pause).
     TurnArrived { agent: AgentId, turn_index: u32 },
     /// A turn generated its last token. `pause` is `None` for the agent's last turn.
-    TurnFinished { agent: AgentId, turn_index: u32, pause: Option<PauseNotice> },
+    TurnFinished {
+        agent: AgentId,
+        turn_index: u32,
+        pause: Option<PauseNotice>,
+    },
     /// A swap finished; the agent's blocks moved.
-    SwapDone { agent: AgentId, swap_id: SwapId, direction: SwapDirection },
+    SwapDone {
+        agent: AgentId,
+        swap_id: SwapId,
+        direction: SwapDirection,
+    },
 }
 
 /// What a scheduler is told when a pause starts.

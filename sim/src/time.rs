@@ -6,7 +6,9 @@ use std::ops::{Add, AddAssign, Sub};
 use serde::{Deserialize, Serialize};
 
 /// A point in simulated (or, for the engine, wall) time, in nanoseconds since the run started.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct SimTime(pub u64);
 
 impl SimTime {
@@ -14,7 +16,10 @@ impl SimTime {
     pub const MAX: SimTime = SimTime(u64::MAX);
 
     pub fn from_secs_f64(secs: f64) -> SimTime {
-        debug_assert!(secs.is_finite() && secs >= 0.0, "time must be finite and >= 0: {secs}");
+        debug_assert!(
+            secs.is_finite() && secs >= 0.0,
+            "time must be finite and >= 0: {secs}"
+        );
         SimTime((secs * 1e9).round().clamp(0.0, u64::MAX as f64) as u64)
     }
 
@@ -83,7 +88,12 @@ impl Clock for VirtualClock {
     }
 
     fn advance_to(&mut self, to: SimTime) {
-        assert!(to >= self.now, "virtual clock moved backwards: {} -> {}", self.now, to);
+        assert!(
+            to >= self.now,
+            "virtual clock moved backwards: {} -> {}",
+            self.now,
+            to
+        );
         self.now = to;
     }
 }

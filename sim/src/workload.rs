@@ -39,7 +39,10 @@ pub struct AgentProgram {
 impl AgentProgram {
     /// Tokens in the sequence after all turns (prompt, new and generated tokens).
     pub fn final_sequence_tokens(&self) -> u64 {
-        self.turns.iter().map(|t| t.new_tokens as u64 + t.generated_tokens as u64).sum()
+        self.turns
+            .iter()
+            .map(|t| t.new_tokens as u64 + t.generated_tokens as u64)
+            .sum()
     }
 }
 
@@ -67,10 +70,19 @@ pub fn sample(dist: &Distribution, rng: &mut SimRng) -> f64 {
                 *low
             }
         }
-        Distribution::Exponential { mean } => Exp::new(1.0 / mean).map(|d| d.sample(rng)).unwrap_or(*mean),
-        Distribution::LogNormal { median, sigma, p90, max } => {
+        Distribution::Exponential { mean } => {
+            Exp::new(1.0 / mean).map(|d| d.sample(rng)).unwrap_or(*mean)
+        }
+        Distribution::LogNormal {
+            median,
+            sigma,
+            p90,
+            max,
+        } => {
             let s = Distribution::lognormal_sigma(*median, *sigma, *p90);
-            let v = LogNormal::new(median.ln(), s).map(|d| d.sample(rng)).unwrap_or(*median);
+            let v = LogNormal::new(median.ln(), s)
+                .map(|d| d.sample(rng))
+                .unwrap_or(*median);
             match max {
                 Some(m) => v.min(*m),
                 None => v,
@@ -116,7 +128,9 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
             let mut generated_tokens = tokens(sample(&spec.agent.generated_tokens, &mut rng), 1);
             let pause_s = sample(&spec.agent.pause_s, &mut rng);
             let noise = match spec.hint {
-                HintSpec::Noisy { sigma } => Normal::new(0.0, sigma).map(|d| d.sample(&mut hint_rng)).unwrap_or(0.0),
+                HintSpec::Noisy { sigma } => Normal::new(0.0, sigma)
+                    .map(|d| d.sample(&mut hint_rng))
+                    .unwrap_or(0.0),
                 _ => 0.0,
             };
             if context + new_tokens as u64 + generated_tokens as u64 > window {
@@ -132,7 +146,9 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
             let true_ns = SimTime::from_secs_f64(pause_s.max(0.0)).as_nanos();
             let hint_ns = match spec.hint {
                 HintSpec::Exact => Some(true_ns),
-                HintSpec::Noisy { .. } => Some(SimTime::from_secs_f64(pause_s.max(0.0) * noise.exp()).as_nanos()),
+                HintSpec::Noisy { .. } => {
+                    Some(SimTime::from_secs_f64(pause_s.max(0.0) * noise.exp()).as_nanos())
+                }
                 HintSpec::None => None,
             };
             turns.push(TurnProgram {
@@ -144,7 +160,11 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
         if let Some(last) = turns.last_mut() {
             last.pause_after = None;
         }
-        agents.push(AgentProgram { agent_id, arrival, turns });
+        agents.push(AgentProgram {
+            agent_id,
+            arrival,
+            turns,
+        });
     }
     Workload {
         name: spec.name.clone(),
@@ -183,7 +203,8 @@ fn arrival_times(arrival: &Arrival, agent_count: u32, seed: u64) -> Vec<SimTime>
             times
         }
         Arrival::Explicit { times_s } => {
-            let mut times: Vec<SimTime> = times_s.iter().map(|t| SimTime::from_secs_f64(*t)).collect();
+            let mut times: Vec<SimTime> =
+                times_s.iter().map(|t| SimTime::from_secs_f64(*t)).collect();
             times.sort();
             times
         }
@@ -237,10 +258,16 @@ kind = "exact"
 
     #[test]
     fn programs_respect_the_window() {
-        let text = BASE.replace("value = 3 }", "value = 100 }").replace("value = 1000", "value = 3000");
+        let text = BASE
+            .replace("value = 3 }", "value = 100 }")
+            .replace("value = 1000", "value = 3000");
         let w = generate(&spec(&text), 20, 3);
         for a in &w.agents {
-            assert!(a.final_sequence_tokens() <= 4096, "{}", a.final_sequence_tokens());
+            assert!(
+                a.final_sequence_tokens() <= 4096,
+                "{}",
+                a.final_sequence_tokens()
+            );
             assert!(a.turns.len() < 100);
         }
     }

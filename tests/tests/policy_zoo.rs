@@ -9,8 +9,18 @@ use sim::workload::{AgentProgram, PauseProgram, TurnProgram, Workload};
 use sim::{backend::SimGpu, PolicyKind};
 use traces::{SwapRecord, TurnRecord};
 
-fn run_with(policy: PolicyKind, predictor: PredictorMode, agents: Vec<AgentProgram>, gpu_blocks: u32, host_blocks: u32) -> RunOutput {
-    let workload = Workload { name: "tiny".into(), max_context_tokens: 4096, agents };
+fn run_with(
+    policy: PolicyKind,
+    predictor: PredictorMode,
+    agents: Vec<AgentProgram>,
+    gpu_blocks: u32,
+    host_blocks: u32,
+) -> RunOutput {
+    let workload = Workload {
+        name: "tiny".into(),
+        max_context_tokens: 4096,
+        agents,
+    };
     let mut config = SimConfig::new(policy, calibration::load_profile("h100-llama2-7b").unwrap());
     config.check = CheckLevel::Full;
     let mut settings = config.settings();
@@ -18,10 +28,22 @@ fn run_with(policy: PolicyKind, predictor: PredictorMode, agents: Vec<AgentProgr
     settings.host_blocks = host_blocks;
     let mut scheduler = policy.build_with(PolicyOptions { predictor });
     let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
-    driver::run(&settings, &workload, scheduler.as_mut(), &mut backend, &mut VirtualClock::default()).unwrap()
+    driver::run(
+        &settings,
+        &workload,
+        scheduler.as_mut(),
+        &mut backend,
+        &mut VirtualClock::default(),
+    )
+    .unwrap()
 }
 
-fn run(policy: PolicyKind, agents: Vec<AgentProgram>, gpu_blocks: u32, host_blocks: u32) -> RunOutput {
+fn run(
+    policy: PolicyKind,
+    agents: Vec<AgentProgram>,
+    gpu_blocks: u32,
+    host_blocks: u32,
+) -> RunOutput {
     run_with(policy, PredictorMode::Hint, agents, gpu_blocks, host_blocks)
 }
 
@@ -37,7 +59,10 @@ fn agent(id: u32, arrival_s: f64, turns: &[Turn]) -> AgentProgram {
             .map(|&(new_tokens, generated_tokens, pause)| TurnProgram {
                 new_tokens,
                 generated_tokens,
-                pause_after: pause.map(|(p, h)| PauseProgram { true_ns: SimTime::from_secs_f64(p).as_nanos(), hint_ns: Some(SimTime::from_secs_f64(h).as_nanos()) }),
+                pause_after: pause.map(|(p, h)| PauseProgram {
+                    true_ns: SimTime::from_secs_f64(p).as_nanos(),
+                    hint_ns: Some(SimTime::from_secs_f64(h).as_nanos()),
+                }),
             })
             .collect(),
     }
@@ -48,11 +73,17 @@ fn exact(new_tokens: u32, generated: u32, pause_s: f64) -> Turn {
 }
 
 fn turn(out: &RunOutput, agent: u32, index: u32) -> &TurnRecord {
-    out.turns.iter().find(|t| t.agent_id == agent && t.turn_index == index).unwrap_or_else(|| panic!("no turn {agent}/{index}"))
+    out.turns
+        .iter()
+        .find(|t| t.agent_id == agent && t.turn_index == index)
+        .unwrap_or_else(|| panic!("no turn {agent}/{index}"))
 }
 
 fn swaps<'a>(out: &'a RunOutput, agent: u32, direction: &str) -> Vec<&'a SwapRecord> {
-    out.swaps.iter().filter(|s| s.agent_id == agent && s.direction == direction).collect()
+    out.swaps
+        .iter()
+        .filter(|s| s.agent_id == agent && s.direction == direction)
+        .collect()
 }
 
 fn restore_ns(t: &TurnRecord) -> u64 {
@@ -65,23 +96,41 @@ fn infercept_swaps_the_costliest_pause_within_its_per_iteration_budget_and_prese
     // paused 5 ms (preserving wastes less than recomputing). One iteration moves ~30 blocks.
     let out = run(
         PolicyKind::InferCept,
-        vec![agent(0, 0.0, &[exact(990, 10, 60.0), (10, 10, None)]), agent(1, 0.0, &[exact(310, 10, 0.005), (10, 10, None)])],
+        vec![
+            agent(0, 0.0, &[exact(990, 10, 60.0), (10, 10, None)]),
+            agent(1, 0.0, &[exact(310, 10, 0.005), (10, 10, None)]),
+        ],
         1000,
         1000,
     );
     let outs = swaps(&out, 0, "out");
     let total_blocks: u32 = outs.iter().map(|s| s.block_count).sum();
-    assert!(outs.len() >= 2, "the long pause goes out over several iterations, tail first: {outs:?}");
+    assert!(
+        outs.len() >= 2,
+        "the long pause goes out over several iterations, tail first: {outs:?}"
+    );
     assert!(outs[0].block_count < 63 && total_blocks == 63, "{outs:?}");
     assert_eq!(turn(&out, 0, 1).kv_source, "swapped_in");
-    assert!(swaps(&out, 1, "out").is_empty(), "the short pause is preserved");
+    assert!(
+        swaps(&out, 1, "out").is_empty(),
+        "the short pause is preserved"
+    );
     assert_eq!(turn(&out, 1, 1).kv_source, "resident");
 }
 
 #[test]
 fn infercept_h_preserves_swaps_or_drops_by_static_thresholds() {
     let program = |p: f64| [exact(300, 10, p), (10, 10, None)];
-    let out = run(PolicyKind::InferCeptH, vec![agent(0, 0.0, &program(2.0)), agent(1, 0.0, &program(5.0)), agent(2, 0.0, &program(10.0))], 1000, 1000);
+    let out = run(
+        PolicyKind::InferCeptH,
+        vec![
+            agent(0, 0.0, &program(2.0)),
+            agent(1, 0.0, &program(5.0)),
+            agent(2, 0.0, &program(10.0)),
+        ],
+        1000,
+        1000,
+    );
     assert_eq!(turn(&out, 0, 1).kv_source, "resident");
     assert_eq!(turn(&out, 1, 1).kv_source, "swapped_in");
     assert_eq!(turn(&out, 2, 1).kv_source, "recomputed");
@@ -89,10 +138,23 @@ fn infercept_h_preserves_swaps_or_drops_by_static_thresholds() {
 
 #[test]
 fn continuum_fixed_pins_for_two_seconds_and_continuum_cold_start_does_not_pin_cheap_contexts() {
-    let programs = || vec![agent(0, 0.0, &[exact(300, 10, 1.0), (10, 10, None)]), agent(1, 0.0, &[exact(300, 10, 3.0), (10, 10, None)])];
+    let programs = || {
+        vec![
+            agent(0, 0.0, &[exact(300, 10, 1.0), (10, 10, None)]),
+            agent(1, 0.0, &[exact(300, 10, 3.0), (10, 10, None)]),
+        ]
+    };
     let fixed = run(PolicyKind::ContinuumFixed, programs(), 1000, 0);
-    assert_eq!(turn(&fixed, 0, 1).kv_source, "resident", "back within the 2 s TTL: still pinned");
-    assert_eq!(turn(&fixed, 1, 1).kv_source, "partial_recompute", "TTL expired: released to the prefix cache, the partial tail block recomputed");
+    assert_eq!(
+        turn(&fixed, 0, 1).kv_source,
+        "resident",
+        "back within the 2 s TTL: still pinned"
+    );
+    assert_eq!(
+        turn(&fixed, 1, 1).kv_source,
+        "partial_recompute",
+        "TTL expired: released to the prefix cache, the partial tail block recomputed"
+    );
     // Cold start: B = Tq (0) + R(310 tokens) is far below 1 s, so tau* = 0: released at once.
     let cdf = run(PolicyKind::Continuum, programs(), 1000, 0);
     assert_eq!(turn(&cdf, 0, 1).kv_source, "partial_recompute");
@@ -110,25 +172,62 @@ fn autellix_admits_the_agent_with_less_attained_service_first() {
             agent(2, 0.001, &[(300, 200, None)]),
         ]
     };
-    let out = run(PolicyKind::Autellix(sim::policies::Placement::Vllm), agents(), 40, 0);
+    let out = run(
+        PolicyKind::Autellix(sim::policies::Placement::Vllm),
+        agents(),
+        40,
+        0,
+    );
     let (a0, a1) = (turn(&out, 0, 1), turn(&out, 1, 0));
     assert!(a1.arrival_ns > a0.arrival_ns);
-    assert!(a1.admitted_ns.unwrap() < a0.admitted_ns.unwrap(), "least attained service goes first: {a0:?} {a1:?}");
-    let fcfs = run(PolicyKind::Autellix(sim::policies::Placement::Swap), agents(), 40, 100);
-    assert!(turn(&fcfs, 1, 0).admitted_ns.unwrap() < turn(&fcfs, 0, 1).admitted_ns.unwrap(), "ordering holds with swap placement");
-    assert!(!swaps(&fcfs, 0, "out").is_empty(), "swap placement copies the paused KV out");
+    assert!(
+        a1.admitted_ns.unwrap() < a0.admitted_ns.unwrap(),
+        "least attained service goes first: {a0:?} {a1:?}"
+    );
+    let fcfs = run(
+        PolicyKind::Autellix(sim::policies::Placement::Swap),
+        agents(),
+        40,
+        100,
+    );
+    assert!(
+        turn(&fcfs, 1, 0).admitted_ns.unwrap() < turn(&fcfs, 0, 1).admitted_ns.unwrap(),
+        "ordering holds with swap placement"
+    );
+    assert!(
+        !swaps(&fcfs, 0, "out").is_empty(),
+        "swap placement copies the paused KV out"
+    );
     let vllm = run(PolicyKind::Vllm, agents(), 40, 0);
-    assert!(turn(&vllm, 0, 1).admitted_ns.unwrap() < turn(&vllm, 1, 0).admitted_ns.unwrap(), "vllm is first come, first served");
+    assert!(
+        turn(&vllm, 0, 1).admitted_ns.unwrap() < turn(&vllm, 1, 0).admitted_ns.unwrap(),
+        "vllm is first come, first served"
+    );
 }
 
 #[test]
 fn next_use_offloads_only_pauses_that_hide_a_round_trip_and_prefetches_them() {
-    let out = run(PolicyKind::NextUse, vec![agent(0, 0.0, &[exact(300, 10, 0.002), (10, 10, None)]), agent(1, 0.0, &[exact(300, 10, 5.0), (10, 10, None)])], 1000, 1000);
-    assert!(out.swaps.iter().all(|s| s.agent_id == 1), "a 2 ms pause does not hide a round trip: kept");
+    let out = run(
+        PolicyKind::NextUse,
+        vec![
+            agent(0, 0.0, &[exact(300, 10, 0.002), (10, 10, None)]),
+            agent(1, 0.0, &[exact(300, 10, 5.0), (10, 10, None)]),
+        ],
+        1000,
+        1000,
+    );
+    assert!(
+        out.swaps.iter().all(|s| s.agent_id == 1),
+        "a 2 ms pause does not hide a round trip: kept"
+    );
     assert_eq!(turn(&out, 0, 1).kv_source, "resident");
     let back = turn(&out, 1, 1);
     assert_eq!(back.kv_source, "swapped_in");
-    assert_eq!(restore_ns(back), 0, "prefetched before the predicted return: {back:?}");
+    assert_eq!(
+        restore_ns(back),
+        0,
+        "prefetched before the predicted return: {back:?}"
+    );
 }
 
 #[test]
@@ -137,7 +236,11 @@ fn next_use_evicts_the_furthest_predicted_return_first() {
     // then a 30-block turn arrives: one must go, the one predicted back last.
     let out = run(
         PolicyKind::NextUse,
-        vec![agent(0, 0.0, &[exact(310, 10, 3.0), (10, 10, None)]), agent(1, 0.0, &[exact(310, 10, 9.0), (10, 10, None)]), agent(2, 1.0, &[(460, 10, None)])],
+        vec![
+            agent(0, 0.0, &[exact(310, 10, 3.0), (10, 10, None)]),
+            agent(1, 0.0, &[exact(310, 10, 9.0), (10, 10, None)]),
+            agent(2, 1.0, &[(460, 10, None)]),
+        ],
         60,
         0,
     );
@@ -153,7 +256,10 @@ fn oracle_prefetches_on_the_true_return_when_hints_are_wrong() {
     let djinn = run(PolicyKind::Djinn, agents(), 45, 100);
     let oracle = run(PolicyKind::Oracle, agents(), 45, 100);
     assert_eq!(djinn.turns.len(), oracle.turns.len());
-    assert!(restore_ns(turn(&djinn, 0, 1)) > 0, "djinn trusted the wrong hint");
+    assert!(
+        restore_ns(turn(&djinn, 0, 1)) > 0,
+        "djinn trusted the wrong hint"
+    );
     for a in 0..2 {
         assert_eq!(turn(&oracle, a, 1).kv_source, "swapped_in");
         assert_eq!(restore_ns(turn(&oracle, a, 1)), 0);
@@ -177,8 +283,18 @@ fn predictor_modes_change_what_djinn_believes() {
 
 #[test]
 fn vllm_noapc_recomputes_every_return() {
-    let out = run(PolicyKind::VllmNoApc, vec![agent(0, 0.0, &[exact(300, 10, 0.5), (10, 10, None)])], 1000, 0);
+    let out = run(
+        PolicyKind::VllmNoApc,
+        vec![agent(0, 0.0, &[exact(300, 10, 0.5), (10, 10, None)])],
+        1000,
+        0,
+    );
     assert_eq!(turn(&out, 0, 1).kv_source, "recomputed");
-    let apc = run(PolicyKind::Vllm, vec![agent(0, 0.0, &[exact(300, 10, 0.5), (10, 10, None)])], 1000, 0);
+    let apc = run(
+        PolicyKind::Vllm,
+        vec![agent(0, 0.0, &[exact(300, 10, 0.5), (10, 10, None)])],
+        1000,
+        0,
+    );
     assert_eq!(turn(&apc, 0, 1).kv_source, "partial_recompute");
 }

@@ -66,9 +66,15 @@ pub fn read_text(path: &Path) -> Result<String, TraceError> {
 /// renamed over the target. An interrupted run therefore never leaves a half-written file that
 /// looks complete.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TraceError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| TraceError::io(dir, e))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
@@ -123,12 +129,16 @@ pub fn write_csv_atomic<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), Tra
 /// from the first row); use [`csv_bytes_with_header`] where an empty table must still say its
 /// columns.
 pub fn csv_bytes<T: Serialize>(rows: &[T]) -> Result<Vec<u8>, csv::Error> {
-    let mut writer = csv::WriterBuilder::new().has_headers(true).from_writer(Vec::new());
+    let mut writer = csv::WriterBuilder::new()
+        .has_headers(true)
+        .from_writer(Vec::new());
     for row in rows {
         writer.serialize(row)?;
     }
     writer.flush()?;
-    writer.into_inner().map_err(|e| csv::Error::from(e.into_error()))
+    writer
+        .into_inner()
+        .map_err(|e| csv::Error::from(e.into_error()))
 }
 
 /// Rows as CSV bytes with a header line, also for an empty slice (the header of a default row).
@@ -139,7 +149,10 @@ pub fn csv_bytes_with_header<T: Serialize + Default>(rows: &[T]) -> Result<Vec<u
         return csv_bytes(rows);
     }
     let one = csv_bytes(&[T::default()])?;
-    let header_end = one.iter().position(|&b| b == b'\n').map_or(one.len(), |i| i + 1);
+    let header_end = one
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(one.len(), |i| i + 1);
     Ok(one[..header_end].to_vec())
 }
 
@@ -151,12 +164,18 @@ pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, TraceError> 
 
 /// Parses CSV bytes that came from `path`.
 pub fn parse_csv<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Vec<T>, TraceError> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(bytes);
     // An empty file has no header: it is a truncated file, not a table without rows (our writer
     // always writes the header).
     let header_ok = reader.headers().map(|h| !h.is_empty()).unwrap_or(false);
     if !header_ok {
-        return Err(TraceError::Parse { path: path.to_path_buf(), location: "line 1".into(), message: "no header line (empty or unreadable file)".into() });
+        return Err(TraceError::Parse {
+            path: path.to_path_buf(),
+            location: "line 1".into(),
+            message: "no header line (empty or unreadable file)".into(),
+        });
     }
     let mut rows = Vec::new();
     for (index, row) in reader.deserialize::<T>().enumerate() {
@@ -186,7 +205,10 @@ mod tests {
         write_json_atomic(&path, &vec![1, 2, 3]).unwrap();
         let back: Vec<i32> = read_json(&path).unwrap();
         assert_eq!(back, vec![1, 2, 3]);
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "only the target remains: {names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

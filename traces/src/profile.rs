@@ -91,13 +91,21 @@ impl GpuProfile {
     pub fn validate(&self, path: &Path) -> Result<(), TraceError> {
         let positive = |field: &str, v: f64| -> Result<(), TraceError> {
             if !v.is_finite() || v <= 0.0 {
-                return Err(TraceError::invalid(path, field, format!("must be a finite number > 0, got {v}")));
+                return Err(TraceError::invalid(
+                    path,
+                    field,
+                    format!("must be a finite number > 0, got {v}"),
+                ));
             }
             Ok(())
         };
         let non_negative = |field: &str, v: f64| -> Result<(), TraceError> {
             if !v.is_finite() || v < 0.0 {
-                return Err(TraceError::invalid(path, field, format!("must be a finite number >= 0, got {v}")));
+                return Err(TraceError::invalid(
+                    path,
+                    field,
+                    format!("must be a finite number >= 0, got {v}"),
+                ));
             }
             Ok(())
         };
@@ -105,11 +113,19 @@ impl GpuProfile {
             return Err(TraceError::invalid(
                 path,
                 "schema_version",
-                format!("this build reads version {}, got {}", crate::SCHEMA_VERSION, self.schema_version),
+                format!(
+                    "this build reads version {}, got {}",
+                    crate::SCHEMA_VERSION,
+                    self.schema_version
+                ),
             ));
         }
         if self.cost.form != "roofline-v1" {
-            return Err(TraceError::invalid(path, "cost.form", format!("unknown form `{}` (known: roofline-v1)", self.cost.form)));
+            return Err(TraceError::invalid(
+                path,
+                "cost.form",
+                format!("unknown form `{}` (known: roofline-v1)", self.cost.form),
+            ));
         }
         positive("gpu_memory_bytes", self.gpu_memory_bytes as f64)?;
         positive("kv_bytes_per_token", self.kv_bytes_per_token as f64)?;
@@ -127,13 +143,22 @@ impl GpuProfile {
         let c = &self.cost;
         non_negative("cost.step_overhead_ns", c.step_overhead_ns)?;
         non_negative("cost.per_sequence_ns", c.per_sequence_ns)?;
-        positive("cost.memory_bandwidth_bytes_per_s", c.memory_bandwidth_bytes_per_s)?;
+        positive(
+            "cost.memory_bandwidth_bytes_per_s",
+            c.memory_bandwidth_bytes_per_s,
+        )?;
         positive("cost.matmul_flops_per_s", c.matmul_flops_per_s)?;
         positive("cost.attention_flops_per_s", c.attention_flops_per_s)?;
         non_negative("cost.flops_per_token", c.flops_per_token)?;
         non_negative("cost.attention_flops_per_pair", c.attention_flops_per_pair)?;
-        positive("host_to_device.bandwidth_bytes_per_s", self.host_to_device.bandwidth_bytes_per_s)?;
-        positive("device_to_host.bandwidth_bytes_per_s", self.device_to_host.bandwidth_bytes_per_s)?;
+        positive(
+            "host_to_device.bandwidth_bytes_per_s",
+            self.host_to_device.bandwidth_bytes_per_s,
+        )?;
+        positive(
+            "device_to_host.bandwidth_bytes_per_s",
+            self.device_to_host.bandwidth_bytes_per_s,
+        )?;
         Ok(())
     }
 }

@@ -4,7 +4,13 @@
 use serde::{Deserialize, Serialize};
 
 /// Where a turn's KV came from when it started.
-pub const KV_SOURCES: [&str; 5] = ["new", "resident", "swapped_in", "recomputed", "partial_recompute"];
+pub const KV_SOURCES: [&str; 5] = [
+    "new",
+    "resident",
+    "swapped_in",
+    "recomputed",
+    "partial_recompute",
+];
 
 /// One turn of one agent. Times are nanoseconds since the run started; an optional time is empty
 /// in the CSV when the event never happened (e.g. no restore, or a rejected turn).
@@ -119,7 +125,9 @@ mod tests {
         .unwrap();
         let mut text = String::from_utf8(bytes).unwrap();
         text.push_str("1,2,out\n");
-        let err = parse_csv::<SwapRecord>(Path::new("s.csv"), text.as_bytes()).unwrap_err().to_string();
+        let err = parse_csv::<SwapRecord>(Path::new("s.csv"), text.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("s.csv") && err.contains("line 3"), "{err}");
     }
 }

@@ -73,13 +73,19 @@ impl Distribution {
     pub fn validate(&self, field: &str) -> Result<(), (String, String)> {
         let finite_non_negative = |name: &str, v: f64| -> Result<(), (String, String)> {
             if !v.is_finite() || v < 0.0 {
-                return Err((format!("{field}.{name}"), format!("must be a finite number >= 0, got {v}")));
+                return Err((
+                    format!("{field}.{name}"),
+                    format!("must be a finite number >= 0, got {v}"),
+                ));
             }
             Ok(())
         };
         let positive = |name: &str, v: f64| -> Result<(), (String, String)> {
             if !v.is_finite() || v <= 0.0 {
-                return Err((format!("{field}.{name}"), format!("must be a finite number > 0, got {v}")));
+                return Err((
+                    format!("{field}.{name}"),
+                    format!("must be a finite number > 0, got {v}"),
+                ));
             }
             Ok(())
         };
@@ -89,22 +95,38 @@ impl Distribution {
                 finite_non_negative("low", *low)?;
                 finite_non_negative("high", *high)?;
                 if high < low {
-                    return Err((format!("{field}.high"), format!("must be >= low ({low}), got {high}")));
+                    return Err((
+                        format!("{field}.high"),
+                        format!("must be >= low ({low}), got {high}"),
+                    ));
                 }
                 Ok(())
             }
             Distribution::Exponential { mean } => positive("mean", *mean),
-            Distribution::LogNormal { median, sigma, p90, max } => {
+            Distribution::LogNormal {
+                median,
+                sigma,
+                p90,
+                max,
+            } => {
                 positive("median", *median)?;
                 match (sigma, p90) {
                     (Some(s), None) => finite_non_negative("sigma", *s)?,
                     (None, Some(p)) => {
                         positive("p90", *p)?;
                         if *p < *median {
-                            return Err((format!("{field}.p90"), format!("must be >= median ({median}), got {p}")));
+                            return Err((
+                                format!("{field}.p90"),
+                                format!("must be >= median ({median}), got {p}"),
+                            ));
                         }
                     }
-                    _ => return Err((field.to_string(), "lognormal needs exactly one of `sigma` or `p90`".into())),
+                    _ => {
+                        return Err((
+                            field.to_string(),
+                            "lognormal needs exactly one of `sigma` or `p90`".into(),
+                        ))
+                    }
                 }
                 if let Some(m) = max {
                     positive("max", *m)?;
@@ -139,13 +161,18 @@ impl Distribution {
             Distribution::Constant { value } => *value,
             Distribution::Uniform { low, high } => (low + high) / 2.0,
             Distribution::Exponential { mean } => *mean,
-            Distribution::LogNormal { median, sigma, p90, .. } => {
+            Distribution::LogNormal {
+                median, sigma, p90, ..
+            } => {
                 let s = Self::lognormal_sigma(*median, *sigma, *p90);
                 median * (s * s / 2.0).exp()
             }
             Distribution::Mixture { components } => {
                 let total: f64 = components.iter().map(|c| c.weight).sum();
-                components.iter().map(|c| c.weight / total * c.dist.mean()).sum()
+                components
+                    .iter()
+                    .map(|c| c.weight / total * c.dist.mean())
+                    .sum()
             }
         }
     }
@@ -196,8 +223,12 @@ impl TryFrom<HintSpecFields> for HintSpec {
             ("none", None) => Ok(HintSpec::None),
             ("noisy", Some(sigma)) => Ok(HintSpec::Noisy { sigma }),
             ("noisy", None) => Err("missing field `sigma` (kind `noisy` needs it)".into()),
-            (kind @ ("exact" | "none"), Some(_)) => Err(format!("unknown field `sigma` for kind `{kind}` (only `noisy` has one)")),
-            (kind, _) => Err(format!("unknown variant `{kind}`, expected one of `exact`, `noisy`, `none`")),
+            (kind @ ("exact" | "none"), Some(_)) => Err(format!(
+                "unknown field `sigma` for kind `{kind}` (only `noisy` has one)"
+            )),
+            (kind, _) => Err(format!(
+                "unknown variant `{kind}`, expected one of `exact`, `noisy`, `none`"
+            )),
         }
     }
 }
@@ -280,7 +311,9 @@ fn one() -> f64 {
 impl Arrival {
     /// Placeholder of an absent `[arrival]` (allowed only with `replay`).
     pub fn missing() -> Arrival {
-        Arrival::Explicit { times_s: Vec::new() }
+        Arrival::Explicit {
+            times_s: Vec::new(),
+        }
     }
 }
 
@@ -288,7 +321,13 @@ impl AgentSpec {
     /// Placeholder of an absent `[agent]` (allowed only with `replay`).
     pub fn missing() -> AgentSpec {
         let nothing = Distribution::Constant { value: -1.0 };
-        AgentSpec { turns: nothing.clone(), first_prompt_tokens: nothing.clone(), new_tokens: nothing.clone(), generated_tokens: nothing.clone(), pause_s: nothing }
+        AgentSpec {
+            turns: nothing.clone(),
+            first_prompt_tokens: nothing.clone(),
+            new_tokens: nothing.clone(),
+            generated_tokens: nothing.clone(),
+            pause_s: nothing,
+        }
     }
 }
 
@@ -329,31 +368,50 @@ impl WorkloadSpec {
         if self.schema_version != crate::SCHEMA_VERSION {
             return fail(
                 "schema_version",
-                format!("this build reads version {}, got {}", crate::SCHEMA_VERSION, self.schema_version),
+                format!(
+                    "this build reads version {}, got {}",
+                    crate::SCHEMA_VERSION,
+                    self.schema_version
+                ),
             );
         }
         if self.name.trim().is_empty() {
             return fail("name", "must not be empty".into());
         }
         if self.agents == 0 || self.agents > AGENTS_MAX {
-            return fail("agents", format!("must be in 1..={AGENTS_MAX}, got {}", self.agents));
+            return fail(
+                "agents",
+                format!("must be in 1..={AGENTS_MAX}, got {}", self.agents),
+            );
         }
         if self.max_context_tokens < 2 || self.max_context_tokens > CONTEXT_TOKENS_MAX {
             return fail(
                 "max_context_tokens",
-                format!("must be in 2..={CONTEXT_TOKENS_MAX}, got {}", self.max_context_tokens),
+                format!(
+                    "must be in 2..={CONTEXT_TOKENS_MAX}, got {}",
+                    self.max_context_tokens
+                ),
             );
         }
         if let Some(r) = &self.replay {
             if r.format != "mooncake" {
-                return fail("replay.format", format!("must be \"mooncake\", got {:?}", r.format));
+                return fail(
+                    "replay.format",
+                    format!("must be \"mooncake\", got {:?}", r.format),
+                );
             }
             if r.path.trim().is_empty() {
                 return fail("replay.path", "must not be empty".into());
             }
-            for (name, v) in [("replay.token_scale", r.token_scale), ("replay.time_scale", r.time_scale)] {
+            for (name, v) in [
+                ("replay.token_scale", r.token_scale),
+                ("replay.time_scale", r.time_scale),
+            ] {
                 if !v.is_finite() || v <= 0.0 || v > 1e6 {
-                    return fail(name, format!("must be a finite number in (0, 1e6], got {v}"));
+                    return fail(
+                        name,
+                        format!("must be a finite number in (0, 1e6], got {v}"),
+                    );
                 }
             }
         }
@@ -362,51 +420,81 @@ impl WorkloadSpec {
                 return fail("background.path", "must not be empty".into());
             }
             if !b.fraction.is_finite() || !(0.0..=0.9).contains(&b.fraction) {
-                return fail("background.fraction", format!("must be in [0, 0.9], got {}", b.fraction));
+                return fail(
+                    "background.fraction",
+                    format!("must be in [0, 0.9], got {}", b.fraction),
+                );
             }
             if !b.token_scale.is_finite() || b.token_scale <= 0.0 || b.token_scale > 1e6 {
-                return fail("background.token_scale", format!("must be a finite number in (0, 1e6], got {}", b.token_scale));
+                return fail(
+                    "background.token_scale",
+                    format!("must be a finite number in (0, 1e6], got {}", b.token_scale),
+                );
             }
         }
         if self.replay.is_some() {
             if let HintSpec::Noisy { sigma } = self.hint {
                 if !sigma.is_finite() || sigma < 0.0 {
-                    return fail("hint.sigma", format!("must be a finite number >= 0, got {sigma}"));
+                    return fail(
+                        "hint.sigma",
+                        format!("must be a finite number >= 0, got {sigma}"),
+                    );
                 }
             }
             return Ok(());
         }
         if self.arrival == Arrival::missing() {
-            return fail("arrival", "missing (required unless [replay] is given)".into());
+            return fail(
+                "arrival",
+                "missing (required unless [replay] is given)".into(),
+            );
         }
         if self.agent == AgentSpec::missing() {
-            return fail("agent", "missing (required unless [replay] is given)".into());
+            return fail(
+                "agent",
+                "missing (required unless [replay] is given)".into(),
+            );
         }
         match &self.arrival {
             Arrival::Poisson { rate_per_s } => {
                 if !rate_per_s.is_finite() || *rate_per_s <= 0.0 {
-                    return fail("arrival.rate_per_s", format!("must be a finite number > 0, got {rate_per_s}"));
+                    return fail(
+                        "arrival.rate_per_s",
+                        format!("must be a finite number > 0, got {rate_per_s}"),
+                    );
                 }
             }
             Arrival::Ramp { ramp_s } => {
                 if !ramp_s.is_finite() || *ramp_s < 0.0 {
-                    return fail("arrival.ramp_s", format!("must be a finite number >= 0, got {ramp_s}"));
+                    return fail(
+                        "arrival.ramp_s",
+                        format!("must be a finite number >= 0, got {ramp_s}"),
+                    );
                 }
             }
             Arrival::Explicit { times_s } => {
                 if times_s.is_empty() || times_s.len() > AGENTS_MAX as usize {
-                    return fail("arrival.times_s", format!("must list 1..={AGENTS_MAX} times"));
+                    return fail(
+                        "arrival.times_s",
+                        format!("must list 1..={AGENTS_MAX} times"),
+                    );
                 }
                 for (i, t) in times_s.iter().enumerate() {
                     if !t.is_finite() || *t < 0.0 {
-                        return fail(&format!("arrival.times_s[{i}]"), format!("must be a finite number >= 0, got {t}"));
+                        return fail(
+                            &format!("arrival.times_s[{i}]"),
+                            format!("must be a finite number >= 0, got {t}"),
+                        );
                     }
                 }
             }
         }
         if let HintSpec::Noisy { sigma } = self.hint {
             if !sigma.is_finite() || sigma < 0.0 {
-                return fail("hint.sigma", format!("must be a finite number >= 0, got {sigma}"));
+                return fail(
+                    "hint.sigma",
+                    format!("must be a finite number >= 0, got {sigma}"),
+                );
             }
         }
         let a = &self.agent;
@@ -417,7 +505,8 @@ impl WorkloadSpec {
             ("agent.generated_tokens", &a.generated_tokens),
             ("agent.pause_s", &a.pause_s),
         ] {
-            dist.validate(name).map_err(|(field, message)| TraceError::invalid(path, field, message))?;
+            dist.validate(name)
+                .map_err(|(field, message)| TraceError::invalid(path, field, message))?;
         }
         Ok(())
     }
@@ -471,16 +560,27 @@ sigma = 0.5
     #[test]
     fn errors_name_file_and_field() {
         let bad = GOOD.replace("low = 10.0", "low = -1.0");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
-        assert!(err.contains("w.toml") && err.contains("agent.pause_s.low"), "{err}");
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("w.toml") && err.contains("agent.pause_s.low"),
+            "{err}"
+        );
         let bad = GOOD.replace("rate_per_s = 0.2", "rate_per_s = nan");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("arrival.rate_per_s"), "{err}");
         let bad = GOOD.replace("agents = 3", "agents = 3\nsurprise = 1");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 5") && err.contains("surprise"), "{err}");
         let bad = GOOD.replace("agents = 3", "agents = \"three\"");
-        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad).unwrap_err().to_string();
+        let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("w.toml") && err.contains("line 4"), "{err}");
     }
 

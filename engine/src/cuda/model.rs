@@ -184,7 +184,11 @@ impl PinnedBuffer {
         drv("mapping pinned staging memory for the device", unsafe {
             dsys::cuMemHostGetDevicePointer_v2(&mut dev_ptr, ptr as *mut c_void, 0).result()
         })?;
-        Ok(PinnedBuffer { ptr, dev_ptr, bytes })
+        Ok(PinnedBuffer {
+            ptr,
+            dev_ptr,
+            bytes,
+        })
     }
 
     fn slice_mut<T: Copy>(&mut self, byte_offset: usize, len: usize) -> &mut [T] {
@@ -559,7 +563,11 @@ impl CudaModel {
             profiler: std::cell::RefCell::new(None),
             prefill_smem_bytes,
             use_gemv: std::env::var_os("DJINN_CUDA_NO_GEMV").is_none(),
-            gemv_min_n: if std::env::var_os("DJINN_CUDA_GEMV_ALL").is_some() { 0 } else { 8192 },
+            gemv_min_n: if std::env::var_os("DJINN_CUDA_GEMV_ALL").is_some() {
+                0
+            } else {
+                8192
+            },
             use_prefill_v1: std::env::var_os("DJINN_CUDA_PREFILL_V1").is_some(),
             memory_breakdown: plan,
         };
@@ -865,7 +873,12 @@ impl CudaModel {
             return Ok(());
         }
         let blocks = ((words as u32).div_ceil(256)).min(1024);
-        self.launch(self.kernels.copy_words, (blocks, 1, 1), (256, 1, 1), kargs![dst, src, words])
+        self.launch(
+            self.kernels.copy_words,
+            (blocks, 1, 1),
+            (256, 1, 1),
+            kargs![dst, src, words],
+        )
     }
 
     fn copy_engine_step_io() -> bool {
@@ -882,7 +895,11 @@ impl CudaModel {
                 dr::memcpy_htod_async(self.step_ptr(offset), src, self.device.stream.cu_stream())
             });
         }
-        self.copy_on_stream(self.step_ptr(offset), self.step_host.dev_ptr + offset as u64, bytes)
+        self.copy_on_stream(
+            self.step_ptr(offset),
+            self.step_host.dev_ptr + offset as u64,
+            bytes,
+        )
     }
 
     /// Enqueues one forward over `n_tokens` rows / `n_seqs` sequences whose inputs are already in

@@ -40,7 +40,11 @@ pub struct AutellixParams {
 
 impl Default for AutellixParams {
     fn default() -> Self {
-        AutellixParams { queues: 8, first_queue_service_ns: 5_000_000, starvation_beta: 4.0 }
+        AutellixParams {
+            queues: 8,
+            first_queue_service_ns: 5_000_000,
+            starvation_beta: 4.0,
+        }
     }
 }
 
@@ -57,7 +61,14 @@ pub struct Autellix {
 
 impl Autellix {
     pub fn new(placement: Placement, params: AutellixParams) -> Self {
-        Autellix { params, placement, adm: Admission::default(), ttl: TtlPinner::new(None), queue_of: BTreeMap::new(), to_place: Vec::new() }
+        Autellix {
+            params,
+            placement,
+            adm: Admission::default(),
+            ttl: TtlPinner::new(None),
+            queue_of: BTreeMap::new(),
+            to_place: Vec::new(),
+        }
     }
 
     /// The queue of an agent with `service_ns` attained service.
@@ -74,8 +85,14 @@ impl Autellix {
         let a = view.agent(agent);
         self.queue_of.insert(agent, queue);
         // Class: pinned returns first (continuum placement), then the queue index.
-        let class = if class_first { 0 } else { 1 + queue.min(200) as u8 };
-        self.adm.waiting.push_class(agent, class, a.turn_arrival.as_nanos());
+        let class = if class_first {
+            0
+        } else {
+            1 + queue.min(200) as u8
+        };
+        self.adm
+            .waiting
+            .push_class(agent, class, a.turn_arrival.as_nanos());
     }
 }
 
@@ -92,7 +109,9 @@ impl Scheduler for Autellix {
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
         match *event {
             SchedEvent::TurnArrived { agent, turn_index } => {
-                let pinned = self.placement == Placement::Continuum && turn_index > 0 && self.ttl.returned(view, agent);
+                let pinned = self.placement == Placement::Continuum
+                    && turn_index > 0
+                    && self.ttl.returned(view, agent);
                 let q = self.queue_index(view.agent(agent).attained_service_ns);
                 self.enqueue(view, agent, q, false);
                 let _ = pinned;
@@ -109,7 +128,11 @@ impl Scheduler for Autellix {
                     None => self.ttl.program_done(view.agent(agent).turn_count),
                 }
             }
-            SchedEvent::SwapDone { agent, direction: SwapDirection::Out, .. } => self.adm.swap_out_done(agent),
+            SchedEvent::SwapDone {
+                agent,
+                direction: SwapDirection::Out,
+                ..
+            } => self.adm.swap_out_done(agent),
             SchedEvent::SwapDone { .. } => {}
         }
     }
@@ -120,8 +143,13 @@ impl Scheduler for Autellix {
             if !Admission::paused_on_gpu(view, agent) {
                 continue;
             }
-            let how = if self.placement == Placement::Swap { Evict::Swap } else { Evict::Release };
-            self.adm.evict(view, agent, how, view.kv.blocks(agent), plan, &mut budget);
+            let how = if self.placement == Placement::Swap {
+                Evict::Swap
+            } else {
+                Evict::Release
+            };
+            self.adm
+                .evict(view, agent, how, view.kv.blocks(agent), plan, &mut budget);
         }
         // Anti-starvation: promote turns that waited beta x their attained service.
         let now = view.now;
@@ -130,7 +158,13 @@ impl Scheduler for Autellix {
             .iter()
             .filter(|&(&a, &q)| {
                 let rt = view.agent(a);
-                q > 0 && rt.phase == Phase::Waiting && (now.saturating_sub(rt.turn_arrival).as_nanos() as f64) >= self.params.starvation_beta * rt.attained_service_ns.max(self.params.first_queue_service_ns) as f64
+                q > 0
+                    && rt.phase == Phase::Waiting
+                    && (now.saturating_sub(rt.turn_arrival).as_nanos() as f64)
+                        >= self.params.starvation_beta
+                            * rt.attained_service_ns
+                                .max(self.params.first_queue_service_ns)
+                                as f64
             })
             .map(|(&a, _)| a)
             .collect();
@@ -165,7 +199,14 @@ mod tests {
 
     #[test]
     fn queues_double() {
-        let a = Autellix::new(Placement::Vllm, AutellixParams { queues: 4, first_queue_service_ns: 10, starvation_beta: 2.0 });
+        let a = Autellix::new(
+            Placement::Vllm,
+            AutellixParams {
+                queues: 4,
+                first_queue_service_ns: 10,
+                starvation_beta: 2.0,
+            },
+        );
         assert_eq!(a.queue_index(0), 0);
         assert_eq!(a.queue_index(9), 0);
         assert_eq!(a.queue_index(10), 1);

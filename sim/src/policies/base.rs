@@ -14,7 +14,10 @@ use crate::ids::AgentId;
 use crate::kv::KvState;
 use crate::sched::{Phase, SchedView, StepPlan};
 
-use super::common::{build_batch, need_blocks, never_fits, ready_to_commit, reserved_growth, WaitQueue, COMMIT_SCAN_MAX};
+use super::common::{
+    build_batch, need_blocks, never_fits, ready_to_commit, reserved_growth, WaitQueue,
+    COMMIT_SCAN_MAX,
+};
 
 /// How a paused agent's KV leaves the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,12 +67,22 @@ impl Admission {
 
     /// True when a paused agent's KV sits wholly on the GPU (keepable, evictable).
     pub fn paused_on_gpu(view: &SchedView, agent: AgentId) -> bool {
-        view.agent(agent).phase == Phase::Paused && view.kv.state(agent) == KvState::Gpu && view.kv.blocks(agent) > 0
+        view.agent(agent).phase == Phase::Paused
+            && view.kv.state(agent) == KvState::Gpu
+            && view.kv.blocks(agent) > 0
     }
 
     /// Takes the last `blocks` GPU blocks of a paused agent off the GPU (all for drop and
     /// release). Returns the way it actually went (a swap with no host room becomes a drop).
-    pub fn evict(&mut self, view: &SchedView, agent: AgentId, how: Evict, blocks: u32, plan: &mut StepPlan, budget: &mut Budget) -> Evict {
+    pub fn evict(
+        &mut self,
+        view: &SchedView,
+        agent: AgentId,
+        how: Evict,
+        blocks: u32,
+        plan: &mut StepPlan,
+        budget: &mut Budget,
+    ) -> Evict {
         let on_gpu = view.kv.gpu_blocks_held(agent);
         match how {
             Evict::Swap if (blocks.min(on_gpu) as i64) <= budget.host_free && blocks > 0 => {
@@ -116,12 +129,23 @@ impl Admission {
 
     /// Evicts paused agents from `victims` (in order) until `deficit` blocks are freed or on
     /// their way. Returns what is left of the deficit.
-    pub fn evict_for(&mut self, view: &SchedView, mut deficit: i64, victims: &[(AgentId, Evict)], plan: &mut StepPlan, budget: &mut Budget) -> i64 {
+    pub fn evict_for(
+        &mut self,
+        view: &SchedView,
+        mut deficit: i64,
+        victims: &[(AgentId, Evict)],
+        plan: &mut StepPlan,
+        budget: &mut Budget,
+    ) -> i64 {
         for &(agent, how) in victims {
             if deficit <= 0 {
                 break;
             }
-            if !Self::paused_on_gpu(view, agent) || plan.drop.iter().any(|d| d.0 == agent) || plan.swap_out.iter().any(|s| s.0 == agent) || plan.release.contains(&agent) {
+            if !Self::paused_on_gpu(view, agent)
+                || plan.drop.iter().any(|d| d.0 == agent)
+                || plan.swap_out.iter().any(|s| s.0 == agent)
+                || plan.release.contains(&agent)
+            {
                 continue;
             }
             deficit -= view.kv.gpu_blocks_held(agent) as i64;
@@ -133,11 +157,19 @@ impl Admission {
     /// Commits waiting turns in queue order while their whole turn fits, then builds the batch.
     /// When the head does not fit and nothing runs or moves, paused agents are evicted in
     /// `victims` order (the stall rule); a head that still cannot fit is rejected.
-    pub fn admit(&mut self, view: &SchedView, plan: &mut StepPlan, budget: &mut Budget, victims: &[(AgentId, Evict)]) {
+    pub fn admit(
+        &mut self,
+        view: &SchedView,
+        plan: &mut StepPlan,
+        budget: &mut Budget,
+        victims: &[(AgentId, Evict)],
+    ) {
         let mut avail = budget.free - self.reserved(view);
         let mut blocked = self.commit(view, plan, &mut avail);
         if let Some((head, need)) = blocked {
-            let nothing_moves = self.committed.is_empty() && view.kv.swaps_in_flight() == 0 && plan.swap_out.is_empty();
+            let nothing_moves = self.committed.is_empty()
+                && view.kv.swaps_in_flight() == 0
+                && plan.swap_out.is_empty();
             if nothing_moves && !never_fits(view, head) {
                 let before = budget.free;
                 let left = self.evict_for(view, need as i64 - avail, victims, plan, budget);
@@ -150,7 +182,11 @@ impl Admission {
         // Reject every head that cannot fit while nothing can free memory (all in this plan: one
         // rejection per plan would spin the run loop at one instant).
         while let Some((head, _)) = blocked {
-            let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0 && plan.swap_out.is_empty() && plan.drop.is_empty() && plan.release.is_empty();
+            let nothing_can_free = self.committed.is_empty()
+                && view.kv.swaps_in_flight() == 0
+                && plan.swap_out.is_empty()
+                && plan.drop.is_empty()
+                && plan.release.is_empty();
             if !(self.waiting.contains(head) && (never_fits(view, head) || nothing_can_free)) {
                 break;
             }
@@ -165,7 +201,12 @@ impl Admission {
         } else {
             // A reclaim lands when the plan is applied, after the view was taken: the agent's
             // pending tokens are known from the next step on.
-            let ready: Vec<AgentId> = self.committed.iter().copied().filter(|a| !plan.reclaim.contains(a)).collect();
+            let ready: Vec<AgentId> = self
+                .committed
+                .iter()
+                .copied()
+                .filter(|a| !plan.reclaim.contains(a))
+                .collect();
             build_batch(view, &ready, plan);
             // Plan again at this instant (without compute the run loop would otherwise move on
             // to the next event).
@@ -174,11 +215,20 @@ impl Admission {
     }
 
     /// Strict in-order commit; returns the head that did not fit, with its need.
-    fn commit(&mut self, view: &SchedView, plan: &mut StepPlan, avail: &mut i64) -> Option<(AgentId, u32)> {
+    fn commit(
+        &mut self,
+        view: &SchedView,
+        plan: &mut StepPlan,
+        avail: &mut i64,
+    ) -> Option<(AgentId, u32)> {
         let mut skipped = 0usize;
         for _ in 0..COMMIT_SCAN_MAX {
-            let Some(agent) = self.waiting.iter().nth(skipped) else { break };
-            let acted_on = plan.drop.iter().any(|d| d.0 == agent) || plan.swap_out.iter().any(|s| s.0 == agent) || plan.release.contains(&agent);
+            let Some(agent) = self.waiting.iter().nth(skipped) else {
+                break;
+            };
+            let acted_on = plan.drop.iter().any(|d| d.0 == agent)
+                || plan.swap_out.iter().any(|s| s.0 == agent)
+                || plan.release.contains(&agent);
             if !ready_to_commit(view, agent) || acted_on {
                 skipped += 1;
                 continue;

@@ -99,7 +99,10 @@ pub fn need_blocks(view: &SchedView, agent: AgentId) -> u32 {
 
 /// Blocks the committed agents will still allocate to finish their turns.
 pub fn reserved_growth(view: &SchedView, committed: &[AgentId]) -> u32 {
-    committed.iter().map(|&a| view.growth_blocks_to_finish(a)).sum()
+    committed
+        .iter()
+        .map(|&a| view.growth_blocks_to_finish(a))
+        .sum()
 }
 
 /// Adds decodes for every resident, decoding committed agent, then prefill chunks in order, within
@@ -128,7 +131,10 @@ pub fn build_batch(view: &SchedView, committed: &[AgentId], plan: &mut StepPlan)
                 continue;
             }
             let chunk = pending.min(tokens_left as u32);
-            plan.prefill.push(PrefillOrder { agent, tokens: chunk });
+            plan.prefill.push(PrefillOrder {
+                agent,
+                tokens: chunk,
+            });
             tokens_left -= chunk as i64;
             seqs_left -= 1;
         }
@@ -179,7 +185,9 @@ pub fn commit_waiting(
     // are stepped over; more turns than COMMIT_SCAN_MAX could never be committed at once.
     let mut skipped = 0usize;
     for _ in 0..COMMIT_SCAN_MAX {
-        let Some(agent) = waiting.iter().nth(skipped) else { break };
+        let Some(agent) = waiting.iter().nth(skipped) else {
+            break;
+        };
         // Not ready, or already acted on by this plan (e.g. evicted): step over it.
         if !ready_to_commit(view, agent) || skip.contains(&agent) {
             skipped += 1;

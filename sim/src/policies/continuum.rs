@@ -47,7 +47,10 @@ pub struct TtlPinner {
 
 impl TtlPinner {
     pub fn new(fixed_ttl_ns: Option<u64>) -> Self {
-        TtlPinner { fixed_ttl_ns, ..Default::default() }
+        TtlPinner {
+            fixed_ttl_ns,
+            ..Default::default()
+        }
     }
 
     /// The TTL for a context of `context_tokens` of an agent at `turn_index`.
@@ -68,7 +71,11 @@ impl TtlPinner {
     /// `argmax F(tau) * B - tau` over {0} and the samples; the exponential prior at cold start.
     pub fn best_ttl_ns(samples: &VecDeque<u64>, benefit_ns: f64) -> u64 {
         if samples.len() < COLD_START_SAMPLES {
-            return if benefit_ns > PRIOR_MEAN_NS { ((benefit_ns / PRIOR_MEAN_NS).ln() * PRIOR_MEAN_NS) as u64 } else { 0 };
+            return if benefit_ns > PRIOR_MEAN_NS {
+                ((benefit_ns / PRIOR_MEAN_NS).ln() * PRIOR_MEAN_NS) as u64
+            } else {
+                0
+            };
         }
         let mut sorted: Vec<u64> = samples.iter().copied().collect();
         sorted.sort_unstable();
@@ -128,13 +135,22 @@ impl TtlPinner {
     /// A turn was committed: a returning agent that lost its pin reports its queueing delay.
     pub fn committed(&mut self, view: &SchedView, agent: AgentId) {
         if self.unpinned.remove(&agent) {
-            let q = view.now.saturating_sub(view.agent(agent).turn_arrival).as_nanos() as f64;
+            let q = view
+                .now
+                .saturating_sub(view.agent(agent).turn_arrival)
+                .as_nanos() as f64;
             self.tq_ns = TQ_ALPHA * q + (1.0 - TQ_ALPHA) * self.tq_ns;
         }
     }
 
     /// Releases expired pins, then unpins latest-arriving agents while waiting turns lack memory.
-    pub fn plan(&mut self, view: &SchedView, adm: &mut Admission, plan: &mut StepPlan, budget: &mut Budget) {
+    pub fn plan(
+        &mut self,
+        view: &SchedView,
+        adm: &mut Admission,
+        plan: &mut StepPlan,
+        budget: &mut Budget,
+    ) {
         let now = view.now.as_nanos();
         while let Some(&(expire, agent)) = self.expiry.iter().next() {
             if expire > now {
@@ -151,14 +167,25 @@ impl TtlPinner {
             return;
         }
         let total = view.kv.gpu_blocks_total() as i64;
-        let committed_held: i64 = adm.committed.iter().map(|&a| view.kv.gpu_blocks_held(a) as i64).sum();
+        let committed_held: i64 = adm
+            .committed
+            .iter()
+            .map(|&a| view.kv.gpu_blocks_held(a) as i64)
+            .sum();
         let reserved = adm.reserved(view);
         let demand = adm.waiting_demand(view, total - committed_held - reserved);
         let deficit = demand - (budget.free - reserved) - budget.freeing;
         if deficit > 0 {
-            let mut victims: Vec<(u64, AgentId)> = self.pinned.keys().map(|&a| (view.agent(a).first_arrival.as_nanos(), a)).collect();
+            let mut victims: Vec<(u64, AgentId)> = self
+                .pinned
+                .keys()
+                .map(|&a| (view.agent(a).first_arrival.as_nanos(), a))
+                .collect();
             victims.sort_unstable_by(|x, y| y.cmp(x));
-            let victims: Vec<(AgentId, Evict)> = victims.into_iter().map(|(_, a)| (a, Evict::Release)).collect();
+            let victims: Vec<(AgentId, Evict)> = victims
+                .into_iter()
+                .map(|(_, a)| (a, Evict::Release))
+                .collect();
             let before: Vec<AgentId> = plan.release.clone();
             adm.evict_for(view, deficit, &victims, plan, budget);
             for &a in plan.release.iter().filter(|a| !before.contains(a)) {
@@ -170,7 +197,11 @@ impl TtlPinner {
 
     /// Victims for the stall rule: pinned agents, latest-arriving first.
     pub fn victims(&self, view: &SchedView) -> Vec<(AgentId, Evict)> {
-        let mut v: Vec<(u64, AgentId)> = self.pinned.keys().map(|&a| (view.agent(a).first_arrival.as_nanos(), a)).collect();
+        let mut v: Vec<(u64, AgentId)> = self
+            .pinned
+            .keys()
+            .map(|&a| (view.agent(a).first_arrival.as_nanos(), a))
+            .collect();
         v.sort_unstable_by(|x, y| y.cmp(x));
         v.into_iter().map(|(_, a)| (a, Evict::Release)).collect()
     }
@@ -198,13 +229,22 @@ pub const FIXED_TTL_NS: u64 = 2_000_000_000;
 
 impl Continuum {
     pub fn new(fixed: bool) -> Self {
-        Continuum { adm: Admission::default(), ttl: TtlPinner::new(fixed.then_some(FIXED_TTL_NS)), fixed }
+        Continuum {
+            adm: Admission::default(),
+            ttl: TtlPinner::new(fixed.then_some(FIXED_TTL_NS)),
+            fixed,
+        }
     }
 }
 
 impl Scheduler for Continuum {
     fn name(&self) -> String {
-        if self.fixed { "continuum-fixed" } else { "continuum" }.into()
+        if self.fixed {
+            "continuum-fixed"
+        } else {
+            "continuum"
+        }
+        .into()
     }
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
@@ -212,7 +252,11 @@ impl Scheduler for Continuum {
             SchedEvent::TurnArrived { agent, turn_index } => {
                 let was_pinned = turn_index > 0 && self.ttl.returned(view, agent);
                 let class = if was_pinned { 0 } else { 1 };
-                self.adm.waiting.push_class(agent, class, view.agent(agent).first_arrival.as_nanos());
+                self.adm.waiting.push_class(
+                    agent,
+                    class,
+                    view.agent(agent).first_arrival.as_nanos(),
+                );
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.adm.turn_finished(agent);
@@ -223,7 +267,11 @@ impl Scheduler for Continuum {
                     None => self.ttl.program_done(view.agent(agent).turn_count),
                 }
             }
-            SchedEvent::SwapDone { agent, direction: SwapDirection::Out, .. } => self.adm.swap_out_done(agent),
+            SchedEvent::SwapDone {
+                agent,
+                direction: SwapDirection::Out,
+                ..
+            } => self.adm.swap_out_done(agent),
             SchedEvent::SwapDone { .. } => {}
         }
     }
@@ -239,7 +287,11 @@ impl Scheduler for Continuum {
             let agent = self.adm.committed[i];
             self.ttl.committed(view, agent);
         }
-        debug_assert!(self.adm.committed.iter().all(|&a| view.agent(a).phase != Phase::Paused));
+        debug_assert!(self
+            .adm
+            .committed
+            .iter()
+            .all(|&a| view.agent(a).phase != Phase::Paused));
     }
 }
 
@@ -250,9 +302,16 @@ mod tests {
     #[test]
     fn cold_start_uses_the_exponential_prior() {
         let none = VecDeque::new();
-        assert_eq!(TtlPinner::best_ttl_ns(&none, 0.5e9), 0, "B <= 1 s: do not pin");
+        assert_eq!(
+            TtlPinner::best_ttl_ns(&none, 0.5e9),
+            0,
+            "B <= 1 s: do not pin"
+        );
         let tau = TtlPinner::best_ttl_ns(&none, 3e9);
-        assert!((tau as f64 - 3f64.ln() * 1e9).abs() < 1e3, "tau = ln(3) s, got {tau}");
+        assert!(
+            (tau as f64 - 3f64.ln() * 1e9).abs() < 1e3,
+            "tau = ln(3) s, got {tau}"
+        );
     }
 
     #[test]
@@ -261,7 +320,11 @@ mod tests {
         // 0.8 * 5 - 0.1 = 3.9 s, pinning for 30 s is worth 5 - 30 < 0.
         let mut s = VecDeque::new();
         for i in 0..100 {
-            s.push_back(if i % 5 == 0 { 30_000_000_000 } else { 100_000_000 });
+            s.push_back(if i % 5 == 0 {
+                30_000_000_000
+            } else {
+                100_000_000
+            });
         }
         assert_eq!(TtlPinner::best_ttl_ns(&s, 5e9), 100_000_000);
         // With a huge B pinning through the long mode pays.

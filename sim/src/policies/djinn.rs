@@ -32,8 +32,11 @@ use crate::kv::{KvState, SwapDirection};
 use crate::sched::{Phase, SchedEvent, SchedView, Scheduler, StepPlan};
 use crate::time::SimTime;
 
+use super::common::{
+    build_batch, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth,
+    WaitQueue,
+};
 use super::predict::{PausePredictor, PredictorMode};
-use super::common::{build_batch, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth, WaitQueue};
 
 /// Tunables of the semantic policy (defaults are what the shipped comparisons use).
 #[derive(Clone, Debug, PartialEq)]
@@ -203,7 +206,12 @@ impl Default for Djinn {
 
 impl Scheduler for Djinn {
     fn name(&self) -> String {
-        if self.params.knows_true_pauses { "oracle" } else { "djinn" }.into()
+        if self.params.knows_true_pauses {
+            "oracle"
+        } else {
+            "djinn"
+        }
+        .into()
     }
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
@@ -218,7 +226,8 @@ impl Scheduler for Djinn {
                     self.predicted_return.remove(&agent);
                     self.fresh.retain(|&a| a != agent);
                     let a = view.agent(agent);
-                    self.predictor.observe(agent, a.turn_arrival - a.pause_started);
+                    self.predictor
+                        .observe(agent, a.turn_arrival - a.pause_started);
                 }
                 let a = view.agent(agent);
                 let key = match self.params.order {
@@ -234,7 +243,11 @@ impl Scheduler for Djinn {
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
                 if let Some(p) = pause {
-                    let predicted_ns = if self.params.knows_true_pauses { Some(p.true_ns_for_oracle) } else { self.predictor.predict(agent, p.hint_ns) };
+                    let predicted_ns = if self.params.knows_true_pauses {
+                        Some(p.true_ns_for_oracle)
+                    } else {
+                        self.predictor.predict(agent, p.hint_ns)
+                    };
                     let predicted_return = predicted_ns.map(|d| view.now + d);
                     self.predicted_return.insert(agent, predicted_return);
                     let key = self.return_key(agent);
@@ -242,7 +255,8 @@ impl Scheduler for Djinn {
                     // A pause-start swap is taken on a told pause only: a history average of
                     // bimodal pauses predicts neither mode, and acting on it swaps out agents
                     // back in milliseconds. Predictions from history still order evictions.
-                    let told = self.params.knows_true_pauses || (self.params.predictor == PredictorMode::Hint && p.hint_ns.is_some());
+                    let told = self.params.knows_true_pauses
+                        || (self.params.predictor == PredictorMode::Hint && p.hint_ns.is_some());
                     if told || !self.params.queue_aware {
                         self.fresh.push(agent);
                     }
@@ -321,9 +335,17 @@ impl Scheduler for Djinn {
 
         // When turns queue, a returning agent waits before it runs: its KV is needed that much
         // later, so keeping it resident through the wait is wasted memory.
-        let queue_wait = if self.params.queue_aware { self.queue_wait_ns as u64 } else { 0 };
+        let queue_wait = if self.params.queue_aware {
+            self.queue_wait_ns as u64
+        } else {
+            0
+        };
 
-        let mut out_backlog = if self.params.queue_aware { view.swap_out_busy_until.saturating_sub(now).as_nanos() } else { 0 };
+        let mut out_backlog = if self.params.queue_aware {
+            view.swap_out_busy_until.saturating_sub(now).as_nanos()
+        } else {
+            0
+        };
 
         // 1. Pause-start decisions.
         for agent in std::mem::take(&mut self.fresh) {
@@ -342,7 +364,10 @@ impl Scheduler for Djinn {
                 let remaining = ret.saturating_sub(now).as_nanos();
                 // The copy starts only after the device-to-host backlog: a swap that cannot
                 // finish and come back before the return only delays the agent.
-                if remaining >= round_trip + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks)) + out_backlog
+                if remaining
+                    >= round_trip
+                        + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
+                        + out_backlog
                     && (!self.params.queue_aware || blocks as i64 <= budget.host_free)
                 {
                     // Ahead of need only a swap pays: a drop here would buy recompute for memory
@@ -359,7 +384,11 @@ impl Scheduler for Djinn {
         let mut deficit = waiting_demand + watermark - (budget.free - reserved) - budget.freeing;
         // What the first waiting turn alone lacks: when the host is full an eviction is a drop
         // (recompute later), worth it only for the turn that runs next.
-        let head_need = self.waiting.iter().find(|&a| ready_to_commit(view, a)).map_or(0, |h| need_blocks(view, h) as i64);
+        let head_need = self
+            .waiting
+            .iter()
+            .find(|&a| ready_to_commit(view, a))
+            .map_or(0, |h| need_blocks(view, h) as i64);
         let mut head_lack = head_need - (budget.free - reserved) - budget.freeing;
         while deficit > 0 {
             let Some(&(key, agent)) = self.resident_paused.iter().next_back() else {
@@ -417,7 +446,9 @@ impl Scheduler for Djinn {
             }
         }
         let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
-        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64) - (budget.free - reserved) - budget.freeing;
+        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
+            - (budget.free - reserved)
+            - budget.freeing;
         if head_deficit > 0 && self.committed.is_empty() {
             // Lowest priority first: the parked agents latest in the queue.
             let mut parked: Vec<(u64, AgentId)> = self
@@ -508,8 +539,11 @@ impl Scheduler for Djinn {
             .or(blocked);
         }
         for &agent in &self.committed[committed_before..] {
-            let waited = now.saturating_sub(view.agent(agent).turn_arrival).as_nanos() as f64;
-            self.queue_wait_ns = QUEUE_WAIT_ALPHA * waited + (1.0 - QUEUE_WAIT_ALPHA) * self.queue_wait_ns;
+            let waited = now
+                .saturating_sub(view.agent(agent).turn_arrival)
+                .as_nanos() as f64;
+            self.queue_wait_ns =
+                QUEUE_WAIT_ALPHA * waited + (1.0 - QUEUE_WAIT_ALPHA) * self.queue_wait_ns;
         }
         if let Some((head, _)) = blocked {
             let evictable = !self.resident_paused.is_empty();
@@ -522,7 +556,10 @@ impl Scheduler for Djinn {
             // copy lands (rejecting it mid-copy asked the mechanism for the impossible; found by
             // the property tests).
             let moving = matches!(kv.state(head), KvState::SwappingIn | KvState::SwappingOut);
-            if self.waiting.contains(head) && !moving && (never_fits(view, head) || nothing_can_free) {
+            if self.waiting.contains(head)
+                && !moving
+                && (never_fits(view, head) || nothing_can_free)
+            {
                 self.waiting.remove(head);
                 plan.reject.push(head);
             }

@@ -51,12 +51,21 @@ pub struct InferCept {
 
 impl InferCept {
     pub fn new(heuristic: bool, mode: PredictorMode) -> Self {
-        InferCept { heuristic, adm: Admission::default(), predictor: PausePredictor::new(mode), paused: BTreeMap::new(), fresh: Vec::new() }
+        InferCept {
+            heuristic,
+            adm: Admission::default(),
+            predictor: PausePredictor::new(mode),
+            paused: BTreeMap::new(),
+            fresh: Vec::new(),
+        }
     }
 
     /// The remaining pause believed now.
     fn remaining_ns(view: &SchedView, agent: AgentId, predicted: Option<u64>) -> u64 {
-        let elapsed = view.now.saturating_sub(view.agent(agent).pause_started).as_nanos();
+        let elapsed = view
+            .now
+            .saturating_sub(view.agent(agent).pause_started)
+            .as_nanos();
         match predicted {
             Some(d) => d.saturating_sub(elapsed),
             None => elapsed,
@@ -64,30 +73,65 @@ impl InferCept {
     }
 
     /// The min-waste quantities for a paused agent with `context` tokens.
-    pub fn wastes(view: &SchedView, context: u32, remaining_ns: u64, running_tokens: u32) -> Wastes {
+    pub fn wastes(
+        view: &SchedView,
+        context: u32,
+        remaining_ns: u64,
+        running_tokens: u32,
+    ) -> Wastes {
         let bytes = context as f64 * view.costs.kv_bytes_per_token as f64;
-        let saturation = (view.costs.decode_step_ns / view.costs.prefill_ns_per_token.max(1e-9)).max(1.0) as u32;
+        let saturation =
+            (view.costs.decode_step_ns / view.costs.prefill_ns_per_token.max(1e-9)).max(1.0) as u32;
         let chunk = saturation.saturating_sub(running_tokens).max(1);
         let iterations = context.div_ceil(chunk) as f64;
-        Wastes { preserve: remaining_ns as f64 * bytes, discard: iterations * view.costs.decode_step_ns * bytes }
+        Wastes {
+            preserve: remaining_ns as f64 * bytes,
+            discard: iterations * view.costs.decode_step_ns * bytes,
+        }
     }
 
-    fn plan_min_waste(&mut self, view: &SchedView, plan: &mut StepPlan, budget: &mut super::base::Budget) {
-        let running_tokens: u32 = self.adm.committed.iter().map(|&a| if view.is_decoding(a) { 1 } else { view.pending_tokens(a) }).sum();
+    fn plan_min_waste(
+        &mut self,
+        view: &SchedView,
+        plan: &mut StepPlan,
+        budget: &mut super::base::Budget,
+    ) {
+        let running_tokens: u32 = self
+            .adm
+            .committed
+            .iter()
+            .map(|&a| {
+                if view.is_decoding(a) {
+                    1
+                } else {
+                    view.pending_tokens(a)
+                }
+            })
+            .sum();
         // Blocks the device-to-host channel can move within one iteration, less its backlog.
         let t_iter = view.costs.decode_step_ns;
         let backlog = view.swap_out_busy_until.saturating_sub(view.now).as_nanos() as f64;
         let budget_ns = (t_iter - backlog).max(0.0);
-        let mut swap_blocks = (budget_ns * 1e-9 * view.costs.swap_out_bandwidth_bytes_per_s / view.costs.block_bytes as f64).floor() as i64;
+        let mut swap_blocks = (budget_ns * 1e-9 * view.costs.swap_out_bandwidth_bytes_per_s
+            / view.costs.block_bytes as f64)
+            .floor() as i64;
         let mut candidates: Vec<(f64, AgentId, Wastes)> = Vec::new();
         for (&agent, &predicted) in &self.paused {
             let on_gpu = view.kv.gpu_blocks_held(agent);
             let state = view.kv.state(agent);
-            if view.agent(agent).phase != Phase::Paused || on_gpu == 0 || !matches!(state, KvState::Gpu | KvState::Host) {
+            if view.agent(agent).phase != Phase::Paused
+                || on_gpu == 0
+                || !matches!(state, KvState::Gpu | KvState::Host)
+            {
                 continue;
             }
             let context = on_gpu * view.kv.block_size_tokens();
-            let w = Self::wastes(view, context, Self::remaining_ns(view, agent, predicted), running_tokens);
+            let w = Self::wastes(
+                view,
+                context,
+                Self::remaining_ns(view, agent, predicted),
+                running_tokens,
+            );
             candidates.push((w.preserve.min(w.discard), agent, w));
         }
         // Largest waste first; ties by agent id (deterministic).
@@ -104,7 +148,12 @@ impl InferCept {
         }
     }
 
-    fn plan_heuristic(&mut self, view: &SchedView, plan: &mut StepPlan, budget: &mut super::base::Budget) {
+    fn plan_heuristic(
+        &mut self,
+        view: &SchedView,
+        plan: &mut StepPlan,
+        budget: &mut super::base::Budget,
+    ) {
         for agent in std::mem::take(&mut self.fresh) {
             if !Admission::paused_on_gpu(view, agent) {
                 continue;
@@ -114,7 +163,14 @@ impl InferCept {
                     self.adm.evict(view, agent, Evict::Drop, 0, plan, budget);
                 }
                 Some(d) if d >= HEURISTIC_PRESERVE_BELOW_NS => {
-                    self.adm.evict(view, agent, Evict::Swap, view.kv.blocks(agent), plan, budget);
+                    self.adm.evict(
+                        view,
+                        agent,
+                        Evict::Swap,
+                        view.kv.blocks(agent),
+                        plan,
+                        budget,
+                    );
                 }
                 _ => {}
             }
@@ -124,7 +180,12 @@ impl InferCept {
 
 impl Scheduler for InferCept {
     fn name(&self) -> String {
-        if self.heuristic { "infercept-h" } else { "infercept" }.into()
+        if self.heuristic {
+            "infercept-h"
+        } else {
+            "infercept"
+        }
+        .into()
     }
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
@@ -132,20 +193,28 @@ impl Scheduler for InferCept {
             SchedEvent::TurnArrived { agent, turn_index } => {
                 if turn_index > 0 {
                     let a = view.agent(agent);
-                    self.predictor.observe(agent, a.turn_arrival - a.pause_started);
+                    self.predictor
+                        .observe(agent, a.turn_arrival - a.pause_started);
                     self.paused.remove(&agent);
                     self.fresh.retain(|&x| x != agent);
                 }
-                self.adm.waiting.push(agent, view.agent(agent).first_arrival.as_nanos());
+                self.adm
+                    .waiting
+                    .push(agent, view.agent(agent).first_arrival.as_nanos());
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.adm.turn_finished(agent);
                 if let Some(p) = pause {
-                    self.paused.insert(agent, self.predictor.predict(agent, p.hint_ns));
+                    self.paused
+                        .insert(agent, self.predictor.predict(agent, p.hint_ns));
                     self.fresh.push(agent);
                 }
             }
-            SchedEvent::SwapDone { agent, direction: SwapDirection::Out, .. } => self.adm.swap_out_done(agent),
+            SchedEvent::SwapDone {
+                agent,
+                direction: SwapDirection::Out,
+                ..
+            } => self.adm.swap_out_done(agent),
             SchedEvent::SwapDone { .. } => {}
         }
     }
@@ -162,10 +231,18 @@ impl Scheduler for InferCept {
             .paused
             .iter()
             .filter(|&(&a, _)| Admission::paused_on_gpu(view, a))
-            .map(|(&a, &p)| (p.map_or(u64::MAX, |d| view.agent(a).pause_started.as_nanos().saturating_add(d)), a))
+            .map(|(&a, &p)| {
+                (
+                    p.map_or(u64::MAX, |d| {
+                        view.agent(a).pause_started.as_nanos().saturating_add(d)
+                    }),
+                    a,
+                )
+            })
             .collect();
         victims.sort_unstable_by(|x, y| y.cmp(x));
-        let victims: Vec<(AgentId, Evict)> = victims.into_iter().map(|(_, a)| (a, Evict::Swap)).collect();
+        let victims: Vec<(AgentId, Evict)> =
+            victims.into_iter().map(|(_, a)| (a, Evict::Swap)).collect();
         self.adm.admit(view, plan, &mut budget, &victims);
         // A returning agent partly on the host is swapped in when committed; min-waste works on
         // paused agents only, so a partly swapped agent that returned leaves the paused set above.
@@ -193,7 +270,15 @@ mod tests {
             prefill_ns_per_token: 20_000.0,
             decode_step_ns: 5_000_000.0,
         };
-        let view = SchedView { now: SimTime::ZERO, kv: &kv, agents: &agents, config: &config, costs: &costs, swap_out_busy_until: SimTime::ZERO, swap_in_busy_until: SimTime::ZERO };
+        let view = SchedView {
+            now: SimTime::ZERO,
+            kv: &kv,
+            agents: &agents,
+            config: &config,
+            costs: &costs,
+            swap_out_busy_until: SimTime::ZERO,
+            swap_in_busy_until: SimTime::ZERO,
+        };
         // S = 5 ms / 20 us = 250 tokens per iteration; 2000 tokens = 8 iterations = 40 ms.
         let short = InferCept::wastes(&view, 2000, 10_000_000, 0);
         assert!(short.preserve < short.discard);

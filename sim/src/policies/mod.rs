@@ -60,7 +60,12 @@ impl PolicyKind {
         PolicyKind::Oracle,
     ];
     /// The four policies of the original comparison (the default of `djinn simulate`).
-    pub const DEFAULT_SET: [PolicyKind; 4] = [PolicyKind::Djinn, PolicyKind::Vllm, PolicyKind::Pin, PolicyKind::Swap];
+    pub const DEFAULT_SET: [PolicyKind; 4] = [
+        PolicyKind::Djinn,
+        PolicyKind::Vllm,
+        PolicyKind::Pin,
+        PolicyKind::Swap,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -91,7 +96,13 @@ impl PolicyKind {
 
     /// True for policies whose decisions use pause hints (they run with every predictor).
     pub fn uses_hints(self) -> bool {
-        matches!(self, PolicyKind::Djinn | PolicyKind::InferCept | PolicyKind::InferCeptH | PolicyKind::NextUse)
+        matches!(
+            self,
+            PolicyKind::Djinn
+                | PolicyKind::InferCept
+                | PolicyKind::InferCeptH
+                | PolicyKind::NextUse
+        )
     }
 
     /// A fresh scheduler of this kind with default parameters.
@@ -101,7 +112,10 @@ impl PolicyKind {
 
     pub fn build_with(self, options: PolicyOptions) -> Box<dyn Scheduler + Send> {
         match self {
-            PolicyKind::Djinn => Box::new(djinn::Djinn::new(djinn::DjinnParams { predictor: options.predictor, ..Default::default() })),
+            PolicyKind::Djinn => Box::new(djinn::Djinn::new(djinn::DjinnParams {
+                predictor: options.predictor,
+                ..Default::default()
+            })),
             PolicyKind::Vllm => Box::new(vllm::Vllm::new(true)),
             PolicyKind::VllmNoApc => Box::new(vllm::Vllm::new(false)),
             PolicyKind::Pin => Box::new(pin::Pin::default()),

@@ -30,7 +30,13 @@ pub struct NextUse {
 
 impl NextUse {
     pub fn new(mode: PredictorMode) -> Self {
-        NextUse { adm: Admission::default(), predictor: PausePredictor::new(mode), predicted_return: BTreeMap::new(), by_return: BTreeSet::new(), fresh: Vec::new() }
+        NextUse {
+            adm: Admission::default(),
+            predictor: PausePredictor::new(mode),
+            predicted_return: BTreeMap::new(),
+            by_return: BTreeSet::new(),
+            fresh: Vec::new(),
+        }
     }
 
     fn forget(&mut self, agent: AgentId) {
@@ -50,22 +56,32 @@ impl Scheduler for NextUse {
             SchedEvent::TurnArrived { agent, turn_index } => {
                 if turn_index > 0 {
                     let a = view.agent(agent);
-                    self.predictor.observe(agent, a.turn_arrival - a.pause_started);
+                    self.predictor
+                        .observe(agent, a.turn_arrival - a.pause_started);
                     self.forget(agent);
                     self.fresh.retain(|&x| x != agent);
                 }
-                self.adm.waiting.push(agent, view.agent(agent).turn_arrival.as_nanos());
+                self.adm
+                    .waiting
+                    .push(agent, view.agent(agent).turn_arrival.as_nanos());
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.adm.turn_finished(agent);
                 if let Some(p) = pause {
-                    let ret = self.predictor.predict(agent, p.hint_ns).map_or(u64::MAX, |d| view.now.as_nanos().saturating_add(d));
+                    let ret = self
+                        .predictor
+                        .predict(agent, p.hint_ns)
+                        .map_or(u64::MAX, |d| view.now.as_nanos().saturating_add(d));
                     self.predicted_return.insert(agent, ret);
                     self.by_return.insert((ret, agent));
                     self.fresh.push(agent);
                 }
             }
-            SchedEvent::SwapDone { agent, direction: SwapDirection::Out, .. } => self.adm.swap_out_done(agent),
+            SchedEvent::SwapDone {
+                agent,
+                direction: SwapDirection::Out,
+                ..
+            } => self.adm.swap_out_done(agent),
             SchedEvent::SwapDone { .. } => {}
         }
     }
@@ -79,22 +95,47 @@ impl Scheduler for NextUse {
             if !Admission::paused_on_gpu(view, agent) {
                 continue;
             }
-            let ret = self.predicted_return.get(&agent).copied().unwrap_or(u64::MAX);
+            let ret = self
+                .predicted_return
+                .get(&agent)
+                .copied()
+                .unwrap_or(u64::MAX);
             let blocks = view.kv.blocks(agent);
-            let t_swap = view.costs.swap_out_ns(blocks).max(view.costs.swap_in_ns(blocks));
-            if ret != u64::MAX && ret.saturating_sub(now) > 2 * t_swap + t_iter && blocks as i64 <= budget.host_free {
-                self.adm.evict(view, agent, Evict::Swap, blocks, plan, &mut budget);
+            let t_swap = view
+                .costs
+                .swap_out_ns(blocks)
+                .max(view.costs.swap_in_ns(blocks));
+            if ret != u64::MAX
+                && ret.saturating_sub(now) > 2 * t_swap + t_iter
+                && blocks as i64 <= budget.host_free
+            {
+                self.adm
+                    .evict(view, agent, Evict::Swap, blocks, plan, &mut budget);
             }
         }
         // 2. Evict furthest predicted return first while waiting turns lack memory.
         let total = view.kv.gpu_blocks_total() as i64;
-        let committed_held: i64 = self.adm.committed.iter().map(|&a| view.kv.gpu_blocks_held(a) as i64).sum();
+        let committed_held: i64 = self
+            .adm
+            .committed
+            .iter()
+            .map(|&a| view.kv.gpu_blocks_held(a) as i64)
+            .sum();
         let reserved = self.adm.reserved(view);
-        let demand = self.adm.waiting_demand(view, total - committed_held - reserved);
+        let demand = self
+            .adm
+            .waiting_demand(view, total - committed_held - reserved);
         let deficit = demand - (budget.free - reserved) - budget.freeing;
-        let victims: Vec<(AgentId, Evict)> = self.by_return.iter().rev().filter(|&&(_, a)| Admission::paused_on_gpu(view, a)).map(|&(_, a)| (a, Evict::Swap)).collect();
+        let victims: Vec<(AgentId, Evict)> = self
+            .by_return
+            .iter()
+            .rev()
+            .filter(|&&(_, a)| Admission::paused_on_gpu(view, a))
+            .map(|&(_, a)| (a, Evict::Swap))
+            .collect();
         if deficit > 0 {
-            self.adm.evict_for(view, deficit, &victims, plan, &mut budget);
+            self.adm
+                .evict_for(view, deficit, &victims, plan, &mut budget);
         }
         // 3. Prefetch offloaded agents whose predicted return is near, while memory is spare.
         let mut spare = budget.free - reserved - demand.max(0);

@@ -9,5 +9,8 @@
 use super::djinn::{Djinn, DjinnParams};
 
 pub fn oracle() -> Djinn {
-    Djinn::new(DjinnParams { knows_true_pauses: true, ..DjinnParams::default() })
+    Djinn::new(DjinnParams {
+        knows_true_pauses: true,
+        ..DjinnParams::default()
+    })
 }

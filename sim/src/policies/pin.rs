@@ -21,7 +21,9 @@ impl Scheduler for Pin {
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
         match *event {
-            SchedEvent::TurnArrived { agent, .. } => self.waiting.push(agent, view.agent(agent).turn_arrival.as_nanos()),
+            SchedEvent::TurnArrived { agent, .. } => self
+                .waiting
+                .push(agent, view.agent(agent).turn_arrival.as_nanos()),
             SchedEvent::TurnFinished { agent, .. } => self.committed.retain(|&a| a != agent),
             SchedEvent::SwapDone { .. } => {}
         }
@@ -33,7 +35,15 @@ impl Scheduler for Pin {
         // Reject every head that cannot fit while nothing can free memory, in this one plan (one
         // rejection per plan made the run loop spin at one instant: 65 idle plans on seed-cliff
         // with 200 agents, seed 1). A rejected agent's KV is freed with it.
-        while let Some((head, _need)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &[]) {
+        while let Some((head, _need)) = commit_waiting(
+            view,
+            &mut self.waiting,
+            &mut self.committed,
+            plan,
+            &mut avail,
+            true,
+            &[],
+        ) {
             let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0;
             if !(never_fits(view, head) || nothing_can_free) {
                 break;

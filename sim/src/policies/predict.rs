@@ -24,7 +24,8 @@ pub enum PredictorMode {
 }
 
 impl PredictorMode {
-    pub const ALL: [PredictorMode; 3] = [PredictorMode::Hint, PredictorMode::Ewma, PredictorMode::Off];
+    pub const ALL: [PredictorMode; 3] =
+        [PredictorMode::Hint, PredictorMode::Ewma, PredictorMode::Off];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,7 +53,11 @@ pub struct PausePredictor {
 
 impl PausePredictor {
     pub fn new(mode: PredictorMode) -> Self {
-        PausePredictor { mode, per_agent_ns: BTreeMap::new(), global_ns: None }
+        PausePredictor {
+            mode,
+            per_agent_ns: BTreeMap::new(),
+            global_ns: None,
+        }
     }
 
     fn ewma(old: Option<f64>, new: f64) -> f64 {
@@ -71,7 +76,11 @@ impl PausePredictor {
     }
 
     fn history(&self, agent: AgentId) -> Option<u64> {
-        self.per_agent_ns.get(&agent).copied().or(self.global_ns).map(|v| v.max(0.0) as u64)
+        self.per_agent_ns
+            .get(&agent)
+            .copied()
+            .or(self.global_ns)
+            .map(|v| v.max(0.0) as u64)
     }
 
     /// The predicted length of a pause that starts now, given the hint the scheduler was told.
@@ -97,7 +106,11 @@ mod tests {
         p.observe(0, 2000);
         // 0.3 x 2000 + 0.7 x 1000
         assert_eq!(p.predict(0, None), Some(1300));
-        assert_eq!(p.predict(1, None), Some(1300), "an agent without history gets the workload's");
+        assert_eq!(
+            p.predict(1, None),
+            Some(1300),
+            "an agent without history gets the workload's"
+        );
         p.mode = PredictorMode::Ewma;
         assert_eq!(p.predict(0, Some(5)), Some(1300), "EWMA ignores the hint");
         p.mode = PredictorMode::Off;

@@ -22,7 +22,9 @@ impl Scheduler for Swap {
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
         match *event {
-            SchedEvent::TurnArrived { agent, .. } => self.waiting.push(agent, view.agent(agent).turn_arrival.as_nanos()),
+            SchedEvent::TurnArrived { agent, .. } => self
+                .waiting
+                .push(agent, view.agent(agent).turn_arrival.as_nanos()),
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
                 if pause.is_some() {
@@ -42,7 +44,9 @@ impl Scheduler for Swap {
             // (waiting). A returned agent that kept its KV outside the committed set held blocks
             // the head of the queue needed, and the head was rejected although the pool fits it
             // (found by the property tests).
-            if !matches!(view.agent(agent).phase, Phase::Paused | Phase::Waiting) || view.kv.state(agent) != KvState::Gpu {
+            if !matches!(view.agent(agent).phase, Phase::Paused | Phase::Waiting)
+                || view.kv.state(agent) != KvState::Gpu
+            {
                 continue;
             }
             evicted.push(agent);
@@ -57,8 +61,18 @@ impl Scheduler for Swap {
         }
         let reserved = reserved_growth(view, &self.committed) as i64;
         let mut avail = view.kv.gpu_blocks_free() as i64 + freed_now - reserved;
-        if let Some((head, _)) = commit_waiting(view, &mut self.waiting, &mut self.committed, plan, &mut avail, true, &evicted) {
-            let nothing_can_free = self.committed.is_empty() && view.kv.swaps_in_flight() == 0 && plan.swap_out.is_empty();
+        if let Some((head, _)) = commit_waiting(
+            view,
+            &mut self.waiting,
+            &mut self.committed,
+            plan,
+            &mut avail,
+            true,
+            &evicted,
+        ) {
+            let nothing_can_free = self.committed.is_empty()
+                && view.kv.swaps_in_flight() == 0
+                && plan.swap_out.is_empty();
             if never_fits(view, head) || nothing_can_free {
                 self.waiting.remove(head);
                 plan.reject.push(head);

@@ -22,7 +22,12 @@ pub struct Vllm {
 
 impl Vllm {
     pub fn new(prefix_caching: bool) -> Self {
-        Vllm { prefix_caching, waiting: WaitQueue::default(), running: Vec::new(), to_release: Vec::new() }
+        Vllm {
+            prefix_caching,
+            waiting: WaitQueue::default(),
+            running: Vec::new(),
+            to_release: Vec::new(),
+        }
     }
 
     /// Frees a resident agent's blocks the vLLM way (cache them, or drop them without caching).
@@ -37,12 +42,19 @@ impl Vllm {
 
 impl Scheduler for Vllm {
     fn name(&self) -> String {
-        if self.prefix_caching { "vllm" } else { "vllm-noapc" }.into()
+        if self.prefix_caching {
+            "vllm"
+        } else {
+            "vllm-noapc"
+        }
+        .into()
     }
 
     fn on_event(&mut self, event: &SchedEvent, view: &SchedView) {
         match *event {
-            SchedEvent::TurnArrived { agent, .. } => self.waiting.push(agent, view.agent(agent).turn_arrival.as_nanos()),
+            SchedEvent::TurnArrived { agent, .. } => self
+                .waiting
+                .push(agent, view.agent(agent).turn_arrival.as_nanos()),
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.running.retain(|&a| a != agent);
                 if pause.is_some() {
@@ -62,7 +74,10 @@ impl Scheduler for Vllm {
             // finished request's blocks go to the prefix cache and its next turn reclaims them.
             // A waiting turn that kept its blocks outside the free count could hold what the head
             // of the queue needs while waiting behind it: a deadlock (found by the property tests).
-            if matches!(view.agent(agent).phase, Phase::Paused | Phase::Waiting) && kv.blocks(agent) > 0 && kv.is_resident(agent) {
+            if matches!(view.agent(agent).phase, Phase::Paused | Phase::Waiting)
+                && kv.blocks(agent) > 0
+                && kv.is_resident(agent)
+            {
                 free += kv.blocks(agent) as i64;
                 self.free_blocks(agent, plan);
                 released_now.push(agent);
@@ -77,7 +92,11 @@ impl Scheduler for Vllm {
         while i < self.running.len() && seqs_left > 0 && tokens_left > 0 {
             let agent = self.running[i];
             let decoding = view.is_decoding(agent);
-            let tokens = if decoding { 1 } else { view.pending_tokens(agent).min(tokens_left as u32) };
+            let tokens = if decoding {
+                1
+            } else {
+                view.pending_tokens(agent).min(tokens_left as u32)
+            };
             let need = kv.blocks_for(kv.kv_tokens(agent) + tokens) as i64 - kv.blocks(agent) as i64;
             let mut self_preempted = false;
             while need > free {
@@ -113,7 +132,11 @@ impl Scheduler for Vllm {
 
         // Then waiting requests, first come first served, while blocks and budget allow.
         if !preempted {
-            let order: Vec<AgentId> = self.waiting.iter().take(super::common::COMMIT_SCAN_MAX).collect();
+            let order: Vec<AgentId> = self
+                .waiting
+                .iter()
+                .take(super::common::COMMIT_SCAN_MAX)
+                .collect();
             for agent in order {
                 if seqs_left == 0 || tokens_left <= 0 {
                     break;
@@ -129,8 +152,16 @@ impl Scheduler for Vllm {
                     continue;
                 }
                 let cached = kv.has_cached_prefix(agent);
-                let reclaim_blocks = if cached { kv.reclaimable_prefix_blocks(agent) } else { 0 };
-                let kv_after = if cached { reclaim_blocks * kv.block_size_tokens() } else { kv.kv_tokens(agent) };
+                let reclaim_blocks = if cached {
+                    kv.reclaimable_prefix_blocks(agent)
+                } else {
+                    0
+                };
+                let kv_after = if cached {
+                    reclaim_blocks * kv.block_size_tokens()
+                } else {
+                    kv.kv_tokens(agent)
+                };
                 let pending = view.agent(agent).seq_tokens - kv_after;
                 let chunk = pending.min(tokens_left as u32);
                 // Blocks the agent will hold after this step, all taken from the free count (its
@@ -144,7 +175,10 @@ impl Scheduler for Vllm {
                 if cached {
                     plan.reclaim.push(agent);
                 }
-                plan.prefill.push(PrefillOrder { agent, tokens: chunk });
+                plan.prefill.push(PrefillOrder {
+                    agent,
+                    tokens: chunk,
+                });
                 tokens_left -= chunk as i64;
                 seqs_left -= 1;
                 self.waiting.remove(agent);
