@@ -27,9 +27,10 @@ pub struct SimBenchArgs {
     /// Agents / requests per case.
     #[arg(long, default_value_t = 10_000)]
     pub agents: u32,
-    /// Policy of the agents-capacity case.
-    #[arg(long, default_value = "djinn")]
-    pub policy: String,
+    /// Policies of the agents-capacity case (repeat the flag; default: djinn, swap, vllm). The step
+    /// count, and so the wall time, depends on the policy's batches.
+    #[arg(long = "policy")]
+    pub policies: Vec<String>,
     /// Repetitions (the best wall time is reported, as usual for benchmarks).
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
@@ -68,14 +69,16 @@ fn run_sim(args: SimBenchArgs) -> Result<()> {
         .build()
         .context("building a 1-thread pool")?;
     let profile = calibration::load_profile(&args.profile)?;
-    let cases = [
-        (
-            "agents-capacity",
-            crate::runio::parse_policy(&args.policy)?,
-            2.0,
-        ),
-        ("azure-conv-synth", PolicyKind::Vllm, 1.2),
-    ];
+    let names = if args.policies.is_empty() {
+        vec!["djinn".to_string(), "swap".to_string(), "vllm".to_string()]
+    } else {
+        args.policies.clone()
+    };
+    let mut cases = Vec::new();
+    for name in &names {
+        cases.push(("agents-capacity", crate::runio::parse_policy(name)?, 2.0));
+    }
+    cases.push(("azure-conv-synth", PolicyKind::Vllm, 1.2));
     let mut rows = Vec::new();
     println!(
         "simulator speed, one thread, profile {} ({} repetitions, best shown)",
