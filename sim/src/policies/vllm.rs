@@ -132,12 +132,12 @@ impl Scheduler for Vllm {
 
         // Then waiting requests, first come first served, while blocks and budget allow.
         if !preempted {
-            let order: Vec<AgentId> = self
-                .waiting
-                .iter()
-                .take(super::common::COMMIT_SCAN_MAX)
-                .collect();
-            for agent in order {
+            // Every pass of this loop either stops or takes the head out of the queue, so the
+            // head is always the next candidate: no snapshot of the (possibly long) queue needed.
+            for _ in 0..super::common::COMMIT_SCAN_MAX {
+                let Some(agent) = self.waiting.first() else {
+                    break;
+                };
                 if seqs_left == 0 || tokens_left <= 0 {
                     break;
                 }
