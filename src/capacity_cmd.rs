@@ -311,15 +311,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     let jobs: Vec<(usize, PolicyKind)> = (0..specs.len())
         .flat_map(|w| policies.iter().map(move |&p| (w, p)))
         .collect();
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("thread pool")?;
+    let pool = crate::runio::thread_pool(args.threads)?;
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

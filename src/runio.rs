@@ -42,3 +42,16 @@ pub fn code_version() -> String {
 pub fn run_dir(out: &Path, workload: &str, policy: &str) -> PathBuf {
     out.join(workload).join(policy)
 }
+
+/// The rayon pool a parallel command runs on: `threads`, or one per available core.
+pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("thread pool")
+}

@@ -465,15 +465,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     }
     std::fs::create_dir_all(args.out.join("configs"))
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("thread pool")?;
+    let pool = crate::runio::thread_pool(args.threads)?;
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -528,9 +520,10 @@ pub fn run(args: SweepArgs) -> Result<()> {
     bar.finish_and_clear();
     let wall_s = started.elapsed().as_secs_f64();
     println!(
-        "ran {} configurations in {:.2} s on {threads} threads ({:.1} configurations/s)",
+        "ran {} configurations in {:.2} s on {} threads ({:.1} configurations/s)",
         todo.len(),
         wall_s,
+        pool.current_num_threads(),
         todo.len() as f64 / wall_s.max(1e-9)
     );
     // Merge what this shard has (including configurations finished by earlier, interrupted runs).

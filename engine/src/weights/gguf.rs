@@ -84,56 +84,77 @@ pub fn permute_hf_rope_rows(data: &[f32], heads: usize, head_dim: usize, cols: u
     out
 }
 
-/// HF name of a GGUF tensor name, or None if it is not a Llama weight.
-pub fn hf_name_of_gguf(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// GGUF <-> HF names of the model-level tensors.
+const MODEL_TENSOR_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// GGUF <-> HF names of the per-layer tensors (after `blk.{i}.` / `model.layers.{i}.`).
+const LAYER_TENSOR_NAMES: [(&str, &str); 9] = [
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+];
+
+/// Which side of the name tables a lookup starts from.
+#[derive(Clone, Copy)]
+enum NameSide {
+    Gguf,
+    Hf,
+}
+
+impl NameSide {
+    fn layer_prefix(self) -> &'static str {
+        match self {
+            NameSide::Gguf => "blk.",
+            NameSide::Hf => "model.layers.",
+        }
     }
-    let rest = name.strip_prefix("blk.")?;
+}
+
+/// Translate a tensor name from `from` to the other side, or None if it is not a Llama weight.
+fn translate_tensor_name(name: &str, from: NameSide) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str)| match from {
+        NameSide::Gguf => (pair.0, pair.1),
+        NameSide::Hf => (pair.1, pair.0),
+    };
+    if let Some((_, to)) = MODEL_TENSOR_NAMES
+        .iter()
+        .map(pick)
+        .find(|(src, _)| *src == name)
+    {
+        return Some(to.to_string());
+    }
+    let rest = name.strip_prefix(from.layer_prefix())?;
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf_part = match part {
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        _ => return None,
+    let (_, to_part) = LAYER_TENSOR_NAMES
+        .iter()
+        .map(pick)
+        .find(|(src, _)| *src == part)?;
+    let to_prefix = match from {
+        NameSide::Gguf => NameSide::Hf.layer_prefix(),
+        NameSide::Hf => NameSide::Gguf.layer_prefix(),
     };
-    Some(format!("model.layers.{layer}.{hf_part}"))
+    Some(format!("{to_prefix}{layer}.{to_part}"))
+}
+
+/// HF name of a GGUF tensor name, or None if it is not a Llama weight.
+pub fn hf_name_of_gguf(name: &str) -> Option<String> {
+    translate_tensor_name(name, NameSide::Gguf)
 }
 
 /// GGUF name of an HF tensor name (inverse of `hf_name_of_gguf`).
 pub fn gguf_name_of_hf(name: &str) -> Option<String> {
-    match name {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let gguf_part = match part {
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{gguf_part}"))
+    translate_tensor_name(name, NameSide::Hf)
 }
 
 fn metadata_u64(value: &Value) -> Option<u64> {
