@@ -184,6 +184,7 @@ fn engine_run_rejects_bad_flags_with_exit_2_and_writes_nothing() {
         &["--gpu-kv-blocks", "4", "--gpu-kv-gib", "1"],
         "--gpu-kv-gib",
     );
+    check(&["--weights", "/no/such/weights"], "/no/such/weights");
     fails_with(
         &[
             "engine",

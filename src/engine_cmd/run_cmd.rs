@@ -214,12 +214,7 @@ fn validate(args: &RunArgs) -> Result<RunPlan> {
         bail!("--swap-in-copy kernel needs --backend cuda");
     }
     let (model_config, model_label) = match (&args.weights, &args.model) {
-        (Some(path), _) => {
-            let config = engine::weights::WeightSet::load(path)
-                .map(|w| w.config)
-                .with_context(|| format!("reading the weights at {}", path.display()))?;
-            (config, path.display().to_string())
-        }
+        (Some(path), _) => (weights_config(path)?, path.display().to_string()),
         (None, model) => {
             let name = model.clone().unwrap_or_else(|| {
                 match args.backend {
@@ -287,6 +282,38 @@ fn validate(args: &RunArgs) -> Result<RunPlan> {
         model_config,
         model_label,
     })
+}
+
+/// The model config of `--weights`: from `config.json` alone for an HF directory (a 7B checkpoint is
+/// not read twice), else by loading the file (GGUF metadata and tensors).
+fn weights_config(path: &std::path::Path) -> Result<ModelConfig> {
+    let dir = if path.is_dir() {
+        Some(path)
+    } else {
+        path.parent()
+    };
+    let is_gguf = path.extension().is_some_and(|ext| ext == "gguf");
+    if let (false, Some(dir)) = (is_gguf, dir) {
+        let config_path = dir.join("config.json");
+        if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config_path.display()))?;
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "weights".into());
+            return Ok(engine::weights::config_from_hf_json(
+                &json,
+                &config_path,
+                &name,
+            )?);
+        }
+    }
+    Ok(engine::weights::WeightSet::load(path)
+        .with_context(|| format!("reading the weights at {}", path.display()))?
+        .config)
 }
 
 /// Blocks of a pool given in GiB or blocks.
