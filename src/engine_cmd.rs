@@ -4,6 +4,7 @@ use clap::{Args, Subcommand};
 
 pub mod generate_cmd;
 pub mod gpu_cmd;
+pub mod run_cmd;
 pub mod swap_cmd;
 
 #[derive(Args)]
@@ -14,6 +15,9 @@ pub struct EngineArgs {
 
 #[derive(Subcommand)]
 pub enum EngineCommand {
+    /// Run a workload through the simulator's run loop on the real engine (wall clock), write the
+    /// run directories like `djinn simulate`, optionally beside the simulated run (--compare-sim).
+    Run(run_cmd::RunArgs),
     /// Print the model presets and their KV footprint.
     Presets,
     /// Greedy continuation of a prompt with a GGUF model (e.g. SmolLM2-135M-Instruct).
@@ -30,6 +34,7 @@ pub enum EngineCommand {
 
 pub fn run(args: EngineArgs) -> anyhow::Result<()> {
     match args.command {
+        EngineCommand::Run(a) => run_cmd::run(a),
         EngineCommand::Generate(a) => generate_cmd::generate(a),
         EngineCommand::Bench(a) => gpu_cmd::bench(a),
         EngineCommand::Check(a) => gpu_cmd::check(a),

@@ -66,6 +66,14 @@ pub trait PagedModel {
     /// (`rows == batch.len()`).
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, Self::Error>;
 
+    /// Runs one batched step and returns only each sequence's greedy token (the serving path). The
+    /// default reads all logits back; the CUDA backend overrides it so only the tokens leave the
+    /// device, through mapped pinned memory instead of a copy engine that swaps may be using.
+    fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, Self::Error> {
+        let logits = self.forward(batch)?;
+        Ok((0..logits.rows).map(|row| logits.argmax(row)).collect())
+    }
+
     fn block_size_tokens(&self) -> usize;
 
     fn num_blocks(&self) -> usize;

@@ -16,9 +16,17 @@ const SPIN_BELOW: Duration = Duration::from_micros(200);
 
 impl WallClock {
     pub fn start() -> Self {
-        WallClock {
-            start: Instant::now(),
-        }
+        Self::from_epoch(Instant::now())
+    }
+
+    /// A clock whose zero is `epoch`: give the swap engine the same epoch, so its copy times and
+    /// the run loop's step times are on one time line.
+    pub fn from_epoch(epoch: Instant) -> Self {
+        WallClock { start: epoch }
+    }
+
+    pub fn epoch(&self) -> Instant {
+        self.start
     }
 }
 

@@ -1630,6 +1630,10 @@ impl PagedModel for CudaModel {
         self.forward_logits(batch)
     }
 
+    fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, CudaError> {
+        CudaModel::forward_greedy(self, batch)
+    }
+
     fn block_size_tokens(&self) -> usize {
         self.options.block_size_tokens
     }

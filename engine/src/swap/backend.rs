@@ -117,6 +117,8 @@ pub struct EngineBackend<M: PagedModel, S: SwapExecutor<Model = M>> {
     /// A failure seen where the trait cannot return one (`poll_swaps`); reported by the next call
     /// that can.
     deferred_failure: Option<String>,
+    /// The current run's clock zero on the swap engine's clock (records are shifted by it).
+    epoch_offset_ns: u64,
 }
 
 fn failed(message: impl Into<String>) -> BackendError {
@@ -177,7 +179,37 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> EngineBackend<M, S> {
             last_now: SimTime::ZERO,
             records: Vec::new(),
             deferred_failure: None,
+            epoch_offset_ns: 0,
         }
+    }
+
+    /// Forgets the previous run (sequences, generated tokens, swap records, predictions) so the
+    /// same model and pools serve another run. `epoch_offset_ns`: the new run's clock zero, in
+    /// nanoseconds after the swap engine's epoch (its records are shifted onto the run's clock).
+    /// Fails if a swap is still in flight.
+    pub fn begin_run(&mut self, epoch_offset_ns: u64) -> Result<(), BackendError> {
+        self.check_deferred()?;
+        if !self.sim_swap_of.is_empty() || self.swap.in_flight_count() > 0 {
+            return Err(failed(format!(
+                "a new run cannot start while {} swaps are in flight",
+                self.swap.in_flight_count()
+            )));
+        }
+        self.last_token.clear();
+        self.sequences.clear();
+        self.generated.clear();
+        self.generated_positions.clear();
+        self.predicted_end.clear();
+        self.free_at = [SimTime::ZERO; 2];
+        self.last_now = SimTime::ZERO;
+        self.records.clear();
+        self.epoch_offset_ns = epoch_offset_ns;
+        Ok(())
+    }
+
+    /// The swap engine's epoch offset of the current run (see [`Self::begin_run`]).
+    pub fn epoch_offset_ns(&self) -> u64 {
+        self.epoch_offset_ns
     }
 
     pub fn model(&self) -> &M {
@@ -297,10 +329,19 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
             })
             .collect();
         let started = Instant::now();
-        let logits = self
+        // Greedy tokens only: on the GPU they leave the device through mapped pinned memory, not a
+        // copy engine (a logits read-back would queue behind the swap-outs in flight).
+        let next_tokens = self
             .model
-            .forward(&steps)
+            .forward_greedy(&steps)
             .map_err(|e| failed(format!("forward failed: {e}")))?;
+        if next_tokens.len() != seqs.len() {
+            return Err(failed(format!(
+                "forward returned {} tokens for a batch of {} sequences",
+                next_tokens.len(),
+                seqs.len()
+            )));
+        }
         let duration_ns = started.elapsed().as_nanos() as u64;
         for (agent, position) in fed_generated {
             self.generated_positions
@@ -315,7 +356,7 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
                 // New positions: the pending generated token (if any) is now part of the sequence.
                 sequence.truncate(seq.context_tokens as usize);
                 sequence.extend_from_slice(tokens);
-                let token = logits.argmax(row);
+                let token = next_tokens[row];
                 self.last_token.insert(seq.agent, token);
                 self.generated.entry(seq.agent).or_default().push(token);
             }
@@ -383,6 +424,8 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
             };
             self.predicted_end.remove(&sim_id);
             record.swap_id = sim_id;
+            record.start_ns = record.start_ns.saturating_sub(self.epoch_offset_ns);
+            record.end_ns = record.end_ns.saturating_sub(self.epoch_offset_ns);
             out.push(SwapCompletion {
                 swap_id: sim_id,
                 at: now,

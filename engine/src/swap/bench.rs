@@ -20,7 +20,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
+use super::cuda::{
+    high_priority_stream, CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool, SwapInPath,
+};
 use super::{BlockPair, SwapDirection, SwapEngine, SwapError, SwapRecord};
 use crate::batch::SeqStep;
 use crate::config::{DType, KvLayout, ModelConfig};
@@ -197,7 +199,7 @@ pub fn run(
     // Host blocks: the out-agents' destinations and the in-agents' sources.
     let host_blocks = swap_blocks;
 
-    let device = GpuDevice::open(0)?;
+    let mut device = GpuDevice::open(0)?;
     let ctx = device.ctx.clone();
     let mut driver_version = 0i32;
     unsafe { sys::cuDriverGetVersion(&mut driver_version) }
@@ -349,6 +351,10 @@ pub fn run(
         model_options.num_kv_blocks = Some(decode_blocks + swap_blocks as usize);
         model_options.max_seqs_per_step = options.decode_batch.max(1);
         model_options.max_tokens_per_step = 512;
+        // The forward at the greatest stream priority, so the swap-in gather kernel's CTAs (default,
+        // lowest priority) yield SMs to it; the DMA rows run with the same stream (a copy engine
+        // ignores stream priorities), so every row of this section compares like with like.
+        device.stream = high_priority_stream(&device.ctx)?;
         let mut model = CudaModel::new(
             device,
             WeightSource::DeviceRandom {
@@ -407,37 +413,26 @@ pub fn run(
             )?;
             return Ok(report);
         }
-        for load in ENGINE_LOADS {
+        for variant in ENGINE_VARIANTS {
+            engine.set_swap_in_path(&model.device, variant.swap_in)?;
+            engine.set_dma_chunk_bytes(variant.dma_chunk_bytes);
+            let label = format!("engine [{}]", variant.describe());
             let rows = decode_slowdown(
                 &mut engine,
                 &plan,
                 options,
                 &floors,
                 &mut report.swap_records,
-                "engine",
-                load,
+                &label,
+                variant.load,
                 || decode.step(&mut model),
             )?;
             for row in rows {
                 push(&mut report, row);
             }
         }
-        // The same step without its device->host token copy, which the copy-engine probe shows
-        // waiting behind the queued swap-outs: what the step costs once it writes its tokens to
-        // mapped pinned memory with a kernel instead.
-        let rows = decode_slowdown(
-            &mut engine,
-            &plan,
-            options,
-            &floors,
-            &mut report.swap_records,
-            "engine-no-readback",
-            load(2, true, true, false),
-            || decode.step_without_readback(&mut model),
-        )?;
-        for row in rows {
-            push(&mut report, row);
-        }
+        engine.set_swap_in_path(&model.device, SwapInPath::Dma)?;
+        engine.set_dma_chunk_bytes(0);
         drop(engine);
     }
     Ok(report)
@@ -1133,13 +1128,68 @@ const SYNTHETIC_LOADS: [SwapLoad; 4] = [
     load(1, true, true, false),
 ];
 
-/// Swap loads beside the engine's step: the step stages its inputs and reads its tokens back
-/// with small copies on the compute stream, which share the copy engines with the swaps, so the
-/// queue depth matters; the driver hint is tried too.
-const ENGINE_LOADS: [SwapLoad; 3] = [
-    load(2, true, true, false),
-    load(1, true, true, false),
-    load(2, true, true, true),
+/// One A/B arm of the engine decode measurement: how swap-ins are copied, and the swap load.
+#[derive(Clone, Copy, Debug)]
+struct EngineVariant {
+    swap_in: SwapInPath,
+    /// DMA copies split into pieces of at most this many bytes (0: one copy per run of blocks).
+    dma_chunk_bytes: usize,
+    load: SwapLoad,
+}
+
+impl EngineVariant {
+    fn describe(&self) -> String {
+        match self.swap_in {
+            SwapInPath::Dma if self.dma_chunk_bytes > 0 => {
+                format!("swap-in DMA in {} KiB pieces", self.dma_chunk_bytes >> 10)
+            }
+            SwapInPath::Dma => "swap-in DMA".into(),
+            SwapInPath::Kernel { ctas } => format!("swap-in gather kernel, {ctas} CTAs"),
+        }
+    }
+}
+
+const fn variant(swap_in: SwapInPath, dma_chunk_bytes: usize, load: SwapLoad) -> EngineVariant {
+    EngineVariant {
+        swap_in,
+        dma_chunk_bytes,
+        load,
+    }
+}
+
+/// The engine's step (inputs and tokens through mapped pinned memory, so it uses no copy engine)
+/// beside swaps copied by the DMA engines or by the SM gather kernel (swap-outs always by DMA),
+/// and the DMA swap-ins cut into 1 MiB pieces; swap-in alone isolates what the swap-in path costs.
+const ENGINE_VARIANTS: [EngineVariant; 9] = [
+    variant(SwapInPath::Dma, 0, load(2, true, true, false)),
+    variant(
+        SwapInPath::Kernel { ctas: 16 },
+        0,
+        load(2, true, true, false),
+    ),
+    variant(
+        SwapInPath::Kernel { ctas: 8 },
+        0,
+        load(2, true, true, false),
+    ),
+    variant(
+        SwapInPath::Kernel { ctas: 32 },
+        0,
+        load(2, true, true, false),
+    ),
+    variant(SwapInPath::Dma, 1 << 20, load(2, true, true, false)),
+    variant(SwapInPath::Dma, 0, load(2, false, true, false)),
+    variant(
+        SwapInPath::Kernel { ctas: 16 },
+        0,
+        load(2, false, true, false),
+    ),
+    variant(SwapInPath::Dma, 0, load(1, true, true, false)),
+    variant(
+        SwapInPath::Kernel { ctas: 16 },
+        0,
+        load(1, true, true, false),
+    ),
 ];
 
 /// What runs on the copy streams during a decode measurement.

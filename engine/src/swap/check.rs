@@ -16,7 +16,7 @@ use cudarc::driver::{result, CudaContext};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
+use super::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool, SwapInPath};
 use super::{BlockPair, SwapDirection, SwapEngine, SwapError};
 use crate::batch::{Logits, SeqStep};
 use crate::config::ModelConfig;
@@ -67,8 +67,14 @@ pub fn open_gpu() -> Result<GpuDevice, String> {
 pub fn run_all(device: GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> {
     let mut outcomes = Vec::new();
     for method in [CopyMethod::Batched, CopyMethod::PerRun] {
-        outcomes.extend(round_trip(&device.ctx, method)?);
+        outcomes.extend(round_trip(&device, method, SwapInPath::Dma)?);
     }
+    // The SM gather kernel for swap-ins (3 CTAs: each walks several blocks and a partial chunk).
+    outcomes.extend(round_trip(
+        &device,
+        CopyMethod::Batched,
+        SwapInPath::Kernel { ctas: 3 },
+    )?);
     outcomes.extend(busy_blocks(&device.ctx)?);
     outcomes.extend(logits_after_swap(device)?);
     Ok(outcomes)
@@ -95,9 +101,11 @@ fn pairs(gpu: &[u32], host: &[u32]) -> Vec<BlockPair> {
 
 /// Device pool of 64 blocks of 1 MiB + 4 KiB (an odd size on purpose), host pool of 48.
 fn round_trip(
-    ctx: &Arc<CudaContext>,
+    device: &GpuDevice,
     method: CopyMethod,
+    swap_in: SwapInPath,
 ) -> Result<Vec<CheckOutcome>, SwapCheckError> {
+    let ctx = &device.ctx;
     let block_bytes = (1 << 20) + 4096;
     let gpu_blocks = 64u32;
     let buffer = DeviceBuffer::alloc(
@@ -118,6 +126,7 @@ fn round_trip(
         .map_err(driver("filling the device pool"))?;
     let host = PinnedHostPool::new(ctx, block_bytes, 48)?;
     let mut engine = CudaSwapEngine::new(ctx, pool, host, None, method, 16, Instant::now())?;
+    engine.set_swap_in_path(device, swap_in)?;
     let block = |data: &[u8], b: u32| {
         data[b as usize * block_bytes..(b as usize + 1) * block_bytes].to_vec()
     };
@@ -177,7 +186,10 @@ fn round_trip(
             r.end_ns >= r.start_ns && r.bytes == r.block_count as u64 * block_bytes as u64
         })
         && all_records.iter().map(|r| r.block_count).sum::<u32>() == 8 + 3 + 8 + 4;
-    let name = format!("{method:?}");
+    let name = match swap_in {
+        SwapInPath::Dma => format!("{method:?}"),
+        SwapInPath::Kernel { ctas } => format!("{method:?} out, gather kernel in ({ctas} CTAs)"),
+    };
     Ok(vec![
         outcome(
             &format!("swap-out copies device blocks to the named host blocks bit-exactly ({name})"),

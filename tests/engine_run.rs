@@ -1,0 +1,217 @@
+//! `djinn engine run` on the CPU engine (tiny model): the simulator's run loop drives the real
+//! forward and swap engine on a wall clock and writes complete run directories whose swap records
+//! are the swap engine's own measurements; bad flags exit 2 with a message naming the flag.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn djinn() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_djinn"))
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("djinn-engine-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn workload() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/engine-run-tiny.toml")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = djinn().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected `{needle}` in: {stderr}"
+    );
+}
+
+#[test]
+fn engine_run_on_the_cpu_engine_writes_run_directories_with_measured_swaps() {
+    let out_dir = temp("good");
+    let w = workload();
+    // 6 agents need up to 90 blocks of 4 tokens; a 40-block pool makes paused agents leave.
+    let out = djinn()
+        .args([
+            "engine",
+            "run",
+            "--backend",
+            "cpu",
+            "--model",
+            "tiny",
+            "-w",
+            &w,
+            "-p",
+            "swap",
+            "-p",
+            "djinn",
+            "--block-size",
+            "4",
+            "--gpu-kv-blocks",
+            "40",
+            "--host-kv-blocks",
+            "128",
+            "--compare-sim",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("REAL ENGINE") && stdout.contains("REAL vs SIMULATED"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("real/sim"), "{stdout}");
+    for policy in ["swap", "djinn"] {
+        let dir = out_dir.join("engine-run-tiny").join(policy);
+        for file in traces::RUN_DIR_FILES {
+            assert!(dir.join(file).is_file(), "{policy}/{file}");
+        }
+        for file in traces::RUN_DIR_FILES {
+            assert!(
+                out_dir
+                    .join("engine-run-tiny")
+                    .join(format!("{policy}.sim"))
+                    .join(file)
+                    .is_file(),
+                "{policy}.sim/{file}"
+            );
+        }
+        let manifest: traces::RunManifest = traces::read_json(&dir.join("manifest.json")).unwrap();
+        assert_eq!(manifest.backend, "cpu");
+        assert_eq!(manifest.policy, policy);
+        assert!(manifest
+            .reproduce
+            .starts_with("djinn engine run --backend cpu"));
+        let summary: traces::RunSummary = traces::read_json(&dir.join("summary.json")).unwrap();
+        assert_eq!(summary.turns_total, 18);
+        assert_eq!(summary.turns_completed, 18, "{policy}: every turn finishes");
+        let turns: Vec<traces::TurnRecord> = traces::read_csv(&dir.join("turns.csv")).unwrap();
+        assert_eq!(turns.len(), 18);
+        assert!(turns.iter().all(|t| t.finished_ns.is_some()));
+        let steps: Vec<traces::StepRecord> = traces::read_csv(&dir.join("steps.csv")).unwrap();
+        assert!(!steps.is_empty());
+        assert!(
+            steps.iter().all(|s| s.duration_ns > 0),
+            "measured step times"
+        );
+        assert!(
+            steps
+                .windows(2)
+                .all(|w| w[1].start_ns >= w[0].start_ns + w[0].duration_ns),
+            "{policy}: steps follow one another on the wall clock"
+        );
+        let swaps: Vec<traces::SwapRecord> = traces::read_csv(&dir.join("swaps.csv")).unwrap();
+        let block_bytes: u64 = manifest.options["block_bytes"].parse().unwrap();
+        for s in &swaps {
+            assert!(s.bytes > 0, "{policy}: swap {} has no bytes", s.swap_id);
+            assert_eq!(s.bytes, s.block_count as u64 * block_bytes);
+            assert!(
+                s.end_ns >= s.start_ns,
+                "{policy}: swap {} ends before it starts",
+                s.swap_id
+            );
+            assert!(s.concurrent_swaps_at_start >= 1);
+            assert!(s.direction == "out" || s.direction == "in");
+        }
+        let outs = swaps.iter().filter(|s| s.direction == "out").count() as u64;
+        let ins = swaps.len() as u64 - outs;
+        assert_eq!(outs, summary.swaps_out);
+        assert_eq!(ins, summary.swaps_in);
+        if policy == "swap" {
+            assert!(
+                outs >= 6 && ins >= 6,
+                "the swap policy swapped ({outs} out, {ins} in)"
+            );
+        }
+    }
+    let rows = std::fs::read_to_string(out_dir.join("engine-run-tiny/comparison.csv")).unwrap();
+    assert_eq!(rows.lines().count(), 3, "header + one row per policy");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+#[test]
+fn engine_run_rejects_bad_flags_with_exit_2_and_writes_nothing() {
+    let out_dir = temp("bad");
+    let out = out_dir.to_str().unwrap();
+    let w = workload();
+    let base = [
+        "engine",
+        "run",
+        "--backend",
+        "cpu",
+        "--out",
+        out,
+        "-w",
+        w.as_str(),
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let check = |extra: &[&'static str], needle: &str| {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&refs, needle);
+    };
+    check(&["--policy", "nope"], "unknown policy `nope`");
+    check(&["--model", "nope"], "unknown model preset `nope`");
+    check(&["--agents", "0"], "--agents");
+    check(&["--gpu-kv-blocks", "0"], "--gpu-kv-blocks");
+    check(&["--host-kv-gib", "0"], "--host-kv-gib");
+    check(&["--block-size", "0"], "--block-size");
+    check(&["--model", "llama2-7b"], "too large for the CPU backend");
+    check(
+        &["--swap-in-copy", "kernel"],
+        "--swap-in-copy kernel needs --backend cuda",
+    );
+    check(
+        &["--gpu-kv-blocks", "4", "--gpu-kv-gib", "1"],
+        "--gpu-kv-gib",
+    );
+    check(&["--weights", "/no/such/weights"], "/no/such/weights");
+    fails_with(
+        &[
+            "engine",
+            "run",
+            "--backend",
+            "cpu",
+            "--out",
+            out,
+            "-w",
+            "nope",
+        ],
+        "unknown workload `nope`",
+    );
+    if !cfg!(feature = "cuda") {
+        fails_with(
+            &[
+                "engine",
+                "run",
+                "--backend",
+                "cuda",
+                "--out",
+                out,
+                "-w",
+                w.as_str(),
+            ],
+            "built without the CUDA backend",
+        );
+    }
+    assert!(!out_dir.exists(), "nothing written for bad input");
+}
