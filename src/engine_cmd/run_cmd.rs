@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// How swap-ins are copied on the GPU.
     #[arg(long, value_enum, default_value_t = SwapInCopy::Dma)]
     pub swap_in_copy: SwapInCopy,
+    /// Cap each copy direction at this many GB/s (paced DMA; CUDA only). Swaps cost a memory-bound
+    /// decode step HBM bandwidth in proportion to their rate (engine/NOTES-swap.md); the default
+    /// runs them at the link's full speed.
+    #[arg(long)]
+    pub swap_rate_cap_gbps: Option<f64>,
     /// Folder for the run directories (<out>/<workload>/<policy>/; with --compare-sim also
     /// <policy>.sim/) and comparison.csv.
     #[arg(long, default_value = "results/engine-run")]
@@ -212,6 +217,14 @@ fn validate(args: &RunArgs) -> Result<RunPlan> {
     }
     if args.backend == EngineBackendKind::Cpu && args.swap_in_copy != SwapInCopy::Dma {
         bail!("--swap-in-copy kernel needs --backend cuda");
+    }
+    if let Some(cap) = args.swap_rate_cap_gbps {
+        if !(cap.is_finite() && cap > 0.0) {
+            bail!("--swap-rate-cap-gbps must be a finite number of GB/s > 0, got {cap}");
+        }
+        if args.backend == EngineBackendKind::Cpu {
+            bail!("--swap-rate-cap-gbps needs --backend cuda");
+        }
     }
     let (model_config, model_label) = match (&args.weights, &args.model) {
         (Some(path), _) => (weights_config(path)?, path.display().to_string()),
@@ -463,6 +476,7 @@ fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     if args.swap_in_copy == SwapInCopy::Kernel {
         swap.enable_kernel_swap_in(&model.device)?;
     }
+    swap.set_rate_cap(&model.device, args.swap_rate_cap_gbps)?;
     let breakdown: Vec<String> = model
         .memory_breakdown
         .iter()
@@ -483,6 +497,11 @@ fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
             (
                 "swap_in_copy".into(),
                 format!("{:?}", args.swap_in_copy).to_lowercase(),
+            ),
+            (
+                "swap_rate_cap_gbps".into(),
+                args.swap_rate_cap_gbps
+                    .map_or("none".into(), |cap| cap.to_string()),
             ),
         ],
     };
@@ -525,7 +544,7 @@ fn reproduce_line(args: &RunArgs, plan: &RunPlan, policy: PolicyKind, info: &Eng
         _ => format!("--model {}", plan.model_config.name),
     };
     format!(
-        "djinn engine run --backend {} {model} --workload {} --policy {} --agents {} --seed {} --gpu-kv-blocks {} --host-kv-blocks {} --block-size {} --max-batch-tokens {} --max-batch-sequences {} --profile {} --predictor {} --swap-in-copy {}",
+        "djinn engine run --backend {} {model} --workload {} --policy {} --agents {} --seed {} --gpu-kv-blocks {} --host-kv-blocks {} --block-size {} --max-batch-tokens {} --max-batch-sequences {} --profile {} --predictor {} --swap-in-copy {}{}",
         info.backend,
         args.workload,
         policy.name(),
@@ -538,7 +557,9 @@ fn reproduce_line(args: &RunArgs, plan: &RunPlan, policy: PolicyKind, info: &Eng
         args.max_batch_sequences,
         args.profile,
         args.predictor,
-        format!("{:?}", args.swap_in_copy).to_lowercase()
+        format!("{:?}", args.swap_in_copy).to_lowercase(),
+        args.swap_rate_cap_gbps
+            .map_or(String::new(), |cap| format!(" --swap-rate-cap-gbps {cap}"))
     )
 }
 

@@ -75,6 +75,7 @@ pub fn run_all(device: GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> {
         CopyMethod::Batched,
         SwapInPath::Kernel { ctas: 3 },
     )?);
+    outcomes.extend(paced_swaps(&device)?);
     outcomes.extend(busy_blocks(&device.ctx)?);
     outcomes.extend(logits_after_swap(device)?);
     Ok(outcomes)
@@ -215,6 +216,91 @@ fn round_trip(
             &format!("swap records are consistent ({name})"),
             records_ok,
             format!("{:?}", all_records),
+        ),
+    ])
+}
+
+/// A rate cap of 2 GB/s per direction: two 16-block swap-outs queued back to back on one stream
+/// move at the cap (not faster: the pace gates hold every piece back; not much slower: the gates
+/// carry the release time over from one swap to the next), and a paced round trip is bit-exact.
+fn paced_swaps(device: &GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> {
+    const CAP_GB_PER_S: f64 = 2.0;
+    let ctx = &device.ctx;
+    let block_bytes = (1 << 20) + 4096;
+    let gpu_blocks = 64u32;
+    let buffer = DeviceBuffer::alloc(
+        ctx,
+        block_bytes * gpu_blocks as usize,
+        "the paced swap check's device pool",
+    )?;
+    let pool = GpuKvPoolRef {
+        base: buffer.ptr(),
+        block_bytes,
+        block_count: gpu_blocks,
+    };
+    let mut original = vec![0u8; block_bytes * gpu_blocks as usize];
+    ChaCha8Rng::seed_from_u64(11).fill_bytes(&mut original);
+    ctx.bind_to_thread()
+        .map_err(driver("binding the context"))?;
+    unsafe { result::memcpy_htod_sync(pool.base, &original) }
+        .map_err(driver("filling the device pool"))?;
+    let host = PinnedHostPool::new(ctx, block_bytes, 48)?;
+    let mut engine = CudaSwapEngine::new(
+        ctx,
+        pool,
+        host,
+        None,
+        CopyMethod::Batched,
+        16,
+        Instant::now(),
+    )?;
+    engine.set_rate_cap(device, Some(CAP_GB_PER_S))?;
+    // One block per pace gate, so the gates (not one burst per swap) set the rate.
+    engine.set_pace_piece_bytes(block_bytes)?;
+    // Device blocks ascending, host blocks descending: no two blocks coalesce, 16 pieces a swap.
+    let a_gpu: Vec<u32> = (0..16).collect();
+    let a_host: Vec<u32> = (0..16).rev().collect();
+    let b_gpu: Vec<u32> = (16..32).collect();
+    let b_host: Vec<u32> = (16..32).rev().collect();
+    engine.submit(1, SwapDirection::Out, &pairs(&a_gpu, &a_host))?;
+    engine.submit(2, SwapDirection::Out, &pairs(&b_gpu, &b_host))?;
+    let outs = engine.wait_all()?;
+    let first_start = outs.iter().map(|r| r.start_ns).min().unwrap_or(0);
+    let last_end = outs.iter().map(|r| r.end_ns).max().unwrap_or(0);
+    let out_bytes: u64 = outs.iter().map(|r| r.bytes).sum();
+    let out_gb_per_s = out_bytes as f64 / (last_end.saturating_sub(first_start)).max(1) as f64;
+    // 32 pieces, the first released at once: at most 32/31 of the cap, plus timer slack.
+    let rate_ok = outs.len() == 2
+        && out_gb_per_s <= CAP_GB_PER_S * 1.05
+        && out_gb_per_s >= CAP_GB_PER_S * 0.8;
+
+    let a_back_gpu: Vec<u32> = (40..56).rev().collect();
+    engine.submit(1, SwapDirection::In, &pairs(&a_back_gpu, &a_host))?;
+    let ins = engine.wait_all()?;
+    let in_gb_per_s = ins
+        .iter()
+        .map(|r| r.bytes as f64 / (r.end_ns.saturating_sub(r.start_ns)).max(1) as f64)
+        .fold(0.0, f64::max);
+    let after = pool_bytes(ctx, pool)?;
+    let block = |data: &[u8], b: u32| {
+        data[b as usize * block_bytes..(b as usize + 1) * block_bytes].to_vec()
+    };
+    let back_matches = a_gpu
+        .iter()
+        .zip(&a_back_gpu)
+        .all(|(&from, &to)| block(&after, to) == block(&original, from));
+    // One swap of 16 pieces: at most 16/15 of the cap.
+    let in_rate_ok = ins.len() == 1 && in_gb_per_s <= CAP_GB_PER_S * 16.0 / 15.0 * 1.05;
+    Ok(vec![
+        outcome(
+            "paced swap-outs queued back to back move at the cap (2 GB/s per direction)",
+            rate_ok,
+            format!("{out_gb_per_s:.3} GB/s over {out_bytes} bytes in 2 swaps"),
+        ),
+        outcome(
+            "a paced swap-out then swap-in into different device blocks is bit-exact and capped",
+            back_matches && in_rate_ok,
+            format!("swap-in at {in_gb_per_s:.3} GB/s, 16 blocks of {block_bytes} bytes"),
         ),
     ])
 }

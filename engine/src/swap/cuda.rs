@@ -288,6 +288,52 @@ impl Drop for GatherKernel {
     }
 }
 
+const PACE_SOURCE: &str = r#"
+// Paces one copy stream. Launched before each piece of a paced swap on that direction's stream:
+// waits until the direction's release time, then moves the release time on by the piece's time
+// at the cap. Stream order serialises the gates of one direction, so the word needs no atomics.
+// An idle gap gives no credit (a late gate starts from now), so the rate never exceeds the cap.
+extern "C" __global__ void pace_gate(unsigned long long* release_ns, unsigned long long piece_ns)
+{
+    unsigned long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    unsigned long long release = *release_ns;
+    if (release < now) release = now;
+    while (now < release) {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    }
+    *release_ns = release + piece_ns;
+}
+"#;
+
+/// Caps each copy direction's rate: a paced swap is cut into `piece_bytes` pieces, each preceded
+/// on its stream by a one-thread `pace_gate` kernel that holds it back until the direction's
+/// budget allows it. Why: DMA traffic costs a memory-bound decode step HBM bandwidth in
+/// proportion to the bytes moved (NOTES-swap.md), so an operator can trade swap speed for step time.
+struct Pacer {
+    _module: Arc<CudaModule>,
+    function: CudaFunction,
+    /// Two device words: the release time (globaltimer ns) of the out and the in stream.
+    release_words: sys::CUdeviceptr,
+    bytes_per_s: f64,
+    piece_bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.ctx.record_err(self.ctx.bind_to_thread());
+        self.ctx
+            .record_err(unsafe { result::free_sync(self.release_words) });
+    }
+}
+
+/// Piece size of a paced swap. Each gate -> copy hand-over on a stream costs ~100 us on the H100
+/// (8 MiB pieces capped at 42-50 GB/s all ran at ~33 GB/s, NOTES-swap.md), so pieces are large
+/// enough (1.2 ms at 55 GB/s) for the cap, not the hand-over, to set the rate.
+pub const DEFAULT_PACE_PIECE_BYTES: usize = 64 << 20;
+
 struct InFlightSwap {
     /// Host time of the submit call, on the run's clock.
     submit_ns: u64,
@@ -335,6 +381,8 @@ pub struct CudaSwapEngine {
     dma_chunk_bytes: usize,
     swap_in_path: SwapInPath,
     gather: Option<GatherKernel>,
+    /// Per-direction rate cap (None: copies run at the link's full speed).
+    pacer: Option<Pacer>,
 }
 
 impl CudaSwapEngine {
@@ -412,6 +460,7 @@ impl CudaSwapEngine {
             dma_chunk_bytes: 0,
             swap_in_path: SwapInPath::Dma,
             gather: None,
+            pacer: None,
         })
     }
 
@@ -469,6 +518,77 @@ impl CudaSwapEngine {
     /// Splits later DMA copies into pieces of at most `bytes` (0: one copy per run of blocks).
     pub fn set_dma_chunk_bytes(&mut self, bytes: usize) {
         self.dma_chunk_bytes = bytes;
+    }
+
+    /// Caps later DMA swaps at `gb_per_s` (10^9 bytes/s) per direction, or lifts the cap (`None`).
+    /// Swaps already queued keep how they were enqueued. The gather kernel path is not paced.
+    pub fn set_rate_cap(
+        &mut self,
+        device: &crate::cuda::GpuDevice,
+        gb_per_s: Option<f64>,
+    ) -> Result<(), SwapError> {
+        let Some(gb_per_s) = gb_per_s else {
+            self.pacer = None;
+            return Ok(());
+        };
+        if !(gb_per_s.is_finite() && gb_per_s > 0.0) {
+            return Err(SwapError::InvalidPool(format!(
+                "the swap rate cap must be a positive number of GB/s, got {gb_per_s}"
+            )));
+        }
+        if self.pacer.is_none() {
+            self.pacer = Some(self.build_pacer(device)?);
+        }
+        self.pacer.as_mut().expect("just built").bytes_per_s = gb_per_s * 1e9;
+        Ok(())
+    }
+
+    /// Paced swaps move in groups of at most `bytes` behind one pace gate each (default
+    /// [`DEFAULT_PACE_PIECE_BYTES`]); no effect without a rate cap.
+    pub fn set_pace_piece_bytes(&mut self, bytes: usize) -> Result<(), SwapError> {
+        if bytes == 0 {
+            return Err(SwapError::InvalidPool(
+                "the pace piece must be at least one byte".into(),
+            ));
+        }
+        if let Some(pacer) = self.pacer.as_mut() {
+            pacer.piece_bytes = bytes;
+        }
+        Ok(())
+    }
+
+    /// Nanoseconds since the engine's epoch (the clock of its records).
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The per-direction rate cap in GB/s, if any.
+    pub fn rate_cap_gb_per_s(&self) -> Option<f64> {
+        self.pacer.as_ref().map(|p| p.bytes_per_s / 1e9)
+    }
+
+    fn build_pacer(&self, device: &crate::cuda::GpuDevice) -> Result<Pacer, SwapError> {
+        let module = device
+            .compile(PACE_SOURCE, &[])
+            .map_err(|e| SwapError::InvalidPool(format!("compiling the pace kernel: {e}")))?;
+        let function = device
+            .function(&module, "pace_gate")
+            .map_err(|e| SwapError::InvalidPool(format!("loading the pace kernel: {e}")))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let release_words = unsafe { result::malloc_sync(16) }
+            .map_err(driver("allocating the pace kernel's release words"))?;
+        unsafe { result::memset_d8_sync(release_words, 0, 16) }
+            .map_err(driver("clearing the pace kernel's release words"))?;
+        Ok(Pacer {
+            _module: module,
+            function,
+            release_words,
+            bytes_per_s: f64::INFINITY,
+            piece_bytes: DEFAULT_PACE_PIECE_BYTES,
+            ctx: self.ctx.clone(),
+        })
     }
 
     fn build_gather(&self, device: &crate::cuda::GpuDevice) -> Result<GatherKernel, SwapError> {
@@ -731,10 +851,10 @@ impl CudaSwapEngine {
                 SwapDirection::In => (device, host),
             };
             let size = run.block_count as usize * block_bytes;
-            let piece = if self.dma_chunk_bytes == 0 {
-                size
-            } else {
-                self.dma_chunk_bytes
+            let piece = match (&self.pacer, self.dma_chunk_bytes) {
+                (Some(pacer), _) => pacer.piece_bytes,
+                (None, 0) => size,
+                (None, chunk) => chunk,
             };
             let mut at = 0;
             while at < size {
@@ -746,6 +866,9 @@ impl CudaSwapEngine {
             }
         }
         let copies = self.scratch_sizes.len();
+        if let Some(pacer) = &self.pacer {
+            return self.enqueue_paced(pacer, stream, direction, copies);
+        }
         match self.copy_method {
             CopyMethod::Batched => {
                 // Sources are read in stream order: a block being swapped out was written by
@@ -803,6 +926,68 @@ impl CudaSwapEngine {
                     .map_err(driver("enqueueing a swap copy (cuMemcpyAsync)"))?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The scratch copies in groups of at most `piece_bytes` (scattered blocks are one copy each),
+    /// each group behind one pace gate on the same stream.
+    fn enqueue_paced(
+        &self,
+        pacer: &Pacer,
+        stream: &CudaStream,
+        direction: SwapDirection,
+        copies: usize,
+    ) -> Result<(), SwapError> {
+        let release_word = pacer.release_words
+            + match direction {
+                SwapDirection::Out => 0,
+                SwapDirection::In => 8,
+            };
+        let mut first = 0;
+        while first < copies {
+            let mut group_end = first + 1;
+            let mut group_bytes = self.scratch_sizes[first];
+            while group_end < copies
+                && group_bytes + self.scratch_sizes[group_end] <= pacer.piece_bytes
+            {
+                group_bytes += self.scratch_sizes[group_end];
+                group_end += 1;
+            }
+            let group_ns = (group_bytes as f64 / pacer.bytes_per_s * 1e9).round() as u64;
+            let mut launch = stream.launch_builder(&pacer.function);
+            launch.arg(&release_word).arg(&group_ns);
+            unsafe {
+                launch.launch(LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (1, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(driver("launching a swap pace gate"))?;
+            for i in first..group_end {
+                let (dst, src, size) = (
+                    self.scratch_dsts[i],
+                    self.scratch_srcs[i],
+                    self.scratch_sizes[i],
+                );
+                unsafe {
+                    match direction {
+                        SwapDirection::Out => {
+                            sys::cuMemcpyDtoHAsync_v2(dst as *mut _, src, size, stream.cu_stream())
+                        }
+                        SwapDirection::In => sys::cuMemcpyHtoDAsync_v2(
+                            dst,
+                            src as *const _,
+                            size,
+                            stream.cu_stream(),
+                        ),
+                    }
+                    .result()
+                }
+                .map_err(driver("enqueueing a paced swap copy (cuMemcpyAsync)"))?;
+            }
+            first = group_end;
         }
         Ok(())
     }
