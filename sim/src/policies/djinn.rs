@@ -119,6 +119,9 @@ const WAITING_SCAN_MAX: usize = 512;
 /// Weight of the newest admission in the queueing-delay EWMA.
 const QUEUE_WAIT_ALPHA: f64 = 0.05;
 
+/// Eviction keys of paused agents without a predicted return start here (see `return_key`).
+const UNKNOWN_RETURN_KEY: u64 = 1 << 62;
+
 /// Prefetches looked at together when deciding when the copy channel must start.
 const PREFETCH_LOOKAHEAD: usize = 64;
 
@@ -172,12 +175,18 @@ impl Djinn {
             + (swap_in_ns as f64 * self.params.prefetch_margin_fraction) as u64
     }
 
-    fn return_key(&self, agent: AgentId) -> u64 {
-        self.predicted_return
-            .get(&agent)
-            .copied()
-            .flatten()
-            .map_or(u64::MAX, |t| t.as_nanos())
+    /// The eviction key of a paused agent: its predicted return; without a prediction, above
+    /// every prediction and ordered by how long the agent has been away (the longest paused is
+    /// evicted first: least recently used, and under long-tailed pauses the likeliest to stay
+    /// away longest). Before, unpredicted agents tied and went by agent id.
+    fn return_key(&self, view: &SchedView, agent: AgentId) -> u64 {
+        match self.predicted_return.get(&agent).copied().flatten() {
+            Some(t) => t.as_nanos().min(UNKNOWN_RETURN_KEY - 1),
+            None => {
+                let started = view.agent(agent).pause_started.as_nanos();
+                UNKNOWN_RETURN_KEY + (UNKNOWN_RETURN_KEY - 1 - started.min(UNKNOWN_RETURN_KEY - 1))
+            }
+        }
     }
 
     fn park(&mut self, agent: AgentId) {
@@ -205,7 +214,7 @@ impl Djinn {
         budget: &mut PlanBudget,
     ) {
         let blocks = view.kv.blocks(agent);
-        let key = self.return_key(agent);
+        let key = self.return_key(view, agent);
         self.resident_paused.remove(&(key, agent));
         self.unpark(agent);
         if !drop && blocks as i64 <= budget.host_free {
@@ -297,7 +306,7 @@ impl Scheduler for Djinn {
         match *event {
             SchedEvent::TurnArrived { agent, turn_index } => {
                 if turn_index > 0 {
-                    let key = self.return_key(agent);
+                    let key = self.return_key(view, agent);
                     self.resident_paused.remove(&(key, agent));
                     if let Some(start) = self.prefetch_key.remove(&agent) {
                         self.prefetch_at.remove(&(start, agent));
@@ -329,7 +338,7 @@ impl Scheduler for Djinn {
                     };
                     let predicted_return = predicted_ns.map(|d| view.now + d);
                     self.predicted_return.insert(agent, predicted_return);
-                    let key = self.return_key(agent);
+                    let key = self.return_key(view, agent);
                     self.resident_paused.insert((key, agent));
                     // A pause-start swap is taken on a told pause only: a history average of
                     // bimodal pauses predicts neither mode, and acting on it swaps out agents
@@ -352,7 +361,7 @@ impl Scheduler for Djinn {
                 }
                 SwapDirection::In => {
                     if view.agent(agent).phase == Phase::Paused {
-                        let key = self.return_key(agent);
+                        let key = self.return_key(view, agent);
                         self.resident_paused.insert((key, agent));
                     } else if self.waiting.contains(agent) {
                         // Prefetched for a turn that arrived while the copy ran.
@@ -375,7 +384,7 @@ impl Scheduler for Djinn {
                 break;
             }
             self.resident_paused.remove(&(key, agent));
-            if view.agent(agent).phase != Phase::Paused || self.return_key(agent) != key {
+            if view.agent(agent).phase != Phase::Paused || self.return_key(view, agent) != key {
                 continue;
             }
             let elapsed = now - view.agent(agent).pause_started;
@@ -484,7 +493,9 @@ impl Scheduler for Djinn {
             }
             let blocks = kv.blocks(agent);
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
-            if key != u64::MAX && (key + queue_wait).saturating_sub(now.as_nanos()) < round_trip {
+            if key < UNKNOWN_RETURN_KEY
+                && (key + queue_wait).saturating_sub(now.as_nanos()) < round_trip
+            {
                 // Sorted by return: everyone left returns even sooner.
                 break;
             }
@@ -806,6 +817,61 @@ mod tests {
         let swapped = plan_with_parked_tail(DjinnParams::default(), 100);
         assert!(swapped.drop.is_empty());
         assert_eq!(swapped.swap_out, vec![(3, 12), (2, 12)]);
+    }
+
+    #[test]
+    fn without_predictions_the_longest_paused_agent_is_evicted_first() {
+        // Agents 0 and 1 pause with no prediction (12 blocks each on a 40-block pool); agent 0
+        // paused 5 s ago, agent 1 half a second ago. A new turn needs 20 blocks, 16 are free.
+        let mut kv = KvManager::new(16, 40, 100, 3);
+        resident(&mut kv, 0, 192);
+        resident(&mut kv, 1, 192);
+        let mut agents = vec![
+            runtime(Phase::Paused, 0, 5.0, 192, 16),
+            runtime(Phase::Paused, 0, 9.5, 192, 16),
+            runtime(Phase::Waiting, 0, 9.9, 300, 20),
+        ];
+        for a in &mut agents[..2] {
+            a.pause_started = a.turn_arrival;
+        }
+        let (config, costs) = (SchedConfig::default(), costs());
+        let view = SchedView {
+            now: SimTime::from_secs_f64(10.0),
+            kv: &kv,
+            agents: &agents,
+            config: &config,
+            costs: &costs,
+            swap_out_busy_until: SimTime::ZERO,
+            swap_in_busy_until: SimTime::ZERO,
+        };
+        let mut djinn = Djinn::new(DjinnParams {
+            predictor: PredictorMode::Off,
+            ..DjinnParams::default()
+        });
+        for agent in 0..2 {
+            let pause = Some(crate::sched::PauseNotice {
+                hint_ns: None,
+                true_ns_for_oracle: 60_000_000_000,
+            });
+            let event = SchedEvent::TurnFinished {
+                agent,
+                turn_index: 0,
+                pause,
+            };
+            djinn.on_event(&event, &view);
+        }
+        let arrived = SchedEvent::TurnArrived {
+            agent: 2,
+            turn_index: 0,
+        };
+        djinn.on_event(&arrived, &view);
+        let mut plan = StepPlan::default();
+        djinn.plan_step(&view, &mut plan);
+        assert_eq!(
+            plan.swap_out,
+            vec![(0, 12)],
+            "the agent away longest goes first"
+        );
     }
 
     /// Djinn with `decoders` committed agents decoding at `context` tokens each and one
