@@ -8,8 +8,9 @@
 //!    never drops (a drop buys recompute for memory nobody asked for yet), and it acts on told
 //!    pauses only: a history average of bimodal pauses predicts neither mode.
 //! 2. When memory falls short of what waiting turns need, it evicts paused agents ahead of need,
-//!    the one predicted to return last first (swap if the host has room; when the host is full,
-//!    drop only for what the first waiting turn lacks).
+//!    the one predicted to return last first, then those without a prediction, longest away
+//!    first (swap if the host has room; when the host is full, drop only for what the first
+//!    waiting turn lacks).
 //! 3. Queue awareness: a returning agent first waits in the queue, so its KV is needed the
 //!    expected queueing delay (EWMA of admitted turns' waits) after its return. Turns waiting
 //!    beyond the head region (more than the free memory could admit) hold KV they will not use
