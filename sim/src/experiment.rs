@@ -109,6 +109,9 @@ impl SimConfig {
             swap_out_bandwidth_bytes_per_s: self.profile.device_to_host.bandwidth_bytes_per_s,
             prefill_ns_per_token,
             decode_step_ns,
+            kv_read_ns_per_token: self.profile.kv_bytes_per_token as f64
+                / c.memory_bandwidth_bytes_per_s
+                * 1e9,
         }
     }
 

@@ -97,6 +97,9 @@ pub struct CostHints {
     pub prefill_ns_per_token: f64,
     /// Approximate time of one decode step at moderate batch.
     pub decode_step_ns: f64,
+    /// Device-memory time to read one cached token's KV (a decode step reads every cached
+    /// token of every decoding sequence): KV bytes per token / memory bandwidth.
+    pub kv_read_ns_per_token: f64,
 }
 
 impl CostHints {

@@ -7,6 +7,9 @@ use crate::ids::AgentId;
 use crate::kv::KvState;
 use crate::sched::{PrefillOrder, SchedView, StepPlan};
 
+/// A waiting turn's place in a [`WaitQueue`]: (class, key, arrival sequence); orders as the queue.
+pub type QueuePosition = (u8, u64, u64);
+
 /// Waiting turns ordered by a policy-chosen key, ties broken by arrival sequence. Front pushes
 /// (vllm's preempted requests) go ahead of every ordinary entry, latest front push first.
 #[derive(Clone, Debug, Default)]
@@ -59,17 +62,15 @@ impl WaitQueue {
         self.entries.iter().map(|(_, _, _, a)| *a)
     }
 
-    /// A sortable position of the agent in the queue (smaller = earlier), if it is queued.
-    pub fn position_key(&self, agent: AgentId) -> Option<u64> {
-        // Front pushes (class 0) come before everything; within a class, (key, sequence) orders.
-        self.index.get(&agent).map(|&(class, key, seq)| {
-            let _ = seq;
-            if class == 0 {
-                0
-            } else {
-                key.saturating_add(1)
-            }
-        })
+    /// The agent's exact position in the queue (smaller = earlier), if it is queued: entries
+    /// compare as the queue orders them.
+    pub fn position(&self, agent: AgentId) -> Option<QueuePosition> {
+        self.index.get(&agent).copied()
+    }
+
+    /// Entries with their positions, in queue order.
+    pub fn iter_positions(&self) -> impl Iterator<Item = (QueuePosition, AgentId)> + '_ {
+        self.entries.iter().map(|&(c, k, s, a)| ((c, k, s), a))
     }
 
     /// Lowest priority first.
@@ -109,6 +110,16 @@ pub fn reserved_growth(view: &SchedView, committed: &[AgentId]) -> u32 {
 /// the step's token and sequence budgets. `blocks_available` bounds allocation for policies that
 /// do not reserve (vllm); reserving policies pass `u32::MAX` because their reservation holds.
 pub fn build_batch(view: &SchedView, committed: &[AgentId], plan: &mut StepPlan) {
+    build_batch_within(view, committed, plan, u32::MAX);
+}
+
+/// [`build_batch`] with at most `prefill_tokens_max` prefill tokens in the step.
+pub fn build_batch_within(
+    view: &SchedView,
+    committed: &[AgentId],
+    plan: &mut StepPlan,
+    prefill_tokens_max: u32,
+) {
     let mut tokens_left = view.config.max_batch_tokens as i64;
     let mut seqs_left = view.config.max_batch_sequences as i64;
     for &agent in committed {
@@ -121,6 +132,7 @@ pub fn build_batch(view: &SchedView, committed: &[AgentId], plan: &mut StepPlan)
             seqs_left -= 1;
         }
     }
+    tokens_left = tokens_left.min(prefill_tokens_max as i64);
     for &agent in committed {
         if seqs_left == 0 || tokens_left <= 0 {
             break;

@@ -8,18 +8,26 @@
 //!    never drops (a drop buys recompute for memory nobody asked for yet), and it acts on told
 //!    pauses only: a history average of bimodal pauses predicts neither mode.
 //! 2. When memory falls short of what waiting turns need, it evicts paused agents ahead of need,
-//!    the one predicted to return last first (swap if the host has room; when the host is full,
-//!    drop only for what the first waiting turn lacks).
+//!    the one predicted to return last first, then those without a prediction, longest away
+//!    first (swap if the host has room; when the host is full, drop only for what the first
+//!    waiting turn lacks).
 //! 3. Queue awareness: a returning agent first waits in the queue, so its KV is needed the
 //!    expected queueing delay (EWMA of admitted turns' waits) after its return. Turns waiting
 //!    beyond the head region (more than the free memory could admit) hold KV they will not use
 //!    for at least that delay: they are swapped out, tail first, before the head waits for memory.
 //!    On agents-capacity (200 agents, overloaded) this took P99 turn latency from 42.8 s to 11.3 s.
+//!    When the host pool is full and the head lacks memory, such a parked turn is dropped instead
+//!    if its recompute costs less than the queueing delay it would hold the memory for (under
+//!    extreme overload, 3,000 agents, parked turns otherwise filled the GPU and batches shrank to
+//!    a third). The parked turns are indexed by queue position, so this is O(log n) per turn.
 //! 4. It prefetches: the swap-in starts at `predicted return - T_swap_in - margin - channel
 //!    backlog`, so the KV is resident when the agent returns (no restore stall with exact hints).
 //! 5. Waiting turns are committed first come, first served by turn arrival (program-level
-//!    orders are available in [`TurnOrder`]; see there why they are not the default), with
-//!    chunked prefill, and every committed turn's growth is reserved so nothing is preempted.
+//!    orders are available in [`TurnOrder`]; see there why they are not the default), and every
+//!    committed turn's growth is reserved so nothing is preempted. Prefill is chunked so that
+//!    decodes are not stalled: a decode step is memory-bound (it reads every cached token), so
+//!    a step carries only the prefill tokens its idle compute can take (at least a floor), and
+//!    prefill rides along decodes instead of lengthening their steps (see `prefill_budget`).
 //! 6. Predictions come from a [`PausePredictor`]: the hint (exact or noisy), else the agent's own
 //!    history (EWMA), else the workload's; or history only (`ewma`), or nothing (`none`).
 //!
@@ -33,8 +41,8 @@ use crate::sched::{Phase, SchedEvent, SchedView, Scheduler, StepPlan};
 use crate::time::SimTime;
 
 use super::common::{
-    build_batch, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth,
-    WaitQueue,
+    build_batch_within, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth,
+    QueuePosition, WaitQueue,
 };
 use super::predict::{PausePredictor, PredictorMode};
 
@@ -58,6 +66,19 @@ pub struct DjinnParams {
     /// Count the expected queueing delay into the time until a paused agent's KV is needed, and
     /// evict waiting turns parked at the queue tail (see `plan_step`).
     pub queue_aware: bool,
+    /// With the host pool full, drop waiting turns parked beyond the head region (tail first)
+    /// while the head lacks memory, when their recompute costs less than the expected queueing
+    /// delay they would hold the memory for (rule 3).
+    pub drop_parked_when_host_full: bool,
+    /// Stall-free chunked prefill (rule 5): while decodes run, a step carries only as many
+    /// prefill tokens as the decodes' memory-bound step leaves compute idle for, at least the
+    /// floors below. Off: every step fills the whole token budget.
+    pub stall_free_prefill: bool,
+    /// Prefill floor per step while turns wait in the queue.
+    pub prefill_chunk_min_tokens: u32,
+    /// Prefill floor per step while nothing waits (a larger chunk: no queue to drain, so the
+    /// prefilling turn's own latency counts more).
+    pub prefill_chunk_min_idle_tokens: u32,
 }
 
 /// Admission order of waiting turns.
@@ -84,6 +105,10 @@ impl Default for DjinnParams {
             knows_true_pauses: false,
             queue_aware: true,
             order: TurnOrder::TurnArrival,
+            drop_parked_when_host_full: true,
+            stall_free_prefill: true,
+            prefill_chunk_min_tokens: 1024,
+            prefill_chunk_min_idle_tokens: 2048,
         }
     }
 }
@@ -94,6 +119,9 @@ const WAITING_SCAN_MAX: usize = 512;
 
 /// Weight of the newest admission in the queueing-delay EWMA.
 const QUEUE_WAIT_ALPHA: f64 = 0.05;
+
+/// Eviction keys of paused agents without a predicted return start here (see `return_key`).
+const UNKNOWN_RETURN_KEY: u64 = 1 << 62;
 
 /// Prefetches looked at together when deciding when the copy channel must start.
 const PREFETCH_LOOKAHEAD: usize = 64;
@@ -113,8 +141,10 @@ pub struct Djinn {
     prefetch_at: BTreeSet<(u64, AgentId)>,
     prefetch_key: BTreeMap<AgentId, u64>,
     /// Waiting (uncommitted) agents whose KV is on the GPU, by their queue position: they hold
-    /// memory while they wait, so they may overtake a head that does not fit.
-    parked: BTreeSet<AgentId>,
+    /// memory while they wait, so they may overtake a head that does not fit, and the last ones
+    /// are the first to move out of the way.
+    parked: BTreeSet<(QueuePosition, AgentId)>,
+    parked_at: BTreeMap<AgentId, QueuePosition>,
     /// Agents swapping out, with the GPU blocks the copy will free.
     swapping_out: BTreeMap<AgentId, u32>,
     predictor: PausePredictor,
@@ -136,6 +166,7 @@ impl Djinn {
             predictor: PausePredictor::new(params.predictor),
             queue_wait_ns: 0.0,
             parked: BTreeSet::new(),
+            parked_at: BTreeMap::new(),
             params,
         }
     }
@@ -145,35 +176,91 @@ impl Djinn {
             + (swap_in_ns as f64 * self.params.prefetch_margin_fraction) as u64
     }
 
-    fn return_key(&self, agent: AgentId) -> u64 {
-        self.predicted_return
-            .get(&agent)
-            .copied()
-            .flatten()
-            .map_or(u64::MAX, |t| t.as_nanos())
+    /// The eviction key of a paused agent: its predicted return; without a prediction, above
+    /// every prediction and ordered by how long the agent has been away (the longest paused is
+    /// evicted first: least recently used, and under long-tailed pauses the likeliest to stay
+    /// away longest). Before, unpredicted agents tied and went by agent id.
+    fn return_key(&self, view: &SchedView, agent: AgentId) -> u64 {
+        match self.predicted_return.get(&agent).copied().flatten() {
+            Some(t) => t.as_nanos().min(UNKNOWN_RETURN_KEY - 1),
+            None => {
+                let started = view.agent(agent).pause_started.as_nanos();
+                UNKNOWN_RETURN_KEY + (UNKNOWN_RETURN_KEY - 1 - started.min(UNKNOWN_RETURN_KEY - 1))
+            }
+        }
     }
 
-    /// Takes a paused, resident agent's KV off the GPU: swap if the host has room, else drop.
+    fn park(&mut self, agent: AgentId) {
+        if let Some(pos) = self.waiting.position(agent) {
+            self.unpark(agent);
+            self.parked.insert((pos, agent));
+            self.parked_at.insert(agent, pos);
+        }
+    }
+
+    fn unpark(&mut self, agent: AgentId) {
+        if let Some(pos) = self.parked_at.remove(&agent) {
+            self.parked.remove(&(pos, agent));
+        }
+    }
+
+    /// Takes a resident agent's KV off the GPU: swap if the host has room (and `drop` is not
+    /// asked), else drop.
     fn evict(
         &mut self,
         view: &SchedView,
         agent: AgentId,
+        drop: bool,
         plan: &mut StepPlan,
         budget: &mut PlanBudget,
     ) {
         let blocks = view.kv.blocks(agent);
-        let key = self.return_key(agent);
+        let key = self.return_key(view, agent);
         self.resident_paused.remove(&(key, agent));
-        self.parked.remove(&agent);
-        if blocks as i64 <= budget.host_free {
+        self.unpark(agent);
+        if !drop && blocks as i64 <= budget.host_free {
             budget.host_free -= blocks as i64;
             budget.freeing += blocks as i64;
+            budget.out_backlog_ns += view.costs.swap_out_ns(blocks);
             self.swapping_out.insert(agent, blocks);
             plan.swap_out.push((agent, blocks));
         } else {
             budget.free += blocks as i64;
             plan.drop.push((agent, 0));
         }
+    }
+
+    /// Prefill tokens for this step (rule 5). A decode step is memory-bound: it reads the
+    /// weights and every cached token of every decoding sequence, while its compute (one token
+    /// per sequence) leaves the GPU's matrix units mostly idle. Prefill tokens up to that idle
+    /// compute ride along for free; more lengthen the step for every decode in it. So while
+    /// decodes run, a step carries the prefill that fits the idle compute, at least a floor (so
+    /// prefill progresses under small batches); without decodes, the whole token budget.
+    fn prefill_budget(&self, view: &SchedView) -> u32 {
+        if !self.params.stall_free_prefill || view.costs.kv_read_ns_per_token <= 0.0 {
+            return u32::MAX;
+        }
+        let floor = if self.waiting.is_empty() {
+            self.params.prefill_chunk_min_idle_tokens
+        } else {
+            self.params.prefill_chunk_min_tokens
+        };
+        let mut decodes = 0u64;
+        let mut ctx = 0u64;
+        for &a in &self.committed {
+            if view.kv.is_resident(a) && view.is_decoding(a) {
+                decodes += 1;
+                ctx += view.kv.kv_tokens(a) as u64;
+            }
+        }
+        if decodes == 0 {
+            return u32::MAX;
+        }
+        let memory_ns = view.costs.decode_step_ns + ctx as f64 * view.costs.kv_read_ns_per_token;
+        let compute_ns = decodes as f64 * view.costs.prefill_ns_per_token;
+        let idle_compute_tokens =
+            ((memory_ns - compute_ns) / view.costs.prefill_ns_per_token.max(1e-9)).max(0.0);
+        (idle_compute_tokens.min(u32::MAX as f64) as u32).max(floor)
     }
 
     /// Registers a paused agent whose KV just landed on the host, for prefetch.
@@ -196,6 +283,8 @@ struct PlanBudget {
     host_free: i64,
     /// GPU blocks already on their way out (freed when the copies finish).
     freeing: i64,
+    /// Until when (from now) the device-to-host channel is busy, with this plan's copies.
+    out_backlog_ns: u64,
 }
 
 impl Default for Djinn {
@@ -218,7 +307,7 @@ impl Scheduler for Djinn {
         match *event {
             SchedEvent::TurnArrived { agent, turn_index } => {
                 if turn_index > 0 {
-                    let key = self.return_key(agent);
+                    let key = self.return_key(view, agent);
                     self.resident_paused.remove(&(key, agent));
                     if let Some(start) = self.prefetch_key.remove(&agent) {
                         self.prefetch_at.remove(&(start, agent));
@@ -237,7 +326,7 @@ impl Scheduler for Djinn {
                 };
                 self.waiting.push(agent, key);
                 if view.kv.state(agent) == KvState::Gpu && view.kv.blocks(agent) > 0 {
-                    self.parked.insert(agent);
+                    self.park(agent);
                 }
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
@@ -250,7 +339,7 @@ impl Scheduler for Djinn {
                     };
                     let predicted_return = predicted_ns.map(|d| view.now + d);
                     self.predicted_return.insert(agent, predicted_return);
-                    let key = self.return_key(agent);
+                    let key = self.return_key(view, agent);
                     self.resident_paused.insert((key, agent));
                     // A pause-start swap is taken on a told pause only: a history average of
                     // bimodal pauses predicts neither mode, and acting on it swaps out agents
@@ -273,8 +362,11 @@ impl Scheduler for Djinn {
                 }
                 SwapDirection::In => {
                     if view.agent(agent).phase == Phase::Paused {
-                        let key = self.return_key(agent);
+                        let key = self.return_key(view, agent);
                         self.resident_paused.insert((key, agent));
+                    } else if self.waiting.contains(agent) {
+                        // Prefetched for a turn that arrived while the copy ran.
+                        self.park(agent);
                     }
                 }
             },
@@ -293,7 +385,7 @@ impl Scheduler for Djinn {
                 break;
             }
             self.resident_paused.remove(&(key, agent));
-            if view.agent(agent).phase != Phase::Paused || self.return_key(agent) != key {
+            if view.agent(agent).phase != Phase::Paused || self.return_key(view, agent) != key {
                 continue;
             }
             let elapsed = now - view.agent(agent).pause_started;
@@ -315,9 +407,10 @@ impl Scheduler for Djinn {
         let demand_cap = total - committed_held - reserved;
         let mut waiting_demand: i64 = 0;
         // Waiting turns at the head that the current memory could serve; later ones wait longer.
-        let mut head_region = 0usize;
-        for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
-            head_region += 1;
+        // `head_region_end`: the position of the last of them.
+        let mut head_region_end: Option<QueuePosition> = None;
+        for (pos, agent) in self.waiting.iter_positions().take(WAITING_SCAN_MAX) {
+            head_region_end = Some(pos);
             if ready_to_commit(view, agent) {
                 waiting_demand += need_blocks(view, agent) as i64;
                 if waiting_demand > demand_cap {
@@ -329,6 +422,11 @@ impl Scheduler for Djinn {
             free: kv.gpu_blocks_free() as i64,
             host_free: kv.host_blocks_free() as i64,
             freeing: self.swapping_out.values().map(|&b| b as i64).sum(),
+            out_backlog_ns: if self.params.queue_aware {
+                view.swap_out_busy_until.saturating_sub(now).as_nanos()
+            } else {
+                0
+            },
         };
         let pressure =
             (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
@@ -337,12 +435,6 @@ impl Scheduler for Djinn {
         // later, so keeping it resident through the wait is wasted memory.
         let queue_wait = if self.params.queue_aware {
             self.queue_wait_ns as u64
-        } else {
-            0
-        };
-
-        let mut out_backlog = if self.params.queue_aware {
-            view.swap_out_busy_until.saturating_sub(now).as_nanos()
         } else {
             0
         };
@@ -364,16 +456,15 @@ impl Scheduler for Djinn {
                 let remaining = ret.saturating_sub(now).as_nanos();
                 // The copy starts only after the device-to-host backlog: a swap that cannot
                 // finish and come back before the return only delays the agent.
-                if remaining
+                let swap_pays = remaining
                     >= round_trip
                         + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
-                        + out_backlog
-                    && (!self.params.queue_aware || blocks as i64 <= budget.host_free)
-                {
+                        + budget.out_backlog_ns;
+                let host_room = blocks as i64 <= budget.host_free;
+                if swap_pays && (!self.params.queue_aware || host_room) {
                     // Ahead of need only a swap pays: a drop here would buy recompute for memory
                     // nobody asked for yet (the demand-driven step below may still drop).
-                    self.evict(view, agent, plan, &mut budget);
-                    out_backlog += view.costs.swap_out_ns(blocks);
+                    self.evict(view, agent, false, plan, &mut budget);
                 }
             }
         }
@@ -403,7 +494,9 @@ impl Scheduler for Djinn {
             }
             let blocks = kv.blocks(agent);
             let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
-            if key != u64::MAX && (key + queue_wait).saturating_sub(now.as_nanos()) < round_trip {
+            if key < UNKNOWN_RETURN_KEY
+                && (key + queue_wait).saturating_sub(now.as_nanos()) < round_trip
+            {
                 // Sorted by return: everyone left returns even sooner.
                 break;
             }
@@ -412,7 +505,7 @@ impl Scheduler for Djinn {
             }
             deficit -= blocks as i64;
             head_lack -= blocks as i64;
-            self.evict(view, agent, plan, &mut budget);
+            self.evict(view, agent, false, plan, &mut budget);
         }
         // A stall: nothing runs, and the first waiting turn cannot fit even counting what is
         // already moving out. Then the GPU is held by waiting turns parked behind it; move the
@@ -420,50 +513,84 @@ impl Scheduler for Djinn {
         let mut evicted_waiting: Vec<AgentId> = Vec::new();
         // Under a queue, turns parked beyond the head region hold KV they will not use for at
         // least the queueing delay: move them out (tail first) before the head waits for memory.
-        if self.params.queue_aware && deficit > 0 && self.waiting.len() > head_region {
-            let parked: Vec<AgentId> = self
-                .waiting
-                .iter_rev()
-                .take(self.waiting.len() - head_region)
-                .take(WAITING_SCAN_MAX)
-                .filter(|&a| kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
-                .collect();
-            for agent in parked {
-                if deficit <= 0 {
-                    break;
+        // The parked index is ordered by queue position, so this costs O(log n) per turn moved.
+        if self.params.queue_aware && deficit > 0 {
+            if let Some(boundary) = head_region_end {
+                use std::ops::Bound::{Excluded, Unbounded};
+                loop {
+                    if deficit <= 0 {
+                        break;
+                    }
+                    let Some(&(pos, agent)) = self
+                        .parked
+                        .range(((Excluded((boundary, AgentId::MAX))), Unbounded))
+                        .next_back()
+                    else {
+                        break;
+                    };
+                    if !self.waiting.contains(agent)
+                        || kv.state(agent) != KvState::Gpu
+                        || kv.blocks(agent) == 0
+                    {
+                        self.parked.remove(&(pos, agent));
+                        self.parked_at.remove(&agent);
+                        continue;
+                    }
+                    let blocks = kv.blocks(agent);
+                    if queue_wait < view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks) {
+                        break;
+                    }
+                    let drop = if blocks as i64 > budget.host_free {
+                        // Host full: dropping a turn that is about to run only moves work to
+                        // recompute; one that waits longer than its recompute takes, while the
+                        // head lacks memory, holds memory for nothing.
+                        if self.params.drop_parked_when_host_full
+                            && head_lack > 0
+                            && view.costs.recompute_ns(kv.kv_tokens(agent)) < queue_wait
+                        {
+                            head_lack -= blocks as i64;
+                            true
+                        } else {
+                            break;
+                        }
+                    } else {
+                        false
+                    };
+                    deficit -= blocks as i64;
+                    self.evict(view, agent, drop, plan, &mut budget);
+                    evicted_waiting.push(agent);
                 }
-                let blocks = kv.blocks(agent);
-                if queue_wait < view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks) {
-                    break;
-                }
-                if blocks as i64 > budget.host_free {
-                    // Host full: dropping a turn that is about to run only moves work to recompute.
-                    break;
-                }
-                deficit -= blocks as i64;
-                self.evict(view, agent, plan, &mut budget);
-                evicted_waiting.push(agent);
             }
         }
         let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
-        let mut head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
+        let head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
             - (budget.free - reserved)
             - budget.freeing;
         if head_deficit > 0 && self.committed.is_empty() {
             // Lowest priority first: the parked agents latest in the queue.
-            let mut parked: Vec<(u64, AgentId)> = self
-                .parked
-                .iter()
-                .filter(|&&a| Some(a) != head && kv.state(a) == KvState::Gpu && kv.blocks(a) > 0)
-                .filter_map(|&a| self.waiting.position_key(a).map(|k| (k, a)))
-                .collect();
-            parked.sort_unstable_by(|x, y| y.cmp(x));
-            for (_, agent) in parked {
-                if head_deficit <= 0 {
+            let mut victims: Vec<AgentId> = Vec::new();
+            let mut stale: Vec<(QueuePosition, AgentId)> = Vec::new();
+            let mut freed = 0i64;
+            for &(pos, a) in self.parked.iter().rev() {
+                if freed >= head_deficit {
                     break;
                 }
-                head_deficit -= kv.blocks(agent) as i64;
-                self.evict(view, agent, plan, &mut budget);
+                if Some(a) == head {
+                    continue;
+                }
+                if !self.waiting.contains(a) || kv.state(a) != KvState::Gpu || kv.blocks(a) == 0 {
+                    stale.push((pos, a));
+                    continue;
+                }
+                freed += kv.blocks(a) as i64;
+                victims.push(a);
+            }
+            for (pos, a) in stale {
+                self.parked.remove(&(pos, a));
+                self.parked_at.remove(&a);
+            }
+            for agent in victims {
+                self.evict(view, agent, false, plan, &mut budget);
                 evicted_waiting.push(agent);
             }
         }
@@ -565,11 +692,247 @@ impl Scheduler for Djinn {
             }
         }
 
-        for agent in &self.committed {
-            self.parked.remove(agent);
+        for i in committed_before..self.committed.len() {
+            let agent = self.committed[i];
+            self.unpark(agent);
+        }
+        for i in 0..plan.reject.len() {
+            let agent = plan.reject[i];
+            self.unpark(agent);
         }
 
         // 5. The batch.
-        build_batch(view, &self.committed, plan);
+        let prefill_max = self.prefill_budget(view);
+        build_batch_within(view, &self.committed, plan, prefill_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvManager;
+    use crate::sched::{AgentRuntime, CostHints, SchedConfig};
+
+    /// The simulated H100 with Llama-2-7B, rounded (16-token blocks of 8 MiB).
+    fn costs() -> CostHints {
+        CostHints {
+            kv_bytes_per_token: 1 << 19,
+            block_bytes: 1 << 23,
+            swap_latency_ns: 10_000,
+            swap_in_bandwidth_bytes_per_s: 55e9,
+            swap_out_bandwidth_bytes_per_s: 55e9,
+            prefill_ns_per_token: 16_700.0,
+            decode_step_ns: 4_800_000.0,
+            kv_read_ns_per_token: 175.0,
+        }
+    }
+
+    fn runtime(phase: Phase, turn_index: u32, arrival_s: f64, seq: u32, gen: u32) -> AgentRuntime {
+        AgentRuntime {
+            phase,
+            first_arrival: SimTime::from_secs_f64(arrival_s),
+            turn_index,
+            turn_count: 2,
+            turn_arrival: SimTime::from_secs_f64(arrival_s),
+            seq_tokens: seq,
+            generated: 0,
+            generate_target: gen,
+            pause_started: SimTime::from_secs_f64((arrival_s - 0.05).max(0.0)),
+            pause_hint_ns: None,
+            attained_service_ns: 0,
+            admit_seq: 0,
+        }
+    }
+
+    fn resident(kv: &mut KvManager, agent: AgentId, tokens: u32) {
+        kv.ensure_capacity(agent, tokens).unwrap();
+        kv.advance(agent, tokens).unwrap();
+    }
+
+    /// A queue of four turns on a 40-block pool: two new turns at the head (20 and 30 blocks,
+    /// more than the pool can admit together) and two returned turns behind them whose KV
+    /// (12 blocks each) stayed on the GPU; a running turn holds 4 blocks (so this is no stall).
+    /// The head lacks 8 blocks. Returns what djinn plans.
+    fn plan_with_parked_tail(params: DjinnParams, host_blocks: u32) -> StepPlan {
+        let mut kv = KvManager::new(16, 40, host_blocks, 5);
+        resident(&mut kv, 2, 192);
+        resident(&mut kv, 3, 192);
+        resident(&mut kv, 4, 63);
+        let mut running = runtime(Phase::Running, 0, 1.0, 64, 2);
+        running.generated = 1;
+        let agents = vec![
+            runtime(Phase::Waiting, 0, 9.0, 300, 20),
+            runtime(Phase::Waiting, 0, 9.1, 460, 20),
+            runtime(Phase::Waiting, 1, 9.2, 208, 16),
+            runtime(Phase::Waiting, 1, 9.3, 208, 16),
+            running,
+        ];
+        let (config, costs) = (SchedConfig::default(), costs());
+        let view = SchedView {
+            now: SimTime::from_secs_f64(10.0),
+            kv: &kv,
+            agents: &agents,
+            config: &config,
+            costs: &costs,
+            swap_out_busy_until: SimTime::ZERO,
+            swap_in_busy_until: SimTime::ZERO,
+        };
+        let mut djinn = Djinn::new(params);
+        djinn.committed.push(4);
+        for (agent, a) in agents.iter().enumerate().take(4) {
+            let event = SchedEvent::TurnArrived {
+                agent: agent as AgentId,
+                turn_index: a.turn_index,
+            };
+            djinn.on_event(&event, &view);
+        }
+        // Turns have been waiting a second on average: the returned ones will wait as long.
+        djinn.queue_wait_ns = 1e9;
+        let mut plan = StepPlan::default();
+        djinn.plan_step(&view, &mut plan);
+        plan
+    }
+
+    #[test]
+    fn host_full_drops_the_last_parked_turn_for_the_head_only() {
+        let plan = plan_with_parked_tail(DjinnParams::default(), 0);
+        // Recompute of 192 tokens (3 ms) is far below the second it would hold 12 blocks.
+        assert_eq!(plan.drop, vec![(3, 0)], "the last parked turn, and only it");
+        assert!(plan.swap_out.is_empty());
+        assert_eq!(
+            plan.prefill[0].agent, 0,
+            "the head runs in the freed memory"
+        );
+
+        let kept = plan_with_parked_tail(
+            DjinnParams {
+                drop_parked_when_host_full: false,
+                ..DjinnParams::default()
+            },
+            0,
+        );
+        assert!(kept.drop.is_empty() && kept.swap_out.is_empty());
+        assert!(kept.prefill.is_empty(), "without the drop the head waits");
+
+        // With host room the parked tail is swapped out instead, for all the queue lacks.
+        let swapped = plan_with_parked_tail(DjinnParams::default(), 100);
+        assert!(swapped.drop.is_empty());
+        assert_eq!(swapped.swap_out, vec![(3, 12), (2, 12)]);
+    }
+
+    #[test]
+    fn without_predictions_the_longest_paused_agent_is_evicted_first() {
+        // Agents 0 and 1 pause with no prediction (12 blocks each on a 40-block pool); agent 0
+        // paused 5 s ago, agent 1 half a second ago. A new turn needs 20 blocks, 16 are free.
+        let mut kv = KvManager::new(16, 40, 100, 3);
+        resident(&mut kv, 0, 192);
+        resident(&mut kv, 1, 192);
+        let mut agents = vec![
+            runtime(Phase::Paused, 0, 5.0, 192, 16),
+            runtime(Phase::Paused, 0, 9.5, 192, 16),
+            runtime(Phase::Waiting, 0, 9.9, 300, 20),
+        ];
+        for a in &mut agents[..2] {
+            a.pause_started = a.turn_arrival;
+        }
+        let (config, costs) = (SchedConfig::default(), costs());
+        let view = SchedView {
+            now: SimTime::from_secs_f64(10.0),
+            kv: &kv,
+            agents: &agents,
+            config: &config,
+            costs: &costs,
+            swap_out_busy_until: SimTime::ZERO,
+            swap_in_busy_until: SimTime::ZERO,
+        };
+        let mut djinn = Djinn::new(DjinnParams {
+            predictor: PredictorMode::Off,
+            ..DjinnParams::default()
+        });
+        for agent in 0..2 {
+            let pause = Some(crate::sched::PauseNotice {
+                hint_ns: None,
+                true_ns_for_oracle: 60_000_000_000,
+            });
+            let event = SchedEvent::TurnFinished {
+                agent,
+                turn_index: 0,
+                pause,
+            };
+            djinn.on_event(&event, &view);
+        }
+        let arrived = SchedEvent::TurnArrived {
+            agent: 2,
+            turn_index: 0,
+        };
+        djinn.on_event(&arrived, &view);
+        let mut plan = StepPlan::default();
+        djinn.plan_step(&view, &mut plan);
+        assert_eq!(
+            plan.swap_out,
+            vec![(0, 12)],
+            "the agent away longest goes first"
+        );
+    }
+
+    /// Djinn with `decoders` committed agents decoding at `context` tokens each and one
+    /// committed agent with 3,000 prompt tokens to prefill; returns the prefill chunk planned.
+    fn prefill_chunk(params: DjinnParams, decoders: u32, context: u32, queued: bool) -> u32 {
+        let n = decoders + 2;
+        let mut kv = KvManager::new(16, 20_000, 0, n);
+        let mut agents = Vec::new();
+        for a in 0..decoders {
+            resident(&mut kv, a, context);
+            let mut rt = runtime(Phase::Running, 0, 0.0, context + 1, 100);
+            rt.generated = 1;
+            agents.push(rt);
+        }
+        kv.ensure_capacity(decoders, 3_000).unwrap();
+        agents.push(runtime(Phase::Running, 0, 0.0, 3_000, 100));
+        // A turn that does not fit behind them, so the queue is not empty.
+        agents.push(runtime(Phase::Waiting, 0, 0.5, 4_000, 100));
+        let (config, costs) = (SchedConfig::default(), costs());
+        let view = SchedView {
+            now: SimTime::from_secs_f64(1.0),
+            kv: &kv,
+            agents: &agents,
+            config: &config,
+            costs: &costs,
+            swap_out_busy_until: SimTime::ZERO,
+            swap_in_busy_until: SimTime::ZERO,
+        };
+        let mut djinn = Djinn::new(params);
+        djinn.committed = (0..=decoders).collect();
+        if queued {
+            djinn.waiting.push(decoders + 1, 0);
+        }
+        let mut plan = StepPlan::default();
+        build_batch_within(
+            &view,
+            &djinn.committed,
+            &mut plan,
+            djinn.prefill_budget(&view),
+        );
+        assert_eq!(plan.decode.len() as u32, decoders);
+        plan.prefill.iter().map(|p| p.tokens).sum()
+    }
+
+    #[test]
+    fn prefill_rides_along_decodes_within_their_idle_compute() {
+        let on = DjinnParams::default();
+        let off = DjinnParams {
+            stall_free_prefill: false,
+            ..DjinnParams::default()
+        };
+        // Without decodes the whole prompt goes at once.
+        assert_eq!(prefill_chunk(on.clone(), 0, 0, true), 3_000);
+        // One small decode leaves ~290 tokens of idle compute: the floor applies (1,024 while
+        // turns queue, 2,048 while none does); the zoo's batches take the whole prompt.
+        assert_eq!(prefill_chunk(on.clone(), 1, 1_000, true), 1_024);
+        assert_eq!(prefill_chunk(on.clone(), 1, 1_000, false), 2_048);
+        assert_eq!(prefill_chunk(off, 1, 1_000, true), 3_000);
+        // 60 decodes of 3,000 tokens read 88 GiB of KV (31.5 ms at 3 TB/s plus the weights):
+        // (36.3 ms - 60 x 16.7 us) / 16.7 us = 2,113 prefill tokens fit the idle compute.
+        assert_eq!(prefill_chunk(on, 60, 3_000, true), 2_113);
     }
 }

@@ -269,6 +269,7 @@ mod tests {
             swap_out_bandwidth_bytes_per_s: 55e9,
             prefill_ns_per_token: 20_000.0,
             decode_step_ns: 5_000_000.0,
+            kv_read_ns_per_token: 170.0,
         };
         let view = SchedView {
             now: SimTime::ZERO,
