@@ -263,6 +263,9 @@ mod with_cuda {
         for p in &profiles {
             println!("{p}");
         }
+        for line in model.gemm_tuning_report() {
+            println!("tuning: {line}");
+        }
         let report_device = model.device.name.clone();
         if let Some(path) = &args.hf_results {
             let text = std::fs::read_to_string(path)
