@@ -416,8 +416,9 @@ mod with_cuda {
                 let mut options = None;
                 if let Some(config) = ModelConfig::preset(&model) {
                     let mut o = CudaModelOptions::for_config(&config);
-                    o.num_kv_blocks = Some(64);
-                    o.max_tokens_per_step = 512;
+                    // Room for the 2048-token tuned-GEMM prefill check next to the short ones.
+                    o.num_kv_blocks = Some(160);
+                    o.max_tokens_per_step = 2048;
                     o.max_seqs_per_step = 8;
                     options = Some(o);
                 }

@@ -106,8 +106,68 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // Fused residual add + RMSNorm. For output row r, source row s = row_index ? row_index[r] : r:
 //   if delta: resid[s] += delta[s];  out[r] = resid[s] * rsqrt(mean(resid[s]^2) + eps) * weight.
 // With row_index it gathers the last token of each sequence for the LM head. 4 elements per step
-// (hidden is a multiple of 8).
-extern "C" __global__ void add_rmsnorm(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
+// (hidden is a multiple of 8). One pass over memory: each thread keeps its (up to NORM_KEEP) float4
+// of the row in registers between the sum of squares and the scaling; wider rows re-read the rest.
+#define NORM_KEEP 2
+__device__ __forceinline__ float4 norm_load(float4* x, const T* delta, u64 s, int hidden, int i) {
+    float4 v = x[i];
+    if (delta) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(delta + s * hidden + 4 * i);
+        const float2 a = to_f2(*reinterpret_cast<const T2*>(&raw.x)), b = to_f2(*reinterpret_cast<const T2*>(&raw.y));
+        v.x += a.x;
+        v.y += a.y;
+        v.z += b.x;
+        v.w += b.y;
+        x[i] = v;
+    }
+    return v;
+}
+
+__device__ __forceinline__ void norm_store(T* out_row, const T* weight, int i, float4 v, float inv) {
+    const uint2 wraw = *reinterpret_cast<const uint2*>(weight + 4 * i);
+    const float2 wa = to_f2(*reinterpret_cast<const T2*>(&wraw.x)), wb = to_f2(*reinterpret_cast<const T2*>(&wraw.y));
+    uint2 o;
+    *reinterpret_cast<T2*>(&o.x) = from_f2(v.x * inv * wa.x, v.y * inv * wa.y);
+    *reinterpret_cast<T2*>(&o.y) = from_f2(v.z * inv * wb.x, v.w * inv * wb.y);
+    *reinterpret_cast<uint2*>(out_row + 4 * i) = o;
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
+                                       int hidden, float eps) {
+    __shared__ float scratch[32];
+    pdl_trigger();
+    pdl_wait();
+    const int r = blockIdx.x;
+    const u64 s = row_index ? (u64)row_index[r] : (u64)r;
+    float4* x = reinterpret_cast<float4*>(resid + s * hidden);
+    const int n4 = hidden / 4;
+    const int kept = NORM_KEEP * blockDim.x;
+    float sq = 0.0f;
+    float4 keep[NORM_KEEP];
+#pragma unroll
+    for (int j = 0; j < NORM_KEEP; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n4) {
+            keep[j] = norm_load(x, delta, s, hidden, i);
+            sq += keep[j].x * keep[j].x + keep[j].y * keep[j].y + keep[j].z * keep[j].z + keep[j].w * keep[j].w;
+        }
+    }
+    for (int i = threadIdx.x + kept; i < n4; i += blockDim.x) {
+        const float4 v = norm_load(x, delta, s, hidden, i);
+        sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    const float inv = rsqrtf(block_sum(sq, scratch) / (float)hidden + eps);
+    T* o = out + (u64)r * hidden;
+#pragma unroll
+    for (int j = 0; j < NORM_KEEP; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n4) norm_store(o, weight, i, keep[j], inv);
+    }
+    for (int i = threadIdx.x + kept; i < n4; i += blockDim.x) norm_store(o, weight, i, x[i], inv);
+}
+
+// Two-pass form (re-reads the row for the scaling), kept for A/B: DJINN_CUDA_RMSNORM_V1=1.
+extern "C" __global__ void add_rmsnorm_v1(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
                                        int hidden, float eps) {
     __shared__ float scratch[32];
     pdl_trigger();

@@ -384,7 +384,12 @@ impl CudaModel {
         let kernels = Kernels {
             random_fill: f("random_fill")?,
             embed: f("embed")?,
-            add_rmsnorm: f("add_rmsnorm")?,
+            // DJINN_CUDA_RMSNORM_V1=1: the two-pass RMSNorm (A/B).
+            add_rmsnorm: f(if env_flag("DJINN_CUDA_RMSNORM_V1") {
+                "add_rmsnorm_v1"
+            } else {
+                "add_rmsnorm"
+            })?,
             rope_kv_write: f("rope_kv_write")?,
             silu_mul: f("silu_mul")?,
             attn_decode: f("attn_decode")?,
@@ -894,7 +899,7 @@ impl CudaModel {
         out_f32: bool,
         tunable: bool,
     ) -> Result<(), CudaError> {
-        if m == 1 && self.use_gemv && k % 8 == 0 && n > self.gemv_min_n {
+        if m == 1 && self.use_gemv && k.is_multiple_of(8) && n > self.gemv_min_n {
             // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
             // cuBLAS does for m = 1 (see NOTES-cuda.md).
             let (n_i, k_i, f32_i) = (n as i32, k as i32, i32::from(out_f32));
@@ -1890,7 +1895,7 @@ impl CudaModel {
         }
         let mut header_bytes =
             serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-        while header_bytes.len() % 8 != 0 {
+        while !header_bytes.len().is_multiple_of(8) {
             header_bytes.push(b' ');
         }
         let path = dir.join("model.safetensors");
