@@ -263,6 +263,9 @@ mod with_cuda {
         for p in &profiles {
             println!("{p}");
         }
+        for line in model.gemm_tuning_report() {
+            println!("tuning: {line}");
+        }
         let report_device = model.device.name.clone();
         if let Some(path) = &args.hf_results {
             let text = std::fs::read_to_string(path)
@@ -413,8 +416,9 @@ mod with_cuda {
                 let mut options = None;
                 if let Some(config) = ModelConfig::preset(&model) {
                     let mut o = CudaModelOptions::for_config(&config);
-                    o.num_kv_blocks = Some(64);
-                    o.max_tokens_per_step = 512;
+                    // Room for the 2048-token tuned-GEMM prefill check next to the short ones.
+                    o.num_kv_blocks = Some(160);
+                    o.max_tokens_per_step = 2048;
                     o.max_seqs_per_step = 8;
                     options = Some(o);
                 }

@@ -319,5 +319,37 @@ pub fn self_consistency(
         d.max_abs_diff,
         d.max_abs_diff == 0.0,
     ));
+    // (4) A long prefill with the timed cuBLASLt GEMM choice == the same with cublasGemmEx, where
+    // the model is sized for one (the first call tunes, then runs the chosen algorithms).
+    // 2048 tokens (the benchmark's prefill shape) where the model takes them.
+    let long = 2048
+        .min(model.options.max_tokens_per_step)
+        .min(model.config.max_position_embeddings);
+    let first_free = 3 * blocks;
+    let long_blocks = long.div_ceil(bs);
+    if model.has_gemm_tuning()
+        && long >= model.gemm_tuning_min_rows()
+        && model.options.max_blocks_per_seq >= long_blocks
+        && first_free + long_blocks <= model.kv_pool().num_blocks()
+    {
+        eprintln!("consistency: tuned vs cublasGemmEx prefill GEMMs ({long} tokens)");
+        let prompt_long: Vec<u32> = (0..long).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
+        let table_d: Vec<u32> = (first_free as u32..(first_free + long_blocks) as u32).collect();
+        let step = [SeqStep {
+            block_table: &table_d,
+            context_len: 0,
+            tokens: &prompt_long,
+        }];
+        let tuned = model.forward_logits(&step)?;
+        let was = model.set_gemm_tuning(false);
+        let plain = model.forward_logits(&step);
+        model.set_gemm_tuning(was);
+        record(
+            "prefill with tuned cuBLASLt GEMMs == with cublasGemmEx",
+            &tuned,
+            &plain?,
+            &mut results,
+        );
+    }
     Ok(results)
 }

@@ -32,6 +32,23 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define LOG2E 1.4426950408889634f
+
+// Programmatic dependent launch (Hopper): kernels launched with the programmatic-serialization
+// attribute may start while the previous kernel of the stream still runs. pdl_wait() blocks until
+// that kernel has finished and its writes are visible, so every such kernel calls it before it
+// touches activations (only the GEMVs read their weights, which no kernel writes, before it).
+// pdl_trigger() lets the next kernel launch now. Both are no-ops on a normal launch.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ u32 pack2(float a, float b) {
     T2 v = from_f2(a, b);
@@ -65,6 +82,8 @@ extern "C" __global__ void random_fill(T* out, u64 n, u64 seed, float scale, flo
 // ------------------------------------------------------------------------------------------------
 // resid[t, :] = embed[tokens[t], :] (f32 residual stream).
 extern "C" __global__ void embed(const u32* tokens, const T* table, float* resid, int hidden) {
+    pdl_trigger();
+    pdl_wait();
     const int t = blockIdx.x;
     const u64 row = tokens[t];
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -87,10 +106,72 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // Fused residual add + RMSNorm. For output row r, source row s = row_index ? row_index[r] : r:
 //   if delta: resid[s] += delta[s];  out[r] = resid[s] * rsqrt(mean(resid[s]^2) + eps) * weight.
 // With row_index it gathers the last token of each sequence for the LM head. 4 elements per step
-// (hidden is a multiple of 8).
-extern "C" __global__ void add_rmsnorm(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
+// (hidden is a multiple of 8). One pass over memory: each thread keeps its (up to NORM_KEEP) float4
+// of the row in registers between the sum of squares and the scaling; wider rows re-read the rest.
+#define NORM_KEEP 2
+__device__ __forceinline__ float4 norm_load(float4* x, const T* delta, u64 s, int hidden, int i) {
+    float4 v = x[i];
+    if (delta) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(delta + s * hidden + 4 * i);
+        const float2 a = to_f2(*reinterpret_cast<const T2*>(&raw.x)), b = to_f2(*reinterpret_cast<const T2*>(&raw.y));
+        v.x += a.x;
+        v.y += a.y;
+        v.z += b.x;
+        v.w += b.y;
+        x[i] = v;
+    }
+    return v;
+}
+
+__device__ __forceinline__ void norm_store(T* out_row, const T* weight, int i, float4 v, float inv) {
+    const uint2 wraw = *reinterpret_cast<const uint2*>(weight + 4 * i);
+    const float2 wa = to_f2(*reinterpret_cast<const T2*>(&wraw.x)), wb = to_f2(*reinterpret_cast<const T2*>(&wraw.y));
+    uint2 o;
+    *reinterpret_cast<T2*>(&o.x) = from_f2(v.x * inv * wa.x, v.y * inv * wa.y);
+    *reinterpret_cast<T2*>(&o.y) = from_f2(v.z * inv * wb.x, v.w * inv * wb.y);
+    *reinterpret_cast<uint2*>(out_row + 4 * i) = o;
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
                                        int hidden, float eps) {
     __shared__ float scratch[32];
+    pdl_trigger();
+    pdl_wait();
+    const int r = blockIdx.x;
+    const u64 s = row_index ? (u64)row_index[r] : (u64)r;
+    float4* x = reinterpret_cast<float4*>(resid + s * hidden);
+    const int n4 = hidden / 4;
+    const int kept = NORM_KEEP * blockDim.x;
+    float sq = 0.0f;
+    float4 keep[NORM_KEEP];
+#pragma unroll
+    for (int j = 0; j < NORM_KEEP; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n4) {
+            keep[j] = norm_load(x, delta, s, hidden, i);
+            sq += keep[j].x * keep[j].x + keep[j].y * keep[j].y + keep[j].z * keep[j].z + keep[j].w * keep[j].w;
+        }
+    }
+    for (int i = threadIdx.x + kept; i < n4; i += blockDim.x) {
+        const float4 v = norm_load(x, delta, s, hidden, i);
+        sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    const float inv = rsqrtf(block_sum(sq, scratch) / (float)hidden + eps);
+    T* o = out + (u64)r * hidden;
+#pragma unroll
+    for (int j = 0; j < NORM_KEEP; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n4) norm_store(o, weight, i, keep[j], inv);
+    }
+    for (int i = threadIdx.x + kept; i < n4; i += blockDim.x) norm_store(o, weight, i, x[i], inv);
+}
+
+// Two-pass form (re-reads the row for the scaling), kept for A/B: DJINN_CUDA_RMSNORM_V1=1.
+extern "C" __global__ void add_rmsnorm_v1(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
+                                       int hidden, float eps) {
+    __shared__ float scratch[32];
+    pdl_trigger();
+    pdl_wait();
     const int r = blockIdx.x;
     const u64 s = row_index ? (u64)row_index[r] : (u64)r;
     float4* x = reinterpret_cast<float4*>(resid + s * hidden);
@@ -125,8 +206,13 @@ extern "C" __global__ void add_rmsnorm(float* resid, const T* delta, const T* we
 // in the fused qkv rows [q heads | k heads | v heads], and the KV write of k and v into the pool
 // at slot = block * BLOCK_SIZE + offset (slot < 0: padding row, nothing written).
 // rope[pos * HEAD_DIM + 2 * i] = cos, [.. + 2 * i + 1] = sin of pos * theta^(-2i/HEAD_DIM).
+// rotate_q = 0: q is left alone (attn_prefill_v4 rotates it when it loads its Q tile) and the
+// rotated k only goes to the pool: a third less traffic.
 extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const long long* slots, const float* rope,
-                                         T* pool, int layer, int num_heads, int num_kv_heads, int num_layers) {
+                                         T* pool, int layer, int num_heads, int num_kv_heads, int num_layers,
+                                         int rotate_q) {
+    pdl_trigger();
+    pdl_wait();
     const int t = blockIdx.x;
     const int half = HEAD_DIM / 2;
     const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
@@ -134,9 +220,10 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
     const int pos = positions[t];
     const long long slot = slots[t];
     // Each item rotates two adjacent pairs (i, i + half) and (i + 1, i + 1 + half): 4-byte accesses.
-    const int items = (num_heads + 2 * num_kv_heads) * (half / 2);
+    const int first_head = rotate_q ? 0 : num_heads;
+    const int items = (num_heads + 2 * num_kv_heads - first_head) * (half / 2);
     for (int item = threadIdx.x; item < items; item += blockDim.x) {
-        const int head = item / (half / 2);  // 0..nh-1 q, nh..nh+nkv-1 k, then v
+        const int head = first_head + item / (half / 2);  // 0..nh-1 q, nh..nh+nkv-1 k, then v
         const int i = 2 * (item % (half / 2));
         T* h = row + head * HEAD_DIM;
         float2 a = to_f2(*reinterpret_cast<const T2*>(h + i));
@@ -147,8 +234,10 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
             const float2 rb = make_float2(b.x * cs.x + a.x * cs.y, b.y * cs.z + a.y * cs.w);
             a = ra;
             b = rb;
-            *reinterpret_cast<T2*>(h + i) = from_f2(a.x, a.y);
-            *reinterpret_cast<T2*>(h + i + half) = from_f2(b.x, b.y);
+            if (rotate_q) {
+                *reinterpret_cast<T2*>(h + i) = from_f2(a.x, a.y);
+                *reinterpret_cast<T2*>(h + i + half) = from_f2(b.x, b.y);
+            }
         }
         if (head >= num_heads && slot >= 0) {
             const int kv = head < num_heads + num_kv_heads ? 0 : 1;
@@ -165,6 +254,8 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
 // out[t, i] = silu(gu[t, i]) * gu[t, inter + i] (gate and up projections fused in one GEMM).
 // 8 elements (16 bytes) per step; inter is a multiple of 8.
 extern "C" __global__ void silu_mul(const T* gu, T* out, int inter, u64 total) {
+    pdl_trigger();
+    pdl_wait();
     const u64 total8 = total / 8;
     const u64 inter8 = inter / 8;
     for (u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x; idx < total8; idx += (u64)gridDim.x * blockDim.x) {
@@ -201,6 +292,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int* seq_lens,
         float* part_out, float* part_lse, T* out, int layer, int num_splits, float scale,
         int num_heads, int num_kv_heads, int num_layers) {
+    pdl_trigger();
+    pdl_wait();
     const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int sub = lane % LANES_PER_TOKEN, tok_in = lane / LANES_PER_TOKEN;
@@ -330,6 +423,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
 // Merges the splits of attn_decode by their log-sum-exp. grid (num_heads, batch), HEAD_DIM threads.
 extern "C" __global__ void attn_decode_reduce(const float* part_out, const float* part_lse, T* out, int num_splits,
                                               int num_heads) {
+    pdl_trigger();
+    pdl_wait();
     const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
     const u64 base = ((u64)b * num_heads + h) * num_splits;
     float big = NEG_INF;
@@ -494,9 +589,10 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(bytes));
 }
 
-// Double-buffered: the K/V chunk after the current one is copied with cp.async while the current
-// one is computed. Dynamic shared memory: 2 stages x (K, V) x PF_KEYS x KS_PITCH elements.
-extern "C" __global__ void __launch_bounds__(128) attn_prefill(
+// v2 (kept for A/B: DJINN_CUDA_PREFILL_V2=1). Double-buffered: the K/V chunk after the current one is
+// copied with cp.async while the current one is computed. Dynamic shared memory: 2 stages x (K, V) x
+// PF_KEYS x KS_PITCH elements. grid (num_tiles, num_heads).
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_v2(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -564,6 +660,459 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill(
     prefill_store(out, row0, rows, h, num_heads, warp, lane, o, l_lo, l_hi);
 }
 
+// v3 of one 64-key chunk (see prefill_chunk): K fragments by ldmatrix (one x4 load feeds two mma
+// instead of four 4-byte shared loads), scores scaled into the log2 domain once (exp2), and the
+// causal compare only where MASK (the chunk reaches past the warp's first query row).
+template <bool MASK>
+__device__ __forceinline__ void prefill_chunk_v3(const T* ks, const T* vs, int kc, int qpos_lo, int qpos_hi,
+                                                 float scale_log2, const u32 (&qa)[HEAD_DIM / 16][4],
+                                                 float (&o)[HEAD_DIM / 8][4], float& m_lo, float& m_hi, float& l_lo,
+                                                 float& l_hi, int lane) {
+    const int t4 = lane & 3;
+    const int mat = lane >> 3, mrow = lane & 7;
+    float s[PF_KEYS / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        // Matrices: keys nt*8 .. +7 x dims (kk*16 | kk*16+8 | kk*16+16 | kk*16+24).
+        const T* kaddr = &ks[(nt * 8 + mrow) * KS_PITCH + mat * 8];
+#pragma unroll
+        for (int kk = 0; kk + 1 < HEAD_DIM / 16; kk += 2) {
+            const u32 saddr = (u32)__cvta_generic_to_shared(kaddr + kk * 16);
+            u32 b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                         : "r"(saddr));
+            mma16816(s[nt], qa[kk], b0, b1);
+            mma16816(s[nt], qa[kk + 1], b2, b3);
+        }
+        if ((HEAD_DIM / 16) % 2 == 1) {  // HEAD_DIM 16: the last k16 step alone (.x2; lanes 0-15 address it)
+            const int kk = HEAD_DIM / 16 - 1;
+            const u32 saddr = (u32)__cvta_generic_to_shared(kaddr + kk * 16);
+            u32 b0, b1;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                         : "=r"(b0), "=r"(b1)
+                         : "r"(saddr));
+            mma16816(s[nt], qa[kk], b0, b1);
+        }
+    }
+    float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
+        if (MASK) {
+            const int kpos = kc + nt * 8 + t4 * 2;
+            s[nt][0] = (kpos <= qpos_lo) ? s[nt][0] * scale_log2 : NEG_INF;
+            s[nt][1] = (kpos + 1 <= qpos_lo) ? s[nt][1] * scale_log2 : NEG_INF;
+            s[nt][2] = (kpos <= qpos_hi) ? s[nt][2] * scale_log2 : NEG_INF;
+            s[nt][3] = (kpos + 1 <= qpos_hi) ? s[nt][3] * scale_log2 : NEG_INF;
+        } else {
+            s[nt][0] *= scale_log2;
+            s[nt][1] *= scale_log2;
+            s[nt][2] *= scale_log2;
+            s[nt][3] *= scale_log2;
+        }
+        mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    // Every row of the warp has at least one unmasked key in any chunk it processes (key kc <= its
+    // position), so the new maxima are finite; exp2(-inf) = 0 handles the masked scores and the
+    // first chunk's m = -inf.
+    const float nm_lo = fmaxf(m_lo, mx_lo), nm_hi = fmaxf(m_hi, mx_hi);
+    const float a_lo = exp2f(m_lo - nm_lo);
+    const float a_hi = exp2f(m_hi - nm_hi);
+    m_lo = nm_lo;
+    m_hi = nm_hi;
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - nm_lo);
+        s[nt][1] = exp2f(s[nt][1] - nm_lo);
+        s[nt][2] = exp2f(s[nt][2] - nm_hi);
+        s[nt][3] = exp2f(s[nt][3] - nm_hi);
+        sum_lo += s[nt][0] + s[nt][1];
+        sum_hi += s[nt][2] + s[nt][3];
+    }
+    l_lo = l_lo * a_lo + sum_lo;
+    l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+        o[nd][0] *= a_lo;
+        o[nd][1] *= a_lo;
+        o[nd][2] *= a_hi;
+        o[nd][3] *= a_hi;
+    }
+#pragma unroll
+    for (int kk = 0; kk < PF_KEYS / 16; ++kk) {
+        u32 pa[4];
+        pa[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int nd = 0; nd < HEAD_DIM / 8; nd += 2) {
+            const T* addr = &vs[(kk * 16 + (mat & 1) * 8 + mrow) * KS_PITCH + (nd + (mat >> 1)) * 8];
+            const u32 saddr = (u32)__cvta_generic_to_shared(addr);
+            u32 b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                         : "r"(saddr));
+            mma16816(o[nd], pa, b0, b1);
+            mma16816(o[nd + 1], pa, b2, b3);
+        }
+    }
+}
+
+// v3 (default): as v2 (64-row tiles of 4 warps, cp.async double buffering) plus
+// - grid (num_heads, num_tiles): the heads vary fastest, so every head's longest tile (listed
+//   last) starts in the first wave and the short tiles fill the tail (v2 ran head by head);
+// - __launch_bounds__(128, 3): at most 168 registers, so 3 CTAs share an SM (v2 used 171: 2 CTAs);
+// - cheaper K/V addressing (one multiply by the block stride per 16-byte copy);
+// - prefill_chunk_v3 (ldmatrix K fragments, exp2 softmax, masks only on diagonal chunks).
+extern "C" __global__ void __launch_bounds__(128, 3) attn_prefill(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    pdl_trigger();
+    pdl_wait();
+    T* smem = reinterpret_cast<T*>(smem_raw);
+    const int stage_elems = PF_KEYS * KS_PITCH;
+    const int4 tile = tiles[num_tiles - 1 - blockIdx.y];
+    const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
+    const int h = blockIdx.x;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
+    const u32* table = block_tables + (u64)seq * table_stride;
+    const int kv_len = pos0 + rows;
+    const int nchunks = (kv_len + PF_KEYS - 1) / PF_KEYS;
+    const u64 v_offset = (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM;
+    const float scale_log2 = scale * LOG2E;
+
+    // Thread c copies 16 bytes (dims d8*8 .. +7) of keys tok0, tok0 + step, ... of each chunk.
+    constexpr int D8 = HEAD_DIM / 8;
+    constexpr int STEP = 128 / D8;  // keys per pass of the CTA
+    const int tok0 = threadIdx.x / D8, d8 = threadIdx.x % D8;
+    // kv_piece(block, layer, 0, kvh) = block * block_stride + the (layer, kvh) offset.
+    const T* kbase = pool + kv_piece(0, layer, 0, kvh, num_layers, num_kv_heads) + d8 * 8;
+    const u64 block_stride = (u64)num_layers * 2 * num_kv_heads * BLOCK_SIZE * HEAD_DIM;
+    auto load_chunk = [&](int chunk, int stage) {
+        T* ks = smem + stage * 2 * stage_elems;
+        T* vs = ks + stage_elems;
+        const int kc = chunk * PF_KEYS;
+#pragma unroll
+        for (int tok = tok0; tok < PF_KEYS; tok += STEP) {
+            const int kpos = kc + tok;
+            const bool valid = kpos < kv_len;
+            const T* kp = valid ? kbase + table[kpos / BLOCK_SIZE] * block_stride + (kpos % BLOCK_SIZE) * HEAD_DIM : pool;
+            cp_async16(&ks[tok * KS_PITCH + d8 * 8], kp, valid);
+            cp_async16(&vs[tok * KS_PITCH + d8 * 8], valid ? kp + v_offset : pool, valid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    load_chunk(0, 0);
+    u32 qa[HEAD_DIM / 16][4];
+    prefill_load_q(qkv, row0, rows, h, qkv_width, warp, lane, qa);
+    const int g = lane >> 2;
+    const int qpos_lo = pos0 + warp * 16 + g, qpos_hi = qpos_lo + 8;
+    const int warp_first_pos = pos0 + warp * 16;
+    const int warp_last_pos = warp_first_pos + 15;
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+    float o[HEAD_DIM / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+
+    for (int ci = 0; ci < nchunks; ++ci) {
+        if (ci + 1 < nchunks) {
+            load_chunk(ci + 1, (ci + 1) & 1);
+        } else {
+            asm volatile("cp.async.commit_group;\n" ::);
+        }
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        __syncthreads();
+        const int kc = ci * PF_KEYS;
+        if (kc <= warp_last_pos) {  // warp-uniform (see attn_prefill_v2)
+            const T* ks = smem + (ci & 1) * 2 * stage_elems;
+            if (kc + PF_KEYS - 1 > warp_first_pos) {
+                prefill_chunk_v3<true>(ks, ks + stage_elems, kc, qpos_lo, qpos_hi, scale_log2, qa, o, m_lo, m_hi,
+                                       l_lo, l_hi, lane);
+            } else {
+                prefill_chunk_v3<false>(ks, ks + stage_elems, kc, qpos_lo, qpos_hi, scale_log2, qa, o, m_lo, m_hi,
+                                        l_lo, l_hi, lane);
+            }
+        }
+        __syncthreads();
+    }
+    prefill_store(out, row0, rows, h, num_heads, warp, lane, o, l_lo, l_hi);
+}
+
+// ------------------------------------------------------------------------------------------------
+// v4 prefill attention (default for HEAD_DIM <= 128): FlashAttention-2's work split. A tile is up to
+// 128 query rows, 4 warps of 32 rows (two m16 tiles each), so every K/V fragment read from shared
+// memory feeds two mma (half the shared-memory traffic per mma of v3) and each warp has two
+// independent accumulator chains. Q lives in shared memory (loaded once, with RoPE applied on the
+// way: rope_kv_write then skips q), K/V chunks of 64 keys are double-buffered with cp.async.
+// grid (num_heads, num_tiles), 128 threads, dynamic shared memory (128 + 2 x 2 x 64) x KS_PITCH x 2 B.
+#define PF4_ROWS 128
+
+template <bool MASK, int KEYS>
+__device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const T* vs, int kc, int qpos0,
+                                                 float scale_log2, float (&o)[2][HEAD_DIM / 8][4], float (&m)[2][2],
+                                                 float (&l)[2][2], int warp, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+    const int mat = lane >> 3, mrow = lane & 7;
+    float s[2][KEYS / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+    // A fragments (16 x 16 of Q) by ldmatrix.x4: lane l addresses row (l & 7) + 8 ((l >> 3) & 1), column
+    // 8 (l >> 4) of the m-tile.
+    const T* qaddr = &sq[(warp * 32 + mrow + (mat & 1) * 8) * KS_PITCH + (mat >> 1) * 8];
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        u32 qa[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+            const u32 saddr = (u32)__cvta_generic_to_shared(qaddr + mt * 16 * KS_PITCH + kk * 16);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(qa[mt][0]), "=r"(qa[mt][1]), "=r"(qa[mt][2]), "=r"(qa[mt][3])
+                         : "r"(saddr));
+        }
+        // B fragments: keys nt*8 .. +7 (rows of K) x dims kk*16 .. +15 by ldmatrix.x2 (lanes 0-15).
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt) {
+            const u32 saddr = (u32)__cvta_generic_to_shared(&ks[(nt * 8 + mrow) * KS_PITCH + kk * 16 + (mat & 1) * 8]);
+            u32 b0, b1;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(saddr));
+            mma16816(s[0][nt], qa[0], b0, b1);
+            mma16816(s[1][nt], qa[1], b0, b1);
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        const int qlo = qpos0 + warp * 32 + mt * 16 + g, qhi = qlo + 8;
+        float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt) {
+            float* x = s[mt][nt];
+            if (MASK) {
+                const int kpos = kc + nt * 8 + t4 * 2;
+                x[0] = (kpos <= qlo) ? x[0] * scale_log2 : NEG_INF;
+                x[1] = (kpos + 1 <= qlo) ? x[1] * scale_log2 : NEG_INF;
+                x[2] = (kpos <= qhi) ? x[2] * scale_log2 : NEG_INF;
+                x[3] = (kpos + 1 <= qhi) ? x[3] * scale_log2 : NEG_INF;
+            } else {
+                x[0] *= scale_log2;
+                x[1] *= scale_log2;
+                x[2] *= scale_log2;
+                x[3] *= scale_log2;
+            }
+            mx_lo = fmaxf(mx_lo, fmaxf(x[0], x[1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(x[2], x[3]));
+        }
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+        }
+        // m is finite after the first chunk (key 0 is visible to every row), see prefill_chunk_v3.
+        const float nm_lo = fmaxf(m[mt][0], mx_lo), nm_hi = fmaxf(m[mt][1], mx_hi);
+        const float a_lo = exp2f(m[mt][0] - nm_lo), a_hi = exp2f(m[mt][1] - nm_hi);
+        m[mt][0] = nm_lo;
+        m[mt][1] = nm_hi;
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt) {
+            float* x = s[mt][nt];
+            x[0] = exp2f(x[0] - nm_lo);
+            x[1] = exp2f(x[1] - nm_lo);
+            x[2] = exp2f(x[2] - nm_hi);
+            x[3] = exp2f(x[3] - nm_hi);
+            sum_lo += x[0] + x[1];
+            sum_hi += x[2] + x[3];
+        }
+        l[mt][0] = l[mt][0] * a_lo + sum_lo;
+        l[mt][1] = l[mt][1] * a_hi + sum_hi;
+#pragma unroll
+        for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+            o[mt][nd][0] *= a_lo;
+            o[mt][nd][1] *= a_lo;
+            o[mt][nd][2] *= a_hi;
+            o[mt][nd][3] *= a_hi;
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KEYS / 16; ++kk) {
+        u32 pa[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+            pa[mt][0] = pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            pa[mt][1] = pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            pa[mt][2] = pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            pa[mt][3] = pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int nd = 0; nd < HEAD_DIM / 8; nd += 2) {
+            const T* addr = &vs[(kk * 16 + (mat & 1) * 8 + mrow) * KS_PITCH + (nd + (mat >> 1)) * 8];
+            const u32 saddr = (u32)__cvta_generic_to_shared(addr);
+            u32 b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                         : "r"(saddr));
+            mma16816(o[0][nd], pa[0], b0, b1);
+            mma16816(o[0][nd + 1], pa[0], b2, b3);
+            mma16816(o[1][nd], pa[1], b0, b1);
+            mma16816(o[1][nd + 1], pa[1], b2, b3);
+        }
+    }
+}
+
+template <int KEYS>
+__device__ __forceinline__ void attn_prefill_v4_impl(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    pdl_trigger();
+    pdl_wait();
+    T* sq = reinterpret_cast<T*>(smem_raw);
+    T* skv = sq + PF4_ROWS * KS_PITCH;
+    const int stage_elems = KEYS * KS_PITCH;
+    const int4 tile = tiles[num_tiles - 1 - blockIdx.y];
+    const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
+    const int h = blockIdx.x;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
+    const u32* table = block_tables + (u64)seq * table_stride;
+    const int kv_len = pos0 + rows;
+    const int nchunks = (kv_len + KEYS - 1) / KEYS;
+    const u64 v_offset = (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM;
+    const float scale_log2 = scale * LOG2E;
+
+    constexpr int D8 = HEAD_DIM / 8;
+    constexpr int STEP = 128 / D8;
+    const int tok0 = threadIdx.x / D8, d8 = threadIdx.x % D8;
+    const T* kbase = pool + kv_piece(0, layer, 0, kvh, num_layers, num_kv_heads) + d8 * 8;
+    const u64 block_stride = (u64)num_layers * 2 * num_kv_heads * BLOCK_SIZE * HEAD_DIM;
+    auto load_chunk = [&](int chunk, int stage) {
+        T* ks = skv + stage * 2 * stage_elems;
+        T* vs = ks + stage_elems;
+        const int kc = chunk * KEYS;
+#pragma unroll
+        for (int tok = tok0; tok < KEYS; tok += STEP) {
+            const int kpos = kc + tok;
+            const bool valid = kpos < kv_len;
+            const T* kp = valid ? kbase + table[kpos / BLOCK_SIZE] * block_stride + (kpos % BLOCK_SIZE) * HEAD_DIM : pool;
+            cp_async16(&ks[tok * KS_PITCH + d8 * 8], kp, valid);
+            cp_async16(&vs[tok * KS_PITCH + d8 * 8], valid ? kp + v_offset : pool, valid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    load_chunk(0, 0);
+
+    // Q tile into shared memory with RoPE (pairs (i, i + HEAD_DIM/2): 8-element vectors v and
+    // v + D8/2); rows past the tile are zeros.
+    for (int idx = threadIdx.x; idx < PF4_ROWS * (D8 / 2); idx += blockDim.x) {
+        const int r = idx / (D8 / 2), v = idx % (D8 / 2);
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
+        if (r < rows) {
+            const T* qrow = qkv + (u64)(row0 + r) * qkv_width + h * HEAD_DIM;
+            const uint4 lraw = *reinterpret_cast<const uint4*>(qrow + v * 8);
+            const uint4 hraw = *reinterpret_cast<const uint4*>(qrow + (v + D8 / 2) * 8);
+            const T2* l2 = reinterpret_cast<const T2*>(&lraw);
+            const T2* h2 = reinterpret_cast<const T2*>(&hraw);
+            T2* lo2 = reinterpret_cast<T2*>(&lo);
+            T2* hi2 = reinterpret_cast<T2*>(&hi);
+            const float* cs = rope + (u64)(pos0 + r) * HEAD_DIM + 2 * (v * 8);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 a = to_f2(l2[k]), b = to_f2(h2[k]);
+                const float4 c = *reinterpret_cast<const float4*>(cs + 4 * k);  // c_i s_i c_i+1 s_i+1
+                lo2[k] = from_f2(a.x * c.x - b.x * c.y, a.y * c.z - b.y * c.w);
+                hi2[k] = from_f2(b.x * c.x + a.x * c.y, b.y * c.z + a.y * c.w);
+            }
+        }
+        *reinterpret_cast<uint4*>(&sq[r * KS_PITCH + v * 8]) = lo;
+        *reinterpret_cast<uint4*>(&sq[r * KS_PITCH + (v + D8 / 2) * 8]) = hi;
+    }
+
+    const int warp_first_pos = pos0 + warp * 32;
+    const int warp_last_pos = warp_first_pos + 31;
+    float m[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}};
+    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    float o[2][HEAD_DIM / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nd = 0; nd < HEAD_DIM / 8; ++nd) o[mt][nd][0] = o[mt][nd][1] = o[mt][nd][2] = o[mt][nd][3] = 0.0f;
+
+    for (int ci = 0; ci < nchunks; ++ci) {
+        if (ci + 1 < nchunks) {
+            load_chunk(ci + 1, (ci + 1) & 1);
+        } else {
+            asm volatile("cp.async.commit_group;\n" ::);
+        }
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        __syncthreads();  // chunk ci (and, on the first pass, the Q tile) visible to all warps
+        const int kc = ci * KEYS;
+        if (kc <= warp_last_pos) {  // warp-uniform
+            const T* ks = skv + (ci & 1) * 2 * stage_elems;
+            if (kc + KEYS - 1 > warp_first_pos) {
+                prefill_chunk_v4<true, KEYS>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp, lane);
+            } else {
+                prefill_chunk_v4<false, KEYS>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp, lane);
+            }
+        }
+        __syncthreads();
+    }
+    const int g = lane >> 2, t4 = lane & 3;
+    const int out_width = num_heads * HEAD_DIM;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        float l_lo = l[mt][0], l_hi = l[mt][1];
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+            l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+        }
+        const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+        const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+        const int r_lo = warp * 32 + mt * 16 + g, r_hi = r_lo + 8;
+#pragma unroll
+        for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+            const int c = h * HEAD_DIM + nd * 8 + t4 * 2;
+            if (r_lo < rows) {
+                *reinterpret_cast<T2*>(out + (u64)(row0 + r_lo) * out_width + c) =
+                    from_f2(o[mt][nd][0] * inv_lo, o[mt][nd][1] * inv_lo);
+            }
+            if (r_hi < rows) {
+                *reinterpret_cast<T2*>(out + (u64)(row0 + r_hi) * out_width + c) =
+                    from_f2(o[mt][nd][2] * inv_hi, o[mt][nd][3] * inv_hi);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_v4(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
+    attn_prefill_v4_impl<64>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
+                             num_kv_heads, num_layers, rope);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_v4k32(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
+    attn_prefill_v4_impl<32>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
+                             num_kv_heads, num_layers, rope);
+}
+
 // Single-buffered variant (static shared memory); kept as a fallback (DJINN_CUDA_PREFILL_V1=1).
 extern "C" __global__ void __launch_bounds__(128) attn_prefill_v1(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
@@ -612,12 +1161,181 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill_v1(
 }
 
 // ------------------------------------------------------------------------------------------------
-// GEMV for one input row (decode at batch 1, memory-bound): y[n] = W[n, :] . x for W [N, K]
+// GEMV for one input row (decode at batch 1, memory-bound): y[n] = W[n, :] . x, W [N, K] row-major,
+// K a multiple of 8. Each warp computes GEMV_R = 2 rows. The weight stream is double-buffered in
+// registers: while stage s (GEMV_U 16-byte loads per row per lane) is multiplied, stage s + 1 is in
+// flight, so every lane keeps 2 x GEMV_R x GEMV_U x 16 = 256 bytes outstanding. Weight loads bypass
+// L1 and ask L2 for 256-byte fetches (read-once data). The first stage is loaded before pdl_wait():
+// weights do not depend on the previous kernel, so under programmatic dependent launch the weight
+// stream starts while the previous kernel (RMSNorm, attention) still runs.
+#define GEMV_R 2
+#define GEMV_U 4
+#define GEMV_THREADS 128
+
+__device__ __forceinline__ uint4 ld_stream16(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void gemv_fma(const uint4& w, const uint4& xv, float& acc) {
+    const T2* wp = reinterpret_cast<const T2*>(&w);
+    const T2* xp = reinterpret_cast<const T2*>(&xv);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 a = to_f2(wp[k]), b = to_f2(xp[k]);
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+    }
+}
+
+__device__ __forceinline__ void gemv_load_stage(const uint4* const (&wrow)[GEMV_R], int c0, uint4 (&w)[GEMV_R][GEMV_U]) {
+#pragma unroll
+    for (int u = 0; u < GEMV_U; ++u)
+#pragma unroll
+        for (int r = 0; r < GEMV_R; ++r) w[r][u] = ld_stream16(wrow[r] + c0 + 32 * u);
+}
+
+__device__ __forceinline__ void gemv_use_stage(const uint4* xv, int c0, const uint4 (&w)[GEMV_R][GEMV_U],
+                                               float (&acc)[GEMV_R]) {
+#pragma unroll
+    for (int u = 0; u < GEMV_U; ++u) {
+        const uint4 xu = __ldg(xv + c0 + 32 * u);
+#pragma unroll
+        for (int r = 0; r < GEMV_R; ++r) gemv_fma(w[r][u], xu, acc[r]);
+    }
+}
+
+// Dot products of GEMV_R weight rows with x (summed over the warp: every lane gets the totals).
+// Calls pdl_wait() (after the first weight stage is in flight) before reading x.
+__device__ __forceinline__ void gemv_rows(const T* W, const T* x, const int (&rows)[GEMV_R], int K,
+                                          float (&acc)[GEMV_R]) {
+    const int lane = threadIdx.x & 31;
+    const int chunks = K / 8;
+    const int stride = 32 * GEMV_U;
+    const int full = chunks / stride;  // whole stages; the rest is a plain strided tail
+    const uint4* wrow[GEMV_R];
+#pragma unroll
+    for (int r = 0; r < GEMV_R; ++r) {
+        wrow[r] = reinterpret_cast<const uint4*>(W + (u64)rows[r] * K) + lane;
+        acc[r] = 0.0f;
+    }
+    const uint4* xv = reinterpret_cast<const uint4*>(x) + lane;
+    uint4 a[GEMV_R][GEMV_U], b[GEMV_R][GEMV_U];
+    if (full > 0) gemv_load_stage(wrow, 0, a);
+    pdl_trigger();
+    pdl_wait();
+    int s = 0;
+    for (; s + 1 < full; s += 2) {
+        gemv_load_stage(wrow, (s + 1) * stride, b);
+        gemv_use_stage(xv, s * stride, a, acc);
+        if (s + 2 < full) gemv_load_stage(wrow, (s + 2) * stride, a);
+        gemv_use_stage(xv, (s + 1) * stride, b, acc);
+    }
+    if (s < full) gemv_use_stage(xv, s * stride, a, acc);
+    for (int c = full * stride; c + lane < chunks; c += 32) {
+        const uint4 xu = __ldg(xv + c);
+#pragma unroll
+        for (int r = 0; r < GEMV_R; ++r) gemv_fma(ld_stream16(wrow[r] + c), xu, acc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_R; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+}
+
+// Plain GEMV: warp w computes rows 2w, 2w + 1. out_f32: y is float (LM head), else T.
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv(const T* W, const T* x, void* y, int N, int K,
+                                                                int out_f32) {
+    const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    const int row0 = warp * GEMV_R;
+    if (row0 >= N) {
+        pdl_trigger();
+        return;
+    }
+    int rows[GEMV_R];
+#pragma unroll
+    for (int r = 0; r < GEMV_R; ++r) rows[r] = min(row0 + r, N - 1);
+    float acc[GEMV_R];
+    gemv_rows(W, x, rows, K, acc);
+    if (lane < GEMV_R && row0 + lane < N) {
+        const float v = lane == 0 ? acc[0] : acc[1];
+        if (out_f32) reinterpret_cast<float*>(y)[row0 + lane] = v;
+        else reinterpret_cast<T*>(y)[row0 + lane] = from_f(v);
+    }
+}
+
+// Gate/up GEMV with the SiLU-gated activation fused: W holds gate rows [0, inter) then up rows
+// [inter, 2 inter); warp w computes rows w and inter + w and writes act[w] = silu(gate) * up.
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_silu(const T* W, const T* x, T* act, int inter, int K) {
+    const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    if (warp >= inter) {
+        pdl_trigger();
+        return;
+    }
+    const int rows[GEMV_R] = {warp, inter + warp};
+    float acc[GEMV_R];
+    gemv_rows(W, x, rows, K, acc);
+    if ((threadIdx.x & 31) == 0) {
+        // Rounded to T first, as the unfused path (GEMM output in T, then silu_mul) does.
+        const float g = to_f(from_f(acc[0])), u = to_f(from_f(acc[1]));
+        act[warp] = from_f(g / (1.0f + __expf(-g)) * u);
+    }
+}
+
+// q/k/v GEMV with RoPE and the KV write fused (the batch-1 form of rope_kv_write): warp w computes
+// the rotation pair (j, j + HEAD_DIM/2) of head w / (HEAD_DIM/2), rotates q and k heads by the
+// position of row 0, writes them (and v) into the fused qkv row, and k and v into the pool at
+// slots[0] (< 0: padding, nothing written).
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rope(
+        const T* W, const T* x, T* qkv, int K, const int* positions, const long long* slots, const float* rope,
+        T* pool, int layer, int num_heads, int num_kv_heads, int num_layers) {
+    const int half = HEAD_DIM / 2;
+    const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    const int total_heads = num_heads + 2 * num_kv_heads;
+    if (warp >= total_heads * half) {
+        pdl_trigger();
+        return;
+    }
+    const int head = warp / half, j = warp % half;
+    const int rows[GEMV_R] = {head * HEAD_DIM + j, head * HEAD_DIM + j + half};
+    float acc[GEMV_R];
+    gemv_rows(W, x, rows, K, acc);
+    if ((threadIdx.x & 31) != 0) return;
+    // Rounded to T first, as the unfused path (GEMM output in T, then rope_kv_write) does.
+    float a = to_f(from_f(acc[0])), b = to_f(from_f(acc[1]));
+    if (head < num_heads + num_kv_heads) {
+        const int pos = positions[0];
+        const float c = rope[(u64)pos * HEAD_DIM + 2 * j], sn = rope[(u64)pos * HEAD_DIM + 2 * j + 1];
+        const float ra = a * c - b * sn, rb = b * c + a * sn;
+        a = ra;
+        b = rb;
+    }
+    qkv[head * HEAD_DIM + j] = from_f(a);
+    qkv[head * HEAD_DIM + j + half] = from_f(b);
+    const long long slot = slots[0];
+    if (head >= num_heads && slot >= 0) {
+        const int kv = head < num_heads + num_kv_heads ? 0 : 1;
+        const int kvh = kv == 0 ? head - num_heads : head - num_heads - num_kv_heads;
+        T* dst = pool + kv_piece((u32)(slot / BLOCK_SIZE), layer, kv, kvh, num_layers, num_kv_heads) +
+                 (int)(slot % BLOCK_SIZE) * HEAD_DIM;
+        dst[j] = from_f(a);
+        dst[j + half] = from_f(b);
+    }
+}
+
+// First GEMV (kept for A/B: DJINN_CUDA_GEMV_V1=1). GEMV for one input row (decode at batch 1, memory-bound): y[n] = W[n, :] . x for W [N, K]
 // row-major. Each warp streams GEMV_ROWS rows with 16-byte loads, GEMV_ROWS x GEMV_UNROLL loads in
 // flight per lane. K must be a multiple of 8. out_f32: y is float (LM head), else T.
 #define GEMV_ROWS 2
 #define GEMV_UNROLL 4
-extern "C" __global__ void __launch_bounds__(256) gemv(const T* W, const T* x, void* y, int N, int K, int out_f32) {
+extern "C" __global__ void __launch_bounds__(256) gemv_v1(const T* W, const T* x, void* y, int N, int K, int out_f32) {
+    pdl_trigger();
+    pdl_wait();
     const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     const int lane = threadIdx.x & 31;
     const int row0 = warp * GEMV_ROWS;
@@ -672,6 +1390,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv(const T* W, const T* x, v
 // ------------------------------------------------------------------------------------------------
 // Greedy sampling: out[b] = argmax_v logits[b, v] (ties to the lowest id; NaN never wins).
 extern "C" __global__ void argmax_rows(const float* logits, int vocab, u32* out) {
+    pdl_trigger();
+    pdl_wait();
     const int b = blockIdx.x;
     const float* row = logits + (u64)b * vocab;
     float best = NEG_INF;

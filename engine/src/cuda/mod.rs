@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod check;
 mod device;
+mod gemm_tune;
 mod model;
 mod pool;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result as br, sys as bsys, CudaBlas};
 use cudarc::driver::{result as dr, sys as dsys, CudaGraph, CudaModule};
 
+use super::gemm_tune::{GemmArgs, TunedGemm};
 use super::pool::mib;
 use super::{drv, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
 use crate::batch::{Logits, PagedModel, SeqStep};
@@ -18,9 +19,17 @@ use crate::weights::WeightSet;
 const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 /// Most splits of one sequence's context in decode attention (flash-decoding).
 const MAX_DECODE_SPLITS: usize = 32;
-/// Query rows per prefill-attention tile (4 warps x 16 rows, see `attn_prefill`).
+/// Query rows per prefill-attention tile (4 warps x 16 rows, see `attn_prefill`, v1-v3).
 const PREFILL_TILE_ROWS: usize = 64;
+/// Query rows per tile of `attn_prefill_v4` (4 warps x 32 rows).
+const PREFILL_V4_TILE_ROWS: usize = 128;
+/// Output rows per warp and threads per CTA of the batch-1 GEMV kernels (GEMV_R, GEMV_THREADS in
+/// kernels.cu).
+const GEMV_ROWS_PER_WARP: usize = 2;
+const GEMV_THREADS: usize = 128;
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+/// Prefill GEMMs with at least this many rows use the timed algorithm choice of gemm_tune.rs.
+const TUNE_MIN_ROWS: usize = 512;
 /// Left free after sizing everything: CUDA graphs, cuBLAS internals, module code.
 const DEFAULT_RESERVE_BYTES: usize = 512 << 20;
 /// A step that has not finished after this long is reported as hung.
@@ -95,9 +104,15 @@ struct Kernels {
     silu_mul: dsys::CUfunction,
     attn_decode: dsys::CUfunction,
     attn_decode_reduce: dsys::CUfunction,
+    attn_prefill_v4: dsys::CUfunction,
+    attn_prefill_v4k32: dsys::CUfunction,
     attn_prefill: dsys::CUfunction,
+    attn_prefill_v2: dsys::CUfunction,
     attn_prefill_v1: dsys::CUfunction,
     gemv: dsys::CUfunction,
+    gemv_silu: dsys::CUfunction,
+    gemv_rope: dsys::CUfunction,
+    gemv_v1: dsys::CUfunction,
     argmax_rows: dsys::CUfunction,
     copy_words: dsys::CUfunction,
 }
@@ -245,7 +260,7 @@ pub struct CudaModel {
     part_out: DeviceBuffer,
     part_lse: DeviceBuffer,
     rope: DeviceBuffer,
-    _cublas_workspace: DeviceBuffer,
+    cublas_workspace: DeviceBuffer,
     step_dev: DeviceBuffer,
     step_host: PinnedBuffer,
     step_layout: StepLayout,
@@ -256,16 +271,38 @@ pub struct CudaModel {
     profiler: std::cell::RefCell<Option<Vec<(dsys::CUevent, &'static str)>>>,
     /// Dynamic shared memory of the double-buffered prefill attention kernel.
     prefill_smem_bytes: usize,
-    /// Batch-1 GEMMs through the GEMV kernel (off with DJINN_CUDA_NO_GEMV=1: cuBLAS for all).
+    /// Batch-1 GEMMs through the GEMV kernels (off with DJINN_CUDA_NO_GEMV=1: cuBLAS for all).
     use_gemv: bool,
-    /// Smallest output width sent to the GEMV kernel: it beats cuBLAS on the wide projections
-    /// (qkv, gate/up, LM head) but not on the 4096-wide ones (o, down), measured on H100
-    /// (NOTES-cuda.md). DJINN_CUDA_GEMV_ALL=1 sends every batch-1 GEMM to it.
+    /// Smallest output width sent to the GEMV kernel: 0 (all batch-1 GEMMs) by default;
+    /// DJINN_CUDA_GEMV_WIDE_ONLY=1 restores the earlier hybrid (GEMV only above 8192 outputs:
+    /// qkv, gate/up, LM head; cuBLAS for o and down), see NOTES-cuda.md.
     gemv_min_n: usize,
-    /// Single-buffered prefill attention (DJINN_CUDA_PREFILL_V1=1), the fallback.
-    use_prefill_v1: bool,
+    /// The first GEMV kernel (DJINN_CUDA_GEMV_V1=1), for A/B measurements.
+    use_gemv_v1: bool,
+    /// Batch-1 decode fuses RoPE + KV write into the qkv GEMV and SiLU-mul into the gate/up GEMV
+    /// (off with DJINN_CUDA_NO_GEMV_FUSION=1: separate rope_kv_write / silu_mul kernels).
+    fuse_gemv: bool,
+    /// Programmatic dependent launch of our kernels (sm_90+; off with DJINN_CUDA_NO_PDL=1).
+    use_pdl: bool,
+    /// Prefill attention kernel: 4 (default for head_dim <= 128: `attn_prefill_v4`, 64-key
+    /// chunks), 5 (the same with 32-key chunks, DJINN_CUDA_PREFILL_V4_KEYS32=1), 3
+    /// (DJINN_CUDA_PREFILL_V3=1; the default for head_dim 256), 2 (DJINN_CUDA_PREFILL_V2=1) or 1
+    /// (DJINN_CUDA_PREFILL_V1=1, single-buffered).
+    prefill_version: u8,
+    /// Timed cuBLASLt algorithm choice for large prefill GEMMs (None: DJINN_CUDA_NO_GEMM_TUNE=1 or
+    /// no libcublasLt; cublasGemmEx then).
+    tuned_gemm: Option<TunedGemm>,
+    /// Whether `tuned_gemm` is used (checks turn it off to compare against cublasGemmEx).
+    use_gemm_tuning: bool,
+    /// Dynamic shared memory of `attn_prefill_v4` / `attn_prefill_v4k32`.
+    prefill_v4_smem_bytes: [usize; 2],
     /// Bytes allocated at start-up, by purpose (for reports).
     pub memory_breakdown: Vec<(String, usize)>,
+}
+
+/// An A/B switch from the environment: set and not "0".
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v != "0")
 }
 
 fn dtype_elem(dtype: DType) -> Result<usize, CudaError> {
@@ -347,27 +384,46 @@ impl CudaModel {
         let kernels = Kernels {
             random_fill: f("random_fill")?,
             embed: f("embed")?,
-            add_rmsnorm: f("add_rmsnorm")?,
+            // DJINN_CUDA_RMSNORM_V1=1: the two-pass RMSNorm (A/B).
+            add_rmsnorm: f(if env_flag("DJINN_CUDA_RMSNORM_V1") {
+                "add_rmsnorm_v1"
+            } else {
+                "add_rmsnorm"
+            })?,
             rope_kv_write: f("rope_kv_write")?,
             silu_mul: f("silu_mul")?,
             attn_decode: f("attn_decode")?,
             attn_decode_reduce: f("attn_decode_reduce")?,
+            attn_prefill_v4: f("attn_prefill_v4")?,
+            attn_prefill_v4k32: f("attn_prefill_v4k32")?,
             attn_prefill: f("attn_prefill")?,
+            attn_prefill_v2: f("attn_prefill_v2")?,
             attn_prefill_v1: f("attn_prefill_v1")?,
             gemv: f("gemv")?,
+            gemv_silu: f("gemv_silu")?,
+            gemv_rope: f("gemv_rope")?,
+            gemv_v1: f("gemv_v1")?,
             argmax_rows: f("argmax_rows")?,
             copy_words: f("copy_words")?,
             _module: module,
         };
 
         let prefill_smem_bytes = 2 * 2 * PREFILL_TILE_ROWS * (hd + 8) * elem;
-        drv("raising the prefill kernel's shared memory limit", unsafe {
-            dr::function::set_function_attribute(
-                kernels.attn_prefill,
-                dsys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                prefill_smem_bytes as i32,
-            )
-        })?;
+        let prefill_v4_smem = |keys: usize| (PREFILL_V4_TILE_ROWS + 2 * 2 * keys) * (hd + 8) * elem;
+        for (kernel, bytes) in [
+            (kernels.attn_prefill, prefill_smem_bytes),
+            (kernels.attn_prefill_v2, prefill_smem_bytes),
+            (kernels.attn_prefill_v4, prefill_v4_smem(64)),
+            (kernels.attn_prefill_v4k32, prefill_v4_smem(32)),
+        ] {
+            drv("raising the prefill kernel's shared memory limit", unsafe {
+                dr::function::set_function_attribute(
+                    kernel,
+                    dsys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+            })?;
+        }
 
         // ---- sizes
         let h = config.hidden_size;
@@ -530,6 +586,7 @@ impl CudaModel {
             dr::memcpy_htod_sync(rope.ptr(), &table)
         })?;
 
+        let device_cc_major = device.compute_capability.0;
         let mut model = CudaModel {
             graphs: BTreeMap::new(),
             config,
@@ -553,7 +610,7 @@ impl CudaModel {
             part_out,
             part_lse,
             rope,
-            _cublas_workspace: cublas_workspace,
+            cublas_workspace,
             step_dev,
             step_host,
             step_layout,
@@ -562,13 +619,34 @@ impl CudaModel {
             max_tiles,
             profiler: std::cell::RefCell::new(None),
             prefill_smem_bytes,
-            use_gemv: std::env::var_os("DJINN_CUDA_NO_GEMV").is_none(),
-            gemv_min_n: if std::env::var_os("DJINN_CUDA_GEMV_ALL").is_some() {
-                0
-            } else {
+            use_gemv: !env_flag("DJINN_CUDA_NO_GEMV"),
+            gemv_min_n: if env_flag("DJINN_CUDA_GEMV_WIDE_ONLY") {
                 8192
+            } else {
+                0
             },
-            use_prefill_v1: std::env::var_os("DJINN_CUDA_PREFILL_V1").is_some(),
+            use_gemv_v1: env_flag("DJINN_CUDA_GEMV_V1"),
+            fuse_gemv: !env_flag("DJINN_CUDA_NO_GEMV_FUSION") && !env_flag("DJINN_CUDA_GEMV_V1"),
+            use_pdl: !env_flag("DJINN_CUDA_NO_PDL") && device_cc_major >= 9,
+            prefill_version: if env_flag("DJINN_CUDA_PREFILL_V1") {
+                1
+            } else if env_flag("DJINN_CUDA_PREFILL_V2") {
+                2
+            } else if env_flag("DJINN_CUDA_PREFILL_V3") || hd > 128 {
+                // v4 keeps 2 x head_dim / 8 x 4 accumulators per thread: too many for 256.
+                3
+            } else if env_flag("DJINN_CUDA_PREFILL_V4_KEYS32") {
+                5
+            } else {
+                4
+            },
+            prefill_v4_smem_bytes: [prefill_v4_smem(64), prefill_v4_smem(32)],
+            use_gemm_tuning: true,
+            tuned_gemm: if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
+                None
+            } else {
+                TunedGemm::new()?
+            },
             memory_breakdown: plan,
         };
         match source {
@@ -577,6 +655,29 @@ impl CudaModel {
         }
         model.device.synchronize()?;
         Ok(model)
+    }
+
+    /// Whether large prefill GEMMs may use the timed cuBLASLt choice (see gemm_tune.rs).
+    pub fn has_gemm_tuning(&self) -> bool {
+        self.tuned_gemm.is_some()
+    }
+
+    /// Turns the timed cuBLASLt choice on or off (off: cublasGemmEx); returns the previous state.
+    pub fn set_gemm_tuning(&mut self, on: bool) -> bool {
+        std::mem::replace(&mut self.use_gemm_tuning, on)
+    }
+
+    /// Fewest rows of a prefill GEMM that takes the tuned choice.
+    pub fn gemm_tuning_min_rows(&self) -> usize {
+        TUNE_MIN_ROWS
+    }
+
+    /// What the prefill GEMM tuning measured and chose, one line per tuned shape.
+    pub fn gemm_tuning_report(&self) -> Vec<String> {
+        self.tuned_gemm
+            .as_ref()
+            .map(|t| t.report.borrow().clone())
+            .unwrap_or_default()
     }
 
     pub fn kv_pool(&self) -> &GpuKvPool {
@@ -739,6 +840,52 @@ impl CudaModel {
         })
     }
 
+    /// Launches one of the forward's kernels with programmatic dependent launch (when enabled):
+    /// it may start while the previous kernel still runs and waits for it in `pdl_wait()` (every
+    /// kernel launched here calls it before touching activations; see kernels.cu). Inside a graph
+    /// capture this becomes a programmatic edge, so a replayed step overlaps each kernel's launch
+    /// and prologue (the GEMVs' first weight loads) with the tail of the previous one.
+    fn launch_fwd(
+        &self,
+        f: dsys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        if !self.use_pdl {
+            return self.launch_smem(f, grid, block, shared_mem_bytes, args);
+        }
+        // SAFETY: zeroed attribute, then the id and its value set; plain C data.
+        let mut attr: dsys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = dsys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = dsys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: shared_mem_bytes,
+            hStream: self.device.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as in `launch_smem`; `config` and `attr` outlive the call.
+        drv(
+            "launching a kernel (programmatic dependent launch)",
+            unsafe {
+                dsys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
+            },
+        )
+    }
+
+    /// Grid for the batch-1 GEMV kernels: one warp per `GEMV_ROWS_PER_WARP` output rows.
+    fn gemv_grid(warps: usize) -> (u32, u32, u32) {
+        ((warps * 32).div_ceil(GEMV_THREADS) as u32, 1, 1)
+    }
+
     /// Row-major `y[m, n] = x[m, k] · w[n, k]^T` (PyTorch Linear layout), fp32 accumulate.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -750,21 +897,63 @@ impl CudaModel {
         n: usize,
         k: usize,
         out_f32: bool,
+        tunable: bool,
     ) -> Result<(), CudaError> {
-        if m == 1 && self.use_gemv && k % 8 == 0 && n > self.gemv_min_n {
+        if m == 1 && self.use_gemv && k.is_multiple_of(8) && n > self.gemv_min_n {
             // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
             // cuBLAS does for m = 1 (see NOTES-cuda.md).
-            const ROWS_PER_WARP: usize = 2;
-            let warps = n.div_ceil(ROWS_PER_WARP);
-            let blocks = (warps * 32).div_ceil(256) as u32;
             let (n_i, k_i, f32_i) = (n as i32, k as i32, i32::from(out_f32));
-            return self.launch(
+            if self.use_gemv_v1 {
+                let warps = n.div_ceil(GEMV_ROWS_PER_WARP);
+                let blocks = (warps * 32).div_ceil(256) as u32;
+                return self.launch_fwd(
+                    self.kernels.gemv_v1,
+                    (blocks, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    kargs![w, x, y, n_i, k_i, f32_i],
+                );
+            }
+            return self.launch_fwd(
                 self.kernels.gemv,
-                (blocks, 1, 1),
-                (256, 1, 1),
+                Self::gemv_grid(n.div_ceil(GEMV_ROWS_PER_WARP)),
+                (GEMV_THREADS as u32, 1, 1),
+                0,
                 kargs![w, x, y, n_i, k_i, f32_i],
             );
         }
+        let gemm_ex = || self.gemm_ex(x, w, y, m, n, k, out_f32);
+        if let (true, true, Some(tuned)) = (tunable, self.use_gemm_tuning, &self.tuned_gemm) {
+            let args = GemmArgs {
+                x,
+                w,
+                y,
+                m,
+                n,
+                k,
+                out_f32,
+                bf16: self.options.dtype == DType::Bf16,
+                workspace: self.cublas_workspace.ptr(),
+                workspace_bytes: CUBLAS_WORKSPACE_BYTES,
+                stream: self.device.stream.cu_stream(),
+            };
+            return tuned.run(&args, &gemm_ex);
+        }
+        gemm_ex()
+    }
+
+    /// `gemm` through `cublasGemmEx` (cuBLAS's own algorithm choice).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        out_f32: bool,
+    ) -> Result<(), CudaError> {
         let dt = match self.options.dtype {
             DType::Bf16 => bsys::cudaDataType_t::CUDA_R_16BF,
             _ => bsys::cudaDataType_t::CUDA_R_16F,
@@ -935,21 +1124,33 @@ impl CudaModel {
         let (h_i, null) = (h as i32, 0u64);
         let t = n_tokens as u32;
 
+        // Batch 1: RoPE + KV write ride on the qkv GEMV, SiLU-mul on the gate/up GEMV.
+        // Large prefill GEMMs take the algorithm cuBLASLt timing picked (gemm_tune.rs).
+        let tunable = matches!(mode, AttnMode::Prefill { .. }) && n_tokens >= TUNE_MIN_ROWS;
+        let fused_gemv = n_tokens == 1
+            && self.use_gemv
+            && self.fuse_gemv
+            && matches!(mode, AttnMode::Decode { .. });
+        // attn_prefill_v4 applies RoPE to q itself (rope_kv_write then only rotates k).
+        let rotate_q =
+            i32::from(matches!(mode, AttnMode::Decode { .. }) || self.prefill_version < 4);
         self.mark("start")?;
-        self.launch(
+        self.launch_fwd(
             self.kernels.embed,
             (t, 1, 1),
             (256, 1, 1),
+            0,
             kargs![tokens, self.wptr(self.embed_off), self.resid.ptr(), h_i],
         )?;
         self.mark("embed")?;
         for (layer, lw) in self.layers.iter().enumerate() {
             let layer_i = layer as i32;
             let prev_delta = if layer == 0 { null } else { self.delta.ptr() };
-            self.launch(
+            self.launch_fwd(
                 self.kernels.add_rmsnorm,
                 (t, 1, 1),
                 (norm_threads, 1, 1),
+                0,
                 kargs![
                     self.resid.ptr(),
                     prev_delta,
@@ -961,40 +1162,69 @@ impl CudaModel {
                 ],
             )?;
             self.mark("rmsnorm")?;
-            self.gemm(
-                self.normed.ptr(),
-                self.wptr(lw.qkv),
-                self.buf_a.ptr(),
-                n_tokens,
-                qkv_width,
-                h,
-                false,
-            )?;
-            self.mark("gemm_qkv")?;
-            self.launch(
-                self.kernels.rope_kv_write,
-                (t, 1, 1),
-                (256, 1, 1),
-                kargs![
+            if fused_gemv {
+                let (k_i, w) = (h as i32, self.wptr(lw.qkv));
+                self.launch_fwd(
+                    self.kernels.gemv_rope,
+                    Self::gemv_grid(qkv_width / 2),
+                    (GEMV_THREADS as u32, 1, 1),
+                    0,
+                    kargs![
+                        w,
+                        self.normed.ptr(),
+                        self.buf_a.ptr(),
+                        k_i,
+                        positions,
+                        slots,
+                        self.rope.ptr(),
+                        pool,
+                        layer_i,
+                        nh,
+                        nkv,
+                        nl
+                    ],
+                )?;
+                self.mark("gemv_qkv_rope_kv")?;
+            } else {
+                self.gemm(
+                    self.normed.ptr(),
+                    self.wptr(lw.qkv),
                     self.buf_a.ptr(),
-                    positions,
-                    slots,
-                    self.rope.ptr(),
-                    pool,
-                    layer_i,
-                    nh,
-                    nkv,
-                    nl
-                ],
-            )?;
-            self.mark("rope_kv_write")?;
+                    n_tokens,
+                    qkv_width,
+                    h,
+                    false,
+                    tunable,
+                )?;
+                self.mark("gemm_qkv")?;
+                self.launch_fwd(
+                    self.kernels.rope_kv_write,
+                    (t, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    kargs![
+                        self.buf_a.ptr(),
+                        positions,
+                        slots,
+                        self.rope.ptr(),
+                        pool,
+                        layer_i,
+                        nh,
+                        nkv,
+                        nl,
+                        rotate_q
+                    ],
+                )?;
+                self.mark("rope_kv_write")?;
+            }
             match mode {
                 AttnMode::Decode { splits } => {
                     let splits_i = splits as i32;
-                    self.launch(
+                    self.launch_fwd(
                         self.kernels.attn_decode,
                         (nh as u32, n_seqs as u32, splits as u32),
                         (128, 1, 1),
+                        0,
                         kargs![
                             self.buf_a.ptr(),
                             pool,
@@ -1013,10 +1243,11 @@ impl CudaModel {
                         ],
                     )?;
                     if splits > 1 {
-                        self.launch(
+                        self.launch_fwd(
                             self.kernels.attn_decode_reduce,
                             (nh as u32, n_seqs as u32, 1),
                             (hd as u32, 1, 1),
+                            0,
                             kargs![
                                 self.part_out.ptr(),
                                 self.part_lse.ptr(),
@@ -1029,31 +1260,79 @@ impl CudaModel {
                 }
                 AttnMode::Prefill { num_tiles } => {
                     let tiles_i = num_tiles as i32;
-                    let (kernel, smem) = if self.use_prefill_v1 {
-                        (self.kernels.attn_prefill_v1, 0)
-                    } else {
-                        (self.kernels.attn_prefill, self.prefill_smem_bytes as u32)
-                    };
-                    self.launch_smem(
-                        kernel,
-                        (num_tiles as u32, nh as u32, 1),
-                        (128, 1, 1),
-                        smem,
-                        kargs![
-                            self.buf_a.ptr(),
-                            pool,
-                            tables,
-                            table_stride,
-                            tiles,
-                            tiles_i,
-                            self.buf_b.ptr(),
-                            layer_i,
-                            scale,
-                            nh,
-                            nkv,
-                            nl
-                        ],
-                    )?;
+                    // Named locals only: `args` holds pointers to them (no temporaries).
+                    let (qkv_p, out_p) = (self.buf_a.ptr(), self.buf_b.ptr());
+                    let args = kargs![
+                        qkv_p,
+                        pool,
+                        tables,
+                        table_stride,
+                        tiles,
+                        tiles_i,
+                        out_p,
+                        layer_i,
+                        scale,
+                        nh,
+                        nkv,
+                        nl
+                    ];
+                    let smem = self.prefill_smem_bytes as u32;
+                    let rope_p = self.rope.ptr();
+                    match self.prefill_version {
+                        4 | 5 => {
+                            let (kernel, bytes) = if self.prefill_version == 4 {
+                                (self.kernels.attn_prefill_v4, self.prefill_v4_smem_bytes[0])
+                            } else {
+                                (
+                                    self.kernels.attn_prefill_v4k32,
+                                    self.prefill_v4_smem_bytes[1],
+                                )
+                            };
+                            self.launch_fwd(
+                                kernel,
+                                (nh as u32, num_tiles as u32, 1),
+                                (128, 1, 1),
+                                bytes as u32,
+                                kargs![
+                                    qkv_p,
+                                    pool,
+                                    tables,
+                                    table_stride,
+                                    tiles,
+                                    tiles_i,
+                                    out_p,
+                                    layer_i,
+                                    scale,
+                                    nh,
+                                    nkv,
+                                    nl,
+                                    rope_p
+                                ],
+                            )?
+                        }
+                        // v1 and v2 do not call pdl_wait(): plain launches.
+                        1 => self.launch_smem(
+                            self.kernels.attn_prefill_v1,
+                            (num_tiles as u32, nh as u32, 1),
+                            (128, 1, 1),
+                            0,
+                            args,
+                        )?,
+                        2 => self.launch_smem(
+                            self.kernels.attn_prefill_v2,
+                            (num_tiles as u32, nh as u32, 1),
+                            (128, 1, 1),
+                            smem,
+                            args,
+                        )?,
+                        _ => self.launch_fwd(
+                            self.kernels.attn_prefill,
+                            (nh as u32, num_tiles as u32, 1),
+                            (128, 1, 1),
+                            smem,
+                            args,
+                        )?,
+                    }
                 }
             }
             self.mark("attention")?;
@@ -1065,12 +1344,14 @@ impl CudaModel {
                 h,
                 nh as usize * hd,
                 false,
+                tunable,
             )?;
             self.mark("gemm_o")?;
-            self.launch(
+            self.launch_fwd(
                 self.kernels.add_rmsnorm,
                 (t, 1, 1),
                 (norm_threads, 1, 1),
+                0,
                 kargs![
                     self.resid.ptr(),
                     self.delta.ptr(),
@@ -1082,26 +1363,40 @@ impl CudaModel {
                 ],
             )?;
             self.mark("rmsnorm")?;
-            self.gemm(
-                self.normed.ptr(),
-                self.wptr(lw.gate_up),
-                self.buf_a.ptr(),
-                n_tokens,
-                2 * inter,
-                h,
-                false,
-            )?;
-            self.mark("gemm_gate_up")?;
-            let total = (n_tokens * inter) as u64;
-            let inter_i = inter as i32;
-            let grid = ((n_tokens * inter).div_ceil(256)).min(self.device.num_sms * 16) as u32;
-            self.launch(
-                self.kernels.silu_mul,
-                (grid, 1, 1),
-                (256, 1, 1),
-                kargs![self.buf_a.ptr(), self.buf_b.ptr(), inter_i, total],
-            )?;
-            self.mark("silu_mul")?;
+            if fused_gemv {
+                let (inter_i, k_i, w) = (inter as i32, h as i32, self.wptr(lw.gate_up));
+                self.launch_fwd(
+                    self.kernels.gemv_silu,
+                    Self::gemv_grid(inter),
+                    (GEMV_THREADS as u32, 1, 1),
+                    0,
+                    kargs![w, self.normed.ptr(), self.buf_b.ptr(), inter_i, k_i],
+                )?;
+                self.mark("gemv_gate_up_silu")?;
+            } else {
+                self.gemm(
+                    self.normed.ptr(),
+                    self.wptr(lw.gate_up),
+                    self.buf_a.ptr(),
+                    n_tokens,
+                    2 * inter,
+                    h,
+                    false,
+                    tunable,
+                )?;
+                self.mark("gemm_gate_up")?;
+                let total = (n_tokens * inter) as u64;
+                let inter_i = inter as i32;
+                let grid = ((n_tokens * inter).div_ceil(256)).min(self.device.num_sms * 16) as u32;
+                self.launch_fwd(
+                    self.kernels.silu_mul,
+                    (grid, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    kargs![self.buf_a.ptr(), self.buf_b.ptr(), inter_i, total],
+                )?;
+                self.mark("silu_mul")?;
+            }
             self.gemm(
                 self.buf_b.ptr(),
                 self.wptr(lw.down),
@@ -1110,13 +1405,15 @@ impl CudaModel {
                 h,
                 inter,
                 false,
+                tunable,
             )?;
             self.mark("gemm_down")?;
         }
-        self.launch(
+        self.launch_fwd(
             self.kernels.add_rmsnorm,
             (n_seqs as u32, 1, 1),
             (norm_threads, 1, 1),
+            0,
             kargs![
                 self.resid.ptr(),
                 self.delta.ptr(),
@@ -1136,13 +1433,15 @@ impl CudaModel {
             c.vocab_size,
             h,
             true,
+            false,
         )?;
         self.mark("lm_head")?;
         let vocab_i = c.vocab_size as i32;
-        self.launch(
+        self.launch_fwd(
             self.kernels.argmax_rows,
             (n_seqs as u32, 1, 1),
             (1024, 1, 1),
+            0,
             kargs![self.logits.ptr(), vocab_i, self.argmax.ptr()],
         )?;
         self.mark("argmax")?;
@@ -1304,13 +1603,18 @@ impl CudaModel {
                 splits: self.decode_splits(seqs),
             }
         } else {
+            let tile_rows = if self.prefill_version >= 4 {
+                PREFILL_V4_TILE_ROWS
+            } else {
+                PREFILL_TILE_ROWS
+            };
             let mut tile_list: Vec<[i32; 4]> = Vec::new();
             let mut row0 = 0usize;
             for (i, s) in batch.iter().enumerate() {
                 let n = s.tokens.len();
                 let mut q = 0;
                 while q < n {
-                    let rows_in_tile = (n - q).min(PREFILL_TILE_ROWS);
+                    let rows_in_tile = (n - q).min(tile_rows);
                     tile_list.push([
                         i as i32,
                         (row0 + q) as i32,
@@ -1591,7 +1895,7 @@ impl CudaModel {
         }
         let mut header_bytes =
             serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-        while header_bytes.len() % 8 != 0 {
+        while !header_bytes.len().is_multiple_of(8) {
             header_bytes.push(b' ');
         }
         let path = dir.join("model.safetensors");
