@@ -100,13 +100,17 @@ fn pairs(gpu: &[u32], host: &[u32]) -> Vec<BlockPair> {
         .collect()
 }
 
-/// Device pool of 64 blocks of 1 MiB + 4 KiB (an odd size on purpose), host pool of 48.
-fn round_trip(
-    device: &GpuDevice,
-    method: CopyMethod,
-    swap_in: SwapInPath,
-) -> Result<Vec<CheckOutcome>, SwapCheckError> {
-    let ctx = &device.ctx;
+/// The pools a copy check works on: a device pool of 64 blocks of 1 MiB + 4 KiB (an odd size on
+/// purpose) filled with seeded random bytes (`original`), and a pinned host pool of 48 blocks.
+struct CheckPools {
+    /// Owns the device pool's memory; `pool` points into it.
+    _buffer: DeviceBuffer,
+    pool: GpuKvPoolRef,
+    original: Vec<u8>,
+    host: PinnedHostPool,
+}
+
+fn check_pools(ctx: &Arc<CudaContext>, seed: u64) -> Result<CheckPools, SwapCheckError> {
     let block_bytes = (1 << 20) + 4096;
     let gpu_blocks = 64u32;
     let buffer = DeviceBuffer::alloc(
@@ -120,12 +124,34 @@ fn round_trip(
         block_count: gpu_blocks,
     };
     let mut original = vec![0u8; block_bytes * gpu_blocks as usize];
-    ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut original);
+    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut original);
     ctx.bind_to_thread()
         .map_err(driver("binding the context"))?;
     unsafe { result::memcpy_htod_sync(pool.base, &original) }
         .map_err(driver("filling the device pool"))?;
     let host = PinnedHostPool::new(ctx, block_bytes, 48)?;
+    Ok(CheckPools {
+        _buffer: buffer,
+        pool,
+        original,
+        host,
+    })
+}
+
+/// Round trips through the swap engine on [`check_pools`].
+fn round_trip(
+    device: &GpuDevice,
+    method: CopyMethod,
+    swap_in: SwapInPath,
+) -> Result<Vec<CheckOutcome>, SwapCheckError> {
+    let ctx = &device.ctx;
+    let CheckPools {
+        _buffer,
+        pool,
+        original,
+        host,
+    } = check_pools(ctx, 7)?;
+    let (block_bytes, gpu_blocks) = (pool.block_bytes, pool.block_count);
     let mut engine = CudaSwapEngine::new(ctx, pool, host, None, method, 16, Instant::now())?;
     engine.set_swap_in_path(device, swap_in)?;
     let block = |data: &[u8], b: u32| {
@@ -226,25 +252,13 @@ fn round_trip(
 fn paced_swaps(device: &GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> {
     const CAP_GB_PER_S: f64 = 2.0;
     let ctx = &device.ctx;
-    let block_bytes = (1 << 20) + 4096;
-    let gpu_blocks = 64u32;
-    let buffer = DeviceBuffer::alloc(
-        ctx,
-        block_bytes * gpu_blocks as usize,
-        "the paced swap check's device pool",
-    )?;
-    let pool = GpuKvPoolRef {
-        base: buffer.ptr(),
-        block_bytes,
-        block_count: gpu_blocks,
-    };
-    let mut original = vec![0u8; block_bytes * gpu_blocks as usize];
-    ChaCha8Rng::seed_from_u64(11).fill_bytes(&mut original);
-    ctx.bind_to_thread()
-        .map_err(driver("binding the context"))?;
-    unsafe { result::memcpy_htod_sync(pool.base, &original) }
-        .map_err(driver("filling the device pool"))?;
-    let host = PinnedHostPool::new(ctx, block_bytes, 48)?;
+    let CheckPools {
+        _buffer,
+        pool,
+        original,
+        host,
+    } = check_pools(ctx, 11)?;
+    let block_bytes = pool.block_bytes;
     let mut engine = CudaSwapEngine::new(
         ctx,
         pool,

@@ -351,6 +351,28 @@ struct InFlightSwap {
 /// Completed copies kept to count the swaps that overlapped a later one's start.
 const HISTORY_LIMIT: usize = 4096;
 
+/// One `cuMemcpyAsync` of a swap on `stream` (device -> host for Out, host -> device for In).
+fn copy_async(
+    direction: SwapDirection,
+    dst: sys::CUdeviceptr,
+    src: sys::CUdeviceptr,
+    size: usize,
+    stream: &CudaStream,
+) -> Result<(), SwapError> {
+    unsafe {
+        match direction {
+            SwapDirection::Out => {
+                sys::cuMemcpyDtoHAsync_v2(dst as *mut _, src, size, stream.cu_stream())
+            }
+            SwapDirection::In => {
+                sys::cuMemcpyHtoDAsync_v2(dst, src as *const _, size, stream.cu_stream())
+            }
+        }
+        .result()
+    }
+    .map_err(driver("enqueueing a swap copy (cuMemcpyAsync)"))
+}
+
 pub struct CudaSwapEngine {
     ctx: Arc<CudaContext>,
     gpu_pool: GpuKvPoolRef,
@@ -567,16 +589,27 @@ impl CudaSwapEngine {
         self.pacer.as_ref().map(|p| p.bytes_per_s / 1e9)
     }
 
-    fn build_pacer(&self, device: &crate::cuda::GpuDevice) -> Result<Pacer, SwapError> {
+    /// Compiles one of the swap engine's own kernels (NVRTC) and binds the context for what follows.
+    fn load_swap_kernel(
+        &self,
+        device: &crate::cuda::GpuDevice,
+        source: &str,
+        name: &str,
+    ) -> Result<(Arc<CudaModule>, CudaFunction), SwapError> {
         let module = device
-            .compile(PACE_SOURCE, &[])
-            .map_err(|e| SwapError::InvalidPool(format!("compiling the pace kernel: {e}")))?;
+            .compile(source, &[])
+            .map_err(|e| SwapError::InvalidPool(format!("compiling the `{name}` kernel: {e}")))?;
         let function = device
-            .function(&module, "pace_gate")
-            .map_err(|e| SwapError::InvalidPool(format!("loading the pace kernel: {e}")))?;
+            .function(&module, name)
+            .map_err(|e| SwapError::InvalidPool(format!("loading the `{name}` kernel: {e}")))?;
         self.ctx
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
+        Ok((module, function))
+    }
+
+    fn build_pacer(&self, device: &crate::cuda::GpuDevice) -> Result<Pacer, SwapError> {
+        let (module, function) = self.load_swap_kernel(device, PACE_SOURCE, "pace_gate")?;
         let release_words = unsafe { result::malloc_sync(16) }
             .map_err(driver("allocating the pace kernel's release words"))?;
         unsafe { result::memset_d8_sync(release_words, 0, 16) }
@@ -592,15 +625,7 @@ impl CudaSwapEngine {
     }
 
     fn build_gather(&self, device: &crate::cuda::GpuDevice) -> Result<GatherKernel, SwapError> {
-        let module = device
-            .compile(GATHER_SOURCE, &[])
-            .map_err(|e| SwapError::InvalidPool(format!("compiling the gather kernel: {e}")))?;
-        let function = device
-            .function(&module, "gather_blocks")
-            .map_err(|e| SwapError::InvalidPool(format!("loading the gather kernel: {e}")))?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("binding the context"))?;
+        let (module, function) = self.load_swap_kernel(device, GATHER_SOURCE, "gather_blocks")?;
         let mut host_base_dev: sys::CUdeviceptr = 0;
         unsafe {
             sys::cuMemHostGetDevicePointer_v2(
@@ -901,29 +926,13 @@ impl CudaSwapEngine {
             }
             CopyMethod::PerRun => {
                 for i in 0..copies {
-                    let (dst, src, size) = (
+                    copy_async(
+                        direction,
                         self.scratch_dsts[i],
                         self.scratch_srcs[i],
                         self.scratch_sizes[i],
-                    );
-                    unsafe {
-                        match direction {
-                            SwapDirection::Out => sys::cuMemcpyDtoHAsync_v2(
-                                dst as *mut _,
-                                src,
-                                size,
-                                stream.cu_stream(),
-                            ),
-                            SwapDirection::In => sys::cuMemcpyHtoDAsync_v2(
-                                dst,
-                                src as *const _,
-                                size,
-                                stream.cu_stream(),
-                            ),
-                        }
-                        .result()
-                    }
-                    .map_err(driver("enqueueing a swap copy (cuMemcpyAsync)"))?;
+                        stream,
+                    )?;
                 }
             }
         }
@@ -966,26 +975,13 @@ impl CudaSwapEngine {
             }
             .map_err(driver("launching a swap pace gate"))?;
             for i in first..group_end {
-                let (dst, src, size) = (
+                copy_async(
+                    direction,
                     self.scratch_dsts[i],
                     self.scratch_srcs[i],
                     self.scratch_sizes[i],
-                );
-                unsafe {
-                    match direction {
-                        SwapDirection::Out => {
-                            sys::cuMemcpyDtoHAsync_v2(dst as *mut _, src, size, stream.cu_stream())
-                        }
-                        SwapDirection::In => sys::cuMemcpyHtoDAsync_v2(
-                            dst,
-                            src as *const _,
-                            size,
-                            stream.cu_stream(),
-                        ),
-                    }
-                    .result()
-                }
-                .map_err(driver("enqueueing a paced swap copy (cuMemcpyAsync)"))?;
+                    stream,
+                )?;
             }
             first = group_end;
         }
