@@ -55,3 +55,27 @@ pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         .build()
         .context("thread pool")
 }
+
+/// The policies named by a repeatable `--policy` flag: `all` means every policy, none means `default`.
+pub fn parse_policies(names: &[String], default: &[PolicyKind]) -> Result<Vec<PolicyKind>> {
+    if names.is_empty() {
+        Ok(default.to_vec())
+    } else if names.iter().any(|p| p == "all") {
+        Ok(PolicyKind::ALL.to_vec())
+    } else {
+        names.iter().map(|p| parse_policy(p)).collect()
+    }
+}
+
+/// Checks an `--agents` override against the workload format's range.
+pub fn check_agents_flag(agents: Option<u32>) -> Result<()> {
+    if let Some(n) = agents {
+        if n == 0 || n > traces::workload::AGENTS_MAX {
+            bail!(
+                "--agents must be in 1..={}, got {n}",
+                traces::workload::AGENTS_MAX
+            );
+        }
+    }
+    Ok(())
+}

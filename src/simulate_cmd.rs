@@ -12,7 +12,7 @@ use sim::PolicyKind;
 use traces::workload::{Distribution, HintSpec};
 use traces::{RunSummary, WorkloadSpec};
 
-use crate::runio::{code_version, load_workload, parse_policy, run_dir};
+use crate::runio::{code_version, load_workload, run_dir};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum HintOverride {
@@ -144,26 +144,8 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
         apply_overrides(args, &mut spec)?;
         specs.push(spec);
     }
-    let policies = if args.policies.is_empty() {
-        PolicyKind::DEFAULT_SET.to_vec()
-    } else {
-        if args.policies.iter().any(|p| p == "all") {
-            PolicyKind::ALL.to_vec()
-        } else {
-            args.policies
-                .iter()
-                .map(|p| parse_policy(p))
-                .collect::<Result<Vec<_>>>()?
-        }
-    };
-    if let Some(n) = args.agents {
-        if n == 0 || n > traces::workload::AGENTS_MAX {
-            bail!(
-                "--agents must be in 1..={}, got {n}",
-                traces::workload::AGENTS_MAX
-            );
-        }
-    }
+    let policies = crate::runio::parse_policies(&args.policies, &PolicyKind::DEFAULT_SET)?;
+    crate::runio::check_agents_flag(args.agents)?;
     if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
         bail!(
             "--gpu-memory-utilization must be in (0, 1], got {}",

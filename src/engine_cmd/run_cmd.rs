@@ -23,7 +23,7 @@ use sim::workload::Workload;
 use sim::PolicyKind;
 use traces::{RunSummary, StepRecord, SwapRecord, WorkloadSpec};
 
-use crate::runio::{code_version, load_workload, parse_policy, run_dir};
+use crate::runio::{code_version, load_workload, run_dir};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EngineBackendKind {
@@ -155,24 +155,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 fn validate(args: &RunArgs) -> Result<RunPlan> {
     let spec = load_workload(&args.workload)?;
-    let policies = if args.policies.is_empty() {
-        vec![PolicyKind::Djinn]
-    } else if args.policies.iter().any(|p| p == "all") {
-        PolicyKind::ALL.to_vec()
-    } else {
-        args.policies
-            .iter()
-            .map(|p| parse_policy(p))
-            .collect::<Result<Vec<_>>>()?
-    };
-    if let Some(n) = args.agents {
-        if n == 0 || n > traces::workload::AGENTS_MAX {
-            bail!(
-                "--agents must be in 1..={}, got {n}",
-                traces::workload::AGENTS_MAX
-            );
-        }
-    }
+    let policies = crate::runio::parse_policies(&args.policies, &[PolicyKind::Djinn])?;
+    crate::runio::check_agents_flag(args.agents)?;
     for (flag, value) in [
         ("--gpu-kv-gib", args.gpu_kv_gib),
         ("--host-kv-gib", args.host_kv_gib),
