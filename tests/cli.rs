@@ -1,32 +1,12 @@
 //! The `djinn` command line: bad input is a clear error with exit code 2 and no output; good input
 //! writes complete run directories.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn djinn() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_djinn"))
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("djinn-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let out = djinn().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected `{needle}` in: {stderr}"
-    );
-}
+mod common;
+use common::{djinn, fails_with, temp};
 
 #[test]
 fn bad_input_exits_2_names_the_problem_and_writes_nothing() {
-    let out_dir = temp("bad");
+    let out_dir = temp("cli", "bad");
     let out = out_dir.to_str().unwrap();
     fails_with(
         &["simulate", "--out", out, "--policy", "nope"],
@@ -48,7 +28,7 @@ fn bad_input_exits_2_names_the_problem_and_writes_nothing() {
     );
     fails_with(&["simulate", "--out", out, "--agents", "0"], "--agents");
     fails_with(&["simulate", "--out", out, "--seed", "-3"], "-3");
-    let spec = temp("spec").with_extension("toml");
+    let spec = temp("cli", "spec").with_extension("toml");
     let text = sim::experiment::shipped_workload("seed-exp1")
         .unwrap()
         .replace("low = 10.0", "low = -10.0");
@@ -63,7 +43,7 @@ fn bad_input_exits_2_names_the_problem_and_writes_nothing() {
         ],
         "agent.pause_s.low",
     );
-    let profile = temp("profile").with_extension("json");
+    let profile = temp("cli", "profile").with_extension("json");
     std::fs::write(&profile, b"{\"schema_version\": 1, \"name\": 3}").unwrap();
     fails_with(
         &[
@@ -82,7 +62,7 @@ fn bad_input_exits_2_names_the_problem_and_writes_nothing() {
 
 #[test]
 fn simulate_writes_complete_run_directories_and_prints_the_table() {
-    let out_dir = temp("good");
+    let out_dir = temp("cli", "good");
     let out = djinn()
         .args([
             "simulate",

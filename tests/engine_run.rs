@@ -2,18 +2,9 @@
 //! forward and swap engine on a wall clock and writes complete run directories whose swap records
 //! are the swap engine's own measurements; bad flags exit 2 with a message naming the flag.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn djinn() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_djinn"))
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("djinn-engine-run-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+use std::path::Path;
+mod common;
+use common::{djinn, fails_with, temp};
 
 fn workload() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,19 +14,9 @@ fn workload() -> String {
         .to_string()
 }
 
-fn fails_with(args: &[&str], needle: &str) {
-    let out = djinn().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected `{needle}` in: {stderr}"
-    );
-}
-
 #[test]
 fn engine_run_on_the_cpu_engine_writes_run_directories_with_measured_swaps() {
-    let out_dir = temp("good");
+    let out_dir = temp("engine-run", "good");
     let w = workload();
     // 6 agents need up to 90 blocks of 4 tokens; a 40-block pool makes paused agents leave.
     let out = djinn()
@@ -145,7 +126,7 @@ fn engine_run_on_the_cpu_engine_writes_run_directories_with_measured_swaps() {
 
 #[test]
 fn engine_run_rejects_bad_flags_with_exit_2_and_writes_nothing() {
-    let out_dir = temp("bad");
+    let out_dir = temp("engine-run", "bad");
     let out = out_dir.to_str().unwrap();
     let w = workload();
     let base = [

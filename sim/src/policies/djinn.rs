@@ -727,6 +727,25 @@ mod tests {
         }
     }
 
+    /// The scheduler's view at `now_s` with both copy channels idle.
+    fn idle_copy_view<'a>(
+        now_s: f64,
+        kv: &'a KvManager,
+        agents: &'a [AgentRuntime],
+        config: &'a SchedConfig,
+        costs: &'a CostHints,
+    ) -> SchedView<'a> {
+        SchedView {
+            now: SimTime::from_secs_f64(now_s),
+            kv,
+            agents,
+            config,
+            costs,
+            swap_out_busy_until: SimTime::ZERO,
+            swap_in_busy_until: SimTime::ZERO,
+        }
+    }
+
     fn runtime(phase: Phase, turn_index: u32, arrival_s: f64, seq: u32, gen: u32) -> AgentRuntime {
         AgentRuntime {
             phase,
@@ -768,15 +787,7 @@ mod tests {
             running,
         ];
         let (config, costs) = (SchedConfig::default(), costs());
-        let view = SchedView {
-            now: SimTime::from_secs_f64(10.0),
-            kv: &kv,
-            agents: &agents,
-            config: &config,
-            costs: &costs,
-            swap_out_busy_until: SimTime::ZERO,
-            swap_in_busy_until: SimTime::ZERO,
-        };
+        let view = idle_copy_view(10.0, &kv, &agents, &config, &costs);
         let mut djinn = Djinn::new(params);
         djinn.committed.push(4);
         for (agent, a) in agents.iter().enumerate().take(4) {
@@ -836,15 +847,7 @@ mod tests {
             a.pause_started = a.turn_arrival;
         }
         let (config, costs) = (SchedConfig::default(), costs());
-        let view = SchedView {
-            now: SimTime::from_secs_f64(10.0),
-            kv: &kv,
-            agents: &agents,
-            config: &config,
-            costs: &costs,
-            swap_out_busy_until: SimTime::ZERO,
-            swap_in_busy_until: SimTime::ZERO,
-        };
+        let view = idle_copy_view(10.0, &kv, &agents, &config, &costs);
         let mut djinn = Djinn::new(DjinnParams {
             predictor: PredictorMode::Off,
             ..DjinnParams::default()
@@ -892,15 +895,7 @@ mod tests {
         // A turn that does not fit behind them, so the queue is not empty.
         agents.push(runtime(Phase::Waiting, 0, 0.5, 4_000, 100));
         let (config, costs) = (SchedConfig::default(), costs());
-        let view = SchedView {
-            now: SimTime::from_secs_f64(1.0),
-            kv: &kv,
-            agents: &agents,
-            config: &config,
-            costs: &costs,
-            swap_out_busy_until: SimTime::ZERO,
-            swap_in_busy_until: SimTime::ZERO,
-        };
+        let view = idle_copy_view(1.0, &kv, &agents, &config, &costs);
         let mut djinn = Djinn::new(params);
         djinn.committed = (0..=decoders).collect();
         if queued {

@@ -1,0 +1,27 @@
+//! Helpers shared by the `djinn` command-line tests (`tests/cli.rs`, `tests/engine_run.rs`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The `djinn` binary cargo built for these tests.
+pub fn djinn() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_djinn"))
+}
+
+/// An empty scratch path, unique to this test process: `<tmp>/djinn-<suite>-<name>-<pid>`.
+pub fn temp(suite: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("djinn-{suite}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Runs `djinn args` and asserts it exits with code 2 and `needle` in its error output.
+pub fn fails_with(args: &[&str], needle: &str) {
+    let out = djinn().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected `{needle}` in: {stderr}"
+    );
+}
