@@ -4,6 +4,7 @@
 //! `engine_cmd.rs` (owned by the engine work), so the two can grow without touching each other.
 
 mod bench_cmd;
+mod calibrate_cmd;
 mod capacity_cmd;
 mod engine_cmd;
 mod runio;
@@ -37,6 +38,9 @@ enum Command {
     Capacity(capacity_cmd::CapacityArgs),
     /// The real engine: correctness checks, generation and benchmarks (GPU parts need `--features cuda`).
     Engine(engine_cmd::EngineArgs),
+    /// Real traces feed the simulator: fit a GPU profile to real runs, and validate profiles by
+    /// re-simulating real runs.
+    Calibrate(calibrate_cmd::CalibrateArgs),
 }
 
 fn main() {
@@ -47,6 +51,7 @@ fn main() {
         Some(Command::Sweep(args)) => sweep_cmd::run(args),
         Some(Command::Capacity(args)) => capacity_cmd::run(args),
         Some(Command::Engine(args)) => engine_cmd::run(args),
+        Some(Command::Calibrate(args)) => calibrate_cmd::run(args),
         None => simulate_cmd::run(simulate_cmd::SimulateArgs::default()).map(|_| ()),
     };
     if let Err(err) = result {

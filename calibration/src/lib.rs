@@ -1,21 +1,29 @@
 //! Calibration: GPU profiles for the simulated GPU.
 //!
-//! Owns: the profiles shipped under `calibration/profiles/` (analytic roofline profiles until
-//! measured ones replace them) and their lookup by name or path.
+//! Owns: the profiles shipped under `calibration/profiles/` (analytic roofline profiles, and
+//! profiles fitted to real runs) with their lookup by name or path, and the fit itself (`fit`):
+//! cost-model coefficients from the steps.csv / swaps.csv of real engine runs.
 //!
 //! Architecture invariant: depends on `traces` only; a profile is data (form, coefficients,
 //! provenance, fit error), never code.
 
 use std::path::Path;
 
+pub mod fit;
+
 use traces::{GpuProfile, TraceError};
 
 /// Shipped profiles, embedded so the binary works anywhere: (name, file name, JSON).
-pub const SHIPPED_PROFILES: [(&str, &str, &str); 2] = [
+pub const SHIPPED_PROFILES: [(&str, &str, &str); 3] = [
     (
         "h100-llama2-7b",
         "calibration/profiles/h100-llama2-7b.json",
         include_str!("../profiles/h100-llama2-7b.json"),
+    ),
+    (
+        "h100-llama2-7b-fitted",
+        "calibration/profiles/h100-llama2-7b-fitted.json",
+        include_str!("../profiles/h100-llama2-7b-fitted.json"),
     ),
     (
         "h200-llama2-7b",
@@ -26,6 +34,9 @@ pub const SHIPPED_PROFILES: [(&str, &str, &str); 2] = [
 
 /// The default profile: Llama-2-7B fp16 on an H100 80 GB.
 pub const DEFAULT_PROFILE: &str = "h100-llama2-7b";
+
+/// The same card and model fitted to real engine runs (`djinn calibrate fit`).
+pub const FITTED_PROFILE: &str = "h100-llama2-7b-fitted";
 
 /// Loads a profile by shipped name, or from a JSON file path.
 pub fn load_profile(name_or_path: &str) -> Result<GpuProfile, TraceError> {
@@ -52,12 +63,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shipped_profiles_load_and_are_analytic() {
+    fn shipped_profiles_load_and_say_where_they_came_from() {
         for (name, _, _) in SHIPPED_PROFILES {
             let p = load_profile(name).unwrap();
-            assert_eq!(p.provenance.kind, "analytic");
+            let want = if name.ends_with("-fitted") {
+                "fitted"
+            } else {
+                "analytic"
+            };
+            assert_eq!(p.provenance.kind, want, "{name}");
             assert_eq!(p.kv_bytes_per_token, 512 * 1024);
         }
+        // The fitted profile carries its fit error, and the analytic ones the ideal roofline.
+        assert!(load_profile(FITTED_PROFILE)
+            .unwrap()
+            .provenance
+            .fit_error
+            .is_some());
+        assert_eq!(
+            load_profile(DEFAULT_PROFILE).unwrap().cost.serial_fraction,
+            0.0
+        );
     }
 
     #[test]

@@ -116,28 +116,9 @@ impl SimGpu {
         }
     }
 
-    /// The step time of a batch, in nanoseconds (the roofline-v1 form).
+    /// The step time of a batch, in nanoseconds (the profile's cost form, `GpuProfile::step_ns`).
     pub fn step_ns(&self, batch: &StepBatch) -> u64 {
-        let c = &self.profile.cost;
-        let prefill_tokens = batch.prefill_tokens() as f64;
-        let decode_seqs = batch.decode.len() as f64;
-        let decode_ctx = batch.decode_context_tokens() as f64;
-        let prefill_ctx_read: f64 = batch
-            .prefill
-            .iter()
-            .map(|s| (s.context_tokens + s.tokens) as f64)
-            .sum();
-        let pairs = batch.prefill_attention_pairs() as f64;
-        let memory_ns = (self.profile.weight_bytes as f64
-            + self.profile.kv_bytes_per_token as f64 * (decode_ctx + prefill_ctx_read))
-            / c.memory_bandwidth_bytes_per_s
-            * 1e9;
-        let compute_ns = c.flops_per_token * (prefill_tokens + decode_seqs) / c.matmul_flops_per_s
-            * 1e9
-            + c.attention_flops_per_pair * (pairs + decode_ctx) / c.attention_flops_per_s * 1e9;
-        let sequences = (batch.prefill.len() + batch.decode.len()) as f64;
-        (c.step_overhead_ns + c.per_sequence_ns * sequences + memory_ns.max(compute_ns)).round()
-            as u64
+        self.profile.step_ns(&step_shape(batch)).round() as u64
     }
 
     pub fn swap_ns(&self, direction: SwapDirection, bytes: u64) -> u64 {
@@ -208,5 +189,21 @@ impl Backend for SimGpu {
             SwapDirection::In => self.h2d_free_at,
             SwapDirection::Out => self.d2h_free_at,
         }
+    }
+}
+
+/// The cost model's view of a planned batch.
+pub fn step_shape(batch: &StepBatch) -> traces::StepShape {
+    traces::StepShape {
+        prefill_tokens: batch.prefill_tokens() as f64,
+        prefill_context_read_tokens: batch
+            .prefill
+            .iter()
+            .map(|s| (s.context_tokens + s.tokens) as f64)
+            .sum(),
+        prefill_attention_pairs: batch.prefill_attention_pairs() as f64,
+        decode_sequences: batch.decode.len() as f64,
+        decode_context_tokens: batch.decode_context_tokens() as f64,
+        sequences: (batch.prefill.len() + batch.decode.len()) as f64,
     }
 }

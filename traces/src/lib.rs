@@ -21,7 +21,7 @@ pub mod workload;
 
 pub use io::{read_csv, read_json, write_atomic, write_csv_atomic, write_json_atomic, TraceError};
 pub use manifest::RunManifest;
-pub use profile::{CopyChannel, CostModel, GpuProfile, Provenance};
+pub use profile::{CopyChannel, CostModel, GpuProfile, Provenance, StepShape};
 pub use records::{StepRecord, SwapRecord, TurnRecord};
 pub use rundir::{write_run_dir, RUN_DIR_FILES};
 pub use summary::{LatencyStats, RunSummary};

@@ -22,10 +22,13 @@ pub struct CopyChannel {
 /// compute_ns = flops_per_token * (prefill tokens + decode sequences) / matmul_flops
 ///              + attention_flops_per_pair * (prefill attention pairs + decode context tokens) / attention_flops
 /// step_ns    = step_overhead_ns + per_sequence_ns * sequences + max(memory_ns, compute_ns)
+///              + serial_fraction * min(memory_ns, compute_ns)
 /// ```
 ///
 /// Decode is memory-bound (it reads all weights and every context's KV), prefill compute-bound;
-/// chunked prefill mixed with decode pays the larger of the two, as a roofline does.
+/// chunked prefill mixed with decode pays the larger of the two, as a roofline does, plus the
+/// `serial_fraction` of the smaller one that real kernels do not overlap (0 = ideal roofline, the
+/// analytic profiles; 1 = no overlap at all; fitted profiles measure it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostModel {
@@ -37,6 +40,64 @@ pub struct CostModel {
     pub attention_flops_per_s: f64,
     pub flops_per_token: f64,
     pub attention_flops_per_pair: f64,
+    /// Share of the smaller of memory and compute time that does not overlap with the larger, in
+    /// [0, 1]. Absent in a file = 0 (the ideal roofline), and not written when 0, so older
+    /// profiles and their outputs stay byte-identical.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub serial_fraction: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// The shape of one engine step, as the cost model sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepShape {
+    /// New tokens prefilled in this step (all prefilling sequences).
+    pub prefill_tokens: f64,
+    /// Context tokens the prefills read (each prefilling sequence's cached context plus its new
+    /// tokens).
+    pub prefill_context_read_tokens: f64,
+    /// Prefill tokens x the context each attends to.
+    pub prefill_attention_pairs: f64,
+    /// Sequences decoding one token.
+    pub decode_sequences: f64,
+    /// Sum of the decode sequences' context lengths.
+    pub decode_context_tokens: f64,
+    /// Sequences in the step (prefilling + decoding).
+    pub sequences: f64,
+}
+
+impl StepShape {
+    /// The shape of a recorded step. steps.csv keeps only totals of the prefills, so the context
+    /// they read is reconstructed from the attention pairs assuming the prefilling sequences
+    /// split the new tokens evenly: exact for one prefilling sequence (the common case).
+    pub fn from_record(step: &crate::StepRecord) -> Self {
+        let tokens = step.prefill_tokens as f64;
+        let seqs = step.prefill_sequences.max(1) as f64;
+        let prefill_context_read_tokens = if step.prefill_tokens == 0 {
+            0.0
+        } else {
+            let per_seq = tokens / seqs;
+            // pairs = sum over sequences of (t * context + t (t + 1) / 2)
+            let causal = seqs * per_seq * (per_seq + 1.0) / 2.0;
+            let context_sum = ((step.prefill_attention_pairs as f64 - causal) / per_seq).max(0.0);
+            context_sum + tokens
+        };
+        StepShape {
+            prefill_tokens: tokens,
+            prefill_context_read_tokens,
+            prefill_attention_pairs: step.prefill_attention_pairs as f64,
+            decode_sequences: step.decode_batch as f64,
+            decode_context_tokens: step.decode_context_tokens as f64,
+            sequences: (if step.prefill_tokens > 0 {
+                step.prefill_sequences
+            } else {
+                0
+            } + step.decode_batch) as f64,
+        }
+    }
 }
 
 /// Where a profile's numbers came from.
@@ -77,6 +138,30 @@ pub struct GpuProfile {
 }
 
 impl GpuProfile {
+    /// The time of one step of this shape, in nanoseconds (unrounded), by the cost form.
+    pub fn step_ns(&self, shape: &StepShape) -> f64 {
+        let c = &self.cost;
+        let memory_ns = (self.weight_bytes as f64
+            + self.kv_bytes_per_token as f64
+                * (shape.decode_context_tokens + shape.prefill_context_read_tokens))
+            / c.memory_bandwidth_bytes_per_s
+            * 1e9;
+        let compute_ns = c.flops_per_token * (shape.prefill_tokens + shape.decode_sequences)
+            / c.matmul_flops_per_s
+            * 1e9
+            + c.attention_flops_per_pair
+                * (shape.prefill_attention_pairs + shape.decode_context_tokens)
+                / c.attention_flops_per_s
+                * 1e9;
+        let step =
+            c.step_overhead_ns + c.per_sequence_ns * shape.sequences + memory_ns.max(compute_ns);
+        if c.serial_fraction == 0.0 {
+            step
+        } else {
+            step + c.serial_fraction * memory_ns.min(compute_ns)
+        }
+    }
+
     pub fn from_json_str(path: &Path, text: &str) -> Result<Self, TraceError> {
         let profile: GpuProfile = parse_json(path, text)?;
         profile.validate(path)?;
@@ -151,6 +236,13 @@ impl GpuProfile {
         positive("cost.attention_flops_per_s", c.attention_flops_per_s)?;
         non_negative("cost.flops_per_token", c.flops_per_token)?;
         non_negative("cost.attention_flops_per_pair", c.attention_flops_per_pair)?;
+        if !(c.serial_fraction.is_finite() && (0.0..=1.0).contains(&c.serial_fraction)) {
+            return Err(TraceError::invalid(
+                path,
+                "cost.serial_fraction",
+                format!("must be a number in [0, 1], got {}", c.serial_fraction),
+            ));
+        }
         positive(
             "host_to_device.bandwidth_bytes_per_s",
             self.host_to_device.bandwidth_bytes_per_s,
@@ -160,5 +252,97 @@ impl GpuProfile {
             self.device_to_host.bandwidth_bytes_per_s,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile() -> GpuProfile {
+        GpuProfile {
+            schema_version: crate::SCHEMA_VERSION,
+            name: "t".into(),
+            gpu_name: "t".into(),
+            gpu_memory_bytes: 80 << 30,
+            model_name: "m".into(),
+            weight_bytes: 1_000_000_000,
+            kv_bytes_per_token: 1_000,
+            max_context_tokens: 4096,
+            workspace_reserve_bytes: 0,
+            cost: CostModel {
+                form: "roofline-v1".into(),
+                step_overhead_ns: 100.0,
+                per_sequence_ns: 10.0,
+                memory_bandwidth_bytes_per_s: 1e12,
+                matmul_flops_per_s: 1e12,
+                attention_flops_per_s: 1e12,
+                flops_per_token: 1e6,
+                attention_flops_per_pair: 1e3,
+                serial_fraction: 0.0,
+            },
+            host_to_device: CopyChannel {
+                latency_ns: 0,
+                bandwidth_bytes_per_s: 1e9,
+            },
+            device_to_host: CopyChannel {
+                latency_ns: 0,
+                bandwidth_bytes_per_s: 1e9,
+            },
+            provenance: Provenance {
+                kind: "analytic".into(),
+                source: String::new(),
+                fit_error: None,
+                device: String::new(),
+                driver: String::new(),
+                commit: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn serial_fraction_adds_the_share_of_the_smaller_term_that_does_not_overlap() {
+        // One decode sequence at context 1,000: memory 1e9 + 1e6 bytes at 1e12 B/s = 1,001,000 ns;
+        // compute 1e6 flops + 1e6 attention flops at 1e12/s = 2,000 ns.
+        let shape = StepShape {
+            decode_sequences: 1.0,
+            decode_context_tokens: 1_000.0,
+            sequences: 1.0,
+            ..StepShape::default()
+        };
+        let mut p = profile();
+        let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        close(p.step_ns(&shape), 100.0 + 10.0 + 1_001_000.0);
+        p.cost.serial_fraction = 1.0;
+        close(p.step_ns(&shape), 100.0 + 10.0 + 1_001_000.0 + 2_000.0);
+        p.cost.serial_fraction = 0.5;
+        close(p.step_ns(&shape), 100.0 + 10.0 + 1_001_000.0 + 1_000.0);
+    }
+
+    #[test]
+    fn serial_fraction_outside_0_1_is_named() {
+        let mut p = profile();
+        p.cost.serial_fraction = 1.5;
+        let err = p.validate(Path::new("p.json")).unwrap_err().to_string();
+        assert!(err.contains("cost.serial_fraction"), "{err}");
+        // Absent in a file means 0, and 0 is not written back.
+        let text = serde_json::to_string(&profile()).unwrap();
+        assert!(!text.contains("serial_fraction"));
+        let back: GpuProfile = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.cost.serial_fraction, 0.0);
+    }
+
+    #[test]
+    fn a_recorded_prefill_step_gives_back_the_context_it_read() {
+        // 100 new tokens on top of 400 cached: pairs = 100 * 400 + 100 * 101 / 2.
+        let step = crate::StepRecord {
+            prefill_tokens: 100,
+            prefill_sequences: 1,
+            prefill_attention_pairs: 100 * 400 + 5050,
+            ..Default::default()
+        };
+        let shape = StepShape::from_record(&step);
+        assert_eq!(shape.prefill_context_read_tokens, 500.0);
+        assert_eq!(shape.sequences, 1.0);
     }
 }

@@ -1,0 +1,157 @@
+//! `djinn calibrate`: a profile fitted to the shipped real H100 runs (engine/bench/real-runs) is
+//! valid, reproducible, closer to the real steps than the analytic profile, and simulates the real
+//! runs' turn latencies more closely; bad inputs exit 2 naming what is wrong.
+
+use std::path::Path;
+mod common;
+use common::{djinn, fails_with, temp};
+
+const RUNS: &str = "engine/bench/real-runs/merged/seed-cliff";
+const BENCH: &str = "engine/bench/h100_llama2_7b_bench_s2.json";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn fit_reproduces_the_shipped_fitted_profile_from_the_shipped_traces() {
+    let dir = temp("calibrate", "fit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_path = dir.join("fitted.json");
+    let out = djinn()
+        .current_dir(root())
+        .args(["calibrate", "fit", RUNS, "--bench", BENCH])
+        .args(["--name", "h100-80gb-llama2-7b-fp16-fitted", "-o"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("leave-one-run-out"), "{stdout}");
+    let fitted = json(&out_path);
+    let shipped = json(&root().join("calibration/profiles/h100-llama2-7b-fitted.json"));
+    assert_eq!(fitted["provenance"]["kind"], "fitted");
+    assert_eq!(
+        fitted["provenance"]["source"],
+        shipped["provenance"]["source"]
+    );
+    // Same traces, same code: the same coefficients (compared to 1e-6, not bytes, so a libm that
+    // rounds exp() differently in the last place does not fail the test).
+    for key in [
+        "step_overhead_ns",
+        "per_sequence_ns",
+        "memory_bandwidth_bytes_per_s",
+        "matmul_flops_per_s",
+        "attention_flops_per_s",
+        "serial_fraction",
+    ] {
+        let (a, b) = (
+            fitted["cost"][key].as_f64().unwrap(),
+            shipped["cost"][key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+            "{key}: {a} vs shipped {b}"
+        );
+    }
+    let fit_error = fitted["provenance"]["fit_error"].as_f64().unwrap();
+    assert!(fit_error < 0.06, "fit error {fit_error}");
+    // The analytic profile's error on the same steps is printed beside it and is worse.
+    let all = stdout.lines().find(|l| l.starts_with("all ")).unwrap();
+    let cells: Vec<&str> = all.split_whitespace().collect();
+    let base_mape: f64 = cells[2].trim_end_matches('%').parse().unwrap();
+    let fit_mape: f64 = cells[4].trim_end_matches('%').parse().unwrap();
+    assert!(fit_mape < base_mape / 2.0, "{all}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn validate_shows_the_fitted_profile_simulating_real_runs_more_closely() {
+    let dir = temp("calibrate", "validate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("validation.csv");
+    let out = djinn()
+        .current_dir(root())
+        .args(["calibrate", "validate", RUNS, "--csv"])
+        .arg(&csv)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 6, "3 runs x 2 profiles");
+    let mean_p50_error = |profile: &str| {
+        let errs: Vec<f64> = rows
+            .iter()
+            .filter(|r| &r[col("profile")] == profile)
+            .map(|r| {
+                let real: f64 = r[col("latency_ms_p50_real")].parse().unwrap();
+                let sim: f64 = r[col("latency_ms_p50_sim")].parse().unwrap();
+                ((sim - real) / real).abs()
+            })
+            .collect();
+        assert_eq!(errs.len(), 3, "{profile}");
+        errs.iter().sum::<f64>() / 3.0
+    };
+    let analytic = mean_p50_error("h100-llama2-7b");
+    let fitted = mean_p50_error("h100-llama2-7b-fitted");
+    assert!(
+        fitted < 0.1 && fitted < analytic / 2.0,
+        "p50 error analytic {analytic}, fitted {fitted}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_calibration_inputs_exit_2_naming_the_problem() {
+    let root = root().to_str().unwrap().to_string();
+    let runs = format!("{root}/{RUNS}");
+    fails_with(
+        &["calibrate", "fit", &format!("{runs}/djinn.sim")],
+        "a simulated run",
+    );
+    fails_with(&["calibrate", "fit", "/no/such/dir"], "not a directory");
+    fails_with(
+        &["calibrate", "fit", &format!("{root}/engine/bench")],
+        "no manifest.json",
+    );
+    let dir = temp("calibrate", "bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bench = dir.join("bench.json");
+    std::fs::write(
+        &bench,
+        r#"{"rows": [{"system": "djinn-cuda", "kind": "decode_step", "batch": 1, "tokens": 512}]}"#,
+    )
+    .unwrap();
+    fails_with(
+        &[
+            "calibrate",
+            "fit",
+            &runs,
+            "--bench",
+            bench.to_str().unwrap(),
+        ],
+        "rows[0].ms_p50",
+    );
+    fails_with(
+        &["calibrate", "validate", &runs, "--profile", "h900-nope"],
+        "not a shipped profile name",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
