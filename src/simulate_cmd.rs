@@ -49,7 +49,8 @@ pub struct SimulateArgs {
     /// Root seed of every random stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// GPU profile: a shipped name (h100-llama2-7b, h200-llama2-7b) or a path to a profile JSON.
+    /// GPU profile: a shipped name (h100-llama2-7b, the analytic default; h100-llama2-7b-fitted,
+    /// fitted to real H100 runs by `djinn calibrate fit`; h200-llama2-7b) or a path to a profile JSON.
     #[arg(long, default_value = calibration::DEFAULT_PROFILE, value_name = "NAME|PATH")]
     pub profile: String,
     /// Folder for the run directories (<out>/<workload>/<policy>/) and comparison CSVs.
