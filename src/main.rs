@@ -10,6 +10,7 @@ mod engine_cmd;
 mod runio;
 mod simulate_cmd;
 mod sweep_cmd;
+mod trace_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,8 @@ enum Command {
     /// Real traces feed the simulator: fit a GPU profile to real runs, and validate profiles by
     /// re-simulating real runs.
     Calibrate(calibrate_cmd::CalibrateArgs),
+    /// Export a run directory as a timeline (Chrome trace-event JSON) for https://ui.perfetto.dev.
+    Trace(trace_cmd::TraceArgs),
 }
 
 fn main() {
@@ -52,6 +55,7 @@ fn main() {
         Some(Command::Capacity(args)) => capacity_cmd::run(args),
         Some(Command::Engine(args)) => engine_cmd::run(args),
         Some(Command::Calibrate(args)) => calibrate_cmd::run(args),
+        Some(Command::Trace(args)) => trace_cmd::run(args),
         None => simulate_cmd::run(simulate_cmd::SimulateArgs::default()).map(|_| ()),
     };
     if let Err(err) = result {
