@@ -7,6 +7,7 @@ mod bench_cmd;
 mod calibrate_cmd;
 mod capacity_cmd;
 mod engine_cmd;
+mod plot_cmd;
 mod runio;
 mod simulate_cmd;
 mod sweep_cmd;
@@ -44,6 +45,8 @@ enum Command {
     Calibrate(calibrate_cmd::CalibrateArgs),
     /// Export a run directory as a timeline (Chrome trace-event JSON) for https://ui.perfetto.dev.
     Trace(trace_cmd::TraceArgs),
+    /// Line plot (SVG) of a result CSV: e.g. P99 turn latency vs agents per policy (the cliff).
+    Plot(plot_cmd::PlotArgs),
 }
 
 fn main() {
@@ -56,6 +59,7 @@ fn main() {
         Some(Command::Engine(args)) => engine_cmd::run(args),
         Some(Command::Calibrate(args)) => calibrate_cmd::run(args),
         Some(Command::Trace(args)) => trace_cmd::run(args),
+        Some(Command::Plot(args)) => plot_cmd::run(args),
         None => simulate_cmd::run(simulate_cmd::SimulateArgs::default()).map(|_| ()),
     };
     if let Err(err) = result {

@@ -7,6 +7,7 @@
 //! Architecture invariant: this crate reads trace types only (`traces`), never `sim`, so changing
 //! a policy cannot break a report: a report is a function of trace files.
 
+pub mod plot;
 pub mod summary;
 pub mod table;
 pub mod timeline;
