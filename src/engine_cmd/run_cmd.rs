@@ -430,6 +430,17 @@ fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     let mut model = CudaModel::new(device, source, options)?;
     let graphs = (plan.agents as usize).min(args.max_batch_sequences as usize);
     model.capture_decode_graphs(graphs)?;
+    // One prefill per 512-row bucket before the clock starts: the first GEMM of a bucket times
+    // cuBLASLt algorithms (30-70 ms per shape, engine/src/cuda/gemm_tune.rs), which inside a run
+    // stalled every agent (a 513-token chunk took 89 ms instead of 15; calibration/NOTES.md).
+    // The KV it writes lands in blocks no agent owns yet; every block is written before it is read.
+    let warmup_started = Instant::now();
+    let warmup_buckets = prefill_warmup(
+        &mut model,
+        args.max_batch_tokens as usize,
+        args.block_size as usize,
+    )?;
+    let prefill_warmup_s = warmup_started.elapsed().as_secs_f64();
     let model_ready_s = started.elapsed().as_secs_f64();
     let pool = model.kv_pool();
     let block_bytes = pool.block_bytes() as u64;
@@ -476,6 +487,10 @@ fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         notes: vec![
             ("model_ready_s".into(), format!("{model_ready_s:.2}")),
             ("host_pool_pin_s".into(), format!("{pin_s:.2}")),
+            (
+                "prefill_warmup".into(),
+                format!("{warmup_buckets} prefills (512-row buckets) in {prefill_warmup_s:.2} s before the run clock"),
+            ),
             ("decode_graphs_captured_up_to".into(), graphs.to_string()),
             ("device_memory".into(), breakdown.join(", ")),
             (
@@ -500,6 +515,40 @@ fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         swap_estimate(&plan.base),
     );
     run_policies(args, plan, &mut backend, epoch, &info)
+}
+
+/// Runs one prefill of each 512-row bucket up to `max_tokens` (and `max_tokens` itself) from an
+/// empty context; returns how many ran.
+#[cfg(feature = "cuda")]
+fn prefill_warmup(
+    model: &mut engine::cuda::CudaModel,
+    max_tokens: usize,
+    block_size: usize,
+) -> Result<usize> {
+    let blocks_available = model.kv_pool().num_blocks();
+    let mut sizes: Vec<usize> = (512..=max_tokens).step_by(512).collect();
+    if max_tokens >= 512 && max_tokens % 512 != 0 {
+        sizes.push(max_tokens);
+    }
+    let mut ran = 0;
+    for tokens in sizes {
+        let blocks = tokens.div_ceil(block_size);
+        if blocks > blocks_available {
+            break;
+        }
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let vocab = model.config.vocab_size.max(1) as u32;
+        let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7 + 1) % vocab).collect();
+        model
+            .forward(&[engine::batch::SeqStep {
+                block_table: &table,
+                context_len: 0,
+                tokens: &ids,
+            }])
+            .with_context(|| format!("warm-up prefill of {tokens} tokens"))?;
+        ran += 1;
+    }
+    Ok(ran)
 }
 
 fn swap_estimate(config: &SimConfig) -> SwapEstimate {
