@@ -17,7 +17,7 @@ Prefill: one forward over the prompt (logits of the last token only where suppor
 Writes a JSON list of rows in the same schema as the engine bench (floors and ratios included), so
 `djinn engine bench --hf-results FILE` prints them beside its own rows.
 
-Usage: python3 hf_bench.py OUT.json [--quick]
+Usage: python3 hf_bench.py OUT.json [--quick] [--eager-only]
 """
 import json
 import statistics
@@ -120,6 +120,7 @@ def time_prefill(model, n, reps):
 def main():
     out_path = sys.argv[1]
     quick = "--quick" in sys.argv
+    eager_only = "--eager-only" in sys.argv  # skip the static-cache + torch.compile peer
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -163,6 +164,9 @@ def main():
             print(f"hf-eager prefill {n} failed: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
     json.dump(rows, open(out_path, "w"), indent=1)
+    if eager_only:
+        print(f"wrote {out_path}", flush=True)
+        return
 
     # Static cache + torch.compile(mode="reduce-overhead"). Recent transformers compile the forward
     # inside `generate` when the cache is static (CompileConfig); compiling `model.forward` by hand

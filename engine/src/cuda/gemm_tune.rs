@@ -22,7 +22,7 @@ use cudarc::driver::{result as dr, sys as dsys};
 use super::CudaError;
 
 /// Algorithms asked from the heuristic per shape.
-const CANDIDATES: usize = 24;
+const CANDIDATES: usize = 12;
 /// Timed calls per candidate (after one untimed call).
 const TIMED_REPS: usize = 3;
 /// Row counts tuned together (m rounded up to a multiple of this).
