@@ -350,6 +350,20 @@ pub fn self_consistency(
             &plain?,
             &mut results,
         );
+        // (5) The wgmma prefill attention (v6) against the mma.sync kernel (v4) on the same
+        // long prompt: every causal tile shape of a 2048-token prefill.
+        if model.uses_wgmma_prefill() {
+            eprintln!("consistency: wgmma vs mma.sync prefill attention ({long} tokens)");
+            model.set_wgmma_prefill(false);
+            let v4 = model.forward_logits(&step);
+            model.set_wgmma_prefill(true);
+            record(
+                "prefill with wgmma attention (v6) == with mma.sync attention (v4)",
+                &tuned,
+                &v4?,
+                &mut results,
+            );
+        }
     }
     Ok(results)
 }

@@ -98,10 +98,18 @@ impl GpuDevice {
 
     /// `sm_XY` of this device.
     pub fn arch(&self) -> String {
+        // sm_90a: Hopper's arch-specific features (wgmma, used by the v6 prefill attention); the
+        // CUBIN is built for this device only anyway.
+        let suffix = if self.has_wgmma() { "a" } else { "" };
         format!(
-            "sm_{}{}",
+            "sm_{}{}{suffix}",
             self.compute_capability.0, self.compute_capability.1
         )
+    }
+
+    /// Whether kernels are compiled for sm_90a (warpgroup MMA available).
+    pub fn has_wgmma(&self) -> bool {
+        self.compute_capability == (9, 0)
     }
 
     /// (free, total) device memory in bytes.

@@ -7,6 +7,10 @@
 //! shared by every row count in the same `ROW_BUCKET` (n and k fixed), so a server that sees many
 //! prompt lengths tunes once per bucket, not once per length. Only eager (never graph-captured)
 //! prefill GEMMs come here; decode GEMMs stay on `cublasGemmEx`.
+//!
+//! A GEMM that adds into its output (`GemmOut::AddF32`: o_proj and down_proj adding into the f32
+//! residual stream, beta = 1) is timed on the real operands too, so the output is saved to a
+//! scratch buffer first and restored after the timing runs.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -42,8 +46,37 @@ struct Plan {
     algo: Option<lsys::cublasLtMatmulAlgo_t>,
 }
 
-/// Shape key: (m, n, k, fp32 output).
-type Shape = (usize, usize, usize, bool);
+/// What a GEMM writes: `y` in the weights' type, `y` in f32, or `y += x · w^T` in f32 (beta = 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum GemmOut {
+    Half,
+    F32,
+    AddF32,
+}
+
+impl GemmOut {
+    pub(crate) fn is_f32(self) -> bool {
+        self != GemmOut::Half
+    }
+    pub(crate) fn beta(self) -> f32 {
+        if self == GemmOut::AddF32 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+    /// The `out_f32` argument of the GEMV kernels.
+    pub(crate) fn gemv_code(self) -> i32 {
+        match self {
+            GemmOut::Half => 0,
+            GemmOut::F32 => 1,
+            GemmOut::AddF32 => 2,
+        }
+    }
+}
+
+/// Shape key: (m, n, k, output kind).
+type Shape = (usize, usize, usize, GemmOut);
 
 pub(crate) struct TunedGemm {
     handle: lsys::cublasLtHandle_t,
@@ -62,7 +95,10 @@ pub(crate) struct GemmArgs {
     pub m: usize,
     pub n: usize,
     pub k: usize,
-    pub out_f32: bool,
+    pub out: GemmOut,
+    /// For `GemmOut::AddF32`: a device buffer of at least m * n * 4 bytes that is free during this
+    /// GEMM (the output is saved there while candidates are timed); 0: such GEMMs are not tuned.
+    pub scratch: u64,
     pub bf16: bool,
     pub workspace: u64,
     pub workspace_bytes: usize,
@@ -96,7 +132,7 @@ impl TunedGemm {
         } else {
             D::CUDA_R_16F
         };
-        let out_dt = if a.out_f32 { D::CUDA_R_32F } else { dt };
+        let out_dt = if a.out.is_f32() { D::CUDA_R_32F } else { dt };
         let mut desc = std::ptr::null_mut();
         // SAFETY: descriptor creation and attribute setting on plain values.
         unsafe {
@@ -154,7 +190,7 @@ impl TunedGemm {
         algo: &lsys::cublasLtMatmulAlgo_t,
         a: &GemmArgs,
     ) -> Result<(), CudaError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, a.out.beta());
         // SAFETY: all pointers are device buffers sized for this shape by the model; descriptors
         // are live; the workspace is the model's fixed cuBLAS workspace (stream-ordered use).
         lt("cublasLtMatmul", unsafe {
@@ -227,8 +263,11 @@ impl TunedGemm {
         a: &GemmArgs,
         gemm_ex: &dyn Fn() -> Result<(), CudaError>,
     ) -> Result<(), CudaError> {
-        let shape = (a.m, a.n, a.k, a.out_f32);
-        let bucket = (a.m.div_ceil(ROW_BUCKET) * ROW_BUCKET, a.n, a.k, a.out_f32);
+        let shape = (a.m, a.n, a.k, a.out);
+        let bucket = (a.m.div_ceil(ROW_BUCKET) * ROW_BUCKET, a.n, a.k, a.out);
+        if a.out == GemmOut::AddF32 && a.scratch == 0 {
+            return gemm_ex();
+        }
         if !self.plans.borrow().contains_key(&shape) {
             let known = self.choices.borrow().get(&bucket).copied();
             let plan = match known {
@@ -302,23 +341,21 @@ impl TunedGemm {
             lsys::cublasLtMatmulPreferenceDestroy(pref);
             lt("cuBLASLt heuristic", status)?;
         }
-        let baseline_ms = Self::time(a.stream, gemm_ex)?;
-        let mut best: Option<(f64, usize)> = None;
-        let mut timed = Vec::new();
-        for (i, r) in results.iter().take(count.max(0) as usize).enumerate() {
-            if r.state != lsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                || r.workspaceSize > a.workspace_bytes
-            {
-                continue;
-            }
-            // A candidate that fails to launch is skipped, not fatal.
-            if let Ok(ms) = Self::time(a.stream, || self.launch(&plan, &r.algo, a)) {
-                timed.push(format!("{ms:.3}"));
-                if best.is_none_or(|(b, _)| ms < b) {
-                    best = Some((ms, i));
-                }
-            }
+        // Timing runs add into y again and again: save it (restored below, whatever happens).
+        let y_bytes = a.m * a.n * 4;
+        let accumulating = a.out == GemmOut::AddF32;
+        if accumulating {
+            super::drv("saving a GEMM output before tuning", unsafe {
+                dr::memcpy_dtod_async(a.scratch, a.y, y_bytes, a.stream)
+            })?;
         }
+        let timed_result = self.time_candidates(a, gemm_ex, &plan, &results, count);
+        if accumulating {
+            super::drv("restoring a GEMM output after tuning", unsafe {
+                dr::memcpy_dtod_async(a.y, a.scratch, y_bytes, a.stream)
+            })?;
+        }
+        let (baseline_ms, best, timed) = timed_result?;
         // Keep cublasGemmEx unless a candidate beats it by more than the timing noise (1%).
         let chosen = match best {
             Some((ms, i)) if ms < 0.99 * baseline_ms => {
@@ -330,14 +367,48 @@ impl TunedGemm {
         let flops = 2.0 * (a.m * a.n * a.k) as f64;
         let best_ms = best.map_or(baseline_ms, |(ms, _)| ms.min(baseline_ms));
         self.report.borrow_mut().push(format!(
-            "GEMM m={} n={} k={}: cublasGemmEx {baseline_ms:.3} ms, cuBLASLt candidates [{}] ms -> {chosen} ({:.0} TFLOP/s)",
+            "GEMM m={} n={} k={}{}: cublasGemmEx {baseline_ms:.3} ms, cuBLASLt candidates [{}] ms -> {chosen} ({:.0} TFLOP/s)",
             a.m,
             a.n,
             a.k,
+            if accumulating { " (+= f32)" } else { "" },
             timed.join(", "),
             flops / best_ms / 1e9
         ));
         Ok(plan)
+    }
+}
+
+impl TunedGemm {
+    /// Times `cublasGemmEx` and every usable heuristic candidate: (baseline ms, best candidate
+    /// (ms, index), the candidates' times as text).
+    #[allow(clippy::type_complexity)]
+    fn time_candidates(
+        &self,
+        a: &GemmArgs,
+        gemm_ex: &dyn Fn() -> Result<(), CudaError>,
+        plan: &Plan,
+        results: &[lsys::cublasLtMatmulHeuristicResult_t],
+        count: i32,
+    ) -> Result<(f64, Option<(f64, usize)>, Vec<String>), CudaError> {
+        let baseline_ms = Self::time(a.stream, gemm_ex)?;
+        let mut best: Option<(f64, usize)> = None;
+        let mut timed = Vec::new();
+        for (i, r) in results.iter().take(count.max(0) as usize).enumerate() {
+            if r.state != lsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                || r.workspaceSize > a.workspace_bytes
+            {
+                continue;
+            }
+            // A candidate that fails to launch is skipped, not fatal.
+            if let Ok(ms) = Self::time(a.stream, || self.launch(plan, &r.algo, a)) {
+                timed.push(format!("{ms:.3}"));
+                if best.is_none_or(|(b, _)| ms < b) {
+                    best = Some((ms, i));
+                }
+            }
+        }
+        Ok((baseline_ms, best, timed))
     }
 }
 

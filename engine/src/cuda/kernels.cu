@@ -132,8 +132,9 @@ __device__ __forceinline__ void norm_store(T* out_row, const T* weight, int i, f
     *reinterpret_cast<uint2*>(out_row + 4 * i) = o;
 }
 
-extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
-                                       int hidden, float eps) {
+template <int KEEP>
+__device__ __forceinline__ void add_rmsnorm_impl(float* resid, const T* delta, const T* weight, T* out,
+                                                 const int* row_index, int hidden, float eps) {
     __shared__ float scratch[32];
     pdl_trigger();
     pdl_wait();
@@ -141,11 +142,11 @@ extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm(float* resid, 
     const u64 s = row_index ? (u64)row_index[r] : (u64)r;
     float4* x = reinterpret_cast<float4*>(resid + s * hidden);
     const int n4 = hidden / 4;
-    const int kept = NORM_KEEP * blockDim.x;
+    const int kept = KEEP * blockDim.x;
     float sq = 0.0f;
-    float4 keep[NORM_KEEP];
+    float4 keep[KEEP];
 #pragma unroll
-    for (int j = 0; j < NORM_KEEP; ++j) {
+    for (int j = 0; j < KEEP; ++j) {
         const int i = threadIdx.x + j * blockDim.x;
         if (i < n4) {
             keep[j] = norm_load(x, delta, s, hidden, i);
@@ -159,11 +160,24 @@ extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm(float* resid, 
     const float inv = rsqrtf(block_sum(sq, scratch) / (float)hidden + eps);
     T* o = out + (u64)r * hidden;
 #pragma unroll
-    for (int j = 0; j < NORM_KEEP; ++j) {
+    for (int j = 0; j < KEEP; ++j) {
         const int i = threadIdx.x + j * blockDim.x;
         if (i < n4) norm_store(o, weight, i, keep[j], inv);
     }
     for (int i = threadIdx.x + kept; i < n4; i += blockDim.x) norm_store(o, weight, i, x[i], inv);
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm(float* resid, const T* delta, const T* weight, T* out,
+                                                                  const int* row_index, int hidden, float eps) {
+    add_rmsnorm_impl<NORM_KEEP>(resid, delta, weight, out, row_index, hidden, eps);
+}
+
+// Many rows (prefill): 256 threads per row, 4 float4 each (hidden 4096 in registers), several rows
+// per SM at once. The 1024-thread form keeps too few rows in flight: 1.6 TB/s at 2048 rows (H100).
+extern "C" __global__ void __launch_bounds__(256, 4) add_rmsnorm_rows(float* resid, const T* delta, const T* weight,
+                                                                     T* out, const int* row_index, int hidden,
+                                                                     float eps) {
+    add_rmsnorm_impl<4>(resid, delta, weight, out, row_index, hidden, eps);
 }
 
 // Two-pass form (re-reads the row for the scaling), kept for A/B: DJINN_CUDA_RMSNORM_V1=1.
@@ -860,25 +874,28 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_prefill(
 // grid (num_heads, num_tiles), 128 threads, dynamic shared memory (128 + 2 x 2 x 64) x KS_PITCH x 2 B.
 #define PF4_ROWS 128
 
-template <bool MASK, int KEYS>
+// LEAN (v5): the scale is folded into the exponent's FMA (max taken on raw scores: the scale is
+// positive) and the O rescale is skipped when no row max of the warp moved (common after the
+// first chunks).
+template <bool MASK, int KEYS, int MT, bool LEAN>
 __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const T* vs, int kc, int qpos0,
-                                                 float scale_log2, float (&o)[2][HEAD_DIM / 8][4], float (&m)[2][2],
-                                                 float (&l)[2][2], int warp, int lane) {
+                                                 float scale_log2, float (&o)[MT][HEAD_DIM / 8][4], float (&m)[MT][2],
+                                                 float (&l)[MT][2], int warp, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
     const int mat = lane >> 3, mrow = lane & 7;
-    float s[2][KEYS / 8][4];
+    float s[MT][KEYS / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
     // A fragments (16 x 16 of Q) by ldmatrix.x4: lane l addresses row (l & 7) + 8 ((l >> 3) & 1), column
     // 8 (l >> 4) of the m-tile.
-    const T* qaddr = &sq[(warp * 32 + mrow + (mat & 1) * 8) * KS_PITCH + (mat >> 1) * 8];
+    const T* qaddr = &sq[(warp * 16 * MT + mrow + (mat & 1) * 8) * KS_PITCH + (mat >> 1) * 8];
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        u32 qa[2][4];
+        u32 qa[MT][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
             const u32 saddr = (u32)__cvta_generic_to_shared(qaddr + mt * 16 * KS_PITCH + kk * 16);
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                          : "=r"(qa[mt][0]), "=r"(qa[mt][1]), "=r"(qa[mt][2]), "=r"(qa[mt][3])
@@ -890,24 +907,30 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
             const u32 saddr = (u32)__cvta_generic_to_shared(&ks[(nt * 8 + mrow) * KS_PITCH + kk * 16 + (mat & 1) * 8]);
             u32 b0, b1;
             asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(saddr));
-            mma16816(s[0][nt], qa[0], b0, b1);
-            mma16816(s[1][nt], qa[1], b0, b1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma16816(s[mt][nt], qa[mt], b0, b1);
         }
     }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-        const int qlo = qpos0 + warp * 32 + mt * 16 + g, qhi = qlo + 8;
+    for (int mt = 0; mt < MT; ++mt) {
+        const int qlo = qpos0 + warp * 16 * MT + mt * 16 + g, qhi = qlo + 8;
         float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; ++nt) {
             float* x = s[mt][nt];
-            if (MASK) {
+            if (MASK && LEAN) {
+                const int kpos = kc + nt * 8 + t4 * 2;
+                x[0] = (kpos <= qlo) ? x[0] : NEG_INF;
+                x[1] = (kpos + 1 <= qlo) ? x[1] : NEG_INF;
+                x[2] = (kpos <= qhi) ? x[2] : NEG_INF;
+                x[3] = (kpos + 1 <= qhi) ? x[3] : NEG_INF;
+            } else if (MASK) {
                 const int kpos = kc + nt * 8 + t4 * 2;
                 x[0] = (kpos <= qlo) ? x[0] * scale_log2 : NEG_INF;
                 x[1] = (kpos + 1 <= qlo) ? x[1] * scale_log2 : NEG_INF;
                 x[2] = (kpos <= qhi) ? x[2] * scale_log2 : NEG_INF;
                 x[3] = (kpos + 1 <= qhi) ? x[3] * scale_log2 : NEG_INF;
-            } else {
+            } else if (!LEAN) {
                 x[0] *= scale_log2;
                 x[1] *= scale_log2;
                 x[2] *= scale_log2;
@@ -922,6 +945,10 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
             mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
         }
         // m is finite after the first chunk (key 0 is visible to every row), see prefill_chunk_v3.
+        if (LEAN) {
+            mx_lo *= scale_log2;  // -inf stays -inf
+            mx_hi *= scale_log2;
+        }
         const float nm_lo = fmaxf(m[mt][0], mx_lo), nm_hi = fmaxf(m[mt][1], mx_hi);
         const float a_lo = exp2f(m[mt][0] - nm_lo), a_hi = exp2f(m[mt][1] - nm_hi);
         m[mt][0] = nm_lo;
@@ -930,15 +957,23 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; ++nt) {
             float* x = s[mt][nt];
-            x[0] = exp2f(x[0] - nm_lo);
-            x[1] = exp2f(x[1] - nm_lo);
-            x[2] = exp2f(x[2] - nm_hi);
-            x[3] = exp2f(x[3] - nm_hi);
+            if (LEAN) {
+                x[0] = exp2f(fmaf(x[0], scale_log2, -nm_lo));
+                x[1] = exp2f(fmaf(x[1], scale_log2, -nm_lo));
+                x[2] = exp2f(fmaf(x[2], scale_log2, -nm_hi));
+                x[3] = exp2f(fmaf(x[3], scale_log2, -nm_hi));
+            } else {
+                x[0] = exp2f(x[0] - nm_lo);
+                x[1] = exp2f(x[1] - nm_lo);
+                x[2] = exp2f(x[2] - nm_hi);
+                x[3] = exp2f(x[3] - nm_hi);
+            }
             sum_lo += x[0] + x[1];
             sum_hi += x[2] + x[3];
         }
         l[mt][0] = l[mt][0] * a_lo + sum_lo;
         l[mt][1] = l[mt][1] * a_hi + sum_hi;
+        if (LEAN && !__any_sync(0xffffffffu, a_lo != 1.0f || a_hi != 1.0f)) continue;
 #pragma unroll
         for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
             o[mt][nd][0] *= a_lo;
@@ -949,9 +984,9 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
     }
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; ++kk) {
-        u32 pa[2][4];
+        u32 pa[MT][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
             pa[mt][0] = pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
             pa[mt][1] = pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
             pa[mt][2] = pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
@@ -965,15 +1000,18 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                          : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
                          : "r"(saddr));
-            mma16816(o[0][nd], pa[0], b0, b1);
-            mma16816(o[0][nd + 1], pa[0], b2, b3);
-            mma16816(o[1][nd], pa[1], b0, b1);
-            mma16816(o[1][nd + 1], pa[1], b2, b3);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma16816(o[mt][nd], pa[mt], b0, b1);
+                mma16816(o[mt][nd + 1], pa[mt], b2, b3);
+            }
         }
     }
 }
 
-template <int KEYS>
+// MT: m16 tiles per warp (2: v4, 4 warps of 32 rows; 1: v5, 8 warps of 16 rows); the CTA has
+// PF4_ROWS / (16 MT) warps.
+template <int KEYS, int MT, bool LEAN>
 __device__ __forceinline__ void attn_prefill_v4_impl(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
@@ -996,7 +1034,8 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
     const float scale_log2 = scale * LOG2E;
 
     constexpr int D8 = HEAD_DIM / 8;
-    constexpr int STEP = 128 / D8;
+    constexpr int THREADS = 32 * PF4_ROWS / (16 * MT);
+    constexpr int STEP = THREADS / D8;
     const int tok0 = threadIdx.x / D8, d8 = threadIdx.x % D8;
     const T* kbase = pool + kv_piece(0, layer, 0, kvh, num_layers, num_kv_heads) + d8 * 8;
     const u64 block_stride = (u64)num_layers * 2 * num_kv_heads * BLOCK_SIZE * HEAD_DIM;
@@ -1042,15 +1081,17 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
         *reinterpret_cast<uint4*>(&sq[r * KS_PITCH + (v + D8 / 2) * 8]) = hi;
     }
 
-    const int warp_first_pos = pos0 + warp * 32;
-    const int warp_last_pos = warp_first_pos + 31;
-    float m[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}};
-    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-    float o[2][HEAD_DIM / 8][4];
+    const int warp_first_pos = pos0 + warp * 16 * MT;
+    const int warp_last_pos = warp_first_pos + 16 * MT - 1;
+    float m[MT][2], l[MT][2];
+    float o[MT][HEAD_DIM / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt) {
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
 #pragma unroll
         for (int nd = 0; nd < HEAD_DIM / 8; ++nd) o[mt][nd][0] = o[mt][nd][1] = o[mt][nd][2] = o[mt][nd][3] = 0.0f;
+    }
 
     for (int ci = 0; ci < nchunks; ++ci) {
         if (ci + 1 < nchunks) {
@@ -1064,9 +1105,11 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
         if (kc <= warp_last_pos) {  // warp-uniform
             const T* ks = skv + (ci & 1) * 2 * stage_elems;
             if (kc + KEYS - 1 > warp_first_pos) {
-                prefill_chunk_v4<true, KEYS>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp, lane);
+                prefill_chunk_v4<true, KEYS, MT, LEAN>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp,
+                                                       lane);
             } else {
-                prefill_chunk_v4<false, KEYS>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp, lane);
+                prefill_chunk_v4<false, KEYS, MT, LEAN>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp,
+                                                        lane);
             }
         }
         __syncthreads();
@@ -1074,7 +1117,7 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
     const int g = lane >> 2, t4 = lane & 3;
     const int out_width = num_heads * HEAD_DIM;
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
         float l_lo = l[mt][0], l_hi = l[mt][1];
 #pragma unroll
         for (int off = 1; off <= 2; off <<= 1) {
@@ -1083,7 +1126,7 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
         }
         const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
         const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-        const int r_lo = warp * 32 + mt * 16 + g, r_hi = r_lo + 8;
+        const int r_lo = warp * 16 * MT + mt * 16 + g, r_hi = r_lo + 8;
 #pragma unroll
         for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
             const int c = h * HEAD_DIM + nd * 8 + t4 * 2;
@@ -1102,15 +1145,290 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
 extern "C" __global__ void __launch_bounds__(128) attn_prefill_v4(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
-    attn_prefill_v4_impl<64>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
+    attn_prefill_v4_impl<64, 2, false>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
                              num_kv_heads, num_layers, rope);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attn_prefill_v4k32(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
-    attn_prefill_v4_impl<32>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
-                             num_kv_heads, num_layers, rope);
+    attn_prefill_v4_impl<32, 2, false>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
+                                num_kv_heads, num_layers, rope);
+}
+
+// v5: the v4 tile (128 rows, 64-key chunks) on 8 warps of 16 rows: half the accumulators per thread
+// (128 registers), two CTAs of 8 warps per SM (16 warps instead of 8); each K/V fragment feeds one
+// mma; lean softmax (see prefill_chunk_v4).
+extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_v5(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
+    attn_prefill_v4_impl<64, 1, true>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
+                                num_kv_heads, num_layers, rope);
+}
+
+// v4 (4 warps of 32 rows) with v5's lean softmax (A/B: DJINN_CUDA_PREFILL_V4_LEAN=1).
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_v4lean(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
+    attn_prefill_v4_impl<64, 2, true>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale,
+                                      num_heads, num_kv_heads, num_layers, rope);
+}
+
+// v5 with 32-key chunks (A/B: DJINN_CUDA_PREFILL_V5_KEYS32=1).
+extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_v5k32(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
+    attn_prefill_v4_impl<32, 1, true>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
+                                num_kv_heads, num_layers, rope);
+}
+
+// ------------------------------------------------------------------------------------------------
+// v6 prefill attention (sm_90a, HEAD_DIM 128): Hopper warpgroup MMA (wgmma). The v4 tile (128 query
+// rows) on two warpgroups of 64 rows. K/V chunks of 64 keys are double-buffered with cp.async into
+// 128-byte-swizzled shared memory, the layout wgmma reads through matrix descriptors: each operand
+// is two 64-dim panels of [row][64 dims] with 128-byte rows whose 16-byte pieces are XOR-permuted
+// by (row & 7). S = Q K^T reads Q and K from shared memory (K-major); O += P V takes P from
+// registers (the S accumulator layout of a warp is the A-fragment layout, as with mma.sync) and V
+// N-major (transposed B). Softmax as v4 (exp2, scale folded into the exponent's FMA).
+// grid (num_heads, num_tiles), 256 threads.
+#define WG_KEYS 64
+#define WG_PANEL_Q (PF4_ROWS * 128)   // bytes of one 64-dim panel of the Q tile
+#define WG_PANEL_KV (WG_KEYS * 128)   // bytes of one 64-dim panel of a K or V chunk
+
+__device__ __forceinline__ u32 swz128(int row, int piece) {  // byte offset of a 16-byte piece
+    return (u32)(row * 128 + ((piece ^ (row & 7)) << 4));
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HEAD_DIM == 128
+// Shared-memory matrix descriptor: start address, leading / stride byte offsets (16-byte units),
+// 128-byte swizzle (mode 1, bits 62-63).
+__device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
+    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
+           (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit_wait() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Keeps the compiler from touching accumulators across the asynchronous MMA.
+__device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+
+__device__ __forceinline__ void wg_qk(float (&s)[32], u64 da, u64 db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." MMA_TYPE "." MMA_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(s[0]), "+f"(s[1]), "+f"(s[2]), "+f"(s[3]), "+f"(s[4]), "+f"(s[5]), "+f"(s[6]), "+f"(s[7]), "+f"(s[8]), "+f"(s[9]), "+f"(s[10]), "+f"(s[11]), "+f"(s[12]), "+f"(s[13]), "+f"(s[14]), "+f"(s[15]), "+f"(s[16]), "+f"(s[17]), "+f"(s[18]), "+f"(s[19]), "+f"(s[20]), "+f"(s[21]), "+f"(s[22]), "+f"(s[23]), "+f"(s[24]), "+f"(s[25]), "+f"(s[26]), "+f"(s[27]), "+f"(s[28]), "+f"(s[29]), "+f"(s[30]), "+f"(s[31])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+__device__ __forceinline__ void wg_pv(float (&o)[64], const u32 (&a)[4], u64 db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(o[0]), "+f"(o[1]), "+f"(o[2]), "+f"(o[3]), "+f"(o[4]), "+f"(o[5]), "+f"(o[6]), "+f"(o[7]), "+f"(o[8]), "+f"(o[9]), "+f"(o[10]), "+f"(o[11]), "+f"(o[12]), "+f"(o[13]), "+f"(o[14]), "+f"(o[15]), "+f"(o[16]), "+f"(o[17]), "+f"(o[18]), "+f"(o[19]), "+f"(o[20]), "+f"(o[21]), "+f"(o[22]), "+f"(o[23]), "+f"(o[24]), "+f"(o[25]), "+f"(o[26]), "+f"(o[27]), "+f"(o[28]), "+f"(o[29]), "+f"(o[30]), "+f"(o[31]), "+f"(o[32]), "+f"(o[33]), "+f"(o[34]), "+f"(o[35]), "+f"(o[36]), "+f"(o[37]), "+f"(o[38]), "+f"(o[39]), "+f"(o[40]), "+f"(o[41]), "+f"(o[42]), "+f"(o[43]), "+f"(o[44]), "+f"(o[45]), "+f"(o[46]), "+f"(o[47]), "+f"(o[48]), "+f"(o[49]), "+f"(o[50]), "+f"(o[51]), "+f"(o[52]), "+f"(o[53]), "+f"(o[54]), "+f"(o[55]), "+f"(o[56]), "+f"(o[57]), "+f"(o[58]), "+f"(o[59]), "+f"(o[60]), "+f"(o[61]), "+f"(o[62]), "+f"(o[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_v6(
+        const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
+        T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HEAD_DIM == 128
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    pdl_trigger();
+    pdl_wait();
+    // 1024-byte aligned base: the swizzle pattern follows address bits 4-9.
+    const u32 raw_addr = (u32)__cvta_generic_to_shared(smem_raw);
+    unsigned char* base = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
+    unsigned char* sq = base;                         // 2 panels x 128 rows
+    unsigned char* skv = base + 2 * WG_PANEL_Q;       // stages of (K: 2 panels, V: 2 panels)
+    constexpr int STAGE = 4 * WG_PANEL_KV;
+    const int4 tile = tiles[num_tiles - 1 - blockIdx.y];
+    const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
+    const int h = blockIdx.x;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
+    const u32* table = block_tables + (u64)seq * table_stride;
+    const int kv_len = pos0 + rows;
+    const int nchunks = (kv_len + WG_KEYS - 1) / WG_KEYS;
+    const u64 v_offset = (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM;
+    const float scale_log2 = scale * LOG2E;
+
+    // Thread: 16-byte piece `pc` (dims 8 pc .. +7) of keys tok0, tok0 + 16, ... of each chunk.
+    const int pc = threadIdx.x & 15, tok0 = threadIdx.x >> 4;
+    const T* kbase = pool + kv_piece(0, layer, 0, kvh, num_layers, num_kv_heads) + pc * 8;
+    const u64 block_stride = (u64)num_layers * 2 * num_kv_heads * BLOCK_SIZE * HEAD_DIM;
+    auto load_chunk = [&](int chunk, int stage) {
+        unsigned char* ks = skv + stage * STAGE;
+        unsigned char* vs = ks + 2 * WG_PANEL_KV;
+        const int kc = chunk * WG_KEYS;
+        const u32 panel = (u32)(pc >> 3) * WG_PANEL_KV;
+#pragma unroll
+        for (int tok = tok0; tok < WG_KEYS; tok += 16) {
+            const int kpos = kc + tok;
+            const bool valid = kpos < kv_len;
+            const T* kp = valid ? kbase + table[kpos / BLOCK_SIZE] * block_stride + (kpos % BLOCK_SIZE) * HEAD_DIM : pool;
+            const u32 off = panel + swz128(tok, pc & 7);
+            cp_async16(ks + off, kp, valid);
+            cp_async16(vs + off, valid ? kp + v_offset : pool, valid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    load_chunk(0, 0);
+
+    // Q tile with RoPE (pairs (i, i + 64): piece v of panel 0 and piece v of panel 1).
+    for (int idx = threadIdx.x; idx < PF4_ROWS * 8; idx += blockDim.x) {
+        const int r = idx >> 3, v = idx & 7;
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
+        if (r < rows) {
+            const T* qrow = qkv + (u64)(row0 + r) * qkv_width + h * HEAD_DIM;
+            const uint4 lraw = *reinterpret_cast<const uint4*>(qrow + v * 8);
+            const uint4 hraw = *reinterpret_cast<const uint4*>(qrow + 64 + v * 8);
+            const T2* l2 = reinterpret_cast<const T2*>(&lraw);
+            const T2* h2 = reinterpret_cast<const T2*>(&hraw);
+            T2* lo2 = reinterpret_cast<T2*>(&lo);
+            T2* hi2 = reinterpret_cast<T2*>(&hi);
+            const float* cs = rope + (u64)(pos0 + r) * HEAD_DIM + 2 * (v * 8);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 a = to_f2(l2[k]), b = to_f2(h2[k]);
+                const float4 c = *reinterpret_cast<const float4*>(cs + 4 * k);  // c_i s_i c_i+1 s_i+1
+                lo2[k] = from_f2(a.x * c.x - b.x * c.y, a.y * c.z - b.y * c.w);
+                hi2[k] = from_f2(b.x * c.x + a.x * c.y, b.y * c.z + a.y * c.w);
+            }
+        }
+        *reinterpret_cast<uint4*>(sq + swz128(r, v)) = lo;
+        *reinterpret_cast<uint4*>(sq + WG_PANEL_Q + swz128(r, v)) = hi;
+    }
+
+    const int wg_first_pos = pos0 + wg * 64;
+    const int wg_last_pos = wg_first_pos + 63;
+    const int qlo = wg_first_pos + warp * 16 + g, qhi = qlo + 8;
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    const u32 sq_addr = (u32)__cvta_generic_to_shared(sq) + wg * 64 * 128;
+
+    for (int ci = 0; ci < nchunks; ++ci) {
+        if (ci + 1 < nchunks) {
+            load_chunk(ci + 1, (ci + 1) & 1);
+        } else {
+            asm volatile("cp.async.commit_group;\n" ::);
+        }
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        // Generic-proxy writes (cp.async, st.shared) -> visible to wgmma's async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        const int kc = ci * WG_KEYS;
+        if (kc <= wg_last_pos) {  // warpgroup-uniform
+            const u32 ks_addr = (u32)__cvta_generic_to_shared(skv + (ci & 1) * STAGE);
+            const u32 vs_addr = ks_addr + 2 * WG_PANEL_KV;
+            float s[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                const u32 koff = (u32)(kk & 3) * 32u;  // 16 dims = 32 bytes inside the swizzled row
+                const u64 da = wg_desc(sq_addr + (u32)(kk >> 2) * WG_PANEL_Q + koff, 16, 1024);
+                const u64 db = wg_desc(ks_addr + (u32)(kk >> 2) * WG_PANEL_KV + koff, 16, 1024);
+                wg_qk(s, da, db, kk > 0);
+            }
+            wg_commit_wait();
+#pragma unroll
+            for (int i = 0; i < 32; ++i) reg_fence(s[i]);
+            const bool mask = kc + WG_KEYS - 1 > wg_first_pos;
+            float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float* x = &s[4 * j];
+                if (mask) {
+                    const int kpos = kc + j * 8 + t4 * 2;
+                    x[0] = (kpos <= qlo) ? x[0] : NEG_INF;
+                    x[1] = (kpos + 1 <= qlo) ? x[1] : NEG_INF;
+                    x[2] = (kpos <= qhi) ? x[2] : NEG_INF;
+                    x[3] = (kpos + 1 <= qhi) ? x[3] : NEG_INF;
+                }
+                mx_lo = fmaxf(mx_lo, fmaxf(x[0], x[1]));
+                mx_hi = fmaxf(mx_hi, fmaxf(x[2], x[3]));
+            }
+#pragma unroll
+            for (int off = 1; off <= 2; off <<= 1) {
+                mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+                mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+            }
+            // Key 0 is visible to every row, so m is finite from the first chunk on.
+            const float nm_lo = fmaxf(m_lo, mx_lo * scale_log2), nm_hi = fmaxf(m_hi, mx_hi * scale_log2);
+            const float a_lo = exp2f(m_lo - nm_lo), a_hi = exp2f(m_hi - nm_hi);
+            m_lo = nm_lo;
+            m_hi = nm_hi;
+            float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float* x = &s[4 * j];
+                x[0] = exp2f(fmaf(x[0], scale_log2, -nm_lo));
+                x[1] = exp2f(fmaf(x[1], scale_log2, -nm_lo));
+                x[2] = exp2f(fmaf(x[2], scale_log2, -nm_hi));
+                x[3] = exp2f(fmaf(x[3], scale_log2, -nm_hi));
+                sum_lo += x[0] + x[1];
+                sum_hi += x[2] + x[3];
+            }
+            l_lo = l_lo * a_lo + sum_lo;
+            l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                o[4 * j] *= a_lo;
+                o[4 * j + 1] *= a_lo;
+                o[4 * j + 2] *= a_hi;
+                o[4 * j + 3] *= a_hi;
+            }
+            u32 pa[4][4];
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                pa[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
+                pa[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
+                pa[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
+                pa[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
+            }
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                // Keys 16 kk .. +15 (two 8-row groups, SBO 1024 B) x dims 0..127 (two 64-dim
+                // panels, LBO = panel size), V N-major.
+                const u64 db = wg_desc(vs_addr + (u32)kk * 16u * 128u, WG_PANEL_KV, 1024);
+                wg_pv(o, pa[kk], db, 1);
+            }
+            wg_commit_wait();
+#pragma unroll
+            for (int i = 0; i < 64; ++i) reg_fence(o[i]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+        l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+        l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    }
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    const int r_lo = wg * 64 + warp * 16 + g, r_hi = r_lo + 8;
+    const int out_width = num_heads * HEAD_DIM;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const int c = h * HEAD_DIM + j * 8 + t4 * 2;
+        if (r_lo < rows) {
+            *reinterpret_cast<T2*>(out + (u64)(row0 + r_lo) * out_width + c) =
+                from_f2(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+        }
+        if (r_hi < rows) {
+            *reinterpret_cast<T2*>(out + (u64)(row0 + r_hi) * out_width + c) =
+                from_f2(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+        }
+    }
+#else
+    __trap();  // only selected for sm_90a and head_dim 128
+#endif
 }
 
 // Single-buffered variant (static shared memory); kept as a fallback (DJINN_CUDA_PREFILL_V1=1).
@@ -1247,7 +1565,8 @@ __device__ __forceinline__ void gemv_rows(const T* W, const T* x, const int (&ro
     }
 }
 
-// Plain GEMV: warp w computes rows 2w, 2w + 1. out_f32: y is float (LM head), else T.
+// Plain GEMV: warp w computes rows 2w, 2w + 1. out_f32: 0: y is T; 1: y is float (LM head);
+// 2: y is float and the result is added to it (o_proj / down_proj into the f32 residual stream).
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv(const T* W, const T* x, void* y, int N, int K,
                                                                 int out_f32) {
     const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
@@ -1264,7 +1583,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv(const T* W, cons
     gemv_rows(W, x, rows, K, acc);
     if (lane < GEMV_R && row0 + lane < N) {
         const float v = lane == 0 ? acc[0] : acc[1];
-        if (out_f32) reinterpret_cast<float*>(y)[row0 + lane] = v;
+        if (out_f32 == 2) reinterpret_cast<float*>(y)[row0 + lane] += v;
+        else if (out_f32) reinterpret_cast<float*>(y)[row0 + lane] = v;
         else reinterpret_cast<T*>(y)[row0 + lane] = from_f(v);
     }
 }
@@ -1380,7 +1700,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv_v1(const T* W, const T* x
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; ++r) {
             if (row0 + r < N) {
-                if (out_f32) reinterpret_cast<float*>(y)[row0 + r] = acc[r];
+                if (out_f32 == 2) reinterpret_cast<float*>(y)[row0 + r] += acc[r];
+                else if (out_f32) reinterpret_cast<float*>(y)[row0 + r] = acc[r];
                 else reinterpret_cast<T*>(y)[row0 + r] = from_f(acc[r]);
             }
         }

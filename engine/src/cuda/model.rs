@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result as br, sys as bsys, CudaBlas};
 use cudarc::driver::{result as dr, sys as dsys, CudaGraph, CudaModule};
 
-use super::gemm_tune::{GemmArgs, TunedGemm};
+use super::gemm_tune::{GemmArgs, GemmOut, TunedGemm};
 use super::pool::mib;
 use super::{drv, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
 use crate::batch::{Logits, PagedModel, SeqStep};
@@ -30,6 +30,11 @@ const GEMV_THREADS: usize = 128;
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Prefill GEMMs with at least this many rows use the timed algorithm choice of gemm_tune.rs.
 const TUNE_MIN_ROWS: usize = 512;
+/// Dynamic shared memory of `attn_prefill_v6` (head_dim 128, fp16/bf16): Q tile 128 x 128, two
+/// stages of 64-key K and V chunks, and 1 KiB to align the swizzled buffers.
+const PREFILL_V6_SMEM_BYTES: usize = 128 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 1024;
+/// Token count from which RMSNorm runs 256 threads per row (`add_rmsnorm_rows`).
+const NORM_ROWS_MIN_TOKENS: usize = 64;
 /// Left free after sizing everything: CUDA graphs, cuBLAS internals, module code.
 const DEFAULT_RESERVE_BYTES: usize = 512 << 20;
 /// A step that has not finished after this long is reported as hung.
@@ -106,6 +111,11 @@ struct Kernels {
     attn_decode_reduce: dsys::CUfunction,
     attn_prefill_v4: dsys::CUfunction,
     attn_prefill_v4k32: dsys::CUfunction,
+    attn_prefill_v5: dsys::CUfunction,
+    attn_prefill_v5k32: dsys::CUfunction,
+    attn_prefill_v4lean: dsys::CUfunction,
+    add_rmsnorm_rows: dsys::CUfunction,
+    attn_prefill_v6: dsys::CUfunction,
     attn_prefill: dsys::CUfunction,
     attn_prefill_v2: dsys::CUfunction,
     attn_prefill_v1: dsys::CUfunction,
@@ -284,8 +294,11 @@ pub struct CudaModel {
     fuse_gemv: bool,
     /// Programmatic dependent launch of our kernels (sm_90+; off with DJINN_CUDA_NO_PDL=1).
     use_pdl: bool,
-    /// Prefill attention kernel: 4 (default for head_dim <= 128: `attn_prefill_v4`, 64-key
-    /// chunks), 5 (the same with 32-key chunks, DJINN_CUDA_PREFILL_V4_KEYS32=1), 3
+    /// Prefill attention kernel: 9 (default on sm_90 with head_dim 128: `attn_prefill_v6`,
+    /// wgmma; DJINN_CUDA_PREFILL_V4=1 turns it off), 4 (default for other head_dim <= 128:
+    /// `attn_prefill_v4`, mma.sync, 64-key chunks), 5 (the same with 32-key chunks, DJINN_CUDA_PREFILL_V4_KEYS32=1), 6 / 7
+    /// (`attn_prefill_v5` / `_v5k32`: 8 warps of 16 rows, DJINN_CUDA_PREFILL_V5=1 /
+    /// DJINN_CUDA_PREFILL_V5_KEYS32=1), 8 (v4 with v5's lean softmax, DJINN_CUDA_PREFILL_V4_LEAN=1), 3
     /// (DJINN_CUDA_PREFILL_V3=1; the default for head_dim 256), 2 (DJINN_CUDA_PREFILL_V2=1) or 1
     /// (DJINN_CUDA_PREFILL_V1=1, single-buffered).
     prefill_version: u8,
@@ -296,6 +309,16 @@ pub struct CudaModel {
     use_gemm_tuning: bool,
     /// Dynamic shared memory of `attn_prefill_v4` / `attn_prefill_v4k32`.
     prefill_v4_smem_bytes: [usize; 2],
+    /// o_proj and down_proj add their output straight into the f32 residual stream (GEMM with
+    /// beta = 1 / GEMV epilogue), so RMSNorm only reads the residual (off with
+    /// DJINN_CUDA_NO_RESID_EPILOGUE=1: fp16 layer outputs added by `add_rmsnorm`).
+    resid_epilogue: bool,
+    /// With `resid_epilogue`: o_proj too (off with DJINN_CUDA_NO_RESID_EPILOGUE_O=1: only
+    /// down_proj adds into the residual; o_proj writes fp16 that the next RMSNorm adds).
+    resid_epilogue_o: bool,
+    /// Steps of at least this many tokens normalise with `add_rmsnorm_rows` (256 threads per
+    /// row, more rows in flight); DJINN_CUDA_NORM_1024=1: never (the 1024-thread kernel).
+    norm_rows_min_tokens: usize,
     /// Bytes allocated at start-up, by purpose (for reports).
     pub memory_breakdown: Vec<(String, usize)>,
 }
@@ -396,6 +419,11 @@ impl CudaModel {
             attn_decode_reduce: f("attn_decode_reduce")?,
             attn_prefill_v4: f("attn_prefill_v4")?,
             attn_prefill_v4k32: f("attn_prefill_v4k32")?,
+            attn_prefill_v5: f("attn_prefill_v5")?,
+            attn_prefill_v5k32: f("attn_prefill_v5k32")?,
+            attn_prefill_v4lean: f("attn_prefill_v4lean")?,
+            add_rmsnorm_rows: f("add_rmsnorm_rows")?,
+            attn_prefill_v6: f("attn_prefill_v6")?,
             attn_prefill: f("attn_prefill")?,
             attn_prefill_v2: f("attn_prefill_v2")?,
             attn_prefill_v1: f("attn_prefill_v1")?,
@@ -415,6 +443,10 @@ impl CudaModel {
             (kernels.attn_prefill_v2, prefill_smem_bytes),
             (kernels.attn_prefill_v4, prefill_v4_smem(64)),
             (kernels.attn_prefill_v4k32, prefill_v4_smem(32)),
+            (kernels.attn_prefill_v5, prefill_v4_smem(64)),
+            (kernels.attn_prefill_v5k32, prefill_v4_smem(32)),
+            (kernels.attn_prefill_v4lean, prefill_v4_smem(64)),
+            (kernels.attn_prefill_v6, PREFILL_V6_SMEM_BYTES),
         ] {
             drv("raising the prefill kernel's shared memory limit", unsafe {
                 dr::function::set_function_attribute(
@@ -587,6 +619,7 @@ impl CudaModel {
         })?;
 
         let device_cc_major = device.compute_capability.0;
+        let device_has_wgmma = device.has_wgmma();
         let mut model = CudaModel {
             graphs: BTreeMap::new(),
             config,
@@ -637,10 +670,25 @@ impl CudaModel {
                 3
             } else if env_flag("DJINN_CUDA_PREFILL_V4_KEYS32") {
                 5
-            } else {
+            } else if env_flag("DJINN_CUDA_PREFILL_V5") {
+                6
+            } else if env_flag("DJINN_CUDA_PREFILL_V5_KEYS32") {
+                7
+            } else if env_flag("DJINN_CUDA_PREFILL_V4_LEAN") {
+                8
+            } else if env_flag("DJINN_CUDA_PREFILL_V4") || hd != 128 || !device_has_wgmma {
                 4
+            } else {
+                9
             },
             prefill_v4_smem_bytes: [prefill_v4_smem(64), prefill_v4_smem(32)],
+            resid_epilogue: !env_flag("DJINN_CUDA_NO_RESID_EPILOGUE"),
+            resid_epilogue_o: !env_flag("DJINN_CUDA_NO_RESID_EPILOGUE_O"),
+            norm_rows_min_tokens: if env_flag("DJINN_CUDA_NORM_1024") {
+                usize::MAX
+            } else {
+                NORM_ROWS_MIN_TOKENS
+            },
             use_gemm_tuning: true,
             tuned_gemm: if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
                 None
@@ -655,6 +703,23 @@ impl CudaModel {
         }
         model.device.synchronize()?;
         Ok(model)
+    }
+
+    /// Whether prefill attention runs the wgmma kernel (`attn_prefill_v6`).
+    pub fn uses_wgmma_prefill(&self) -> bool {
+        self.prefill_version == 9
+    }
+
+    /// Switches prefill attention between the wgmma kernel (v6) and `attn_prefill_v4` (checks
+    /// compare the two); returns whether v6 was on. v6 is only turned on where it was selectable.
+    pub fn set_wgmma_prefill(&mut self, on: bool) -> bool {
+        let was = self.prefill_version == 9;
+        if on && !was && self.config.head_dim() == 128 && self.device.has_wgmma() {
+            self.prefill_version = 9;
+        } else if !on && was {
+            self.prefill_version = 4;
+        }
+        was
     }
 
     /// Whether large prefill GEMMs may use the timed cuBLASLt choice (see gemm_tune.rs).
@@ -896,13 +961,13 @@ impl CudaModel {
         m: usize,
         n: usize,
         k: usize,
-        out_f32: bool,
+        out: GemmOut,
         tunable: bool,
     ) -> Result<(), CudaError> {
         if m == 1 && self.use_gemv && k.is_multiple_of(8) && n > self.gemv_min_n {
             // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
             // cuBLAS does for m = 1 (see NOTES-cuda.md).
-            let (n_i, k_i, f32_i) = (n as i32, k as i32, i32::from(out_f32));
+            let (n_i, k_i, f32_i) = (n as i32, k as i32, out.gemv_code());
             if self.use_gemv_v1 {
                 let warps = n.div_ceil(GEMV_ROWS_PER_WARP);
                 let blocks = (warps * 32).div_ceil(256) as u32;
@@ -922,7 +987,7 @@ impl CudaModel {
                 kargs![w, x, y, n_i, k_i, f32_i],
             );
         }
-        let gemm_ex = || self.gemm_ex(x, w, y, m, n, k, out_f32);
+        let gemm_ex = || self.gemm_ex(x, w, y, m, n, k, out);
         if let (true, true, Some(tuned)) = (tunable, self.use_gemm_tuning, &self.tuned_gemm) {
             let args = GemmArgs {
                 x,
@@ -931,7 +996,13 @@ impl CudaModel {
                 m,
                 n,
                 k,
-                out_f32,
+                out,
+                // buf_a (qkv / gate-up output) is consumed before o_proj and down_proj run.
+                scratch: if self.buf_a.bytes() >= m * n * 4 {
+                    self.buf_a.ptr()
+                } else {
+                    0
+                },
                 bf16: self.options.dtype == DType::Bf16,
                 workspace: self.cublas_workspace.ptr(),
                 workspace_bytes: CUBLAS_WORKSPACE_BYTES,
@@ -952,18 +1023,18 @@ impl CudaModel {
         m: usize,
         n: usize,
         k: usize,
-        out_f32: bool,
+        out: GemmOut,
     ) -> Result<(), CudaError> {
         let dt = match self.options.dtype {
             DType::Bf16 => bsys::cudaDataType_t::CUDA_R_16BF,
             _ => bsys::cudaDataType_t::CUDA_R_16F,
         };
-        let out_dt = if out_f32 {
+        let out_dt = if out.is_f32() {
             bsys::cudaDataType_t::CUDA_R_32F
         } else {
             dt
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, out.beta());
         unsafe {
             br::gemm_ex(
                 *self.blas.handle(),
@@ -1134,6 +1205,23 @@ impl CudaModel {
         // attn_prefill_v4 applies RoPE to q itself (rope_kv_write then only rotates k).
         let rotate_q =
             i32::from(matches!(mode, AttnMode::Decode { .. }) || self.prefill_version < 4);
+        // o_proj / down_proj write: into the f32 residual (added by the GEMM epilogue, RMSNorm then
+        // only normalises) or an fp16 delta that add_rmsnorm adds.
+        let (layer_out, layer_out_kind, norm_delta) = if self.resid_epilogue {
+            (self.resid.ptr(), GemmOut::AddF32, null)
+        } else {
+            (self.delta.ptr(), GemmOut::Half, self.delta.ptr())
+        };
+        let (o_out, o_out_kind, post_norm_delta) = if self.resid_epilogue_o {
+            (layer_out, layer_out_kind, norm_delta)
+        } else {
+            (self.delta.ptr(), GemmOut::Half, self.delta.ptr())
+        };
+        let (norm_kernel, layer_norm_threads) = if n_tokens >= self.norm_rows_min_tokens {
+            (self.kernels.add_rmsnorm_rows, 256)
+        } else {
+            (self.kernels.add_rmsnorm, norm_threads)
+        };
         self.mark("start")?;
         self.launch_fwd(
             self.kernels.embed,
@@ -1145,11 +1233,11 @@ impl CudaModel {
         self.mark("embed")?;
         for (layer, lw) in self.layers.iter().enumerate() {
             let layer_i = layer as i32;
-            let prev_delta = if layer == 0 { null } else { self.delta.ptr() };
+            let prev_delta = if layer == 0 { null } else { norm_delta };
             self.launch_fwd(
-                self.kernels.add_rmsnorm,
+                norm_kernel,
                 (t, 1, 1),
-                (norm_threads, 1, 1),
+                (layer_norm_threads, 1, 1),
                 0,
                 kargs![
                     self.resid.ptr(),
@@ -1193,7 +1281,7 @@ impl CudaModel {
                     n_tokens,
                     qkv_width,
                     h,
-                    false,
+                    GemmOut::Half,
                     tunable,
                 )?;
                 self.mark("gemm_qkv")?;
@@ -1279,19 +1367,21 @@ impl CudaModel {
                     let smem = self.prefill_smem_bytes as u32;
                     let rope_p = self.rope.ptr();
                     match self.prefill_version {
-                        4 | 5 => {
-                            let (kernel, bytes) = if self.prefill_version == 4 {
-                                (self.kernels.attn_prefill_v4, self.prefill_v4_smem_bytes[0])
-                            } else {
-                                (
-                                    self.kernels.attn_prefill_v4k32,
-                                    self.prefill_v4_smem_bytes[1],
-                                )
+                        4..=9 => {
+                            let [smem64, smem32] = self.prefill_v4_smem_bytes;
+                            // v5 (6, 7): the same tile on 8 warps of 16 rows.
+                            let (kernel, bytes, threads) = match self.prefill_version {
+                                4 => (self.kernels.attn_prefill_v4, smem64, 128),
+                                5 => (self.kernels.attn_prefill_v4k32, smem32, 128),
+                                6 => (self.kernels.attn_prefill_v5, smem64, 256),
+                                7 => (self.kernels.attn_prefill_v5k32, smem32, 256),
+                                8 => (self.kernels.attn_prefill_v4lean, smem64, 128),
+                                _ => (self.kernels.attn_prefill_v6, PREFILL_V6_SMEM_BYTES, 256),
                             };
                             self.launch_fwd(
                                 kernel,
                                 (nh as u32, num_tiles as u32, 1),
-                                (128, 1, 1),
+                                (threads, 1, 1),
                                 bytes as u32,
                                 kargs![
                                     qkv_p,
@@ -1339,22 +1429,22 @@ impl CudaModel {
             self.gemm(
                 self.buf_b.ptr(),
                 self.wptr(lw.o),
-                self.delta.ptr(),
+                o_out,
                 n_tokens,
                 h,
                 nh as usize * hd,
-                false,
+                o_out_kind,
                 tunable,
             )?;
             self.mark("gemm_o")?;
             self.launch_fwd(
-                self.kernels.add_rmsnorm,
+                norm_kernel,
                 (t, 1, 1),
-                (norm_threads, 1, 1),
+                (layer_norm_threads, 1, 1),
                 0,
                 kargs![
                     self.resid.ptr(),
-                    self.delta.ptr(),
+                    post_norm_delta,
                     self.wptr(lw.post_norm),
                     self.normed.ptr(),
                     null,
@@ -1381,7 +1471,7 @@ impl CudaModel {
                     n_tokens,
                     2 * inter,
                     h,
-                    false,
+                    GemmOut::Half,
                     tunable,
                 )?;
                 self.mark("gemm_gate_up")?;
@@ -1400,11 +1490,11 @@ impl CudaModel {
             self.gemm(
                 self.buf_b.ptr(),
                 self.wptr(lw.down),
-                self.delta.ptr(),
+                layer_out,
                 n_tokens,
                 h,
                 inter,
-                false,
+                layer_out_kind,
                 tunable,
             )?;
             self.mark("gemm_down")?;
@@ -1416,7 +1506,7 @@ impl CudaModel {
             0,
             kargs![
                 self.resid.ptr(),
-                self.delta.ptr(),
+                norm_delta,
                 self.wptr(self.final_norm_off),
                 self.final_normed.ptr(),
                 last_rows,
@@ -1432,7 +1522,7 @@ impl CudaModel {
             n_seqs,
             c.vocab_size,
             h,
-            true,
+            GemmOut::F32,
             false,
         )?;
         self.mark("lm_head")?;
