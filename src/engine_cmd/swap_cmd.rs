@@ -38,6 +38,11 @@ pub struct SwapBenchArgs {
     /// swapping with CUDA graphs on/off and copies ordered after the compute stream or not.
     #[arg(long)]
     pub diagnose_engine: bool,
+    /// Run the interference probe instead of the transfer sections and the usual decode rows:
+    /// each victim (synthetic reader, engine decode step) beside SM-kernel writers/readers, raw
+    /// and staged DMA, and the swap engine at several operating points, this many rounds.
+    #[arg(long, default_value_t = 0)]
+    pub interference_rounds: usize,
 }
 
 #[derive(Args)]
@@ -83,6 +88,7 @@ mod with_cuda {
             decode_steps: args.decode_steps,
             seed: args.seed,
             diagnose_engine: args.diagnose_engine,
+            interference_rounds: args.interference_rounds,
         };
         println!("swap-bench options: {}", serde_json::to_string(&options)?);
         std::fs::create_dir_all(&args.out)

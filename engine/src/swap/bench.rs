@@ -14,6 +14,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+mod interference;
+
 use cudarc::driver::{sys, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -82,6 +84,9 @@ pub struct SwapBenchOptions {
     /// (CUDA graphs on/off x copies ordered after the compute stream or not), to find what makes
     /// the step wait for the swaps.
     pub diagnose_engine: bool,
+    /// Rounds of the interference probe (0: off). When on, the transfer sections are skipped and
+    /// the decode section runs the probe's arms instead (see `interference`).
+    pub interference_rounds: usize,
 }
 
 impl Default for SwapBenchOptions {
@@ -98,6 +103,7 @@ impl Default for SwapBenchOptions {
             decode_steps: 20,
             seed: 0,
             diagnose_engine: false,
+            interference_rounds: 0,
         }
     }
 }
@@ -262,7 +268,8 @@ pub fn run(
     }
 
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-    let transfer_configs: &[(usize, CopyMethod)] = if options.diagnose_engine {
+    let skip_transfers = options.diagnose_engine || options.interference_rounds > 0;
+    let transfer_configs: &[(usize, CopyMethod)] = if skip_transfers {
         &[]
     } else {
         &[
@@ -287,7 +294,7 @@ pub fn run(
         }
     }
     engine.set_copy_method(CopyMethod::Batched);
-    let many_agent_rows = if options.diagnose_engine {
+    let many_agent_rows = if skip_transfers {
         Vec::new()
     } else {
         many_agents(
@@ -317,25 +324,40 @@ pub fn run(
     ) {
         let decode_bytes =
             decode_step_bytes(&config, options.decode_batch, options.decode_context_tokens);
-        let mut synthetic = SyntheticDecode::new(&device, decode_bytes)?;
-        for load in SYNTHETIC_LOADS {
-            let rows = decode_slowdown(
-                &mut engine,
-                &plan,
-                options,
-                &floors,
-                &mut report.swap_records,
-                "synthetic",
-                load,
-                || synthetic.step(),
-            )?;
-            for row in rows {
+        if options.interference_rounds > 0 {
+            // The victim at the greatest priority, as the engine's forward below.
+            device.stream = high_priority_stream(&device.ctx)?;
+            let setup = interference::InterferenceSetup {
+                rounds: options.interference_rounds,
+                steps: options.decode_steps,
+                floors: &floors,
+                step_bytes: decode_bytes,
+            };
+            interference::synthetic_victim(&setup, &device, &mut engine, &plan, &mut |row| {
+                push(&mut report, row)
+            })?;
+        }
+        if options.interference_rounds == 0 {
+            let mut synthetic = SyntheticDecode::new(&device, decode_bytes)?;
+            for load in SYNTHETIC_LOADS {
+                let rows = decode_slowdown(
+                    &mut engine,
+                    &plan,
+                    options,
+                    &floors,
+                    &mut report.swap_records,
+                    "synthetic",
+                    load,
+                    || synthetic.step(),
+                )?;
+                for row in rows {
+                    push(&mut report, row);
+                }
+            }
+            drop(synthetic);
+            for row in copy_engine_probe(&device, &mut engine, &plan, &mut report.swap_records)? {
                 push(&mut report, row);
             }
-        }
-        drop(synthetic);
-        for row in copy_engine_probe(&device, &mut engine, &plan, &mut report.swap_records)? {
-            push(&mut report, row);
         }
     }
     let host_pool = engine.into_host_pool()?;
@@ -397,6 +419,30 @@ pub fn run(
         );
         let mut decode =
             EngineDecode::new(&model, options.decode_batch, options.decode_context_tokens);
+        if options.interference_rounds > 0 {
+            let setup = interference::InterferenceSetup {
+                rounds: options.interference_rounds,
+                steps: options.decode_steps,
+                floors: &floors,
+                step_bytes: decode_step_bytes(
+                    &config,
+                    options.decode_batch,
+                    options.decode_context_tokens,
+                ),
+            };
+            interference::engine_victim(
+                &setup,
+                &mut model,
+                &mut engine,
+                &plan,
+                decode_blocks as u32,
+                swap_blocks,
+                &mut decode,
+                &mut |row| push(&mut report, row),
+            )?;
+            engine.wait_all()?;
+            return Ok(report);
+        }
         if options.diagnose_engine {
             let host_pool = engine.into_host_pool()?;
             diagnose_engine_step(

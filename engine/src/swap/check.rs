@@ -305,6 +305,46 @@ fn paced_swaps(device: &GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> 
         .all(|(&from, &to)| block(&after, to) == block(&original, from));
     // One swap of 16 pieces: at most 16/15 of the cap.
     let in_rate_ok = ins.len() == 1 && in_gb_per_s <= CAP_GB_PER_S * 16.0 / 15.0 * 1.05;
+
+    // Swap-in capped, swap-out not: both submitted together, the swap-out must run at link speed
+    // (far above the cap) while the swap-in keeps to the cap; both bit-exact.
+    engine.set_rate_cap(device, None)?;
+    engine.set_direction_rate_cap(device, SwapDirection::In, Some(CAP_GB_PER_S))?;
+    engine.set_pace_piece_bytes(block_bytes)?;
+    let capped_in_only = engine.rate_cap_gb_per_s(SwapDirection::In) == Some(CAP_GB_PER_S)
+        && engine.rate_cap_gb_per_s(SwapDirection::Out).is_none();
+    let c_out_gpu: Vec<u32> = (0..8).collect();
+    let c_out_host: Vec<u32> = (32..40).collect();
+    let c_in_gpu: Vec<u32> = (56..64).collect();
+    engine.submit(3, SwapDirection::Out, &pairs(&c_out_gpu, &c_out_host))?;
+    engine.submit(4, SwapDirection::In, &pairs(&c_in_gpu, &b_host[..8]))?;
+    let mixed = engine.wait_all()?;
+    let rate_of = |direction: SwapDirection| {
+        mixed
+            .iter()
+            .filter(|r| r.direction == direction)
+            .map(|r| r.bytes as f64 / (r.end_ns.saturating_sub(r.start_ns)).max(1) as f64)
+            .fold(0.0, f64::max)
+    };
+    let (mixed_out, mixed_in) = (rate_of(SwapDirection::Out), rate_of(SwapDirection::In));
+    let after_mixed = pool_bytes(ctx, pool)?;
+    let mixed_in_matches = c_in_gpu
+        .iter()
+        .zip(&b_gpu)
+        .all(|(&to, &from)| block(&after_mixed, to) == block(&original, from));
+    let mixed_out_matches = c_out_gpu.iter().zip(&c_out_host).all(|(&from, &to)| {
+        // SAFETY: every swap was reported by wait_all, so no copy touches the host block.
+        let host_block = unsafe { engine.host_pool().block(to) };
+        host_block == &block(&original, from)[..]
+    });
+    // 8 pieces, the first released at once: at most 8/7 of the cap.
+    let mixed_ok = capped_in_only
+        && mixed.len() == 2
+        && mixed_out >= 5.0 * CAP_GB_PER_S
+        && mixed_in <= CAP_GB_PER_S * 8.0 / 7.0 * 1.05
+        && mixed_in >= CAP_GB_PER_S * 0.8
+        && mixed_in_matches
+        && mixed_out_matches;
     Ok(vec![
         outcome(
             "paced swap-outs queued back to back move at the cap (2 GB/s per direction)",
@@ -315,6 +355,13 @@ fn paced_swaps(device: &GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> 
             "a paced swap-out then swap-in into different device blocks is bit-exact and capped",
             back_matches && in_rate_ok,
             format!("swap-in at {in_gb_per_s:.3} GB/s, 16 blocks of {block_bytes} bytes"),
+        ),
+        outcome(
+            "swap-in capped alone: a concurrent swap-out runs at link speed, both bit-exact",
+            mixed_ok,
+            format!(
+                "swap-out {mixed_out:.2} GB/s (uncapped), swap-in {mixed_in:.3} GB/s (cap {CAP_GB_PER_S}), in exact {mixed_in_matches}, out exact {mixed_out_matches}"
+            ),
         ),
     ])
 }

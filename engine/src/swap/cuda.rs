@@ -288,7 +288,7 @@ impl Drop for GatherKernel {
     }
 }
 
-const PACE_SOURCE: &str = r#"
+pub(crate) const PACE_SOURCE: &str = r#"
 // Paces one copy stream. Launched before each piece of a paced swap on that direction's stream:
 // waits until the direction's release time, then moves the release time on by the piece's time
 // at the cap. Stream order serialises the gates of one direction, so the word needs no atomics.
@@ -316,7 +316,8 @@ struct Pacer {
     function: CudaFunction,
     /// Two device words: the release time (globaltimer ns) of the out and the in stream.
     release_words: sys::CUdeviceptr,
-    bytes_per_s: f64,
+    /// The cap of the out and the in direction (infinite: that direction is not paced).
+    bytes_per_s: [f64; 2],
     piece_bytes: usize,
     ctx: Arc<CudaContext>,
 }
@@ -346,6 +347,13 @@ struct InFlightSwap {
     start: CudaEvent,
     end: CudaEvent,
     anchor: Rc<ClockAnchor>,
+}
+
+fn direction_index(direction: SwapDirection) -> usize {
+    match direction {
+        SwapDirection::Out => 0,
+        SwapDirection::In => 1,
+    }
 }
 
 /// Completed copies kept to count the swaps that overlapped a later one's start.
@@ -549,8 +557,27 @@ impl CudaSwapEngine {
         device: &crate::cuda::GpuDevice,
         gb_per_s: Option<f64>,
     ) -> Result<(), SwapError> {
+        self.set_direction_rate_cap(device, SwapDirection::Out, gb_per_s)?;
+        self.set_direction_rate_cap(device, SwapDirection::In, gb_per_s)
+    }
+
+    /// Caps later DMA swaps of one direction only (`None`: that direction at full link speed), so
+    /// a scheduler can pace swap-ins (the direction that costs a decode step most, NOTES-swap.md)
+    /// while swap-outs run at full speed.
+    pub fn set_direction_rate_cap(
+        &mut self,
+        device: &crate::cuda::GpuDevice,
+        direction: SwapDirection,
+        gb_per_s: Option<f64>,
+    ) -> Result<(), SwapError> {
+        let index = direction_index(direction);
         let Some(gb_per_s) = gb_per_s else {
-            self.pacer = None;
+            if let Some(pacer) = self.pacer.as_mut() {
+                pacer.bytes_per_s[index] = f64::INFINITY;
+                if pacer.bytes_per_s.iter().all(|cap| cap.is_infinite()) {
+                    self.pacer = None;
+                }
+            }
             return Ok(());
         };
         if !(gb_per_s.is_finite() && gb_per_s > 0.0) {
@@ -561,7 +588,7 @@ impl CudaSwapEngine {
         if self.pacer.is_none() {
             self.pacer = Some(self.build_pacer(device)?);
         }
-        self.pacer.as_mut().expect("just built").bytes_per_s = gb_per_s * 1e9;
+        self.pacer.as_mut().expect("just built").bytes_per_s[index] = gb_per_s * 1e9;
         Ok(())
     }
 
@@ -584,9 +611,13 @@ impl CudaSwapEngine {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// The per-direction rate cap in GB/s, if any.
-    pub fn rate_cap_gb_per_s(&self) -> Option<f64> {
-        self.pacer.as_ref().map(|p| p.bytes_per_s / 1e9)
+    /// The rate cap of one direction in GB/s, if that direction is paced.
+    pub fn rate_cap_gb_per_s(&self, direction: SwapDirection) -> Option<f64> {
+        self.pacer
+            .as_ref()
+            .map(|p| p.bytes_per_s[direction_index(direction)])
+            .filter(|cap| cap.is_finite())
+            .map(|cap| cap / 1e9)
     }
 
     /// Compiles one of the swap engine's own kernels (NVRTC) and binds the context for what follows.
@@ -618,7 +649,7 @@ impl CudaSwapEngine {
             _module: module,
             function,
             release_words,
-            bytes_per_s: f64::INFINITY,
+            bytes_per_s: [f64::INFINITY; 2],
             piece_bytes: DEFAULT_PACE_PIECE_BYTES,
             ctx: self.ctx.clone(),
         })
@@ -855,6 +886,13 @@ impl CudaSwapEngine {
         Ok(swap_id)
     }
 
+    /// The pacer, if `direction` has a rate cap.
+    fn paced(&self, direction: SwapDirection) -> Option<&Pacer> {
+        self.pacer
+            .as_ref()
+            .filter(|p| p.bytes_per_s[direction_index(direction)].is_finite())
+    }
+
     fn enqueue_copies(
         &mut self,
         stream: &CudaStream,
@@ -876,7 +914,8 @@ impl CudaSwapEngine {
                 SwapDirection::In => (device, host),
             };
             let size = run.block_count as usize * block_bytes;
-            let piece = match (&self.pacer, self.dma_chunk_bytes) {
+            let paced = self.paced(direction);
+            let piece = match (paced, self.dma_chunk_bytes) {
                 (Some(pacer), _) => pacer.piece_bytes,
                 (None, 0) => size,
                 (None, chunk) => chunk,
@@ -891,7 +930,7 @@ impl CudaSwapEngine {
             }
         }
         let copies = self.scratch_sizes.len();
-        if let Some(pacer) = &self.pacer {
+        if let Some(pacer) = self.paced(direction) {
             return self.enqueue_paced(pacer, stream, direction, copies);
         }
         match self.copy_method {
@@ -963,7 +1002,9 @@ impl CudaSwapEngine {
                 group_bytes += self.scratch_sizes[group_end];
                 group_end += 1;
             }
-            let group_ns = (group_bytes as f64 / pacer.bytes_per_s * 1e9).round() as u64;
+            let group_ns = (group_bytes as f64 / pacer.bytes_per_s[direction_index(direction)]
+                * 1e9)
+                .round() as u64;
             let mut launch = stream.launch_builder(&pacer.function);
             launch.arg(&release_word).arg(&group_ns);
             unsafe {
