@@ -43,6 +43,10 @@ pub struct SwapBenchArgs {
     /// and staged DMA, and the swap engine at several operating points, this many rounds.
     #[arg(long, default_value_t = 0)]
     pub interference_rounds: usize,
+    /// Arm sets of the interference probe, comma-separated: probe, burst, operating,
+    /// operating-fine (the synthetic victim skips the operating sets).
+    #[arg(long, default_value = "probe,operating", value_delimiter = ',')]
+    pub interference_sets: Vec<String>,
 }
 
 #[derive(Args)]
@@ -89,6 +93,7 @@ mod with_cuda {
             seed: args.seed,
             diagnose_engine: args.diagnose_engine,
             interference_rounds: args.interference_rounds,
+            interference_sets: args.interference_sets,
         };
         println!("swap-bench options: {}", serde_json::to_string(&options)?);
         std::fs::create_dir_all(&args.out)

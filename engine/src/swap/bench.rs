@@ -87,6 +87,9 @@ pub struct SwapBenchOptions {
     /// Rounds of the interference probe (0: off). When on, the transfer sections are skipped and
     /// the decode section runs the probe's arms instead (see `interference`).
     pub interference_rounds: usize,
+    /// The probe's arm sets (see `interference::arms_of`); the synthetic victim skips
+    /// `operating*` sets.
+    pub interference_sets: Vec<String>,
 }
 
 impl Default for SwapBenchOptions {
@@ -104,6 +107,7 @@ impl Default for SwapBenchOptions {
             seed: 0,
             diagnose_engine: false,
             interference_rounds: 0,
+            interference_sets: vec!["probe".into(), "operating".into()],
         }
     }
 }
@@ -187,6 +191,9 @@ pub fn run(
     let config = ModelConfig::preset(&options.model).ok_or_else(|| {
         SwapBenchError::BadOption(format!("unknown model preset `{}`", options.model))
     })?;
+    if options.interference_rounds > 0 {
+        interference::check_sets(&options.interference_sets)?;
+    }
     if options.agents_per_direction == 0 || options.reps == 0 || options.decode_steps == 0 {
         return Err(SwapBenchError::BadOption(
             "agents, reps and decode steps must be at least 1".into(),
@@ -328,6 +335,7 @@ pub fn run(
             // The victim at the greatest priority, as the engine's forward below.
             device.stream = high_priority_stream(&device.ctx)?;
             let setup = interference::InterferenceSetup {
+                sets: &options.interference_sets,
                 rounds: options.interference_rounds,
                 steps: options.decode_steps,
                 floors: &floors,
@@ -421,6 +429,7 @@ pub fn run(
             EngineDecode::new(&model, options.decode_batch, options.decode_context_tokens);
         if options.interference_rounds > 0 {
             let setup = interference::InterferenceSetup {
+                sets: &options.interference_sets,
                 rounds: options.interference_rounds,
                 steps: options.decode_steps,
                 floors: &floors,

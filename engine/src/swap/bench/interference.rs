@@ -41,12 +41,14 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // `first_chunk`: writes (a pattern from
 // registers, no source reads) or reads (xor-folded into a sink that is practically never written).
 // Work is cut in chunks of blockDim.x * 8 vectors (64 KiB at 512 threads), chunk c to CTA
-// c % gridDim.x; chunk c is released at t0 + c * chunk_ns (chunk_ns = 0: unpaced), so the kernel
-// moves bytes at a steady rate whatever the number of CTAs. A warp's 8 accesses each cover
+// c % gridDim.x; chunk c is released at t0 + (c - c % burst_chunks) * chunk_ns (chunk_ns = 0:
+// unpaced), so the kernel moves bytes at a steady average rate whatever the number of CTAs, either
+// smoothly (burst_chunks = 1) or in bursts of burst_chunks chunks moved as fast as the CTAs can. A warp's 8 accesses each cover
 // 512 contiguous bytes: whole 128-byte lines.
 extern "C" __global__ void paced_lines(uint4* __restrict__ region, unsigned long long region_chunks,
                                        unsigned long long first_chunk, unsigned long long vecs,
-                                       unsigned long long chunk_ns, int write, unsigned int* sink)
+                                       unsigned long long chunk_ns, unsigned long long burst_chunks,
+                                       int write, unsigned int* sink)
 {
     __shared__ unsigned long long t0;
     if (threadIdx.x == 0) t0 = global_ns();
@@ -57,7 +59,7 @@ extern "C" __global__ void paced_lines(uint4* __restrict__ region, unsigned long
     for (unsigned long long c = blockIdx.x; c < chunks; c += gridDim.x) {
         if (chunk_ns != 0) {
             if (threadIdx.x == 0) {
-                const unsigned long long release = t0 + c * chunk_ns;
+                const unsigned long long release = t0 + (c - c % burst_chunks) * chunk_ns;
                 while (global_ns() < release) __nanosleep(256);
             }
             __syncthreads();
@@ -215,6 +217,8 @@ enum Aggressor {
         write: bool,
         ctas: u32,
         gb_per_s: f64,
+        /// Bytes released at once (LINE_CHUNK_BYTES: smooth).
+        burst: u64,
     },
     /// Device->device DMA in `piece` byte copies, each behind a pace gate at `gb_per_s`.
     DeviceCopyPaced { piece: u64, gb_per_s: f64 },
@@ -249,9 +253,15 @@ impl Aggressor {
                 write,
                 ctas,
                 gb_per_s,
+                burst,
             } => format!(
-                "SM kernel {} whole lines of HBM, {ctas} CTAs x {AGGRESSOR_THREADS} threads at the lowest priority, paced to {gb_per_s} GB/s",
-                if *write { "WRITING (data from registers)" } else { "READING" }
+                "SM kernel {} whole lines of HBM, {ctas} CTAs x {AGGRESSOR_THREADS} threads at the lowest priority, paced to {gb_per_s} GB/s{}",
+                if *write { "WRITING (data from registers)" } else { "READING" },
+                if *burst > LINE_CHUNK_BYTES {
+                    format!(" in bursts of {} KiB", burst >> 10)
+                } else {
+                    " smoothly (64 KiB pieces)".into()
+                }
             ),
             Aggressor::DeviceCopyPaced { piece, gb_per_s } => format!(
                 "DMA device->device (reads + writes HBM), {} MiB copies paced to {gb_per_s} GB/s",
@@ -430,6 +440,7 @@ impl<'a> Running<'a> {
                 write,
                 ctas,
                 gb_per_s,
+                burst,
             } => {
                 // One long launch per unit (the region wraps inside the kernel): a launch waiting
                 // for SM slots behind a victim kernel would stall the aggressor, so there are few.
@@ -445,6 +456,7 @@ impl<'a> Running<'a> {
                 };
                 let vecs = bytes / 16;
                 let chunk_ns = (LINE_CHUNK_BYTES as f64 / gb_per_s).round() as u64;
+                let burst_chunks = (burst / LINE_CHUNK_BYTES).max(1);
                 let write_flag = write as i32;
                 let sink = kit.sink.ptr();
                 let mut launch = first_stream.launch_builder(&kit.lines);
@@ -454,6 +466,7 @@ impl<'a> Running<'a> {
                     .arg(&first_chunk)
                     .arg(&vecs)
                     .arg(&chunk_ns)
+                    .arg(&burst_chunks)
                     .arg(&write_flag)
                     .arg(&sink);
                 unsafe {
@@ -682,16 +695,19 @@ fn probe_arms(in_gb_per_s: f64) -> Vec<Aggressor> {
             write: true,
             ctas: 2,
             gb_per_s: rate,
+            burst: LINE_CHUNK_BYTES,
         },
         Aggressor::Lines {
             write: true,
             ctas: 2,
             gb_per_s: (rate / 2.0).round(),
+            burst: LINE_CHUNK_BYTES,
         },
         Aggressor::Lines {
             write: false,
             ctas: 2,
             gb_per_s: rate,
+            burst: LINE_CHUNK_BYTES,
         },
         Aggressor::DeviceCopyPaced {
             piece: 16 << 20,
@@ -720,15 +736,65 @@ fn probe_arms(in_gb_per_s: f64) -> Vec<Aggressor> {
     ]
 }
 
-/// Operating points a scheduler can choose (engine victim only): each direction alone, both at
-/// full speed, and swap-in paced while swap-out runs at full speed.
-fn operating_points() -> Vec<Aggressor> {
-    let mut arms = vec![Aggressor::Swaps {
-        load: load(2, true, true, false),
-        out_cap: None,
-        in_cap: None,
-    }];
-    for cap in [40.0, 30.0, 20.0] {
+/// Whether HBM writes cost less per byte when they come in bursts (a memory controller drains
+/// its write queue in batches; each switch between reading and writing costs bus time, so dense
+/// bursts amortise it): the same average rate smoothly and in 16 MiB bursts, and device->device
+/// DMA in large paced pieces.
+fn burst_arms() -> Vec<Aggressor> {
+    const RATE: f64 = 48.0;
+    vec![
+        Aggressor::Lines {
+            write: true,
+            ctas: 2,
+            gb_per_s: RATE,
+            burst: LINE_CHUNK_BYTES,
+        },
+        Aggressor::Lines {
+            write: true,
+            ctas: 16,
+            gb_per_s: RATE,
+            burst: LINE_CHUNK_BYTES,
+        },
+        Aggressor::Lines {
+            write: true,
+            ctas: 16,
+            gb_per_s: RATE,
+            burst: 16 << 20,
+        },
+        Aggressor::Lines {
+            write: true,
+            ctas: 16,
+            gb_per_s: RATE,
+            burst: 1 << 20,
+        },
+        Aggressor::DeviceCopyPaced {
+            piece: 64 << 20,
+            gb_per_s: RATE,
+        },
+    ]
+}
+
+/// Operating points a scheduler can choose: each direction alone at full speed, both at full
+/// speed, and swap-in paced while swap-out runs at full speed.
+fn operating_points(in_caps_gb_per_s: &[f64]) -> Vec<Aggressor> {
+    let mut arms = vec![
+        Aggressor::Swaps {
+            load: load(2, false, true, false),
+            out_cap: None,
+            in_cap: None,
+        },
+        Aggressor::Swaps {
+            load: load(2, true, false, false),
+            out_cap: None,
+            in_cap: None,
+        },
+        Aggressor::Swaps {
+            load: load(2, true, true, false),
+            out_cap: None,
+            in_cap: None,
+        },
+    ];
+    for &cap in in_caps_gb_per_s {
         arms.push(Aggressor::Swaps {
             load: load(2, true, true, false),
             out_cap: None,
@@ -946,8 +1012,38 @@ fn run_victim(
     Ok(())
 }
 
+/// The arms of the named sets, in order: `probe` (session 3 call 1: swap directions, SM line
+/// writers and readers, raw and staged DMA), `burst` ([`burst_arms`]), `operating` (each
+/// direction alone, both, swap-in capped at 40/30/20 GB/s), `operating-fine` (the same with
+/// caps 40/37/34/30/25/20).
+fn arms_of(sets: &[String], in_gb_per_s: f64) -> Result<Vec<Aggressor>, SwapBenchError> {
+    let mut arms = Vec::new();
+    for set in sets {
+        match set.as_str() {
+            "probe" => arms.extend(probe_arms(in_gb_per_s)),
+            "burst" => arms.extend(burst_arms()),
+            "operating" => arms.extend(operating_points(&[40.0, 30.0, 20.0])),
+            "operating-fine" => {
+                arms.extend(operating_points(&[40.0, 37.0, 34.0, 30.0, 25.0, 20.0]))
+            }
+            other => {
+                return Err(SwapBenchError::BadOption(format!(
+                    "unknown interference arm set `{other}` (expected probe, burst, operating, operating-fine)"
+                )))
+            }
+        }
+    }
+    Ok(arms)
+}
+
+/// Checks the names of the arm sets (before any GPU work).
+pub fn check_sets(sets: &[String]) -> Result<(), SwapBenchError> {
+    arms_of(sets, 50.0).map(|_| ())
+}
+
 /// Context the bench's `run` hands over (its device, pools and options).
 pub(super) struct InterferenceSetup<'a> {
+    pub sets: &'a [String],
     pub rounds: usize,
     pub steps: usize,
     pub floors: &'a Floors,
@@ -968,6 +1064,13 @@ pub(super) fn synthetic_victim(
         engine.gpu_pool().block_count,
         engine.host_pool(),
     );
+    // Operating points are about the engine's real step; the stand-in runs the other sets.
+    let synthetic_sets: Vec<String> = setup
+        .sets
+        .iter()
+        .filter(|set| !set.starts_with("operating"))
+        .cloned()
+        .collect();
     let mut victim = SyntheticVictim {
         device,
         synthetic: SyntheticDecode::new(device, setup.step_bytes)?,
@@ -978,7 +1081,7 @@ pub(super) fn synthetic_victim(
         engine,
         traffic,
         scratch,
-        &probe_arms(setup.floors.in_gb_per_s),
+        &arms_of(&synthetic_sets, setup.floors.in_gb_per_s)?,
         setup.rounds,
         setup.steps,
         setup.step_bytes,
@@ -1004,8 +1107,7 @@ pub(super) fn engine_victim(
         swap_blocks,
         engine.host_pool(),
     );
-    let mut arms = probe_arms(setup.floors.in_gb_per_s);
-    arms.extend(operating_points());
+    let arms = arms_of(setup.sets, setup.floors.in_gb_per_s)?;
     let mut victim = EngineVictim { model, decode };
     run_victim(
         "engine decode (llama2-7b fp16, batch 32, ctx 2048, graph, forward_greedy)",
