@@ -44,7 +44,7 @@ pub struct SwapBenchArgs {
     #[arg(long, default_value_t = 0)]
     pub interference_rounds: usize,
     /// Arm sets of the interference probe, comma-separated: probe, burst, operating,
-    /// operating-fine (the synthetic victim skips the operating sets).
+    /// operating-fine, crossing (the synthetic victim skips the operating and crossing sets).
     #[arg(long, default_value = "probe,operating", value_delimiter = ',')]
     pub interference_sets: Vec<String>,
 }

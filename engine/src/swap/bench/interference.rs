@@ -1015,7 +1015,7 @@ fn run_victim(
 /// The arms of the named sets, in order: `probe` (session 3 call 1: swap directions, SM line
 /// writers and readers, raw and staged DMA), `burst` ([`burst_arms`]), `operating` (each
 /// direction alone, both, swap-in capped at 40/30/20 GB/s), `operating-fine` (the same with
-/// caps 40/37/34/30/25/20).
+/// caps 40/37/34/30/25/20), `crossing` (both at full speed, swap-in capped at 36/34/32).
 fn arms_of(sets: &[String], in_gb_per_s: f64) -> Result<Vec<Aggressor>, SwapBenchError> {
     let mut arms = Vec::new();
     for set in sets {
@@ -1026,9 +1026,15 @@ fn arms_of(sets: &[String], in_gb_per_s: f64) -> Result<Vec<Aggressor>, SwapBenc
             "operating-fine" => {
                 arms.extend(operating_points(&[40.0, 37.0, 34.0, 30.0, 25.0, 20.0]))
             }
+            // Around the 5% crossing only: both at full speed, swap-in capped 36/34/32.
+            "crossing" => arms.extend(
+                operating_points(&[36.0, 34.0, 32.0])
+                    .into_iter()
+                    .skip(2),
+            ),
             other => {
                 return Err(SwapBenchError::BadOption(format!(
-                    "unknown interference arm set `{other}` (expected probe, burst, operating, operating-fine)"
+                    "unknown interference arm set `{other}` (expected probe, burst, operating, operating-fine, crossing)"
                 )))
             }
         }
@@ -1068,7 +1074,7 @@ pub(super) fn synthetic_victim(
     let synthetic_sets: Vec<String> = setup
         .sets
         .iter()
-        .filter(|set| !set.starts_with("operating"))
+        .filter(|set| !set.starts_with("operating") && set.as_str() != "crossing")
         .cloned()
         .collect();
     let mut victim = SyntheticVictim {
