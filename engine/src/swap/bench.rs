@@ -10,6 +10,10 @@
 //! 4. decode steps (batch 32, context 2048) alone and while both directions swap at full speed,
 //!    with the CUDA engine's real decode step and with a synthetic memory-bound kernel that reads
 //!    the same bytes as that step (labelled as such).
+//!
+//! With `interference_rounds > 0` sections 2-4 are replaced by the interference probe
+//! (`interference.rs`): what slows a decode step down while swaps run, and by how much at each
+//! swap operating point.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -341,8 +341,7 @@ fn paced_swaps(device: &GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> 
     let mixed_ok = capped_in_only
         && mixed.len() == 2
         && mixed_out >= 5.0 * CAP_GB_PER_S
-        && mixed_in <= CAP_GB_PER_S * 8.0 / 7.0 * 1.05
-        && mixed_in >= CAP_GB_PER_S * 0.8
+        && (CAP_GB_PER_S * 0.8..=CAP_GB_PER_S * 8.0 / 7.0 * 1.05).contains(&mixed_in)
         && mixed_in_matches
         && mixed_out_matches;
     Ok(vec![

@@ -17,6 +17,11 @@
 //!   staged piece into its destination with whole-line stores (the ring should stay in L2, so HBM
 //!   sees only the kernel's writes), optionally with an L2 persisting access-policy window on
 //!   the ring.
+//!
+//! Arm sets (`--interference-sets`): `probe` (all of the above at ~the H2D floor's rate), `burst`
+//! (the same write rate smoothly and in 1 or 16 MiB bursts; large device->device copies),
+//! `operating`, `operating-fine`, `crossing` (swap-out at full speed with swap-in capped at several
+//! rates; engine victim only). Results and what they mean: engine/NOTES-swap.md, "Session 3".
 
 use std::sync::Arc;
 
