@@ -47,6 +47,11 @@ pub struct SwapBenchArgs {
     /// operating-fine, crossing (the synthetic victim skips the operating and crossing sets).
     #[arg(long, default_value = "probe,operating", value_delimiter = ',')]
     pub interference_sets: Vec<String>,
+    /// Measure per-layer readiness instead (swap-in of an --agent-context context and a 512-token
+    /// prefill on it, gated per layer vs after the swap), this many repetitions; needs --decode
+    /// engine (skips the other sections).
+    #[arg(long, default_value_t = 0)]
+    pub layered_readiness_reps: usize,
 }
 
 #[derive(Args)]
@@ -94,6 +99,7 @@ mod with_cuda {
             diagnose_engine: args.diagnose_engine,
             interference_rounds: args.interference_rounds,
             interference_sets: args.interference_sets,
+            layered_reps: args.layered_readiness_reps,
         };
         println!("swap-bench options: {}", serde_json::to_string(&options)?);
         std::fs::create_dir_all(&args.out)

@@ -812,6 +812,46 @@ impl CudaSwapEngine {
         direction: SwapDirection,
         pairs: &[BlockPair],
     ) -> Result<SwapId, SwapError> {
+        self.submit_inner(agent_id, direction, pairs, None)
+            .map(|(swap_id, _)| swap_id)
+    }
+
+    /// A swap-in copied layer by layer (per-layer readiness): every block is `layers` slices of
+    /// `block_bytes / layers` bytes (the block-major KV layout keeps one layer's K and V of a
+    /// block contiguous), and layer `l`'s slices of all blocks are copied before layer `l + 1`'s,
+    /// one batched copy per layer. Returns the swap and one event per layer, recorded on the
+    /// swap-in stream after that layer's copy: `CudaModel::gate_next_step_on_layers` makes a step
+    /// wait for each layer's event on the GPU, so a prefill starts while later layers still arrive.
+    /// The swap is reported complete (and its blocks released) as any other. DMA only: neither the
+    /// gather kernel nor a swap-in rate cap applies.
+    pub fn submit_layered(
+        &mut self,
+        agent_id: AgentId,
+        pairs: &[BlockPair],
+        layers: usize,
+    ) -> Result<(SwapId, Vec<CudaEvent>), SwapError> {
+        if layers == 0 || self.gpu_pool.block_bytes % layers != 0 {
+            return Err(SwapError::InvalidPool(format!(
+                "blocks of {} bytes cannot be cut into {layers} equal layer slices",
+                self.gpu_pool.block_bytes
+            )));
+        }
+        if self.swap_in_path != SwapInPath::Dma || self.paced(SwapDirection::In).is_some() {
+            return Err(SwapError::InvalidPool(
+                "a layer-by-layer swap-in needs the DMA swap-in path without a swap-in rate cap"
+                    .into(),
+            ));
+        }
+        self.submit_inner(agent_id, SwapDirection::In, pairs, Some(layers))
+    }
+
+    fn submit_inner(
+        &mut self,
+        agent_id: AgentId,
+        direction: SwapDirection,
+        pairs: &[BlockPair],
+        layers: Option<usize>,
+    ) -> Result<(SwapId, Vec<CudaEvent>), SwapError> {
         validate_pairs(
             pairs,
             self.gpu_pool.block_count,
@@ -854,12 +894,15 @@ impl CudaSwapEngine {
         start
             .record(&stream)
             .map_err(driver("recording a swap's start event"))?;
-        let gather_slot = if direction == SwapDirection::In {
+        let mut layer_events = Vec::new();
+        let gather_slot = if direction == SwapDirection::In && layers.is_none() {
             self.enqueue_gather(&stream, pairs)?
         } else {
             None
         };
-        if gather_slot.is_none() {
+        if let Some(layers) = layers {
+            layer_events = self.enqueue_layered(&stream, pairs, layers)?;
+        } else if gather_slot.is_none() {
             let runs = coalesce_runs(pairs);
             self.enqueue_copies(&stream, direction, &runs)?;
         }
@@ -883,7 +926,42 @@ impl CudaSwapEngine {
                 anchor: self.anchor.clone(),
             },
         );
-        Ok(swap_id)
+        Ok((swap_id, layer_events))
+    }
+
+    /// Layer-major host->device copies of `pairs` (see [`Self::submit_layered`]), one batched
+    /// copy and one recorded event per layer.
+    fn enqueue_layered(
+        &mut self,
+        stream: &CudaStream,
+        pairs: &[BlockPair],
+        layers: usize,
+    ) -> Result<Vec<CudaEvent>, SwapError> {
+        let slice_bytes = self.gpu_pool.block_bytes / layers;
+        let mut events = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            self.scratch_dsts.clear();
+            self.scratch_srcs.clear();
+            self.scratch_sizes.clear();
+            let at = (layer * slice_bytes) as u64;
+            for pair in pairs {
+                self.scratch_dsts
+                    .push(self.gpu_pool.block_ptr(pair.gpu_block) + at);
+                self.scratch_srcs
+                    .push(self.host_pool().block_addr(pair.host_block) + at);
+                self.scratch_sizes.push(slice_bytes);
+            }
+            self.enqueue_scratch(stream, SwapDirection::In)?;
+            let event = self
+                .ctx
+                .new_event(None)
+                .map_err(driver("creating a layer-ready event"))?;
+            event
+                .record(stream)
+                .map_err(driver("recording a layer-ready event"))?;
+            events.push(event);
+        }
+        Ok(events)
     }
 
     /// The pacer, if `direction` has a rate cap.
@@ -929,9 +1007,22 @@ impl CudaSwapEngine {
                 at += n;
             }
         }
-        let copies = self.scratch_sizes.len();
         if let Some(pacer) = self.paced(direction) {
+            let copies = self.scratch_sizes.len();
             return self.enqueue_paced(pacer, stream, direction, copies);
+        }
+        self.enqueue_scratch(stream, direction)
+    }
+
+    /// The scratch copies, unpaced, as the copy method says.
+    fn enqueue_scratch(
+        &mut self,
+        stream: &CudaStream,
+        direction: SwapDirection,
+    ) -> Result<(), SwapError> {
+        let copies = self.scratch_sizes.len();
+        if copies == 0 {
+            return Ok(());
         }
         match self.copy_method {
             CopyMethod::Batched => {
