@@ -166,6 +166,18 @@ fn engine_run_rejects_bad_flags_with_exit_2_and_writes_nothing() {
         "--gpu-kv-gib",
     );
     check(&["--weights", "/no/such/weights"], "/no/such/weights");
+    check(
+        &["--swap-in-rate-cap-gbps", "0"],
+        "--swap-in-rate-cap-gbps must be a finite number of GB/s > 0",
+    );
+    check(
+        &["--swap-out-rate-cap-gbps", "nan"],
+        "--swap-out-rate-cap-gbps must be a finite number of GB/s > 0",
+    );
+    check(
+        &["--swap-in-rate-cap-gbps", "30"],
+        "--swap-in-rate-cap-gbps needs --backend cuda",
+    );
     fails_with(
         &[
             "engine",

@@ -118,6 +118,15 @@ pub struct RunArgs {
     /// runs them at the link's full speed.
     #[arg(long)]
     pub swap_rate_cap_gbps: Option<f64>,
+    /// Cap swap-ins only (overrides --swap-rate-cap-gbps for that direction; CUDA only). A swap-in
+    /// writes HBM and costs a decode step ~3x more per byte than a swap-out, which reads it
+    /// (NOTES-swap.md, session 3): on the H100, swap-out at full speed with swap-in capped at 34
+    /// GB/s kept batch-32 decode within 5%.
+    #[arg(long)]
+    pub swap_in_rate_cap_gbps: Option<f64>,
+    /// Cap swap-outs only (overrides --swap-rate-cap-gbps for that direction; CUDA only).
+    #[arg(long)]
+    pub swap_out_rate_cap_gbps: Option<f64>,
     /// Folder for the run directories (<out>/<workload>/<policy>/; with --compare-sim also
     /// <policy>.sim/) and comparison.csv.
     #[arg(long, default_value = "results/engine-run")]
@@ -202,12 +211,18 @@ fn validate(args: &RunArgs) -> Result<RunPlan> {
     if args.backend == EngineBackendKind::Cpu && args.swap_in_copy != SwapInCopy::Dma {
         bail!("--swap-in-copy kernel needs --backend cuda");
     }
-    if let Some(cap) = args.swap_rate_cap_gbps {
-        if !(cap.is_finite() && cap > 0.0) {
-            bail!("--swap-rate-cap-gbps must be a finite number of GB/s > 0, got {cap}");
-        }
-        if args.backend == EngineBackendKind::Cpu {
-            bail!("--swap-rate-cap-gbps needs --backend cuda");
+    for (flag, cap) in [
+        ("--swap-rate-cap-gbps", args.swap_rate_cap_gbps),
+        ("--swap-in-rate-cap-gbps", args.swap_in_rate_cap_gbps),
+        ("--swap-out-rate-cap-gbps", args.swap_out_rate_cap_gbps),
+    ] {
+        if let Some(cap) = cap {
+            if !(cap.is_finite() && cap > 0.0) {
+                bail!("{flag} must be a finite number of GB/s > 0, got {cap}");
+            }
+            if args.backend == EngineBackendKind::Cpu {
+                bail!("{flag} needs --backend cuda");
+            }
         }
     }
     let (model_config, model_label) = match (&args.weights, &args.model) {
@@ -393,6 +408,7 @@ fn run_cuda(_args: &RunArgs, _plan: &RunPlan) -> Result<()> {
 fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     use engine::cuda::{CudaModel, CudaModelOptions, GpuDevice, WeightSource};
     use engine::swap::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
+    use engine::swap::SwapDirection;
 
     let started = Instant::now();
     let mut device = GpuDevice::open(0)?;
@@ -472,6 +488,12 @@ fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         swap.enable_kernel_swap_in(&model.device)?;
     }
     swap.set_rate_cap(&model.device, args.swap_rate_cap_gbps)?;
+    if let Some(cap) = args.swap_in_rate_cap_gbps {
+        swap.set_direction_rate_cap(&model.device, SwapDirection::In, Some(cap))?;
+    }
+    if let Some(cap) = args.swap_out_rate_cap_gbps {
+        swap.set_direction_rate_cap(&model.device, SwapDirection::Out, Some(cap))?;
+    }
     let breakdown: Vec<String> = model
         .memory_breakdown
         .iter()
@@ -498,8 +520,13 @@ fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
                 format!("{:?}", args.swap_in_copy).to_lowercase(),
             ),
             (
-                "swap_rate_cap_gbps".into(),
-                args.swap_rate_cap_gbps
+                "swap_out_rate_cap_gbps".into(),
+                swap.rate_cap_gb_per_s(SwapDirection::Out)
+                    .map_or("none".into(), |cap| cap.to_string()),
+            ),
+            (
+                "swap_in_rate_cap_gbps".into(),
+                swap.rate_cap_gb_per_s(SwapDirection::In)
                     .map_or("none".into(), |cap| cap.to_string()),
             ),
         ],
@@ -577,7 +604,7 @@ fn reproduce_line(args: &RunArgs, plan: &RunPlan, policy: PolicyKind, info: &Eng
         _ => format!("--model {}", plan.model_config.name),
     };
     format!(
-        "djinn engine run --backend {} {model} --workload {} --policy {} --agents {} --seed {} --gpu-kv-blocks {} --host-kv-blocks {} --block-size {} --max-batch-tokens {} --max-batch-sequences {} --profile {} --predictor {} --swap-in-copy {}{}",
+        "djinn engine run --backend {} {model} --workload {} --policy {} --agents {} --seed {} --gpu-kv-blocks {} --host-kv-blocks {} --block-size {} --max-batch-tokens {} --max-batch-sequences {} --profile {} --predictor {} --swap-in-copy {}{}{}{}",
         info.backend,
         args.workload,
         policy.name(),
@@ -592,7 +619,11 @@ fn reproduce_line(args: &RunArgs, plan: &RunPlan, policy: PolicyKind, info: &Eng
         args.predictor,
         format!("{:?}", args.swap_in_copy).to_lowercase(),
         args.swap_rate_cap_gbps
-            .map_or(String::new(), |cap| format!(" --swap-rate-cap-gbps {cap}"))
+            .map_or(String::new(), |cap| format!(" --swap-rate-cap-gbps {cap}")),
+        args.swap_in_rate_cap_gbps
+            .map_or(String::new(), |cap| format!(" --swap-in-rate-cap-gbps {cap}")),
+        args.swap_out_rate_cap_gbps
+            .map_or(String::new(), |cap| format!(" --swap-out-rate-cap-gbps {cap}"))
     )
 }
 

@@ -38,6 +38,20 @@ pub struct SwapBenchArgs {
     /// swapping with CUDA graphs on/off and copies ordered after the compute stream or not.
     #[arg(long)]
     pub diagnose_engine: bool,
+    /// Run the interference probe instead of the transfer sections and the usual decode rows:
+    /// each victim (synthetic reader, engine decode step) beside SM-kernel writers/readers, raw
+    /// and staged DMA, and the swap engine at several operating points, this many rounds.
+    #[arg(long, default_value_t = 0)]
+    pub interference_rounds: usize,
+    /// Arm sets of the interference probe, comma-separated: probe, burst, operating,
+    /// operating-fine, crossing (the synthetic victim skips the operating and crossing sets).
+    #[arg(long, default_value = "probe,operating", value_delimiter = ',')]
+    pub interference_sets: Vec<String>,
+    /// Measure per-layer readiness instead (swap-in of an --agent-context context and a 512-token
+    /// prefill on it, gated per layer vs after the swap), this many repetitions; needs --decode
+    /// engine (skips the other sections).
+    #[arg(long, default_value_t = 0)]
+    pub layered_readiness_reps: usize,
 }
 
 #[derive(Args)]
@@ -83,6 +97,9 @@ mod with_cuda {
             decode_steps: args.decode_steps,
             seed: args.seed,
             diagnose_engine: args.diagnose_engine,
+            interference_rounds: args.interference_rounds,
+            interference_sets: args.interference_sets,
+            layered_reps: args.layered_readiness_reps,
         };
         println!("swap-bench options: {}", serde_json::to_string(&options)?);
         std::fs::create_dir_all(&args.out)

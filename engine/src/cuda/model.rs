@@ -249,6 +249,9 @@ macro_rules! kargs {
 pub struct CudaModel {
     // Field order matters for drop: graphs before the buffers they reference.
     graphs: BTreeMap<usize, CudaGraph>,
+    /// Per-layer readiness: events the next step's layer `l` waits for on the GPU (see
+    /// [`CudaModel::gate_next_step_on_layers`]); empty: none. Taken by the next step.
+    layer_gates: Vec<cudarc::driver::CudaEvent>,
     pub config: ModelConfig,
     pub options: CudaModelOptions,
     pub device: GpuDevice,
@@ -622,6 +625,7 @@ impl CudaModel {
         let device_has_wgmma = device.has_wgmma();
         let mut model = CudaModel {
             graphs: BTreeMap::new(),
+            layer_gates: Vec::new(),
             config,
             options,
             device,
@@ -1169,6 +1173,7 @@ impl CudaModel {
         n_tokens: usize,
         n_seqs: usize,
         mode: AttnMode,
+        layer_gates: &[cudarc::driver::CudaEvent],
     ) -> Result<(), CudaError> {
         let c = &self.config;
         let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
@@ -1232,6 +1237,13 @@ impl CudaModel {
         )?;
         self.mark("embed")?;
         for (layer, lw) in self.layers.iter().enumerate() {
+            if let Some(gate) = layer_gates.get(layer) {
+                // This layer's KV may still be arriving (a layer-by-layer swap-in).
+                drv(
+                    "waiting for a layer's KV on the compute stream",
+                    self.device.stream.wait(gate),
+                )?;
+            }
             let layer_i = layer as i32;
             let prev_delta = if layer == 0 { null } else { norm_delta };
             self.launch_fwd(
@@ -1746,7 +1758,9 @@ impl CudaModel {
     /// Runs one step on the GPU (graph replay for decode batches), leaving logits and argmax on
     /// the device. Returns the number of sequence rows computed (the bucket for decode).
     fn run_step(&mut self, batch: &[SeqStep<'_>]) -> Result<usize, CudaError> {
-        let use_graph = self.options.use_cuda_graphs;
+        // A gated step runs eagerly: its waits are not part of any captured graph.
+        let layer_gates = std::mem::take(&mut self.layer_gates);
+        let use_graph = self.options.use_cuda_graphs && layer_gates.is_empty();
         let (rows, seqs, mode) = self.stage(batch, use_graph)?;
         trace!(
             "step: {} seqs, {rows} rows, {seqs} padded seqs, {}",
@@ -1764,7 +1778,7 @@ impl CudaModel {
                 let graph = &self.graphs[&seqs];
                 drv("replaying the decode graph", graph.launch())?;
             }
-            _ => self.enqueue_forward(rows, seqs, mode)?,
+            _ => self.enqueue_forward(rows, seqs, mode, &layer_gates)?,
         }
         Ok(seqs)
     }
@@ -1772,7 +1786,7 @@ impl CudaModel {
     fn capture_decode_graph(&mut self, bucket: usize, mode: AttnMode) -> Result<(), CudaError> {
         // An eager run first: cuBLAS picks its kernels (and loads them) outside the capture.
         trace!("capturing the decode graph of bucket {bucket}: eager warm-up");
-        self.enqueue_forward(bucket, bucket, mode)?;
+        self.enqueue_forward(bucket, bucket, mode, &[])?;
         self.wait("the eager warm-up before a graph capture")?;
         trace!("capturing the decode graph of bucket {bucket}: capture");
         let stream = self.device.stream.clone();
@@ -1780,7 +1794,7 @@ impl CudaModel {
             "beginning graph capture",
             stream.begin_capture(dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
         )?;
-        let enqueued = self.enqueue_forward(bucket, bucket, mode);
+        let enqueued = self.enqueue_forward(bucket, bucket, mode, &[]);
         let graph = stream.end_capture(dsys::CUgraphInstantiate_flags(0));
         enqueued?;
         let graph = drv("ending graph capture", graph)?.ok_or_else(|| CudaError::Driver {
@@ -1920,6 +1934,28 @@ impl CudaModel {
             kargs![ptr, n, seed, scale, bias],
         )?;
         self.device.synchronize()
+    }
+
+    /// Per-layer readiness: the next step's layer `l` waits on the GPU for `gates[l]` (one event per
+    /// layer, e.g. from `CudaSwapEngine::submit_layered`), so a step over a context that is still
+    /// being swapped in starts at once and each layer runs as soon as its KV has arrived. The gated
+    /// step runs without a CUDA graph. Gates are used by exactly one step.
+    pub fn gate_next_step_on_layers(
+        &mut self,
+        gates: Vec<cudarc::driver::CudaEvent>,
+    ) -> Result<(), CudaError> {
+        if gates.len() != self.config.num_hidden_layers {
+            return Err(CudaError::Driver {
+                context: "gating a step on per-layer events".into(),
+                message: format!(
+                    "{} events for a model of {} layers",
+                    gates.len(),
+                    self.config.num_hidden_layers
+                ),
+            });
+        }
+        self.layer_gates = gates;
+        Ok(())
     }
 
     /// Enqueues a step without waiting for it (benchmarks time a stream of these with events).

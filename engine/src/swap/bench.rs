@@ -10,9 +10,15 @@
 //! 4. decode steps (batch 32, context 2048) alone and while both directions swap at full speed,
 //!    with the CUDA engine's real decode step and with a synthetic memory-bound kernel that reads
 //!    the same bytes as that step (labelled as such).
+//!
+//! With `interference_rounds > 0` sections 2-4 are replaced by the interference probe
+//! (`interference.rs`): what slows a decode step down while swaps run, and by how much at each
+//! swap operating point.
 
 use std::sync::Arc;
 use std::time::Instant;
+
+mod interference;
 
 use cudarc::driver::{sys, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use rand::seq::SliceRandom;
@@ -82,6 +88,15 @@ pub struct SwapBenchOptions {
     /// (CUDA graphs on/off x copies ordered after the compute stream or not), to find what makes
     /// the step wait for the swaps.
     pub diagnose_engine: bool,
+    /// Rounds of the interference probe (0: off). When on, the transfer sections are skipped and
+    /// the decode section runs the probe's arms instead (see `interference`).
+    pub interference_rounds: usize,
+    /// The probe's arm sets (see `interference::arms_of`); the synthetic victim skips
+    /// `operating*` sets.
+    pub interference_sets: Vec<String>,
+    /// Repetitions of the per-layer readiness measurement (0: off). When on, the transfer
+    /// sections are skipped and the engine section measures only that (see `layered_readiness`).
+    pub layered_reps: usize,
 }
 
 impl Default for SwapBenchOptions {
@@ -98,6 +113,9 @@ impl Default for SwapBenchOptions {
             decode_steps: 20,
             seed: 0,
             diagnose_engine: false,
+            interference_rounds: 0,
+            interference_sets: vec!["probe".into(), "operating".into()],
+            layered_reps: 0,
         }
     }
 }
@@ -181,6 +199,9 @@ pub fn run(
     let config = ModelConfig::preset(&options.model).ok_or_else(|| {
         SwapBenchError::BadOption(format!("unknown model preset `{}`", options.model))
     })?;
+    if options.interference_rounds > 0 {
+        interference::check_sets(&options.interference_sets)?;
+    }
     if options.agents_per_direction == 0 || options.reps == 0 || options.decode_steps == 0 {
         return Err(SwapBenchError::BadOption(
             "agents, reps and decode steps must be at least 1".into(),
@@ -262,7 +283,9 @@ pub fn run(
     }
 
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-    let transfer_configs: &[(usize, CopyMethod)] = if options.diagnose_engine {
+    let skip_transfers =
+        options.diagnose_engine || options.interference_rounds > 0 || options.layered_reps > 0;
+    let transfer_configs: &[(usize, CopyMethod)] = if skip_transfers {
         &[]
     } else {
         &[
@@ -287,7 +310,7 @@ pub fn run(
         }
     }
     engine.set_copy_method(CopyMethod::Batched);
-    let many_agent_rows = if options.diagnose_engine {
+    let many_agent_rows = if skip_transfers {
         Vec::new()
     } else {
         many_agents(
@@ -317,25 +340,41 @@ pub fn run(
     ) {
         let decode_bytes =
             decode_step_bytes(&config, options.decode_batch, options.decode_context_tokens);
-        let mut synthetic = SyntheticDecode::new(&device, decode_bytes)?;
-        for load in SYNTHETIC_LOADS {
-            let rows = decode_slowdown(
-                &mut engine,
-                &plan,
-                options,
-                &floors,
-                &mut report.swap_records,
-                "synthetic",
-                load,
-                || synthetic.step(),
-            )?;
-            for row in rows {
+        if options.interference_rounds > 0 {
+            // The victim at the greatest priority, as the engine's forward below.
+            device.stream = high_priority_stream(&device.ctx)?;
+            let setup = interference::InterferenceSetup {
+                sets: &options.interference_sets,
+                rounds: options.interference_rounds,
+                steps: options.decode_steps,
+                floors: &floors,
+                step_bytes: decode_bytes,
+            };
+            interference::synthetic_victim(&setup, &device, &mut engine, &plan, &mut |row| {
+                push(&mut report, row)
+            })?;
+        }
+        if options.interference_rounds == 0 {
+            let mut synthetic = SyntheticDecode::new(&device, decode_bytes)?;
+            for load in SYNTHETIC_LOADS {
+                let rows = decode_slowdown(
+                    &mut engine,
+                    &plan,
+                    options,
+                    &floors,
+                    &mut report.swap_records,
+                    "synthetic",
+                    load,
+                    || synthetic.step(),
+                )?;
+                for row in rows {
+                    push(&mut report, row);
+                }
+            }
+            drop(synthetic);
+            for row in copy_engine_probe(&device, &mut engine, &plan, &mut report.swap_records)? {
                 push(&mut report, row);
             }
-        }
-        drop(synthetic);
-        for row in copy_engine_probe(&device, &mut engine, &plan, &mut report.swap_records)? {
-            push(&mut report, row);
         }
     }
     let host_pool = engine.into_host_pool()?;
@@ -397,6 +436,46 @@ pub fn run(
         );
         let mut decode =
             EngineDecode::new(&model, options.decode_batch, options.decode_context_tokens);
+        if options.layered_reps > 0 {
+            for row in layered_readiness(
+                &mut model,
+                &mut engine,
+                options,
+                decode_blocks as u32,
+                swap_blocks,
+                &floors,
+                &mut report.swap_records,
+            )? {
+                push(&mut report, row);
+            }
+            engine.wait_all()?;
+            return Ok(report);
+        }
+        if options.interference_rounds > 0 {
+            let setup = interference::InterferenceSetup {
+                sets: &options.interference_sets,
+                rounds: options.interference_rounds,
+                steps: options.decode_steps,
+                floors: &floors,
+                step_bytes: decode_step_bytes(
+                    &config,
+                    options.decode_batch,
+                    options.decode_context_tokens,
+                ),
+            };
+            interference::engine_victim(
+                &setup,
+                &mut model,
+                &mut engine,
+                &plan,
+                decode_blocks as u32,
+                swap_blocks,
+                &mut decode,
+                &mut |row| push(&mut report, row),
+            )?;
+            engine.wait_all()?;
+            return Ok(report);
+        }
         if options.diagnose_engine {
             let host_pool = engine.into_host_pool()?;
             diagnose_engine_step(
@@ -497,6 +576,166 @@ fn diagnose_engine_step(
     }
     model.options.use_cuda_graphs = true;
     Ok(())
+}
+
+/// New tokens of the prefill in the per-layer readiness measurement.
+const LAYERED_PREFILL_TOKENS: usize = 512;
+
+/// Per-layer readiness (issue 6's stretch goal): an agent's `agent_context_tokens` context comes
+/// back from host memory and a prefill of `LAYERED_PREFILL_TOKENS` new tokens runs on it. Today's
+/// run loop waits until the swap is reported complete, then runs the step; with a layer-by-layer
+/// swap-in (`submit_layered`) and a step gated per layer (`gate_next_step_on_layers`) the step is
+/// enqueued at once and each layer runs as soon as its KV has arrived. Host wall time from submit
+/// to the step's tokens, arms alternated `layered_reps` times; also the swap and the prefill alone.
+#[allow(clippy::too_many_arguments)]
+fn layered_readiness(
+    model: &mut CudaModel,
+    engine: &mut CudaSwapEngine,
+    options: &SwapBenchOptions,
+    first_swap_block: u32,
+    swap_blocks: u32,
+    floors: &Floors,
+    records: &mut Vec<SwapRecord>,
+) -> Result<Vec<SwapBenchRow>, SwapBenchError> {
+    let bs = options.block_size_tokens;
+    let context = options.agent_context_tokens;
+    let blocks = context.div_ceil(bs);
+    let extra = (context + LAYERED_PREFILL_TOKENS).div_ceil(bs) - blocks;
+    if 2 * blocks + extra > swap_blocks as usize {
+        return Err(SwapBenchError::BadOption(format!(
+            "per-layer readiness needs {} swap blocks, the bench has {swap_blocks}",
+            2 * blocks + extra
+        )));
+    }
+    let layers = model.config.num_hidden_layers;
+    let home: Vec<u32> = (0..blocks as u32).map(|b| first_swap_block + b).collect();
+    let target: Vec<u32> = (0..(blocks + extra) as u32)
+        .map(|b| first_swap_block + blocks as u32 + b)
+        .collect();
+    let host: Vec<u32> = (0..blocks as u32).collect();
+    let pair_list = |gpu: &[u32]| -> Vec<BlockPair> {
+        gpu.iter()
+            .zip(&host)
+            .map(|(&gpu_block, &host_block)| BlockPair {
+                gpu_block,
+                host_block,
+            })
+            .collect()
+    };
+    // The agent's context (random KV from fill_kv_random) goes to host memory once.
+    let out = engine.submit(0, SwapDirection::Out, &pair_list(&home))?;
+    records.extend(engine.wait(out)?);
+    let new_tokens: Vec<u32> = (0..LAYERED_PREFILL_TOKENS as u32)
+        .map(|i| (i * 7919 + 3) % model.config.vocab_size as u32)
+        .collect();
+    let in_pairs = pair_list(&target[..blocks]);
+    let prefill = |model: &mut CudaModel| -> Result<Vec<u32>, SwapBenchError> {
+        Ok(model.forward_greedy(&[SeqStep {
+            block_table: &target,
+            context_len: context,
+            tokens: &new_tokens,
+        }])?)
+    };
+    let mut prefill_ms = Vec::new();
+    let mut swap_ms = Vec::new();
+    let mut whole_ms = Vec::new();
+    let mut layered_ms = Vec::new();
+    let mut tokens_agree = true;
+    for rep in 0..=options.layered_reps {
+        // Prefill alone (the context already resident).
+        let t = Instant::now();
+        let alone = prefill(model)?;
+        let p = t.elapsed().as_secs_f64() * 1e3;
+        // Swap-in alone, layer by layer (what the gated arm copies), waited for by the host.
+        let t = Instant::now();
+        let (id, _) = engine.submit_layered(1, &in_pairs, layers)?;
+        records.extend(engine.wait(id)?);
+        let s = t.elapsed().as_secs_f64() * 1e3;
+        // Today: wait for the swap (one batched copy), then the step.
+        let t = Instant::now();
+        let id = engine.submit(1, SwapDirection::In, &in_pairs)?;
+        records.extend(engine.wait(id)?);
+        let whole_tokens = prefill(model)?;
+        let w = t.elapsed().as_secs_f64() * 1e3;
+        // Per-layer readiness: the step enqueued at once, each layer gated on its KV.
+        let t = Instant::now();
+        let (id, gates) = engine.submit_layered(1, &in_pairs, layers)?;
+        model.gate_next_step_on_layers(gates)?;
+        let layered_tokens = prefill(model)?;
+        let l = t.elapsed().as_secs_f64() * 1e3;
+        records.extend(engine.wait(id)?);
+        if rep > 0 {
+            // (Rep 0's resident prefill ran before any swap-in filled the target blocks.)
+            tokens_agree &= whole_tokens == layered_tokens && alone == whole_tokens;
+            prefill_ms.push(p);
+            swap_ms.push(s);
+            whole_ms.push(w);
+            layered_ms.push(l);
+        }
+    }
+    let bytes = (blocks * engine.gpu_pool().block_bytes) as u64;
+    let (p, s, w, l) = (
+        percentile_50(&prefill_ms),
+        percentile_50(&swap_ms),
+        percentile_50(&whole_ms),
+        percentile_50(&layered_ms),
+    );
+    let ideal = s + p / layers as f64;
+    let row = |name: String, ms: &[f64], floor: f64, floor_what: &str, note: String| {
+        let p50 = percentile_50(ms);
+        SwapBenchRow {
+            section: "per-layer readiness".into(),
+            name,
+            bytes,
+            ms_p50: p50,
+            ms_min: min_of(ms),
+            reps: ms.len(),
+            gb_per_s: bytes as f64 / (p50 * 1e6),
+            floor,
+            floor_what: floor_what.into(),
+            ratio: p50 / floor,
+            target: "-".into(),
+            meets_target: None,
+            note,
+        }
+    };
+    let what = format!(
+        "llama2-7b random fp16, {context}-token context ({blocks} blocks, {:.2} GiB) swapped in, prefill of {LAYERED_PREFILL_TOKENS} new tokens, host wall time",
+        bytes as f64 / GIB as f64
+    );
+    Ok(vec![
+        row(
+            format!("prefill {LAYERED_PREFILL_TOKENS} tokens on a resident {context}-token context"),
+            &prefill_ms,
+            p,
+            "itself",
+            what.clone(),
+        ),
+        row(
+            format!("swap-in of the {context}-token context, layer by layer ({layers} batched copies)"),
+            &swap_ms,
+            bytes as f64 / (floors.in_gb_per_s * 1e6),
+            "ms at the measured H2D floor",
+            format!("{:.1} GB/s", bytes as f64 / (s * 1e6)),
+        ),
+        row(
+            "swap-in then prefill: the step after the swap is reported (today's run loop)".into(),
+            &whole_ms,
+            s + p,
+            "ms swap alone + prefill alone",
+            what.clone(),
+        ),
+        row(
+            "swap-in and prefill gated per layer (per-layer readiness)".into(),
+            &layered_ms,
+            ideal,
+            "ms swap alone + prefill / layers (the last layer's share)",
+            format!(
+                "{:.2}x faster than waiting for the swap ({w:.2} ms); greedy tokens equal to the resident and the waited-for step: {tokens_agree}",
+                w / l
+            ),
+        ),
+    ])
 }
 
 /// Bytes a decode step reads at least: every weight but the embedding table, and the batch's KV.

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{result, CudaContext};
+use cudarc::driver::{result, CudaContext, LaunchConfig, PushKernelArg};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -305,6 +305,45 @@ fn paced_swaps(device: &GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> 
         .all(|(&from, &to)| block(&after, to) == block(&original, from));
     // One swap of 16 pieces: at most 16/15 of the cap.
     let in_rate_ok = ins.len() == 1 && in_gb_per_s <= CAP_GB_PER_S * 16.0 / 15.0 * 1.05;
+
+    // Swap-in capped, swap-out not: both submitted together, the swap-out must run at link speed
+    // (far above the cap) while the swap-in keeps to the cap; both bit-exact.
+    engine.set_rate_cap(device, None)?;
+    engine.set_direction_rate_cap(device, SwapDirection::In, Some(CAP_GB_PER_S))?;
+    engine.set_pace_piece_bytes(block_bytes)?;
+    let capped_in_only = engine.rate_cap_gb_per_s(SwapDirection::In) == Some(CAP_GB_PER_S)
+        && engine.rate_cap_gb_per_s(SwapDirection::Out).is_none();
+    let c_out_gpu: Vec<u32> = (0..8).collect();
+    let c_out_host: Vec<u32> = (32..40).collect();
+    let c_in_gpu: Vec<u32> = (56..64).collect();
+    engine.submit(3, SwapDirection::Out, &pairs(&c_out_gpu, &c_out_host))?;
+    engine.submit(4, SwapDirection::In, &pairs(&c_in_gpu, &b_host[..8]))?;
+    let mixed = engine.wait_all()?;
+    let rate_of = |direction: SwapDirection| {
+        mixed
+            .iter()
+            .filter(|r| r.direction == direction)
+            .map(|r| r.bytes as f64 / (r.end_ns.saturating_sub(r.start_ns)).max(1) as f64)
+            .fold(0.0, f64::max)
+    };
+    let (mixed_out, mixed_in) = (rate_of(SwapDirection::Out), rate_of(SwapDirection::In));
+    let after_mixed = pool_bytes(ctx, pool)?;
+    let mixed_in_matches = c_in_gpu
+        .iter()
+        .zip(&b_gpu)
+        .all(|(&to, &from)| block(&after_mixed, to) == block(&original, from));
+    let mixed_out_matches = c_out_gpu.iter().zip(&c_out_host).all(|(&from, &to)| {
+        // SAFETY: every swap was reported by wait_all, so no copy touches the host block.
+        let host_block = unsafe { engine.host_pool().block(to) };
+        host_block == &block(&original, from)[..]
+    });
+    // 8 pieces, the first released at once: at most 8/7 of the cap.
+    let mixed_ok = capped_in_only
+        && mixed.len() == 2
+        && mixed_out >= 5.0 * CAP_GB_PER_S
+        && (CAP_GB_PER_S * 0.8..=CAP_GB_PER_S * 8.0 / 7.0 * 1.05).contains(&mixed_in)
+        && mixed_in_matches
+        && mixed_out_matches;
     Ok(vec![
         outcome(
             "paced swap-outs queued back to back move at the cap (2 GB/s per direction)",
@@ -315,6 +354,13 @@ fn paced_swaps(device: &GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckError> 
             "a paced swap-out then swap-in into different device blocks is bit-exact and capped",
             back_matches && in_rate_ok,
             format!("swap-in at {in_gb_per_s:.3} GB/s, 16 blocks of {block_bytes} bytes"),
+        ),
+        outcome(
+            "swap-in capped alone: a concurrent swap-out runs at link speed, both bit-exact",
+            mixed_ok,
+            format!(
+                "swap-out {mixed_out:.2} GB/s (uncapped), swap-in {mixed_in:.3} GB/s (cap {CAP_GB_PER_S}), in exact {mixed_in_matches}, out exact {mixed_out_matches}"
+            ),
         ),
     ])
 }
@@ -461,6 +507,49 @@ fn logits_after_swap(device: GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckEr
 
     let recompute_diff = max_rel_diff(&recomputed, &reference);
     let tolerance = 2e-3f32;
+
+    // Per-layer readiness. The target blocks first hold another agent's KV; the swap-in stream is
+    // held for HOLD_MS by a spinning kernel, so every layer's copy is still pending when the decode
+    // step is enqueued; the step gated on the per-layer events must see the swapped-in KV (same
+    // logits bit for bit), and the same step without the gates must not (it reads the other
+    // agent's KV: this shows the check can fail).
+    const HOLD_MS: u64 = 30;
+    let table_layered = [13u32, 22, 0, 11][..blocks].to_vec();
+    let layers = config.num_hidden_layers;
+    let hold = model.device.compile(HOLD_SOURCE, &[])?;
+    let hold = model.device.function(&hold, "hold_stream")?;
+    let mut layered_run = |model: &mut CudaModel,
+                           gated: bool|
+     -> Result<(Logits, f64), SwapCheckError> {
+        model.forward_logits(&[SeqStep {
+            block_table: &table_layered,
+            context_len: 0,
+            tokens: &other_prompt,
+        }])?;
+        let in_stream = engine.stream(SwapDirection::In).clone();
+        let hold_ns = HOLD_MS * 1_000_000;
+        let mut launch = in_stream.launch_builder(&hold);
+        launch.arg(&hold_ns);
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(driver("holding the swap-in stream"))?;
+        let started = Instant::now();
+        let (_, gates) = engine.submit_layered(1, &pairs(&table_layered, &host_blocks), layers)?;
+        if gated {
+            model.gate_next_step_on_layers(gates)?;
+        }
+        let logits = decode(model, &table_layered)?;
+        let step_ms = started.elapsed().as_secs_f64() * 1e3;
+        engine.wait_all()?;
+        Ok((logits, step_ms))
+    };
+    let (gated, gated_ms) = layered_run(&mut model, true)?;
+    let (ungated, ungated_ms) = layered_run(&mut model, false)?;
     Ok(vec![
         outcome(
             "logits after swap-out / swap-in into different blocks equal the never-swapped logits (bit-exact, CUDA tiny model)",
@@ -472,5 +561,35 @@ fn logits_after_swap(device: GpuDevice) -> Result<Vec<CheckOutcome>, SwapCheckEr
             recompute_diff <= tolerance,
             format!("max |diff| / max |logit| = {recompute_diff:.3e} (tolerance {tolerance:.0e})"),
         ),
+        outcome(
+            "a step gated per layer on a layer-by-layer swap-in still in flight sees the swapped-in KV (bit-exact logits)",
+            gated.data == reference.data && gated_ms >= HOLD_MS as f64 * 0.9,
+            format!(
+                "max relative difference {:.3e}; step returned {gated_ms:.1} ms after submit (swap-in stream held {HOLD_MS} ms), {layers} layers",
+                max_rel_diff(&gated, &reference)
+            ),
+        ),
+        outcome(
+            "the same step without the layer gates reads the blocks before the swap-in (so the gated check can fail)",
+            ungated.data != reference.data,
+            format!(
+                "max relative difference {:.3e}; step returned {ungated_ms:.1} ms after submit",
+                max_rel_diff(&ungated, &reference)
+            ),
+        ),
     ])
 }
+
+const HOLD_SOURCE: &str = r#"
+// Spins one thread for `ns` nanoseconds of %globaltimer: holds a stream so that later work on it
+// is still pending (checks of GPU-side ordering).
+extern "C" __global__ void hold_stream(unsigned long long ns)
+{
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+"#;

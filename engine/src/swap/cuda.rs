@@ -288,7 +288,7 @@ impl Drop for GatherKernel {
     }
 }
 
-const PACE_SOURCE: &str = r#"
+pub(crate) const PACE_SOURCE: &str = r#"
 // Paces one copy stream. Launched before each piece of a paced swap on that direction's stream:
 // waits until the direction's release time, then moves the release time on by the piece's time
 // at the cap. Stream order serialises the gates of one direction, so the word needs no atomics.
@@ -316,7 +316,8 @@ struct Pacer {
     function: CudaFunction,
     /// Two device words: the release time (globaltimer ns) of the out and the in stream.
     release_words: sys::CUdeviceptr,
-    bytes_per_s: f64,
+    /// The cap of the out and the in direction (infinite: that direction is not paced).
+    bytes_per_s: [f64; 2],
     piece_bytes: usize,
     ctx: Arc<CudaContext>,
 }
@@ -346,6 +347,13 @@ struct InFlightSwap {
     start: CudaEvent,
     end: CudaEvent,
     anchor: Rc<ClockAnchor>,
+}
+
+fn direction_index(direction: SwapDirection) -> usize {
+    match direction {
+        SwapDirection::Out => 0,
+        SwapDirection::In => 1,
+    }
 }
 
 /// Completed copies kept to count the swaps that overlapped a later one's start.
@@ -549,8 +557,27 @@ impl CudaSwapEngine {
         device: &crate::cuda::GpuDevice,
         gb_per_s: Option<f64>,
     ) -> Result<(), SwapError> {
+        self.set_direction_rate_cap(device, SwapDirection::Out, gb_per_s)?;
+        self.set_direction_rate_cap(device, SwapDirection::In, gb_per_s)
+    }
+
+    /// Caps later DMA swaps of one direction only (`None`: that direction at full link speed), so
+    /// a scheduler can pace swap-ins (the direction that costs a decode step most, NOTES-swap.md)
+    /// while swap-outs run at full speed.
+    pub fn set_direction_rate_cap(
+        &mut self,
+        device: &crate::cuda::GpuDevice,
+        direction: SwapDirection,
+        gb_per_s: Option<f64>,
+    ) -> Result<(), SwapError> {
+        let index = direction_index(direction);
         let Some(gb_per_s) = gb_per_s else {
-            self.pacer = None;
+            if let Some(pacer) = self.pacer.as_mut() {
+                pacer.bytes_per_s[index] = f64::INFINITY;
+                if pacer.bytes_per_s.iter().all(|cap| cap.is_infinite()) {
+                    self.pacer = None;
+                }
+            }
             return Ok(());
         };
         if !(gb_per_s.is_finite() && gb_per_s > 0.0) {
@@ -561,7 +588,7 @@ impl CudaSwapEngine {
         if self.pacer.is_none() {
             self.pacer = Some(self.build_pacer(device)?);
         }
-        self.pacer.as_mut().expect("just built").bytes_per_s = gb_per_s * 1e9;
+        self.pacer.as_mut().expect("just built").bytes_per_s[index] = gb_per_s * 1e9;
         Ok(())
     }
 
@@ -584,9 +611,13 @@ impl CudaSwapEngine {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// The per-direction rate cap in GB/s, if any.
-    pub fn rate_cap_gb_per_s(&self) -> Option<f64> {
-        self.pacer.as_ref().map(|p| p.bytes_per_s / 1e9)
+    /// The rate cap of one direction in GB/s, if that direction is paced.
+    pub fn rate_cap_gb_per_s(&self, direction: SwapDirection) -> Option<f64> {
+        self.pacer
+            .as_ref()
+            .map(|p| p.bytes_per_s[direction_index(direction)])
+            .filter(|cap| cap.is_finite())
+            .map(|cap| cap / 1e9)
     }
 
     /// Compiles one of the swap engine's own kernels (NVRTC) and binds the context for what follows.
@@ -618,7 +649,7 @@ impl CudaSwapEngine {
             _module: module,
             function,
             release_words,
-            bytes_per_s: f64::INFINITY,
+            bytes_per_s: [f64::INFINITY; 2],
             piece_bytes: DEFAULT_PACE_PIECE_BYTES,
             ctx: self.ctx.clone(),
         })
@@ -781,6 +812,46 @@ impl CudaSwapEngine {
         direction: SwapDirection,
         pairs: &[BlockPair],
     ) -> Result<SwapId, SwapError> {
+        self.submit_inner(agent_id, direction, pairs, None)
+            .map(|(swap_id, _)| swap_id)
+    }
+
+    /// A swap-in copied layer by layer (per-layer readiness): every block is `layers` slices of
+    /// `block_bytes / layers` bytes (the block-major KV layout keeps one layer's K and V of a
+    /// block contiguous), and layer `l`'s slices of all blocks are copied before layer `l + 1`'s,
+    /// one batched copy per layer. Returns the swap and one event per layer, recorded on the
+    /// swap-in stream after that layer's copy: `CudaModel::gate_next_step_on_layers` makes a step
+    /// wait for each layer's event on the GPU, so a prefill starts while later layers still arrive.
+    /// The swap is reported complete (and its blocks released) as any other. DMA only: neither the
+    /// gather kernel nor a swap-in rate cap applies.
+    pub fn submit_layered(
+        &mut self,
+        agent_id: AgentId,
+        pairs: &[BlockPair],
+        layers: usize,
+    ) -> Result<(SwapId, Vec<CudaEvent>), SwapError> {
+        if layers == 0 || self.gpu_pool.block_bytes % layers != 0 {
+            return Err(SwapError::InvalidPool(format!(
+                "blocks of {} bytes cannot be cut into {layers} equal layer slices",
+                self.gpu_pool.block_bytes
+            )));
+        }
+        if self.swap_in_path != SwapInPath::Dma || self.paced(SwapDirection::In).is_some() {
+            return Err(SwapError::InvalidPool(
+                "a layer-by-layer swap-in needs the DMA swap-in path without a swap-in rate cap"
+                    .into(),
+            ));
+        }
+        self.submit_inner(agent_id, SwapDirection::In, pairs, Some(layers))
+    }
+
+    fn submit_inner(
+        &mut self,
+        agent_id: AgentId,
+        direction: SwapDirection,
+        pairs: &[BlockPair],
+        layers: Option<usize>,
+    ) -> Result<(SwapId, Vec<CudaEvent>), SwapError> {
         validate_pairs(
             pairs,
             self.gpu_pool.block_count,
@@ -823,12 +894,15 @@ impl CudaSwapEngine {
         start
             .record(&stream)
             .map_err(driver("recording a swap's start event"))?;
-        let gather_slot = if direction == SwapDirection::In {
+        let mut layer_events = Vec::new();
+        let gather_slot = if direction == SwapDirection::In && layers.is_none() {
             self.enqueue_gather(&stream, pairs)?
         } else {
             None
         };
-        if gather_slot.is_none() {
+        if let Some(layers) = layers {
+            layer_events = self.enqueue_layered(&stream, pairs, layers)?;
+        } else if gather_slot.is_none() {
             let runs = coalesce_runs(pairs);
             self.enqueue_copies(&stream, direction, &runs)?;
         }
@@ -852,7 +926,49 @@ impl CudaSwapEngine {
                 anchor: self.anchor.clone(),
             },
         );
-        Ok(swap_id)
+        Ok((swap_id, layer_events))
+    }
+
+    /// Layer-major host->device copies of `pairs` (see [`Self::submit_layered`]), one batched
+    /// copy and one recorded event per layer.
+    fn enqueue_layered(
+        &mut self,
+        stream: &CudaStream,
+        pairs: &[BlockPair],
+        layers: usize,
+    ) -> Result<Vec<CudaEvent>, SwapError> {
+        let slice_bytes = self.gpu_pool.block_bytes / layers;
+        let mut events = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            self.scratch_dsts.clear();
+            self.scratch_srcs.clear();
+            self.scratch_sizes.clear();
+            let at = (layer * slice_bytes) as u64;
+            for pair in pairs {
+                self.scratch_dsts
+                    .push(self.gpu_pool.block_ptr(pair.gpu_block) + at);
+                self.scratch_srcs
+                    .push(self.host_pool().block_addr(pair.host_block) + at);
+                self.scratch_sizes.push(slice_bytes);
+            }
+            self.enqueue_scratch(stream, SwapDirection::In)?;
+            let event = self
+                .ctx
+                .new_event(None)
+                .map_err(driver("creating a layer-ready event"))?;
+            event
+                .record(stream)
+                .map_err(driver("recording a layer-ready event"))?;
+            events.push(event);
+        }
+        Ok(events)
+    }
+
+    /// The pacer, if `direction` has a rate cap.
+    fn paced(&self, direction: SwapDirection) -> Option<&Pacer> {
+        self.pacer
+            .as_ref()
+            .filter(|p| p.bytes_per_s[direction_index(direction)].is_finite())
     }
 
     fn enqueue_copies(
@@ -876,7 +992,8 @@ impl CudaSwapEngine {
                 SwapDirection::In => (device, host),
             };
             let size = run.block_count as usize * block_bytes;
-            let piece = match (&self.pacer, self.dma_chunk_bytes) {
+            let paced = self.paced(direction);
+            let piece = match (paced, self.dma_chunk_bytes) {
                 (Some(pacer), _) => pacer.piece_bytes,
                 (None, 0) => size,
                 (None, chunk) => chunk,
@@ -890,9 +1007,22 @@ impl CudaSwapEngine {
                 at += n;
             }
         }
-        let copies = self.scratch_sizes.len();
-        if let Some(pacer) = &self.pacer {
+        if let Some(pacer) = self.paced(direction) {
+            let copies = self.scratch_sizes.len();
             return self.enqueue_paced(pacer, stream, direction, copies);
+        }
+        self.enqueue_scratch(stream, direction)
+    }
+
+    /// The scratch copies, unpaced, as the copy method says.
+    fn enqueue_scratch(
+        &mut self,
+        stream: &CudaStream,
+        direction: SwapDirection,
+    ) -> Result<(), SwapError> {
+        let copies = self.scratch_sizes.len();
+        if copies == 0 {
+            return Ok(());
         }
         match self.copy_method {
             CopyMethod::Batched => {
@@ -963,7 +1093,9 @@ impl CudaSwapEngine {
                 group_bytes += self.scratch_sizes[group_end];
                 group_end += 1;
             }
-            let group_ns = (group_bytes as f64 / pacer.bytes_per_s * 1e9).round() as u64;
+            let group_ns = (group_bytes as f64 / pacer.bytes_per_s[direction_index(direction)]
+                * 1e9)
+                .round() as u64;
             let mut launch = stream.launch_builder(&pacer.function);
             launch.arg(&release_word).arg(&group_ns);
             unsafe {
