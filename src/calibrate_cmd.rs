@@ -129,12 +129,7 @@ fn read_real_run(dir: &Path) -> Result<RealRun> {
         );
     }
     let steps: Vec<StepRecord> = traces::read_csv(&dir.join("steps.csv"))?;
-    let swaps_path = dir.join("swaps.csv");
-    let swaps: Vec<SwapRecord> = if swaps_path.is_file() {
-        traces::read_csv(&swaps_path)?
-    } else {
-        Vec::new()
-    };
+    let swaps: Vec<SwapRecord> = crate::runio::read_swaps(dir)?;
     let summary: RunSummary = traces::read_json(&dir.join("summary.json"))?;
     Ok(RealRun {
         dir: dir.to_path_buf(),

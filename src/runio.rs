@@ -79,3 +79,14 @@ pub fn check_agents_flag(agents: Option<u32>) -> Result<()> {
     }
     Ok(())
 }
+
+/// A run directory's swaps.csv, or no swaps when the file is absent (runs written before swap
+/// records existed, or by tools that never swap).
+pub fn read_swaps(run_dir: &Path) -> Result<Vec<traces::SwapRecord>> {
+    let path = run_dir.join("swaps.csv");
+    Ok(if path.is_file() {
+        traces::read_csv(&path)?
+    } else {
+        Vec::new()
+    })
+}

@@ -28,12 +28,7 @@ pub fn run(args: TraceArgs) -> Result<()> {
     let manifest: RunManifest = traces::read_json(&dir.join("manifest.json"))?;
     let turns: Vec<TurnRecord> = traces::read_csv(&dir.join("turns.csv"))?;
     let steps: Vec<StepRecord> = traces::read_csv(&dir.join("steps.csv"))?;
-    let swaps_path = dir.join("swaps.csv");
-    let swaps: Vec<SwapRecord> = if swaps_path.is_file() {
-        traces::read_csv(&swaps_path)?
-    } else {
-        Vec::new()
-    };
+    let swaps: Vec<SwapRecord> = crate::runio::read_swaps(dir)?;
     let options = analysis::timeline::TimelineOptions {
         max_agents: args.agents,
     };
