@@ -14,7 +14,6 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use sim::driver::RunLimits;
 use sim::experiment::SimConfig;
-use sim::time::VirtualClock;
 use traces::{GpuProfile, RunManifest, RunSummary, StepRecord, SwapRecord};
 
 #[derive(Args, Debug)]
@@ -500,19 +499,8 @@ fn simulate_twin(
     settings.costs.block_bytes = block_bytes;
     settings.costs.kv_bytes_per_token = block_bytes / u64::from(config.block_size_tokens.max(1));
     let workload = sim::replay::build_workload(&m.workload, m.agents, m.seed)?;
-    let mut scheduler = policy.build_with(sim::policies::PolicyOptions {
-        predictor: config.predictor,
-    });
-    let mut gpu = sim::backend::SimGpu::new(profile.clone(), config.block_size_tokens);
-    let mut clock = VirtualClock::default();
-    let output = sim::driver::run(
-        &settings,
-        &workload,
-        scheduler.as_mut(),
-        &mut gpu,
-        &mut clock,
-    )
-    .with_context(|| format!("simulating the twin of {}", dir.display()))?;
+    let output = sim::experiment::simulate_with(&workload, &config, &settings, profile)
+        .with_context(|| format!("simulating the twin of {}", dir.display()))?;
     let inputs = analysis::SummaryInputs {
         policy: m.policy.clone(),
         workload: m.workload.name.clone(),

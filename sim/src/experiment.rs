@@ -143,13 +143,25 @@ pub fn simulate(
 
 /// Simulates an already generated workload.
 pub fn simulate_workload(workload: &Workload, config: &SimConfig) -> Result<RunOutput, RunError> {
+    simulate_with(workload, config, &config.settings(), &config.profile)
+}
+
+/// Simulates with explicit run settings (pool sizes, cost hints the policies plan with) and the
+/// profile that times the simulated GPU: the twin of a real run keeps the real run's pools and
+/// hints, and calibration times it with another profile than the one the policies were told.
+pub fn simulate_with(
+    workload: &Workload,
+    config: &SimConfig,
+    settings: &RunSettings,
+    gpu_profile: &GpuProfile,
+) -> Result<RunOutput, RunError> {
     let mut scheduler = config.policy.build_with(crate::policies::PolicyOptions {
         predictor: config.predictor,
     });
-    let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
+    let mut backend = SimGpu::new(gpu_profile.clone(), config.block_size_tokens);
     let mut clock = VirtualClock::default();
     driver::run(
-        &config.settings(),
+        settings,
         workload,
         scheduler.as_mut(),
         &mut backend,

@@ -18,7 +18,7 @@ use engine::swap::backend::{EngineBackend, SwapEstimate, SwapExecutor};
 use engine::WallClock;
 use sim::driver::{CheckLevel, RunLimits, RunOutput, RunSettings};
 use sim::experiment::SimConfig;
-use sim::time::{SimTime, VirtualClock};
+use sim::time::SimTime;
 use sim::workload::Workload;
 use sim::PolicyKind;
 use traces::{RunSummary, StepRecord, SwapRecord, WorkloadSpec};
@@ -553,6 +553,7 @@ fn prefill_warmup(
     block_size: usize,
 ) -> Result<usize> {
     let blocks_available = model.kv_pool().num_blocks();
+    let vocab = model.config.vocab_size.max(1) as u32;
     let mut sizes: Vec<usize> = (512..=max_tokens).step_by(512).collect();
     if max_tokens >= 512 && max_tokens % 512 != 0 {
         sizes.push(max_tokens);
@@ -564,7 +565,6 @@ fn prefill_warmup(
             break;
         }
         let table: Vec<u32> = (0..blocks as u32).collect();
-        let vocab = model.config.vocab_size.max(1) as u32;
         let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7 + 1) % vocab).collect();
         model
             .forward(&[engine::batch::SeqStep {
@@ -932,27 +932,17 @@ fn simulate(
     info: &EngineInfo,
     settings: &RunSettings,
 ) -> Result<(RunSummary, Figures)> {
-    let mut scheduler = policy.build_with(sim::policies::PolicyOptions {
-        predictor: plan.base.predictor,
-    });
-    let mut gpu = sim::backend::SimGpu::new(plan.base.profile.clone(), args.block_size);
-    let mut clock = VirtualClock::default();
+    let mut config = plan.base.clone();
+    config.policy = policy;
     let mut sim_settings = settings.clone();
     sim_settings.limits = RunLimits::default();
-    let output = sim::driver::run(
-        &sim_settings,
-        &plan.workload,
-        scheduler.as_mut(),
-        &mut gpu,
-        &mut clock,
-    )
-    .with_context(|| format!("simulating {} / {}", plan.spec.name, policy.name()))?;
+    let output =
+        sim::experiment::simulate_with(&plan.workload, &config, &sim_settings, &config.profile)
+            .with_context(|| format!("simulating {} / {}", plan.spec.name, policy.name()))?;
     let inputs = summary_inputs(args, plan, policy, &output, info);
     let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
     let figures = figures(&output.steps, &output.swaps, output.end_time);
     if !args.no_write {
-        let mut config = plan.base.clone();
-        config.policy = policy;
         let mut manifest = sim::experiment::manifest(
             &plan.spec,
             plan.agents,
