@@ -42,6 +42,13 @@ pub struct FitArgs {
     /// 512-2048 and prefills of 512-4096 tokens, the shapes a real run visits too rarely.
     #[arg(long = "bench", value_name = "FILE")]
     pub bench: Vec<PathBuf>,
+    /// Also fit what copies cost a step running beside them, from a copy-interference measurement
+    /// (the JSON `djinn engine swap-bench --interference-rounds N --json` writes, e.g.
+    /// engine/bench/s3/swap_interference_s3_call2.json): the engine's decode step with swap-in,
+    /// swap-out or both at measured rates, and its slowdown. Sets each channel's
+    /// `step_memory_bytes_per_copied_byte`; without it they stay the base profile's.
+    #[arg(long = "interference", value_name = "FILE")]
+    pub interference: Vec<PathBuf>,
     /// Profile whose model facts (sizes, memory) and starting coefficients the fit keeps.
     #[arg(long, default_value = calibration::DEFAULT_PROFILE, value_name = "NAME|PATH")]
     pub base: String,
@@ -193,9 +200,35 @@ fn run_fit(args: FitArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join("; ")
     );
-    let report = fit::fit_profile(&base, &traces, &name, &source, devices[0])
+    let mut report = fit::fit_profile(&base, &traces, &name, &source, devices[0])
         .context("fitting the step coefficients")?;
     print!("{}", fit_table(&base, &report, &runs));
+    if !args.interference.is_empty() {
+        let mut points = Vec::new();
+        for path in &args.interference {
+            points.extend(interference_points(path)?);
+        }
+        let profile = &mut report.profile;
+        let fitted = fit::fit_copy_interference(
+            &points,
+            profile.cost.memory_bandwidth_bytes_per_s,
+            profile.host_to_device.step_memory_bytes_per_copied_byte,
+            profile.device_to_host.step_memory_bytes_per_copied_byte,
+        )
+        .context("the interference files have no point with copy traffic")?;
+        profile.host_to_device.step_memory_bytes_per_copied_byte = fitted.h2d_cost;
+        profile.device_to_host.step_memory_bytes_per_copied_byte = fitted.d2h_cost;
+        profile.provenance.source.push_str(&format!(
+            "; copy costs to steps fitted to {} interference point(s) of {}",
+            points.len(),
+            args.interference
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        print!("{}", interference_table(&fitted, profile));
+    }
     if let Some(out) = &args.out {
         report
             .profile
@@ -267,6 +300,118 @@ fn bench_steps(path: &Path) -> Result<Vec<StepRecord>> {
         bail!("{}: no djinn-cuda rows", path.display());
     }
     Ok(steps)
+}
+
+/// The swap engine's operating points of a copy-interference file: the `interference summary`
+/// rows whose victim is the engine's decode step and whose aggressor is the swap engine. Each row's
+/// `ratio` is the step's busy / quiet time (median over rounds); its note names each direction's
+/// rate as `swap-out: <GB> GB moved at <rate> GB/s while running` (and `swap-in: ...`).
+fn interference_points(path: &Path) -> Result<Vec<fit::InterferencePoint>> {
+    let json: serde_json::Value = traces::read_json(path)?;
+    let rows = json
+        .get("rows")
+        .and_then(|r| r.as_array())
+        .with_context(|| {
+            format!(
+                "{}: no `rows` array (not a `djinn engine swap-bench` JSON file?)",
+                path.display()
+            )
+        })?;
+    let mut points = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let text = |name: &str| row.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let row_name = text("name");
+        if text("section") != "interference summary"
+            || !row_name.starts_with("engine decode")
+            || !row_name.contains("swap engine DMA")
+        {
+            continue;
+        }
+        let ratio = row
+            .get("ratio")
+            .and_then(|v| v.as_f64())
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .with_context(|| {
+                format!(
+                    "{}: rows[{i}].ratio missing or not a positive number",
+                    path.display()
+                )
+            })?;
+        let note = text("note");
+        let rate = |direction: &str| -> Result<f64> {
+            let key = format!("swap-{direction}: ");
+            let Some(at) = note.find(&key) else {
+                return Ok(0.0);
+            };
+            let rest = &note[at + key.len()..];
+            let parsed = rest
+                .split_once(" GB moved at ")
+                .and_then(|(_, r)| r.split_once(" GB/s"))
+                .and_then(|(r, _)| r.trim().parse::<f64>().ok())
+                .filter(|r| r.is_finite() && *r >= 0.0);
+            parsed.map(|gbps| gbps * 1e9).with_context(|| {
+                format!(
+                    "{}: rows[{i}].note: expected `swap-{direction}: <GB> GB moved at <rate> GB/s` after `{key}`",
+                    path.display()
+                )
+            })
+        };
+        // "swap engine DMA: both directions, 2 x 1 GiB queued ... (out full speed, in capped 34 GB/s)"
+        // -> "<file>: both directions (out full speed, in capped 34 GB/s)".
+        let aggressor = row_name
+            .split('|')
+            .nth(1)
+            .unwrap_or(row_name)
+            .trim()
+            .trim_start_matches("swap engine DMA: ");
+        let what = aggressor.split(',').next().unwrap_or(aggressor);
+        let rates = aggressor.find(" (").map_or("", |at| &aggressor[at..]);
+        let file = path
+            .file_stem()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned());
+        let label = format!("{file}: {what}{rates}");
+        points.push(fit::InterferencePoint {
+            label,
+            h2d_bytes_per_s: rate("in")?,
+            d2h_bytes_per_s: rate("out")?,
+            slowdown: ratio - 1.0,
+        });
+    }
+    if points.is_empty() {
+        bail!(
+            "{}: no `interference summary` rows of the engine decode step beside the swap engine (written by `djinn engine swap-bench --interference-rounds N`)",
+            path.display()
+        );
+    }
+    Ok(points)
+}
+
+fn interference_table(fitted: &fit::InterferenceFit, profile: &GpuProfile) -> String {
+    let mut out = format!(
+        "\ncopy costs to a step beside them (memory bytes per copied byte, at {:.0} GB/s): host->device {:.3}, device->host {:.3}\n",
+        profile.cost.memory_bandwidth_bytes_per_s / 1e9,
+        fitted.h2d_cost,
+        fitted.d2h_cost
+    );
+    out.push_str(&format!(
+        "{:<90} {:>8} {:>8} {:>9} {:>9}\n",
+        "operating point (engine decode step beside the swap engine)",
+        "in GB/s",
+        "out GB/s",
+        "measured",
+        "model"
+    ));
+    for (p, predicted) in &fitted.predicted {
+        out.push_str(&format!(
+            "{:<90} {:>8.1} {:>8.1} {:>9} {:>9}\n",
+            p.label.chars().take(90).collect::<String>(),
+            p.h2d_bytes_per_s / 1e9,
+            p.d2h_bytes_per_s / 1e9,
+            format!("+{:.2}%", 100.0 * p.slowdown),
+            format!("+{:.2}%", 100.0 * predicted)
+        ));
+    }
+    out
 }
 
 fn pct(x: f64) -> String {

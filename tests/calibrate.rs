@@ -8,6 +8,12 @@ use common::{djinn, fails_with, temp};
 
 const RUNS: &str = "engine/bench/real-runs/merged/seed-cliff";
 const BENCH: &str = "engine/bench/h100_llama2_7b_bench_s2.json";
+/// The decode step beside the swap engine at measured rates (session 3, H100).
+const INTERFERENCE: [&str; 3] = [
+    "engine/bench/s3/swap_interference_s3_call1.json",
+    "engine/bench/s3/swap_interference_s3_call2.json",
+    "engine/bench/s3/swap_interference_s3_call3_crossing.json",
+];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -25,6 +31,7 @@ fn fit_reproduces_the_shipped_fitted_profile_from_the_shipped_traces() {
     let out = djinn()
         .current_dir(root())
         .args(["calibrate", "fit", RUNS, "--bench", BENCH])
+        .args(INTERFERENCE.iter().flat_map(|f| ["--interference", f]))
         .args(["--name", "h100-80gb-llama2-7b-fp16-fitted", "-o"])
         .arg(&out_path)
         .output()
@@ -62,6 +69,22 @@ fn fit_reproduces_the_shipped_fitted_profile_from_the_shipped_traces() {
             "{key}: {a} vs shipped {b}"
         );
     }
+    // What copies cost a decode step beside them: a byte written into HBM (host->device) costs
+    // the step more than a byte read (device->host), as measured.
+    let cost = |profile: &serde_json::Value, channel: &str| {
+        profile[channel]["step_memory_bytes_per_copied_byte"]
+            .as_f64()
+            .unwrap()
+    };
+    for channel in ["host_to_device", "device_to_host"] {
+        let (a, b) = (cost(&fitted, channel), cost(&shipped, channel));
+        assert!((a - b).abs() <= 1e-6 * b, "{channel}: {a} vs shipped {b}");
+    }
+    assert!(cost(&fitted, "host_to_device") > 2.0 * cost(&fitted, "device_to_host"));
+    assert!(
+        stdout.contains("copy costs to a step beside them"),
+        "{stdout}"
+    );
     let fit_error = fitted["provenance"]["fit_error"].as_f64().unwrap();
     assert!(fit_error < 0.06, "fit error {fit_error}");
     // The analytic profile's error on the same steps is printed beside it and is worse.
@@ -148,6 +171,40 @@ fn bad_calibration_inputs_exit_2_naming_the_problem() {
             bench.to_str().unwrap(),
         ],
         "rows[0].ms_p50",
+    );
+    // An interference file without the swap engine's operating points, and one whose note has
+    // lost its rate.
+    let interference = dir.join("interference.json");
+    std::fs::write(
+        &interference,
+        r#"{"rows": [{"section": "floor", "name": "x"}]}"#,
+    )
+    .unwrap();
+    let fit_with = |file: &std::path::Path| {
+        vec![
+            "calibrate".to_string(),
+            "fit".into(),
+            runs.clone(),
+            "--interference".into(),
+            file.to_str().unwrap().into(),
+        ]
+    };
+    let args = fit_with(&interference);
+    fails_with(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "no `interference summary` rows",
+    );
+    std::fs::write(
+        &interference,
+        r#"{"rows": [{"section": "interference summary", "ratio": 1.05,
+            "name": "engine decode (b32) | swap engine DMA: swap-in only (in full speed)",
+            "note": "swap-in: 40 GB moved at fast GB/s while running"}]}"#,
+    )
+    .unwrap();
+    let args = fit_with(&interference);
+    fails_with(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "rows[0].note",
     );
     fails_with(
         &["calibrate", "validate", &runs, "--profile", "h900-nope"],

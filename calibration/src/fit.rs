@@ -351,6 +351,7 @@ pub fn fit_channel(base: &CopyChannel, swaps: &[&SwapRecord]) -> Option<(CopyCha
         CopyChannel {
             latency_ns: base.latency_ns,
             bandwidth_bytes_per_s: bandwidth,
+            step_memory_bytes_per_copied_byte: base.step_memory_bytes_per_copied_byte,
         },
         ChannelFit {
             swaps: usable.len(),
@@ -358,6 +359,98 @@ pub fn fit_channel(base: &CopyChannel, swaps: &[&SwapRecord]) -> Option<(CopyCha
             bandwidth_bytes_per_s: bandwidth,
         },
     ))
+}
+
+/// One operating point of a copy-interference measurement (`djinn engine swap-bench
+/// --interference-rounds N`): the copy rates beside a memory-bound step, and how much slower the
+/// step ran than without them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InterferencePoint {
+    pub label: String,
+    pub h2d_bytes_per_s: f64,
+    pub d2h_bytes_per_s: f64,
+    /// Relative slowdown of the step: 0.05 = 5% slower.
+    pub slowdown: f64,
+}
+
+/// The fitted copy costs (`CopyChannel::step_memory_bytes_per_copied_byte`) and, per point, the
+/// slowdown the fitted profile predicts for a memory-bound step.
+#[derive(Clone, Debug)]
+pub struct InterferenceFit {
+    pub h2d_cost: f64,
+    pub d2h_cost: f64,
+    pub predicted: Vec<(InterferencePoint, f64)>,
+}
+
+/// Least squares of `slowdown = (h2d_cost x h2d rate + d2h_cost x d2h rate) / memory bandwidth`
+/// (the slowdown `GpuProfile::step_ns_beside_copies` gives a memory-bound step), with both costs
+/// >= 0 and no intercept (no copy, no slowdown). A direction no point exercises keeps
+/// `keep_h2d` / `keep_d2h`. `None` when no point has any copy traffic.
+pub fn fit_copy_interference(
+    points: &[InterferencePoint],
+    memory_bandwidth_bytes_per_s: f64,
+    keep_h2d: f64,
+    keep_d2h: f64,
+) -> Option<InterferenceFit> {
+    let x: Vec<(f64, f64, f64)> = points
+        .iter()
+        .map(|p| {
+            (
+                p.h2d_bytes_per_s / memory_bandwidth_bytes_per_s,
+                p.d2h_bytes_per_s / memory_bandwidth_bytes_per_s,
+                p.slowdown,
+            )
+        })
+        .collect();
+    let (s11, s12, s22, s1y, s2y) = x.iter().fold((0.0, 0.0, 0.0, 0.0, 0.0), |a, &(u, v, y)| {
+        (
+            a.0 + u * u,
+            a.1 + u * v,
+            a.2 + v * v,
+            a.3 + u * y,
+            a.4 + v * y,
+        )
+    });
+    let one = |sxx: f64, sxy: f64| if sxx > 0.0 { (sxy / sxx).max(0.0) } else { 0.0 };
+    let (h2d_cost, d2h_cost) = match (s11 > 0.0, s22 > 0.0) {
+        (false, false) => return None,
+        (true, false) => (one(s11, s1y), keep_d2h),
+        (false, true) => (keep_h2d, one(s22, s2y)),
+        (true, true) => {
+            let det = s11 * s22 - s12 * s12;
+            let joint = if det > 1e-12 * s11 * s22 {
+                Some(((s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det))
+            } else {
+                None
+            };
+            match joint {
+                Some((a, b)) if a >= 0.0 && b >= 0.0 => (a, b),
+                // On the boundary: the better of the two one-direction fits.
+                _ => {
+                    let sse = |a: f64, b: f64| -> f64 {
+                        x.iter().map(|&(u, v, y)| (y - a * u - b * v).powi(2)).sum()
+                    };
+                    let only_h2d = (one(s11, s1y), 0.0);
+                    let only_d2h = (0.0, one(s22, s2y));
+                    if sse(only_h2d.0, only_h2d.1) <= sse(only_d2h.0, only_d2h.1) {
+                        only_h2d
+                    } else {
+                        only_d2h
+                    }
+                }
+            }
+        }
+    };
+    let predicted = points
+        .iter()
+        .zip(&x)
+        .map(|(p, &(u, v, _))| (p.clone(), h2d_cost * u + d2h_cost * v))
+        .collect();
+    Some(InterferenceFit {
+        h2d_cost,
+        d2h_cost,
+        predicted,
+    })
 }
 
 /// One real run's records, named.
@@ -550,6 +643,7 @@ mod tests {
         let base = CopyChannel {
             latency_ns: 10_000,
             bandwidth_bytes_per_s: 55e9,
+            step_memory_bytes_per_copied_byte: 0.0,
         };
         let a = swap(1 << 30, 20_010_000);
         let b = swap(1 << 30, 20_010_000);
@@ -558,6 +652,37 @@ mod tests {
         let want = (2u64 << 30) as f64 / 40_000_000.0 * 1e9;
         assert!((channel.bandwidth_bytes_per_s / want - 1.0).abs() < 1e-9);
         assert!(fit_channel(&base, &[]).is_none());
+    }
+
+    #[test]
+    fn copy_interference_recovers_known_costs_and_stays_non_negative() {
+        let bw = 2.5e12;
+        let point = |h2d_gbps: f64, d2h_gbps: f64, cost_in: f64, cost_out: f64| InterferencePoint {
+            label: format!("{h2d_gbps}/{d2h_gbps}"),
+            h2d_bytes_per_s: h2d_gbps * 1e9,
+            d2h_bytes_per_s: d2h_gbps * 1e9,
+            slowdown: (cost_in * h2d_gbps + cost_out * d2h_gbps) * 1e9 / bw,
+        };
+        let points = [
+            point(50.0, 0.0, 2.2, 0.7),
+            point(0.0, 50.0, 2.2, 0.7),
+            point(30.0, 48.0, 2.2, 0.7),
+        ];
+        let fit = fit_copy_interference(&points, bw, 9.0, 9.0).unwrap();
+        assert!((fit.h2d_cost - 2.2).abs() < 1e-9, "{}", fit.h2d_cost);
+        assert!((fit.d2h_cost - 0.7).abs() < 1e-9, "{}", fit.d2h_cost);
+        for (p, predicted) in &fit.predicted {
+            assert!((predicted - p.slowdown).abs() < 1e-12);
+        }
+        // Only swap-in measured: swap-out keeps the given cost.
+        let fit = fit_copy_interference(&points[..1], bw, 9.0, 0.5).unwrap();
+        assert!((fit.h2d_cost - 2.2).abs() < 1e-9);
+        assert_eq!(fit.d2h_cost, 0.5);
+        // Data that wants a negative swap-out cost gets 0, not a negative one.
+        let odd = [point(50.0, 0.0, 2.0, 0.0), point(50.0, 50.0, 1.5, 0.0)];
+        let fit = fit_copy_interference(&odd, bw, 0.0, 0.0).unwrap();
+        assert!(fit.h2d_cost > 0.0 && fit.d2h_cost == 0.0);
+        assert!(fit_copy_interference(&[point(0.0, 0.0, 1.0, 1.0)], bw, 0.0, 0.0).is_none());
     }
 
     #[test]

@@ -116,9 +116,22 @@ impl SimGpu {
         }
     }
 
-    /// The step time of a batch, in nanoseconds (the profile's cost form, `GpuProfile::step_ns`).
+    /// The step time of a batch with no copy running, in nanoseconds (the profile's cost form,
+    /// `GpuProfile::step_ns`).
     pub fn step_ns(&self, batch: &StepBatch) -> u64 {
         self.profile.step_ns(&step_shape(batch)).round() as u64
+    }
+
+    /// The step time of a batch starting at `now`, beside the copies queued on the two channels by
+    /// then (`GpuProfile::step_ns_beside_copies`; equal to `step_ns` when the profile's channels
+    /// cost steps nothing, as in every analytic profile). Copies started during the step are not
+    /// counted: the step's time is fixed when it starts, which keeps the run loop event-ordered.
+    pub fn step_ns_at(&self, now: SimTime, batch: &StepBatch) -> u64 {
+        let h2d_busy_ns = self.h2d_free_at.saturating_sub(now).as_nanos() as f64;
+        let d2h_busy_ns = self.d2h_free_at.saturating_sub(now).as_nanos() as f64;
+        self.profile
+            .step_ns_beside_copies(&step_shape(batch), h2d_busy_ns, d2h_busy_ns)
+            .round() as u64
     }
 
     pub fn swap_ns(&self, direction: SwapDirection, bytes: u64) -> u64 {
@@ -144,11 +157,11 @@ impl Backend for SimGpu {
 
     fn execute_step(
         &mut self,
-        _now: SimTime,
+        now: SimTime,
         batch: &StepBatch,
         _kv: &KvManager,
     ) -> Result<u64, BackendError> {
-        Ok(self.step_ns(batch).max(1))
+        Ok(self.step_ns_at(now, batch).max(1))
     }
 
     fn start_swap(
@@ -205,5 +218,68 @@ pub fn step_shape(batch: &StepBatch) -> traces::StepShape {
         decode_sequences: batch.decode.len() as f64,
         decode_context_tokens: batch.decode_context_tokens() as f64,
         sequences: (batch.prefill.len() + batch.decode.len()) as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(copy_cost: f64) -> GpuProfile {
+        let mut p: GpuProfile = serde_json::from_str(include_str!(
+            "../../calibration/profiles/h100-llama2-7b.json"
+        ))
+        .unwrap();
+        p.host_to_device.step_memory_bytes_per_copied_byte = copy_cost;
+        p
+    }
+
+    /// Batch 32 at context 2048: a memory-bound decode step.
+    fn decode_batch() -> StepBatch {
+        StepBatch {
+            prefill: vec![],
+            decode: (0..32)
+                .map(|agent| BatchSeq {
+                    agent,
+                    context_tokens: 2048,
+                    tokens: 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn swap_in(gpu: &mut SimGpu, kv: &KvManager, at: SimTime, blocks: u32) -> u64 {
+        let job = SwapJob {
+            id: 0,
+            agent: 0,
+            direction: SwapDirection::In,
+            pairs: (0..blocks).map(|b| (b, b)).collect(),
+        };
+        gpu.start_swap(at, &job, kv).unwrap();
+        gpu.channel_busy_until(SwapDirection::In).as_nanos() - at.as_nanos()
+    }
+
+    #[test]
+    fn a_step_beside_a_swap_in_slows_only_when_copies_cost_steps() {
+        let kv = KvManager::new(16, 4096, 4096, 1);
+        let batch = decode_batch();
+        let start = SimTime::from_millis(1);
+        // Free copies (the analytic profile): the same step time with or without a swap queued.
+        let mut free = SimGpu::new(profile(0.0), 16);
+        let quiet_ns = free.step_ns(&batch);
+        swap_in(&mut free, &kv, start, 256);
+        assert_eq!(free.execute_step(start, &batch, &kv).unwrap(), quiet_ns);
+        // Costly copies: a 2 GiB swap-in outlasting the step slows it by cost x rate / bandwidth.
+        let mut costly = SimGpu::new(profile(2.5), 16);
+        let busy_ns = swap_in(&mut costly, &kv, start, 256);
+        assert!(busy_ns > quiet_ns);
+        let p = profile(2.5);
+        let want =
+            2.5 * p.host_to_device.bandwidth_bytes_per_s / p.cost.memory_bandwidth_bytes_per_s;
+        let got = costly.execute_step(start, &batch, &kv).unwrap() as f64 / quiet_ns as f64 - 1.0;
+        assert!((got - want).abs() < 1e-4, "slowdown {got}, want {want}");
+        // After the swap has finished, steps are quiet again.
+        let later = SimTime(start.as_nanos() + busy_ns);
+        assert_eq!(costly.execute_step(later, &batch, &kv).unwrap(), quiet_ns);
     }
 }

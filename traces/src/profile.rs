@@ -7,14 +7,23 @@ use serde::{Deserialize, Serialize};
 use crate::io::{parse_json, read_text, TraceError};
 
 /// A copy channel (one direction of PCIe): `t = latency + bytes / bandwidth`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CopyChannel {
     pub latency_ns: u64,
     pub bandwidth_bytes_per_s: f64,
+    /// What a copy of this channel costs a step that runs beside it: each copied byte takes this
+    /// many bytes of the step's own memory traffic (`GpuProfile::step_ns_beside_copies`). On an
+    /// H100 a byte the copy engine *writes* into HBM costs a memory-bound decode step about 2.2
+    /// bytes (bus turnarounds), a byte it *reads* about 0.7 (engine/NOTES-swap.md, session 3).
+    /// Absent in a file = 0 (copies are free to steps) and not written when 0, so older profiles
+    /// and their outputs stay byte-identical.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub step_memory_bytes_per_copied_byte: f64,
 }
 
-/// The step-time model, form `roofline-v1`:
+/// The step-time model, form `roofline-v1` (with copies beside the step, `memory_ns` grows by
+/// `GpuProfile::step_ns_beside_copies`'s stolen bytes):
 ///
 /// ```text
 /// memory_ns  = (weight_bytes + kv_bytes_per_token * (decode context tokens + prefill context tokens read))
@@ -140,6 +149,44 @@ pub struct GpuProfile {
 impl GpuProfile {
     /// The time of one step of this shape, in nanoseconds (unrounded), by the cost form.
     pub fn step_ns(&self, shape: &StepShape) -> f64 {
+        let (memory_ns, compute_ns) = self.memory_and_compute_ns(shape);
+        self.combine(shape, memory_ns, compute_ns)
+    }
+
+    /// The time of one step that starts while copies are queued: the host-to-device channel stays
+    /// busy for `h2d_busy_ns` from the step's start, the device-to-host one for `d2h_busy_ns`.
+    /// The bytes each channel copies during the step (as long as the quiet step lasts, at most)
+    /// take `step_memory_bytes_per_copied_byte` times as many bytes from the step's memory time;
+    /// compute is untouched, so a compute-bound prefill hardly notices while a memory-bound decode
+    /// step slows by `cost x copy rate / memory bandwidth`. Channels with a zero cost (every
+    /// analytic profile) give exactly `step_ns`.
+    pub fn step_ns_beside_copies(
+        &self,
+        shape: &StepShape,
+        h2d_busy_ns: f64,
+        d2h_busy_ns: f64,
+    ) -> f64 {
+        let (memory_ns, compute_ns) = self.memory_and_compute_ns(shape);
+        let quiet_ns = self.combine(shape, memory_ns, compute_ns);
+        let stolen_bytes: f64 = [
+            (&self.host_to_device, h2d_busy_ns),
+            (&self.device_to_host, d2h_busy_ns),
+        ]
+        .iter()
+        .filter(|(ch, busy)| ch.step_memory_bytes_per_copied_byte > 0.0 && *busy > 0.0)
+        .map(|(ch, busy)| {
+            ch.step_memory_bytes_per_copied_byte * ch.bandwidth_bytes_per_s * busy.min(quiet_ns)
+                / 1e9
+        })
+        .sum();
+        if stolen_bytes == 0.0 {
+            return quiet_ns;
+        }
+        let stolen_ns = stolen_bytes / self.cost.memory_bandwidth_bytes_per_s * 1e9;
+        self.combine(shape, memory_ns + stolen_ns, compute_ns)
+    }
+
+    fn memory_and_compute_ns(&self, shape: &StepShape) -> (f64, f64) {
         let c = &self.cost;
         let memory_ns = (self.weight_bytes as f64
             + self.kv_bytes_per_token as f64
@@ -153,6 +200,11 @@ impl GpuProfile {
                 * (shape.prefill_attention_pairs + shape.decode_context_tokens)
                 / c.attention_flops_per_s
                 * 1e9;
+        (memory_ns, compute_ns)
+    }
+
+    fn combine(&self, shape: &StepShape, memory_ns: f64, compute_ns: f64) -> f64 {
+        let c = &self.cost;
         let step =
             c.step_overhead_ns + c.per_sequence_ns * shape.sequences + memory_ns.max(compute_ns);
         if c.serial_fraction == 0.0 {
@@ -251,6 +303,20 @@ impl GpuProfile {
             "device_to_host.bandwidth_bytes_per_s",
             self.device_to_host.bandwidth_bytes_per_s,
         )?;
+        for (field, ch) in [
+            ("host_to_device", &self.host_to_device),
+            ("device_to_host", &self.device_to_host),
+        ] {
+            // Above ~100 a copy of a few GB/s would stop a memory-bound step: not a card, a typo.
+            let v = ch.step_memory_bytes_per_copied_byte;
+            if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
+                return Err(TraceError::invalid(
+                    path,
+                    format!("{field}.step_memory_bytes_per_copied_byte"),
+                    format!("must be a number in [0, 100], got {v}"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -284,10 +350,12 @@ mod tests {
             host_to_device: CopyChannel {
                 latency_ns: 0,
                 bandwidth_bytes_per_s: 1e9,
+                step_memory_bytes_per_copied_byte: 0.0,
             },
             device_to_host: CopyChannel {
                 latency_ns: 0,
                 bandwidth_bytes_per_s: 1e9,
+                step_memory_bytes_per_copied_byte: 0.0,
             },
             provenance: Provenance {
                 kind: "analytic".into(),
@@ -317,6 +385,56 @@ mod tests {
         close(p.step_ns(&shape), 100.0 + 10.0 + 1_001_000.0 + 2_000.0);
         p.cost.serial_fraction = 0.5;
         close(p.step_ns(&shape), 100.0 + 10.0 + 1_001_000.0 + 1_000.0);
+    }
+
+    #[test]
+    fn copies_beside_a_step_take_memory_time_only_while_they_run() {
+        // The decode step above: 1,001,110 ns quiet, memory-bound. Copies at 1e9 B/s (the test
+        // profile's channels); a written byte costs 2 memory bytes, a read byte 0.5.
+        let decode = StepShape {
+            decode_sequences: 1.0,
+            decode_context_tokens: 1_000.0,
+            sequences: 1.0,
+            ..StepShape::default()
+        };
+        let mut p = profile();
+        let quiet = p.step_ns(&decode);
+        let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // Free copies (every analytic profile): exactly the quiet step, whatever is queued.
+        close(p.step_ns_beside_copies(&decode, 5e6, 5e6), quiet);
+        p.host_to_device.step_memory_bytes_per_copied_byte = 2.0;
+        p.device_to_host.step_memory_bytes_per_copied_byte = 0.5;
+        close(p.step_ns_beside_copies(&decode, 0.0, 0.0), quiet);
+        // Both channels busy the whole step: (2 + 0.5) x 1e9 B/s x quiet / 1e12 B/s more memory time.
+        close(
+            p.step_ns_beside_copies(&decode, 1e9, 1e9),
+            quiet + 2.5e-3 * quiet,
+        );
+        // A swap-in that ends 100 us into the step steals only 100 us of copying.
+        close(
+            p.step_ns_beside_copies(&decode, 100_000.0, 0.0),
+            quiet + 2.0 * 1e9 * 1e-4 / 1e12 * 1e9,
+        );
+        // A compute-bound step hides the stolen memory time under its compute.
+        let prefill = StepShape {
+            prefill_tokens: 4_000_000.0,
+            prefill_context_read_tokens: 4_000_000.0,
+            sequences: 1.0,
+            ..StepShape::default()
+        };
+        close(
+            p.step_ns_beside_copies(&prefill, 1e12, 1e12),
+            p.step_ns(&prefill),
+        );
+        p.host_to_device.step_memory_bytes_per_copied_byte = 101.0;
+        let err = p.validate(Path::new("p.json")).unwrap_err().to_string();
+        assert!(
+            err.contains("host_to_device.step_memory_bytes_per_copied_byte"),
+            "{err}"
+        );
+        // Absent in a file means 0, and 0 is not written back.
+        let text = serde_json::to_string(&profile()).unwrap();
+        assert!(!text.contains("step_memory_bytes_per_copied_byte"));
     }
 
     #[test]
