@@ -240,20 +240,23 @@ fn run_fit(args: FitArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `rows` array of a benchmark JSON file that `writer` (a djinn command) writes.
+fn json_rows(path: &Path, writer: &str) -> Result<Vec<serde_json::Value>> {
+    let mut json: serde_json::Value = traces::read_json(path)?;
+    match json.get_mut("rows").map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(rows)) => Ok(rows),
+        _ => bail!(
+            "{}: no `rows` array (not a `{writer}` JSON file?)",
+            path.display()
+        ),
+    }
+}
+
 /// The engine benchmark's own rows (system `djinn-cuda`) as step records: a decode row of batch b
 /// at context n is b sequences attending to n tokens each; a prefill row of n tokens starts from
 /// an empty cache.
 fn bench_steps(path: &Path) -> Result<Vec<StepRecord>> {
-    let json: serde_json::Value = traces::read_json(path)?;
-    let rows = json
-        .get("rows")
-        .and_then(|r| r.as_array())
-        .with_context(|| {
-            format!(
-                "{}: no `rows` array (not a `djinn engine bench` JSON file?)",
-                path.display()
-            )
-        })?;
+    let rows = json_rows(path, "djinn engine bench")?;
     let mut steps = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         if row.get("system").and_then(|s| s.as_str()) != Some("djinn-cuda") {
@@ -307,16 +310,7 @@ fn bench_steps(path: &Path) -> Result<Vec<StepRecord>> {
 /// `ratio` is the step's busy / quiet time (median over rounds); its note names each direction's
 /// rate as `swap-out: <GB> GB moved at <rate> GB/s while running` (and `swap-in: ...`).
 fn interference_points(path: &Path) -> Result<Vec<fit::InterferencePoint>> {
-    let json: serde_json::Value = traces::read_json(path)?;
-    let rows = json
-        .get("rows")
-        .and_then(|r| r.as_array())
-        .with_context(|| {
-            format!(
-                "{}: no `rows` array (not a `djinn engine swap-bench` JSON file?)",
-                path.display()
-            )
-        })?;
+    let rows = json_rows(path, "djinn engine swap-bench")?;
     let mut points = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let text = |name: &str| row.get(name).and_then(|v| v.as_str()).unwrap_or("");
