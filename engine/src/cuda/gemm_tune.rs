@@ -8,9 +8,10 @@
 //! prompt lengths tunes once per bucket, not once per length. Only eager (never graph-captured)
 //! prefill GEMMs come here; decode GEMMs stay on `cublasGemmEx`.
 //!
-//! A GEMM that adds into its output (`GemmOut::AddF32` / `GemmOut::AddHalf`: o_proj and down_proj
-//! adding into the f32 or fp16/bf16 residual stream, beta = 1) is timed on the real operands too, so
-//! the output is saved to a scratch buffer first and restored after the timing runs.
+//! A GEMM that adds into its output (`GemmOut::AddF32` / `GemmOut::AddHalf`: o_proj and
+//! down_proj adding into the f32 or fp16/bf16 residual stream, beta = 1) is timed on the real
+//! operands too, so the output is saved to a scratch buffer first and restored after the timing
+//! runs.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -111,8 +112,9 @@ pub(crate) struct GemmArgs {
     pub n: usize,
     pub k: usize,
     pub out: GemmOut,
-    /// For an accumulating `out`: a device buffer of at least m * n * `out.elem_bytes()` bytes that is free during this
-    /// GEMM (the output is saved there while candidates are timed); 0: such GEMMs are not tuned.
+    /// For an accumulating `out`: a device buffer of at least m * n * `out.elem_bytes()` bytes
+    /// that is free during this GEMM (the output is saved there while candidates are timed); 0:
+    /// such GEMMs are not tuned.
     pub scratch: u64,
     pub bf16: bool,
     pub workspace: u64,
