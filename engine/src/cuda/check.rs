@@ -364,6 +364,21 @@ pub fn self_consistency(
                 &mut results,
             );
         }
+        // (6) The residual stream in the weights' type (the default for steps this long) against
+        // the f32 stream on the same long prompt: one rounding per residual add, 2 x layers adds.
+        let half_from = model.half_residual_min_tokens();
+        if long >= half_from {
+            eprintln!("consistency: fp16 vs f32 residual stream ({long} tokens)");
+            model.set_half_residual_min_tokens(usize::MAX);
+            let f32_stream = model.forward_logits(&step);
+            model.set_half_residual_min_tokens(half_from);
+            record(
+                "prefill with the residual in the weights' type == with an f32 residual",
+                &tuned,
+                &f32_stream?,
+                &mut results,
+            );
+        }
     }
     Ok(results)
 }

@@ -8,9 +8,10 @@
 //! prompt lengths tunes once per bucket, not once per length. Only eager (never graph-captured)
 //! prefill GEMMs come here; decode GEMMs stay on `cublasGemmEx`.
 //!
-//! A GEMM that adds into its output (`GemmOut::AddF32`: o_proj and down_proj adding into the f32
-//! residual stream, beta = 1) is timed on the real operands too, so the output is saved to a
-//! scratch buffer first and restored after the timing runs.
+//! A GEMM that adds into its output (`GemmOut::AddF32` / `GemmOut::AddHalf`: o_proj and
+//! down_proj adding into the f32 or fp16/bf16 residual stream, beta = 1) is timed on the real
+//! operands too, so the output is saved to a scratch buffer first and restored after the timing
+//! runs.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -46,23 +47,37 @@ struct Plan {
     algo: Option<lsys::cublasLtMatmulAlgo_t>,
 }
 
-/// What a GEMM writes: `y` in the weights' type, `y` in f32, or `y += x · w^T` in f32 (beta = 1).
+/// What a GEMM writes: `y` in the weights' type, `y` in f32, `y += x · w^T` in f32 (beta = 1), or
+/// `y += x · w^T` in the weights' type (beta = 1; the sum is formed in f32 and rounded once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum GemmOut {
     Half,
     F32,
     AddF32,
+    AddHalf,
 }
 
 impl GemmOut {
     pub(crate) fn is_f32(self) -> bool {
-        self != GemmOut::Half
+        matches!(self, GemmOut::F32 | GemmOut::AddF32)
+    }
+    /// Whether the GEMM adds into its output (beta = 1).
+    pub(crate) fn accumulates(self) -> bool {
+        matches!(self, GemmOut::AddF32 | GemmOut::AddHalf)
     }
     pub(crate) fn beta(self) -> f32 {
-        if self == GemmOut::AddF32 {
+        if self.accumulates() {
             1.0
         } else {
             0.0
+        }
+    }
+    /// Bytes of one output element (fp16 and bf16 are both 2 bytes).
+    pub(crate) fn elem_bytes(self) -> usize {
+        if self.is_f32() {
+            4
+        } else {
+            2
         }
     }
     /// The `out_f32` argument of the GEMV kernels.
@@ -71,6 +86,7 @@ impl GemmOut {
             GemmOut::Half => 0,
             GemmOut::F32 => 1,
             GemmOut::AddF32 => 2,
+            GemmOut::AddHalf => 3,
         }
     }
 }
@@ -96,8 +112,9 @@ pub(crate) struct GemmArgs {
     pub n: usize,
     pub k: usize,
     pub out: GemmOut,
-    /// For `GemmOut::AddF32`: a device buffer of at least m * n * 4 bytes that is free during this
-    /// GEMM (the output is saved there while candidates are timed); 0: such GEMMs are not tuned.
+    /// For an accumulating `out`: a device buffer of at least m * n * `out.elem_bytes()` bytes
+    /// that is free during this GEMM (the output is saved there while candidates are timed); 0:
+    /// such GEMMs are not tuned.
     pub scratch: u64,
     pub bf16: bool,
     pub workspace: u64,
@@ -265,7 +282,7 @@ impl TunedGemm {
     ) -> Result<(), CudaError> {
         let shape = (a.m, a.n, a.k, a.out);
         let bucket = (a.m.div_ceil(ROW_BUCKET) * ROW_BUCKET, a.n, a.k, a.out);
-        if a.out == GemmOut::AddF32 && a.scratch == 0 {
+        if a.out.accumulates() && a.scratch == 0 {
             return gemm_ex();
         }
         if !self.plans.borrow().contains_key(&shape) {
@@ -342,8 +359,8 @@ impl TunedGemm {
             lt("cuBLASLt heuristic", status)?;
         }
         // Timing runs add into y again and again: save it (restored below, whatever happens).
-        let y_bytes = a.m * a.n * 4;
-        let accumulating = a.out == GemmOut::AddF32;
+        let y_bytes = a.m * a.n * a.out.elem_bytes();
+        let accumulating = a.out.accumulates();
         if accumulating {
             super::drv("saving a GEMM output before tuning", unsafe {
                 dr::memcpy_dtod_async(a.scratch, a.y, y_bytes, a.stream)
@@ -371,7 +388,11 @@ impl TunedGemm {
             a.m,
             a.n,
             a.k,
-            if accumulating { " (+= f32)" } else { "" },
+            match a.out {
+                GemmOut::AddF32 => " (+= f32)",
+                GemmOut::AddHalf => " (+= half)",
+                _ => "",
+            },
             timed.join(", "),
             flops / best_ms / 1e9
         ));

@@ -80,15 +80,47 @@ extern "C" __global__ void random_fill(T* out, u64 n, u64 seed, float scale, flo
 }
 
 // ------------------------------------------------------------------------------------------------
-// resid[t, :] = embed[tokens[t], :] (f32 residual stream).
-extern "C" __global__ void embed(const u32* tokens, const T* table, float* resid, int hidden) {
+// resid[t, :] = embed[tokens[t], :]. The residual stream is f32 (`embed`) or the weights' type T
+// (`embed_h`): steps of >= HALF_RESID_MIN_TOKENS (model.rs) use T, as HF's fp16 Llama does.
+template <typename R>
+__device__ __forceinline__ void embed_impl(const u32* tokens, const T* table, R* resid, int hidden) {
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x;
     const u64 row = tokens[t];
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        resid[(u64)t * hidden + i] = to_f(table[row * hidden + i]);
+        if constexpr (sizeof(R) == 4) resid[(u64)t * hidden + i] = to_f(table[row * hidden + i]);
+        else resid[(u64)t * hidden + i] = table[row * hidden + i];
     }
+}
+extern "C" __global__ void embed(const u32* tokens, const T* table, float* resid, int hidden) {
+    embed_impl(tokens, table, resid, hidden);
+}
+extern "C" __global__ void embed_h(const u32* tokens, const T* table, T* resid, int hidden) {
+    embed_impl(tokens, table, resid, hidden);
+}
+
+// Four consecutive residual elements (index i of the row in units of 4) as floats, and back. A T
+// residual is rounded once on the store, and the stored (rounded) values are what the norm uses.
+__device__ __forceinline__ float4 resid_load4(const float* row, int i) {
+    return reinterpret_cast<const float4*>(row)[i];
+}
+__device__ __forceinline__ float4 resid_load4(const T* row, int i) {
+    const uint2 raw = reinterpret_cast<const uint2*>(row)[i];
+    const float2 a = to_f2(*reinterpret_cast<const T2*>(&raw.x)), b = to_f2(*reinterpret_cast<const T2*>(&raw.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 resid_store4(float* row, int i, float4 v) {
+    reinterpret_cast<float4*>(row)[i] = v;
+    return v;
+}
+__device__ __forceinline__ float4 resid_store4(T* row, int i, float4 v) {
+    uint2 raw;
+    *reinterpret_cast<T2*>(&raw.x) = from_f2(v.x, v.y);
+    *reinterpret_cast<T2*>(&raw.y) = from_f2(v.z, v.w);
+    reinterpret_cast<uint2*>(row)[i] = raw;
+    const float2 a = to_f2(*reinterpret_cast<const T2*>(&raw.x)), b = to_f2(*reinterpret_cast<const T2*>(&raw.y));
+    return make_float4(a.x, a.y, b.x, b.y);
 }
 
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
@@ -105,12 +137,14 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // Fused residual add + RMSNorm. For output row r, source row s = row_index ? row_index[r] : r:
 //   if delta: resid[s] += delta[s];  out[r] = resid[s] * rsqrt(mean(resid[s]^2) + eps) * weight.
+// The residual R is f32 (`add_rmsnorm*`) or T (`add_rmsnorm*_h`), as chosen per step in model.rs.
 // With row_index it gathers the last token of each sequence for the LM head. 4 elements per step
 // (hidden is a multiple of 8). One pass over memory: each thread keeps its (up to NORM_KEEP) float4
 // of the row in registers between the sum of squares and the scaling; wider rows re-read the rest.
 #define NORM_KEEP 2
-__device__ __forceinline__ float4 norm_load(float4* x, const T* delta, u64 s, int hidden, int i) {
-    float4 v = x[i];
+template <typename R>
+__device__ __forceinline__ float4 norm_load(R* x, const T* delta, u64 s, int hidden, int i) {
+    float4 v = resid_load4(x, i);
     if (delta) {
         const uint2 raw = *reinterpret_cast<const uint2*>(delta + s * hidden + 4 * i);
         const float2 a = to_f2(*reinterpret_cast<const T2*>(&raw.x)), b = to_f2(*reinterpret_cast<const T2*>(&raw.y));
@@ -118,7 +152,7 @@ __device__ __forceinline__ float4 norm_load(float4* x, const T* delta, u64 s, in
         v.y += a.y;
         v.z += b.x;
         v.w += b.y;
-        x[i] = v;
+        v = resid_store4(x, i, v);
     }
     return v;
 }
@@ -132,15 +166,15 @@ __device__ __forceinline__ void norm_store(T* out_row, const T* weight, int i, f
     *reinterpret_cast<uint2*>(out_row + 4 * i) = o;
 }
 
-template <int KEEP>
-__device__ __forceinline__ void add_rmsnorm_impl(float* resid, const T* delta, const T* weight, T* out,
+template <int KEEP, typename R>
+__device__ __forceinline__ void add_rmsnorm_impl(R* resid, const T* delta, const T* weight, T* out,
                                                  const int* row_index, int hidden, float eps) {
     __shared__ float scratch[32];
     pdl_trigger();
     pdl_wait();
     const int r = blockIdx.x;
     const u64 s = row_index ? (u64)row_index[r] : (u64)r;
-    float4* x = reinterpret_cast<float4*>(resid + s * hidden);
+    R* x = resid + s * hidden;
     const int n4 = hidden / 4;
     const int kept = KEEP * blockDim.x;
     float sq = 0.0f;
@@ -164,11 +198,15 @@ __device__ __forceinline__ void add_rmsnorm_impl(float* resid, const T* delta, c
         const int i = threadIdx.x + j * blockDim.x;
         if (i < n4) norm_store(o, weight, i, keep[j], inv);
     }
-    for (int i = threadIdx.x + kept; i < n4; i += blockDim.x) norm_store(o, weight, i, x[i], inv);
+    for (int i = threadIdx.x + kept; i < n4; i += blockDim.x) norm_store(o, weight, i, resid_load4(x, i), inv);
 }
 
 extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm(float* resid, const T* delta, const T* weight, T* out,
                                                                   const int* row_index, int hidden, float eps) {
+    add_rmsnorm_impl<NORM_KEEP>(resid, delta, weight, out, row_index, hidden, eps);
+}
+extern "C" __global__ void __launch_bounds__(1024, 2) add_rmsnorm_h(T* resid, const T* delta, const T* weight, T* out,
+                                                                    const int* row_index, int hidden, float eps) {
     add_rmsnorm_impl<NORM_KEEP>(resid, delta, weight, out, row_index, hidden, eps);
 }
 
@@ -179,20 +217,106 @@ extern "C" __global__ void __launch_bounds__(256, 4) add_rmsnorm_rows(float* res
                                                                      float eps) {
     add_rmsnorm_impl<4>(resid, delta, weight, out, row_index, hidden, eps);
 }
+extern "C" __global__ void __launch_bounds__(256, 4) add_rmsnorm_rows_h(T* resid, const T* delta, const T* weight,
+                                                                       T* out, const int* row_index, int hidden,
+                                                                       float eps) {
+    add_rmsnorm_impl<4>(resid, delta, weight, out, row_index, hidden, eps);
+}
 
-// Two-pass form (re-reads the row for the scaling), kept for A/B: DJINN_CUDA_RMSNORM_V1=1.
-extern "C" __global__ void add_rmsnorm_v1(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
-                                       int hidden, float eps) {
+// T residual, many rows, 16-byte accesses (8 elements per step; hidden is a multiple of 8): 256 threads
+// per row, each keeping 2 uint4 of the row (hidden 4096) in registers. The default for a T residual;
+// DJINN_CUDA_NORM_ROWS_8B=1 selects add_rmsnorm_rows_h (8-byte accesses) for A/B.
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8]) {
+    const T2* p = reinterpret_cast<const T2*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 f = to_f2(p[k]);
+        v[2 * k] = f.x;
+        v[2 * k + 1] = f.y;
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+    uint4 raw;
+    T2* p = reinterpret_cast<T2*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) p[k] = from_f2(v[2 * k], v[2 * k + 1]);
+    return raw;
+}
+#define NORM8_KEEP 2
+extern "C" __global__ void __launch_bounds__(256, 4) add_rmsnorm_rows8_h(T* resid, const T* delta, const T* weight,
+                                                                        T* out, const int* row_index, int hidden,
+                                                                        float eps) {
     __shared__ float scratch[32];
     pdl_trigger();
     pdl_wait();
     const int r = blockIdx.x;
     const u64 s = row_index ? (u64)row_index[r] : (u64)r;
-    float4* x = reinterpret_cast<float4*>(resid + s * hidden);
+    uint4* x = reinterpret_cast<uint4*>(resid + s * hidden);
+    const uint4* d = delta ? reinterpret_cast<const uint4*>(delta + s * hidden) : nullptr;
+    const uint4* w = reinterpret_cast<const uint4*>(weight);
+    uint4* o = reinterpret_cast<uint4*>(out + (u64)r * hidden);
+    const int n8 = hidden / 8;
+    float sq = 0.0f;
+    uint4 keep[NORM8_KEEP];
+    // Loads first (all in flight), then the adds and sums.
+#pragma unroll
+    for (int j = 0; j < NORM8_KEEP; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n8) keep[j] = x[i];
+    }
+    auto load_add = [&](int i, uint4 raw) {
+        float v[8];
+        unpack8(raw, v);
+        if (d) {
+            float dv[8];
+            unpack8(d[i], dv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] += dv[k];
+            raw = pack8(v);  // rounded once; the norm uses the stored values
+            x[i] = raw;
+            unpack8(raw, v);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sq += v[k] * v[k];
+        return raw;
+    };
+#pragma unroll
+    for (int j = 0; j < NORM8_KEEP; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n8) keep[j] = load_add(i, keep[j]);
+    }
+    for (int i = threadIdx.x + NORM8_KEEP * blockDim.x; i < n8; i += blockDim.x) load_add(i, x[i]);
+    const float inv = rsqrtf(block_sum(sq, scratch) / (float)hidden + eps);
+    auto store = [&](int i, const uint4& raw) {
+        float v[8], wv[8];
+        unpack8(raw, v);
+        unpack8(w[i], wv);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] = v[k] * inv * wv[k];
+        o[i] = pack8(v);
+    };
+#pragma unroll
+    for (int j = 0; j < NORM8_KEEP; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n8) store(i, keep[j]);
+    }
+    for (int i = threadIdx.x + NORM8_KEEP * blockDim.x; i < n8; i += blockDim.x) store(i, x[i]);
+}
+
+// Two-pass form (re-reads the row for the scaling), kept for A/B: DJINN_CUDA_RMSNORM_V1=1.
+template <typename R>
+__device__ __forceinline__ void add_rmsnorm_v1_impl(R* resid, const T* delta, const T* weight, T* out,
+                                                    const int* row_index, int hidden, float eps) {
+    __shared__ float scratch[32];
+    pdl_trigger();
+    pdl_wait();
+    const int r = blockIdx.x;
+    const u64 s = row_index ? (u64)row_index[r] : (u64)r;
+    R* x = resid + s * hidden;
     const int n4 = hidden / 4;
     float sq = 0.0f;
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        float4 v = x[i];
+        float4 v = resid_load4(x, i);
         if (delta) {
             const T2* d = reinterpret_cast<const T2*>(delta + s * hidden) + 2 * i;
             const float2 a = to_f2(d[0]), b = to_f2(d[1]);
@@ -200,7 +324,7 @@ extern "C" __global__ void add_rmsnorm_v1(float* resid, const T* delta, const T*
             v.y += a.y;
             v.z += b.x;
             v.w += b.y;
-            x[i] = v;
+            v = resid_store4(x, i, v);
         }
         sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
@@ -208,11 +332,19 @@ extern "C" __global__ void add_rmsnorm_v1(float* resid, const T* delta, const T*
     T2* o = reinterpret_cast<T2*>(out + (u64)r * hidden);
     const T2* w = reinterpret_cast<const T2*>(weight);
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = x[i];
+        const float4 v = resid_load4(x, i);
         const float2 wa = to_f2(w[2 * i]), wb = to_f2(w[2 * i + 1]);
         o[2 * i] = from_f2(v.x * inv * wa.x, v.y * inv * wa.y);
         o[2 * i + 1] = from_f2(v.z * inv * wb.x, v.w * inv * wb.y);
     }
+}
+extern "C" __global__ void add_rmsnorm_v1(float* resid, const T* delta, const T* weight, T* out, const int* row_index,
+                                          int hidden, float eps) {
+    add_rmsnorm_v1_impl(resid, delta, weight, out, row_index, hidden, eps);
+}
+extern "C" __global__ void add_rmsnorm_v1_h(T* resid, const T* delta, const T* weight, T* out, const int* row_index,
+                                            int hidden, float eps) {
+    add_rmsnorm_v1_impl(resid, delta, weight, out, row_index, hidden, eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -222,7 +354,8 @@ extern "C" __global__ void add_rmsnorm_v1(float* resid, const T* delta, const T*
 // rope[pos * HEAD_DIM + 2 * i] = cos, [.. + 2 * i + 1] = sin of pos * theta^(-2i/HEAD_DIM).
 // rotate_q = 0: q is left alone (attn_prefill_v4 rotates it when it loads its Q tile) and the
 // rotated k only goes to the pool: a third less traffic.
-extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const long long* slots, const float* rope,
+// One CTA per token looping over the items, 4-byte accesses (the default; see rope_kv_write).
+extern "C" __global__ void rope_kv_write_v1(T* qkv, const int* positions, const long long* slots, const float* rope,
                                          T* pool, int layer, int num_heads, int num_kv_heads, int num_layers,
                                          int rotate_q) {
     pdl_trigger();
@@ -262,6 +395,58 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
             *reinterpret_cast<T2*>(dst + i) = from_f2(a.x, a.y);
             *reinterpret_cast<T2*>(dst + i + half) = from_f2(b.x, b.y);
         }
+    }
+}
+
+// RoPE + KV write with 16-byte accesses (DJINN_CUDA_ROPE_KV_16B=1): item = 8 adjacent pairs (i..i+7,
+// i+half..i+half+7) of one head, one item per thread, grid (tokens, ceil(items / blockDim)). The same
+// arithmetic and rounding as rope_kv_write_v1, so the results are bit-identical; only the access
+// width and the loads in flight per thread change. Not faster on the H100 (0.87 ms per prefill
+// 2048 either way, ~2.5 TB/s of mixed read/write traffic), so v1 stays the default.
+extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const long long* slots, const float* rope,
+                                         T* pool, int layer, int num_heads, int num_kv_heads, int num_layers,
+                                         int rotate_q) {
+    pdl_trigger();
+    pdl_wait();
+    const int t = blockIdx.x;
+    const int half = HEAD_DIM / 2;
+    const int per_head = HEAD_DIM / 16;  // items per head
+    const int first_head = rotate_q ? 0 : num_heads;
+    const int items = (num_heads + 2 * num_kv_heads - first_head) * per_head;
+    const int item = blockIdx.y * blockDim.x + threadIdx.x;
+    if (item >= items) return;
+    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
+    const int head = first_head + item / per_head;  // 0..nh-1 q, nh..nh+nkv-1 k, then v
+    const int i = 8 * (item % per_head);
+    T* h = qkv + (u64)t * qkv_width + head * HEAD_DIM;
+    uint4 lo = *reinterpret_cast<const uint4*>(h + i);
+    uint4 hi = *reinterpret_cast<const uint4*>(h + i + half);
+    const long long slot = slots[t];
+    if (head < num_heads + num_kv_heads) {
+        const int pos = positions[t];
+        const float4* cs = reinterpret_cast<const float4*>(rope + (u64)pos * HEAD_DIM + 2 * i);  // c_i s_i c_i+1 s_i+1
+        T2* a2 = reinterpret_cast<T2*>(&lo);
+        T2* b2 = reinterpret_cast<T2*>(&hi);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float4 c = cs[k];
+            const float2 a = to_f2(a2[k]), b = to_f2(b2[k]);
+            a2[k] = from_f2(a.x * c.x - b.x * c.y, a.y * c.z - b.y * c.w);
+            b2[k] = from_f2(b.x * c.x + a.x * c.y, b.y * c.z + a.y * c.w);
+        }
+        if (rotate_q) {
+            *reinterpret_cast<uint4*>(h + i) = lo;
+            *reinterpret_cast<uint4*>(h + i + half) = hi;
+        }
+    }
+    if (head >= num_heads && slot >= 0) {
+        const int kv = head < num_heads + num_kv_heads ? 0 : 1;
+        const int kvh = kv == 0 ? head - num_heads : head - num_heads - num_kv_heads;
+        const u32 block = (u32)(slot / BLOCK_SIZE);
+        const int off = (int)(slot % BLOCK_SIZE);
+        T* dst = pool + kv_piece(block, layer, kv, kvh, num_layers, num_kv_heads) + off * HEAD_DIM;
+        *reinterpret_cast<uint4*>(dst + i) = lo;
+        *reinterpret_cast<uint4*>(dst + i + half) = hi;
     }
 }
 
@@ -1566,7 +1751,8 @@ __device__ __forceinline__ void gemv_rows(const T* W, const T* x, const int (&ro
 }
 
 // Plain GEMV: warp w computes rows 2w, 2w + 1. out_f32: 0: y is T; 1: y is float (LM head);
-// 2: y is float and the result is added to it (o_proj / down_proj into the f32 residual stream).
+// 2: y is float and the result is added to it (o_proj / down_proj into the f32 residual stream);
+// 3: y is T and the result is added to it in f32, rounded once (the T residual stream).
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv(const T* W, const T* x, void* y, int N, int K,
                                                                 int out_f32) {
     const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
@@ -1583,7 +1769,9 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv(const T* W, cons
     gemv_rows(W, x, rows, K, acc);
     if (lane < GEMV_R && row0 + lane < N) {
         const float v = lane == 0 ? acc[0] : acc[1];
-        if (out_f32 == 2) reinterpret_cast<float*>(y)[row0 + lane] += v;
+        T* yt = reinterpret_cast<T*>(y) + row0 + lane;
+        if (out_f32 == 3) *yt = from_f(to_f(*yt) + v);
+        else if (out_f32 == 2) reinterpret_cast<float*>(y)[row0 + lane] += v;
         else if (out_f32) reinterpret_cast<float*>(y)[row0 + lane] = v;
         else reinterpret_cast<T*>(y)[row0 + lane] = from_f(v);
     }
@@ -1650,7 +1838,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rope(
 
 // First GEMV (kept for A/B: DJINN_CUDA_GEMV_V1=1). GEMV for one input row (decode at batch 1, memory-bound): y[n] = W[n, :] . x for W [N, K]
 // row-major. Each warp streams GEMV_ROWS rows with 16-byte loads, GEMV_ROWS x GEMV_UNROLL loads in
-// flight per lane. K must be a multiple of 8. out_f32: y is float (LM head), else T.
+// flight per lane. K must be a multiple of 8. out_f32 as in `gemv`.
 #define GEMV_ROWS 2
 #define GEMV_UNROLL 4
 extern "C" __global__ void __launch_bounds__(256) gemv_v1(const T* W, const T* x, void* y, int N, int K, int out_f32) {
@@ -1700,7 +1888,9 @@ extern "C" __global__ void __launch_bounds__(256) gemv_v1(const T* W, const T* x
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; ++r) {
             if (row0 + r < N) {
-                if (out_f32 == 2) reinterpret_cast<float*>(y)[row0 + r] += acc[r];
+                T* yt = reinterpret_cast<T*>(y) + row0 + r;
+                if (out_f32 == 3) *yt = from_f(to_f(*yt) + acc[r]);
+                else if (out_f32 == 2) reinterpret_cast<float*>(y)[row0 + r] += acc[r];
                 else if (out_f32) reinterpret_cast<float*>(y)[row0 + r] = acc[r];
                 else reinterpret_cast<T*>(y)[row0 + r] = from_f(acc[r]);
             }

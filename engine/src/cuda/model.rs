@@ -33,6 +33,13 @@ const TUNE_MIN_ROWS: usize = 512;
 /// Dynamic shared memory of `attn_prefill_v6` (head_dim 128, fp16/bf16): Q tile 128 x 128, two
 /// stages of 64-key K and V chunks, and 1 KiB to align the swizzled buffers.
 const PREFILL_V6_SMEM_BYTES: usize = 128 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 1024;
+/// Steps of at least this many tokens keep the residual stream in the weights' type (the steps
+/// whose RMSNorm and residual epilogues move enough activation bytes to matter, the same size from
+/// which RMSNorm runs `add_rmsnorm_rows`); smaller ones (decode batches, short chunks) keep the f32
+/// stream, whose extra precision costs them nothing measurable (NOTES-cuda.md, Session 4).
+const HALF_RESID_MIN_TOKENS: usize = 64;
+/// Threads per CTA of `rope_kv_write` (one 16-byte item each).
+const ROPE_KV_THREADS: usize = 128;
 /// Token count from which RMSNorm runs 256 threads per row (`add_rmsnorm_rows`).
 const NORM_ROWS_MIN_TOKENS: usize = 64;
 /// Left free after sizing everything: CUDA graphs, cuBLAS internals, module code.
@@ -105,6 +112,10 @@ struct Kernels {
     random_fill: dsys::CUfunction,
     embed: dsys::CUfunction,
     add_rmsnorm: dsys::CUfunction,
+    /// The same three kernels for a residual stream in the weights' type (`_h`).
+    embed_h: dsys::CUfunction,
+    add_rmsnorm_h: dsys::CUfunction,
+    add_rmsnorm_rows_h: dsys::CUfunction,
     rope_kv_write: dsys::CUfunction,
     silu_mul: dsys::CUfunction,
     attn_decode: dsys::CUfunction,
@@ -312,7 +323,17 @@ pub struct CudaModel {
     use_gemm_tuning: bool,
     /// Dynamic shared memory of `attn_prefill_v4` / `attn_prefill_v4k32`.
     prefill_v4_smem_bytes: [usize; 2],
-    /// o_proj and down_proj add their output straight into the f32 residual stream (GEMM with
+    /// Steps of at least this many tokens keep the residual stream in the weights' type
+    /// (fp16/bf16, as HF's fp16 Llama does; each add is formed in f32 and rounded once), which
+    /// halves the bytes RMSNorm reads and the o_proj / down_proj epilogues read and write; smaller
+    /// steps keep it in f32. The stream lives for one step (`embed` starts it), so the choice is
+    /// per step and fixed per decode graph bucket. DJINN_CUDA_F32_RESIDUAL=1: f32 for every step;
+    /// DJINN_CUDA_HALF_RESIDUAL_MIN_TOKENS=N: another threshold (A/B).
+    half_resid_min_tokens: usize,
+    /// `rope_kv_write` (16-byte accesses, one item per thread) instead of `rope_kv_write_v1`
+    /// (DJINN_CUDA_ROPE_KV_16B=1, for A/B; bit-identical results, no faster on the H100).
+    rope_kv_16b: bool,
+    /// o_proj and down_proj add their output straight into the residual stream (GEMM with
     /// beta = 1 / GEMV epilogue), so RMSNorm only reads the residual (off with
     /// DJINN_CUDA_NO_RESID_EPILOGUE=1: fp16 layer outputs added by `add_rmsnorm`).
     resid_epilogue: bool,
@@ -407,16 +428,36 @@ impl CudaModel {
                 .function(&module, name)
                 .map(|func| func.cu_function())
         };
+        // The `_h` kernels take a residual stream in the weights' type, the others an f32 one.
+        let rope_kv_16b = env_flag("DJINN_CUDA_ROPE_KV_16B");
+        // DJINN_CUDA_RMSNORM_V1=1: the two-pass RMSNorm (A/B).
+        let norm_v1 = env_flag("DJINN_CUDA_RMSNORM_V1");
         let kernels = Kernels {
             random_fill: f("random_fill")?,
             embed: f("embed")?,
-            // DJINN_CUDA_RMSNORM_V1=1: the two-pass RMSNorm (A/B).
-            add_rmsnorm: f(if env_flag("DJINN_CUDA_RMSNORM_V1") {
+            add_rmsnorm: f(if norm_v1 {
                 "add_rmsnorm_v1"
             } else {
                 "add_rmsnorm"
             })?,
-            rope_kv_write: f("rope_kv_write")?,
+            embed_h: f("embed_h")?,
+            add_rmsnorm_h: f(if norm_v1 {
+                "add_rmsnorm_v1_h"
+            } else {
+                "add_rmsnorm_h"
+            })?,
+            // 16-byte accesses; DJINN_CUDA_NORM_ROWS_8B=1: the 8-byte form (A/B).
+            add_rmsnorm_rows_h: f(if env_flag("DJINN_CUDA_NORM_ROWS_8B") {
+                "add_rmsnorm_rows_h"
+            } else {
+                "add_rmsnorm_rows8_h"
+            })?,
+            // DJINN_CUDA_ROPE_KV_16B=1: 16-byte accesses, one item per thread (A/B; no faster).
+            rope_kv_write: f(if rope_kv_16b {
+                "rope_kv_write"
+            } else {
+                "rope_kv_write_v1"
+            })?,
             silu_mul: f("silu_mul")?,
             attn_decode: f("attn_decode")?,
             attn_decode_reduce: f("attn_decode_reduce")?,
@@ -686,6 +727,19 @@ impl CudaModel {
                 9
             },
             prefill_v4_smem_bytes: [prefill_v4_smem(64), prefill_v4_smem(32)],
+            half_resid_min_tokens: if env_flag("DJINN_CUDA_F32_RESIDUAL") {
+                usize::MAX
+            } else {
+                match std::env::var("DJINN_CUDA_HALF_RESIDUAL_MIN_TOKENS") {
+                    Ok(v) => v.parse::<usize>().map_err(|_| {
+                        CudaError::Unsupported(format!(
+                            "DJINN_CUDA_HALF_RESIDUAL_MIN_TOKENS={v}: expected a token count"
+                        ))
+                    })?,
+                    Err(_) => HALF_RESID_MIN_TOKENS,
+                }
+            },
+            rope_kv_16b,
             resid_epilogue: !env_flag("DJINN_CUDA_NO_RESID_EPILOGUE"),
             resid_epilogue_o: !env_flag("DJINN_CUDA_NO_RESID_EPILOGUE_O"),
             norm_rows_min_tokens: if env_flag("DJINN_CUDA_NORM_1024") {
@@ -724,6 +778,22 @@ impl CudaModel {
             self.prefill_version = 4;
         }
         was
+    }
+
+    /// Steps of at least this many tokens run with the residual stream in the weights' type
+    /// (`usize::MAX`: never).
+    pub fn half_residual_min_tokens(&self) -> usize {
+        self.half_resid_min_tokens
+    }
+
+    /// Sets the step size from which the residual stream is kept in the weights' type (checks
+    /// compare it with the f32 stream); returns the previous value. Captured decode graphs are
+    /// dropped when it changes (they are recaptured on use), since each one fixed its path.
+    pub fn set_half_residual_min_tokens(&mut self, min_tokens: usize) -> usize {
+        if min_tokens != self.half_resid_min_tokens {
+            self.graphs.clear();
+        }
+        std::mem::replace(&mut self.half_resid_min_tokens, min_tokens)
     }
 
     /// Whether large prefill GEMMs may use the timed cuBLASLt choice (see gemm_tune.rs).
@@ -1002,7 +1072,7 @@ impl CudaModel {
                 k,
                 out,
                 // buf_a (qkv / gate-up output) is consumed before o_proj and down_proj run.
-                scratch: if self.buf_a.bytes() >= m * n * 4 {
+                scratch: if self.buf_a.bytes() >= m * n * out.elem_bytes() {
                     self.buf_a.ptr()
                 } else {
                     0
@@ -1210,10 +1280,16 @@ impl CudaModel {
         // attn_prefill_v4 applies RoPE to q itself (rope_kv_write then only rotates k).
         let rotate_q =
             i32::from(matches!(mode, AttnMode::Decode { .. }) || self.prefill_version < 4);
-        // o_proj / down_proj write: into the f32 residual (added by the GEMM epilogue, RMSNorm then
+        // o_proj / down_proj write: into the residual (added by the GEMM epilogue, RMSNorm then
         // only normalises) or an fp16 delta that add_rmsnorm adds.
+        let half_resid = n_tokens >= self.half_resid_min_tokens;
+        let resid_out = if half_resid {
+            GemmOut::AddHalf
+        } else {
+            GemmOut::AddF32
+        };
         let (layer_out, layer_out_kind, norm_delta) = if self.resid_epilogue {
-            (self.resid.ptr(), GemmOut::AddF32, null)
+            (self.resid.ptr(), resid_out, null)
         } else {
             (self.delta.ptr(), GemmOut::Half, self.delta.ptr())
         };
@@ -1222,14 +1298,34 @@ impl CudaModel {
         } else {
             (self.delta.ptr(), GemmOut::Half, self.delta.ptr())
         };
-        let (norm_kernel, layer_norm_threads) = if n_tokens >= self.norm_rows_min_tokens {
-            (self.kernels.add_rmsnorm_rows, 256)
+        // rope_kv_write: one thread per 8 rotation pairs of a head (q heads only with rotate_q),
+        // grid (tokens, item blocks); the v1 form loops over a token's items in one CTA.
+        let rope_heads = 2 * c.num_key_value_heads + c.num_attention_heads * rotate_q as usize;
+        let (rope_grid, rope_threads) = if !self.rope_kv_16b {
+            ((t, 1, 1), 256)
         } else {
-            (self.kernels.add_rmsnorm, norm_threads)
+            let items = rope_heads * (hd / 16);
+            (
+                (t, items.div_ceil(ROPE_KV_THREADS) as u32, 1),
+                ROPE_KV_THREADS as u32,
+            )
         };
+        let k = &self.kernels;
+        let (embed_kernel, final_norm_kernel) = if half_resid {
+            (k.embed_h, k.add_rmsnorm_h)
+        } else {
+            (k.embed, k.add_rmsnorm)
+        };
+        let (norm_kernel, layer_norm_threads) =
+            match (n_tokens >= self.norm_rows_min_tokens, half_resid) {
+                (true, true) => (k.add_rmsnorm_rows_h, 256),
+                (true, false) => (k.add_rmsnorm_rows, 256),
+                (false, true) => (k.add_rmsnorm_h, norm_threads),
+                (false, false) => (k.add_rmsnorm, norm_threads),
+            };
         self.mark("start")?;
         self.launch_fwd(
-            self.kernels.embed,
+            embed_kernel,
             (t, 1, 1),
             (256, 1, 1),
             0,
@@ -1299,8 +1395,8 @@ impl CudaModel {
                 self.mark("gemm_qkv")?;
                 self.launch_fwd(
                     self.kernels.rope_kv_write,
-                    (t, 1, 1),
-                    (256, 1, 1),
+                    rope_grid,
+                    (rope_threads, 1, 1),
                     0,
                     kargs![
                         self.buf_a.ptr(),
@@ -1512,7 +1608,7 @@ impl CudaModel {
             self.mark("gemm_down")?;
         }
         self.launch_fwd(
-            self.kernels.add_rmsnorm,
+            final_norm_kernel,
             (n_seqs as u32, 1, 1),
             (norm_threads, 1, 1),
             0,
