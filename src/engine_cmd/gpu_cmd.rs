@@ -64,6 +64,16 @@ pub struct GemmSearchArgs {
     /// Rounds of the hot timing.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// At these row counts, also time the fastest hot arms (and cublasGemmEx) inside real
+    /// back-to-back prefills and keep the fastest there (the figure that matters).
+    #[arg(long, value_delimiter = ',')]
+    pub in_forward_rows: Vec<usize>,
+    /// Hot arms per shape compared in the forward.
+    #[arg(long, default_value_t = 4)]
+    pub in_forward_arms: usize,
+    /// Rounds of the in-forward comparison (arms interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub in_forward_rounds: usize,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
 }
@@ -250,6 +260,11 @@ mod with_cuda {
         ];
         for &rows in &args.rows {
             let started = std::time::Instant::now();
+            let mut search = search;
+            if args.in_forward_rows.contains(&rows) {
+                search.in_forward_arms = args.in_forward_arms.max(1);
+                search.in_forward_rounds = args.in_forward_rounds.max(1);
+            }
             let (report, lines) = model.gemm_search(rows, &search)?;
             for l in report {
                 println!("search {rows}: {l}");

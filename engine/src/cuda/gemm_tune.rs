@@ -882,6 +882,12 @@ pub struct GemmSearchOptions {
     pub arm_ms: f64,
     /// Rounds of the hot timing (all arms each round, the order rotated every round).
     pub rounds: usize,
+    /// The fastest hot arms (plus cublasGemmEx) then timed inside real prefills, per shape; 0: the
+    /// hot loop's winner is taken as is.
+    pub in_forward_arms: usize,
+    /// Rounds and timed prefills per arm and round of the in-forward comparison.
+    pub in_forward_rounds: usize,
+    pub in_forward_reps: usize,
 }
 
 impl Default for GemmSearchOptions {
@@ -894,6 +900,9 @@ impl Default for GemmSearchOptions {
             heat_ms: 1500.0,
             arm_ms: 25.0,
             rounds: 5,
+            in_forward_arms: 0,
+            in_forward_rounds: 3,
+            in_forward_reps: 9,
         }
     }
 }
@@ -923,6 +932,8 @@ struct Arm {
 pub(crate) struct SearchOutcome {
     pub entry: TableEntry,
     pub lines: Vec<String>,
+    /// Every hot arm: (choice, hot median ms per call), fastest first.
+    pub arms: Vec<(TableChoice, f64)>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -939,6 +950,36 @@ impl TunedGemm {
     /// The cuBLASLt version this handle runs (table key).
     pub(crate) fn lt_version(&self) -> usize {
         self.lt_version
+    }
+
+    /// Makes `choice` the algorithm of `a`'s row bucket from now on (the in-forward comparison of
+    /// the search's finalists). Errors if the configuration does not pass `AlgoCheck`.
+    pub(crate) fn force_choice(&self, a: &GemmArgs, choice: TableChoice) -> Result<(), CudaError> {
+        let mut plan = self.make_plan(a)?;
+        if let TableChoice::Lt(cfg) = choice {
+            let algo = self
+                .build_algo(a, &cfg)
+                .filter(|algo| self.check(&plan, algo, a).is_some());
+            match algo {
+                Some(algo) => plan.algo = Some(algo),
+                None => {
+                    Self::destroy_plan(&plan);
+                    return Err(CudaError::Cublas {
+                        context: format!(
+                            "forcing a GEMM configuration for m={} n={} k={}",
+                            a.m, a.n, a.k
+                        ),
+                        message: format!("({cfg}) does not pass cublasLtMatmulAlgoCheck"),
+                    });
+                }
+            }
+        }
+        let bucket = (a.m.div_ceil(ROW_BUCKET) * ROW_BUCKET, a.n, a.k, a.out);
+        self.choices.borrow_mut().insert(bucket, plan.algo);
+        if let Some(old) = self.plans.borrow_mut().insert((a.m, a.n, a.k, a.out), plan) {
+            Self::destroy_plan(&old);
+        }
+        Ok(())
     }
 
     fn destroy_plan(plan: &Plan) {
@@ -1287,7 +1328,11 @@ impl TunedGemm {
                 arm.label
             ));
         }
+        let mut ranked: Vec<(TableChoice, f64)> =
+            arms.iter().map(|a| (a.choice, median(&a.hot_ms))).collect();
+        ranked.sort_by(|x, y| x.1.total_cmp(&y.1));
         Ok(SearchOutcome {
+            arms: ranked,
             entry: TableEntry {
                 gpu: self.gpu.clone(),
                 lt_version: self.lt_version,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result as br, sys as bsys, CudaBlas};
 use cudarc::driver::{result as dr, sys as dsys, CudaGraph, CudaModule};
 
-use super::gemm_tune::{GemmArgs, GemmOut, GemmSearchOptions, TunedGemm};
+use super::gemm_tune::{GemmArgs, GemmOut, GemmSearchOptions, TableChoice, TunedGemm};
 use super::pool::mib;
 use super::{drv, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
 use crate::batch::{Logits, PagedModel, SeqStep};
@@ -839,6 +839,7 @@ impl CudaModel {
         ];
         let tuned = self.tuned_gemm.as_ref().expect("checked above");
         let (mut report, mut lines) = (Vec::new(), Vec::new());
+        let mut finalists = Vec::new();
         for (name, x, w, y, n, k, out) in shapes {
             let args = GemmArgs {
                 x,
@@ -859,9 +860,93 @@ impl CudaModel {
             for l in outcome.lines {
                 report.push(format!("{name}: {l}"));
             }
-            lines.push(outcome.entry.to_line());
+            finalists.push((name, args, outcome.entry, outcome.arms));
         }
         self.device.synchronize()?;
+        if search.in_forward_arms > 0 {
+            // Inside back-to-back prefills the GEMMs share the power budget with attention and the
+            // elementwise kernels, so the hot loop's winner need not win there: time the fastest
+            // hot arms (and cublasGemmEx) inside real prefills, one shape at a time, the others
+            // held at their hot winner, arms interleaved over rounds.
+            for (_, args, entry, _) in &finalists {
+                self.tuned_gemm
+                    .as_ref()
+                    .expect("checked above")
+                    .force_choice(args, entry.choice)?;
+            }
+            let step = SeqStep {
+                block_table: &table,
+                context_len: 0,
+                tokens: &prompt,
+            };
+            for f in 0..finalists.len() {
+                let (name, args, _, arms) = &finalists[f];
+                let mut candidates: Vec<(TableChoice, f64)> =
+                    arms.iter().take(search.in_forward_arms).copied().collect();
+                if let Some(ex) = arms.iter().find(|a| a.0 == TableChoice::GemmEx) {
+                    if !candidates.iter().any(|c| c.0 == TableChoice::GemmEx) {
+                        candidates.push(*ex);
+                    }
+                }
+                let mut walls: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
+                for round in 0..search.in_forward_rounds {
+                    for j in 0..candidates.len() {
+                        let i = (j + round) % candidates.len();
+                        self.tuned_gemm
+                            .as_ref()
+                            .expect("checked above")
+                            .force_choice(args, candidates[i].0)?;
+                        self.forward_greedy(&[step])?; // first call after a switch: untimed
+                        let mut times = Vec::new();
+                        for _ in 0..search.in_forward_reps {
+                            let started = std::time::Instant::now();
+                            self.forward_greedy(&[step])?;
+                            times.push(started.elapsed().as_secs_f64() * 1e3);
+                        }
+                        times.sort_by(|a, b| a.total_cmp(b));
+                        walls[i].push(times[times.len() / 2]);
+                    }
+                }
+                let med = |v: &Vec<f64>| {
+                    let mut v = v.clone();
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    v[v.len() / 2]
+                };
+                let best = (0..candidates.len())
+                    .min_by(|&a, &b| med(&walls[a]).total_cmp(&med(&walls[b])))
+                    .expect("at least one arm");
+                report.push(format!(
+                    "{name}: in-forward (prefill {rows} p50 wall ms, median of {} rounds x {} prefills; the other GEMMs at their current choice):",
+                    search.in_forward_rounds, search.in_forward_reps
+                ));
+                for (i, (choice, hot)) in candidates.iter().enumerate() {
+                    report.push(format!(
+                        "  {:<7} prefill {:.3} ms (rounds {})  hot-loop {hot:.4} ms/call  [{}]",
+                        if i == best { "CHOSEN" } else { "" },
+                        med(&walls[i]),
+                        walls[i]
+                            .iter()
+                            .map(|w| format!("{w:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        match choice {
+                            TableChoice::GemmEx => "cublasGemmEx".to_string(),
+                            TableChoice::Lt(cfg) => cfg.to_string(),
+                        }
+                    ));
+                }
+                let (choice, hot) = candidates[best];
+                self.tuned_gemm
+                    .as_ref()
+                    .expect("checked above")
+                    .force_choice(args, choice)?;
+                finalists[f].2.choice = choice;
+                finalists[f].2.hot_ms = hot;
+            }
+        }
+        for (_, _, entry, _) in &finalists {
+            lines.push(entry.to_line());
+        }
         Ok((report, lines))
     }
 
