@@ -227,7 +227,11 @@ mod with_cuda {
                 args.rows
             );
         }
-        if args.rounds == 0 || args.hot_finalists == 0 || !(args.heat_ms >= 0.0) {
+        if args.rounds == 0
+            || args.hot_finalists == 0
+            || args.heat_ms.is_nan()
+            || args.heat_ms < 0.0
+        {
             anyhow::bail!("--rounds and --hot-finalists must be >= 1 and --heat-ms >= 0");
         }
         let max_rows = *args.rows.iter().max().expect("checked non-empty");

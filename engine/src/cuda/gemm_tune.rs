@@ -18,10 +18,12 @@
 //! accepts, split-K 1), screens them on a cool card and times the best few **hot** (after a
 //! heat-soak, the card at its power cap, arms interleaved), because inside back-to-back prefills the
 //! GEMMs run power-capped. The winners go into a small table (GPU name, cuBLASLt version, shape ->
-//! configuration), `engine/data/gemm_configs.tsv`, compiled in and read at start-up; an entry is
+//! configuration), `engine/data/gemm_configs.tsv`, compiled in and read at start-up when asked for
+//! (`DJINN_CUDA_GEMM_SEARCHED=1`, or `DJINN_CUDA_GEMM_TABLE=path` for another table); an entry is
 //! used only if it passes `AlgoCheck` on this machine, otherwise the shape falls back to the timed
-//! heuristic choice above with a printed line why. `DJINN_CUDA_GEMM_TUNE_V1=1` ignores the table;
-//! `DJINN_CUDA_GEMM_TABLE=path` reads another table instead of the compiled-in one.
+//! heuristic choice above with a printed line why. The table is not the default because it measured
+//! no faster end to end than the timed heuristic choice (NOTES-cuda.md, session 4).
+//! `DJINN_CUDA_GEMM_TUNE_V1=1` forces the timed heuristic choice.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -1361,5 +1363,51 @@ impl Drop for TunedGemm {
             }
             lsys::cublasLtDestroy(self.handle);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_table_parses_and_lines_round_trip() {
+        let entries = parse_table(SHIPPED_TABLE).expect("the shipped table parses");
+        assert!(!entries.is_empty(), "the shipped table has entries");
+        for e in &entries {
+            let again = TableEntry::parse_line(&e.to_line()).expect("a written line parses");
+            assert_eq!(again.choice, e.choice);
+            assert_eq!(
+                (
+                    again.m_bucket,
+                    again.n,
+                    again.k,
+                    again.out,
+                    again.bf16,
+                    again.lt_version
+                ),
+                (e.m_bucket, e.n, e.k, e.out, e.bf16, e.lt_version)
+            );
+            assert_eq!(again.gpu, e.gpu);
+        }
+    }
+
+    #[test]
+    fn bad_table_lines_are_errors_naming_the_line() {
+        let header = format!("# comment\n{TABLE_HEADER}\n");
+        let short = format!("{header}NVIDIA X\t130100\tf16\t2048\n");
+        assert!(parse_table(&short).unwrap_err().starts_with("line 3:"));
+        let bad_choice = format!(
+            "{header}NVIDIA X\t130100\tf16\t2048\t4096\t4096\thalf\tmaybe\t66\t23\t35\t1\t0\t0\t7\t0\t2\t0.1\n"
+        );
+        assert!(parse_table(&bad_choice)
+            .unwrap_err()
+            .contains("choice `maybe`"));
+        let bad_out = bad_choice.replace("half\tmaybe", "f64\tlt");
+        assert!(parse_table(&bad_out).unwrap_err().contains("out `f64`"));
+        let ok = bad_choice.replace("maybe", "gemm_ex");
+        let parsed = parse_table(&ok).expect("a valid line parses");
+        assert_eq!(parsed[0].choice, TableChoice::GemmEx);
+        assert_eq!(parsed[0].out, GemmOut::Half);
     }
 }
