@@ -26,6 +26,9 @@ pub enum EngineCommand {
     Bench(gpu_cmd::BenchArgs),
     /// GPU correctness checks of the CUDA forward.
     Check(gpu_cmd::CheckArgs),
+    /// Search cuBLASLt configurations for the prefill GEMMs (timed hot, at the power cap) and write
+    /// the table the engine reads at start-up (engine/data/gemm_configs.tsv).
+    GemmSearch(gpu_cmd::GemmSearchArgs),
     /// Benchmark the GPU KV swap engine (pinned host pool, copy streams), each figure beside the measured PCIe floor.
     SwapBench(swap_cmd::SwapBenchArgs),
     /// GPU correctness checks of the swap engine (bit-exact round trips, busy blocks, logits after swap).
@@ -38,6 +41,7 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         EngineCommand::Generate(a) => generate_cmd::generate(a),
         EngineCommand::Bench(a) => gpu_cmd::bench(a),
         EngineCommand::Check(a) => gpu_cmd::check(a),
+        EngineCommand::GemmSearch(a) => gpu_cmd::gemm_search(a),
         EngineCommand::SwapBench(a) => swap_cmd::swap_bench(a),
         EngineCommand::SwapCheck(a) => swap_cmd::swap_check(a),
         EngineCommand::Presets => {

@@ -39,6 +39,46 @@ pub struct BenchArgs {
 }
 
 #[derive(Args)]
+pub struct GemmSearchArgs {
+    /// Model preset (weights are seeded random, generated on the GPU).
+    #[arg(long, default_value = "llama2-7b")]
+    pub model: String,
+    /// f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// Prompt lengths (GEMM rows) to search; each is a row bucket of the table (multiples of 512).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,4096")]
+    pub rows: Vec<usize>,
+    /// Table to write (the shipped one is engine/data/gemm_configs.tsv).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Most configurations screened (timed cool) per shape.
+    #[arg(long, default_value_t = 400)]
+    pub max_screened: usize,
+    /// Configurations timed hot per shape (besides cublasGemmEx and the heuristic-timed choice).
+    #[arg(long, default_value_t = 8)]
+    pub hot_finalists: usize,
+    /// Heat-soak before each shape's hot timing, ms.
+    #[arg(long, default_value_t = 1500.0)]
+    pub heat_ms: f64,
+    /// Rounds of the hot timing.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// At these row counts, also time the fastest hot arms (and cublasGemmEx) inside real
+    /// back-to-back prefills and keep the fastest there (the figure that matters).
+    #[arg(long, value_delimiter = ',')]
+    pub in_forward_rows: Vec<usize>,
+    /// Hot arms per shape compared in the forward.
+    #[arg(long, default_value_t = 4)]
+    pub in_forward_arms: usize,
+    /// Rounds of the in-forward comparison (arms interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub in_forward_rounds: usize,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+}
+
+#[derive(Args)]
 pub struct CheckArgs {
     #[command(subcommand)]
     pub command: CheckCommand,
@@ -94,6 +134,11 @@ pub fn bench(_args: BenchArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
+pub fn gemm_search(_args: GemmSearchArgs) -> anyhow::Result<()> {
+    anyhow::bail!("this djinn was built without the CUDA backend; rebuild with `cargo build --release --features cuda`")
+}
+
+#[cfg(not(feature = "cuda"))]
 pub fn check(_args: CheckArgs) -> anyhow::Result<()> {
     anyhow::bail!("this djinn was built without the CUDA backend; rebuild with `cargo build --release --features cuda`")
 }
@@ -110,7 +155,7 @@ pub fn generate_greedy_cuda(
 }
 
 #[cfg(feature = "cuda")]
-pub use with_cuda::{bench, check, generate_greedy_cuda};
+pub use with_cuda::{bench, check, gemm_search, generate_greedy_cuda};
 
 #[cfg(feature = "cuda")]
 mod with_cuda {
@@ -165,6 +210,76 @@ mod with_cuda {
             opts.dtype = dtype;
             Ok(CudaModel::new(device, WeightSource::Host(&ws), opts)?)
         }
+    }
+
+    pub fn gemm_search(args: GemmSearchArgs) -> anyhow::Result<()> {
+        let dtype = parse_dtype(&args.dtype)?;
+        let config = ModelConfig::preset(&args.model).with_context(|| {
+            format!(
+                "--model {}: not a preset ({:?})",
+                args.model,
+                ModelConfig::PRESET_NAMES
+            )
+        })?;
+        if args.rows.is_empty() || args.rows.iter().any(|&r| r < 512 || r % 512 != 0) {
+            anyhow::bail!(
+                "--rows {:?}: expected multiples of 512 (the table's row buckets)",
+                args.rows
+            );
+        }
+        if args.rounds == 0
+            || args.hot_finalists == 0
+            || args.heat_ms.is_nan()
+            || args.heat_ms < 0.0
+        {
+            anyhow::bail!("--rounds and --hot-finalists must be >= 1 and --heat-ms >= 0");
+        }
+        let max_rows = *args.rows.iter().max().expect("checked non-empty");
+        let mut options = CudaModelOptions::for_config(&config);
+        options.dtype = dtype;
+        options.max_tokens_per_step = max_rows;
+        options.max_seqs_per_step = 1;
+        options.num_kv_blocks = Some(max_rows.div_ceil(options.block_size_tokens));
+        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options))?;
+        let version = model
+            .cublaslt_version()
+            .context("the GEMM search needs libcublasLt and the tuned GEMM path")?;
+        let search = engine::cuda::GemmSearchOptions {
+            max_screened: args.max_screened,
+            hot_finalists: args.hot_finalists,
+            heat_ms: args.heat_ms,
+            rounds: args.rounds,
+            ..Default::default()
+        };
+        let mut table = vec![
+            format!(
+                "# Searched cuBLASLt configurations for the prefill GEMMs: `djinn engine gemm-search --model {} --dtype {} --rows {}`",
+                args.model,
+                args.dtype,
+                args.rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+            ),
+            format!("# device {}, cuBLASLt {version}; a row means: GEMMs of this (n, k, output) whose row count rounds up to m_bucket use this configuration", model.device.name),
+            "# (choice gemm_ex = cublasGemmEx won; hot_ms = the winner's median ms per call at the power cap).".to_string(),
+            engine::cuda::GEMM_TABLE_HEADER.to_string(),
+        ];
+        for &rows in &args.rows {
+            let started = std::time::Instant::now();
+            let mut search = search;
+            if args.in_forward_rows.contains(&rows) {
+                search.in_forward_arms = args.in_forward_arms.max(1);
+                search.in_forward_rounds = args.in_forward_rounds.max(1);
+            }
+            let (report, lines) = model.gemm_search(rows, &search)?;
+            for l in report {
+                println!("search {rows}: {l}");
+            }
+            println!("search {rows}: {:.1} s", started.elapsed().as_secs_f64());
+            table.extend(lines);
+        }
+        std::fs::write(&args.out, table.join("\n") + "\n")
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        println!("wrote {}", args.out.display());
+        Ok(())
     }
 
     pub fn bench(args: BenchArgs) -> anyhow::Result<()> {

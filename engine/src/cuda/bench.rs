@@ -190,6 +190,10 @@ pub fn bench_prefill(
         .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
         .collect();
     let mut times = Vec::with_capacity(reps);
+    // Where the wall-vs-GPU gap goes (DJINN_BENCH_PREFILL_GAP=1): the GPU span of each step
+    // (events before the first and after the last enqueued work) and the host's enqueue time.
+    let gap = std::env::var_os("DJINN_BENCH_PREFILL_GAP").is_some_and(|v| v != "0");
+    let (mut spans, mut enqueues) = (Vec::new(), Vec::new());
     for rep in 0..warmup + reps {
         let step = SeqStep {
             block_table: &table,
@@ -197,11 +201,42 @@ pub fn bench_prefill(
             tokens: &prompt,
         };
         let start = Instant::now();
-        model.forward_greedy(&[step])?;
+        if gap {
+            let (_, span_ms, enqueue_ms) = model.forward_greedy_timed(&[step])?;
+            if rep >= warmup {
+                spans.push(span_ms);
+                enqueues.push(enqueue_ms);
+            }
+        } else {
+            model.forward_greedy(&[step])?;
+        }
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if rep >= warmup {
             times.push(ms);
         }
+    }
+    if gap {
+        let (wall_p50, _, _) = stats(times.clone());
+        let (span_p50, _, span_min) = stats(spans);
+        let (enq_p50, _, _) = stats(enqueues);
+        // A profiled step right after the back-to-back prefills: the card is still hot.
+        let hot = profile_prefill_once(model, n)?;
+        let hot_total = hot
+            .iter()
+            .find(|(k, _)| k == "total")
+            .map_or(f64::NAN, |p| p.1);
+        println!(
+            "prefill {n} gap: wall p50 {wall_p50:.3} ms, GPU span p50 {span_p50:.3} (min {span_min:.3}), wall - span {:.3} ms; host enqueue p50 {enq_p50:.3} ms; hot profiled step (event per kernel) sum {hot_total:.3} ms, span - hot sum {:.3} ms",
+            wall_p50 - span_p50,
+            span_p50 - hot_total
+        );
+        println!(
+            "{}",
+            format_profile(
+                &format!("prefill {n} hot (right after the timed reps)"),
+                &hot
+            )
+        );
     }
     let (p50, mean, min) = stats(times);
     let flops = prefill_flops(model, n);
@@ -306,6 +341,23 @@ pub fn profile_decode(
         .collect();
     model.profile_step(&steps)?; // warm (cuBLAS heuristics, caches)
     model.profile_step(&steps)
+}
+
+/// GPU time per category of one prefill of `n` tokens, no warm-up step (so a hot card stays hot).
+pub fn profile_prefill_once(
+    model: &mut CudaModel,
+    n: usize,
+) -> Result<Vec<(String, f64)>, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
+    let prompt: Vec<u32> = (0..n)
+        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
+        .collect();
+    model.profile_step(&[SeqStep {
+        block_table: &table,
+        context_len: 0,
+        tokens: &prompt,
+    }])
 }
 
 /// GPU time per category of a prefill of `n` tokens.

@@ -23,6 +23,7 @@ mod model;
 mod pool;
 
 pub use device::{cuda_include_dir, GpuDevice};
+pub use gemm_tune::{GemmSearchOptions, TABLE_HEADER as GEMM_TABLE_HEADER};
 pub use model::{CudaModel, CudaModelOptions, WeightSource};
 pub use pool::{DeviceBuffer, GpuKvPool};
 

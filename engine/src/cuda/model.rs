@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result as br, sys as bsys, CudaBlas};
 use cudarc::driver::{result as dr, sys as dsys, CudaGraph, CudaModule};
 
-use super::gemm_tune::{GemmArgs, GemmOut, TunedGemm};
+use super::gemm_tune::{GemmArgs, GemmOut, GemmSearchOptions, TableChoice, TunedGemm};
 use super::pool::mib;
 use super::{drv, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
 use crate::batch::{Logits, PagedModel, SeqStep};
@@ -664,6 +664,18 @@ impl CudaModel {
 
         let device_cc_major = device.compute_capability.0;
         let device_has_wgmma = device.has_wgmma();
+        let tuned_gemm = if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
+            None
+        } else {
+            // The searched table (gemm_tune.rs) only on request: DJINN_CUDA_GEMM_SEARCHED=1 (the
+            // shipped table) or DJINN_CUDA_GEMM_TABLE=path. It measured no faster end to end than the
+            // timed heuristic choice (NOTES-cuda.md, session 4), which stays the default;
+            // DJINN_CUDA_GEMM_TUNE_V1=1 forces the latter whatever else is set.
+            let use_table = (env_flag("DJINN_CUDA_GEMM_SEARCHED")
+                || std::env::var_os("DJINN_CUDA_GEMM_TABLE").is_some())
+                && !env_flag("DJINN_CUDA_GEMM_TUNE_V1");
+            TunedGemm::new(&device.name, use_table)?
+        };
         let mut model = CudaModel {
             graphs: BTreeMap::new(),
             layer_gates: Vec::new(),
@@ -748,11 +760,7 @@ impl CudaModel {
                 NORM_ROWS_MIN_TOKENS
             },
             use_gemm_tuning: true,
-            tuned_gemm: if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
-                None
-            } else {
-                TunedGemm::new()?
-            },
+            tuned_gemm,
             memory_breakdown: plan,
         };
         match source {
@@ -817,6 +825,215 @@ impl CudaModel {
             .as_ref()
             .map(|t| t.report.borrow().clone())
             .unwrap_or_default()
+    }
+
+    /// Searches cuBLASLt configurations for the four prefill GEMMs of a `rows`-token prompt
+    /// (layer 0's weights, the activations of a real prefill) and times the best hot (gemm_tune.rs).
+    /// Returns (report lines, table lines for engine/data/gemm_configs.tsv). The search scribbles
+    /// over activation buffers; later steps recompute them.
+    pub fn gemm_search(
+        &mut self,
+        rows: usize,
+        search: &GemmSearchOptions,
+    ) -> Result<(Vec<String>, Vec<String>), CudaError> {
+        if rows < TUNE_MIN_ROWS || rows > self.options.max_tokens_per_step {
+            return Err(CudaError::BadInput(format!(
+                "gemm search at {rows} rows: expected {TUNE_MIN_ROWS}..={} (the tuned prefill GEMM range of this model's step size)",
+                self.options.max_tokens_per_step
+            )));
+        }
+        let Some(tuned) = self.tuned_gemm.as_ref() else {
+            return Err(CudaError::Unsupported(
+                "the GEMM search needs libcublasLt and the tuned path (unset DJINN_CUDA_NO_GEMM_TUNE)"
+                    .into(),
+            ));
+        };
+        let _ = tuned;
+        // A real prefill first, so every GEMM input holds realistic activations.
+        let bs = self.options.block_size_tokens;
+        let table: Vec<u32> = (0..rows.div_ceil(bs) as u32).collect();
+        let prompt: Vec<u32> = (0..rows)
+            .map(|i| ((i * 2654435761usize) % self.config.vocab_size) as u32)
+            .collect();
+        self.forward_greedy(&[SeqStep {
+            block_table: &table,
+            context_len: 0,
+            tokens: &prompt,
+        }])?;
+        let c = &self.config;
+        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let qkv_width = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
+        let lw = &self.layers[0];
+        // The same output kind as the forward of a `rows`-token step (fp16/bf16 residual from
+        // `half_resid_min_tokens` rows on, f32 below).
+        let resid_out = if rows >= self.half_resid_min_tokens {
+            GemmOut::AddHalf
+        } else {
+            GemmOut::AddF32
+        };
+        let (layer_out, layer_out_kind) = if self.resid_epilogue {
+            (self.resid.ptr(), resid_out)
+        } else {
+            (self.delta.ptr(), GemmOut::Half)
+        };
+        let (o_out, o_kind) = if self.resid_epilogue_o {
+            (layer_out, layer_out_kind)
+        } else {
+            (self.delta.ptr(), GemmOut::Half)
+        };
+        let shapes = [
+            (
+                "qkv",
+                self.normed.ptr(),
+                self.wptr(lw.qkv),
+                self.buf_a.ptr(),
+                qkv_width,
+                h,
+                GemmOut::Half,
+            ),
+            (
+                "o",
+                self.buf_b.ptr(),
+                self.wptr(lw.o),
+                o_out,
+                h,
+                c.num_attention_heads * hd,
+                o_kind,
+            ),
+            (
+                "gate_up",
+                self.normed.ptr(),
+                self.wptr(lw.gate_up),
+                self.buf_a.ptr(),
+                2 * inter,
+                h,
+                GemmOut::Half,
+            ),
+            (
+                "down",
+                self.buf_b.ptr(),
+                self.wptr(lw.down),
+                layer_out,
+                h,
+                inter,
+                layer_out_kind,
+            ),
+        ];
+        let tuned = self.tuned_gemm.as_ref().expect("checked above");
+        let (mut report, mut lines) = (Vec::new(), Vec::new());
+        let mut finalists = Vec::new();
+        for (name, x, w, y, n, k, out) in shapes {
+            let args = GemmArgs {
+                x,
+                w,
+                y,
+                m: rows,
+                n,
+                k,
+                out,
+                scratch: 0,
+                bf16: self.options.dtype == DType::Bf16,
+                workspace: self.cublas_workspace.ptr(),
+                workspace_bytes: CUBLAS_WORKSPACE_BYTES,
+                stream: self.device.stream.cu_stream(),
+            };
+            let gemm_ex = || self.gemm_ex(x, w, y, rows, n, k, out);
+            let outcome = tuned.search(&args, &gemm_ex, search)?;
+            for l in outcome.lines {
+                report.push(format!("{name}: {l}"));
+            }
+            finalists.push((name, args, outcome.entry, outcome.arms));
+        }
+        self.device.synchronize()?;
+        if search.in_forward_arms > 0 {
+            // Inside back-to-back prefills the GEMMs share the power budget with attention and the
+            // elementwise kernels, so the hot loop's winner need not win there: time the fastest
+            // hot arms (and cublasGemmEx) inside real prefills, one shape at a time, the others
+            // held at their hot winner, arms interleaved over rounds.
+            for (_, args, entry, _) in &finalists {
+                self.tuned_gemm
+                    .as_ref()
+                    .expect("checked above")
+                    .force_choice(args, entry.choice)?;
+            }
+            let step = SeqStep {
+                block_table: &table,
+                context_len: 0,
+                tokens: &prompt,
+            };
+            for (name, args, entry, arms) in finalists.iter_mut() {
+                let mut candidates: Vec<(TableChoice, f64)> =
+                    arms.iter().take(search.in_forward_arms).copied().collect();
+                if let Some(ex) = arms.iter().find(|a| a.0 == TableChoice::GemmEx) {
+                    if !candidates.iter().any(|c| c.0 == TableChoice::GemmEx) {
+                        candidates.push(*ex);
+                    }
+                }
+                let mut walls: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
+                for round in 0..search.in_forward_rounds {
+                    for j in 0..candidates.len() {
+                        let i = (j + round) % candidates.len();
+                        self.tuned_gemm
+                            .as_ref()
+                            .expect("checked above")
+                            .force_choice(args, candidates[i].0)?;
+                        self.forward_greedy(&[step])?; // first call after a switch: untimed
+                        let mut times = Vec::new();
+                        for _ in 0..search.in_forward_reps {
+                            let started = std::time::Instant::now();
+                            self.forward_greedy(&[step])?;
+                            times.push(started.elapsed().as_secs_f64() * 1e3);
+                        }
+                        times.sort_by(|a, b| a.total_cmp(b));
+                        walls[i].push(times[times.len() / 2]);
+                    }
+                }
+                let med = |v: &Vec<f64>| {
+                    let mut v = v.clone();
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    v[v.len() / 2]
+                };
+                let best = (0..candidates.len())
+                    .min_by(|&a, &b| med(&walls[a]).total_cmp(&med(&walls[b])))
+                    .expect("at least one arm");
+                report.push(format!(
+                    "{name}: in-forward (prefill {rows} p50 wall ms, median of {} rounds x {} prefills; the other GEMMs at their current choice):",
+                    search.in_forward_rounds, search.in_forward_reps
+                ));
+                for (i, (choice, hot)) in candidates.iter().enumerate() {
+                    report.push(format!(
+                        "  {:<7} prefill {:.3} ms (rounds {})  hot-loop {hot:.4} ms/call  [{}]",
+                        if i == best { "CHOSEN" } else { "" },
+                        med(&walls[i]),
+                        walls[i]
+                            .iter()
+                            .map(|w| format!("{w:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        match choice {
+                            TableChoice::GemmEx => "cublasGemmEx".to_string(),
+                            TableChoice::Lt(cfg) => cfg.to_string(),
+                        }
+                    ));
+                }
+                let (choice, hot) = candidates[best];
+                self.tuned_gemm
+                    .as_ref()
+                    .expect("checked above")
+                    .force_choice(args, choice)?;
+                entry.choice = choice;
+                entry.hot_ms = hot;
+            }
+        }
+        for (_, _, entry, _) in &finalists {
+            lines.push(entry.to_line());
+        }
+        Ok((report, lines))
+    }
+
+    /// cuBLASLt's version (`cublasLtGetVersion`), if the tuned GEMM path is on.
+    pub fn cublaslt_version(&self) -> Option<usize> {
+        self.tuned_gemm.as_ref().map(|t| t.lt_version())
     }
 
     pub fn kv_pool(&self) -> &GpuKvPool {
@@ -1994,6 +2211,50 @@ impl CudaModel {
         self.copy_on_stream(self.logits_host.dev_ptr, self.argmax.ptr(), 4 * n)?;
         self.wait("a forward step (greedy)")?;
         Ok(self.logits_host.slice_mut::<u32>(0, n).to_vec())
+    }
+
+    /// `forward_greedy` with timing (benchmarks: where the wall-vs-GPU gap goes): returns the
+    /// tokens and (GPU ms from the first enqueued work to the last, host ms to enqueue the step).
+    /// Timing events on the stream before and after the step; otherwise the serving path.
+    pub fn forward_greedy_timed(
+        &mut self,
+        batch: &[SeqStep<'_>],
+    ) -> Result<(Vec<u32>, f64, f64), CudaError> {
+        let ev = || {
+            drv(
+                "creating a timing event",
+                dr::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT),
+            )
+        };
+        let (start, end) = (ev()?, ev()?);
+        let stream = self.device.stream.cu_stream();
+        let host_start = std::time::Instant::now();
+        let result = (|| {
+            drv("recording an event", unsafe {
+                dr::event::record(start, stream)
+            })?;
+            self.run_step(batch)?;
+            let n = batch.len();
+            self.copy_on_stream(self.logits_host.dev_ptr, self.argmax.ptr(), 4 * n)?;
+            let enqueue_ms = host_start.elapsed().as_secs_f64() * 1e3;
+            drv("recording an event", unsafe {
+                dr::event::record(end, stream)
+            })?;
+            self.wait("a forward step (greedy, timed)")?;
+            let gpu_ms = drv("reading a timing event", unsafe {
+                dr::event::elapsed(start, end)
+            })? as f64;
+            Ok((
+                self.logits_host.slice_mut::<u32>(0, n).to_vec(),
+                gpu_ms,
+                enqueue_ms,
+            ))
+        })();
+        unsafe {
+            let _ = dr::event::destroy(start);
+            let _ = dr::event::destroy(end);
+        }
+        result
     }
 
     /// One step; returns the f32 logits of each sequence's last new token.
