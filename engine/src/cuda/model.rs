@@ -718,8 +718,8 @@ impl CudaModel {
         let bs_tok = options.block_size_tokens;
         let v7_possible = device.has_wgmma()
             && hd == 128
-            && bs_tok % 8 == 0
-            && PREFILL_V7_KEYS % bs_tok == 0
+            && bs_tok.is_multiple_of(8)
+            && PREFILL_V7_KEYS.is_multiple_of(bs_tok)
             && options.dtype != DType::F32;
         let kv_tma_map = if v7_possible {
             Some(encode_kv_tma_map(&pool, &config, &options)?)
