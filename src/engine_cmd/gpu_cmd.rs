@@ -528,16 +528,27 @@ mod with_cuda {
             }
             CheckCommand::Consistency { model, dtype, seed } => {
                 let dtype = parse_dtype(&dtype)?;
-                let mut options = None;
-                if let Some(config) = ModelConfig::preset(&model) {
-                    let mut o = CudaModelOptions::for_config(&config);
-                    // Room for the 2048-token tuned-GEMM prefill check next to the short ones.
+                // Room for the 2048-token tuned-GEMM / prefill-attention checks next to the short
+                // ones (where the model's positions allow), for presets and weight paths alike.
+                let sized = |config: &ModelConfig| {
+                    let mut o = CudaModelOptions::for_config(config);
                     o.num_kv_blocks = Some(160);
                     o.max_tokens_per_step = 2048;
                     o.max_seqs_per_step = 8;
-                    options = Some(o);
-                }
-                let mut m = open_cuda_model(&model, dtype, seed, options)?;
+                    o
+                };
+                let mut m = if let Some(config) = ModelConfig::preset(&model) {
+                    open_cuda_model(&model, dtype, seed, Some(sized(&config)))?
+                } else {
+                    let path = PathBuf::from(&model);
+                    let ws = WeightSet::load(&path)
+                        .with_context(|| format!("loading weights from {}", path.display()))?;
+                    let mut opts = sized(&ws.config);
+                    opts.dtype = dtype;
+                    let device = GpuDevice::open(0)?;
+                    print_device(&device);
+                    CudaModel::new(device, WeightSource::Host(&ws), opts)?
+                };
                 let tol = if dtype == DType::Bf16 { 0.08 } else { 0.02 };
                 let results = cc::self_consistency(&mut m, tol)?;
                 let mut failed = 0;

@@ -350,16 +350,42 @@ pub fn self_consistency(
             &plain?,
             &mut results,
         );
-        // (5) The wgmma prefill attention (v6) against the mma.sync kernel (v4) on the same
-        // long prompt: every causal tile shape of a 2048-token prefill.
+        // (5) The wgmma prefill attention (v6, or v7 with DJINN_CUDA_PREFILL_V7*=1) against the
+        // mma.sync kernel (v4) on the same long prompt: every causal tile shape of a 2048-token
+        // prefill; then a later turn on that cached prompt that starts off every tile and chunk
+        // boundary (context 1000: 1000 % 128 = 104, 1000 % 16 = 8) and ends in a partial tile
+        // and a partial KV block (613 tokens).
         if model.uses_wgmma_prefill() {
-            eprintln!("consistency: wgmma vs mma.sync prefill attention ({long} tokens)");
+            let name = model.prefill_attention_name();
+            eprintln!("consistency: {name} vs mma.sync prefill attention ({long} tokens)");
             model.set_wgmma_prefill(false);
             let v4 = model.forward_logits(&step);
             model.set_wgmma_prefill(true);
             record(
-                "prefill with wgmma attention (v6) == with mma.sync attention (v4)",
+                &format!("prefill with {name} attention == with mma.sync attention (v4)"),
                 &tuned,
+                &v4?,
+                &mut results,
+            );
+            let context = 1000.min(long / 2);
+            let turn_len = 613.min(long - context);
+            let later = [SeqStep {
+                block_table: &table_d,
+                context_len: context,
+                tokens: &prompt_long[context..context + turn_len],
+            }];
+            eprintln!(
+                "consistency: {name} vs mma.sync on a later turn ({turn_len} tokens after {context})"
+            );
+            let wg = model.forward_logits(&later)?;
+            model.set_wgmma_prefill(false);
+            let v4 = model.forward_logits(&later);
+            model.set_wgmma_prefill(true);
+            record(
+                &format!(
+                    "later turn ({turn_len} tokens on {context} cached) with {name} attention == with v4"
+                ),
+                &wg,
                 &v4?,
                 &mut results,
             );

@@ -720,13 +720,7 @@ impl TunedGemm {
             return Ok(None);
         }
         let mut plan = self.make_plan(a)?;
-        let what = format!(
-            "GEMM m={} n={} k={}{}",
-            a.m,
-            a.n,
-            a.k,
-            a.out.label()
-        );
+        let what = format!("GEMM m={} n={} k={}{}", a.m, a.n, a.k, a.out.label());
         match self.table_choice(a, &plan) {
             Ok(algo) => {
                 plan.algo = algo;
@@ -1138,13 +1132,7 @@ impl TunedGemm {
         let started = std::time::Instant::now();
         let flops = 2.0 * (a.m * a.n * a.k) as f64;
         let tflops = |ms: f64| flops / ms / 1e9;
-        let shape = format!(
-            "GEMM m={} n={} k={}{}",
-            a.m,
-            a.n,
-            a.k,
-            a.out.label()
-        );
+        let shape = format!("GEMM m={} n={} k={}{}", a.m, a.n, a.k, a.out.label());
         let mut lines = Vec::new();
         // 1. Today's choice (V1): the heuristic's candidates timed cool against cublasGemmEx.
         let (results, count) = self.heuristic(plan, a, CANDIDATES)?;

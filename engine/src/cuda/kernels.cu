@@ -1616,6 +1616,424 @@ extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_v6(
 #endif
 }
 
+// ------------------------------------------------------------------------------------------------
+// v7 prefill attention (sm_90a, HEAD_DIM 128), FA3-style (facts from Shah et al. 2024; own code):
+// - warp specialisation: warpgroup 0 is the producer (one thread streams K/V chunks of 128 keys
+//   with the tensor-memory accelerator, TMA, into a ring of V7_STAGES shared-memory stages; it
+//   completes "full" mbarriers by transaction bytes and waits on "empty" mbarriers that the
+//   consumers arrive on); it gives up registers (setmaxnreg.dec) to warpgroups 1 and 2, the
+//   consumers (64 query rows each of the 128-row tile), which never issue loads but Q's.
+// - paged KV through one 5-D tensor map over the pool ([block][layer*2 + K|V][kv head][token]
+//   [dim], innermost last): one box = one 16-token block's 64-dim panel (2 KiB), written by the
+//   TMA with the 128-byte swizzle that the wgmma descriptors read (same layout as v6). Blocks past
+//   the sequence's end are requested at block index `num_blocks` (outside the tensor), which the
+//   TMA fills with zeros. Slots past the end inside the last block hold finite values (the pool
+//   is zeroed at creation and only ever written with finite K/V), and P is exactly 0 there.
+// - intra-warpgroup overlap: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued back to back; the
+//   softmax of S_j runs while the P V wgmma is in flight (O is rescaled after its wait, P_j is
+//   packed only then, so the in-flight wgmma's registers are never touched).
+// - optional ping-pong (PINGPONG): named barriers make the two consumer warpgroups take turns
+//   issuing their GEMMs, so one's softmax runs under the other's GEMMs.
+// grid (num_heads, num_tiles), 384 threads, 1 CTA per SM.
+#define V7_KEYS 128
+#define V7_PANEL_KV (V7_KEYS * 128)   // bytes of one 64-dim panel of a K or V chunk (16 KiB)
+#define V7_Q_BYTES (2 * PF4_ROWS * 128)
+#define V7_STAGE_BYTES (4 * V7_PANEL_KV)
+
+// A CUtensorMap (128 bytes, 64-byte aligned), passed by value as a __grid_constant__ parameter.
+struct __align__(64) TmaMap {
+    unsigned long long words[16];
+};
+
+// v7 needs whole 8-row swizzle atoms per block and whole blocks per 128-key chunk.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HEAD_DIM == 128 && BLOCK_SIZE % 8 == 0 && 128 % BLOCK_SIZE == 0
+#define V7_SUPPORTED 1
+#else
+#define V7_SUPPORTED 0
+#endif
+
+#if V7_SUPPORTED
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void tma_load_5d(u32 dst, const TmaMap* map, u32 bar, int c0, int c1, int c2, int c3,
+                                            int c4) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6, "
+        "%7}], [%2];\n" ::"r"(dst),
+        "l"((u64)map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+        : "memory");
+}
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// S (64 x 128 keys) accumulator: 64 floats per thread.
+__device__ __forceinline__ void wg_qk128(float (&s)[64], u64 da, u64 db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(s[0]), "+f"(s[1]), "+f"(s[2]), "+f"(s[3]), "+f"(s[4]), "+f"(s[5]), "+f"(s[6]), "+f"(s[7]), "+f"(s[8]), "+f"(s[9]), "+f"(s[10]), "+f"(s[11]), "+f"(s[12]), "+f"(s[13]), "+f"(s[14]), "+f"(s[15]), "+f"(s[16]), "+f"(s[17]), "+f"(s[18]), "+f"(s[19]), "+f"(s[20]), "+f"(s[21]), "+f"(s[22]), "+f"(s[23]), "+f"(s[24]), "+f"(s[25]), "+f"(s[26]), "+f"(s[27]), "+f"(s[28]), "+f"(s[29]), "+f"(s[30]), "+f"(s[31]), "+f"(s[32]), "+f"(s[33]), "+f"(s[34]), "+f"(s[35]), "+f"(s[36]), "+f"(s[37]), "+f"(s[38]), "+f"(s[39]), "+f"(s[40]), "+f"(s[41]), "+f"(s[42]), "+f"(s[43]), "+f"(s[44]), "+f"(s[45]), "+f"(s[46]), "+f"(s[47]), "+f"(s[48]), "+f"(s[49]), "+f"(s[50]), "+f"(s[51]), "+f"(s[52]), "+f"(s[53]), "+f"(s[54]), "+f"(s[55]), "+f"(s[56]), "+f"(s[57]), "+f"(s[58]), "+f"(s[59]), "+f"(s[60]), "+f"(s[61]), "+f"(s[62]), "+f"(s[63])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <int STAGES, bool PINGPONG>
+__device__ __forceinline__ void attn_prefill_v7_impl(const TmaMap* kv_map, const T* qkv, const u32* block_tables,
+                                                     int table_stride, const int4* tiles, int num_tiles, T* out,
+                                                     int layer, float scale, int num_heads, int num_kv_heads,
+                                                     const float* rope, int num_blocks) {
+    extern __shared__ __align__(16) unsigned char v7_smem[];
+    pdl_trigger();
+    // 1024-byte aligned base: the 128-byte swizzle pattern follows address bits 4-9.
+    const u32 raw_addr = (u32)__cvta_generic_to_shared(v7_smem);
+    const u32 pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
+    unsigned char* sq = v7_smem + pad;
+    const u32 sq_base = raw_addr + pad;
+    const u32 kv_base = sq_base + V7_Q_BYTES;
+    const u32 bar_base = kv_base + STAGES * V7_STAGE_BYTES;
+    // full_k[s], full_v[s], empty[s]: 8 bytes each.
+    auto full_k = [&](int s) { return bar_base + 8u * (u32)s; };
+    auto full_v = [&](int s) { return bar_base + 8u * (u32)(STAGES + s); };
+    auto empty = [&](int s) { return bar_base + 8u * (u32)(2 * STAGES + s); };
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full_k(s), 1);
+            mbar_init(full_v(s), 1);
+            mbar_init(empty(s), 8);  // one arrival per consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    pdl_wait();
+    const int4 tile = tiles[num_tiles - 1 - blockIdx.y];
+    const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
+    const int h = blockIdx.x;
+    const int kv_len = pos0 + rows;
+    const int nchunks = (kv_len + V7_KEYS - 1) / V7_KEYS;
+    const int wg = threadIdx.x >> 7;
+
+    if (wg == 0) {
+        // ---- producer
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (threadIdx.x == 0) {
+            const int kvh = h / (num_heads / num_kv_heads);
+            const u32* table = block_tables + (u64)seq * table_stride;
+            constexpr int BLOCKS = V7_KEYS / BLOCK_SIZE;
+            constexpr u32 BOX_BYTES = BLOCK_SIZE * 128;
+            for (int c = 0; c < nchunks; ++c) {
+                const int s = c % STAGES;
+                if (c >= STAGES) mbar_wait(empty(s), (u32)((c / STAGES - 1) & 1));
+                int phys[BLOCKS];
+#pragma unroll
+                for (int b = 0; b < BLOCKS; ++b) {
+                    const int blk = c * BLOCKS + b;
+                    phys[b] = blk * BLOCK_SIZE < kv_len ? (int)table[blk] : num_blocks;  // past the end: zeros
+                }
+                const u32 ks = kv_base + (u32)s * V7_STAGE_BYTES, vs = ks + 2 * V7_PANEL_KV;
+                mbar_expect_tx(full_k(s), 2 * V7_PANEL_KV);
+#pragma unroll
+                for (int b = 0; b < BLOCKS; ++b) {
+                    tma_load_5d(ks + b * BOX_BYTES, kv_map, full_k(s), 0, 0, kvh, 2 * layer, phys[b]);
+                    tma_load_5d(ks + V7_PANEL_KV + b * BOX_BYTES, kv_map, full_k(s), 64, 0, kvh, 2 * layer, phys[b]);
+                }
+                mbar_expect_tx(full_v(s), 2 * V7_PANEL_KV);
+#pragma unroll
+                for (int b = 0; b < BLOCKS; ++b) {
+                    tma_load_5d(vs + b * BOX_BYTES, kv_map, full_v(s), 0, 0, kvh, 2 * layer + 1, phys[b]);
+                    tma_load_5d(vs + V7_PANEL_KV + b * BOX_BYTES, kv_map, full_v(s), 64, 0, kvh, 2 * layer + 1,
+                                phys[b]);
+                }
+            }
+        }
+        return;
+    }
+
+    // ---- consumers: warpgroup cw = 0, 1 owns tile rows 64 cw .. 64 cw + 63
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int cw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
+    const float scale_log2 = scale * LOG2E;
+
+    // Q rows with RoPE (pairs (i, i + 64): piece v of panel 0 and piece v of panel 1), as v6.
+    for (int idx = threadIdx.x & 127; idx < 64 * 8; idx += 128) {
+        const int r = 64 * cw + (idx >> 3), v = idx & 7;
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
+        if (r < rows) {
+            const T* qrow = qkv + (u64)(row0 + r) * qkv_width + h * HEAD_DIM;
+            const uint4 lraw = *reinterpret_cast<const uint4*>(qrow + v * 8);
+            const uint4 hraw = *reinterpret_cast<const uint4*>(qrow + 64 + v * 8);
+            const T2* l2 = reinterpret_cast<const T2*>(&lraw);
+            const T2* h2 = reinterpret_cast<const T2*>(&hraw);
+            T2* lo2 = reinterpret_cast<T2*>(&lo);
+            T2* hi2 = reinterpret_cast<T2*>(&hi);
+            const float* cs = rope + (u64)(pos0 + r) * HEAD_DIM + 2 * (v * 8);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 a = to_f2(l2[k]), b = to_f2(h2[k]);
+                const float4 c = *reinterpret_cast<const float4*>(cs + 4 * k);  // c_i s_i c_i+1 s_i+1
+                lo2[k] = from_f2(a.x * c.x - b.x * c.y, a.y * c.z - b.y * c.w);
+                hi2[k] = from_f2(b.x * c.x + a.x * c.y, b.y * c.z + a.y * c.w);
+            }
+        }
+        *reinterpret_cast<uint4*>(sq + swz128(r, v)) = lo;
+        *reinterpret_cast<uint4*>(sq + WG_PANEL_Q + swz128(r, v)) = hi;
+    }
+    // Generic-proxy stores -> visible to wgmma (async proxy); only this warpgroup reads its rows.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    named_sync(1 + cw, 128);
+
+    const int wg_first_pos = pos0 + cw * 64;
+    const int wg_last_pos = min(wg_first_pos + 63, kv_len - 1);
+    const int my_chunks = wg_last_pos / V7_KEYS + 1;  // the other warpgroup may need one more
+    const int qlo = wg_first_pos + warp * 16 + g, qhi = qlo + 8;
+    const u32 sq_addr = sq_base + (u32)cw * 64u * 128u;
+
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    float s[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+    u32 pa[8][4];
+
+    auto issue_qk = [&](int c) {
+        const u32 ks = kv_base + (u32)(c % STAGES) * V7_STAGE_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+            const u32 koff = (u32)(kk & 3) * 32u;  // 16 dims = 32 bytes inside the swizzled row
+            const u64 da = wg_desc(sq_addr + (u32)(kk >> 2) * WG_PANEL_Q + koff, 16, 1024);
+            const u64 db = wg_desc(ks + (u32)(kk >> 2) * V7_PANEL_KV + koff, 16, 1024);
+            wg_qk128(s, da, db, kk > 0);
+        }
+    };
+    auto issue_pv = [&](int c) {
+        const u32 vs = kv_base + (u32)(c % STAGES) * V7_STAGE_BYTES + 2 * V7_PANEL_KV;
+#pragma unroll
+        for (int kk = 0; kk < V7_KEYS / 16; ++kk) {
+            // Keys 16 kk .. +15 (two 8-row groups, SBO 1024 B) x dims 0..127 (two 64-dim panels,
+            // LBO = panel size), V N-major.
+            const u64 db = wg_desc(vs + (u32)kk * 16u * 128u, V7_PANEL_KV, 1024);
+            wg_pv(o, pa[kk], db, 1);
+        }
+    };
+    // Softmax of chunk c on s, in place (fp32 probabilities); returns the O rescale factors.
+    auto softmax = [&](int c, float& a_lo, float& a_hi) {
+        const int kc = c * V7_KEYS;
+        const bool mask = kc + V7_KEYS - 1 > wg_first_pos;  // warpgroup-uniform
+        float mx_lo = NEG_INF, mx_hi = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            float* x = &s[4 * j];
+            if (mask) {
+                const int kpos = kc + j * 8 + t4 * 2;
+                x[0] = (kpos <= qlo) ? x[0] : NEG_INF;
+                x[1] = (kpos + 1 <= qlo) ? x[1] : NEG_INF;
+                x[2] = (kpos <= qhi) ? x[2] : NEG_INF;
+                x[3] = (kpos + 1 <= qhi) ? x[3] : NEG_INF;
+            }
+            mx_lo = fmaxf(mx_lo, fmaxf(x[0], x[1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(x[2], x[3]));
+        }
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+        }
+        // Key 0 is visible to every row, so m is finite from the first chunk on.
+        const float nm_lo = fmaxf(m_lo, mx_lo * scale_log2), nm_hi = fmaxf(m_hi, mx_hi * scale_log2);
+        a_lo = exp2f(m_lo - nm_lo);
+        a_hi = exp2f(m_hi - nm_hi);
+        m_lo = nm_lo;
+        m_hi = nm_hi;
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            float* x = &s[4 * j];
+            x[0] = exp2f(fmaf(x[0], scale_log2, -nm_lo));
+            x[1] = exp2f(fmaf(x[1], scale_log2, -nm_lo));
+            x[2] = exp2f(fmaf(x[2], scale_log2, -nm_hi));
+            x[3] = exp2f(fmaf(x[3], scale_log2, -nm_hi));
+            sum_lo += x[0] + x[1];
+            sum_hi += x[2] + x[3];
+        }
+        l_lo = l_lo * a_lo + sum_lo;
+        l_hi = l_hi * a_hi + sum_hi;
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            pa[kk][0] = pack2(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = pack2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    auto fence_s = [&]() {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) reg_fence(s[i]);
+    };
+    auto fence_o = [&]() {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) reg_fence(o[i]);
+    };
+    // Ping-pong: warpgroup cw issues its GEMMs after the other one has issued its own (named
+    // barriers 3 and 4, 256 threads: 128 sync + 128 arrive). Both warpgroups pass the same number
+    // of turns (max of their chunk counts + 1), so every arrive has its sync.
+    const int turns = nchunks + 1;
+    auto gemm_turn_begin = [&]() {
+        if (PINGPONG) named_sync(3 + cw, 256);
+    };
+    auto gemm_turn_end = [&]() {
+        if (PINGPONG) named_arrive(3 + (1 - cw), 256);
+    };
+    if (PINGPONG && cw == 1) named_arrive(3, 256);  // warpgroup 0 goes first
+
+    // Chunk 0: S, softmax, P.
+    mbar_wait(full_k(0), 0);
+    gemm_turn_begin();
+    fence_s();
+    wg_fence();
+    issue_qk(0);
+    wg_commit();
+    gemm_turn_end();
+    wg_wait<0>();
+    fence_s();
+    {
+        float a_lo, a_hi;
+        softmax(0, a_lo, a_hi);  // o is still zero: no rescale
+    }
+    pack_p();
+    for (int c = 1; c < my_chunks; ++c) {
+        mbar_wait(full_k(c % STAGES), (u32)((c / STAGES) & 1));
+        gemm_turn_begin();
+        fence_s();
+        fence_o();
+        wg_fence();
+        issue_qk(c);
+        wg_commit();
+        mbar_wait(full_v((c - 1) % STAGES), (u32)(((c - 1) / STAGES) & 1));
+        issue_pv(c - 1);
+        wg_commit();
+        gemm_turn_end();
+        wg_wait<1>();  // S_c is ready; P_{c-1} V_{c-1} may still run
+        fence_s();
+        float a_lo, a_hi;
+        softmax(c, a_lo, a_hi);
+        fence_s();
+        reg_fence(a_lo);
+        reg_fence(a_hi);
+        // An mbarrier wait (a spin loop, so a basic-block boundary) sits between the softmax and
+        // the wgmma wait on purpose: ptxas hoists WARPGROUP.DEPBAR to the top of its basic block,
+        // so in one block with the softmax the exp2s ran after P V had completed (no overlap;
+        // seen in the SASS). With 3+ stages it is the next chunk's K. With 2 stages that K goes
+        // into the stage that chunk c - 1 still holds until the release below, so waiting on it
+        // here deadlocked (H100, A7 call 1); chunk c's V (loaded with its K, needed next) is safe
+        // for any stage count.
+        if constexpr (STAGES >= 3) {
+            if (c + 1 < my_chunks) mbar_wait(full_k((c + 1) % STAGES), (u32)(((c + 1) / STAGES) & 1));
+        } else {
+            mbar_wait(full_v(c % STAGES), (u32)((c / STAGES) & 1));
+        }
+        wg_wait<0>();
+        fence_o();
+        if (lane == 0) mbar_arrive(empty((c - 1) % STAGES));
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            o[4 * j] *= a_lo;
+            o[4 * j + 1] *= a_lo;
+            o[4 * j + 2] *= a_hi;
+            o[4 * j + 3] *= a_hi;
+        }
+        pack_p();
+    }
+    {
+        const int c = my_chunks - 1;
+        mbar_wait(full_v(c % STAGES), (u32)((c / STAGES) & 1));
+        gemm_turn_begin();
+        fence_o();
+        wg_fence();
+        issue_pv(c);
+        wg_commit();
+        gemm_turn_end();
+        wg_wait<0>();
+        fence_o();
+    }
+    if (PINGPONG) {
+        // A warpgroup that needed one chunk fewer than the other passes its missing turn empty;
+        // warpgroup 0 then takes warpgroup 1's last arrive (warpgroup 1 arrived once up front).
+        for (int t = my_chunks + 1; t < turns; ++t) {
+            named_sync(3 + cw, 256);
+            named_arrive(3 + (1 - cw), 256);
+        }
+        if (cw == 0) named_sync(3, 256);
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+        l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+        l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    }
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    const int r_lo = cw * 64 + warp * 16 + g, r_hi = r_lo + 8;
+    const int out_width = num_heads * HEAD_DIM;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const int col = h * HEAD_DIM + j * 8 + t4 * 2;
+        if (r_lo < rows) {
+            *reinterpret_cast<T2*>(out + (u64)(row0 + r_lo) * out_width + col) =
+                from_f2(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+        }
+        if (r_hi < rows) {
+            *reinterpret_cast<T2*>(out + (u64)(row0 + r_hi) * out_width + col) =
+                from_f2(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+        }
+    }
+}
+#endif
+
+#define V7_KERNEL(NAME, STAGES, PINGPONG)                                                                           \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                          \
+        NAME(const __grid_constant__ TmaMap kv_map, const T* qkv, const u32* block_tables, int table_stride,       \
+             const int4* tiles, int num_tiles, T* out, int layer, float scale, int num_heads, int num_kv_heads,    \
+             const float* rope, int num_blocks) {                                                                 \
+        V7_BODY(STAGES, PINGPONG)                                                                                 \
+    }
+#if V7_SUPPORTED
+#define V7_BODY(STAGES, PINGPONG)                                                                                 \
+    attn_prefill_v7_impl<STAGES, PINGPONG>(&kv_map, qkv, block_tables, table_stride, tiles, num_tiles, out, layer, \
+                                           scale, num_heads, num_kv_heads, rope, num_blocks);
+#else
+#define V7_BODY(STAGES, PINGPONG) __trap();  // only selected for sm_90a and head_dim 128
+#endif
+V7_KERNEL(attn_prefill_v7, 2, false)
+V7_KERNEL(attn_prefill_v7s3, 3, false)
+V7_KERNEL(attn_prefill_v7pp, 2, true)
+
 // Single-buffered variant (static shared memory); kept as a fallback (DJINN_CUDA_PREFILL_V1=1).
 extern "C" __global__ void __launch_bounds__(128) attn_prefill_v1(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,

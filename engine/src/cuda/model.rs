@@ -40,6 +40,25 @@ const PREFILL_V6_SMEM_BYTES: usize = 128 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 1024
 const HALF_RESID_MIN_TOKENS: usize = 64;
 /// Threads per CTA of `rope_kv_write` (one 16-byte item each).
 const ROPE_KV_THREADS: usize = 128;
+/// Dynamic shared memory of `attn_prefill_v7` with `stages` K/V stages (head_dim 128, fp16/bf16):
+/// Q tile 128 x 128, per stage a 128-key K and V chunk, 1 KiB to align the swizzled buffers and
+/// 128 bytes for the mbarriers (3 x 8 bytes per stage).
+const fn prefill_v7_smem_bytes(stages: usize) -> usize {
+    128 * 128 * 2 + stages * 2 * 128 * 128 * 2 + 1024 + 128
+}
+/// Keys per chunk of `attn_prefill_v7` (V7_KEYS in kernels.cu): whole KV blocks per chunk.
+const PREFILL_V7_KEYS: usize = 128;
+/// Prefill attention kernel numbers (`prefill_version`) of the wgmma kernels.
+const PREFILL_V6: u8 = 9;
+const PREFILL_V7: u8 = 10;
+const PREFILL_V7_STAGES2: u8 = 11;
+const PREFILL_V7_PINGPONG: u8 = 12;
+
+/// A `CUtensorMap` (128 bytes, 64-byte aligned), passed by value to `attn_prefill_v7`.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TmaMap([u64; 16]);
+
 /// Token count from which RMSNorm runs 256 threads per row (`add_rmsnorm_rows`).
 const NORM_ROWS_MIN_TOKENS: usize = 64;
 /// Left free after sizing everything: CUDA graphs, cuBLAS internals, module code.
@@ -127,6 +146,9 @@ struct Kernels {
     attn_prefill_v4lean: dsys::CUfunction,
     add_rmsnorm_rows: dsys::CUfunction,
     attn_prefill_v6: dsys::CUfunction,
+    attn_prefill_v7: dsys::CUfunction,
+    attn_prefill_v7s3: dsys::CUfunction,
+    attn_prefill_v7pp: dsys::CUfunction,
     attn_prefill: dsys::CUfunction,
     attn_prefill_v2: dsys::CUfunction,
     attn_prefill_v1: dsys::CUfunction,
@@ -308,14 +330,23 @@ pub struct CudaModel {
     fuse_gemv: bool,
     /// Programmatic dependent launch of our kernels (sm_90+; off with DJINN_CUDA_NO_PDL=1).
     use_pdl: bool,
-    /// Prefill attention kernel: 9 (default on sm_90 with head_dim 128: `attn_prefill_v6`,
-    /// wgmma; DJINN_CUDA_PREFILL_V4=1 turns it off), 4 (default for other head_dim <= 128:
+    /// Prefill attention kernel: 9 (default on sm_90 with head_dim 128: `attn_prefill_v6`, wgmma;
+    /// DJINN_CUDA_PREFILL_V4=1 turns it off), 10 (`attn_prefill_v7s3`, FA3-style: TMA producer
+    /// warpgroup, 3 K/V stages of 128 keys, two wgmma consumer warpgroups with the P V wgmma in
+    /// flight during the next softmax; opt-in with DJINN_CUDA_PREFILL_V7=1 on sm_90 with head_dim
+    /// 128 and KV blocks of 8-128 tokens dividing 128, until verified on the GPU, see
+    /// NOTES-cuda.md), 11 / 12 (v7 with 2 stages, DJINN_CUDA_PREFILL_V7_STAGES2=1 / 2 stages and
+    /// ping-pong between the consumer warpgroups, DJINN_CUDA_PREFILL_V7_PINGPONG=1), 4 (default for other head_dim <= 128:
     /// `attn_prefill_v4`, mma.sync, 64-key chunks), 5 (the same with 32-key chunks, DJINN_CUDA_PREFILL_V4_KEYS32=1), 6 / 7
     /// (`attn_prefill_v5` / `_v5k32`: 8 warps of 16 rows, DJINN_CUDA_PREFILL_V5=1 /
     /// DJINN_CUDA_PREFILL_V5_KEYS32=1), 8 (v4 with v5's lean softmax, DJINN_CUDA_PREFILL_V4_LEAN=1), 3
     /// (DJINN_CUDA_PREFILL_V3=1; the default for head_dim 256), 2 (DJINN_CUDA_PREFILL_V2=1) or 1
     /// (DJINN_CUDA_PREFILL_V1=1, single-buffered).
     prefill_version: u8,
+    /// The wgmma kernel (`PREFILL_V6` or a v7 number) that `set_wgmma_prefill(true)` restores.
+    wgmma_prefill_version: u8,
+    /// Tensor map of the KV pool for `attn_prefill_v7` (`None` where v7 cannot run).
+    kv_tma_map: Option<TmaMap>,
     /// Timed cuBLASLt algorithm choice for large prefill GEMMs (None: DJINN_CUDA_NO_GEMM_TUNE=1 or
     /// no libcublasLt; cublasGemmEx then).
     tuned_gemm: Option<TunedGemm>,
@@ -345,6 +376,61 @@ pub struct CudaModel {
     norm_rows_min_tokens: usize,
     /// Bytes allocated at start-up, by purpose (for reports).
     pub memory_breakdown: Vec<(String, usize)>,
+}
+
+/// Tensor map of the KV pool for `attn_prefill_v7`: the pool seen as a 5-D tensor
+/// [block][layer * 2 + K|V][kv head][token in block][dim] (dims listed innermost first below), read
+/// in boxes of one block's 64-dim panel (block_size x 64 elements, 128 bytes a row) with the
+/// 128-byte swizzle that the kernel's wgmma descriptors expect. Block indices past `num_blocks`
+/// read as zeros (the kernel asks for those past a sequence's end).
+fn encode_kv_tma_map(
+    pool: &GpuKvPool,
+    config: &ModelConfig,
+    options: &CudaModelOptions,
+) -> Result<TmaMap, CudaError> {
+    let hd = config.head_dim() as u64;
+    let bs = options.block_size_tokens as u64;
+    let nkv = config.num_key_value_heads as u64;
+    let nl = config.num_hidden_layers as u64;
+    let elem = 2u64;
+    let dims: [u64; 5] = [hd, bs, nkv, 2 * nl, pool.num_blocks() as u64];
+    // Byte strides of dims 1..4 (dim 0 is contiguous).
+    let strides: [u64; 4] = [
+        hd * elem,
+        bs * hd * elem,
+        nkv * bs * hd * elem,
+        2 * nl * nkv * bs * hd * elem,
+    ];
+    let boxes: [u32; 5] = [64, bs as u32, 1, 1, 1];
+    let element_strides: [u32; 5] = [1; 5];
+    let data_type = match options.dtype {
+        DType::Bf16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let mut map = dsys::CUtensorMap { opaque: [0; 16] };
+    // SAFETY: every array has the rank's length; the pool allocation outlives the model (and
+    // so every launch that uses the map).
+    drv(
+        "encoding the KV pool's tensor map (prefill attention v7)",
+        unsafe {
+            dsys::cuTensorMapEncodeTiled(
+                &mut map,
+                data_type,
+                5,
+                pool.base_device_ptr() as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()
+        },
+    )?;
+    Ok(TmaMap(map.opaque))
 }
 
 /// An A/B switch from the environment: set and not "0".
@@ -468,6 +554,9 @@ impl CudaModel {
             attn_prefill_v4lean: f("attn_prefill_v4lean")?,
             add_rmsnorm_rows: f("add_rmsnorm_rows")?,
             attn_prefill_v6: f("attn_prefill_v6")?,
+            attn_prefill_v7: f("attn_prefill_v7")?,
+            attn_prefill_v7s3: f("attn_prefill_v7s3")?,
+            attn_prefill_v7pp: f("attn_prefill_v7pp")?,
             attn_prefill: f("attn_prefill")?,
             attn_prefill_v2: f("attn_prefill_v2")?,
             attn_prefill_v1: f("attn_prefill_v1")?,
@@ -491,6 +580,9 @@ impl CudaModel {
             (kernels.attn_prefill_v5k32, prefill_v4_smem(32)),
             (kernels.attn_prefill_v4lean, prefill_v4_smem(64)),
             (kernels.attn_prefill_v6, PREFILL_V6_SMEM_BYTES),
+            (kernels.attn_prefill_v7, prefill_v7_smem_bytes(2)),
+            (kernels.attn_prefill_v7pp, prefill_v7_smem_bytes(2)),
+            (kernels.attn_prefill_v7s3, prefill_v7_smem_bytes(3)),
         ] {
             drv("raising the prefill kernel's shared memory limit", unsafe {
                 dr::function::set_function_attribute(
@@ -663,6 +755,30 @@ impl CudaModel {
         })?;
 
         let device_cc_major = device.compute_capability.0;
+        // v7 reads whole KV blocks of 8..=128 tokens (whole 8-row swizzle atoms) per 128-key chunk.
+        let bs_tok = options.block_size_tokens;
+        let v7_possible = device.has_wgmma()
+            && hd == 128
+            && bs_tok.is_multiple_of(8)
+            && PREFILL_V7_KEYS.is_multiple_of(bs_tok)
+            && options.dtype != DType::F32;
+        let kv_tma_map = if v7_possible {
+            Some(encode_kv_tma_map(&pool, &config, &options)?)
+        } else {
+            None
+        };
+        // v7 is opt-in until the GPU has verified it (NOTES-cuda.md, Session 4 (A7)).
+        let wgmma_prefill_version = if !v7_possible {
+            PREFILL_V6
+        } else if env_flag("DJINN_CUDA_PREFILL_V7") {
+            PREFILL_V7
+        } else if env_flag("DJINN_CUDA_PREFILL_V7_STAGES2") {
+            PREFILL_V7_STAGES2
+        } else if env_flag("DJINN_CUDA_PREFILL_V7_PINGPONG") {
+            PREFILL_V7_PINGPONG
+        } else {
+            PREFILL_V6
+        };
         let device_has_wgmma = device.has_wgmma();
         let tuned_gemm = if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
             None
@@ -736,8 +852,10 @@ impl CudaModel {
             } else if env_flag("DJINN_CUDA_PREFILL_V4") || hd != 128 || !device_has_wgmma {
                 4
             } else {
-                9
+                wgmma_prefill_version
             },
+            wgmma_prefill_version,
+            kv_tma_map,
             prefill_v4_smem_bytes: [prefill_v4_smem(64), prefill_v4_smem(32)],
             half_resid_min_tokens: if env_flag("DJINN_CUDA_F32_RESIDUAL") {
                 usize::MAX
@@ -771,17 +889,30 @@ impl CudaModel {
         Ok(model)
     }
 
-    /// Whether prefill attention runs the wgmma kernel (`attn_prefill_v6`).
+    /// Whether prefill attention runs a wgmma kernel (`attn_prefill_v6` or `_v7*`).
     pub fn uses_wgmma_prefill(&self) -> bool {
-        self.prefill_version == 9
+        self.prefill_version >= PREFILL_V6
     }
 
-    /// Switches prefill attention between the wgmma kernel (v6) and `attn_prefill_v4` (checks
-    /// compare the two); returns whether v6 was on. v6 is only turned on where it was selectable.
+    /// Name of the prefill attention kernel in use (for check and bench labels).
+    pub fn prefill_attention_name(&self) -> &'static str {
+        match self.prefill_version {
+            PREFILL_V6 => "wgmma v6",
+            PREFILL_V7 => "warp-specialised wgmma v7 (3 stages)",
+            PREFILL_V7_STAGES2 => "warp-specialised wgmma v7 (2 stages)",
+            PREFILL_V7_PINGPONG => "warp-specialised wgmma v7 (2 stages, ping-pong)",
+            1..=3 => "mma.sync v1-v3",
+            _ => "mma.sync v4/v5",
+        }
+    }
+
+    /// Switches prefill attention between the wgmma kernel (v7 or v6, as chosen at start-up) and
+    /// `attn_prefill_v4` (checks compare the two); returns whether the wgmma kernel was on. It is
+    /// only turned on where it was selectable.
     pub fn set_wgmma_prefill(&mut self, on: bool) -> bool {
-        let was = self.prefill_version == 9;
+        let was = self.uses_wgmma_prefill();
         if on && !was && self.config.head_dim() == 128 && self.device.has_wgmma() {
-            self.prefill_version = 9;
+            self.prefill_version = self.wgmma_prefill_version;
         } else if !on && was {
             self.prefill_version = 4;
         }
@@ -1692,6 +1823,44 @@ impl CudaModel {
                     let smem = self.prefill_smem_bytes as u32;
                     let rope_p = self.rope.ptr();
                     match self.prefill_version {
+                        PREFILL_V7..=PREFILL_V7_PINGPONG => {
+                            let (kernel, bytes) = match self.prefill_version {
+                                PREFILL_V7_STAGES2 => {
+                                    (self.kernels.attn_prefill_v7, prefill_v7_smem_bytes(2))
+                                }
+                                PREFILL_V7_PINGPONG => {
+                                    (self.kernels.attn_prefill_v7pp, prefill_v7_smem_bytes(2))
+                                }
+                                _ => (self.kernels.attn_prefill_v7s3, prefill_v7_smem_bytes(3)),
+                            };
+                            let map = self.kv_tma_map.ok_or_else(|| {
+                                CudaError::Unsupported(
+                                    "prefill attention v7 without a KV tensor map".into(),
+                                )
+                            })?;
+                            let num_blocks_i = self.pool.num_blocks() as i32;
+                            self.launch_fwd(
+                                kernel,
+                                (nh as u32, num_tiles as u32, 1),
+                                (384, 1, 1),
+                                bytes as u32,
+                                kargs![
+                                    map,
+                                    qkv_p,
+                                    tables,
+                                    table_stride,
+                                    tiles,
+                                    tiles_i,
+                                    out_p,
+                                    layer_i,
+                                    scale,
+                                    nh,
+                                    nkv,
+                                    rope_p,
+                                    num_blocks_i
+                                ],
+                            )?
+                        }
                         4..=9 => {
                             let [smem64, smem32] = self.prefill_v4_smem_bytes;
                             // v5 (6, 7): the same tile on 8 warps of 16 rows.
