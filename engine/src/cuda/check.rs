@@ -350,7 +350,7 @@ pub fn self_consistency(
             &plain?,
             &mut results,
         );
-        // (5) The wgmma prefill attention (v6, or v7 with DJINN_CUDA_PREFILL_V7*=1) against the
+        // (5) The wgmma prefill attention (v7 by default, v6 with DJINN_CUDA_PREFILL_V6=1) against the
         // mma.sync kernel (v4) on the same long prompt: every causal tile shape of a 2048-token
         // prefill; then a later turn on that cached prompt that starts off every tile and chunk
         // boundary (context 1000: 1000 % 128 = 104, 1000 % 16 = 8) and ends in a partial tile

@@ -330,12 +330,12 @@ pub struct CudaModel {
     fuse_gemv: bool,
     /// Programmatic dependent launch of our kernels (sm_90+; off with DJINN_CUDA_NO_PDL=1).
     use_pdl: bool,
-    /// Prefill attention kernel: 9 (default on sm_90 with head_dim 128: `attn_prefill_v6`, wgmma;
-    /// DJINN_CUDA_PREFILL_V4=1 turns it off), 10 (`attn_prefill_v7s3`, FA3-style: TMA producer
-    /// warpgroup, 3 K/V stages of 128 keys, two wgmma consumer warpgroups with the P V wgmma in
-    /// flight during the next softmax; opt-in with DJINN_CUDA_PREFILL_V7=1 on sm_90 with head_dim
-    /// 128 and KV blocks of 8-128 tokens dividing 128, until verified on the GPU, see
-    /// NOTES-cuda.md), 11 / 12 (v7 with 2 stages, DJINN_CUDA_PREFILL_V7_STAGES2=1 / 2 stages and
+    /// Prefill attention kernel: 10 (default on sm_90 with head_dim 128 and KV blocks of 8-128
+    /// tokens dividing 128: `attn_prefill_v7s3`, FA3-style: TMA producer warpgroup, 3 K/V stages
+    /// of 128 keys, two wgmma consumer warpgroups with the P V wgmma in flight during the next
+    /// softmax; DJINN_CUDA_PREFILL_V4=1 turns the wgmma kernels off), 9 (`attn_prefill_v6`, wgmma
+    /// without warp specialisation: DJINN_CUDA_PREFILL_V6=1, and the default on sm_90 where v7
+    /// cannot run), 11 / 12 (v7 with 2 stages, DJINN_CUDA_PREFILL_V7_STAGES2=1 / 2 stages and
     /// ping-pong between the consumer warpgroups, DJINN_CUDA_PREFILL_V7_PINGPONG=1), 4 (default for other head_dim <= 128:
     /// `attn_prefill_v4`, mma.sync, 64-key chunks), 5 (the same with 32-key chunks, DJINN_CUDA_PREFILL_V4_KEYS32=1), 6 / 7
     /// (`attn_prefill_v5` / `_v5k32`: 8 warps of 16 rows, DJINN_CUDA_PREFILL_V5=1 /
@@ -767,17 +767,17 @@ impl CudaModel {
         } else {
             None
         };
-        // v7 is opt-in until the GPU has verified it (NOTES-cuda.md, Session 4 (A7)).
-        let wgmma_prefill_version = if !v7_possible {
+        // v7 (3 stages) is the default where it can run: verified on the H100 against v4 (prompt
+        // and later turn, 7B and a GQA head_dim-128 model) and faster than v6 in the same call
+        // (NOTES-cuda.md, Session 4). DJINN_CUDA_PREFILL_V6=1 brings back v6 for A/B.
+        let wgmma_prefill_version = if !v7_possible || env_flag("DJINN_CUDA_PREFILL_V6") {
             PREFILL_V6
-        } else if env_flag("DJINN_CUDA_PREFILL_V7") {
-            PREFILL_V7
         } else if env_flag("DJINN_CUDA_PREFILL_V7_STAGES2") {
             PREFILL_V7_STAGES2
         } else if env_flag("DJINN_CUDA_PREFILL_V7_PINGPONG") {
             PREFILL_V7_PINGPONG
         } else {
-            PREFILL_V6
+            PREFILL_V7
         };
         let device_has_wgmma = device.has_wgmma();
         let tuned_gemm = if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
