@@ -212,15 +212,19 @@ mod with_cuda {
         }
     }
 
-    pub fn gemm_search(args: GemmSearchArgs) -> anyhow::Result<()> {
-        let dtype = parse_dtype(&args.dtype)?;
-        let config = ModelConfig::preset(&args.model).with_context(|| {
+    /// The `--model` preset of the bench commands, or an error listing the presets.
+    fn preset_named(model: &str) -> anyhow::Result<ModelConfig> {
+        ModelConfig::preset(model).with_context(|| {
             format!(
-                "--model {}: not a preset ({:?})",
-                args.model,
+                "--model {model}: not a preset ({:?})",
                 ModelConfig::PRESET_NAMES
             )
-        })?;
+        })
+    }
+
+    pub fn gemm_search(args: GemmSearchArgs) -> anyhow::Result<()> {
+        let dtype = parse_dtype(&args.dtype)?;
+        let config = preset_named(&args.model)?;
         if args.rows.is_empty() || args.rows.iter().any(|&r| r < 512 || r % 512 != 0) {
             anyhow::bail!(
                 "--rows {:?}: expected multiples of 512 (the table's row buckets)",
@@ -284,13 +288,7 @@ mod with_cuda {
 
     pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let dtype = parse_dtype(&args.dtype)?;
-        let config = ModelConfig::preset(&args.model).with_context(|| {
-            format!(
-                "--model {}: not a preset ({:?})",
-                args.model,
-                ModelConfig::PRESET_NAMES
-            )
-        })?;
+        let config = preset_named(&args.model)?;
         let mut options = CudaModelOptions::for_config(&config);
         options.dtype = dtype;
         options.use_cuda_graphs = !args.no_graphs;
