@@ -177,6 +177,17 @@ pub fn bench_decode(
     })
 }
 
+/// A prefill's inputs for timing: a prompt of `n` spread-out token ids (multiplicative hashing, so
+/// every run of the benchmark reads the same embeddings) on blocks 0, 1, 2, ... of the pool.
+pub(crate) fn synthetic_prompt(model: &CudaModel, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let bs = model.options.block_size_tokens;
+    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
+    let prompt: Vec<u32> = (0..n)
+        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
+        .collect();
+    (table, prompt)
+}
+
 /// Times a prefill of `n` prompt tokens (one sequence, empty context), LM head on the last token.
 pub fn bench_prefill(
     model: &mut CudaModel,
@@ -184,11 +195,7 @@ pub fn bench_prefill(
     warmup: usize,
     reps: usize,
 ) -> Result<BenchRow, CudaError> {
-    let bs = model.options.block_size_tokens;
-    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
-    let prompt: Vec<u32> = (0..n)
-        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
-        .collect();
+    let (table, prompt) = synthetic_prompt(model, n);
     let mut times = Vec::with_capacity(reps);
     // Where the wall-vs-GPU gap goes (DJINN_BENCH_PREFILL_GAP=1): the GPU span of each step
     // (events before the first and after the last enqueued work) and the host's enqueue time.
@@ -348,11 +355,7 @@ pub fn profile_prefill_once(
     model: &mut CudaModel,
     n: usize,
 ) -> Result<Vec<(String, f64)>, CudaError> {
-    let bs = model.options.block_size_tokens;
-    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
-    let prompt: Vec<u32> = (0..n)
-        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
-        .collect();
+    let (table, prompt) = synthetic_prompt(model, n);
     model.profile_step(&[SeqStep {
         block_table: &table,
         context_len: 0,
@@ -362,11 +365,7 @@ pub fn profile_prefill_once(
 
 /// GPU time per category of a prefill of `n` tokens.
 pub fn profile_prefill(model: &mut CudaModel, n: usize) -> Result<Vec<(String, f64)>, CudaError> {
-    let bs = model.options.block_size_tokens;
-    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
-    let prompt: Vec<u32> = (0..n)
-        .map(|i| ((i * 2654435761usize) % model.config.vocab_size) as u32)
-        .collect();
+    let (table, prompt) = synthetic_prompt(model, n);
     let step = SeqStep {
         block_table: &table,
         context_len: 0,

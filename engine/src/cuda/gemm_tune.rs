@@ -1148,6 +1148,23 @@ impl TunedGemm {
         let mut seen: std::collections::HashSet<AlgoConfig> = std::collections::HashSet::new();
         let mut survivors: Vec<(AlgoConfig, lsys::cublasLtMatmulAlgo_t)> = Vec::new();
         let mut checks = 0usize;
+        // A configuration not tried before that builds and passes `AlgoCheck` joins `out`.
+        let keep_if_valid =
+            |cfg: AlgoConfig,
+             seen: &mut std::collections::HashSet<AlgoConfig>,
+             checks: &mut usize,
+             out: &mut Vec<(AlgoConfig, lsys::cublasLtMatmulAlgo_t)>| {
+                if seen.contains(&cfg) {
+                    return;
+                }
+                *checks += 1;
+                if let Some(algo) = self.build_algo(a, &cfg) {
+                    if self.check(plan, &algo, a).is_some() {
+                        seen.insert(cfg);
+                        out.push((cfg, algo));
+                    }
+                }
+            };
         let mut heuristic_kept = 0usize;
         for r in results.iter().take(count.max(0) as usize) {
             let cfg = Self::read_config(&r.algo);
@@ -1192,17 +1209,7 @@ impl TunedGemm {
                     cfg[CFG_TILE] = tile;
                     cfg[CFG_STAGES] = stage;
                     cfg[CFG_SPLITK] = 1;
-                    let cfg = AlgoConfig(cfg);
-                    if seen.contains(&cfg) {
-                        continue;
-                    }
-                    checks += 1;
-                    if let Some(algo) = self.build_algo(a, &cfg) {
-                        if self.check(plan, &algo, a).is_some() {
-                            seen.insert(cfg);
-                            survivors.push((cfg, algo));
-                        }
-                    }
+                    keep_if_valid(AlgoConfig(cfg), &mut seen, &mut checks, &mut survivors);
                 }
             }
         }
@@ -1237,17 +1244,7 @@ impl TunedGemm {
                         cfg[CFG_SWIZZLE] = sw;
                         cfg[CFG_CLUSTER] = cl;
                         cfg[CFG_CUSTOM] = cu;
-                        let cfg = AlgoConfig(cfg);
-                        if seen.contains(&cfg) {
-                            continue;
-                        }
-                        checks += 1;
-                        if let Some(algo) = self.build_algo(a, &cfg) {
-                            if self.check(plan, &algo, a).is_some() {
-                                seen.insert(cfg);
-                                expanded.push((cfg, algo));
-                            }
-                        }
+                        keep_if_valid(AlgoConfig(cfg), &mut seen, &mut checks, &mut expanded);
                     }
                 }
             }

@@ -981,11 +981,7 @@ impl CudaModel {
         };
         let _ = tuned;
         // A real prefill first, so every GEMM input holds realistic activations.
-        let bs = self.options.block_size_tokens;
-        let table: Vec<u32> = (0..rows.div_ceil(bs) as u32).collect();
-        let prompt: Vec<u32> = (0..rows)
-            .map(|i| ((i * 2654435761usize) % self.config.vocab_size) as u32)
-            .collect();
+        let (table, prompt) = super::bench::synthetic_prompt(self, rows);
         self.forward_greedy(&[SeqStep {
             block_table: &table,
             context_len: 0,
