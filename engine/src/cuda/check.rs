@@ -389,6 +389,46 @@ pub fn self_consistency(
                 &v4?,
                 &mut results,
             );
+            // A batched prefill step of three sequences of different shapes: the later turn
+            // again, a fresh 700-token prompt on blocks of its own (tiles of two sequences
+            // interleave in the persistent kernel's longest-first order) and 5 tokens on the
+            // cached 77-token prompt of the first check.
+            let fresh = 700usize;
+            let fresh_blocks = fresh.div_ceil(bs);
+            let fresh_first = first_free + long_blocks;
+            if fresh_first + fresh_blocks <= model.kv_pool().num_blocks() {
+                let table_e: Vec<u32> =
+                    (fresh_first as u32..(fresh_first + fresh_blocks) as u32).collect();
+                let short_turn: Vec<u32> = (0..5).map(|i| ((i * 31 + 11) % vocab) as u32).collect();
+                let batch = [
+                    later[0],
+                    SeqStep {
+                        block_table: &table_e,
+                        context_len: 0,
+                        tokens: &prompt_long[..fresh],
+                    },
+                    SeqStep {
+                        block_table: &table_a,
+                        context_len: n,
+                        tokens: &short_turn,
+                    },
+                ];
+                eprintln!(
+                    "consistency: {name} vs mma.sync on a batched prefill of three sequences"
+                );
+                let wg = model.forward_logits(&batch)?;
+                model.set_wgmma_prefill(false);
+                let v4 = model.forward_logits(&batch);
+                model.set_wgmma_prefill(true);
+                record(
+                    &format!(
+                        "batched prefill ({turn_len} on {context} cached, {fresh} fresh, 5 on {n} cached) with {name} attention == with v4"
+                    ),
+                    &wg,
+                    &v4?,
+                    &mut results,
+                );
+            }
         }
         // (6) The residual stream in the weights' type (the default for steps this long) against
         // the f32 stream on the same long prompt: one rounding per residual add, 2 x layers adds.

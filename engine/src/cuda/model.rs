@@ -53,6 +53,11 @@ const PREFILL_V6: u8 = 9;
 const PREFILL_V7: u8 = 10;
 const PREFILL_V7_STAGES2: u8 = 11;
 const PREFILL_V7_PINGPONG: u8 = 12;
+/// `attn_prefill_v7p`: v7 (3 stages) on a persistent grid, one CTA per multiprocessor walking
+/// (tile, head) items longest first (session 5).
+const PREFILL_V7P: u8 = 13;
+/// `attn_prefill_v7s3pp`: v7 with 3 stages and ping-pong between the consumer warpgroups.
+const PREFILL_V7S3_PINGPONG: u8 = 14;
 
 /// A `CUtensorMap` (128 bytes, 64-byte aligned), passed by value to `attn_prefill_v7`.
 #[repr(C, align(64))]
@@ -149,6 +154,8 @@ struct Kernels {
     attn_prefill_v7: dsys::CUfunction,
     attn_prefill_v7s3: dsys::CUfunction,
     attn_prefill_v7pp: dsys::CUfunction,
+    attn_prefill_v7s3pp: dsys::CUfunction,
+    attn_prefill_v7p: dsys::CUfunction,
     attn_prefill: dsys::CUfunction,
     attn_prefill_v2: dsys::CUfunction,
     attn_prefill_v1: dsys::CUfunction,
@@ -330,10 +337,12 @@ pub struct CudaModel {
     fuse_gemv: bool,
     /// Programmatic dependent launch of our kernels (sm_90+; off with DJINN_CUDA_NO_PDL=1).
     use_pdl: bool,
-    /// Prefill attention kernel: 10 (default on sm_90 with head_dim 128 and KV blocks of 8-128
-    /// tokens dividing 128: `attn_prefill_v7s3`, FA3-style: TMA producer warpgroup, 3 K/V stages
-    /// of 128 keys, two wgmma consumer warpgroups with the P V wgmma in flight during the next
-    /// softmax; DJINN_CUDA_PREFILL_V4=1 turns the wgmma kernels off), 9 (`attn_prefill_v6`, wgmma
+    /// Prefill attention kernel: 13 (default on sm_90 with head_dim 128 and KV blocks of 8-128
+    /// tokens dividing 128: `attn_prefill_v7p`, the kernel of 10 on a persistent grid), 10
+    /// (`attn_prefill_v7s3`, DJINN_CUDA_PREFILL_V7_OLD=1, FA3-style: TMA producer warpgroup, 3 K/V
+    /// stages of 128 keys, two wgmma consumer warpgroups with the P V wgmma in flight during the
+    /// next softmax; DJINN_CUDA_PREFILL_V4=1 turns the wgmma kernels off), 14 (10 with ping-pong,
+    /// DJINN_CUDA_PREFILL_V7S3_PINGPONG=1), 9 (`attn_prefill_v6`, wgmma
     /// without warp specialisation: DJINN_CUDA_PREFILL_V6=1, and the default on sm_90 where v7
     /// cannot run), 11 / 12 (v7 with 2 stages, DJINN_CUDA_PREFILL_V7_STAGES2=1 / 2 stages and
     /// ping-pong between the consumer warpgroups, DJINN_CUDA_PREFILL_V7_PINGPONG=1), 4 (default for other head_dim <= 128:
@@ -557,6 +566,8 @@ impl CudaModel {
             attn_prefill_v7: f("attn_prefill_v7")?,
             attn_prefill_v7s3: f("attn_prefill_v7s3")?,
             attn_prefill_v7pp: f("attn_prefill_v7pp")?,
+            attn_prefill_v7s3pp: f("attn_prefill_v7s3pp")?,
+            attn_prefill_v7p: f("attn_prefill_v7p")?,
             attn_prefill: f("attn_prefill")?,
             attn_prefill_v2: f("attn_prefill_v2")?,
             attn_prefill_v1: f("attn_prefill_v1")?,
@@ -583,6 +594,8 @@ impl CudaModel {
             (kernels.attn_prefill_v7, prefill_v7_smem_bytes(2)),
             (kernels.attn_prefill_v7pp, prefill_v7_smem_bytes(2)),
             (kernels.attn_prefill_v7s3, prefill_v7_smem_bytes(3)),
+            (kernels.attn_prefill_v7s3pp, prefill_v7_smem_bytes(3)),
+            (kernels.attn_prefill_v7p, prefill_v7_smem_bytes(3)),
         ] {
             drv("raising the prefill kernel's shared memory limit", unsafe {
                 dr::function::set_function_attribute(
@@ -776,8 +789,12 @@ impl CudaModel {
             PREFILL_V7_STAGES2
         } else if env_flag("DJINN_CUDA_PREFILL_V7_PINGPONG") {
             PREFILL_V7_PINGPONG
-        } else {
+        } else if env_flag("DJINN_CUDA_PREFILL_V7S3_PINGPONG") {
+            PREFILL_V7S3_PINGPONG
+        } else if env_flag("DJINN_CUDA_PREFILL_V7_OLD") {
             PREFILL_V7
+        } else {
+            PREFILL_V7P
         };
         let device_has_wgmma = device.has_wgmma();
         let tuned_gemm = if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
@@ -901,6 +918,8 @@ impl CudaModel {
             PREFILL_V7 => "warp-specialised wgmma v7 (3 stages)",
             PREFILL_V7_STAGES2 => "warp-specialised wgmma v7 (2 stages)",
             PREFILL_V7_PINGPONG => "warp-specialised wgmma v7 (2 stages, ping-pong)",
+            PREFILL_V7P => "warp-specialised wgmma v7, persistent (3 stages)",
+            PREFILL_V7S3_PINGPONG => "warp-specialised wgmma v7 (3 stages, ping-pong)",
             1..=3 => "mma.sync v1-v3",
             _ => "mma.sync v4/v5",
         }
@@ -1819,7 +1838,7 @@ impl CudaModel {
                     let smem = self.prefill_smem_bytes as u32;
                     let rope_p = self.rope.ptr();
                     match self.prefill_version {
-                        PREFILL_V7..=PREFILL_V7_PINGPONG => {
+                        PREFILL_V7..=PREFILL_V7S3_PINGPONG => {
                             let (kernel, bytes) = match self.prefill_version {
                                 PREFILL_V7_STAGES2 => {
                                     (self.kernels.attn_prefill_v7, prefill_v7_smem_bytes(2))
@@ -1827,7 +1846,24 @@ impl CudaModel {
                                 PREFILL_V7_PINGPONG => {
                                     (self.kernels.attn_prefill_v7pp, prefill_v7_smem_bytes(2))
                                 }
+                                PREFILL_V7S3_PINGPONG => {
+                                    (self.kernels.attn_prefill_v7s3pp, prefill_v7_smem_bytes(3))
+                                }
+                                PREFILL_V7P => {
+                                    (self.kernels.attn_prefill_v7p, prefill_v7_smem_bytes(3))
+                                }
                                 _ => (self.kernels.attn_prefill_v7s3, prefill_v7_smem_bytes(3)),
+                            };
+                            // The persistent kernel: one CTA per multiprocessor (at most one
+                            // per item); the others: one CTA per (head, tile).
+                            let grid = if self.prefill_version == PREFILL_V7P {
+                                (
+                                    (num_tiles * nh as usize).min(self.device.num_sms) as u32,
+                                    1,
+                                    1,
+                                )
+                            } else {
+                                (nh as u32, num_tiles as u32, 1)
                             };
                             let map = self.kv_tma_map.ok_or_else(|| {
                                 CudaError::Unsupported(
@@ -1837,7 +1873,7 @@ impl CudaModel {
                             let num_blocks_i = self.pool.num_blocks() as i32;
                             self.launch_fwd(
                                 kernel,
-                                (nh as u32, num_tiles as u32, 1),
+                                grid,
                                 (384, 1, 1),
                                 bytes as u32,
                                 kargs![
@@ -2204,6 +2240,11 @@ impl CudaModel {
                     q += rows_in_tile;
                 }
                 row0 += n;
+            }
+            if self.prefill_version == PREFILL_V7P {
+                // The persistent kernel takes the tiles from the end of the list as the longest
+                // (most keys) first; the others keep the sequence order.
+                tile_list.sort_by_key(|t| t[3] + t[2]);
             }
             assert!(tile_list.len() <= self.max_tiles);
             let tiles = self
