@@ -2096,12 +2096,33 @@ __device__ __forceinline__ void v7p_load_q(unsigned char* sq, const T* qkv, cons
     }
 }
 
+#ifndef V7_TRACE
+#define V7_TRACE 0
+#endif
+#if V7_TRACE
+// DJINN_CUDA_ATTN_TRACE=1 (a diagnostic build): every consumer warpgroup of attn_prefill_v7p sums
+// SM clock cycles per phase over its items into v7_trace_buf (layer 0); attn_v7_trace_dump prints
+// them (a printf in the wgmma kernel itself would make ptxas serialise its wgmma, C7510).
+#define V7_TRACE_SLOTS 1024
+#define V7_TRACE_FIELDS 9
+__device__ long long v7_trace_buf[V7_TRACE_SLOTS * V7_TRACE_FIELDS];
+__device__ __forceinline__ u64 v7_gtime() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#endif
+
 template <int STAGES>
 __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, const T* qkv, const u32* block_tables,
                                                       int table_stride, const int4* tiles, int num_tiles, T* out,
                                                       int layer, float scale, int num_heads, int num_kv_heads,
                                                       const float* rope, int num_blocks) {
     extern __shared__ __align__(16) unsigned char v7_smem[];
+#if V7_TRACE
+    const u64 tr_gstart = v7_gtime();
+    const long long tr_cstart = clock64();
+#endif
     pdl_trigger();
     const u32 raw_addr = (u32)__cvta_generic_to_shared(v7_smem);
     const u32 pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
@@ -2124,6 +2145,11 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
     }
     __syncthreads();
     pdl_wait();
+#if V7_TRACE
+    const long long tr_cready = clock64();
+    long long tr_wait_k0 = 0, tr_loop = 0, tr_tail = 0;
+    int tr_items = 0, tr_chunks = 0;
+#endif
     const int num_items = num_tiles * num_heads;
     const int wg = threadIdx.x >> 7;
     // Chunks are numbered across this CTA's items (g): stage g % STAGES, phase (g / STAGES) & 1.
@@ -2285,7 +2311,16 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
         };
 
         // Chunk 0: S, softmax, P.
+#if V7_TRACE
+        const long long tr_c0 = clock64();
+#endif
         mbar_wait(full_k(stage_of(0)), phase_of(0));
+#if V7_TRACE
+        const long long tr_c1 = clock64();
+        tr_wait_k0 += tr_c1 - tr_c0;
+        tr_items += 1;
+        tr_chunks += my_chunks;
+#endif
         fence_s();
         wg_fence();
         issue_qk(0);
@@ -2346,6 +2381,10 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
         }
         wg_wait<0>();
         fence_o();
+#if V7_TRACE
+        const long long tr_c2 = clock64();
+        tr_loop += tr_c2 - tr_c1;
+#endif
         if (lane == 0) {
             mbar_arrive(empty(stage_of(last)));
             // A chunk this warpgroup does not need (its rows end before it) is released too, but
@@ -2376,11 +2415,29 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
                     from_f2(o[4 * jj + 2] * inv_hi, o[4 * jj + 3] * inv_hi);
             }
         }
+#if V7_TRACE
+        tr_tail += clock64() - tr_c2;
+#endif
         if (jn < 0) break;
         named_sync(1 + cw, 128);  // the next item's Q rows, written by every thread of the warpgroup
         g0 += it.nchunks;
         it = next;
     }
+#if V7_TRACE
+    const int tr_slot = 2 * (int)blockIdx.x + cw;
+    if (layer == 0 && (threadIdx.x & 127) == 0 && tr_slot < V7_TRACE_SLOTS) {
+        long long* e = v7_trace_buf + tr_slot * V7_TRACE_FIELDS;
+        e[0] = tr_items;
+        e[1] = tr_chunks;
+        e[2] = (long long)tr_gstart;
+        e[3] = (long long)(v7_gtime() - tr_gstart);
+        e[4] = clock64() - tr_cstart;
+        e[5] = tr_cready - tr_cstart;
+        e[6] = tr_wait_k0;
+        e[7] = tr_loop;
+        e[8] = tr_tail;
+    }
+#endif
 }
 #endif
 #if V7_SUPPORTED
@@ -2389,6 +2446,22 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
                                   num_heads, num_kv_heads, rope, num_blocks);
 #else
 #define V7P_BODY(STAGES) __trap();  // only selected for sm_90a and head_dim 128
+#endif
+#if V7_TRACE
+// Prints the trace of the last layer-0 launch of attn_prefill_v7p: one line per consumer warpgroup
+// (cycles: SM clocks; setup: to the end of barrier init and the PDL wait; wait_k0: waiting for each
+// item's first K chunk; loop: first QK^T to the last P V; tail: release, output stores).
+extern "C" __global__ void attn_v7_trace_dump(int ctas) {
+    pdl_wait();
+    for (int slot = 0; slot < 2 * ctas && slot < V7_TRACE_SLOTS; ++slot) {
+        const long long* e = v7_trace_buf + slot * V7_TRACE_FIELDS;
+        printf("v7trace cta %d wg %d items %lld chunks %lld start_ns %lld dur_ns %lld cycles %lld setup %lld "
+               "wait_k0 %lld loop %lld tail %lld\n",
+               slot / 2, slot % 2, e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8]);
+    }
+}
+#else
+extern "C" __global__ void attn_v7_trace_dump(int ctas) {}
 #endif
 // Grid: min(multiprocessors, tiles x heads) CTAs of 384 threads.
 extern "C" __global__ void __launch_bounds__(384, 1)

@@ -156,6 +156,7 @@ struct Kernels {
     attn_prefill_v7pp: dsys::CUfunction,
     attn_prefill_v7s3pp: dsys::CUfunction,
     attn_prefill_v7p: dsys::CUfunction,
+    attn_v7_trace_dump: dsys::CUfunction,
     attn_prefill: dsys::CUfunction,
     attn_prefill_v2: dsys::CUfunction,
     attn_prefill_v1: dsys::CUfunction,
@@ -337,6 +338,9 @@ pub struct CudaModel {
     fuse_gemv: bool,
     /// Programmatic dependent launch of our kernels (sm_90+; off with DJINN_CUDA_NO_PDL=1).
     use_pdl: bool,
+    /// DJINN_CUDA_ATTN_TRACE=1: the diagnostic build of `attn_prefill_v7p` (per-phase clock sums of
+    /// layer 0, printed by `attn_v7_trace_dump` after that layer's attention).
+    attn_trace: bool,
     /// Prefill attention kernel: 13 (default on sm_90 with head_dim 128 and KV blocks of 8-128
     /// tokens dividing 128: `attn_prefill_v7p`, the kernel of 10 on a persistent grid), 10
     /// (`attn_prefill_v7s3`, DJINN_CUDA_PREFILL_V7_OLD=1, FA3-style: TMA producer warpgroup, 3 K/V
@@ -505,6 +509,16 @@ impl CudaModel {
         }
 
         let kernel_defines = [
+            // Diagnostic build of attn_prefill_v7p: per-phase clock sums printed for layer 0.
+            (
+                "V7_TRACE",
+                if env_flag("DJINN_CUDA_ATTN_TRACE") {
+                    "1"
+                } else {
+                    "0"
+                }
+                .to_string(),
+            ),
             ("HEAD_DIM", hd.to_string()),
             ("BLOCK_SIZE", bs.to_string()),
             (
@@ -568,6 +582,7 @@ impl CudaModel {
             attn_prefill_v7pp: f("attn_prefill_v7pp")?,
             attn_prefill_v7s3pp: f("attn_prefill_v7s3pp")?,
             attn_prefill_v7p: f("attn_prefill_v7p")?,
+            attn_v7_trace_dump: f("attn_v7_trace_dump")?,
             attn_prefill: f("attn_prefill")?,
             attn_prefill_v2: f("attn_prefill_v2")?,
             attn_prefill_v1: f("attn_prefill_v1")?,
@@ -851,6 +866,7 @@ impl CudaModel {
             use_gemv_v1: env_flag("DJINN_CUDA_GEMV_V1"),
             fuse_gemv: !env_flag("DJINN_CUDA_NO_GEMV_FUSION") && !env_flag("DJINN_CUDA_GEMV_V1"),
             use_pdl: !env_flag("DJINN_CUDA_NO_PDL") && device_cc_major >= 9,
+            attn_trace: env_flag("DJINN_CUDA_ATTN_TRACE"),
             prefill_version: if env_flag("DJINN_CUDA_PREFILL_V1") {
                 1
             } else if env_flag("DJINN_CUDA_PREFILL_V2") {
@@ -1891,7 +1907,18 @@ impl CudaModel {
                                     rope_p,
                                     num_blocks_i
                                 ],
-                            )?
+                            )?;
+                            if self.attn_trace && self.prefill_version == PREFILL_V7P && layer == 0
+                            {
+                                let ctas_i = grid.0 as i32;
+                                self.launch_fwd(
+                                    self.kernels.attn_v7_trace_dump,
+                                    (1, 1, 1),
+                                    (1, 1, 1),
+                                    0,
+                                    kargs![ctas_i],
+                                )?;
+                            }
                         }
                         4..=9 => {
                             let [smem64, smem32] = self.prefill_v4_smem_bytes;
