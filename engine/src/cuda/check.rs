@@ -390,20 +390,19 @@ pub fn self_consistency(
                 &mut results,
             );
             // A batched prefill step of three sequences of different shapes: the later turn
-            // again, a fresh 700-token prompt on blocks of its own (tiles of two sequences
-            // interleave in the persistent kernel's longest-first order) and 5 tokens on the
-            // cached 77-token prompt of the first check.
-            let fresh = 700usize;
-            let fresh_blocks = fresh.div_ceil(bs);
-            let fresh_first = first_free + long_blocks;
-            if fresh_first + fresh_blocks <= model.kv_pool().num_blocks() {
-                let table_e: Vec<u32> =
-                    (fresh_first as u32..(fresh_first + fresh_blocks) as u32).collect();
+            // again, a fresh 400-token prompt (on the blocks of the long table past the later
+            // turn's end; its own KV is written before it is read) and 5 tokens on the cached
+            // 77-token prompt of the first check. The persistent kernel takes the tiles of all
+            // three longest first, interleaved.
+            let turn_end_block = (context + turn_len).div_ceil(bs);
+            let fresh = 400usize.min((long_blocks - turn_end_block) * bs);
+            if fresh > 0 && n + 5 <= blocks * bs {
+                let table_e = &table_d[turn_end_block..];
                 let short_turn: Vec<u32> = (0..5).map(|i| ((i * 31 + 11) % vocab) as u32).collect();
                 let batch = [
                     later[0],
                     SeqStep {
-                        block_table: &table_e,
+                        block_table: table_e,
                         context_len: 0,
                         tokens: &prompt_long[..fresh],
                     },

@@ -2113,7 +2113,10 @@ __device__ __forceinline__ u64 v7_gtime() {
 }
 #endif
 
-template <int STAGES>
+// LEAN: the softmax with the row max / row sum over 4 independent partials each (dependency chains
+// of 4-8 instead of 32); otherwise the softmax of attn_prefill_v7_impl. (One mask branch around the
+// whole chunk instead of one per 8 keys made ptxas serialise the wgmma, C7519.)
+template <int STAGES, bool LEAN>
 __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, const T* qkv, const u32* block_tables,
                                                       int table_stride, const int4* tiles, int num_tiles, T* out,
                                                       int layer, float scale, int num_heads, int num_kv_heads,
@@ -2251,7 +2254,50 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
                 wg_pv(o, pa[kk], db, 1);
             }
         };
-        auto softmax = [&](int c, float& a_lo, float& a_hi) {
+        auto softmax_lean = [&](int c, float& a_lo, float& a_hi) {
+            const int kc = c * V7_KEYS;
+            const bool mask = kc + V7_KEYS - 1 > wg_first_pos;  // warpgroup-uniform: the diagonal chunk
+            float pm_lo[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF}, pm_hi[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+#pragma unroll
+            for (int jj = 0; jj < 16; ++jj) {
+                float* x = &s[4 * jj];
+                if (mask) {
+                    const int kpos = kc + jj * 8 + t4 * 2;
+                    x[0] = (kpos <= qlo) ? x[0] : NEG_INF;
+                    x[1] = (kpos + 1 <= qlo) ? x[1] : NEG_INF;
+                    x[2] = (kpos <= qhi) ? x[2] : NEG_INF;
+                    x[3] = (kpos + 1 <= qhi) ? x[3] : NEG_INF;
+                }
+                pm_lo[jj & 3] = fmaxf(pm_lo[jj & 3], fmaxf(x[0], x[1]));
+                pm_hi[jj & 3] = fmaxf(pm_hi[jj & 3], fmaxf(x[2], x[3]));
+            }
+            float mx_lo = fmaxf(fmaxf(pm_lo[0], pm_lo[1]), fmaxf(pm_lo[2], pm_lo[3]));
+            float mx_hi = fmaxf(fmaxf(pm_hi[0], pm_hi[1]), fmaxf(pm_hi[2], pm_hi[3]));
+#pragma unroll
+            for (int off = 1; off <= 2; off <<= 1) {
+                mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+                mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+            }
+            const float nm_lo = fmaxf(m_lo, mx_lo * scale_log2), nm_hi = fmaxf(m_hi, mx_hi * scale_log2);
+            a_lo = exp2f(m_lo - nm_lo);
+            a_hi = exp2f(m_hi - nm_hi);
+            m_lo = nm_lo;
+            m_hi = nm_hi;
+            float ps_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ps_hi[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int jj = 0; jj < 16; ++jj) {
+                float* x = &s[4 * jj];
+                x[0] = exp2f(fmaf(x[0], scale_log2, -nm_lo));
+                x[1] = exp2f(fmaf(x[1], scale_log2, -nm_lo));
+                x[2] = exp2f(fmaf(x[2], scale_log2, -nm_hi));
+                x[3] = exp2f(fmaf(x[3], scale_log2, -nm_hi));
+                ps_lo[jj & 3] += x[0] + x[1];
+                ps_hi[jj & 3] += x[2] + x[3];
+            }
+            l_lo = l_lo * a_lo + ((ps_lo[0] + ps_lo[1]) + (ps_lo[2] + ps_lo[3]));
+            l_hi = l_hi * a_hi + ((ps_hi[0] + ps_hi[1]) + (ps_hi[2] + ps_hi[3]));
+        };
+        auto softmax_plain = [&](int c, float& a_lo, float& a_hi) {
             const int kc = c * V7_KEYS;
             const bool mask = kc + V7_KEYS - 1 > wg_first_pos;  // warpgroup-uniform
             float mx_lo = NEG_INF, mx_hi = NEG_INF;
@@ -2291,6 +2337,13 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
             }
             l_lo = l_lo * a_lo + sum_lo;
             l_hi = l_hi * a_hi + sum_hi;
+        };
+        auto softmax = [&](int c, float& a_lo, float& a_hi) {
+            if constexpr (LEAN) {
+                softmax_lean(c, a_lo, a_hi);
+            } else {
+                softmax_plain(c, a_lo, a_hi);
+            }
         };
         auto pack_p = [&]() {
 #pragma unroll
@@ -2441,11 +2494,11 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
 }
 #endif
 #if V7_SUPPORTED
-#define V7P_BODY(STAGES)                                                                                           \
-    attn_prefill_v7p_impl<STAGES>(&kv_map, qkv, block_tables, table_stride, tiles, num_tiles, out, layer, scale,    \
-                                  num_heads, num_kv_heads, rope, num_blocks);
+#define V7P_BODY(STAGES, LEAN)                                                                                     \
+    attn_prefill_v7p_impl<STAGES, LEAN>(&kv_map, qkv, block_tables, table_stride, tiles, num_tiles, out, layer,     \
+                                        scale, num_heads, num_kv_heads, rope, num_blocks);
 #else
-#define V7P_BODY(STAGES) __trap();  // only selected for sm_90a and head_dim 128
+#define V7P_BODY(STAGES, LEAN) __trap();  // only selected for sm_90a and head_dim 128
 #endif
 #if V7_TRACE
 // Prints the trace of the last layer-0 launch of attn_prefill_v7p: one line per consumer warpgroup
@@ -2468,7 +2521,14 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     attn_prefill_v7p(const __grid_constant__ TmaMap kv_map, const T* qkv, const u32* block_tables, int table_stride,
                      const int4* tiles, int num_tiles, T* out, int layer, float scale, int num_heads,
                      int num_kv_heads, const float* rope, int num_blocks) {
-    V7P_BODY(3)
+    V7P_BODY(3, true)
+}
+// The same with v7's softmax (the kernel of A8's first H100 call).
+extern "C" __global__ void __launch_bounds__(384, 1)
+    attn_prefill_v7p1(const __grid_constant__ TmaMap kv_map, const T* qkv, const u32* block_tables, int table_stride,
+                      const int4* tiles, int num_tiles, T* out, int layer, float scale, int num_heads,
+                      int num_kv_heads, const float* rope, int num_blocks) {
+    V7P_BODY(3, false)
 }
 
 // Single-buffered variant (static shared memory); kept as a fallback (DJINN_CUDA_PREFILL_V1=1).
