@@ -2099,6 +2099,9 @@ __device__ __forceinline__ void v7p_load_q(unsigned char* sq, const T* qkv, cons
 #ifndef V7_TRACE
 #define V7_TRACE 0
 #endif
+#ifndef V7_DIAG
+#define V7_DIAG 0
+#endif
 #if V7_TRACE
 // DJINN_CUDA_ATTN_TRACE=1 (a diagnostic build): every consumer warpgroup of attn_prefill_v7p sums
 // SM clock cycles per phase over its items into v7_trace_buf (layer 0); attn_v7_trace_dump prints
@@ -2339,6 +2342,17 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
             l_hi = l_hi * a_hi + sum_hi;
         };
         auto softmax = [&](int c, float& a_lo, float& a_hi) {
+#if V7_DIAG
+            // Diagnostic (DJINN_CUDA_ATTN_DIAG=1, wrong results by design): no softmax, P = 0, so
+            // the trace shows the loop rate of the GEMMs and the synchronisation alone.
+            a_lo = 1.0f;
+            a_hi = 1.0f;
+            l_lo = 1.0f;
+            l_hi = 1.0f;
+#pragma unroll
+            for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+            return;
+#endif
             if constexpr (LEAN) {
                 softmax_lean(c, a_lo, a_hi);
             } else {
@@ -2521,14 +2535,14 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     attn_prefill_v7p(const __grid_constant__ TmaMap kv_map, const T* qkv, const u32* block_tables, int table_stride,
                      const int4* tiles, int num_tiles, T* out, int layer, float scale, int num_heads,
                      int num_kv_heads, const float* rope, int num_blocks) {
-    V7P_BODY(3, true)
+    V7P_BODY(3, false)
 }
-// The same with v7's softmax (the kernel of A8's first H100 call).
+// The same with the row max / row sum over 4 partials each (measured no faster, H100, A8 call 2).
 extern "C" __global__ void __launch_bounds__(384, 1)
-    attn_prefill_v7p1(const __grid_constant__ TmaMap kv_map, const T* qkv, const u32* block_tables, int table_stride,
+    attn_prefill_v7pl(const __grid_constant__ TmaMap kv_map, const T* qkv, const u32* block_tables, int table_stride,
                       const int4* tiles, int num_tiles, T* out, int layer, float scale, int num_heads,
                       int num_kv_heads, const float* rope, int num_blocks) {
-    V7P_BODY(3, false)
+    V7P_BODY(3, true)
 }
 
 // Single-buffered variant (static shared memory); kept as a fallback (DJINN_CUDA_PREFILL_V1=1).

@@ -58,9 +58,9 @@ const PREFILL_V7_PINGPONG: u8 = 12;
 const PREFILL_V7P: u8 = 13;
 /// `attn_prefill_v7s3pp`: v7 with 3 stages and ping-pong between the consumer warpgroups.
 const PREFILL_V7S3_PINGPONG: u8 = 14;
-/// `attn_prefill_v7p1`: `attn_prefill_v7p` with v7's softmax (one dependency chain per row max
-/// and row sum), DJINN_CUDA_PREFILL_V7P_PLAIN=1.
-const PREFILL_V7P1: u8 = 15;
+/// `attn_prefill_v7pl`: `attn_prefill_v7p` with the row max / row sum over 4 independent partials
+/// each (shorter dependency chains; measured no faster), DJINN_CUDA_PREFILL_V7P_LEAN=1.
+const PREFILL_V7PL: u8 = 15;
 
 /// A `CUtensorMap` (128 bytes, 64-byte aligned), passed by value to `attn_prefill_v7`.
 #[repr(C, align(64))]
@@ -160,7 +160,7 @@ struct Kernels {
     attn_prefill_v7s3pp: dsys::CUfunction,
     attn_prefill_v7p: dsys::CUfunction,
     attn_v7_trace_dump: dsys::CUfunction,
-    attn_prefill_v7p1: dsys::CUfunction,
+    attn_prefill_v7pl: dsys::CUfunction,
     attn_prefill: dsys::CUfunction,
     attn_prefill_v2: dsys::CUfunction,
     attn_prefill_v1: dsys::CUfunction,
@@ -346,8 +346,8 @@ pub struct CudaModel {
     /// layer 0, printed by `attn_v7_trace_dump` after that layer's attention).
     attn_trace: bool,
     /// Prefill attention kernel: 13 (default on sm_90 with head_dim 128 and KV blocks of 8-128
-    /// tokens dividing 128: `attn_prefill_v7p`, the kernel of 10 on a persistent grid with a
-    /// shorter softmax dependency chain; 15 with v7's softmax, DJINN_CUDA_PREFILL_V7P_PLAIN=1), 10
+    /// tokens dividing 128: `attn_prefill_v7p`, the kernel of 10 on a persistent grid; 15 with
+    /// shorter softmax dependency chains, DJINN_CUDA_PREFILL_V7P_LEAN=1), 10
     /// (`attn_prefill_v7s3`, DJINN_CUDA_PREFILL_V7_OLD=1, FA3-style: TMA producer warpgroup, 3 K/V
     /// stages of 128 keys, two wgmma consumer warpgroups with the P V wgmma in flight during the
     /// next softmax; DJINN_CUDA_PREFILL_V4=1 turns the wgmma kernels off), 14 (10 with ping-pong,
@@ -514,7 +514,17 @@ impl CudaModel {
         }
 
         let kernel_defines = [
-            // Diagnostic build of attn_prefill_v7p: per-phase clock sums printed for layer 0.
+            // Diagnostic builds of attn_prefill_v7p: per-phase clock sums printed for layer 0;
+            // the loop without its softmax (wrong results by design).
+            (
+                "V7_DIAG",
+                if env_flag("DJINN_CUDA_ATTN_DIAG") {
+                    "1"
+                } else {
+                    "0"
+                }
+                .to_string(),
+            ),
             (
                 "V7_TRACE",
                 if env_flag("DJINN_CUDA_ATTN_TRACE") {
@@ -588,7 +598,7 @@ impl CudaModel {
             attn_prefill_v7s3pp: f("attn_prefill_v7s3pp")?,
             attn_prefill_v7p: f("attn_prefill_v7p")?,
             attn_v7_trace_dump: f("attn_v7_trace_dump")?,
-            attn_prefill_v7p1: f("attn_prefill_v7p1")?,
+            attn_prefill_v7pl: f("attn_prefill_v7pl")?,
             attn_prefill: f("attn_prefill")?,
             attn_prefill_v2: f("attn_prefill_v2")?,
             attn_prefill_v1: f("attn_prefill_v1")?,
@@ -617,7 +627,7 @@ impl CudaModel {
             (kernels.attn_prefill_v7s3, prefill_v7_smem_bytes(3)),
             (kernels.attn_prefill_v7s3pp, prefill_v7_smem_bytes(3)),
             (kernels.attn_prefill_v7p, prefill_v7_smem_bytes(3)),
-            (kernels.attn_prefill_v7p1, prefill_v7_smem_bytes(3)),
+            (kernels.attn_prefill_v7pl, prefill_v7_smem_bytes(3)),
         ] {
             drv("raising the prefill kernel's shared memory limit", unsafe {
                 dr::function::set_function_attribute(
@@ -815,8 +825,8 @@ impl CudaModel {
             PREFILL_V7S3_PINGPONG
         } else if env_flag("DJINN_CUDA_PREFILL_V7_OLD") {
             PREFILL_V7
-        } else if env_flag("DJINN_CUDA_PREFILL_V7P_PLAIN") {
-            PREFILL_V7P1
+        } else if env_flag("DJINN_CUDA_PREFILL_V7P_LEAN") {
+            PREFILL_V7PL
         } else {
             PREFILL_V7P
         };
@@ -945,7 +955,7 @@ impl CudaModel {
             PREFILL_V7_PINGPONG => "warp-specialised wgmma v7 (2 stages, ping-pong)",
             PREFILL_V7P => "warp-specialised wgmma v7, persistent (3 stages)",
             PREFILL_V7S3_PINGPONG => "warp-specialised wgmma v7 (3 stages, ping-pong)",
-            PREFILL_V7P1 => "warp-specialised wgmma v7, persistent (3 stages, v7 softmax)",
+            PREFILL_V7PL => "warp-specialised wgmma v7, persistent (3 stages, lean softmax)",
             1..=3 => "mma.sync v1-v3",
             _ => "mma.sync v4/v5",
         }
@@ -1864,7 +1874,7 @@ impl CudaModel {
                     let smem = self.prefill_smem_bytes as u32;
                     let rope_p = self.rope.ptr();
                     match self.prefill_version {
-                        PREFILL_V7..=PREFILL_V7P1 => {
+                        PREFILL_V7..=PREFILL_V7PL => {
                             let (kernel, bytes) = match self.prefill_version {
                                 PREFILL_V7_STAGES2 => {
                                     (self.kernels.attn_prefill_v7, prefill_v7_smem_bytes(2))
@@ -1878,15 +1888,15 @@ impl CudaModel {
                                 PREFILL_V7P => {
                                     (self.kernels.attn_prefill_v7p, prefill_v7_smem_bytes(3))
                                 }
-                                PREFILL_V7P1 => {
-                                    (self.kernels.attn_prefill_v7p1, prefill_v7_smem_bytes(3))
+                                PREFILL_V7PL => {
+                                    (self.kernels.attn_prefill_v7pl, prefill_v7_smem_bytes(3))
                                 }
                                 _ => (self.kernels.attn_prefill_v7s3, prefill_v7_smem_bytes(3)),
                             };
                             // The persistent kernel: one CTA per multiprocessor (at most one
                             // per item); the others: one CTA per (head, tile).
                             let persistent =
-                                matches!(self.prefill_version, PREFILL_V7P | PREFILL_V7P1);
+                                matches!(self.prefill_version, PREFILL_V7P | PREFILL_V7PL);
                             let grid = if persistent {
                                 (
                                     (num_tiles * nh as usize).min(self.device.num_sms) as u32,
@@ -2282,7 +2292,7 @@ impl CudaModel {
                 }
                 row0 += n;
             }
-            if matches!(self.prefill_version, PREFILL_V7P | PREFILL_V7P1) {
+            if matches!(self.prefill_version, PREFILL_V7P | PREFILL_V7PL) {
                 // The persistent kernels takes the tiles from the end of the list as the longest
                 // (most keys) first; the others keep the sequence order.
                 tile_list.sort_by_key(|t| t[3] + t[2]);
