@@ -1,4 +1,7 @@
 #!/bin/bash
+# Note: this call ran commit 9c3ffd7, where the default was the lean softmax and DJINN_CUDA_PREFILL_V7P_PLAIN=1
+# chose the call-1 kernel; from 79f081e on the call-1 kernel is the default again and the lean one is
+# DJINN_CUDA_PREFILL_V7P_LEAN=1 (V7P_PLAIN no longer exists).
 # A8 call 2 (session 5): v7p with the shorter softmax chains (default) vs v7p with v7's softmax
 # (DJINN_CUDA_PREFILL_V7P_PLAIN=1, the default of call 1) vs today's v7 (DJINN_CUDA_PREFILL_V7_OLD=1):
 # correctness of all three in this call (incl. the new batched-prefill check), three A/B rounds

@@ -1,3 +1,5 @@
+# Summary of a v7p layer-0 trace (DJINN_CUDA_ATTN_TRACE=1 bench output, gzipped): python3 a8_trace_summary.py TRACE.gz 264
+# (264 = lines per dump: 2 consumer warpgroups x 132 CTAs); prints the first and the last dump.
 import gzip,sys,statistics as st
 lines=[l.split() for l in gzip.open(sys.argv[1],'rt') if l.startswith('v7trace')]
 n=int(sys.argv[2])
