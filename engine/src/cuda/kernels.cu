@@ -2394,6 +2394,10 @@ extern "C" __global__ void copy_words(u32* dst, const u32* src, int n_words) {
 #define GM_A_BYTES (GM_BM * GM_BK * 2)   // 16 KiB
 #define GM_B_BYTES (GM_BN * GM_BK * 2)   // 32 KiB: two boxes of 128 rows
 #define GM_STAGE_BYTES (GM_A_BYTES + GM_B_BYTES)
+// SILU mode: each consumer warpgroup stages its 64 x 128 output in shared memory (two 128-byte-
+// swizzled boxes of 64 rows x 64 columns) and writes it with a TMA store, so the next tile's
+// MMAs start while the store drains.
+#define GM_OUT_BYTES (64 * 128 * 2)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GM_SUPPORTED 1
@@ -2428,6 +2432,14 @@ __device__ __forceinline__ void gm_tma_2d(u32 dst, const TmaMap* map, u32 bar, i
         : "memory");
 }
 // K-major operand in 128-byte-swizzled rows (8-row atoms of 1024 bytes): SBO 1024, mode 1.
+__device__ __forceinline__ void gm_tma_store_2d(const TmaMap* map, u32 src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"((u64)map),
+                 "r"(src), "r"(c0), "r"(c1)
+                 : "memory");
+}
+__device__ __forceinline__ void gm_named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 __device__ __forceinline__ u64 gm_desc(u32 saddr) {
     return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
 }
@@ -2439,13 +2451,15 @@ __device__ __forceinline__ void gm_mma256(float (&d)[128], u64 da, u64 db, int a
 }
 
 template <bool SILU>
-__device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* b_map, T* out, int M, int N, int K) {
+__device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* b_map, const TmaMap* o_map, T* out,
+                                             int M, int N, int K) {
     extern __shared__ __align__(16) unsigned char gm_smem[];
     pdl_trigger();
     // 1024-byte aligned base: the 128-byte swizzle pattern follows address bits 4-9.
     const u32 raw_addr = (u32)__cvta_generic_to_shared(gm_smem);
     const u32 base = (raw_addr + 1023u) & ~1023u;
-    const u32 bar_base = base + GM_STAGES * GM_STAGE_BYTES;
+    const u32 out_base = base + GM_STAGES * GM_STAGE_BYTES;  // SILU: 2 x GM_OUT_BYTES
+    const u32 bar_base = out_base + 2 * GM_OUT_BYTES;
     auto full = [&](int s) { return bar_base + 8u * (u32)s; };
     auto empty = [&](int s) { return bar_base + 8u * (u32)(GM_STAGES + s); };
     auto a_tile = [&](int s) { return base + (u32)s * GM_STAGE_BYTES; };
@@ -2493,6 +2507,8 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int cw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
+    const bool wg_leader = (threadIdx.x & 127) == 0;
+    const u32 ob = out_base + (u32)cw * GM_OUT_BYTES;
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -2521,20 +2537,37 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
         for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
 
         // ---- epilogue: accumulator d[4 j + 2 h + e] is row 16 warp + g + 8 h, column 8 j + 2 t4 + e
+        if (SILU) {
+            // The previous tile's TMA store has finished reading the staging buffer.
+            if (wg_leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+            gm_named_sync(1 + cw, 128);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = m0 + 64 * cw + 16 * warp + g + 8 * h;
-            if (row >= M) continue;
-            if (SILU) {
-                T* orow = out + (u64)row * N + nt * 128 + 2 * t4;
+            for (int h = 0; h < 2; ++h) {
+                const int r = 16 * warp + g + 8 * h;
 #pragma unroll
                 for (int j = 0; j < 16; ++j) {
                     const float g0 = acc[4 * j + 2 * h], g1 = acc[4 * j + 2 * h + 1];
                     const float u0 = acc[4 * (j + 16) + 2 * h], u1 = acc[4 * (j + 16) + 2 * h + 1];
                     const float a0 = g0 / (1.0f + __expf(-g0)) * u0, a1 = g1 / (1.0f + __expf(-g1)) * u1;
-                    *reinterpret_cast<u32*>(orow + 8 * j) = pack2(a0, a1);
+                    // Box j / 8 (64 columns), 16-byte piece j % 8 of row r, XOR-swizzled by r % 8.
+                    const u32 addr = ob + (u32)(j >> 3) * (GM_OUT_BYTES / 2) + (u32)r * 128u +
+                                     ((u32)((j & 7) ^ (r & 7)) << 4) + 4u * (u32)t4;
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pack2(a0, a1)) : "memory");
                 }
-            } else {
+            }
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            gm_named_sync(1 + cw, 128);
+            if (wg_leader) {
+                // Rows past M land in rows of the activation buffer that the step does not read.
+                gm_tma_store_2d(o_map, ob, nt * 128, m0 + 64 * cw);
+                gm_tma_store_2d(o_map, ob + GM_OUT_BYTES / 2, nt * 128 + 64, m0 + 64 * cw);
+                asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+            }
+        } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + 64 * cw + 16 * warp + g + 8 * h;
+                if (row >= M) continue;
                 const int c0 = nt * GM_BN + 2 * t4;
                 T* orow = out + (u64)row * N + c0;
 #pragma unroll
@@ -2546,21 +2579,24 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
             }
         }
     }
+    // Shared memory must outlive the last TMA store's reads.
+    if (SILU && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 #endif
 
 #define GM_KERNEL(NAME, SILU)                                                                                  \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
-        NAME(const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap b_map, T* out, int M, int N, \
-             int K) {                                                                                          \
+        NAME(const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap b_map,                      \
+             const __grid_constant__ TmaMap o_map, T* out, int M, int N, int K) {                              \
         GM_BODY(SILU)                                                                                          \
     }
 #if GM_SUPPORTED
-#define GM_BODY(SILU) gemm_ws_impl<SILU>(&a_map, &b_map, out, M, N, K);
+#define GM_BODY(SILU) gemm_ws_impl<SILU>(&a_map, &b_map, &o_map, out, M, N, K);
 #else
 #define GM_BODY(SILU) __trap();  // only selected on sm_90a
 #endif
 // out[M, N] = A B^T (B: N rows).
 GM_KERNEL(gemm_ws, false)
-// act[M, inter] = silu(A Bg^T) * (A Bu^T), B = [gate; up] of 2 inter rows; N = inter (multiple of 128).
+// act[M, inter] = silu(A Bg^T) * (A Bu^T), B = [gate; up] of 2 inter rows; N = inter (multiple of 128);
+// act is written through o_map ([rows >= M, inter], boxes of 64 x 64, 128-byte swizzle); out unused.
 GM_KERNEL(gemm_ws_silu, true)

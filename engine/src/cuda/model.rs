@@ -56,7 +56,8 @@ const PREFILL_V7_PINGPONG: u8 = 12;
 
 /// Dynamic shared memory of the own GEMM (`gemm_ws*`): 4 stages of a 128 x 64 A tile and a
 /// 256 x 64 B tile (48 KiB), 1 KiB to align the swizzled tiles, the mbarriers.
-const OWN_GEMM_SMEM_BYTES: usize = 4 * (128 + 256) * 64 * 2 + 1024 + 128;
+/// Plus the SiLU mode's output staging (two 64 x 128 tiles).
+const OWN_GEMM_SMEM_BYTES: usize = 4 * (128 + 256) * 64 * 2 + 2 * 64 * 128 * 2 + 1024 + 128;
 /// Rows and columns of one tile of the own GEMM (GM_BM, GM_BN in kernels.cu).
 const OWN_GEMM_TILE_M: usize = 128;
 const OWN_GEMM_TILE_N: usize = 256;
@@ -453,26 +454,29 @@ fn encode_kv_tma_map(
 }
 
 /// Tensor maps of the own gate_up GEMM: A over the normed activations ([max tokens, hidden]),
-/// B over each layer's gate_up weight ([2 inter, hidden]), both in boxes of 128 rows x 64 elements.
+/// B over each layer's gate_up weight ([2 inter, hidden]), both in boxes of 128 rows x 64 elements;
+/// the output over the activation buffer buf_b ([max tokens, inter], boxes of 64 x 64).
 #[derive(Clone)]
 struct OwnGateUpMaps {
     normed: TmaMap,
     gate_up: Vec<TmaMap>,
+    act: TmaMap,
 }
 
-/// Tensor map of a row-major [rows, cols] fp16/bf16 matrix read in boxes of 128 rows x 64
-/// columns (128 bytes a row) with the 128-byte swizzle the own GEMM's wgmma descriptors expect.
-/// Rows past `rows` and columns past `cols` read as zeros.
+/// Tensor map of a row-major [rows, cols] fp16/bf16 matrix in boxes of `box_rows` rows x 64
+/// columns (128 bytes a row) with the 128-byte swizzle the own GEMM's wgmma descriptors (and its
+/// output staging) use. Loads past `rows` / `cols` read zeros; stores there are dropped.
 fn encode_matrix_tma_map(
     ptr: u64,
     rows: usize,
     cols: usize,
+    box_rows: u32,
     dtype: DType,
     what: &str,
 ) -> Result<TmaMap, CudaError> {
     let dims: [u64; 2] = [cols as u64, rows as u64];
     let strides: [u64; 1] = [cols as u64 * 2];
-    let boxes: [u32; 2] = [64, 128];
+    let boxes: [u32; 2] = [64, box_rows];
     let element_strides: [u32; 2] = [1; 2];
     let data_type = match dtype {
         DType::Bf16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
@@ -865,6 +869,7 @@ impl CudaModel {
                     weights.ptr() + lw.gate_up as u64 * elem_b,
                     2 * inter,
                     h,
+                    128,
                     options.dtype,
                     &format!("layer {l}'s gate_up weight"),
                 )?);
@@ -874,10 +879,19 @@ impl CudaModel {
                     normed.ptr(),
                     max_t,
                     h,
+                    128,
                     options.dtype,
                     "the normed activations",
                 )?,
                 gate_up,
+                act: encode_matrix_tma_map(
+                    buf_b.ptr(),
+                    max_t,
+                    inter,
+                    64,
+                    options.dtype,
+                    "the MLP activations",
+                )?,
             })
         } else {
             None
@@ -1482,13 +1496,15 @@ impl CudaModel {
 
     /// The own warp-specialised wgmma GEMM (`gemm_ws`, sm_90a) on a persistent grid: `silu`
     /// false: out[m, n] = A B^T with B of n rows; true: out[m, inter] = silu(A Bg^T) * (A Bu^T)
-    /// with B = [gate; up] of 2 `n` rows (`n` a multiple of 128). A is [m, k] through `a_map`.
+    /// with B = [gate; up] of 2 `n` rows (`n` a multiple of 128), written through `o_map` (the
+    /// activation buffer's map; `out` is unused). A is [m, k] through `a_map`.
     #[allow(clippy::too_many_arguments)]
     fn launch_own_gemm(
         &self,
         silu: bool,
         a_map: TmaMap,
         b_map: TmaMap,
+        o_map: TmaMap,
         out: u64,
         m: usize,
         n: usize,
@@ -1512,7 +1528,7 @@ impl CudaModel {
             (grid, 1, 1),
             (384, 1, 1),
             OWN_GEMM_SMEM_BYTES as u32,
-            kargs![a_map, b_map, out, m_i, n_i, k_i],
+            kargs![a_map, b_map, o_map, out, m_i, n_i, k_i],
         )
     }
 
@@ -1630,19 +1646,39 @@ impl CudaModel {
                 false,
                 maps.normed,
                 maps.gate_up[0],
+                maps.normed,
                 buf_a,
                 rows,
                 2 * inter,
                 h,
             )
         };
-        let own_fused =
-            || self.launch_own_gemm(true, maps.normed, maps.gate_up[0], buf_b, rows, inter, h);
+        let own_fused = || {
+            self.launch_own_gemm(
+                true,
+                maps.normed,
+                maps.gate_up[0],
+                maps.act,
+                buf_b,
+                rows,
+                inter,
+                h,
+            )
+        };
         let mut checks = Vec::new();
         cublas_plain()?;
         let ref_plain = download(buf_a, rows * 2 * inter)?;
         silu()?;
         let ref_act = download(buf_b, rows * inter)?;
+        // NaN bytes (0xFF) in both outputs first, so an output the kernel does not write fails.
+        let poison = |ptr: u64, bytes: usize| {
+            self.device.synchronize()?;
+            drv("poisoning a GEMM check output", unsafe {
+                dr::memset_d8_sync(ptr, 0xFF, bytes)
+            })
+        };
+        poison(buf_a, rows * 2 * inter * 2)?;
+        poison(buf_b, rows * inter * 2)?;
         own_plain()?;
         let plain = download(buf_a, rows * 2 * inter)?;
         checks.push(compare(
@@ -2289,6 +2325,7 @@ impl CudaModel {
                     true,
                     maps.normed,
                     maps.gate_up[layer],
+                    maps.act,
                     self.buf_b.ptr(),
                     n_tokens,
                     inter,
