@@ -2437,6 +2437,24 @@ __device__ __forceinline__ void gm_tma_store_2d(const TmaMap* map, u32 src, int 
                  "r"(src), "r"(c0), "r"(c1)
                  : "memory");
 }
+// Cluster variant: the B box that this CTA loads lands in both CTAs of the pair (ctaMask 0b11),
+// completing each one's mbarrier at the same shared-memory offset.
+__device__ __forceinline__ void gm_tma_2d_mc(u32 dst, const TmaMap* map, u32 bar, int c0, int c1, unsigned short mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
+        "{%3, %4}], [%2], %5;\n" ::"r"(dst),
+        "l"((u64)map), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
+        : "memory");
+}
+// Arrive on the mbarrier at the same offset in the peer CTA of the cluster.
+__device__ __forceinline__ void gm_mbar_arrive_peer(u32 bar, u32 peer) {
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+                 "r"(peer)
+                 : "memory");
+}
+__device__ __forceinline__ void gm_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void gm_named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -2450,7 +2468,11 @@ __device__ __forceinline__ void gm_mma256(float (&d)[128], u64 da, u64 db, int a
                  : "l"(da), "l"(db), "r"(accumulate));
 }
 
-template <bool SILU>
+// CL = 2: clusters of two CTAs on row tiles 2i and 2i + 1 of the same column block; each CTA
+// loads its A tile and one of the two B boxes, multicast to both (half the B traffic from L2).
+// A stage of either CTA is then written by both producers, so its "empty" mbarrier collects the
+// releases of both CTAs' consumer warps (16), and the pair runs the same number of k-tiles.
+template <bool SILU, int CL>
 __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* b_map, const TmaMap* o_map, T* out,
                                              int M, int N, int K) {
     extern __shared__ __align__(16) unsigned char gm_smem[];
@@ -2467,15 +2489,24 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
 #pragma unroll
         for (int s = 0; s < GM_STAGES; ++s) {
             gm_mbar_init(full(s), 1);
-            gm_mbar_init(empty(s), 8);  // one arrival per consumer warp
+            gm_mbar_init(empty(s), 8 * CL);  // one arrival per consumer warp (of both CTAs)
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    u32 rank = 0;
+    if (CL == 2) {
+        asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+        gm_cluster_sync();  // the peer's barriers are initialised before any multicast
+    } else {
+        __syncthreads();
+    }
     pdl_wait();
     const int tiles_m = (M + GM_BM - 1) / GM_BM;
     const int tiles_n = SILU ? N / 128 : (N + GM_BN - 1) / GM_BN;
-    const int num_tiles = tiles_m * tiles_n;
+    // Work item w: one tile (CL 1) or a pair of row tiles (CL 2) of column block w / tiles_mc.
+    const int tiles_mc = (tiles_m + CL - 1) / CL;
+    const int num_tiles = tiles_mc * tiles_n;
+    const int w0 = blockIdx.x / CL, wstep = gridDim.x / CL;
     const int nk = (K + GM_BK - 1) / GM_BK;
     const int wg = threadIdx.x >> 7;
 
@@ -2484,9 +2515,9 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (threadIdx.x == 0) {
             int it = 0;
-            for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-                const int m0 = (tile % tiles_m) * GM_BM;
-                const int nt = tile / tiles_m;
+            for (int tile = w0; tile < num_tiles; tile += wstep) {
+                const int m0 = (CL * (tile % tiles_mc) + (int)rank) * GM_BM;
+                const int nt = tile / tiles_mc;
                 const int nb0 = SILU ? nt * 128 : nt * GM_BN;
                 const int nb1 = SILU ? N + nt * 128 : nt * GM_BN + 128;
                 for (int kb = 0; kb < nk; ++kb, ++it) {
@@ -2495,11 +2526,17 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
                     const u32 a = a_tile(s), b = a + GM_A_BYTES;
                     gm_mbar_expect_tx(full(s), GM_STAGE_BYTES);
                     gm_tma_2d(a, a_map, full(s), kb * GM_BK, m0);
-                    gm_tma_2d(b, b_map, full(s), kb * GM_BK, nb0);
-                    gm_tma_2d(b + GM_B_BYTES / 2, b_map, full(s), kb * GM_BK, nb1);
+                    if (CL == 2) {
+                        gm_tma_2d_mc(b + rank * (GM_B_BYTES / 2), b_map, full(s), kb * GM_BK, rank ? nb1 : nb0, 3);
+                    } else {
+                        gm_tma_2d(b, b_map, full(s), kb * GM_BK, nb0);
+                        gm_tma_2d(b + GM_B_BYTES / 2, b_map, full(s), kb * GM_BK, nb1);
+                    }
                 }
             }
         }
+        // The peer may still arrive on this CTA's barriers until both are done.
+        if (CL == 2) gm_cluster_sync();
         return;
     }
 
@@ -2513,9 +2550,9 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     int it = 0;
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        const int m0 = (tile % tiles_m) * GM_BM;
-        const int nt = tile / tiles_m;
+    for (int tile = w0; tile < num_tiles; tile += wstep) {
+        const int m0 = (CL * (tile % tiles_mc) + (int)rank) * GM_BM;
+        const int nt = tile / tiles_mc;
         for (int kb = 0; kb < nk; ++kb, ++it) {
             const int s = it % GM_STAGES;
             gm_mbar_wait(full(s), (u32)((it / GM_STAGES) & 1));
@@ -2529,10 +2566,16 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             // Keep one k-tile's MMAs in flight; the previous one is done: release its stage.
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            if (kb > 0 && lane == 0) gm_mbar_arrive(empty((it - 1) % GM_STAGES));
+            if (kb > 0 && lane == 0) {
+                gm_mbar_arrive(empty((it - 1) % GM_STAGES));
+                if (CL == 2) gm_mbar_arrive_peer(empty((it - 1) % GM_STAGES), rank ^ 1u);
+            }
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        if (lane == 0) gm_mbar_arrive(empty((it - 1) % GM_STAGES));
+        if (lane == 0) {
+            gm_mbar_arrive(empty((it - 1) % GM_STAGES));
+            if (CL == 2) gm_mbar_arrive_peer(empty((it - 1) % GM_STAGES), rank ^ 1u);
+        }
 #pragma unroll
         for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
 
@@ -2581,22 +2624,31 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
     }
     // Shared memory must outlive the last TMA store's reads.
     if (SILU && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    if (CL == 2) gm_cluster_sync();
 }
 #endif
 
-#define GM_KERNEL(NAME, SILU)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+#define GM_KERNEL(NAME, SILU, CL, ATTR)                                                                        \
+    extern "C" __global__ void __launch_bounds__(384, 1) ATTR                                                 \
         NAME(const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap b_map,                      \
              const __grid_constant__ TmaMap o_map, T* out, int M, int N, int K) {                              \
-        GM_BODY(SILU)                                                                                          \
+        GM_BODY(SILU, CL)                                                                                      \
     }
 #if GM_SUPPORTED
-#define GM_BODY(SILU) gemm_ws_impl<SILU>(&a_map, &b_map, &o_map, out, M, N, K);
+#define GM_BODY(SILU, CL) gemm_ws_impl<SILU, CL>(&a_map, &b_map, &o_map, out, M, N, K);
 #else
-#define GM_BODY(SILU) __trap();  // only selected on sm_90a
+#define GM_BODY(SILU, CL) __trap();  // only selected on sm_90a
+#endif
+#define GM_NO_CLUSTER
+#if __CUDA_ARCH__ >= 900
+#define GM_CLUSTER2 __cluster_dims__(2, 1, 1)
+#else
+#define GM_CLUSTER2
 #endif
 // out[M, N] = A B^T (B: N rows).
-GM_KERNEL(gemm_ws, false)
+GM_KERNEL(gemm_ws, false, 1, GM_NO_CLUSTER)
 // act[M, inter] = silu(A Bg^T) * (A Bu^T), B = [gate; up] of 2 inter rows; N = inter (multiple of 128);
 // act is written through o_map ([rows >= M, inter], boxes of 64 x 64, 128-byte swizzle); out unused.
-GM_KERNEL(gemm_ws_silu, true)
+GM_KERNEL(gemm_ws_silu, true, 1, GM_NO_CLUSTER)
+// The same in clusters of two CTAs with the B boxes multicast (grid a multiple of 2).
+GM_KERNEL(gemm_ws_silu_c2, true, 2, GM_CLUSTER2)

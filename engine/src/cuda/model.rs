@@ -171,6 +171,8 @@ struct Kernels {
     /// Own warp-specialised wgmma GEMM (sm_90a): plain output, and gate_up with SiLU-mul fused.
     gemm_ws: dsys::CUfunction,
     gemm_ws_silu: dsys::CUfunction,
+    /// `gemm_ws_silu` in clusters of two CTAs with the weight boxes multicast.
+    gemm_ws_silu_c2: dsys::CUfunction,
 }
 
 /// Element offsets of one layer's tensors inside the weight buffer.
@@ -367,6 +369,9 @@ pub struct CudaModel {
     /// cuBLAS + `silu_mul` (`usize::MAX`: never; DJINN_CUDA_CUBLAS_GATE_UP=1;
     /// DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS=N for another threshold).
     own_gate_up_min_tokens: usize,
+    /// The fused gate_up GEMM runs in clusters of two CTAs with multicast weight boxes
+    /// (`gemm_ws_silu_c2`); DJINN_CUDA_OWN_GEMM_CLUSTER=0: one CTA per tile (`gemm_ws_silu`).
+    own_gemm_cluster: bool,
     /// Timed cuBLASLt algorithm choice for large prefill GEMMs (None: DJINN_CUDA_NO_GEMM_TUNE=1 or
     /// no libcublasLt; cublasGemmEx then).
     tuned_gemm: Option<TunedGemm>,
@@ -639,6 +644,7 @@ impl CudaModel {
             copy_words: f("copy_words")?,
             gemm_ws: f("gemm_ws")?,
             gemm_ws_silu: f("gemm_ws_silu")?,
+            gemm_ws_silu_c2: f("gemm_ws_silu_c2")?,
             _module: module,
         };
 
@@ -658,6 +664,7 @@ impl CudaModel {
             (kernels.attn_prefill_v7s3, prefill_v7_smem_bytes(3)),
             (kernels.gemm_ws, OWN_GEMM_SMEM_BYTES),
             (kernels.gemm_ws_silu, OWN_GEMM_SMEM_BYTES),
+            (kernels.gemm_ws_silu_c2, OWN_GEMM_SMEM_BYTES),
         ] {
             drv("raising the prefill kernel's shared memory limit", unsafe {
                 dr::function::set_function_attribute(
@@ -946,6 +953,8 @@ impl CudaModel {
             rope,
             own_gate_up,
             own_gate_up_min_tokens,
+            own_gemm_cluster: std::env::var_os("DJINN_CUDA_OWN_GEMM_CLUSTER")
+                .is_none_or(|v| v != "0"),
             cublas_workspace,
             step_dev,
             step_host,
@@ -1502,6 +1511,7 @@ impl CudaModel {
     fn launch_own_gemm(
         &self,
         silu: bool,
+        cluster: bool,
         a_map: TmaMap,
         b_map: TmaMap,
         o_map: TmaMap,
@@ -1515,14 +1525,25 @@ impl CudaModel {
         } else {
             n.div_ceil(OWN_GEMM_TILE_N)
         };
-        let tiles = m.div_ceil(OWN_GEMM_TILE_M) * tiles_n;
-        let grid = tiles.min(self.device.num_sms).max(1) as u32;
-        let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
-        let f = if silu {
-            self.kernels.gemm_ws_silu
+        let cluster = cluster && silu;
+        let (f, grid) = if cluster {
+            // Pairs of row tiles per cluster of two CTAs.
+            let pairs = m.div_ceil(2 * OWN_GEMM_TILE_M) * tiles_n;
+            (
+                self.kernels.gemm_ws_silu_c2,
+                2 * pairs.min(self.device.num_sms / 2).max(1),
+            )
         } else {
-            self.kernels.gemm_ws
+            let tiles = m.div_ceil(OWN_GEMM_TILE_M) * tiles_n;
+            let f = if silu {
+                self.kernels.gemm_ws_silu
+            } else {
+                self.kernels.gemm_ws
+            };
+            (f, tiles.min(self.device.num_sms).max(1))
         };
+        let grid = grid as u32;
+        let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
         self.launch_fwd(
             f,
             (grid, 1, 1),
@@ -1644,6 +1665,7 @@ impl CudaModel {
         let own_plain = || {
             self.launch_own_gemm(
                 false,
+                false,
                 maps.normed,
                 maps.gate_up[0],
                 maps.normed,
@@ -1653,9 +1675,10 @@ impl CudaModel {
                 h,
             )
         };
-        let own_fused = || {
+        let own_fused_on = |cluster: bool| {
             self.launch_own_gemm(
                 true,
+                cluster,
                 maps.normed,
                 maps.gate_up[0],
                 maps.act,
@@ -1678,7 +1701,6 @@ impl CudaModel {
             })
         };
         poison(buf_a, rows * 2 * inter * 2)?;
-        poison(buf_b, rows * inter * 2)?;
         own_plain()?;
         let plain = download(buf_a, rows * 2 * inter)?;
         checks.push(compare(
@@ -1689,13 +1711,19 @@ impl CudaModel {
             &plain,
             &ref_plain,
         ));
-        own_fused()?;
-        let fused = download(buf_b, rows * inter)?;
-        checks.push(compare(
-            format!("own fused gate_up + SiLU-mul == cuBLAS + silu_mul ({rows} x {inter})"),
-            &fused,
-            &ref_act,
-        ));
+        for cluster in [false, true] {
+            poison(buf_b, rows * inter * 2)?;
+            own_fused_on(cluster)?;
+            let fused = download(buf_b, rows * inter)?;
+            checks.push(compare(
+                format!(
+                    "own fused gate_up + SiLU-mul{} == cuBLAS + silu_mul ({rows} x {inter})",
+                    if cluster { " (2-CTA clusters)" } else { "" }
+                ),
+                &fused,
+                &ref_act,
+            ));
+        }
         let mut lines = Vec::new();
         if timing_reps > 0 {
             let stream = self.device.stream.cu_stream();
@@ -1709,9 +1737,10 @@ impl CudaModel {
                     silu()
                 })?;
                 let op = TunedGemm::time_reps(stream, timing_reps, own_plain)?;
-                let of = TunedGemm::time_reps(stream, timing_reps, own_fused)?;
+                let of = TunedGemm::time_reps(stream, timing_reps, || own_fused_on(false))?;
+                let oc = TunedGemm::time_reps(stream, timing_reps, || own_fused_on(true))?;
                 lines.push(format!(
-                    "own gemm {rows} x {} x {h} round {round} (ms per call, {timing_reps} reps; floor {floor_ms:.4} ms at 989 TFLOP/s): cuBLAS gate_up {cb:.4} ({:.0} TFLOP/s, x{:.2} floor), cuBLAS gate_up + silu_mul {cs:.4}, own gate_up {op:.4} ({:.0} TFLOP/s, x{:.2} floor), own fused gate_up + SiLU {of:.4} ({:.0} TFLOP/s, x{:.2} floor); fused / (cuBLAS + silu_mul) {:.3}",
+                    "own gemm {rows} x {} x {h} round {round} (ms per call, {timing_reps} reps; floor {floor_ms:.4} ms at 989 TFLOP/s): cuBLAS gate_up {cb:.4} ({:.0} TFLOP/s, x{:.2} floor), cuBLAS gate_up + silu_mul {cs:.4}, own gate_up {op:.4} ({:.0} TFLOP/s, x{:.2} floor), own fused gate_up + SiLU {of:.4} ({:.0} TFLOP/s, x{:.2} floor), the same in 2-CTA clusters {oc:.4} ({:.0} TFLOP/s, x{:.2} floor); fused / (cuBLAS + silu_mul) {:.3}, clusters {:.3}",
                     2 * inter,
                     tflops(cb),
                     cb / floor_ms,
@@ -1719,7 +1748,10 @@ impl CudaModel {
                     op / floor_ms,
                     tflops(of),
                     of / floor_ms,
-                    of / cs
+                    tflops(oc),
+                    oc / floor_ms,
+                    of / cs,
+                    oc / cs
                 ));
             }
         }
@@ -2323,6 +2355,7 @@ impl CudaModel {
                 // gate_up with SiLU-mul in the epilogue: the activation goes straight to buf_b.
                 self.launch_own_gemm(
                     true,
+                    self.own_gemm_cluster,
                     maps.normed,
                     maps.gate_up[layer],
                     maps.act,
