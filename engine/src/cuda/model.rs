@@ -370,8 +370,11 @@ pub struct CudaModel {
     /// DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS=N for another threshold).
     own_gate_up_min_tokens: usize,
     /// The fused gate_up GEMM runs in clusters of two CTAs with multicast weight boxes
-    /// (`gemm_ws_silu_c2`); DJINN_CUDA_OWN_GEMM_CLUSTER=0: one CTA per tile (`gemm_ws_silu`).
+    /// (`gemm_ws_silu_c2`, DJINN_CUDA_OWN_GEMM_CLUSTER=1; 1.6x slower than one CTA per tile,
+    /// `gemm_ws_silu`, in session 5, so off by default).
     own_gemm_cluster: bool,
+    /// Clusters of `gemm_ws_silu_c2` that fit on the device at once (its persistent grid).
+    own_gemm_c2_clusters: usize,
     /// Timed cuBLASLt algorithm choice for large prefill GEMMs (None: DJINN_CUDA_NO_GEMM_TUNE=1 or
     /// no libcublasLt; cublasGemmEx then).
     tuned_gemm: Option<TunedGemm>,
@@ -903,6 +906,30 @@ impl CudaModel {
         } else {
             None
         };
+        // Co-resident 2-CTA clusters of gemm_ws_silu_c2 (GPC boundaries can leave SMs that no
+        // cluster can use); half the SMs where the driver cannot say.
+        let own_gemm_c2_clusters = if own_gate_up.is_some() {
+            let mut config: dsys::CUlaunchConfig = unsafe { std::mem::zeroed() };
+            config.gridDimX = device.num_sms as u32;
+            config.gridDimY = 1;
+            config.gridDimZ = 1;
+            config.blockDimX = 384;
+            config.blockDimY = 1;
+            config.blockDimZ = 1;
+            config.sharedMemBytes = OWN_GEMM_SMEM_BYTES as u32;
+            let mut clusters: std::ffi::c_int = 0;
+            // SAFETY: plain C data; the function is loaded and its cluster size is compiled in.
+            let r = unsafe {
+                dsys::cuOccupancyMaxActiveClusters(&mut clusters, kernels.gemm_ws_silu_c2, &config)
+            };
+            if r == dsys::CUresult::CUDA_SUCCESS && clusters > 0 {
+                clusters as usize
+            } else {
+                device.num_sms / 2
+            }
+        } else {
+            device.num_sms / 2
+        };
         let own_gate_up_min_tokens = if env_flag("DJINN_CUDA_CUBLAS_GATE_UP") {
             usize::MAX
         } else {
@@ -953,8 +980,8 @@ impl CudaModel {
             rope,
             own_gate_up,
             own_gate_up_min_tokens,
-            own_gemm_cluster: std::env::var_os("DJINN_CUDA_OWN_GEMM_CLUSTER")
-                .is_none_or(|v| v != "0"),
+            own_gemm_cluster: env_flag("DJINN_CUDA_OWN_GEMM_CLUSTER"),
+            own_gemm_c2_clusters,
             cublas_workspace,
             step_dev,
             step_host,
@@ -1531,7 +1558,7 @@ impl CudaModel {
             let pairs = m.div_ceil(2 * OWN_GEMM_TILE_M) * tiles_n;
             (
                 self.kernels.gemm_ws_silu_c2,
-                2 * pairs.min(self.device.num_sms / 2).max(1),
+                2 * pairs.min(self.own_gemm_c2_clusters).max(1),
             )
         } else {
             let tiles = m.div_ceil(OWN_GEMM_TILE_M) * tiles_n;
@@ -1724,7 +1751,10 @@ impl CudaModel {
                 &ref_act,
             ));
         }
-        let mut lines = Vec::new();
+        let mut lines = vec![format!(
+            "own gemm: {} SMs, {} co-resident 2-CTA clusters of gemm_ws_silu_c2",
+            self.device.num_sms, self.own_gemm_c2_clusters
+        )];
         if timing_reps > 0 {
             let stream = self.device.stream.cu_stream();
             let flop = 2.0 * rows as f64 * (2 * inter) as f64 * h as f64;
