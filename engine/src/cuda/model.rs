@@ -866,11 +866,14 @@ impl CudaModel {
         };
         let device_has_wgmma = device.has_wgmma();
         // The own gate_up GEMM: sm_90a, fp16/bf16, whole 128-column blocks of the intermediate
-        // size (one gate box and one up box per tile), rows of 16-byte multiples (TMA strides).
+        // size (one gate box and one up box per tile), rows of 16-byte multiples (TMA strides),
+        // tensors at least one box (128 rows x 64 columns) large.
         let own_gate_up = if device_has_wgmma
             && options.dtype != DType::F32
             && inter.is_multiple_of(128)
             && h.is_multiple_of(8)
+            && h >= 64
+            && max_t >= OWN_GEMM_TILE_M
         {
             let elem_b = 2u64;
             let mut gate_up = Vec::with_capacity(layers.len());
