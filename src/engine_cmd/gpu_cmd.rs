@@ -49,9 +49,18 @@ pub struct GemmSearchArgs {
     /// Prompt lengths (GEMM rows) to search; each is a row bucket of the table (multiples of 512).
     #[arg(long, value_delimiter = ',', default_value = "512,2048,4096")]
     pub rows: Vec<usize>,
-    /// Table to write (the shipped one is engine/data/gemm_configs.tsv).
+    /// Table to write (the shipped one is engine/data/gemm_configs.tsv); required unless
+    /// --own-gemm.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// Instead of searching: check the own wgmma GEMM (sm_90) against cuBLAS on layer 0's
+    /// gate_up at each --rows (plain, and with the SiLU-mul epilogue against cuBLAS + silu_mul)
+    /// and time both (any row counts).
+    #[arg(long)]
+    pub own_gemm: bool,
+    /// Calls per timed arm of --own-gemm.
+    #[arg(long, default_value_t = 20)]
+    pub own_gemm_reps: usize,
     /// Most configurations screened (timed cool) per shape.
     #[arg(long, default_value_t = 400)]
     pub max_screened: usize,
@@ -225,6 +234,12 @@ mod with_cuda {
     pub fn gemm_search(args: GemmSearchArgs) -> anyhow::Result<()> {
         let dtype = parse_dtype(&args.dtype)?;
         let config = preset_named(&args.model)?;
+        if args.own_gemm {
+            return own_gemm(args, dtype, config);
+        }
+        let Some(out) = args.out.clone() else {
+            anyhow::bail!("--out FILE is required (the table to write) unless --own-gemm");
+        };
         if args.rows.is_empty() || args.rows.iter().any(|&r| r < 512 || r % 512 != 0) {
             anyhow::bail!(
                 "--rows {:?}: expected multiples of 512 (the table's row buckets)",
@@ -280,9 +295,42 @@ mod with_cuda {
             println!("search {rows}: {:.1} s", started.elapsed().as_secs_f64());
             table.extend(lines);
         }
-        std::fs::write(&args.out, table.join("\n") + "\n")
-            .with_context(|| format!("writing {}", args.out.display()))?;
-        println!("wrote {}", args.out.display());
+        std::fs::write(&out, table.join("\n") + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
+        Ok(())
+    }
+
+    /// `gemm-search --own-gemm`: the own wgmma GEMM against cuBLAS at each row count.
+    fn own_gemm(args: GemmSearchArgs, dtype: DType, config: ModelConfig) -> anyhow::Result<()> {
+        if args.rows.is_empty() || args.rows.contains(&0) || args.own_gemm_reps == 0 {
+            anyhow::bail!("--rows must be non-empty row counts >= 1 and --own-gemm-reps >= 1");
+        }
+        let max_rows = *args.rows.iter().max().expect("checked non-empty");
+        let mut options = CudaModelOptions::for_config(&config);
+        options.dtype = dtype;
+        options.max_tokens_per_step = max_rows;
+        options.max_seqs_per_step = 1;
+        options.num_kv_blocks = Some(max_rows.div_ceil(options.block_size_tokens));
+        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options))?;
+        let mut failed = 0;
+        for &rows in &args.rows {
+            let (checks, lines) = model.own_gemm_check(rows, args.own_gemm_reps)?;
+            for (name, max_diff, ref_max) in checks {
+                let ok = max_diff <= 0.02 * ref_max.max(1.0);
+                failed += usize::from(!ok);
+                println!(
+                    "{} {name}: max|diff| {max_diff:.3e} (max|ref| {ref_max:.3}, tolerance 0.02 x max(1, max|ref|))",
+                    if ok { "PASS" } else { "FAIL" }
+                );
+            }
+            for l in lines {
+                println!("{l}");
+            }
+        }
+        if failed > 0 {
+            anyhow::bail!("{failed} own GEMM comparison(s) failed");
+        }
         Ok(())
     }
 

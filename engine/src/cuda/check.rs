@@ -444,6 +444,53 @@ pub fn self_consistency(
                 &mut results,
             );
         }
+        // (7) The own warp-specialised wgmma GEMM (sm_90a): alone on layer 0's gate_up weight at
+        // the real shape (plain output against cuBLAS, and the fused SiLU-mul epilogue against
+        // cuBLAS + silu_mul; catches layout bugs), then the whole prefill with gate_up + SiLU-mul
+        // fused against cuBLAS + silu_mul on the long prompt and on the later turn.
+        if model.has_own_gate_up() {
+            eprintln!("consistency: own wgmma GEMM vs cuBLAS on layer 0's gate_up ({long} rows)");
+            let (checks, _) = model.own_gemm_check(long, 0)?;
+            for (name, max_diff, ref_max) in checks {
+                let ok = max_diff <= tolerance_rel * ref_max.max(1.0);
+                results.push((name, max_diff, ok));
+            }
+            eprintln!("consistency: fused gate_up GEMM vs cuBLAS + silu_mul ({long} tokens)");
+            let was = model.set_own_gate_up_min_tokens(1);
+            let own = model.forward_logits(&step);
+            model.set_own_gate_up_min_tokens(usize::MAX);
+            let cublas = model.forward_logits(&step);
+            model.set_own_gate_up_min_tokens(was);
+            record(
+                "prefill with the fused gate_up GEMM == with cuBLAS + silu_mul",
+                &own?,
+                &cublas?,
+                &mut results,
+            );
+            let context = 1000.min(long / 2);
+            let turn_len = 613.min(long - context);
+            let later = [SeqStep {
+                block_table: &table_d,
+                context_len: context,
+                tokens: &prompt_long[context..context + turn_len],
+            }];
+            eprintln!(
+                "consistency: fused gate_up GEMM vs cuBLAS + silu_mul on a later turn ({turn_len} tokens after {context})"
+            );
+            model.set_own_gate_up_min_tokens(1);
+            let own = model.forward_logits(&later);
+            model.set_own_gate_up_min_tokens(usize::MAX);
+            let cublas = model.forward_logits(&later);
+            model.set_own_gate_up_min_tokens(was);
+            record(
+                &format!(
+                    "later turn ({turn_len} tokens on {context} cached) with the fused gate_up GEMM == with cuBLAS + silu_mul"
+                ),
+                &own?,
+                &cublas?,
+                &mut results,
+            );
+        }
     }
     Ok(results)
 }

@@ -626,7 +626,7 @@ impl TunedGemm {
     }
 
     /// Mean ms per call of `run` over `reps` calls after one warm-up (synchronises).
-    fn time_reps(
+    pub(super) fn time_reps(
         stream: dsys::CUstream,
         reps: usize,
         mut run: impl FnMut() -> Result<(), CudaError>,

@@ -5,7 +5,9 @@
 //!   activation, paged split-KV decode attention, paged causal prefill attention on tensor cores,
 //!   greedy argmax) live in `kernels.cu` and are compiled at start-up by NVRTC for the device's
 //!   architecture, specialised on head size, block size and element type.
-//! - GEMMs go through cuBLAS (`cublasGemmEx`, fp16/bf16 in, fp32 accumulate).
+//! - GEMMs go through cuBLAS (`cublasGemmEx`, fp16/bf16 in, fp32 accumulate), except gate_up of
+//!   prefill-sized steps on sm_90: an own warp-specialised TMA + wgmma GEMM with SiLU-mul in its
+//!   epilogue (`gemm_ws_silu` in kernels.cu).
 //! - The decode step of each batch-size bucket is captured once as a CUDA graph and replayed; per-step
 //!   data (tokens, positions, slots, lengths, block tables) lives in fixed device buffers refreshed by
 //!   small copies before each replay.

@@ -62,6 +62,16 @@ const PREFILL_V7S3_PINGPONG: u8 = 14;
 /// each (shorter dependency chains; measured no faster), DJINN_CUDA_PREFILL_V7P_LEAN=1.
 const PREFILL_V7PL: u8 = 15;
 
+/// Dynamic shared memory of the own GEMM (`gemm_ws*`): 4 stages of a 128 x 64 A tile and a
+/// 256 x 64 B tile (48 KiB), 1 KiB to align the swizzled tiles, the mbarriers.
+/// Plus the SiLU mode's output staging (two 64 x 128 tiles).
+const OWN_GEMM_SMEM_BYTES: usize = 4 * (128 + 256) * 64 * 2 + 2 * 64 * 128 * 2 + 1024 + 128;
+/// Rows and columns of one tile of the own GEMM (GM_BM, GM_BN in kernels.cu).
+const OWN_GEMM_TILE_M: usize = 128;
+const OWN_GEMM_TILE_N: usize = 256;
+/// Default: steps of at least this many tokens run gate_up + SiLU-mul as the own fused GEMM.
+const OWN_GATE_UP_MIN_TOKENS: usize = 512;
+
 /// A `CUtensorMap` (128 bytes, 64-byte aligned), passed by value to `attn_prefill_v7`.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
@@ -170,6 +180,11 @@ struct Kernels {
     gemv_v1: dsys::CUfunction,
     argmax_rows: dsys::CUfunction,
     copy_words: dsys::CUfunction,
+    /// Own warp-specialised wgmma GEMM (sm_90a): plain output, and gate_up with SiLU-mul fused.
+    gemm_ws: dsys::CUfunction,
+    gemm_ws_silu: dsys::CUfunction,
+    /// `gemm_ws_silu` in clusters of two CTAs with the weight boxes multicast.
+    gemm_ws_silu_c2: dsys::CUfunction,
 }
 
 /// Element offsets of one layer's tensors inside the weight buffer.
@@ -365,6 +380,19 @@ pub struct CudaModel {
     wgmma_prefill_version: u8,
     /// Tensor map of the KV pool for `attn_prefill_v7` (`None` where v7 cannot run).
     kv_tma_map: Option<TmaMap>,
+    /// Tensor maps of the own fused gate_up + SiLU-mul GEMM (`gemm_ws_silu`): `None` where it
+    /// cannot run (not sm_90, f32 weights, intermediate size not a multiple of 128).
+    own_gate_up: Option<OwnGateUpMaps>,
+    /// Steps of at least this many tokens run gate_up + SiLU-mul as `gemm_ws_silu` instead of
+    /// cuBLAS + `silu_mul` (`usize::MAX`: never; DJINN_CUDA_CUBLAS_GATE_UP=1;
+    /// DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS=N for another threshold).
+    own_gate_up_min_tokens: usize,
+    /// The fused gate_up GEMM runs in clusters of two CTAs with multicast weight boxes
+    /// (`gemm_ws_silu_c2`, DJINN_CUDA_OWN_GEMM_CLUSTER=1; 1.6x slower than one CTA per tile,
+    /// `gemm_ws_silu`, in session 5, so off by default).
+    own_gemm_cluster: bool,
+    /// Clusters of `gemm_ws_silu_c2` that fit on the device at once (its persistent grid).
+    own_gemm_c2_clusters: usize,
     /// Timed cuBLASLt algorithm choice for large prefill GEMMs (None: DJINN_CUDA_NO_GEMM_TUNE=1 or
     /// no libcublasLt; cublasGemmEx then).
     tuned_gemm: Option<TunedGemm>,
@@ -448,6 +476,57 @@ fn encode_kv_tma_map(
             .result()
         },
     )?;
+    Ok(TmaMap(map.opaque))
+}
+
+/// Tensor maps of the own gate_up GEMM: A over the normed activations ([max tokens, hidden]),
+/// B over each layer's gate_up weight ([2 inter, hidden]), both in boxes of 128 rows x 64 elements;
+/// the output over the activation buffer buf_b ([max tokens, inter], boxes of 64 x 64).
+#[derive(Clone)]
+struct OwnGateUpMaps {
+    normed: TmaMap,
+    gate_up: Vec<TmaMap>,
+    act: TmaMap,
+}
+
+/// Tensor map of a row-major [rows, cols] fp16/bf16 matrix in boxes of `box_rows` rows x 64
+/// columns (128 bytes a row) with the 128-byte swizzle the own GEMM's wgmma descriptors (and its
+/// output staging) use. Loads past `rows` / `cols` read zeros; stores there are dropped.
+fn encode_matrix_tma_map(
+    ptr: u64,
+    rows: usize,
+    cols: usize,
+    box_rows: u32,
+    dtype: DType,
+    what: &str,
+) -> Result<TmaMap, CudaError> {
+    let dims: [u64; 2] = [cols as u64, rows as u64];
+    let strides: [u64; 1] = [cols as u64 * 2];
+    let boxes: [u32; 2] = [64, box_rows];
+    let element_strides: [u32; 2] = [1; 2];
+    let data_type = match dtype {
+        DType::Bf16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let mut map = dsys::CUtensorMap { opaque: [0; 16] };
+    // SAFETY: every array has the rank's length; the matrix's allocation outlives the model.
+    drv(&format!("encoding the tensor map of {what}"), unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            &mut map,
+            data_type,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+    })?;
     Ok(TmaMap(map.opaque))
 }
 
@@ -608,6 +687,9 @@ impl CudaModel {
             gemv_v1: f("gemv_v1")?,
             argmax_rows: f("argmax_rows")?,
             copy_words: f("copy_words")?,
+            gemm_ws: f("gemm_ws")?,
+            gemm_ws_silu: f("gemm_ws_silu")?,
+            gemm_ws_silu_c2: f("gemm_ws_silu_c2")?,
             _module: module,
         };
 
@@ -628,6 +710,9 @@ impl CudaModel {
             (kernels.attn_prefill_v7s3pp, prefill_v7_smem_bytes(3)),
             (kernels.attn_prefill_v7p, prefill_v7_smem_bytes(3)),
             (kernels.attn_prefill_v7pl, prefill_v7_smem_bytes(3)),
+            (kernels.gemm_ws, OWN_GEMM_SMEM_BYTES),
+            (kernels.gemm_ws_silu, OWN_GEMM_SMEM_BYTES),
+            (kernels.gemm_ws_silu_c2, OWN_GEMM_SMEM_BYTES),
         ] {
             drv("raising the prefill kernel's shared memory limit", unsafe {
                 dr::function::set_function_attribute(
@@ -831,6 +916,86 @@ impl CudaModel {
             PREFILL_V7P
         };
         let device_has_wgmma = device.has_wgmma();
+        // The own gate_up GEMM: sm_90a, fp16/bf16, whole 128-column blocks of the intermediate
+        // size (one gate box and one up box per tile), rows of 16-byte multiples (TMA strides),
+        // tensors at least one box (128 rows x 64 columns) large.
+        let own_gate_up = if device_has_wgmma
+            && options.dtype != DType::F32
+            && inter.is_multiple_of(128)
+            && h.is_multiple_of(8)
+            && h >= 64
+            && max_t >= OWN_GEMM_TILE_M
+        {
+            let elem_b = 2u64;
+            let mut gate_up = Vec::with_capacity(layers.len());
+            for (l, lw) in layers.iter().enumerate() {
+                gate_up.push(encode_matrix_tma_map(
+                    weights.ptr() + lw.gate_up as u64 * elem_b,
+                    2 * inter,
+                    h,
+                    128,
+                    options.dtype,
+                    &format!("layer {l}'s gate_up weight"),
+                )?);
+            }
+            Some(OwnGateUpMaps {
+                normed: encode_matrix_tma_map(
+                    normed.ptr(),
+                    max_t,
+                    h,
+                    128,
+                    options.dtype,
+                    "the normed activations",
+                )?,
+                gate_up,
+                act: encode_matrix_tma_map(
+                    buf_b.ptr(),
+                    max_t,
+                    inter,
+                    64,
+                    options.dtype,
+                    "the MLP activations",
+                )?,
+            })
+        } else {
+            None
+        };
+        // Co-resident 2-CTA clusters of gemm_ws_silu_c2 (GPC boundaries can leave SMs that no
+        // cluster can use); half the SMs where the driver cannot say.
+        let own_gemm_c2_clusters = if own_gate_up.is_some() {
+            let mut config: dsys::CUlaunchConfig = unsafe { std::mem::zeroed() };
+            config.gridDimX = device.num_sms as u32;
+            config.gridDimY = 1;
+            config.gridDimZ = 1;
+            config.blockDimX = 384;
+            config.blockDimY = 1;
+            config.blockDimZ = 1;
+            config.sharedMemBytes = OWN_GEMM_SMEM_BYTES as u32;
+            let mut clusters: std::ffi::c_int = 0;
+            // SAFETY: plain C data; the function is loaded and its cluster size is compiled in.
+            let r = unsafe {
+                dsys::cuOccupancyMaxActiveClusters(&mut clusters, kernels.gemm_ws_silu_c2, &config)
+            };
+            if r == dsys::CUresult::CUDA_SUCCESS && clusters > 0 {
+                clusters as usize
+            } else {
+                device.num_sms / 2
+            }
+        } else {
+            device.num_sms / 2
+        };
+        let own_gate_up_min_tokens = if env_flag("DJINN_CUDA_CUBLAS_GATE_UP") {
+            usize::MAX
+        } else {
+            match std::env::var("DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS") {
+                Ok(v) => v.parse::<usize>().map_err(|_| {
+                    CudaError::BadInput(format!(
+                        "DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS={v}: expected a token count"
+                    ))
+                })?,
+                Err(_) => OWN_GATE_UP_MIN_TOKENS,
+            }
+        };
         let tuned_gemm = if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
             None
         } else {
@@ -867,6 +1032,10 @@ impl CudaModel {
             part_out,
             part_lse,
             rope,
+            own_gate_up,
+            own_gate_up_min_tokens,
+            own_gemm_cluster: env_flag("DJINN_CUDA_OWN_GEMM_CLUSTER"),
+            own_gemm_c2_clusters,
             cublas_workspace,
             step_dev,
             step_host,
@@ -1417,6 +1586,264 @@ impl CudaModel {
                 dsys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
             },
         )
+    }
+
+    /// The own warp-specialised wgmma GEMM (`gemm_ws`, sm_90a) on a persistent grid: `silu`
+    /// false: out[m, n] = A B^T with B of n rows; true: out[m, inter] = silu(A Bg^T) * (A Bu^T)
+    /// with B = [gate; up] of 2 `n` rows (`n` a multiple of 128), written through `o_map` (the
+    /// activation buffer's map; `out` is unused). A is [m, k] through `a_map`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_own_gemm(
+        &self,
+        silu: bool,
+        cluster: bool,
+        a_map: TmaMap,
+        b_map: TmaMap,
+        o_map: TmaMap,
+        out: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        let tiles_n = if silu {
+            n / 128
+        } else {
+            n.div_ceil(OWN_GEMM_TILE_N)
+        };
+        let cluster = cluster && silu;
+        let (f, grid) = if cluster {
+            // Pairs of row tiles per cluster of two CTAs.
+            let pairs = m.div_ceil(2 * OWN_GEMM_TILE_M) * tiles_n;
+            (
+                self.kernels.gemm_ws_silu_c2,
+                2 * pairs.min(self.own_gemm_c2_clusters).max(1),
+            )
+        } else {
+            let tiles = m.div_ceil(OWN_GEMM_TILE_M) * tiles_n;
+            let f = if silu {
+                self.kernels.gemm_ws_silu
+            } else {
+                self.kernels.gemm_ws
+            };
+            (f, tiles.min(self.device.num_sms).max(1))
+        };
+        let grid = grid as u32;
+        let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+        self.launch_fwd(
+            f,
+            (grid, 1, 1),
+            (384, 1, 1),
+            OWN_GEMM_SMEM_BYTES as u32,
+            kargs![a_map, b_map, o_map, out, m_i, n_i, k_i],
+        )
+    }
+
+    /// Whether the own fused gate_up + SiLU-mul GEMM can run on this model and device.
+    pub fn has_own_gate_up(&self) -> bool {
+        self.own_gate_up.is_some()
+    }
+
+    /// Steps of at least this many tokens run the own fused gate_up GEMM (`usize::MAX`: never).
+    pub fn own_gate_up_min_tokens(&self) -> usize {
+        self.own_gate_up_min_tokens
+    }
+
+    /// Sets the step size from which the own fused gate_up GEMM runs (checks compare it with
+    /// cuBLAS + silu_mul); returns the previous value. Captured decode graphs are dropped when it
+    /// changes, since each one fixed its path.
+    pub fn set_own_gate_up_min_tokens(&mut self, min_tokens: usize) -> usize {
+        if min_tokens != self.own_gate_up_min_tokens {
+            self.graphs.clear();
+        }
+        std::mem::replace(&mut self.own_gate_up_min_tokens, min_tokens)
+    }
+
+    /// Layer 0's gate_up on `rows` rows of seeded random activations: the own GEMM against cuBLAS
+    /// (plain output [rows, 2 inter]) and the own fused SiLU-mul GEMM against cuBLAS + `silu_mul`
+    /// (output [rows, inter]). Returns (check, max |diff|, max |reference|) per comparison and,
+    /// with `timing_reps` > 0, report lines with ms per call and TFLOP/s of each arm (two
+    /// alternated rounds; floor at 989 TFLOP/s dense fp16/bf16).
+    #[allow(clippy::type_complexity)]
+    pub fn own_gemm_check(
+        &mut self,
+        rows: usize,
+        timing_reps: usize,
+    ) -> Result<(Vec<(String, f32, f32)>, Vec<String>), CudaError> {
+        let Some(maps) = self.own_gate_up.clone() else {
+            return Err(CudaError::Unsupported(
+                "the own wgmma GEMM needs sm_90, fp16/bf16 weights and an intermediate size that is a multiple of 128".into(),
+            ));
+        };
+        if rows == 0 || rows > self.options.max_tokens_per_step {
+            return Err(CudaError::BadInput(format!(
+                "own GEMM check at {rows} rows: expected 1..={} (the model's step size)",
+                self.options.max_tokens_per_step
+            )));
+        }
+        let (h, inter) = (self.config.hidden_size, self.config.intermediate_size);
+        let w = self.wptr(self.layers[0].gate_up);
+        let (normed, buf_a, buf_b) = (self.normed.ptr(), self.buf_a.ptr(), self.buf_b.ptr());
+        // Activations like a normed hidden state: uniform in [-1.5, 1.5].
+        let (n, seed, scale, bias) = ((rows * h) as u64, 0x6a8u64, 1.5f32, 0.0f32);
+        let grid = ((rows * h).div_ceil(256).min(65536 * 4)) as u32;
+        self.launch(
+            self.kernels.random_fill,
+            (grid, 1, 1),
+            (256, 1, 1),
+            kargs![normed, n, seed, scale, bias],
+        )?;
+        let bf16 = self.options.dtype == DType::Bf16;
+        let download = |ptr: u64, len: usize| -> Result<Vec<f32>, CudaError> {
+            let mut host = vec![0u16; len];
+            self.device.synchronize()?;
+            drv("downloading a GEMM check output", unsafe {
+                dr::memcpy_dtoh_sync(&mut host, ptr)
+            })?;
+            Ok(host
+                .into_iter()
+                .map(|b| {
+                    if bf16 {
+                        half::bf16::from_bits(b).to_f32()
+                    } else {
+                        half::f16::from_bits(b).to_f32()
+                    }
+                })
+                .collect())
+        };
+        let compare = |name: String, cand: &[f32], reference: &[f32]| {
+            let (mut max_diff, mut ref_max) = (0f32, 0f32);
+            for (a, b) in cand.iter().zip(reference) {
+                let d = if a.is_finite() {
+                    (a - b).abs()
+                } else {
+                    f32::INFINITY
+                };
+                max_diff = max_diff.max(d);
+                ref_max = ref_max.max(b.abs());
+            }
+            (name, max_diff, ref_max)
+        };
+        let cublas_plain = || {
+            self.gemm(
+                normed,
+                w,
+                buf_a,
+                rows,
+                2 * inter,
+                h,
+                GemmOut::Half,
+                rows >= TUNE_MIN_ROWS,
+            )
+        };
+        let silu = || {
+            let total = (rows * inter) as u64;
+            let inter_i = inter as i32;
+            let grid = ((rows * inter).div_ceil(256)).min(self.device.num_sms * 16) as u32;
+            self.launch_fwd(
+                self.kernels.silu_mul,
+                (grid, 1, 1),
+                (256, 1, 1),
+                0,
+                kargs![buf_a, buf_b, inter_i, total],
+            )
+        };
+        let own_plain = || {
+            self.launch_own_gemm(
+                false,
+                false,
+                maps.normed,
+                maps.gate_up[0],
+                maps.normed,
+                buf_a,
+                rows,
+                2 * inter,
+                h,
+            )
+        };
+        let own_fused_on = |cluster: bool| {
+            self.launch_own_gemm(
+                true,
+                cluster,
+                maps.normed,
+                maps.gate_up[0],
+                maps.act,
+                buf_b,
+                rows,
+                inter,
+                h,
+            )
+        };
+        let mut checks = Vec::new();
+        cublas_plain()?;
+        let ref_plain = download(buf_a, rows * 2 * inter)?;
+        silu()?;
+        let ref_act = download(buf_b, rows * inter)?;
+        // NaN bytes (0xFF) in both outputs first, so an output the kernel does not write fails.
+        let poison = |ptr: u64, bytes: usize| {
+            self.device.synchronize()?;
+            drv("poisoning a GEMM check output", unsafe {
+                dr::memset_d8_sync(ptr, 0xFF, bytes)
+            })
+        };
+        poison(buf_a, rows * 2 * inter * 2)?;
+        own_plain()?;
+        let plain = download(buf_a, rows * 2 * inter)?;
+        checks.push(compare(
+            format!(
+                "own wgmma GEMM == cuBLAS (gate_up, {rows} x {} x {h})",
+                2 * inter
+            ),
+            &plain,
+            &ref_plain,
+        ));
+        for cluster in [false, true] {
+            poison(buf_b, rows * inter * 2)?;
+            own_fused_on(cluster)?;
+            let fused = download(buf_b, rows * inter)?;
+            checks.push(compare(
+                format!(
+                    "own fused gate_up + SiLU-mul{} == cuBLAS + silu_mul ({rows} x {inter})",
+                    if cluster { " (2-CTA clusters)" } else { "" }
+                ),
+                &fused,
+                &ref_act,
+            ));
+        }
+        let mut lines = vec![format!(
+            "own gemm: {} SMs, {} co-resident 2-CTA clusters of gemm_ws_silu_c2",
+            self.device.num_sms, self.own_gemm_c2_clusters
+        )];
+        if timing_reps > 0 {
+            let stream = self.device.stream.cu_stream();
+            let flop = 2.0 * rows as f64 * (2 * inter) as f64 * h as f64;
+            let tflops = |ms: f64| flop / (ms * 1e-3) / 1e12;
+            let floor_ms = flop / 989e12 * 1e3;
+            for round in 1..=2 {
+                let cb = TunedGemm::time_reps(stream, timing_reps, cublas_plain)?;
+                let cs = TunedGemm::time_reps(stream, timing_reps, || {
+                    cublas_plain()?;
+                    silu()
+                })?;
+                let op = TunedGemm::time_reps(stream, timing_reps, own_plain)?;
+                let of = TunedGemm::time_reps(stream, timing_reps, || own_fused_on(false))?;
+                let oc = TunedGemm::time_reps(stream, timing_reps, || own_fused_on(true))?;
+                lines.push(format!(
+                    "own gemm {rows} x {} x {h} round {round} (ms per call, {timing_reps} reps; floor {floor_ms:.4} ms at 989 TFLOP/s): cuBLAS gate_up {cb:.4} ({:.0} TFLOP/s, x{:.2} floor), cuBLAS gate_up + silu_mul {cs:.4}, own gate_up {op:.4} ({:.0} TFLOP/s, x{:.2} floor), own fused gate_up + SiLU {of:.4} ({:.0} TFLOP/s, x{:.2} floor), the same in 2-CTA clusters {oc:.4} ({:.0} TFLOP/s, x{:.2} floor); fused / (cuBLAS + silu_mul) {:.3}, clusters {:.3}",
+                    2 * inter,
+                    tflops(cb),
+                    cb / floor_ms,
+                    tflops(op),
+                    op / floor_ms,
+                    tflops(of),
+                    of / floor_ms,
+                    tflops(oc),
+                    oc / floor_ms,
+                    of / cs,
+                    oc / cs
+                ));
+            }
+        }
+        Ok((checks, lines))
     }
 
     /// Grid for the batch-1 GEMV kernels: one warp per `GEMV_ROWS_PER_WARP` output rows.
@@ -2040,6 +2467,24 @@ impl CudaModel {
                     kargs![w, self.normed.ptr(), self.buf_b.ptr(), inter_i, k_i],
                 )?;
                 self.mark("gemv_gate_up_silu")?;
+            } else if let Some(maps) = self
+                .own_gate_up
+                .as_ref()
+                .filter(|_| n_tokens >= self.own_gate_up_min_tokens)
+            {
+                // gate_up with SiLU-mul in the epilogue: the activation goes straight to buf_b.
+                self.launch_own_gemm(
+                    true,
+                    self.own_gemm_cluster,
+                    maps.normed,
+                    maps.gate_up[layer],
+                    maps.act,
+                    self.buf_b.ptr(),
+                    n_tokens,
+                    inter,
+                    h,
+                )?;
+                self.mark("gemm_gate_up_silu")?;
             } else {
                 self.gemm(
                     self.normed.ptr(),
