@@ -231,6 +231,22 @@ mod with_cuda {
         })
     }
 
+    /// The model sized for one sequence of the largest of `--rows` (the GEMM search and the own-GEMM
+    /// check run single-sequence steps of those row counts; `--rows` is checked non-empty first).
+    fn open_for_row_counts(
+        args: &GemmSearchArgs,
+        dtype: DType,
+        config: &ModelConfig,
+    ) -> anyhow::Result<CudaModel> {
+        let max_rows = *args.rows.iter().max().expect("checked non-empty");
+        let mut options = CudaModelOptions::for_config(config);
+        options.dtype = dtype;
+        options.max_tokens_per_step = max_rows;
+        options.max_seqs_per_step = 1;
+        options.num_kv_blocks = Some(max_rows.div_ceil(options.block_size_tokens));
+        open_cuda_model(&args.model, dtype, args.seed, Some(options))
+    }
+
     pub fn gemm_search(args: GemmSearchArgs) -> anyhow::Result<()> {
         let dtype = parse_dtype(&args.dtype)?;
         let config = preset_named(&args.model)?;
@@ -253,13 +269,7 @@ mod with_cuda {
         {
             anyhow::bail!("--rounds and --hot-finalists must be >= 1 and --heat-ms >= 0");
         }
-        let max_rows = *args.rows.iter().max().expect("checked non-empty");
-        let mut options = CudaModelOptions::for_config(&config);
-        options.dtype = dtype;
-        options.max_tokens_per_step = max_rows;
-        options.max_seqs_per_step = 1;
-        options.num_kv_blocks = Some(max_rows.div_ceil(options.block_size_tokens));
-        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options))?;
+        let mut model = open_for_row_counts(&args, dtype, &config)?;
         let version = model
             .cublaslt_version()
             .context("the GEMM search needs libcublasLt and the tuned GEMM path")?;
@@ -306,13 +316,7 @@ mod with_cuda {
         if args.rows.is_empty() || args.rows.contains(&0) || args.own_gemm_reps == 0 {
             anyhow::bail!("--rows must be non-empty row counts >= 1 and --own-gemm-reps >= 1");
         }
-        let max_rows = *args.rows.iter().max().expect("checked non-empty");
-        let mut options = CudaModelOptions::for_config(&config);
-        options.dtype = dtype;
-        options.max_tokens_per_step = max_rows;
-        options.max_seqs_per_step = 1;
-        options.num_kv_blocks = Some(max_rows.div_ceil(options.block_size_tokens));
-        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options))?;
+        let mut model = open_for_row_counts(&args, dtype, &config)?;
         let mut failed = 0;
         for &rows in &args.rows {
             let (checks, lines) = model.own_gemm_check(rows, args.own_gemm_reps)?;
