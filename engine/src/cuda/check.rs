@@ -491,6 +491,109 @@ pub fn self_consistency(
                 &mut results,
             );
         }
+        // (8) The qkv GEMM with RoPE + the paged KV write fused (gemm_ws_qkv) against cuBLAS qkv
+        // + rope_kv_write: logits of the long prompt and of the later turn (starts mid-block),
+        // and the pool bytes each path writes. The blocks are poisoned (NaN) before the long
+        // prompt's arms, so a slot the fused path misses fails; elements are compared in units
+        // in the last place of the 16-bit type.
+        if model.has_own_qkv() {
+            let was = model.set_own_qkv_min_tokens(1);
+            let taken = model.uses_own_qkv(long);
+            results.push((
+                "the fused qkv GEMM runs on prefill steps (attention rotates q)".to_string(),
+                0.0,
+                taken,
+            ));
+            let bf16 = model.options.dtype == crate::config::DType::Bf16;
+            let mut kv_check = |name: &str, own: &[u16], cublas: &[u16]| {
+                let to_f = |b: u16| {
+                    if bf16 {
+                        half::bf16::from_bits(b).to_f32()
+                    } else {
+                        half::f16::from_bits(b).to_f32()
+                    }
+                };
+                // Sign-magnitude bits to a monotone integer line: neighbours differ by 1.
+                let ord = |b: u16| {
+                    if b & 0x8000 != 0 {
+                        -((b & 0x7fff) as i32)
+                    } else {
+                        b as i32
+                    }
+                };
+                let (mut max_ulp, mut differing, mut max_diff, mut bad) =
+                    (0i32, 0usize, 0f32, 0usize);
+                for (&a, &b) in own.iter().zip(cublas) {
+                    let (fa, fb) = (to_f(a), to_f(b));
+                    if !fa.is_finite() || !fb.is_finite() {
+                        bad += 1;
+                        continue;
+                    }
+                    if a != b {
+                        differing += 1;
+                        max_ulp = max_ulp.max((ord(a) - ord(b)).abs());
+                        max_diff = max_diff.max((fa - fb).abs());
+                    }
+                }
+                eprintln!(
+                    "consistency: {name}: {} elements, {differing} differ (max {max_ulp} ulp, max |diff| {max_diff:.3e}), {bad} not finite",
+                    own.len()
+                );
+                results.push((
+                    format!("{name}: pool bytes of the fused qkv GEMM == of cuBLAS + rope_kv_write within 1 ulp ({differing} of {} differ, max {max_ulp} ulp)", own.len()),
+                    max_diff,
+                    own.len() == cublas.len() && bad == 0 && max_ulp <= 1,
+                ));
+            };
+            let long_table = &table_d[..long_blocks];
+            eprintln!("consistency: fused qkv GEMM vs cuBLAS + rope_kv_write ({long} tokens)");
+            model.poison_kv_blocks(long_table)?;
+            let own = model.forward_logits(&step);
+            let own_kv = model.download_kv_blocks(long_table)?;
+            model.set_own_qkv_min_tokens(usize::MAX);
+            model.poison_kv_blocks(long_table)?;
+            let cublas = model.forward_logits(&step);
+            let cublas_kv = model.download_kv_blocks(long_table)?;
+            let (own, cublas) = (own?, cublas?);
+            kv_check(&format!("prefill {long}"), &own_kv, &cublas_kv);
+            let context = 1000.min(long / 2);
+            let turn_len = 613.min(long - context);
+            let later = [SeqStep {
+                block_table: &table_d,
+                context_len: context,
+                tokens: &prompt_long[context..context + turn_len],
+            }];
+            eprintln!(
+                "consistency: fused qkv GEMM vs cuBLAS + rope_kv_write on a later turn ({turn_len} tokens after {context})"
+            );
+            let turn_table = &table_d[context / bs..(context + turn_len).div_ceil(bs)];
+            model.set_own_qkv_min_tokens(1);
+            let own_turn = model.forward_logits(&later);
+            let own_turn_kv = model.download_kv_blocks(turn_table)?;
+            model.set_own_qkv_min_tokens(usize::MAX);
+            let cublas_turn = model.forward_logits(&later);
+            let cublas_turn_kv = model.download_kv_blocks(turn_table)?;
+            model.set_own_qkv_min_tokens(was);
+            kv_check(
+                &format!("later turn {turn_len} on {context}"),
+                &own_turn_kv,
+                &cublas_turn_kv,
+            );
+            record(
+                "prefill with the fused qkv GEMM == with cuBLAS qkv + rope_kv_write",
+                &own,
+                &cublas,
+                &mut results,
+            );
+            record(
+                &format!(
+                    "later turn ({turn_len} tokens on {context} cached) with the fused qkv GEMM == with cuBLAS qkv + rope_kv_write"
+                ),
+                &own_turn?,
+                &cublas_turn?,
+                &mut results,
+            );
+        }
     }
     Ok(results)
 }
