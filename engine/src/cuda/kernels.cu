@@ -2985,7 +2985,8 @@ __device__ __forceinline__ void gm_mma256(float (&d)[128], u64 da, u64 db, int a
 // releases of both CTAs' consumer warps (16), and the pair runs the same number of k-tiles.
 // QKV mode (prefill, HEAD_DIM 128): B is the [(nh + 2 nkv) 128, K] qkv weight, a tile's 256
 // columns are heads 2 nt and 2 nt + 1. The epilogue replaces rope_kv_write (rotate_q = 0): q heads
-// go to out[m, N] as the plain GEMM writes them (the attention rotates q on load), k heads are
+// go to out[m, N] as the plain GEMM writes them, by TMA stores as in SILU mode (the attention
+// rotates q on load), k heads are
 // rotated (pair d, d + 64 = fragments j, j + 8 of one thread; rounded to T first and rotated in
 // f32 with the same expression as rope_kv_write, so the pool bytes match it) and k / v heads go
 // to the paged pool at slots[m] (slot < 0: not written). Each head of a warpgroup's 64 rows is
@@ -3142,7 +3143,36 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
                 const int head = 2 * nt + hh;  // uniform over the CTA
                 if (head >= nheads) break;
                 const bool is_k = head >= qe->num_heads && head < qe->num_heads + qe->num_kv_heads;
-                // The previous head's (or tile's) copy-out has read the staging buffer.
+                if (head < qe->num_heads) {
+                    // q head: staged as two 128-byte-swizzled boxes of 64 x 64 (the SILU layout)
+                    // and written to qkv[M, N] by TMA stores that drain under the next MMAs.
+                    if (wg_leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+                    gm_named_sync(1 + cw, 128);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int r = 16 * warp + g + 8 * h;
+#pragma unroll
+                        for (int j = 0; j < 16; ++j) {
+                            const int f = 16 * hh + j;
+                            const u32 addr = ob + (u32)(j >> 3) * (GM_OUT_BYTES / 2) + (u32)r * 128u +
+                                             ((u32)((j & 7) ^ (r & 7)) << 4) + 4u * (u32)t4;
+                            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr),
+                                         "r"(pack2(acc[4 * f + 2 * h], acc[4 * f + 2 * h + 1]))
+                                         : "memory");
+                        }
+                    }
+                    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                    gm_named_sync(1 + cw, 128);
+                    if (wg_leader) {
+                        // Rows past M land in rows of the qkv buffer that the step does not read.
+                        gm_tma_store_2d(o_map, ob, head * 128, m0 + 64 * cw);
+                        gm_tma_store_2d(o_map, ob + GM_OUT_BYTES / 2, head * 128 + 64, m0 + 64 * cw);
+                        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                    }
+                    continue;
+                }
+                // The previous head's copy-out (or TMA store) has read the staging buffer.
+                if (wg_leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
                 gm_named_sync(1 + cw, 128);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
@@ -3180,18 +3210,13 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
                                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                                  : "r"(ob + (u32)r * 256u + ((u32)(c ^ (r & 7)) << 4))
                                  : "memory");
-                    T* dst;
-                    if (head < qe->num_heads) {
-                        dst = out + (u64)row * N + head * 128 + 8 * c;
-                    } else {
-                        const long long slot = qe->slots[row];
-                        if (slot < 0) continue;
-                        const int kv = is_k ? 0 : 1;
-                        const int kvh = head - qe->num_heads - kv * qe->num_kv_heads;
-                        dst = qe->pool +
-                              kv_piece((u32)(slot / BLOCK_SIZE), qe->layer, kv, kvh, qe->num_layers, qe->num_kv_heads) +
-                              (slot % BLOCK_SIZE) * 128 + 8 * c;
-                    }
+                    const long long slot = qe->slots[row];
+                    if (slot < 0) continue;
+                    const int kv = is_k ? 0 : 1;
+                    const int kvh = head - qe->num_heads - kv * qe->num_kv_heads;
+                    T* dst = qe->pool +
+                             kv_piece((u32)(slot / BLOCK_SIZE), qe->layer, kv, kvh, qe->num_layers, qe->num_kv_heads) +
+                             (slot % BLOCK_SIZE) * 128 + 8 * c;
                     *reinterpret_cast<uint4*>(dst) = v;
                 }
             }
@@ -3212,7 +3237,7 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
         }
     }
     // Shared memory must outlive the last TMA store's reads.
-    if (SILU && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    if ((SILU || QKV) && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     if (CL == 2) gm_cluster_sync();
 }
 #endif
@@ -3242,14 +3267,15 @@ GM_KERNEL(gemm_ws_silu, true, 1, GM_NO_CLUSTER)
 // The same in clusters of two CTAs with the B boxes multicast (grid a multiple of 2).
 GM_KERNEL(gemm_ws_silu_c2, true, 2, GM_CLUSTER2)
 // qkv GEMM with RoPE (k) and the paged KV write in the epilogue (see QkvEpilogue): q heads to
-// qkv[M, N] (N = (num_heads + 2 num_kv_heads) 128), k / v heads to the pool at slots[m].
+// qkv[M, N] (N = (num_heads + 2 num_kv_heads) 128) through o_map (boxes of 64 x 64, 128-byte
+// swizzle), k / v heads to the pool at slots[m].
 extern "C" __global__ void __launch_bounds__(384, 1)
-    gemm_ws_qkv(const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap b_map, T* qkv, int M, int N,
-                int K, const int* positions, const long long* slots, const float* rope, T* pool, int layer,
+    gemm_ws_qkv(const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap b_map,
+                const __grid_constant__ TmaMap o_map, T* qkv, int M, int N, int K, const int* positions, const long long* slots, const float* rope, T* pool, int layer,
                 int num_heads, int num_kv_heads, int num_layers) {
 #if GM_SUPPORTED && HEAD_DIM == 128
     const QkvEpilogue qe{positions, slots, rope, pool, layer, num_heads, num_kv_heads, num_layers};
-    gemm_ws_impl<false, 1, true>(&a_map, &b_map, &a_map, qkv, M, N, K, &qe);
+    gemm_ws_impl<false, 1, true>(&a_map, &b_map, &o_map, qkv, M, N, K, &qe);
 #else
     __trap();  // only selected on sm_90a with head_dim 128
 #endif

@@ -71,8 +71,10 @@ const OWN_GEMM_TILE_M: usize = 128;
 const OWN_GEMM_TILE_N: usize = 256;
 /// Default: steps of at least this many tokens run gate_up + SiLU-mul as the own fused GEMM.
 const OWN_GATE_UP_MIN_TOKENS: usize = 512;
-/// Default: prefill steps of at least this many tokens run the qkv GEMM with RoPE + KV write fused.
-const OWN_QKV_MIN_TOKENS: usize = 512;
+/// Default: prefill steps of at least this many tokens run the qkv GEMM with RoPE + KV write fused
+/// (`usize::MAX`: off by default; not faster than cuBLAS + rope_kv_write in session 5, see
+/// NOTES-cuda.md "Session 5 (G9)"; DJINN_CUDA_OWN_QKV_MIN_TOKENS=512 turns it on).
+const OWN_QKV_MIN_TOKENS: usize = usize::MAX;
 
 /// A `CUtensorMap` (128 bytes, 64-byte aligned), passed by value to `attn_prefill_v7`.
 #[repr(C, align(64))]
@@ -399,7 +401,7 @@ pub struct CudaModel {
     own_gemm_c2_clusters: usize,
     /// Tensor maps of each layer's qkv weight for `gemm_ws_qkv` (A is `own_gate_up`'s normed
     /// map): `None` where it cannot run (not sm_90, f32 weights, head_dim not 128).
-    own_qkv: Option<Vec<TmaMap>>,
+    own_qkv: Option<OwnQkvMaps>,
     /// Prefill steps of at least this many tokens (with q rotated by the attention kernel) run
     /// the qkv GEMM with RoPE + KV write fused (`gemm_ws_qkv`) instead of cuBLAS + `rope_kv_write`
     /// (`usize::MAX`: never; DJINN_CUDA_CUBLAS_QKV=1; DJINN_CUDA_OWN_QKV_MIN_TOKENS=N).
@@ -498,6 +500,15 @@ struct OwnGateUpMaps {
     normed: TmaMap,
     gate_up: Vec<TmaMap>,
     act: TmaMap,
+}
+
+/// Tensor maps of the fused qkv GEMM: B over each layer's qkv weight ([(nh + 2 nkv) 128, hidden],
+/// boxes of 128 x 64); the q output over buf_a ([max tokens, (nh + 2 nkv) 128], boxes of 64 x 64).
+/// A is the gate_up GEMM's map of the normed activations.
+#[derive(Clone)]
+struct OwnQkvMaps {
+    qkv: Vec<TmaMap>,
+    out: TmaMap,
 }
 
 /// Tensor map of a row-major [rows, cols] fp16/bf16 matrix in boxes of `box_rows` rows x 64
@@ -1013,7 +1024,17 @@ impl CudaModel {
                     &format!("layer {l}'s qkv weight"),
                 )?);
             }
-            Some(maps)
+            Some(OwnQkvMaps {
+                qkv: maps,
+                out: encode_matrix_tma_map(
+                    buf_a.ptr(),
+                    max_t,
+                    qkv_rows,
+                    64,
+                    options.dtype,
+                    "the qkv output",
+                )?,
+            })
         } else {
             None
         };
@@ -2336,7 +2357,8 @@ impl CudaModel {
                     OWN_GEMM_SMEM_BYTES as u32,
                     kargs![
                         gate_up_maps.normed,
-                        qkv_maps[layer],
+                        qkv_maps.qkv[layer],
+                        qkv_maps.out,
                         self.buf_a.ptr(),
                         m_i,
                         n_i,
