@@ -491,6 +491,133 @@ pub fn self_consistency(
                 &mut results,
             );
         }
+        // (8) The qkv GEMM with RoPE + the paged KV write fused (gemm_ws_qkv) against cuBLAS qkv
+        // + rope_kv_write: logits of the long prompt and of the later turn (starts mid-block),
+        // and the pool bytes each path writes. The blocks are poisoned (NaN) before the long
+        // prompt's arms, so a slot the fused path misses fails; layer 0's elements (same input
+        // on both paths) must agree within one ulp of the 16-bit type at their largest |value|.
+        let was = model.set_own_qkv_min_tokens(1);
+        let fused_qkv_used = model.uses_own_qkv(long);
+        model.set_own_qkv_min_tokens(was);
+        if model.has_own_qkv() && !fused_qkv_used {
+            eprintln!(
+                "consistency: the fused qkv GEMM is not used with this prefill attention (q rotated by rope_kv_write): not compared"
+            );
+        }
+        if fused_qkv_used {
+            let was = model.set_own_qkv_min_tokens(1);
+            let bf16 = model.options.dtype == crate::config::DType::Bf16;
+            // Layer 0's KV sees the same input on both paths (the GEMMs then agree, so the bytes
+            // should too, up to the rounding of the rotation); later layers' inputs differ by the
+            // earlier layers' differences, so their KV is only reported.
+            let layer0_elems = 2 * model.config.num_key_value_heads * bs * model.config.head_dim();
+            let per_block = model.kv_pool().block_bytes() / 2;
+            let mut kv_check = |name: &str, own: &[u16], cublas: &[u16]| {
+                let to_f = |b: u16| {
+                    if bf16 {
+                        half::bf16::from_bits(b).to_f32()
+                    } else {
+                        half::f16::from_bits(b).to_f32()
+                    }
+                };
+                // One unit in the last place at the magnitude of b (the step to the next value).
+                let ulp = |b: u16| {
+                    let m = b & 0x7fff;
+                    to_f(m.saturating_add(1)) - to_f(m)
+                };
+                let (mut l0_differ, mut l0_over, mut l0_max, mut all_max, mut bad) =
+                    (0usize, 0usize, 0f32, 0f32, 0usize);
+                let mut l0_scale = 0u16; // bits of layer 0's largest |value|
+                for (i, (&a, &b)) in own.iter().zip(cublas).enumerate() {
+                    let (fa, fb) = (to_f(a), to_f(b));
+                    if !fa.is_finite() || !fb.is_finite() {
+                        bad += 1;
+                        continue;
+                    }
+                    let d = (fa - fb).abs();
+                    all_max = all_max.max(d);
+                    if i % per_block < layer0_elems {
+                        let larger = if fa.abs() >= fb.abs() { a } else { b };
+                        if to_f(larger & 0x7fff) > to_f(l0_scale) {
+                            l0_scale = larger & 0x7fff;
+                        }
+                    }
+                    if i % per_block < layer0_elems && a != b {
+                        l0_differ += 1;
+                        l0_max = l0_max.max(d);
+                        let larger = if fa.abs() >= fb.abs() { a } else { b };
+                        if d > ulp(larger) {
+                            l0_over += 1;
+                        }
+                    }
+                }
+                let l0_total = own.len() / per_block * layer0_elems;
+                // Bound: the GEMM outputs agree, the rotation's f32 products may be contracted
+                // differently (an f32 rounding of a product of operands <= the scale: far below
+                // one ulp at the scale) and the result may round the other way: within one ulp at
+                // the scale of layer 0's values. (Element-wise 1 ulp is too tight where the
+                // rotation cancels: call 2 of session 5 saw 1 of 16.8M elements over it.)
+                let bound = ulp(l0_scale);
+                eprintln!(
+                    "consistency: {name}: layer 0: {l0_differ} of {l0_total} elements differ (max |diff| {l0_max:.3e}, {l0_over} by more than 1 ulp of themselves; bound {bound:.3e} = 1 ulp at max |value| {:.3e}); all layers: {} elements, max |diff| {all_max:.3e}, {bad} not finite",
+                    to_f(l0_scale),
+                    own.len()
+                );
+                results.push((
+                    format!("{name}: layer 0's pool bytes of the fused qkv GEMM == of cuBLAS + rope_kv_write within 1 ulp at the values' scale ({l0_differ} of {l0_total} differ, {l0_over} by more than 1 ulp of themselves), all slots written"),
+                    l0_max,
+                    own.len() == cublas.len() && bad == 0 && l0_max <= bound,
+                ));
+            };
+            let long_table = &table_d[..long_blocks];
+            eprintln!("consistency: fused qkv GEMM vs cuBLAS + rope_kv_write ({long} tokens)");
+            model.poison_kv_blocks(long_table)?;
+            let own = model.forward_logits(&step);
+            let own_kv = model.download_kv_blocks(long_table)?;
+            model.set_own_qkv_min_tokens(usize::MAX);
+            model.poison_kv_blocks(long_table)?;
+            let cublas = model.forward_logits(&step);
+            let cublas_kv = model.download_kv_blocks(long_table)?;
+            let (own, cublas) = (own?, cublas?);
+            kv_check(&format!("prefill {long}"), &own_kv, &cublas_kv);
+            let context = 1000.min(long / 2);
+            let turn_len = 613.min(long - context);
+            let later = [SeqStep {
+                block_table: &table_d,
+                context_len: context,
+                tokens: &prompt_long[context..context + turn_len],
+            }];
+            eprintln!(
+                "consistency: fused qkv GEMM vs cuBLAS + rope_kv_write on a later turn ({turn_len} tokens after {context})"
+            );
+            let turn_table = &table_d[context / bs..(context + turn_len).div_ceil(bs)];
+            model.set_own_qkv_min_tokens(1);
+            let own_turn = model.forward_logits(&later);
+            let own_turn_kv = model.download_kv_blocks(turn_table)?;
+            model.set_own_qkv_min_tokens(usize::MAX);
+            let cublas_turn = model.forward_logits(&later);
+            let cublas_turn_kv = model.download_kv_blocks(turn_table)?;
+            model.set_own_qkv_min_tokens(was);
+            kv_check(
+                &format!("later turn {turn_len} on {context}"),
+                &own_turn_kv,
+                &cublas_turn_kv,
+            );
+            record(
+                "prefill with the fused qkv GEMM == with cuBLAS qkv + rope_kv_write",
+                &own,
+                &cublas,
+                &mut results,
+            );
+            record(
+                &format!(
+                    "later turn ({turn_len} tokens on {context} cached) with the fused qkv GEMM == with cuBLAS qkv + rope_kv_write"
+                ),
+                &own_turn?,
+                &cublas_turn?,
+                &mut results,
+            );
+        }
     }
     Ok(results)
 }

@@ -2983,9 +2983,27 @@ __device__ __forceinline__ void gm_mma256(float (&d)[128], u64 da, u64 db, int a
 // loads its A tile and one of the two B boxes, multicast to both (half the B traffic from L2).
 // A stage of either CTA is then written by both producers, so its "empty" mbarrier collects the
 // releases of both CTAs' consumer warps (16), and the pair runs the same number of k-tiles.
-template <bool SILU, int CL>
+// QKV mode (prefill, HEAD_DIM 128): B is the [(nh + 2 nkv) 128, K] qkv weight, a tile's 256
+// columns are heads 2 nt and 2 nt + 1. The epilogue replaces rope_kv_write (rotate_q = 0): q heads
+// go to out[m, N] as the plain GEMM writes them, by TMA stores as in SILU mode (the attention
+// rotates q on load), k heads are
+// rotated (pair d, d + 64 = fragments j, j + 8 of one thread; rounded to T first and rotated in
+// f32 with the same expression as rope_kv_write, so the pool bytes match it) and k / v heads go
+// to the paged pool at slots[m] (slot < 0: not written). Each head of a warpgroup's 64 rows is
+// staged in shared memory (rows of 256 bytes, 16-byte chunks XOR-swizzled by row % 8: conflict-
+// free 4-byte writes from the accumulator layout) and copied out with 16-byte stores, a row's
+// 256 bytes by 16 consecutive threads (one pool row is 256 contiguous bytes).
+struct QkvEpilogue {
+    const int* positions;
+    const long long* slots;
+    const float* rope;
+    T* pool;
+    int layer, num_heads, num_kv_heads, num_layers;
+};
+
+template <bool SILU, int CL, bool QKV = false>
 __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* b_map, const TmaMap* o_map, T* out,
-                                             int M, int N, int K) {
+                                             int M, int N, int K, const QkvEpilogue* qe = nullptr) {
     extern __shared__ __align__(16) unsigned char gm_smem[];
     pdl_trigger();
     // 1024-byte aligned base: the 128-byte swizzle pattern follows address bits 4-9.
@@ -3117,6 +3135,91 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
                 gm_tma_store_2d(o_map, ob + GM_OUT_BYTES / 2, nt * 128 + 64, m0 + 64 * cw);
                 asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
             }
+        } else if (QKV) {
+            const int nheads = N / 128;
+            const int tid = threadIdx.x & 127;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int head = 2 * nt + hh;  // uniform over the CTA
+                if (head >= nheads) break;
+                const bool is_k = head >= qe->num_heads && head < qe->num_heads + qe->num_kv_heads;
+                if (head < qe->num_heads) {
+                    // q head: staged as two 128-byte-swizzled boxes of 64 x 64 (the SILU layout)
+                    // and written to qkv[M, N] by TMA stores that drain under the next MMAs.
+                    if (wg_leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+                    gm_named_sync(1 + cw, 128);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int r = 16 * warp + g + 8 * h;
+#pragma unroll
+                        for (int j = 0; j < 16; ++j) {
+                            const int f = 16 * hh + j;
+                            const u32 addr = ob + (u32)(j >> 3) * (GM_OUT_BYTES / 2) + (u32)r * 128u +
+                                             ((u32)((j & 7) ^ (r & 7)) << 4) + 4u * (u32)t4;
+                            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr),
+                                         "r"(pack2(acc[4 * f + 2 * h], acc[4 * f + 2 * h + 1]))
+                                         : "memory");
+                        }
+                    }
+                    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                    gm_named_sync(1 + cw, 128);
+                    if (wg_leader) {
+                        // Rows past M land in rows of the qkv buffer that the step does not read.
+                        gm_tma_store_2d(o_map, ob, head * 128, m0 + 64 * cw);
+                        gm_tma_store_2d(o_map, ob + GM_OUT_BYTES / 2, head * 128 + 64, m0 + 64 * cw);
+                        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                    }
+                    continue;
+                }
+                // The previous head's copy-out (or TMA store) has read the staging buffer.
+                if (wg_leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+                gm_named_sync(1 + cw, 128);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = 16 * warp + g + 8 * h;
+                    const int row = min(m0 + 64 * cw + r, M - 1);
+                    const float* rope_row = qe->rope + (u64)(is_k ? qe->positions[row] : 0) * 128;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        const int f = 16 * hh + j;
+                        u32 lo = pack2(acc[4 * f + 2 * h], acc[4 * f + 2 * h + 1]);
+                        u32 hi = pack2(acc[4 * (f + 8) + 2 * h], acc[4 * (f + 8) + 2 * h + 1]);
+                        if (is_k) {
+                            // Column d = 8 j + 2 t4 (+1) and d + 64: c_d s_d c_d+1 s_d+1.
+                            const float4 cs = *reinterpret_cast<const float4*>(rope_row + 2 * (8 * j + 2 * t4));
+                            const float2 a = to_f2(*reinterpret_cast<T2*>(&lo)), b = to_f2(*reinterpret_cast<T2*>(&hi));
+                            const float2 ra = make_float2(a.x * cs.x - b.x * cs.y, a.y * cs.z - b.y * cs.w);
+                            const float2 rb = make_float2(b.x * cs.x + a.x * cs.y, b.y * cs.z + a.y * cs.w);
+                            lo = pack2(ra.x, ra.y);
+                            hi = pack2(rb.x, rb.y);
+                        }
+                        const u32 rbase = ob + (u32)r * 256u + 4u * (u32)t4;
+                        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(rbase + ((u32)(j ^ (r & 7)) << 4)), "r"(lo) : "memory");
+                        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(rbase + ((u32)((j + 8) ^ (r & 7)) << 4)), "r"(hi) : "memory");
+                    }
+                }
+                gm_named_sync(1 + cw, 128);
+                const int c = tid & 15;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const int r = (tid >> 4) + 8 * k;
+                    const int row = m0 + 64 * cw + r;
+                    if (row >= M) continue;
+                    uint4 v;
+                    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                                 : "r"(ob + (u32)r * 256u + ((u32)(c ^ (r & 7)) << 4))
+                                 : "memory");
+                    const long long slot = qe->slots[row];
+                    if (slot < 0) continue;
+                    const int kv = is_k ? 0 : 1;
+                    const int kvh = head - qe->num_heads - kv * qe->num_kv_heads;
+                    T* dst = qe->pool +
+                             kv_piece((u32)(slot / BLOCK_SIZE), qe->layer, kv, kvh, qe->num_layers, qe->num_kv_heads) +
+                             (slot % BLOCK_SIZE) * 128 + 8 * c;
+                    *reinterpret_cast<uint4*>(dst) = v;
+                }
+            }
         } else {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -3134,7 +3237,7 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
         }
     }
     // Shared memory must outlive the last TMA store's reads.
-    if (SILU && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    if ((SILU || QKV) && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     if (CL == 2) gm_cluster_sync();
 }
 #endif
@@ -3163,3 +3266,17 @@ GM_KERNEL(gemm_ws, false, 1, GM_NO_CLUSTER)
 GM_KERNEL(gemm_ws_silu, true, 1, GM_NO_CLUSTER)
 // The same in clusters of two CTAs with the B boxes multicast (grid a multiple of 2).
 GM_KERNEL(gemm_ws_silu_c2, true, 2, GM_CLUSTER2)
+// qkv GEMM with RoPE (k) and the paged KV write in the epilogue (see QkvEpilogue): q heads to
+// qkv[M, N] (N = (num_heads + 2 num_kv_heads) 128) through o_map (boxes of 64 x 64, 128-byte
+// swizzle), k / v heads to the pool at slots[m].
+extern "C" __global__ void __launch_bounds__(384, 1)
+    gemm_ws_qkv(const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap b_map,
+                const __grid_constant__ TmaMap o_map, T* qkv, int M, int N, int K, const int* positions, const long long* slots, const float* rope, T* pool, int layer,
+                int num_heads, int num_kv_heads, int num_layers) {
+#if GM_SUPPORTED && HEAD_DIM == 128
+    const QkvEpilogue qe{positions, slots, rope, pool, layer, num_heads, num_kv_heads, num_layers};
+    gemm_ws_impl<false, 1, true>(&a_map, &b_map, &o_map, qkv, M, N, K, &qe);
+#else
+    __trap();  // only selected on sm_90a with head_dim 128
+#endif
+}

@@ -71,6 +71,10 @@ const OWN_GEMM_TILE_M: usize = 128;
 const OWN_GEMM_TILE_N: usize = 256;
 /// Default: steps of at least this many tokens run gate_up + SiLU-mul as the own fused GEMM.
 const OWN_GATE_UP_MIN_TOKENS: usize = 512;
+/// Default: prefill steps of at least this many tokens run the qkv GEMM with RoPE + KV write fused
+/// (`usize::MAX`: off by default; not faster than cuBLAS + rope_kv_write in session 5, see
+/// NOTES-cuda.md "Session 5 (G9)"; DJINN_CUDA_OWN_QKV_MIN_TOKENS=512 turns it on).
+const OWN_QKV_MIN_TOKENS: usize = usize::MAX;
 
 /// A `CUtensorMap` (128 bytes, 64-byte aligned), passed by value to `attn_prefill_v7`.
 #[repr(C, align(64))]
@@ -185,6 +189,8 @@ struct Kernels {
     gemm_ws_silu: dsys::CUfunction,
     /// `gemm_ws_silu` in clusters of two CTAs with the weight boxes multicast.
     gemm_ws_silu_c2: dsys::CUfunction,
+    /// The qkv GEMM with RoPE (k) and the paged KV write in its epilogue (prefill, head_dim 128).
+    gemm_ws_qkv: dsys::CUfunction,
 }
 
 /// Element offsets of one layer's tensors inside the weight buffer.
@@ -393,6 +399,13 @@ pub struct CudaModel {
     own_gemm_cluster: bool,
     /// Clusters of `gemm_ws_silu_c2` that fit on the device at once (its persistent grid).
     own_gemm_c2_clusters: usize,
+    /// Tensor maps of each layer's qkv weight for `gemm_ws_qkv` (A is `own_gate_up`'s normed
+    /// map): `None` where it cannot run (not sm_90, f32 weights, head_dim not 128).
+    own_qkv: Option<OwnQkvMaps>,
+    /// Prefill steps of at least this many tokens (with q rotated by the attention kernel) run
+    /// the qkv GEMM with RoPE + KV write fused (`gemm_ws_qkv`) instead of cuBLAS + `rope_kv_write`
+    /// (`usize::MAX`: never; DJINN_CUDA_CUBLAS_QKV=1; DJINN_CUDA_OWN_QKV_MIN_TOKENS=N).
+    own_qkv_min_tokens: usize,
     /// Timed cuBLASLt algorithm choice for large prefill GEMMs (None: DJINN_CUDA_NO_GEMM_TUNE=1 or
     /// no libcublasLt; cublasGemmEx then).
     tuned_gemm: Option<TunedGemm>,
@@ -487,6 +500,15 @@ struct OwnGateUpMaps {
     normed: TmaMap,
     gate_up: Vec<TmaMap>,
     act: TmaMap,
+}
+
+/// Tensor maps of the fused qkv GEMM: B over each layer's qkv weight ([(nh + 2 nkv) 128, hidden],
+/// boxes of 128 x 64); the q output over buf_a ([max tokens, (nh + 2 nkv) 128], boxes of 64 x 64).
+/// A is the gate_up GEMM's map of the normed activations.
+#[derive(Clone)]
+struct OwnQkvMaps {
+    qkv: Vec<TmaMap>,
+    out: TmaMap,
 }
 
 /// Tensor map of a row-major [rows, cols] fp16/bf16 matrix in boxes of `box_rows` rows x 64
@@ -690,6 +712,7 @@ impl CudaModel {
             gemm_ws: f("gemm_ws")?,
             gemm_ws_silu: f("gemm_ws_silu")?,
             gemm_ws_silu_c2: f("gemm_ws_silu_c2")?,
+            gemm_ws_qkv: f("gemm_ws_qkv")?,
             _module: module,
         };
 
@@ -713,6 +736,7 @@ impl CudaModel {
             (kernels.gemm_ws, OWN_GEMM_SMEM_BYTES),
             (kernels.gemm_ws_silu, OWN_GEMM_SMEM_BYTES),
             (kernels.gemm_ws_silu_c2, OWN_GEMM_SMEM_BYTES),
+            (kernels.gemm_ws_qkv, OWN_GEMM_SMEM_BYTES),
         ] {
             drv("raising the prefill kernel's shared memory limit", unsafe {
                 dr::function::set_function_attribute(
@@ -984,6 +1008,48 @@ impl CudaModel {
         } else {
             device.num_sms / 2
         };
+        // The fused qkv GEMM: the own GEMM's conditions (A is the same normed map) and heads of
+        // 128 (a tile is two whole heads, the RoPE pair d, d + 64 in one thread).
+        let own_qkv = if own_gate_up.is_some() && hd == 128 {
+            let elem_b = 2u64;
+            let qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd;
+            let mut maps = Vec::with_capacity(layers.len());
+            for (l, lw) in layers.iter().enumerate() {
+                maps.push(encode_matrix_tma_map(
+                    weights.ptr() + lw.qkv as u64 * elem_b,
+                    qkv_rows,
+                    h,
+                    128,
+                    options.dtype,
+                    &format!("layer {l}'s qkv weight"),
+                )?);
+            }
+            Some(OwnQkvMaps {
+                qkv: maps,
+                out: encode_matrix_tma_map(
+                    buf_a.ptr(),
+                    max_t,
+                    qkv_rows,
+                    64,
+                    options.dtype,
+                    "the qkv output",
+                )?,
+            })
+        } else {
+            None
+        };
+        let own_qkv_min_tokens = if env_flag("DJINN_CUDA_CUBLAS_QKV") {
+            usize::MAX
+        } else {
+            match std::env::var("DJINN_CUDA_OWN_QKV_MIN_TOKENS") {
+                Ok(v) => v.parse::<usize>().map_err(|_| {
+                    CudaError::BadInput(format!(
+                        "DJINN_CUDA_OWN_QKV_MIN_TOKENS={v}: expected a token count"
+                    ))
+                })?,
+                Err(_) => OWN_QKV_MIN_TOKENS,
+            }
+        };
         let own_gate_up_min_tokens = if env_flag("DJINN_CUDA_CUBLAS_GATE_UP") {
             usize::MAX
         } else {
@@ -1036,6 +1102,8 @@ impl CudaModel {
             own_gate_up_min_tokens,
             own_gemm_cluster: env_flag("DJINN_CUDA_OWN_GEMM_CLUSTER"),
             own_gemm_c2_clusters,
+            own_qkv,
+            own_qkv_min_tokens,
             cublas_workspace,
             step_dev,
             step_host,
@@ -1638,6 +1706,69 @@ impl CudaModel {
         )
     }
 
+    /// Whether the fused qkv + RoPE + KV-write GEMM can run on this model and device.
+    pub fn has_own_qkv(&self) -> bool {
+        self.own_qkv.is_some()
+    }
+
+    /// Sets the prefill step size from which the fused qkv GEMM runs (checks compare it with
+    /// cuBLAS + rope_kv_write); returns the previous value.
+    pub fn set_own_qkv_min_tokens(&mut self, min_tokens: usize) -> usize {
+        if min_tokens != self.own_qkv_min_tokens {
+            self.graphs.clear();
+        }
+        std::mem::replace(&mut self.own_qkv_min_tokens, min_tokens)
+    }
+
+    /// Whether a prefill step of `n_tokens` runs the fused qkv GEMM (`gemm_ws_qkv`): its maps
+    /// exist, q is rotated by the attention kernel (v4 and later) and the step is large enough.
+    pub fn uses_own_qkv(&self, n_tokens: usize) -> bool {
+        self.own_qkv.is_some() && self.prefill_version >= 4 && n_tokens >= self.own_qkv_min_tokens
+    }
+
+    /// Fills whole KV blocks (every layer, K and V) with 0xFF bytes (NaN in fp16 and bf16), so a
+    /// slot that a step should write but does not shows up in [`CudaModel::download_kv_blocks`].
+    pub fn poison_kv_blocks(&self, blocks: &[u32]) -> Result<(), CudaError> {
+        self.device.synchronize()?;
+        let bytes = self.pool.block_bytes();
+        for &b in blocks {
+            if b as usize >= self.pool.num_blocks() {
+                return Err(CudaError::BadInput(format!(
+                    "KV block {b}: the pool has {}",
+                    self.pool.num_blocks()
+                )));
+            }
+            // SAFETY: the block lies inside the pool's allocation (checked above).
+            drv("poisoning a KV block", unsafe {
+                dr::memset_d8_sync(self.pool.block_device_ptr(b), 0xFF, bytes)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The raw 16-bit elements of whole KV blocks (every layer, K and V), in `blocks` order.
+    pub fn download_kv_blocks(&self, blocks: &[u32]) -> Result<Vec<u16>, CudaError> {
+        self.device.synchronize()?;
+        let per_block = self.pool.block_bytes() / 2;
+        let mut out = vec![0u16; per_block * blocks.len()];
+        for (i, &b) in blocks.iter().enumerate() {
+            if b as usize >= self.pool.num_blocks() {
+                return Err(CudaError::BadInput(format!(
+                    "KV block {b}: the pool has {}",
+                    self.pool.num_blocks()
+                )));
+            }
+            // SAFETY: the block lies inside the pool's allocation (checked above).
+            drv("downloading a KV block", unsafe {
+                dr::memcpy_dtoh_sync(
+                    &mut out[i * per_block..(i + 1) * per_block],
+                    self.pool.block_device_ptr(b),
+                )
+            })?;
+        }
+        Ok(out)
+    }
+
     /// Whether the own fused gate_up + SiLU-mul GEMM can run on this model and device.
     pub fn has_own_gate_up(&self) -> bool {
         self.own_gate_up.is_some()
@@ -2207,6 +2338,42 @@ impl CudaModel {
                     ],
                 )?;
                 self.mark("gemv_qkv_rope_kv")?;
+            } else if let (Some(qkv_maps), Some(gate_up_maps)) = (
+                self.own_qkv
+                    .as_ref()
+                    .filter(|_| rotate_q == 0 && n_tokens >= self.own_qkv_min_tokens),
+                self.own_gate_up.as_ref(),
+            ) {
+                // q to buf_a (rotated by the attention kernel on load), k rotated and v straight
+                // into the pool: no rope_kv_write.
+                let tiles =
+                    n_tokens.div_ceil(OWN_GEMM_TILE_M) * qkv_width.div_ceil(OWN_GEMM_TILE_N);
+                let grid = tiles.min(self.device.num_sms).max(1) as u32;
+                let (m_i, n_i, k_i) = (n_tokens as i32, qkv_width as i32, h as i32);
+                self.launch_fwd(
+                    self.kernels.gemm_ws_qkv,
+                    (grid, 1, 1),
+                    (384, 1, 1),
+                    OWN_GEMM_SMEM_BYTES as u32,
+                    kargs![
+                        gate_up_maps.normed,
+                        qkv_maps.qkv[layer],
+                        qkv_maps.out,
+                        self.buf_a.ptr(),
+                        m_i,
+                        n_i,
+                        k_i,
+                        positions,
+                        slots,
+                        self.rope.ptr(),
+                        pool,
+                        layer_i,
+                        nh,
+                        nkv,
+                        nl
+                    ],
+                )?;
+                self.mark("gemm_qkv_rope_kv")?;
             } else {
                 self.gemm(
                     self.normed.ptr(),
