@@ -335,6 +335,15 @@ pub fn self_consistency(
         eprintln!("consistency: tuned vs cublasGemmEx prefill GEMMs ({long} tokens)");
         let prompt_long: Vec<u32> = (0..long).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
         let table_d: Vec<u32> = (first_free as u32..(first_free + long_blocks) as u32).collect();
+        // The later turn the wgmma and fused-GEMM checks compare: 613 tokens on 1000 cached, off
+        // every tile, chunk and block boundary.
+        let context = 1000.min(long / 2);
+        let turn_len = 613.min(long - context);
+        let later = [SeqStep {
+            block_table: &table_d,
+            context_len: context,
+            tokens: &prompt_long[context..context + turn_len],
+        }];
         let step = [SeqStep {
             block_table: &table_d,
             context_len: 0,
@@ -367,13 +376,6 @@ pub fn self_consistency(
                 &v4?,
                 &mut results,
             );
-            let context = 1000.min(long / 2);
-            let turn_len = 613.min(long - context);
-            let later = [SeqStep {
-                block_table: &table_d,
-                context_len: context,
-                tokens: &prompt_long[context..context + turn_len],
-            }];
             eprintln!(
                 "consistency: {name} vs mma.sync on a later turn ({turn_len} tokens after {context})"
             );
@@ -467,13 +469,6 @@ pub fn self_consistency(
                 &cublas?,
                 &mut results,
             );
-            let context = 1000.min(long / 2);
-            let turn_len = 613.min(long - context);
-            let later = [SeqStep {
-                block_table: &table_d,
-                context_len: context,
-                tokens: &prompt_long[context..context + turn_len],
-            }];
             eprintln!(
                 "consistency: fused gate_up GEMM vs cuBLAS + silu_mul on a later turn ({turn_len} tokens after {context})"
             );
@@ -580,13 +575,6 @@ pub fn self_consistency(
             let cublas_kv = model.download_kv_blocks(long_table)?;
             let (own, cublas) = (own?, cublas?);
             kv_check(&format!("prefill {long}"), &own_kv, &cublas_kv);
-            let context = 1000.min(long / 2);
-            let turn_len = 613.min(long - context);
-            let later = [SeqStep {
-                block_table: &table_d,
-                context_len: context,
-                tokens: &prompt_long[context..context + turn_len],
-            }];
             eprintln!(
                 "consistency: fused qkv GEMM vs cuBLAS + rope_kv_write on a later turn ({turn_len} tokens after {context})"
             );

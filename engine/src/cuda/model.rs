@@ -557,6 +557,33 @@ fn env_flag(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| v != "0")
 }
 
+/// A step-size threshold from the environment: `usize::MAX` (never) when `off_flag` is set, else
+/// `var` as a token count, else `default`; a value that is not a count is an error naming `var`.
+fn step_threshold_from_env(off_flag: &str, var: &str, default: usize) -> Result<usize, CudaError> {
+    if env_flag(off_flag) {
+        return Ok(usize::MAX);
+    }
+    match std::env::var(var) {
+        Ok(v) => v
+            .parse::<usize>()
+            .map_err(|_| CudaError::BadInput(format!("{var}={v}: expected a token count"))),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Sets a step-size threshold and returns the previous one. Captured decode graphs are dropped when
+/// it changes (they are recaptured on use), since each one fixed the path it took.
+fn replace_step_threshold<G>(
+    graphs: &mut BTreeMap<usize, G>,
+    threshold: &mut usize,
+    min_tokens: usize,
+) -> usize {
+    if min_tokens != *threshold {
+        graphs.clear();
+    }
+    std::mem::replace(threshold, min_tokens)
+}
+
 fn dtype_elem(dtype: DType) -> Result<usize, CudaError> {
     match dtype {
         DType::F16 | DType::Bf16 => Ok(2),
@@ -1038,30 +1065,16 @@ impl CudaModel {
         } else {
             None
         };
-        let own_qkv_min_tokens = if env_flag("DJINN_CUDA_CUBLAS_QKV") {
-            usize::MAX
-        } else {
-            match std::env::var("DJINN_CUDA_OWN_QKV_MIN_TOKENS") {
-                Ok(v) => v.parse::<usize>().map_err(|_| {
-                    CudaError::BadInput(format!(
-                        "DJINN_CUDA_OWN_QKV_MIN_TOKENS={v}: expected a token count"
-                    ))
-                })?,
-                Err(_) => OWN_QKV_MIN_TOKENS,
-            }
-        };
-        let own_gate_up_min_tokens = if env_flag("DJINN_CUDA_CUBLAS_GATE_UP") {
-            usize::MAX
-        } else {
-            match std::env::var("DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS") {
-                Ok(v) => v.parse::<usize>().map_err(|_| {
-                    CudaError::BadInput(format!(
-                        "DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS={v}: expected a token count"
-                    ))
-                })?,
-                Err(_) => OWN_GATE_UP_MIN_TOKENS,
-            }
-        };
+        let own_qkv_min_tokens = step_threshold_from_env(
+            "DJINN_CUDA_CUBLAS_QKV",
+            "DJINN_CUDA_OWN_QKV_MIN_TOKENS",
+            OWN_QKV_MIN_TOKENS,
+        )?;
+        let own_gate_up_min_tokens = step_threshold_from_env(
+            "DJINN_CUDA_CUBLAS_GATE_UP",
+            "DJINN_CUDA_OWN_GATE_UP_MIN_TOKENS",
+            OWN_GATE_UP_MIN_TOKENS,
+        )?;
         let tuned_gemm = if env_flag("DJINN_CUDA_NO_GEMM_TUNE") {
             None
         } else {
@@ -1146,18 +1159,11 @@ impl CudaModel {
             wgmma_prefill_version,
             kv_tma_map,
             prefill_v4_smem_bytes: [prefill_v4_smem(64), prefill_v4_smem(32)],
-            half_resid_min_tokens: if env_flag("DJINN_CUDA_F32_RESIDUAL") {
-                usize::MAX
-            } else {
-                match std::env::var("DJINN_CUDA_HALF_RESIDUAL_MIN_TOKENS") {
-                    Ok(v) => v.parse::<usize>().map_err(|_| {
-                        CudaError::Unsupported(format!(
-                            "DJINN_CUDA_HALF_RESIDUAL_MIN_TOKENS={v}: expected a token count"
-                        ))
-                    })?,
-                    Err(_) => HALF_RESID_MIN_TOKENS,
-                }
-            },
+            half_resid_min_tokens: step_threshold_from_env(
+                "DJINN_CUDA_F32_RESIDUAL",
+                "DJINN_CUDA_HALF_RESIDUAL_MIN_TOKENS",
+                HALF_RESID_MIN_TOKENS,
+            )?,
             rope_kv_16b,
             resid_epilogue: !env_flag("DJINN_CUDA_NO_RESID_EPILOGUE"),
             resid_epilogue_o: !env_flag("DJINN_CUDA_NO_RESID_EPILOGUE_O"),
@@ -1221,10 +1227,11 @@ impl CudaModel {
     /// compare it with the f32 stream); returns the previous value. Captured decode graphs are
     /// dropped when it changes (they are recaptured on use), since each one fixed its path.
     pub fn set_half_residual_min_tokens(&mut self, min_tokens: usize) -> usize {
-        if min_tokens != self.half_resid_min_tokens {
-            self.graphs.clear();
-        }
-        std::mem::replace(&mut self.half_resid_min_tokens, min_tokens)
+        replace_step_threshold(
+            &mut self.graphs,
+            &mut self.half_resid_min_tokens,
+            min_tokens,
+        )
     }
 
     /// Whether large prefill GEMMs may use the timed cuBLASLt choice (see gemm_tune.rs).
@@ -1714,10 +1721,7 @@ impl CudaModel {
     /// Sets the prefill step size from which the fused qkv GEMM runs (checks compare it with
     /// cuBLAS + rope_kv_write); returns the previous value.
     pub fn set_own_qkv_min_tokens(&mut self, min_tokens: usize) -> usize {
-        if min_tokens != self.own_qkv_min_tokens {
-            self.graphs.clear();
-        }
-        std::mem::replace(&mut self.own_qkv_min_tokens, min_tokens)
+        replace_step_threshold(&mut self.graphs, &mut self.own_qkv_min_tokens, min_tokens)
     }
 
     /// Whether a prefill step of `n_tokens` runs the fused qkv GEMM (`gemm_ws_qkv`): its maps
@@ -1783,10 +1787,11 @@ impl CudaModel {
     /// cuBLAS + silu_mul); returns the previous value. Captured decode graphs are dropped when it
     /// changes, since each one fixed its path.
     pub fn set_own_gate_up_min_tokens(&mut self, min_tokens: usize) -> usize {
-        if min_tokens != self.own_gate_up_min_tokens {
-            self.graphs.clear();
-        }
-        std::mem::replace(&mut self.own_gate_up_min_tokens, min_tokens)
+        replace_step_threshold(
+            &mut self.graphs,
+            &mut self.own_gate_up_min_tokens,
+            min_tokens,
+        )
     }
 
     /// Layer 0's gate_up on `rows` rows of seeded random activations: the own GEMM against cuBLAS
