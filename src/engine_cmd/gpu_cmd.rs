@@ -134,6 +134,11 @@ pub enum CheckCommand {
         /// Output directory (config.json, model.safetensors, engine_logits.json).
         #[arg(long)]
         out: PathBuf,
+        /// Tokens of a second, long prompt run as one prefill (the benchmark's prefill path:
+        /// large-step GEMMs, wgmma attention, residual in the weights' type, pruned last layer);
+        /// its last token's logits go into the dump too. 0 skips it.
+        #[arg(long, default_value_t = 2048)]
+        long: usize,
     },
 }
 
@@ -617,13 +622,19 @@ mod with_cuda {
                 dtype,
                 seed,
                 out,
+                long,
             } => {
                 let dtype = parse_dtype(&dtype)?;
                 let mut options = None;
                 if let Some(config) = ModelConfig::preset(&model) {
+                    anyhow::ensure!(
+                        long <= config.max_position_embeddings,
+                        "--long {long}: the {model} preset has {} positions",
+                        config.max_position_embeddings
+                    );
                     let mut o = CudaModelOptions::for_config(&config);
-                    o.num_kv_blocks = Some(16);
-                    o.max_tokens_per_step = 64;
+                    o.num_kv_blocks = Some(8 + long.div_ceil(o.block_size_tokens));
+                    o.max_tokens_per_step = long.max(64);
                     o.max_seqs_per_step = 2;
                     options = Some(o);
                 }
@@ -652,6 +663,23 @@ mod with_cuda {
                     context_len: 0,
                     tokens: &prompt,
                 }])?;
+                // The long prompt on the blocks after the two short tables.
+                let long_prompt: Vec<u32> =
+                    (0..long).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
+                let long_logits = if long > 0 {
+                    let bs = m.options.block_size_tokens;
+                    let table3: Vec<u32> = (8..(8 + long.div_ceil(bs)) as u32).collect();
+                    Some(
+                        m.forward_logits(&[engine::batch::SeqStep {
+                            block_table: &table3,
+                            context_len: 0,
+                            tokens: &long_prompt,
+                        }])?
+                        .data,
+                    )
+                } else {
+                    None
+                };
                 let started = std::time::Instant::now();
                 m.save_hf_checkpoint(&out)?;
                 println!(
@@ -664,6 +692,8 @@ mod with_cuda {
                     "decode_positions": (prefix..prompt.len()).collect::<Vec<_>>(),
                     "decode_logits": decode_logits,
                     "prefill_last_logits": prefill.data,
+                    "long_prompt": long_prompt,
+                    "long_prefill_last_logits": long_logits,
                     "dtype": format!("{dtype:?}"),
                     "device": m.device.name,
                 });

@@ -79,20 +79,20 @@ fn weight_params(model: &CudaModel) -> usize {
     c.vocab_size * c.hidden_size + per_layer * c.num_hidden_layers + c.hidden_size + lm_head
 }
 
-/// FLOPs of a prefill of `n` tokens: 2 per linear weight per token (no LM head: only the last
-/// token's logits are computed) plus causal attention (QK^T and PV over n^2/2 pairs).
+/// FLOPs of a prefill of `n` tokens: the work the step needs. Every layer's K and V for every
+/// token, and the last layer's output at the last token only (the logits read nothing else; the
+/// engine prunes the rest, see `CudaModel::set_prune_last_layer`). 2 FLOPs per linear weight per
+/// token it is applied to (no LM head: only the last token's logits) plus causal attention (QK^T
+/// and PV over n^2/2 pairs in the first layers, n pairs for the last row of the last layer).
 pub fn prefill_flops(model: &CudaModel, n: usize) -> f64 {
     let c = &model.config;
     let hd = c.head_dim();
-    let linear_per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
-        + c.hidden_size * c.num_attention_heads * hd
-        + 3 * c.hidden_size * c.intermediate_size;
-    let linear = 2.0 * (linear_per_layer * c.num_hidden_layers) as f64 * n as f64;
-    let attention = 2.0
-        * (n as f64)
-        * (n as f64)
-        * (c.num_attention_heads * hd) as f64
-        * c.num_hidden_layers as f64;
+    let qkv = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
+    let rest = c.hidden_size * c.num_attention_heads * hd + 3 * c.hidden_size * c.intermediate_size;
+    let (layers, n_f) = (c.num_hidden_layers as f64, n as f64);
+    let linear = 2.0 * (qkv as f64 * layers * n_f + rest as f64 * ((layers - 1.0) * n_f + 1.0));
+    let attn_per_pair = 2.0 * 2.0 * (c.num_attention_heads * hd) as f64;
+    let attention = attn_per_pair * ((layers - 1.0) * n_f * n_f / 2.0 + n_f);
     linear + attention
 }
 

@@ -319,6 +319,61 @@ pub fn self_consistency(
         d.max_abs_diff,
         d.max_abs_diff == 0.0,
     ));
+    // (9) The pruned last layer of prefill steps (attention, o_proj and MLP on each sequence's
+    // last row only, attention as a decode batch) against the whole last layer: one sequence
+    // (the 77-token prompt: the one-row GEMV tail), then a batched prefill of three sequences
+    // whose last rows are not the first rows (5 new tokens, 1 new token, the 77-token prompt
+    // again), so the gather and the compact rows are exercised. Both arms write the same KV.
+    let three = [
+        SeqStep {
+            block_table: &table_a,
+            context_len: n,
+            tokens: &prompt[..5],
+        },
+        SeqStep {
+            block_table: &table_b,
+            context_len: n,
+            tokens: &next[1],
+        },
+        SeqStep {
+            block_table: &table_c,
+            context_len: 0,
+            tokens: &prompt,
+        },
+    ];
+    let one = [SeqStep {
+        block_table: &table_c,
+        context_len: 0,
+        tokens: &prompt,
+    }];
+    for (what, step) in [
+        (format!("prefill of {n} tokens"), &one[..]),
+        (
+            format!("batched prefill (5 on {n} cached, 1 on {n} cached, {n} fresh)"),
+            &three[..],
+        ),
+    ] {
+        eprintln!("consistency: pruned vs whole last layer, {what}");
+        let was = model.set_prune_last_layer(true);
+        let pruned = model.forward_logits(step);
+        model.set_prune_last_layer(false);
+        let whole = model.forward_logits(step);
+        model.set_prune_last_layer(was);
+        let (pruned, whole) = (pruned?, whole?);
+        for s in 0..step.len() {
+            let row = |l: &Logits| Logits {
+                rows: 1,
+                vocab,
+                data: l.row(s).to_vec(),
+            };
+            record(
+                &format!("{what} row {s}: last layer on the last rows only == whole last layer"),
+                &row(&pruned),
+                &row(&whole),
+                &mut results,
+            );
+        }
+    }
     // (4) A long prefill with the timed cuBLASLt GEMM choice == the same with cublasGemmEx, where
     // the model is sized for one (the first call tunes, then runs the chosen algorithms).
     // 2048 tokens (the benchmark's prefill shape) where the model takes them.
@@ -490,7 +545,7 @@ pub fn self_consistency(
         // + rope_kv_write: logits of the long prompt and of the later turn (starts mid-block),
         // and the pool bytes each path writes. The blocks are poisoned (NaN) before the long
         // prompt's arms, so a slot the fused path misses fails; layer 0's elements (same input
-        // on both paths) must agree within one ulp of the 16-bit type at their largest |value|.
+        // on both paths) must agree within two ulps of the 16-bit type at their largest |value|.
         let was = model.set_own_qkv_min_tokens(1);
         let fused_qkv_used = model.uses_own_qkv(long);
         model.set_own_qkv_min_tokens(was);
@@ -547,19 +602,22 @@ pub fn self_consistency(
                     }
                 }
                 let l0_total = own.len() / per_block * layer0_elems;
-                // Bound: the GEMM outputs agree, the rotation's f32 products may be contracted
-                // differently (an f32 rounding of a product of operands <= the scale: far below
-                // one ulp at the scale) and the result may round the other way: within one ulp at
-                // the scale of layer 0's values. (Element-wise 1 ulp is too tight where the
-                // rotation cancels: call 2 of session 5 saw 1 of 16.8M elements over it.)
-                let bound = ulp(l0_scale);
+                // Bound: the cuBLAS path rounds the GEMM output to 16 bits before the rotation
+                // (<= 0.5 ulp on each of the pair a, b; a c - b s carries <= (|c| + |s|) / 2 <=
+                // 0.71 ulp of it) and rounds again after it (0.5 ulp); the fused path rotates the
+                // f32 accumulator and rounds once (0.5 ulp); the two accumulators need not agree
+                // bit for bit (the timed cuBLASLt algorithm may sum K in another order: far below
+                // one ulp). So |own - cublas| <= 1.71 ulp: within two ulps at the scale of layer
+                // 0's values. (One ulp held in session 5's call 2 and failed in session 6's call 1
+                // with one element at 2 ulps.)
+                let bound = 2.0 * ulp(l0_scale);
                 eprintln!(
-                    "consistency: {name}: layer 0: {l0_differ} of {l0_total} elements differ (max |diff| {l0_max:.3e}, {l0_over} by more than 1 ulp of themselves; bound {bound:.3e} = 1 ulp at max |value| {:.3e}); all layers: {} elements, max |diff| {all_max:.3e}, {bad} not finite",
+                    "consistency: {name}: layer 0: {l0_differ} of {l0_total} elements differ (max |diff| {l0_max:.3e}, {l0_over} by more than 1 ulp of themselves; bound {bound:.3e} = 2 ulps at max |value| {:.3e}); all layers: {} elements, max |diff| {all_max:.3e}, {bad} not finite",
                     to_f(l0_scale),
                     own.len()
                 );
                 results.push((
-                    format!("{name}: layer 0's pool bytes of the fused qkv GEMM == of cuBLAS + rope_kv_write within 1 ulp at the values' scale ({l0_differ} of {l0_total} differ, {l0_over} by more than 1 ulp of themselves), all slots written"),
+                    format!("{name}: layer 0's pool bytes of the fused qkv GEMM == of cuBLAS + rope_kv_write within 2 ulps at the values' scale ({l0_differ} of {l0_total} differ, {l0_over} by more than 1 ulp of themselves), all slots written"),
                     l0_max,
                     own.len() == cublas.len() && bad == 0 && l0_max <= bound,
                 ));

@@ -223,6 +223,27 @@ extern "C" __global__ void __launch_bounds__(256, 4) add_rmsnorm_rows_h(T* resid
     add_rmsnorm_impl<4>(resid, delta, weight, out, row_index, hidden, eps);
 }
 
+// A prefill step's logits read the last layer's output at each sequence's last token only, so that
+// layer runs attention, o_proj and the MLP on those rows alone (model.rs, `prune_last_layer`). This
+// gathers them: the rotated q of row last_rows[s] into row s of q_out (qkv stride kept, so
+// attn_decode reads it as a decode batch) and the residual row (resid_row_bytes: f32 or T) into
+// row s of resid_out. Separate outputs: an in-place gather could overwrite a row another CTA reads.
+// grid (sequences), 256 threads; q_width and resid_row_bytes are multiples of 4 bytes.
+extern "C" __global__ void gather_last_rows(const T* qkv, const unsigned char* resid, const int* last_rows,
+                                            T* q_out, unsigned char* resid_out, int q_width, int qkv_width,
+                                            int resid_row_bytes) {
+    pdl_trigger();
+    pdl_wait();
+    const int s = blockIdx.x;
+    const u64 r = (u64)last_rows[s];
+    const u32* q_src = reinterpret_cast<const u32*>(qkv + r * qkv_width);
+    u32* q_dst = reinterpret_cast<u32*>(q_out + (u64)s * qkv_width);
+    for (int i = threadIdx.x; i < q_width / 2; i += blockDim.x) q_dst[i] = q_src[i];
+    const u32* r_src = reinterpret_cast<const u32*>(resid + r * resid_row_bytes);
+    u32* r_dst = reinterpret_cast<u32*>(resid_out + (u64)s * resid_row_bytes);
+    for (int i = threadIdx.x; i < resid_row_bytes / 4; i += blockDim.x) r_dst[i] = r_src[i];
+}
+
 // T residual, many rows, 16-byte accesses (8 elements per step; hidden is a multiple of 8): 256 threads
 // per row, each keeping 2 uint4 of the row (hidden 4096) in registers. The default for a T residual;
 // DJINN_CUDA_NORM_ROWS_8B=1 selects add_rmsnorm_rows_h (8-byte accesses) for A/B.

@@ -184,6 +184,8 @@ struct Kernels {
     gemv_v1: dsys::CUfunction,
     argmax_rows: dsys::CUfunction,
     copy_words: dsys::CUfunction,
+    /// Each sequence's last row (q and residual) into compact rows for the pruned last layer.
+    gather_last_rows: dsys::CUfunction,
     /// Own warp-specialised wgmma GEMM (sm_90a): plain output, and gate_up with SiLU-mul fused.
     gemm_ws: dsys::CUfunction,
     gemm_ws_silu: dsys::CUfunction,
@@ -191,6 +193,29 @@ struct Kernels {
     gemm_ws_silu_c2: dsys::CUfunction,
     /// The qkv GEMM with RoPE (k) and the paged KV write in its epilogue (prefill, head_dim 128).
     gemm_ws_qkv: dsys::CUfunction,
+}
+
+/// Where o_proj, the post-attention RMSNorm and the MLP of one layer read and write
+/// (`CudaModel::enqueue_layer_tail`).
+struct LayerTail {
+    /// Rows (tokens) the tail runs on.
+    rows: usize,
+    /// Their residual stream, normalised by the post-attention RMSNorm.
+    resid: u64,
+    /// o_proj's output (the residual, added by the epilogue, or fp16 `delta`) and its kind.
+    o_out: u64,
+    o_out_kind: GemmOut,
+    /// fp16 layer output the RMSNorm adds first (0: none).
+    post_norm_delta: u64,
+    /// down_proj's output and its kind.
+    layer_out: u64,
+    layer_out_kind: GemmOut,
+    norm_kernel: dsys::CUfunction,
+    norm_threads: u32,
+    /// One row: gate_up through the SiLU-fused GEMV.
+    gemv: bool,
+    /// Large prefill GEMMs: the timed cuBLASLt choice.
+    tunable: bool,
 }
 
 /// Element offsets of one layer's tensors inside the weight buffer.
@@ -334,6 +359,10 @@ pub struct CudaModel {
     buf_a: DeviceBuffer,
     buf_b: DeviceBuffer,
     final_normed: DeviceBuffer,
+    /// Compact rows of the pruned last layer: each sequence's rotated q (qkv stride) and its
+    /// residual row (f32 or the weights' type, as the step's stream).
+    last_q: DeviceBuffer,
+    last_resid: DeviceBuffer,
     logits: DeviceBuffer,
     argmax: DeviceBuffer,
     part_out: DeviceBuffer,
@@ -433,6 +462,10 @@ pub struct CudaModel {
     /// Steps of at least this many tokens normalise with `add_rmsnorm_rows` (256 threads per
     /// row, more rows in flight); DJINN_CUDA_NORM_1024=1: never (the 1024-thread kernel).
     norm_rows_min_tokens: usize,
+    /// Prefill steps run the last layer's attention, o_proj and MLP on each sequence's last row
+    /// only (the logits read nothing else; every row's KV is still written). Off with
+    /// DJINN_CUDA_FULL_LAST_LAYER=1 (every row through the whole last layer, for A/B and checks).
+    prune_last_layer: bool,
     /// Bytes allocated at start-up, by purpose (for reports).
     pub memory_breakdown: Vec<(String, usize)>,
 }
@@ -736,6 +769,7 @@ impl CudaModel {
             gemv_v1: f("gemv_v1")?,
             argmax_rows: f("argmax_rows")?,
             copy_words: f("copy_words")?,
+            gather_last_rows: f("gather_last_rows")?,
             gemm_ws: f("gemm_ws")?,
             gemm_ws_silu: f("gemm_ws_silu")?,
             gemm_ws_silu_c2: f("gemm_ws_silu_c2")?,
@@ -826,6 +860,10 @@ impl CudaModel {
                 max_t * (nh * hd).max(inter) * elem,
             ),
             ("final norm rows".into(), max_s * h * elem),
+            (
+                "last-row q / residual (pruned last layer)".into(),
+                max_s * (qkv_width * elem + h * 4),
+            ),
             ("logits (f32)".into(), max_s * vocab * 4),
             ("argmax".into(), max_s * 4),
             (
@@ -888,6 +926,8 @@ impl CudaModel {
             "attention / MLP activations",
         )?;
         let final_normed = alloc(max_s * h * elem, "final norm rows")?;
+        let last_q = alloc(max_s * qkv_width * elem, "last-row q")?;
+        let last_resid = alloc(max_s * h * 4, "last-row residual")?;
         let logits = alloc(max_s * vocab * 4, "logits")?;
         let argmax = alloc(max_s * 4, "argmax")?;
         let part_out = alloc(
@@ -1106,6 +1146,8 @@ impl CudaModel {
             buf_a,
             buf_b,
             final_normed,
+            last_q,
+            last_resid,
             logits,
             argmax,
             part_out,
@@ -1172,6 +1214,7 @@ impl CudaModel {
             } else {
                 NORM_ROWS_MIN_TOKENS
             },
+            prune_last_layer: !env_flag("DJINN_CUDA_FULL_LAST_LAYER"),
             use_gemm_tuning: true,
             tuned_gemm,
             memory_breakdown: plan,
@@ -1221,6 +1264,12 @@ impl CudaModel {
     /// (`usize::MAX`: never).
     pub fn half_residual_min_tokens(&self) -> usize {
         self.half_resid_min_tokens
+    }
+
+    /// Turns the pruned last layer of prefill steps on or off (checks compare both); returns
+    /// the previous setting. Decode graphs are unaffected (decode steps never prune).
+    pub fn set_prune_last_layer(&mut self, on: bool) -> bool {
+        std::mem::replace(&mut self.prune_last_layer, on)
     }
 
     /// Sets the step size from which the residual stream is kept in the weights' type (checks
@@ -2198,6 +2247,171 @@ impl CudaModel {
         )
     }
 
+    /// Paged decode attention of `n_seqs` sequences, one query row each (row s of `q`, qkv
+    /// stride, rotated), over `seq_lens` tokens of the step's block tables; output in buf_b.
+    fn launch_decode_attention(
+        &self,
+        q: u64,
+        n_seqs: usize,
+        splits: usize,
+        layer: usize,
+    ) -> Result<(), CudaError> {
+        let c = &self.config;
+        let (nh, nkv, nl) = (
+            c.num_attention_heads as i32,
+            c.num_key_value_heads as i32,
+            c.num_hidden_layers as i32,
+        );
+        let (splits_i, layer_i) = (splits as i32, layer as i32);
+        let scale = 1.0f32 / (c.head_dim() as f32).sqrt();
+        let sl = self.step_layout;
+        let (tables, seq_lens) = (self.step_ptr(sl.block_tables), self.step_ptr(sl.seq_lens));
+        let table_stride = self.options.max_blocks_per_seq as i32;
+        self.launch_fwd(
+            self.kernels.attn_decode,
+            (nh as u32, n_seqs as u32, splits as u32),
+            (128, 1, 1),
+            0,
+            kargs![
+                q,
+                self.pool.base_device_ptr(),
+                tables,
+                table_stride,
+                seq_lens,
+                self.part_out.ptr(),
+                self.part_lse.ptr(),
+                self.buf_b.ptr(),
+                layer_i,
+                splits_i,
+                scale,
+                nh,
+                nkv,
+                nl
+            ],
+        )?;
+        if splits > 1 {
+            self.launch_fwd(
+                self.kernels.attn_decode_reduce,
+                (nh as u32, n_seqs as u32, 1),
+                (c.head_dim() as u32, 1, 1),
+                0,
+                kargs![
+                    self.part_out.ptr(),
+                    self.part_lse.ptr(),
+                    self.buf_b.ptr(),
+                    splits_i,
+                    nh
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// o_proj, the post-attention RMSNorm and the MLP of one layer on `tail.rows` rows (the
+    /// attention output in buf_b), adding into the residual rows at `tail.resid`.
+    fn enqueue_layer_tail(
+        &self,
+        layer: usize,
+        lw: &LayerOffsets,
+        tail: &LayerTail,
+    ) -> Result<(), CudaError> {
+        let c = &self.config;
+        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (rows, tunable) = (tail.rows, tail.tunable);
+        let (h_i, eps, null) = (h as i32, c.rms_norm_eps as f32, 0u64);
+        self.gemm(
+            self.buf_b.ptr(),
+            self.wptr(lw.o),
+            tail.o_out,
+            rows,
+            h,
+            c.num_attention_heads * hd,
+            tail.o_out_kind,
+            tunable,
+        )?;
+        self.mark("gemm_o")?;
+        self.launch_fwd(
+            tail.norm_kernel,
+            (rows as u32, 1, 1),
+            (tail.norm_threads, 1, 1),
+            0,
+            kargs![
+                tail.resid,
+                tail.post_norm_delta,
+                self.wptr(lw.post_norm),
+                self.normed.ptr(),
+                null,
+                h_i,
+                eps
+            ],
+        )?;
+        self.mark("rmsnorm")?;
+        if tail.gemv {
+            let (inter_i, k_i, w) = (inter as i32, h as i32, self.wptr(lw.gate_up));
+            self.launch_fwd(
+                self.kernels.gemv_silu,
+                Self::gemv_grid(inter),
+                (GEMV_THREADS as u32, 1, 1),
+                0,
+                kargs![w, self.normed.ptr(), self.buf_b.ptr(), inter_i, k_i],
+            )?;
+            self.mark("gemv_gate_up_silu")?;
+        } else if let Some(maps) = self
+            .own_gate_up
+            .as_ref()
+            .filter(|_| rows >= self.own_gate_up_min_tokens)
+        {
+            // gate_up with SiLU-mul in the epilogue: the activation goes straight to buf_b.
+            self.launch_own_gemm(
+                true,
+                self.own_gemm_cluster,
+                maps.normed,
+                maps.gate_up[layer],
+                maps.act,
+                self.buf_b.ptr(),
+                rows,
+                inter,
+                h,
+            )?;
+            self.mark("gemm_gate_up_silu")?;
+        } else {
+            self.gemm(
+                self.normed.ptr(),
+                self.wptr(lw.gate_up),
+                self.buf_a.ptr(),
+                rows,
+                2 * inter,
+                h,
+                GemmOut::Half,
+                tunable,
+            )?;
+            self.mark("gemm_gate_up")?;
+            let total = (rows * inter) as u64;
+            let inter_i = inter as i32;
+            let grid = ((rows * inter).div_ceil(256)).min(self.device.num_sms * 16) as u32;
+            self.launch_fwd(
+                self.kernels.silu_mul,
+                (grid, 1, 1),
+                (256, 1, 1),
+                0,
+                kargs![self.buf_a.ptr(), self.buf_b.ptr(), inter_i, total],
+            )?;
+            self.mark("silu_mul")?;
+        }
+        self.gemm(
+            self.buf_b.ptr(),
+            self.wptr(lw.down),
+            tail.layer_out,
+            rows,
+            h,
+            inter,
+            tail.layer_out_kind,
+            tunable,
+        )?;
+        self.mark("gemm_down")?;
+        Ok(())
+    }
+
     /// Enqueues one forward over `n_tokens` rows / `n_seqs` sequences whose inputs are already in
     /// the step buffer: logits of each sequence's last row in `logits`, argmax in `argmax`.
     fn enqueue_forward(
@@ -2208,7 +2422,7 @@ impl CudaModel {
         layer_gates: &[cudarc::driver::CudaEvent],
     ) -> Result<(), CudaError> {
         let c = &self.config;
-        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (h, hd) = (c.hidden_size, c.head_dim());
         let (nh, nkv, nl) = (
             c.num_attention_heads as i32,
             c.num_key_value_heads as i32,
@@ -2223,7 +2437,7 @@ impl CudaModel {
             self.step_ptr(sl.positions),
             self.step_ptr(sl.slots),
         );
-        let (seq_lens, last_rows) = (self.step_ptr(sl.seq_lens), self.step_ptr(sl.last_rows));
+        let last_rows = self.step_ptr(sl.last_rows);
         let (tables, tiles) = (self.step_ptr(sl.block_tables), self.step_ptr(sl.tiles));
         let table_stride = self.options.max_blocks_per_seq as i32;
         let pool = self.pool.base_device_ptr();
@@ -2262,29 +2476,40 @@ impl CudaModel {
         };
         // rope_kv_write: one thread per 8 rotation pairs of a head (q heads only with rotate_q),
         // grid (tokens, item blocks); the v1 form loops over a token's items in one CTA.
-        let rope_heads = 2 * c.num_key_value_heads + c.num_attention_heads * rotate_q as usize;
-        let (rope_grid, rope_threads) = if !self.rope_kv_16b {
-            ((t, 1, 1), 256)
-        } else {
-            let items = rope_heads * (hd / 16);
-            (
-                (t, items.div_ceil(ROPE_KV_THREADS) as u32, 1),
-                ROPE_KV_THREADS as u32,
-            )
+        let rope_shape = |rotate_q: i32| {
+            let rope_heads = 2 * c.num_key_value_heads + c.num_attention_heads * rotate_q as usize;
+            if !self.rope_kv_16b {
+                ((t, 1, 1), 256)
+            } else {
+                let items = rope_heads * (hd / 16);
+                (
+                    (t, items.div_ceil(ROPE_KV_THREADS) as u32, 1),
+                    ROPE_KV_THREADS as u32,
+                )
+            }
         };
+        // A prefill step's logits read the last layer's output at each sequence's last token
+        // only: that layer writes every row's KV, then runs attention (as a decode batch), o_proj
+        // and the MLP on the last rows alone (3/4 of a layer's FLOPs, ~2.4% of prefill 2048).
+        // The compact rows need the residual epilogues (no separate fp16 layer outputs).
+        let prune_last = self.prune_last_layer
+            && matches!(mode, AttnMode::Prefill { .. })
+            && n_tokens > n_seqs
+            && self.resid_epilogue
+            && self.resid_epilogue_o;
         let k = &self.kernels;
         let (embed_kernel, final_norm_kernel) = if half_resid {
             (k.embed_h, k.add_rmsnorm_h)
         } else {
             (k.embed, k.add_rmsnorm)
         };
-        let (norm_kernel, layer_norm_threads) =
-            match (n_tokens >= self.norm_rows_min_tokens, half_resid) {
-                (true, true) => (k.add_rmsnorm_rows_h, 256),
-                (true, false) => (k.add_rmsnorm_rows, 256),
-                (false, true) => (k.add_rmsnorm_h, norm_threads),
-                (false, false) => (k.add_rmsnorm, norm_threads),
-            };
+        let norm_for = |rows: usize| match (rows >= self.norm_rows_min_tokens, half_resid) {
+            (true, true) => (k.add_rmsnorm_rows_h, 256),
+            (true, false) => (k.add_rmsnorm_rows, 256),
+            (false, true) => (k.add_rmsnorm_h, norm_threads),
+            (false, false) => (k.add_rmsnorm, norm_threads),
+        };
+        let (norm_kernel, layer_norm_threads) = norm_for(n_tokens);
         self.mark("start")?;
         self.launch_fwd(
             embed_kernel,
@@ -2303,6 +2528,9 @@ impl CudaModel {
                 )?;
             }
             let layer_i = layer as i32;
+            let pruned = prune_last && layer + 1 == self.layers.len();
+            // attn_decode reads q rotated: the pruned layer has rope_kv_write rotate it.
+            let layer_rotate_q = if pruned { 1 } else { rotate_q };
             let prev_delta = if layer == 0 { null } else { norm_delta };
             self.launch_fwd(
                 norm_kernel,
@@ -2346,7 +2574,7 @@ impl CudaModel {
             } else if let (Some(qkv_maps), Some(gate_up_maps)) = (
                 self.own_qkv
                     .as_ref()
-                    .filter(|_| rotate_q == 0 && n_tokens >= self.own_qkv_min_tokens),
+                    .filter(|_| layer_rotate_q == 0 && n_tokens >= self.own_qkv_min_tokens),
                 self.own_gate_up.as_ref(),
             ) {
                 // q to buf_a (rotated by the attention kernel on load), k rotated and v straight
@@ -2391,6 +2619,7 @@ impl CudaModel {
                     tunable,
                 )?;
                 self.mark("gemm_qkv")?;
+                let (rope_grid, rope_threads) = rope_shape(layer_rotate_q);
                 self.launch_fwd(
                     self.kernels.rope_kv_write,
                     rope_grid,
@@ -2406,51 +2635,41 @@ impl CudaModel {
                         nh,
                         nkv,
                         nl,
-                        rotate_q
+                        layer_rotate_q
                     ],
                 )?;
                 self.mark("rope_kv_write")?;
             }
             match mode {
                 AttnMode::Decode { splits } => {
-                    let splits_i = splits as i32;
+                    self.launch_decode_attention(self.buf_a.ptr(), n_seqs, splits, layer)?
+                }
+                AttnMode::Prefill { .. } if pruned => {
+                    let (q_width, qkv_width_i) = ((nh as usize * hd) as i32, qkv_width as i32);
+                    let resid_row_bytes = (h * if half_resid { self.elem() } else { 4 }) as i32;
                     self.launch_fwd(
-                        self.kernels.attn_decode,
-                        (nh as u32, n_seqs as u32, splits as u32),
-                        (128, 1, 1),
+                        self.kernels.gather_last_rows,
+                        (n_seqs as u32, 1, 1),
+                        (256, 1, 1),
                         0,
                         kargs![
                             self.buf_a.ptr(),
-                            pool,
-                            tables,
-                            table_stride,
-                            seq_lens,
-                            self.part_out.ptr(),
-                            self.part_lse.ptr(),
-                            self.buf_b.ptr(),
-                            layer_i,
-                            splits_i,
-                            scale,
-                            nh,
-                            nkv,
-                            nl
+                            self.resid.ptr(),
+                            last_rows,
+                            self.last_q.ptr(),
+                            self.last_resid.ptr(),
+                            q_width,
+                            qkv_width_i,
+                            resid_row_bytes
                         ],
                     )?;
-                    if splits > 1 {
-                        self.launch_fwd(
-                            self.kernels.attn_decode_reduce,
-                            (nh as u32, n_seqs as u32, 1),
-                            (hd as u32, 1, 1),
-                            0,
-                            kargs![
-                                self.part_out.ptr(),
-                                self.part_lse.ptr(),
-                                self.buf_b.ptr(),
-                                splits_i,
-                                nh
-                            ],
-                        )?;
-                    }
+                    self.mark("gather_last_rows")?;
+                    self.launch_decode_attention(
+                        self.last_q.ptr(),
+                        n_seqs,
+                        self.decode_splits(n_seqs),
+                        layer,
+                    )?
                 }
                 AttnMode::Prefill { num_tiles } => {
                     let tiles_i = num_tiles as i32;
@@ -2602,108 +2821,54 @@ impl CudaModel {
                 }
             }
             self.mark("attention")?;
-            self.gemm(
-                self.buf_b.ptr(),
-                self.wptr(lw.o),
-                o_out,
-                n_tokens,
-                h,
-                nh as usize * hd,
-                o_out_kind,
-                tunable,
-            )?;
-            self.mark("gemm_o")?;
-            self.launch_fwd(
-                norm_kernel,
-                (t, 1, 1),
-                (layer_norm_threads, 1, 1),
-                0,
-                kargs![
-                    self.resid.ptr(),
-                    post_norm_delta,
-                    self.wptr(lw.post_norm),
-                    self.normed.ptr(),
-                    null,
-                    h_i,
-                    eps
-                ],
-            )?;
-            self.mark("rmsnorm")?;
-            if fused_gemv {
-                let (inter_i, k_i, w) = (inter as i32, h as i32, self.wptr(lw.gate_up));
-                self.launch_fwd(
-                    self.kernels.gemv_silu,
-                    Self::gemv_grid(inter),
-                    (GEMV_THREADS as u32, 1, 1),
-                    0,
-                    kargs![w, self.normed.ptr(), self.buf_b.ptr(), inter_i, k_i],
-                )?;
-                self.mark("gemv_gate_up_silu")?;
-            } else if let Some(maps) = self
-                .own_gate_up
-                .as_ref()
-                .filter(|_| n_tokens >= self.own_gate_up_min_tokens)
-            {
-                // gate_up with SiLU-mul in the epilogue: the activation goes straight to buf_b.
-                self.launch_own_gemm(
-                    true,
-                    self.own_gemm_cluster,
-                    maps.normed,
-                    maps.gate_up[layer],
-                    maps.act,
-                    self.buf_b.ptr(),
-                    n_tokens,
-                    inter,
-                    h,
-                )?;
-                self.mark("gemm_gate_up_silu")?;
+            let tail = if pruned {
+                LayerTail {
+                    rows: n_seqs,
+                    resid: self.last_resid.ptr(),
+                    o_out: self.last_resid.ptr(),
+                    o_out_kind: resid_out,
+                    post_norm_delta: null,
+                    layer_out: self.last_resid.ptr(),
+                    layer_out_kind: resid_out,
+                    norm_kernel: norm_for(n_seqs).0,
+                    norm_threads: norm_for(n_seqs).1,
+                    gemv: n_seqs == 1 && self.use_gemv && self.fuse_gemv,
+                    tunable: false,
+                }
             } else {
-                self.gemm(
-                    self.normed.ptr(),
-                    self.wptr(lw.gate_up),
-                    self.buf_a.ptr(),
-                    n_tokens,
-                    2 * inter,
-                    h,
-                    GemmOut::Half,
+                LayerTail {
+                    rows: n_tokens,
+                    resid: self.resid.ptr(),
+                    o_out,
+                    o_out_kind,
+                    post_norm_delta,
+                    layer_out,
+                    layer_out_kind,
+                    norm_kernel,
+                    norm_threads: layer_norm_threads,
+                    gemv: fused_gemv,
                     tunable,
-                )?;
-                self.mark("gemm_gate_up")?;
-                let total = (n_tokens * inter) as u64;
-                let inter_i = inter as i32;
-                let grid = ((n_tokens * inter).div_ceil(256)).min(self.device.num_sms * 16) as u32;
-                self.launch_fwd(
-                    self.kernels.silu_mul,
-                    (grid, 1, 1),
-                    (256, 1, 1),
-                    0,
-                    kargs![self.buf_a.ptr(), self.buf_b.ptr(), inter_i, total],
-                )?;
-                self.mark("silu_mul")?;
-            }
-            self.gemm(
-                self.buf_b.ptr(),
-                self.wptr(lw.down),
-                layer_out,
-                n_tokens,
-                h,
-                inter,
-                layer_out_kind,
-                tunable,
-            )?;
-            self.mark("gemm_down")?;
+                }
+            };
+            self.enqueue_layer_tail(layer, lw, &tail)?;
         }
+        // The pruned last layer left its rows compact in last_resid.
+        let (final_resid, final_rows) = if prune_last {
+            (self.last_resid.ptr(), null)
+        } else {
+            (self.resid.ptr(), last_rows)
+        };
         self.launch_fwd(
             final_norm_kernel,
             (n_seqs as u32, 1, 1),
             (norm_threads, 1, 1),
             0,
             kargs![
-                self.resid.ptr(),
+                final_resid,
                 norm_delta,
                 self.wptr(self.final_norm_off),
                 self.final_normed.ptr(),
-                last_rows,
+                final_rows,
                 h_i,
                 eps
             ],
