@@ -2978,11 +2978,21 @@ __device__ __forceinline__ void gm_tma_2d_mc(u32 dst, const TmaMap* map, u32 bar
         "l"((u64)map), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
         : "memory");
 }
-// Arrive on the mbarrier at the same offset in the peer CTA of the cluster.
+// Arrive on the mbarrier at the same offset in the peer CTA of the cluster. Default semantics
+// (release at CTA scope), as CUTLASS's cluster pipelines release a stage to the peer's producer:
+// the stage's wgmma reads are complete (wait_group) before the arrive, and the peer's TMA write is
+// ordered after its acquire of the barrier. GM_PEER_ARRIVE_CLUSTER=1 compiles the session-5 form
+// (.release.cluster), a cluster-scope fence on every consumer warp's arrive (A/B).
 __device__ __forceinline__ void gm_mbar_arrive_peer(u32 bar, u32 peer) {
+#if GM_PEER_ARRIVE_CLUSTER
     asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
                  "r"(peer)
                  : "memory");
+#else
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+                 "r"(peer)
+                 : "memory");
+#endif
 }
 __device__ __forceinline__ void gm_cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");

@@ -80,3 +80,12 @@ pub(crate) fn drv<T>(
         message: format!("{e:?}"),
     })
 }
+
+/// Waits until work on the legacy default stream is done. The blocking driver calls used at
+/// start-up and by the checks (`cuMemsetD8`, `cuMemcpyHtoD` from pageable memory) may return
+/// before the device finishes them, and the engine's streams are non-blocking (not ordered after
+/// the legacy stream): without this, a kernel could read memory the memset or copy is still
+/// writing (a poisoned KV block could be overwritten after the forward wrote it).
+pub(crate) fn legacy_stream_done(context: &str) -> Result<(), CudaError> {
+    drv(context, cudarc::driver::result::ctx::synchronize())
+}

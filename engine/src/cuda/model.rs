@@ -11,7 +11,7 @@ use cudarc::driver::{result as dr, sys as dsys, CudaGraph, CudaModule};
 
 use super::gemm_tune::{GemmArgs, GemmOut, GemmSearchOptions, TableChoice, TunedGemm};
 use super::pool::mib;
-use super::{drv, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
+use super::{drv, legacy_stream_done, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
 use crate::batch::{Logits, PagedModel, SeqStep};
 use crate::config::{DType, KvLayout, ModelConfig};
 use crate::weights::WeightSet;
@@ -695,6 +695,16 @@ impl CudaModel {
                 }
                 .to_string(),
             ),
+            // The 2-CTA own GEMM's peer releases with a cluster-scope fence (the session-5 form).
+            (
+                "GM_PEER_ARRIVE_CLUSTER",
+                if env_flag("DJINN_CUDA_OWN_GEMM_PEER_ARRIVE_CLUSTER") {
+                    "1"
+                } else {
+                    "0"
+                }
+                .to_string(),
+            ),
             ("HEAD_DIM", hd.to_string()),
             ("BLOCK_SIZE", bs.to_string()),
             (
@@ -974,6 +984,7 @@ impl CudaModel {
         drv("uploading the RoPE table", unsafe {
             dr::memcpy_htod_sync(rope.ptr(), &table)
         })?;
+        legacy_stream_done("uploading the RoPE table")?;
 
         let device_cc_major = device.compute_capability.0;
         // v7 reads whole KV blocks of 8..=128 tokens (whole 8-row swizzle atoms) per 128-key chunk.
@@ -1612,7 +1623,7 @@ impl CudaModel {
                 dr::memcpy_htod_sync(self.wptr(offset), &bits)
             })?;
         }
-        Ok(())
+        legacy_stream_done("uploading the weights")
     }
 
     fn generate_random_weights(&mut self, seed: u64) -> Result<(), CudaError> {
@@ -1796,7 +1807,7 @@ impl CudaModel {
                 dr::memset_d8_sync(self.pool.block_device_ptr(b), 0xFF, bytes)
             })?;
         }
-        Ok(())
+        legacy_stream_done("poisoning KV blocks")
     }
 
     /// The raw 16-bit elements of whole KV blocks (every layer, K and V), in `blocks` order.
@@ -1968,7 +1979,8 @@ impl CudaModel {
             self.device.synchronize()?;
             drv("poisoning a GEMM check output", unsafe {
                 dr::memset_d8_sync(ptr, 0xFF, bytes)
-            })
+            })?;
+            legacy_stream_done("poisoning a GEMM check output")
         };
         poison(buf_a, rows * 2 * inter * 2)?;
         own_plain()?;

@@ -104,6 +104,7 @@ impl GpuKvPool {
         drv("zeroing the KV pool", unsafe {
             dr::memset_d8_sync(buffer.ptr(), 0, bytes)
         })?;
+        super::legacy_stream_done("zeroing the KV pool")?;
         Ok(GpuKvPool {
             buffer,
             layout,

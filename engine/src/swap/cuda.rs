@@ -645,6 +645,9 @@ impl CudaSwapEngine {
             .map_err(driver("allocating the pace kernel's release words"))?;
         unsafe { result::memset_d8_sync(release_words, 0, 16) }
             .map_err(driver("clearing the pace kernel's release words"))?;
+        // The memset runs on the legacy stream, which the non-blocking copy and compute streams
+        // do not wait for: finish it before any kernel reads the words.
+        result::ctx::synchronize().map_err(driver("clearing the pace kernel's release words"))?;
         Ok(Pacer {
             _module: module,
             function,
