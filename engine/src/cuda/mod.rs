@@ -87,5 +87,11 @@ pub(crate) fn drv<T>(
 /// the legacy stream): without this, a kernel could read memory the memset or copy is still
 /// writing (a poisoned KV block could be overwritten after the forward wrote it).
 pub(crate) fn legacy_stream_done(context: &str) -> Result<(), CudaError> {
-    drv(context, cudarc::driver::result::ctx::synchronize())
+    drv(context, finish_legacy_stream())
+}
+
+/// [`legacy_stream_done`] with the driver's own error, for callers with their own error types (the
+/// swap engine, its check and bench).
+pub(crate) fn finish_legacy_stream() -> Result<(), cudarc::driver::DriverError> {
+    cudarc::driver::result::ctx::synchronize()
 }

@@ -130,7 +130,7 @@ fn check_pools(ctx: &Arc<CudaContext>, seed: u64) -> Result<CheckPools, SwapChec
     unsafe { result::memcpy_htod_sync(pool.base, &original) }
         .map_err(driver("filling the device pool"))?;
     // Legacy-stream work: done before the (non-blocking) swap streams touch the pool.
-    result::ctx::synchronize().map_err(driver("filling the device pool"))?;
+    crate::cuda::finish_legacy_stream().map_err(driver("filling the device pool"))?;
     let host = PinnedHostPool::new(ctx, block_bytes, 48)?;
     Ok(CheckPools {
         _buffer: buffer,
@@ -183,7 +183,7 @@ fn round_trip(
             .map_err(driver("wiping blocks"))?;
     }
     // The wipes run on the legacy stream: finished before the swap-ins may write these blocks.
-    result::ctx::synchronize().map_err(driver("wiping blocks"))?;
+    crate::cuda::finish_legacy_stream().map_err(driver("wiping blocks"))?;
     let a_back_gpu = [40u32, 41, 42, 43, 12, 13, 59, 0];
     let a_in = pairs(&a_back_gpu, &a_host);
     let c_out = pairs(&[50, 51, 52, 53], &[20, 21, 22, 23]);

@@ -645,9 +645,9 @@ impl CudaSwapEngine {
             .map_err(driver("allocating the pace kernel's release words"))?;
         unsafe { result::memset_d8_sync(release_words, 0, 16) }
             .map_err(driver("clearing the pace kernel's release words"))?;
-        // The memset runs on the legacy stream, which the non-blocking copy and compute streams
-        // do not wait for: finish it before any kernel reads the words.
-        result::ctx::synchronize().map_err(driver("clearing the pace kernel's release words"))?;
+        // A legacy-stream memset: finished before any kernel reads the words.
+        crate::cuda::finish_legacy_stream()
+            .map_err(driver("clearing the pace kernel's release words"))?;
         Ok(Pacer {
             _module: module,
             function,

@@ -328,7 +328,7 @@ impl Kit {
         unsafe { cudarc::driver::result::memset_d8_sync(release_word.ptr(), 0, 8) }
             .map_err(driver("clearing the pace word"))?;
         // A legacy-stream memset: finished before the aggressor streams read the word.
-        cudarc::driver::result::ctx::synchronize().map_err(driver("clearing the pace word"))?;
+        crate::cuda::finish_legacy_stream().map_err(driver("clearing the pace word"))?;
         let sink = DeviceBuffer::alloc(ctx, 4, "the aggressor sink")?;
         let ring = DeviceBuffer::alloc(ctx, RING_BYTES_MAX, "the staging ring")?;
         ctx.bind_to_thread()
