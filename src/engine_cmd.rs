@@ -6,6 +6,7 @@ pub mod generate_cmd;
 pub mod gpu_cmd;
 pub mod run_cmd;
 pub mod swap_cmd;
+pub mod tuning_args;
 
 #[derive(Args)]
 pub struct EngineArgs {

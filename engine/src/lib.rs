@@ -14,6 +14,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod probe;
 pub mod swap;
 pub mod tokenizer;
 pub mod weights;

@@ -5,7 +5,8 @@
 #[cfg(feature = "cuda")]
 mod gpu {
     use engine::cpu::CpuModel;
-    use engine::cuda::{check, CudaModel, CudaModelOptions, GpuDevice, WeightSource};
+    use engine::cuda::{CudaModel, CudaModelOptions, GpuDevice, WeightSource};
+    use engine::probe::forward::check;
     use engine::weights::WeightSet;
     use std::path::Path;
 

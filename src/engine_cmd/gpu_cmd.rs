@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use super::tuning_args::TuningArgs;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Model preset (weights are seeded random, generated on the GPU).
@@ -36,6 +38,12 @@ pub struct BenchArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    /// Also time each prefill's GPU span and host enqueue time, and profile one prefill right
+    /// after the timed ones (the card still hot): where the wall-vs-GPU gap goes.
+    #[arg(long)]
+    pub prefill_gap: bool,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }
 
 #[derive(Args)]
@@ -85,6 +93,8 @@ pub struct GemmSearchArgs {
     pub in_forward_rounds: usize,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }
 
 #[derive(Args)]
@@ -105,6 +115,8 @@ pub enum CheckCommand {
         dtype: String,
         #[arg(long, default_value_t = 1234)]
         seed: u64,
+        #[command(flatten)]
+        tuning: TuningArgs,
     },
     /// CUDA against the CPU reference forward (f32) on the same weights: a scripted multi-sequence
     /// session (batched prefill, mixed decode + later turn, batched greedy decode), logits compared
@@ -121,6 +133,8 @@ pub enum CheckCommand {
         /// Tolerance on max |logit difference|, relative to max(1, max |reference logit|).
         #[arg(long)]
         tolerance: Option<f32>,
+        #[command(flatten)]
+        tuning: TuningArgs,
     },
     /// Writes the CUDA model's weights as an HF checkpoint plus the engine's logits for a fixed
     /// prompt; engine/scripts/hf_compare_7b.py then compares them with HF transformers.
@@ -139,6 +153,8 @@ pub enum CheckCommand {
         /// its last token's logits go into the dump too. 0 skips it.
         #[arg(long, default_value_t = 2048)]
         long: usize,
+        #[command(flatten)]
+        tuning: TuningArgs,
     },
 }
 
@@ -176,9 +192,9 @@ mod with_cuda {
     use super::*;
     use anyhow::Context;
     use engine::config::{DType, ModelConfig};
-    use engine::cuda::{
-        bench as cb, check as cc, CudaModel, CudaModelOptions, GpuDevice, WeightSource,
-    };
+    use engine::cuda::{CudaModel, CudaModelOptions, EngineTuning, GpuDevice, WeightSource};
+    use engine::probe::forward::provenance::Provenance;
+    use engine::probe::forward::{bench as cb, check as cc, gemm_search as gs, own_gemm};
     use engine::weights::WeightSet;
 
     pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
@@ -206,12 +222,14 @@ mod with_cuda {
         dtype: DType,
         seed: u64,
         options: Option<CudaModelOptions>,
+        tuning: EngineTuning,
     ) -> anyhow::Result<CudaModel> {
         let device = GpuDevice::open(0)?;
         print_device(&device);
         if let Some(config) = ModelConfig::preset(model) {
             let mut opts = options.unwrap_or_else(|| CudaModelOptions::for_config(&config));
             opts.dtype = dtype;
+            opts.tuning = tuning;
             let started = std::time::Instant::now();
             let m = CudaModel::new(device, WeightSource::DeviceRandom { config, seed }, opts)?;
             println!("model {model}: random weights (seed {seed}) generated on the GPU; start-up {:.2} s", started.elapsed().as_secs_f64());
@@ -222,6 +240,7 @@ mod with_cuda {
                 .with_context(|| format!("loading weights from {}", path.display()))?;
             let mut opts = options.unwrap_or_else(|| CudaModelOptions::for_config(&ws.config));
             opts.dtype = dtype;
+            opts.tuning = tuning;
             Ok(CudaModel::new(device, WeightSource::Host(&ws), opts)?)
         }
     }
@@ -249,7 +268,7 @@ mod with_cuda {
         options.max_tokens_per_step = max_rows;
         options.max_seqs_per_step = 1;
         options.num_kv_blocks = Some(max_rows.div_ceil(options.block_size_tokens));
-        open_cuda_model(&args.model, dtype, args.seed, Some(options))
+        open_cuda_model(&args.model, dtype, args.seed, Some(options), args.tuning.to_tuning()?)
     }
 
     pub fn gemm_search(args: GemmSearchArgs) -> anyhow::Result<()> {
@@ -278,7 +297,7 @@ mod with_cuda {
         let version = model
             .cublaslt_version()
             .context("the GEMM search needs libcublasLt and the tuned GEMM path")?;
-        let search = engine::cuda::GemmSearchOptions {
+        let search = gs::GemmSearchOptions {
             max_screened: args.max_screened,
             hot_finalists: args.hot_finalists,
             heat_ms: args.heat_ms,
@@ -303,7 +322,7 @@ mod with_cuda {
                 search.in_forward_arms = args.in_forward_arms.max(1);
                 search.in_forward_rounds = args.in_forward_rounds.max(1);
             }
-            let (report, lines) = model.gemm_search(rows, &search)?;
+            let (report, lines) = gs::gemm_search(&mut model, rows, &search)?;
             for l in report {
                 println!("search {rows}: {l}");
             }
@@ -324,7 +343,7 @@ mod with_cuda {
         let mut model = open_for_row_counts(&args, dtype, &config)?;
         let mut failed = 0;
         for &rows in &args.rows {
-            let (checks, lines) = model.own_gemm_check(rows, args.own_gemm_reps)?;
+            let (checks, lines) = own_gemm::own_gemm_check(&mut model, rows, args.own_gemm_reps)?;
             for (name, max_diff, ref_max) in checks {
                 let ok = max_diff <= 0.02 * ref_max.max(1.0);
                 failed += usize::from(!ok);
@@ -375,7 +394,8 @@ mod with_cuda {
             .unwrap_or(512)
             .max(max_batch);
         options.max_seqs_per_step = max_batch.max(1);
-        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options))?;
+        let tuning = args.tuning.to_tuning()?;
+        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options), tuning)?;
         for (what, bytes) in &model.memory_breakdown {
             println!(
                 "  memory: {what}: {:.1} MiB",
@@ -404,6 +424,7 @@ mod with_cuda {
             &args.prefill,
             &args.batches,
             &args.contexts,
+            args.prefill_gap,
             |row| {
                 println!("{}", cb::format_row(row));
             },
@@ -474,6 +495,8 @@ mod with_cuda {
             rows.extend(hf);
         }
         let report = cb::BenchReport {
+            provenance: Provenance::collect(&model.device, &crate::runio::code_version()),
+            prefill_attention: model.prefill_attention_name().to_string(),
             device: report_device,
             model: args.model.clone(),
             dtype: args.dtype.clone(),
@@ -542,6 +565,7 @@ mod with_cuda {
                 dtype,
                 steps,
                 tolerance,
+                tuning,
             } => {
                 let dtype = parse_dtype(&dtype)?;
                 let tol = tolerance.unwrap_or(if dtype == DType::Bf16 { 0.08 } else { 0.02 });
@@ -556,6 +580,7 @@ mod with_cuda {
                 options.num_kv_blocks = Some(blocks);
                 options.max_tokens_per_step = 256;
                 options.max_seqs_per_step = 8;
+                options.tuning = tuning.to_tuning()?;
                 let mut gpu = CudaModel::new(device, WeightSource::Host(&ws), options)?;
                 let report =
                     cc::compare_backends(&mut gpu, &mut cpu, ws.config.vocab_size, steps, tol)
@@ -581,8 +606,14 @@ mod with_cuda {
                 );
                 Ok(())
             }
-            CheckCommand::Consistency { model, dtype, seed } => {
+            CheckCommand::Consistency {
+                model,
+                dtype,
+                seed,
+                tuning,
+            } => {
                 let dtype = parse_dtype(&dtype)?;
+                let tuning = tuning.to_tuning()?;
                 // Room for the 2048-token tuned-GEMM / prefill-attention checks next to the short
                 // ones (where the model's positions allow), for presets and weight paths alike.
                 let sized = |config: &ModelConfig| {
@@ -593,13 +624,14 @@ mod with_cuda {
                     o
                 };
                 let mut m = if let Some(config) = ModelConfig::preset(&model) {
-                    open_cuda_model(&model, dtype, seed, Some(sized(&config)))?
+                    open_cuda_model(&model, dtype, seed, Some(sized(&config)), tuning)?
                 } else {
                     let path = PathBuf::from(&model);
                     let ws = WeightSet::load(&path)
                         .with_context(|| format!("loading weights from {}", path.display()))?;
                     let mut opts = sized(&ws.config);
                     opts.dtype = dtype;
+                    opts.tuning = tuning;
                     let device = GpuDevice::open(0)?;
                     print_device(&device);
                     CudaModel::new(device, WeightSource::Host(&ws), opts)?
@@ -623,6 +655,7 @@ mod with_cuda {
                 seed,
                 out,
                 long,
+                tuning,
             } => {
                 let dtype = parse_dtype(&dtype)?;
                 let mut options = None;
@@ -638,7 +671,7 @@ mod with_cuda {
                     o.max_seqs_per_step = 2;
                     options = Some(o);
                 }
-                let mut m = open_cuda_model(&model, dtype, seed, options)?;
+                let mut m = open_cuda_model(&model, dtype, seed, options, tuning.to_tuning()?)?;
                 let vocab = m.config.vocab_size;
                 let prompt: Vec<u32> = (0..32).map(|i| ((i * 7919 + 17) % vocab) as u32).collect();
                 let table: Vec<u32> = (0..4).collect();
@@ -696,6 +729,8 @@ mod with_cuda {
                     "long_prefill_last_logits": long_logits,
                     "dtype": format!("{dtype:?}"),
                     "device": m.device.name,
+                    "prefill_attention": m.prefill_attention_name(),
+                    "provenance": Provenance::collect(&m.device, &crate::runio::code_version()),
                 });
                 std::fs::write(out.join("engine_logits.json"), serde_json::to_vec(&json)?)?;
                 println!("wrote {}", out.join("engine_logits.json").display());

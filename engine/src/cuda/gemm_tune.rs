@@ -13,18 +13,14 @@
 //! operands too, so the output is saved to a scratch buffer first and restored after the timing
 //! runs.
 //!
-//! Session 4 (G7): a wider, power-aware search (`TunedGemm::search`, run by `djinn engine
-//! gemm-search`) enumerates cuBLASLt configurations beyond the heuristic's 8 (every algorithm id,
-//! tile, stage count, CTA swizzle, cluster shape and custom option that `cublasLtMatmulAlgoCheck`
-//! accepts, split-K 1), screens them on a cool card and times the best few **hot** (after a
-//! heat-soak, the card at its power cap, arms interleaved), because inside back-to-back prefills the
-//! GEMMs run power-capped. The winners go into a small table (GPU name, cuBLASLt version, shape ->
-//! configuration), `engine/data/gemm_configs.tsv`, compiled in and read at start-up when asked for
-//! (`DJINN_CUDA_GEMM_SEARCHED=1`, or `DJINN_CUDA_GEMM_TABLE=path` for another table); an entry is
-//! used only if it passes `AlgoCheck` on this machine, otherwise the shape falls back to the timed
-//! heuristic choice above with a printed line why. The table is not the default because it measured
-//! no faster end to end than the timed heuristic choice (NOTES-cuda.md, session 4).
-//! `DJINN_CUDA_GEMM_TUNE_V1=1` forces the timed heuristic choice.
+//! Searched configurations: `djinn engine gemm-search` (engine/src/probe/forward/gemm_search.rs)
+//! enumerates cuBLASLt configurations beyond the heuristic's candidates and times the best few hot
+//! (the card at its power cap, as inside back-to-back prefills). Its winners go into a small table
+//! (GPU name, cuBLASLt version, shape -> configuration), `engine/data/gemm_configs.tsv`, compiled
+//! in and read at start-up with `--gemm-tuning table` (or `--gemm-table PATH`); an entry is used
+//! only if it passes `AlgoCheck` on this machine, otherwise the shape falls back to the timed
+//! heuristic choice with a printed line why. The table is not the default: it measured no faster
+//! end to end than the timed heuristic choice (docs/engine-cuda.md).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -114,8 +110,8 @@ pub(crate) struct TunedGemm {
     choices: RefCell<BTreeMap<Shape, Option<lsys::cublasLtMatmulAlgo_t>>>,
     /// One line per tuned shape: what was timed and what won.
     pub(crate) report: RefCell<Vec<String>>,
-    /// Searched configurations for this GPU and cuBLASLt version (empty with
-    /// `DJINN_CUDA_GEMM_TUNE_V1=1`).
+    /// Searched configurations for this GPU and cuBLASLt version (empty unless a table was asked
+    /// for).
     table: Vec<TableEntry>,
     /// The device's name (table key).
     gpu: String,
@@ -318,10 +314,13 @@ pub(crate) struct GemmArgs {
 
 impl TunedGemm {
     /// `None` where libcublasLt is missing (the caller keeps `cublasGemmEx`). `gpu` is the device
-    /// name the configuration table is keyed by. `use_table` false: the heuristic timing only
-    /// (`DJINN_CUDA_GEMM_TUNE_V1=1`). A table named by `DJINN_CUDA_GEMM_TABLE` that cannot be read
-    /// or parsed is an error.
-    pub(crate) fn new(gpu: &str, use_table: bool) -> Result<Option<TunedGemm>, CudaError> {
+    /// name the configuration table is keyed by. `table`: `None` for the timed heuristic choice
+    /// alone; `Some(None)` for the built-in searched table, `Some(Some(path))` for a table file
+    /// (one that cannot be read or parsed is an error).
+    pub(crate) fn new(
+        gpu: &str,
+        table: Option<Option<&std::path::Path>>,
+    ) -> Result<Option<TunedGemm>, CudaError> {
         // SAFETY: only tries to load the library.
         if !unsafe { lsys::is_culib_present() } {
             return Ok(None);
@@ -342,13 +341,12 @@ impl TunedGemm {
             gpu: gpu.to_string(),
             lt_version,
         };
-        if use_table {
-            let (source, text) = match std::env::var_os("DJINN_CUDA_GEMM_TABLE") {
+        if let Some(path) = table {
+            let (source, text) = match path {
                 Some(path) => {
-                    let path = std::path::PathBuf::from(path);
-                    let text = std::fs::read_to_string(&path).map_err(|e| CudaError::Io {
-                        path: path.clone(),
-                        message: format!("reading the GEMM table (DJINN_CUDA_GEMM_TABLE): {e}"),
+                    let text = std::fs::read_to_string(path).map_err(|e| CudaError::Io {
+                        path: path.to_path_buf(),
+                        message: format!("reading the GEMM configuration table: {e}"),
                     })?;
                     (path.display().to_string(), text)
                 }
@@ -626,7 +624,7 @@ impl TunedGemm {
     }
 
     /// Mean ms per call of `run` over `reps` calls after one warm-up (synchronises).
-    pub(super) fn time_reps(
+    pub(crate) fn time_reps(
         stream: dsys::CUstream,
         reps: usize,
         mut run: impl FnMut() -> Result<(), CudaError>,

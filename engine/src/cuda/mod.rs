@@ -3,31 +3,39 @@
 //!
 //! - Kernels (embedding, fused residual-add + RMSNorm, RoPE + KV write into blocks, SiLU-gated MLP
 //!   activation, paged split-KV decode attention, paged causal prefill attention on tensor cores,
-//!   greedy argmax) live in `kernels.cu` and are compiled at start-up by NVRTC for the device's
-//!   architecture, specialised on head size, block size and element type.
-//! - GEMMs go through cuBLAS (`cublasGemmEx`, fp16/bf16 in, fp32 accumulate), except gate_up of
-//!   prefill-sized steps on sm_90: an own warp-specialised TMA + wgmma GEMM with SiLU-mul in its
-//!   epilogue (`gemm_ws_silu` in kernels.cu).
+//!   batch-1 GEMVs, greedy argmax) live in `kernels/*.cu` and are compiled at start-up by NVRTC for
+//!   the device's architecture, specialised on head size, block size and element type.
+//! - GEMMs go through cuBLAS (`cublasGemmEx`, fp16/bf16 in, fp32 accumulate) or, for prefill-sized
+//!   steps, cuBLASLt with a timed algorithm choice, except gate_up of prefill-sized steps on sm_90:
+//!   an own warp-specialised TMA + wgmma GEMM with SiLU-mul in its epilogue (`gemm_ws_silu`).
 //! - The decode step of each batch-size bucket is captured once as a CUDA graph and replayed; per-step
 //!   data (tokens, positions, slots, lengths, block tables) lives in fixed device buffers refreshed by
 //!   small copies before each replay.
 //! - All device memory (weights, activations, KV pool, workspaces) is allocated at start-up; running
 //!   out there is `CudaError::OutOfMemory` with the numbers.
+//! - The remaining choices are typed ([`EngineTuning`]); docs/engine-cuda.md records why each
+//!   default won.
+//!
+//! Must never: read tuning choices from the environment (only `DJINN_CUDA_TRACE`, a debug trace,
+//! and the toolkit location), or hold probes and benchmarks (those live in `crate::probe::forward`).
 //!
 //! Entry points: [`GpuDevice::open`], [`CudaModel::new`] (implements [`crate::batch::PagedModel`]),
-//! [`GpuKvPool`] (base pointer and block bytes for the swap engine), [`bench`] and [`check`].
+//! [`GpuKvPool`] (base pointer and block bytes for the swap engine).
 
-pub mod bench;
-pub mod check;
 mod device;
-mod gemm_tune;
+pub(crate) mod gemm_tune;
 mod model;
-mod pool;
+pub(crate) mod pool;
+mod tuning;
 
 pub use device::{cuda_include_dir, GpuDevice};
-pub use gemm_tune::{GemmSearchOptions, TABLE_HEADER as GEMM_TABLE_HEADER};
+pub use gemm_tune::TABLE_HEADER as GEMM_TABLE_HEADER;
+pub(crate) use model::{kargs, CUBLAS_WORKSPACE_BYTES, TUNE_MIN_ROWS};
 pub use model::{CudaModel, CudaModelOptions, WeightSource};
 pub use pool::{DeviceBuffer, GpuKvPool};
+pub use tuning::{
+    EngineTuning, GemmTuning, PrefillAttention, HALF_RESIDUAL_MIN_TOKENS, OWN_GATE_UP_MIN_TOKENS,
+};
 
 use std::path::PathBuf;
 

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::{CudaError, CudaModel};
+use crate::cuda::{CudaError, CudaModel};
 use crate::batch::{Logits, PagedModel, SeqStep};
 
 /// Logit agreement of one step.
@@ -210,29 +210,84 @@ pub fn compare_backends<A: PagedModel, B: PagedModel>(
     })
 }
 
+type Results = Vec<(String, f32, bool)>;
+
+/// The prompt and block tables the consistency checks share: a 77-token prompt (off every tile and
+/// block boundary) cached in three sequences' blocks, and three next tokens.
+struct Fixture {
+    vocab: usize,
+    bs: usize,
+    n: usize,
+    prompt: Vec<u32>,
+    blocks: usize,
+    table_a: Vec<u32>,
+    table_b: Vec<u32>,
+    table_c: Vec<u32>,
+    next: [[u32; 1]; 3],
+    tolerance_rel: f32,
+}
+
+impl Fixture {
+    fn new(model: &CudaModel, tolerance_rel: f32) -> Fixture {
+        let vocab = model.config.vocab_size;
+        let bs = model.options.block_size_tokens;
+        let n = 77usize;
+        let blocks = (n + 8).div_ceil(bs);
+        Fixture {
+            vocab,
+            bs,
+            n,
+            prompt: (0..n).map(|i| ((i * 104729 + 13) % vocab) as u32).collect(),
+            blocks,
+            table_a: (0..blocks as u32).collect(),
+            table_b: (blocks as u32..2 * blocks as u32).rev().collect(),
+            table_c: (2 * blocks as u32..3 * blocks as u32).collect(),
+            next: [[5u32], [17u32], [99u32 % vocab as u32]],
+            tolerance_rel,
+        }
+    }
+
+    /// Records whether `a` matches `b` within the tolerance (argmax differences only at ties).
+    fn record(&self, name: &str, a: &Logits, b: &Logits, results: &mut Results) {
+        let d = diff_logits(0, a, b, self.tolerance_rel);
+        let ok = d.max_abs_diff <= self.tolerance_rel * d.ref_max_abs.max(1.0)
+            && d.argmax_mismatches == d.argmax_near_ties;
+        results.push((name.to_string(), d.max_abs_diff, ok));
+    }
+}
+
 /// Self-consistency of the paged forward on one model (any size, e.g. the random 7B):
 /// (1) a prompt prefilled at once vs prefilled in two chunks (later turn) vs prefix + token-by-token
 /// decode give the same last-token logits; (2) a batch of decodes equals each decoded alone;
-/// (3) graph replay equals eager launches. Returns a list of (check, max |diff|, rel tolerance used,
-/// passed).
-pub fn self_consistency(
-    model: &mut CudaModel,
-    tolerance_rel: f32,
-) -> Result<Vec<(String, f32, bool)>, CudaError> {
-    let vocab = model.config.vocab_size;
-    let bs = model.options.block_size_tokens;
-    let n = 77usize;
-    let prompt: Vec<u32> = (0..n).map(|i| ((i * 104729 + 13) % vocab) as u32).collect();
-    let blocks = (n + 8).div_ceil(bs);
-    let table_a: Vec<u32> = (0..blocks as u32).collect();
-    let table_b: Vec<u32> = (blocks as u32..2 * blocks as u32).rev().collect();
-    let table_c: Vec<u32> = (2 * blocks as u32..3 * blocks as u32).collect();
+/// (3) graph replay equals eager launches; then the pruned last layer against the whole one and,
+/// on a long prompt, each optional path against its reference path. Returns a list of (check,
+/// max |diff|, passed).
+pub fn self_consistency(model: &mut CudaModel, tolerance_rel: f32) -> Result<Results, CudaError> {
+    let fx = Fixture::new(model, tolerance_rel);
     let mut results = Vec::new();
-    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Vec<(String, f32, bool)>| {
-        let d = diff_logits(0, a, b, tolerance_rel);
-        let ok = d.max_abs_diff <= tolerance_rel * d.ref_max_abs.max(1.0)
-            && d.argmax_mismatches == d.argmax_near_ties;
-        results.push((name.to_string(), d.max_abs_diff, ok));
+    short_prompt_checks(model, &fx, &mut results)?;
+    pruned_last_layer_checks(model, &fx, &mut results)?;
+    long_prompt_checks(model, &fx, &mut results)?;
+    Ok(results)
+}
+
+fn short_prompt_checks(
+    model: &mut CudaModel,
+    fx: &Fixture,
+    results: &mut Results,
+) -> Result<(), CudaError> {
+    let Fixture {
+        vocab,
+        n,
+        ref prompt,
+        ref table_a,
+        ref table_b,
+        ref table_c,
+        ref next,
+        ..
+    } = *fx;
+    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
+        fx.record(name, a, b, results)
     };
     eprintln!("consistency: one-shot prefill of {n} tokens");
     let one_shot = model.forward_logits(&[SeqStep {
@@ -256,7 +311,7 @@ pub fn self_consistency(
         "prefill in two chunks == one prefill",
         &chunked,
         &one_shot,
-        &mut results,
+        results,
     );
     eprintln!("consistency: prefix + decode steps");
     // Prefix 70, then 7 single-token decode steps.
@@ -277,11 +332,10 @@ pub fn self_consistency(
         "prefix + token-by-token decode == one prefill",
         last.as_ref().unwrap(),
         &one_shot,
-        &mut results,
+        results,
     );
     // Batched decode of the three sequences (all hold the same 77-token context now) with different
     // next tokens, against each alone.
-    let next = [[5u32], [17u32], [99u32 % vocab as u32]];
     let tables = [&table_a, &table_b, &table_c];
     let batch: Vec<SeqStep<'_>> = (0..3)
         .map(|s| SeqStep {
@@ -304,7 +358,7 @@ pub fn self_consistency(
             &format!("batched decode row {s} == decoded alone"),
             &row,
             &alone,
-            &mut results,
+            results,
         );
     }
     eprintln!("consistency: eager vs graph");
@@ -319,6 +373,27 @@ pub fn self_consistency(
         d.max_abs_diff,
         d.max_abs_diff == 0.0,
     ));
+    Ok(())
+}
+
+fn pruned_last_layer_checks(
+    model: &mut CudaModel,
+    fx: &Fixture,
+    results: &mut Results,
+) -> Result<(), CudaError> {
+    let Fixture {
+        vocab,
+        n,
+        ref prompt,
+        ref table_a,
+        ref table_b,
+        ref table_c,
+        ref next,
+        ..
+    } = *fx;
+    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
+        fx.record(name, a, b, results)
+    };
     // (9) The pruned last layer of prefill steps (attention, o_proj and MLP on each sequence's
     // last row only, attention as a decode batch) against the whole last layer: one sequence
     // (the 77-token prompt: the one-row GEMV tail), then a batched prefill of three sequences
@@ -370,10 +445,22 @@ pub fn self_consistency(
                 &format!("{what} row {s}: last layer on the last rows only == whole last layer"),
                 &row(&pruned),
                 &row(&whole),
-                &mut results,
+                results,
             );
         }
     }
+    Ok(())
+}
+
+fn long_prompt_checks(
+    model: &mut CudaModel,
+    fx: &Fixture,
+    results: &mut Results,
+) -> Result<(), CudaError> {
+    let Fixture { vocab, bs, blocks, .. } = *fx;
+    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
+        fx.record(name, a, b, results)
+    };
     // (4) A long prefill with the timed cuBLASLt GEMM choice == the same with cublasGemmEx, where
     // the model is sized for one (the first call tunes, then runs the chosen algorithms).
     // 2048 tokens (the benchmark's prefill shape) where the model takes them.
@@ -412,258 +499,216 @@ pub fn self_consistency(
             "prefill with tuned cuBLASLt GEMMs == with cublasGemmEx",
             &tuned,
             &plain?,
-            &mut results,
+            results,
         );
-        // (5) The wgmma prefill attention (v7 by default, v6 with DJINN_CUDA_PREFILL_V6=1) against the
-        // mma.sync kernel (v4) on the same long prompt: every causal tile shape of a 2048-token
-        // prefill; then a later turn on that cached prompt that starts off every tile and chunk
-        // boundary (context 1000: 1000 % 128 = 104, 1000 % 16 = 8) and ends in a partial tile
-        // and a partial KV block (613 tokens).
-        if model.uses_wgmma_prefill() {
-            let name = model.prefill_attention_name();
-            eprintln!("consistency: {name} vs mma.sync prefill attention ({long} tokens)");
-            model.set_wgmma_prefill(false);
-            let v4 = model.forward_logits(&step);
-            model.set_wgmma_prefill(true);
-            record(
-                &format!("prefill with {name} attention == with mma.sync attention (v4)"),
-                &tuned,
-                &v4?,
-                &mut results,
-            );
+        let long_prompt = LongPrompt {
+            long,
+            long_blocks,
+            context,
+            turn_len,
+            prompt: &prompt_long,
+            table: &table_d,
+            step: &step,
+            later: &later,
+            tuned: &tuned,
+        };
+        wgmma_attention_checks(model, fx, &long_prompt, results)?;
+        residual_and_own_gemm_checks(model, fx, &long_prompt, results)?;
+    }
+    Ok(())
+}
+
+/// The long prompt of the checks that compare paths at prefill sizes, and its later turn (613
+/// tokens on 1000 cached, off every tile, chunk and block boundary).
+struct LongPrompt<'a> {
+    long: usize,
+    long_blocks: usize,
+    context: usize,
+    turn_len: usize,
+    prompt: &'a [u32],
+    table: &'a [u32],
+    step: &'a [SeqStep<'a>],
+    later: &'a [SeqStep<'a>],
+    /// Logits of `step` on the default path.
+    tuned: &'a Logits,
+}
+
+fn wgmma_attention_checks(
+    model: &mut CudaModel,
+    fx: &Fixture,
+    lp: &LongPrompt<'_>,
+    results: &mut Results,
+) -> Result<(), CudaError> {
+    let Fixture {
+        vocab,
+        bs,
+        n,
+        blocks,
+        ref table_a,
+        ..
+    } = *fx;
+    let LongPrompt {
+        long,
+        long_blocks,
+        context,
+        turn_len,
+        prompt: prompt_long,
+        table: table_d,
+        step,
+        later,
+        tuned,
+    } = *lp;
+    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
+        fx.record(name, a, b, results)
+    };
+    // (5) The wgmma prefill attention (the kernel chosen at start-up) against the mma.sync
+    // kernel on the same long prompt: every causal tile shape of a 2048-token
+    // prefill; then a later turn on that cached prompt that starts off every tile and chunk
+    // boundary (context 1000: 1000 % 128 = 104, 1000 % 16 = 8) and ends in a partial tile
+    // and a partial KV block (613 tokens).
+    if model.uses_wgmma_prefill() {
+        let name = model.prefill_attention_name();
+        eprintln!("consistency: {name} vs mma.sync prefill attention ({long} tokens)");
+        model.set_wgmma_prefill(false);
+        let mma = model.forward_logits(&step);
+        model.set_wgmma_prefill(true);
+        record(
+            &format!("prefill with {name} attention == with mma.sync attention"),
+            &tuned,
+            &mma?,
+            results,
+        );
+        eprintln!(
+            "consistency: {name} vs mma.sync on a later turn ({turn_len} tokens after {context})"
+        );
+        let wg = model.forward_logits(&later)?;
+        model.set_wgmma_prefill(false);
+        let mma = model.forward_logits(&later);
+        model.set_wgmma_prefill(true);
+        record(
+            &format!(
+                "later turn ({turn_len} tokens on {context} cached) with {name} attention == with mma.sync"
+            ),
+            &wg,
+            &mma?,
+            results,
+        );
+        // A batched prefill step of three sequences of different shapes: the later turn
+        // again, a fresh 400-token prompt (on the blocks of the long table past the later
+        // turn's end; its own KV is written before it is read) and 5 tokens on the cached
+        // 77-token prompt of the first check. The persistent kernel takes the tiles of all
+        // three longest first, interleaved.
+        let turn_end_block = (context + turn_len).div_ceil(bs);
+        let fresh = 400usize.min((long_blocks - turn_end_block) * bs);
+        if fresh > 0 && n + 5 <= blocks * bs {
+            let table_e = &table_d[turn_end_block..];
+            let short_turn: Vec<u32> = (0..5).map(|i| ((i * 31 + 11) % vocab) as u32).collect();
+            let batch = [
+                later[0],
+                SeqStep {
+                    block_table: table_e,
+                    context_len: 0,
+                    tokens: &prompt_long[..fresh],
+                },
+                SeqStep {
+                    block_table: &table_a,
+                    context_len: n,
+                    tokens: &short_turn,
+                },
+            ];
             eprintln!(
-                "consistency: {name} vs mma.sync on a later turn ({turn_len} tokens after {context})"
+                "consistency: {name} vs mma.sync on a batched prefill of three sequences"
             );
-            let wg = model.forward_logits(&later)?;
+            let wg = model.forward_logits(&batch)?;
             model.set_wgmma_prefill(false);
-            let v4 = model.forward_logits(&later);
+            let mma = model.forward_logits(&batch);
             model.set_wgmma_prefill(true);
             record(
                 &format!(
-                    "later turn ({turn_len} tokens on {context} cached) with {name} attention == with v4"
+                    "batched prefill ({turn_len} on {context} cached, {fresh} fresh, 5 on {n} cached) with {name} attention == with mma.sync"
                 ),
                 &wg,
-                &v4?,
-                &mut results,
-            );
-            // A batched prefill step of three sequences of different shapes: the later turn
-            // again, a fresh 400-token prompt (on the blocks of the long table past the later
-            // turn's end; its own KV is written before it is read) and 5 tokens on the cached
-            // 77-token prompt of the first check. The persistent kernel takes the tiles of all
-            // three longest first, interleaved.
-            let turn_end_block = (context + turn_len).div_ceil(bs);
-            let fresh = 400usize.min((long_blocks - turn_end_block) * bs);
-            if fresh > 0 && n + 5 <= blocks * bs {
-                let table_e = &table_d[turn_end_block..];
-                let short_turn: Vec<u32> = (0..5).map(|i| ((i * 31 + 11) % vocab) as u32).collect();
-                let batch = [
-                    later[0],
-                    SeqStep {
-                        block_table: table_e,
-                        context_len: 0,
-                        tokens: &prompt_long[..fresh],
-                    },
-                    SeqStep {
-                        block_table: &table_a,
-                        context_len: n,
-                        tokens: &short_turn,
-                    },
-                ];
-                eprintln!(
-                    "consistency: {name} vs mma.sync on a batched prefill of three sequences"
-                );
-                let wg = model.forward_logits(&batch)?;
-                model.set_wgmma_prefill(false);
-                let v4 = model.forward_logits(&batch);
-                model.set_wgmma_prefill(true);
-                record(
-                    &format!(
-                        "batched prefill ({turn_len} on {context} cached, {fresh} fresh, 5 on {n} cached) with {name} attention == with v4"
-                    ),
-                    &wg,
-                    &v4?,
-                    &mut results,
-                );
-            }
-        }
-        // (6) The residual stream in the weights' type (the default for steps this long) against
-        // the f32 stream on the same long prompt: one rounding per residual add, 2 x layers adds.
-        let half_from = model.half_residual_min_tokens();
-        if long >= half_from {
-            eprintln!("consistency: fp16 vs f32 residual stream ({long} tokens)");
-            model.set_half_residual_min_tokens(usize::MAX);
-            let f32_stream = model.forward_logits(&step);
-            model.set_half_residual_min_tokens(half_from);
-            record(
-                "prefill with the residual in the weights' type == with an f32 residual",
-                &tuned,
-                &f32_stream?,
-                &mut results,
-            );
-        }
-        // (7) The own warp-specialised wgmma GEMM (sm_90a): alone on layer 0's gate_up weight at
-        // the real shape (plain output against cuBLAS, and the fused SiLU-mul epilogue against
-        // cuBLAS + silu_mul; catches layout bugs), then the whole prefill with gate_up + SiLU-mul
-        // fused against cuBLAS + silu_mul on the long prompt and on the later turn.
-        if model.has_own_gate_up() {
-            eprintln!("consistency: own wgmma GEMM vs cuBLAS on layer 0's gate_up ({long} rows)");
-            let (checks, _) = model.own_gemm_check(long, 0)?;
-            for (name, max_diff, ref_max) in checks {
-                let ok = max_diff <= tolerance_rel * ref_max.max(1.0);
-                results.push((name, max_diff, ok));
-            }
-            eprintln!("consistency: fused gate_up GEMM vs cuBLAS + silu_mul ({long} tokens)");
-            let was = model.set_own_gate_up_min_tokens(1);
-            let own = model.forward_logits(&step);
-            model.set_own_gate_up_min_tokens(usize::MAX);
-            let cublas = model.forward_logits(&step);
-            model.set_own_gate_up_min_tokens(was);
-            record(
-                "prefill with the fused gate_up GEMM == with cuBLAS + silu_mul",
-                &own?,
-                &cublas?,
-                &mut results,
-            );
-            eprintln!(
-                "consistency: fused gate_up GEMM vs cuBLAS + silu_mul on a later turn ({turn_len} tokens after {context})"
-            );
-            model.set_own_gate_up_min_tokens(1);
-            let own = model.forward_logits(&later);
-            model.set_own_gate_up_min_tokens(usize::MAX);
-            let cublas = model.forward_logits(&later);
-            model.set_own_gate_up_min_tokens(was);
-            record(
-                &format!(
-                    "later turn ({turn_len} tokens on {context} cached) with the fused gate_up GEMM == with cuBLAS + silu_mul"
-                ),
-                &own?,
-                &cublas?,
-                &mut results,
-            );
-        }
-        // (8) The qkv GEMM with RoPE + the paged KV write fused (gemm_ws_qkv) against cuBLAS qkv
-        // + rope_kv_write: logits of the long prompt and of the later turn (starts mid-block),
-        // and the pool bytes each path writes. The blocks are poisoned (NaN) before the long
-        // prompt's arms, so a slot the fused path misses fails; layer 0's elements (same input
-        // on both paths) must agree within two ulps of the 16-bit type at their largest |value|.
-        let was = model.set_own_qkv_min_tokens(1);
-        let fused_qkv_used = model.uses_own_qkv(long);
-        model.set_own_qkv_min_tokens(was);
-        if model.has_own_qkv() && !fused_qkv_used {
-            eprintln!(
-                "consistency: the fused qkv GEMM is not used with this prefill attention (q rotated by rope_kv_write): not compared"
-            );
-        }
-        if fused_qkv_used {
-            let was = model.set_own_qkv_min_tokens(1);
-            let bf16 = model.options.dtype == crate::config::DType::Bf16;
-            // Layer 0's KV sees the same input on both paths (the GEMMs then agree, so the bytes
-            // should too, up to the rounding of the rotation); later layers' inputs differ by the
-            // earlier layers' differences, so their KV is only reported.
-            let layer0_elems = 2 * model.config.num_key_value_heads * bs * model.config.head_dim();
-            let per_block = model.kv_pool().block_bytes() / 2;
-            let mut kv_check = |name: &str, own: &[u16], cublas: &[u16]| {
-                let to_f = |b: u16| {
-                    if bf16 {
-                        half::bf16::from_bits(b).to_f32()
-                    } else {
-                        half::f16::from_bits(b).to_f32()
-                    }
-                };
-                // One unit in the last place at the magnitude of b (the step to the next value).
-                let ulp = |b: u16| {
-                    let m = b & 0x7fff;
-                    to_f(m.saturating_add(1)) - to_f(m)
-                };
-                let (mut l0_differ, mut l0_over, mut l0_max, mut all_max, mut bad) =
-                    (0usize, 0usize, 0f32, 0f32, 0usize);
-                let mut l0_scale = 0u16; // bits of layer 0's largest |value|
-                for (i, (&a, &b)) in own.iter().zip(cublas).enumerate() {
-                    let (fa, fb) = (to_f(a), to_f(b));
-                    if !fa.is_finite() || !fb.is_finite() {
-                        bad += 1;
-                        continue;
-                    }
-                    let d = (fa - fb).abs();
-                    all_max = all_max.max(d);
-                    if i % per_block < layer0_elems {
-                        let larger = if fa.abs() >= fb.abs() { a } else { b };
-                        if to_f(larger & 0x7fff) > to_f(l0_scale) {
-                            l0_scale = larger & 0x7fff;
-                        }
-                    }
-                    if i % per_block < layer0_elems && a != b {
-                        l0_differ += 1;
-                        l0_max = l0_max.max(d);
-                        let larger = if fa.abs() >= fb.abs() { a } else { b };
-                        if d > ulp(larger) {
-                            l0_over += 1;
-                        }
-                    }
-                }
-                let l0_total = own.len() / per_block * layer0_elems;
-                // Bound: the cuBLAS path rounds the GEMM output to 16 bits before the rotation
-                // (<= 0.5 ulp on each of the pair a, b; a c - b s carries <= (|c| + |s|) / 2 <=
-                // 0.71 ulp of it) and rounds again after it (0.5 ulp); the fused path rotates the
-                // f32 accumulator and rounds once (0.5 ulp); the two accumulators need not agree
-                // bit for bit (the timed cuBLASLt algorithm may sum K in another order: far below
-                // one ulp). So |own - cublas| <= 1.71 ulp: within two ulps at the scale of layer
-                // 0's values. (One ulp held in session 5's call 2 and failed in session 6's call 1
-                // with one element at 2 ulps.)
-                let bound = 2.0 * ulp(l0_scale);
-                eprintln!(
-                    "consistency: {name}: layer 0: {l0_differ} of {l0_total} elements differ (max |diff| {l0_max:.3e}, {l0_over} by more than 1 ulp of themselves; bound {bound:.3e} = 2 ulps at max |value| {:.3e}); all layers: {} elements, max |diff| {all_max:.3e}, {bad} not finite",
-                    to_f(l0_scale),
-                    own.len()
-                );
-                results.push((
-                    format!("{name}: layer 0's pool bytes of the fused qkv GEMM == of cuBLAS + rope_kv_write within 2 ulps at the values' scale ({l0_differ} of {l0_total} differ, {l0_over} by more than 1 ulp of themselves), all slots written"),
-                    l0_max,
-                    own.len() == cublas.len() && bad == 0 && l0_max <= bound,
-                ));
-            };
-            let long_table = &table_d[..long_blocks];
-            eprintln!("consistency: fused qkv GEMM vs cuBLAS + rope_kv_write ({long} tokens)");
-            model.poison_kv_blocks(long_table)?;
-            let own = model.forward_logits(&step);
-            let own_kv = model.download_kv_blocks(long_table)?;
-            model.set_own_qkv_min_tokens(usize::MAX);
-            model.poison_kv_blocks(long_table)?;
-            let cublas = model.forward_logits(&step);
-            let cublas_kv = model.download_kv_blocks(long_table)?;
-            let (own, cublas) = (own?, cublas?);
-            kv_check(&format!("prefill {long}"), &own_kv, &cublas_kv);
-            eprintln!(
-                "consistency: fused qkv GEMM vs cuBLAS + rope_kv_write on a later turn ({turn_len} tokens after {context})"
-            );
-            let turn_table = &table_d[context / bs..(context + turn_len).div_ceil(bs)];
-            model.set_own_qkv_min_tokens(1);
-            let own_turn = model.forward_logits(&later);
-            let own_turn_kv = model.download_kv_blocks(turn_table)?;
-            model.set_own_qkv_min_tokens(usize::MAX);
-            let cublas_turn = model.forward_logits(&later);
-            let cublas_turn_kv = model.download_kv_blocks(turn_table)?;
-            model.set_own_qkv_min_tokens(was);
-            kv_check(
-                &format!("later turn {turn_len} on {context}"),
-                &own_turn_kv,
-                &cublas_turn_kv,
-            );
-            record(
-                "prefill with the fused qkv GEMM == with cuBLAS qkv + rope_kv_write",
-                &own,
-                &cublas,
-                &mut results,
-            );
-            record(
-                &format!(
-                    "later turn ({turn_len} tokens on {context} cached) with the fused qkv GEMM == with cuBLAS qkv + rope_kv_write"
-                ),
-                &own_turn?,
-                &cublas_turn?,
-                &mut results,
+                &mma?,
+                results,
             );
         }
     }
-    Ok(results)
+    Ok(())
+}
+
+fn residual_and_own_gemm_checks(
+    model: &mut CudaModel,
+    fx: &Fixture,
+    lp: &LongPrompt<'_>,
+    results: &mut Results,
+) -> Result<(), CudaError> {
+    let tolerance_rel = fx.tolerance_rel;
+    let LongPrompt {
+        long,
+        context,
+        turn_len,
+        step,
+        later,
+        tuned,
+        ..
+    } = *lp;
+    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
+        fx.record(name, a, b, results)
+    };
+    // (6) The residual stream in the weights' type (the default for steps this long) against
+    // the f32 stream on the same long prompt: one rounding per residual add, 2 x layers adds.
+    let half_from = model.half_residual_min_tokens();
+    if long >= half_from {
+        eprintln!("consistency: fp16 vs f32 residual stream ({long} tokens)");
+        model.set_half_residual_min_tokens(usize::MAX);
+        let f32_stream = model.forward_logits(&step);
+        model.set_half_residual_min_tokens(half_from);
+        record(
+            "prefill with the residual in the weights' type == with an f32 residual",
+            &tuned,
+            &f32_stream?,
+            results,
+        );
+    }
+    // (7) The own warp-specialised wgmma GEMM (sm_90a): alone on layer 0's gate_up weight at
+    // the real shape (plain output against cuBLAS, and the fused SiLU-mul epilogue against
+    // cuBLAS + silu_mul; catches layout bugs), then the whole prefill with gate_up + SiLU-mul
+    // fused against cuBLAS + silu_mul on the long prompt and on the later turn.
+    if model.has_own_gate_up() {
+        eprintln!("consistency: own wgmma GEMM vs cuBLAS on layer 0's gate_up ({long} rows)");
+        let (checks, _) = super::own_gemm::own_gemm_check(model, long, 0)?;
+        for (name, max_diff, ref_max) in checks {
+            let ok = max_diff <= tolerance_rel * ref_max.max(1.0);
+            results.push((name, max_diff, ok));
+        }
+        eprintln!("consistency: fused gate_up GEMM vs cuBLAS + silu_mul ({long} tokens)");
+        let was = model.set_own_gate_up_min_tokens(1);
+        let own = model.forward_logits(&step);
+        model.set_own_gate_up_min_tokens(usize::MAX);
+        let cublas = model.forward_logits(&step);
+        model.set_own_gate_up_min_tokens(was);
+        record(
+            "prefill with the fused gate_up GEMM == with cuBLAS + silu_mul",
+            &own?,
+            &cublas?,
+            results,
+        );
+        eprintln!(
+            "consistency: fused gate_up GEMM vs cuBLAS + silu_mul on a later turn ({turn_len} tokens after {context})"
+        );
+        model.set_own_gate_up_min_tokens(1);
+        let own = model.forward_logits(&later);
+        model.set_own_gate_up_min_tokens(usize::MAX);
+        let cublas = model.forward_logits(&later);
+        model.set_own_gate_up_min_tokens(was);
+        record(
+            &format!(
+                "later turn ({turn_len} tokens on {context} cached) with the fused gate_up GEMM == with cuBLAS + silu_mul"
+            ),
+            &own?,
+            &cublas?,
+            results,
+        );
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CudaError, CudaModel};
+use crate::cuda::{CudaError, CudaModel};
 use crate::batch::SeqStep;
 
 pub const DATASHEET_BANDWIDTH_BYTES_PER_S: f64 = 3.35e12;
@@ -42,6 +42,10 @@ pub struct BenchRow {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// Command line, card, driver and git commit of the run.
+    pub provenance: super::provenance::Provenance,
+    /// The prefill attention kernel the run used.
+    pub prefill_attention: String,
     pub device: String,
     pub model: String,
     pub dtype: String,
@@ -194,12 +198,12 @@ pub fn bench_prefill(
     n: usize,
     warmup: usize,
     reps: usize,
+    gap: bool,
 ) -> Result<BenchRow, CudaError> {
     let (table, prompt) = synthetic_prompt(model, n);
     let mut times = Vec::with_capacity(reps);
-    // Where the wall-vs-GPU gap goes (DJINN_BENCH_PREFILL_GAP=1): the GPU span of each step
-    // (events before the first and after the last enqueued work) and the host's enqueue time.
-    let gap = std::env::var_os("DJINN_BENCH_PREFILL_GAP").is_some_and(|v| v != "0");
+    // With `gap`, where the wall-vs-GPU gap goes: the GPU span of each step (events before the
+    // first and after the last enqueued work) and the host's enqueue time.
     let (mut spans, mut enqueues) = (Vec::new(), Vec::new());
     for rep in 0..warmup + reps {
         let step = SeqStep {
@@ -279,11 +283,12 @@ pub fn run_grid(
     prefill_lengths: &[usize],
     decode_batches: &[usize],
     decode_contexts: &[usize],
+    prefill_gap: bool,
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, CudaError> {
     let mut rows = Vec::new();
     for &n in prefill_lengths {
-        let row = bench_prefill(model, n, 2, 7)?;
+        let row = bench_prefill(model, n, 2, 7, prefill_gap)?;
         on_row(&row);
         rows.push(row);
     }
@@ -346,8 +351,8 @@ pub fn profile_decode(
             tokens: &tokens[b],
         })
         .collect();
-    model.profile_step(&steps)?; // warm (cuBLAS heuristics, caches)
-    model.profile_step(&steps)
+    super::profile::profile_step(model, &steps)?; // warm (cuBLAS heuristics, caches)
+    super::profile::profile_step(model, &steps)
 }
 
 /// GPU time per category of one prefill of `n` tokens, no warm-up step (so a hot card stays hot).
@@ -356,7 +361,7 @@ pub fn profile_prefill_once(
     n: usize,
 ) -> Result<Vec<(String, f64)>, CudaError> {
     let (table, prompt) = synthetic_prompt(model, n);
-    model.profile_step(&[SeqStep {
+    super::profile::profile_step(model, &[SeqStep {
         block_table: &table,
         context_len: 0,
         tokens: &prompt,
@@ -371,8 +376,8 @@ pub fn profile_prefill(model: &mut CudaModel, n: usize) -> Result<Vec<(String, f
         context_len: 0,
         tokens: &prompt,
     };
-    model.profile_step(&[step])?;
-    model.profile_step(&[step])
+    super::profile::profile_step(model, &[step])?;
+    super::profile::profile_step(model, &[step])
 }
 
 pub fn format_profile(label: &str, profile: &[(String, f64)]) -> String {

@@ -1,0 +1,71 @@
+//! The forward's remaining choices, typed: which prefill attention kernel, how prefill GEMMs pick
+//! their algorithm, and the step-size thresholds of the paths whose winner depends on the step.
+//! `EngineTuning::default()` is the measured-fastest path on every supported card (`Auto` resolves
+//! per card at start-up); the other values exist for the consistency checks and benchmarks that
+//! compare paths. docs/engine-cuda.md holds the measurements behind each default.
+
+use std::path::PathBuf;
+
+/// Prefill attention kernel family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrefillAttention {
+    /// `Wgmma` where the card and model allow it (sm_90, head_dim 128), else `Mma`.
+    #[default]
+    Auto,
+    /// Hopper wgmma kernels: the warp-specialised persistent kernel where the KV block size
+    /// divides its 128-key chunks into whole swizzle atoms (8-128 tokens), else the plain wgmma
+    /// kernel. An error at start-up on other cards or head sizes.
+    Wgmma,
+    /// mma.sync tensor-core kernels (any architecture, every supported head size).
+    Mma,
+}
+
+/// How prefill-sized GEMMs (at least 512 rows) choose their cuBLASLt algorithm.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum GemmTuning {
+    /// `cublasGemmEx` with cuBLAS's own heuristic choice.
+    Off,
+    /// The first GEMM of each shape times cuBLASLt's heuristic candidates and keeps the fastest.
+    #[default]
+    Timed,
+    /// Searched configurations from a table (`djinn engine gemm-search`): the built-in
+    /// `engine/data/gemm_configs.tsv` (`None`) or a file; shapes without a usable entry fall back
+    /// to `Timed`.
+    Table(Option<PathBuf>),
+}
+
+/// The typed options of the CUDA forward, parsed once (CLI flags of the `djinn engine`
+/// subcommands) and carried in `CudaModelOptions`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineTuning {
+    pub prefill_attention: PrefillAttention,
+    pub gemm_tuning: GemmTuning,
+    /// Steps of at least this many tokens run gate_up + SiLU-mul as the own fused wgmma GEMM
+    /// (sm_90a); `usize::MAX`: never (cuBLAS + `silu_mul`).
+    pub own_gate_up_min_tokens: usize,
+    /// Steps of at least this many tokens keep the residual stream in the weights' type;
+    /// `usize::MAX`: f32 for every step.
+    pub half_residual_min_tokens: usize,
+    /// Prefill steps run the last layer's attention, o_proj and MLP on each sequence's last row
+    /// only (false: every row through the whole last layer).
+    pub prune_last_layer: bool,
+    /// Programmatic dependent launch of the forward's kernels (sm_90+; ignored before).
+    pub pdl: bool,
+}
+
+/// Default thresholds (the measured crossovers on the H100, docs/engine-cuda.md).
+pub const OWN_GATE_UP_MIN_TOKENS: usize = 512;
+pub const HALF_RESIDUAL_MIN_TOKENS: usize = 64;
+
+impl Default for EngineTuning {
+    fn default() -> Self {
+        EngineTuning {
+            prefill_attention: PrefillAttention::Auto,
+            gemm_tuning: GemmTuning::Timed,
+            own_gate_up_min_tokens: OWN_GATE_UP_MIN_TOKENS,
+            half_residual_min_tokens: HALF_RESIDUAL_MIN_TOKENS,
+            prune_last_layer: true,
+            pdl: true,
+        }
+    }
+}
