@@ -162,8 +162,7 @@ extern "C" __global__ void gather_last_rows(const T* qkv, const unsigned char* r
 }
 
 // T residual, many rows, 16-byte accesses (8 elements per step; hidden is a multiple of 8): 256 threads
-// per row, each keeping 2 uint4 of the row (hidden 4096) in registers. The default for a T residual;
-// DJINN_CUDA_NORM_ROWS_8B=1 selects add_rmsnorm_rows_h (8-byte accesses) for A/B.
+// per row, each keeping 2 uint4 of the row (hidden 4096) in registers.
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8]) {
     const T2* p = reinterpret_cast<const T2*>(&raw);
 #pragma unroll
