@@ -7,10 +7,35 @@
 
 use serde::Serialize;
 
-use crate::cuda::GpuDevice;
+use crate::cuda::{CudaError, GpuDevice};
+use crate::swap::SwapError;
 
 pub mod bench;
 pub mod check;
+
+/// Why a probe could not run (a check that ran and failed is an outcome, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error("CUDA driver call failed while {during}: {detail}")]
+    Driver {
+        during: &'static str,
+        detail: String,
+    },
+    #[error("invalid swap-bench option: {0}")]
+    BadOption(String),
+}
+
+/// Maps a driver error to [`ProbeError::Driver`], saying what was being done.
+pub(crate) fn driver(during: &'static str) -> impl Fn(cudarc::driver::DriverError) -> ProbeError {
+    move |error| ProbeError::Driver {
+        during,
+        detail: format!("{error:?}"),
+    }
+}
 
 /// What the caller knows about how it was started: the command line and the git commit it was
 /// built from (the engine crate cannot see the binary's build information itself).

@@ -16,7 +16,7 @@ pub enum CopyMethod {
 }
 
 /// One `cuMemcpyAsync` of a swap on `stream` (device -> host for Out, host -> device for In).
-pub(super) fn copy_async(
+fn copy_async(
     direction: SwapDirection,
     dst: sys::CUdeviceptr,
     src: sys::CUdeviceptr,
@@ -151,17 +151,26 @@ impl CudaSwapEngine {
                     "enqueueing a batched swap copy (cuMemcpyBatchAsync_v2)",
                 ))?;
             }
-            CopyMethod::PerRun => {
-                for i in 0..copies {
-                    copy_async(
-                        direction,
-                        self.scratch_dsts[i],
-                        self.scratch_srcs[i],
-                        self.scratch_sizes[i],
-                        stream,
-                    )?;
-                }
-            }
+            CopyMethod::PerRun => self.enqueue_each(stream, direction, 0..copies)?,
+        }
+        Ok(())
+    }
+
+    /// The scratch copies in `range`, one `cuMemcpyAsync` each.
+    pub(super) fn enqueue_each(
+        &self,
+        stream: &CudaStream,
+        direction: SwapDirection,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), SwapError> {
+        for i in range {
+            copy_async(
+                direction,
+                self.scratch_dsts[i],
+                self.scratch_srcs[i],
+                self.scratch_sizes[i],
+                stream,
+            )?;
         }
         Ok(())
     }

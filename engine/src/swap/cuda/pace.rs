@@ -6,7 +6,6 @@ use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
 
-use super::copies::copy_async;
 use super::{direction_index, driver, CudaSwapEngine};
 use crate::swap::{SwapDirection, SwapError};
 
@@ -182,15 +181,7 @@ impl CudaSwapEngine {
                 })
             }
             .map_err(driver("launching a swap pace gate"))?;
-            for i in first..group_end {
-                copy_async(
-                    direction,
-                    self.scratch_dsts[i],
-                    self.scratch_srcs[i],
-                    self.scratch_sizes[i],
-                    stream,
-                )?;
-            }
+            self.enqueue_each(stream, direction, first..group_end)?;
             first = group_end;
         }
         Ok(())

@@ -29,7 +29,7 @@ impl GpuKvPoolRef {
 /// synchronous).
 ///
 /// Ordinary pinned memory (flags 0), not write-combined: the host side of the KV may be read by
-/// the CPU (tests, checkpoints), and both gave the same DMA rate on our machines (GPU.md 3.7).
+/// the CPU (tests, checkpoints), and both gave the same DMA rate on the H100 machines measured.
 pub struct PinnedHostPool {
     ctx: Arc<CudaContext>,
     ptr: *mut u8,

@@ -282,7 +282,7 @@ impl<'a> SwapPump<'a> {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // a bench helper: the measurement's whole context
+#[allow(clippy::too_many_arguments)] // the measurement's whole context
 pub(super) fn decode_slowdown(
     engine: &mut CudaSwapEngine,
     traffic: &SwapTraffic,

@@ -13,8 +13,8 @@ use crate::swap::{BlockPair, SwapDirection, SwapRecord};
 
 pub(super) const LAYERED_PREFILL_TOKENS: usize = 512;
 
-/// Per-layer readiness (issue 6's stretch goal): an agent's `agent_context_tokens` context comes
-/// back from host memory and a prefill of `LAYERED_PREFILL_TOKENS` new tokens runs on it. Today's
+/// Per-layer readiness: an agent's `agent_context_tokens` context comes
+/// back from host memory and a prefill of `LAYERED_PREFILL_TOKENS` new tokens runs on it. The
 /// run loop waits until the swap is reported complete, then runs the step; with a layer-by-layer
 /// swap-in (`submit_layered`) and a step gated per layer (`gate_next_step_on_layers`) the step is
 /// enqueued at once and each layer runs as soon as its KV has arrived. Host wall time from submit
@@ -83,7 +83,7 @@ pub(super) fn layered_readiness(
         let (id, _) = engine.submit_layered(1, &in_pairs, layers)?;
         records.extend(engine.wait(id)?);
         let s = t.elapsed().as_secs_f64() * 1e3;
-        // Today: wait for the swap (one batched copy), then the step.
+        // As the run loop does: wait for the swap (one batched copy), then the step.
         let t = Instant::now();
         let id = engine.submit(1, SwapDirection::In, &in_pairs)?;
         records.extend(engine.wait(id)?);
@@ -105,12 +105,61 @@ pub(super) fn layered_readiness(
             layered_ms.push(l);
         }
     }
+    let times = Times {
+        prefill_ms,
+        swap_ms,
+        whole_ms,
+        layered_ms,
+    };
     let bytes = (blocks * engine.gpu_pool().block_bytes) as u64;
+    let shape = Shape {
+        bytes,
+        blocks,
+        context,
+        layers,
+    };
+    Ok(readiness_rows(&times, &shape, floors, tokens_agree))
+}
+
+/// Host wall times of the four arms, one per repetition.
+struct Times {
+    prefill_ms: Vec<f64>,
+    swap_ms: Vec<f64>,
+    whole_ms: Vec<f64>,
+    layered_ms: Vec<f64>,
+}
+
+/// The swapped context: bytes, blocks, tokens, and the model's layers.
+struct Shape {
+    bytes: u64,
+    blocks: usize,
+    context: usize,
+    layers: usize,
+}
+
+fn readiness_rows(
+    times: &Times,
+    shape: &Shape,
+    floors: &Floors,
+    tokens_agree: bool,
+) -> Vec<SwapBenchRow> {
+    let &Shape {
+        bytes,
+        blocks,
+        context,
+        layers,
+    } = shape;
+    let Times {
+        prefill_ms,
+        swap_ms,
+        whole_ms,
+        layered_ms,
+    } = times;
     let (p, s, w, l) = (
-        percentile_50(&prefill_ms),
-        percentile_50(&swap_ms),
-        percentile_50(&whole_ms),
-        percentile_50(&layered_ms),
+        percentile_50(prefill_ms),
+        percentile_50(swap_ms),
+        percentile_50(whole_ms),
+        percentile_50(layered_ms),
     );
     let ideal = s + p / layers as f64;
     let row = |name: String, ms: &[f64], floor: f64, floor_what: &str, note: String| {
@@ -135,31 +184,31 @@ pub(super) fn layered_readiness(
         "llama2-7b random fp16, {context}-token context ({blocks} blocks, {:.2} GiB) swapped in, prefill of {LAYERED_PREFILL_TOKENS} new tokens, host wall time",
         bytes as f64 / GIB as f64
     );
-    Ok(vec![
+    vec![
         row(
             format!("prefill {LAYERED_PREFILL_TOKENS} tokens on a resident {context}-token context"),
-            &prefill_ms,
+            prefill_ms,
             p,
             "itself",
             what.clone(),
         ),
         row(
             format!("swap-in of the {context}-token context, layer by layer ({layers} batched copies)"),
-            &swap_ms,
+            swap_ms,
             bytes as f64 / (floors.in_gb_per_s * 1e6),
             "ms at the measured H2D floor",
             format!("{:.1} GB/s", bytes as f64 / (s * 1e6)),
         ),
         row(
-            "swap-in then prefill: the step after the swap is reported (today's run loop)".into(),
-            &whole_ms,
+            "swap-in then prefill: the step after the swap is reported (as the run loop does)".into(),
+            whole_ms,
             s + p,
             "ms swap alone + prefill alone",
             what.clone(),
         ),
         row(
             "swap-in and prefill gated per layer (per-layer readiness)".into(),
-            &layered_ms,
+            layered_ms,
             ideal,
             "ms swap alone + prefill / layers (the last layer's share)",
             format!(
@@ -167,5 +216,5 @@ pub(super) fn layered_readiness(
                 w / l
             ),
         ),
-    ])
+    ]
 }

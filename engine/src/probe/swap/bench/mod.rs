@@ -33,35 +33,16 @@ use floors::Floors;
 pub use interference::ArmSet;
 use transfers::SwapTraffic;
 
-use super::{Invocation, Provenance};
+use super::{driver, Invocation, ProbeError, Provenance};
 use crate::config::{DType, KvLayout, ModelConfig};
-use crate::cuda::{CudaError, CudaModel, CudaModelOptions, DeviceBuffer, GpuDevice, WeightSource};
+use crate::cuda::{CudaModel, CudaModelOptions, DeviceBuffer, GpuDevice, WeightSource};
 use crate::swap::cuda::{
     high_priority_stream, CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool,
 };
-use crate::swap::{SwapEngine, SwapError, SwapRecord};
+use crate::swap::{SwapEngine, SwapRecord};
 
-#[derive(Debug, thiserror::Error)]
-pub enum SwapBenchError {
-    #[error(transparent)]
-    Swap(#[from] SwapError),
-    #[error(transparent)]
-    Cuda(#[from] CudaError),
-    #[error("CUDA driver call failed while {during}: {detail}")]
-    Driver {
-        during: &'static str,
-        detail: String,
-    },
-    #[error("invalid swap-bench option: {0}")]
-    BadOption(String),
-}
-
-fn driver(during: &'static str) -> impl Fn(cudarc::driver::DriverError) -> SwapBenchError {
-    move |error| SwapBenchError::Driver {
-        during,
-        detail: format!("{error:?}"),
-    }
-}
+/// Errors of the bench.
+pub type SwapBenchError = ProbeError;
 
 /// Which decode step runs during the slowdown measurement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -18,33 +18,16 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::{Invocation, Provenance};
-use crate::cuda::{CudaError, DeviceBuffer, GpuDevice};
+use super::{driver, Invocation, ProbeError, Provenance};
+use crate::cuda::{DeviceBuffer, GpuDevice};
 use crate::swap::cuda::{CopyMethod, GpuKvPoolRef, PinnedHostPool, SwapInPath};
-use crate::swap::{BlockPair, SwapError};
+use crate::swap::BlockPair;
 
 mod copies;
 mod logits;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SwapCheckError {
-    #[error(transparent)]
-    Swap(#[from] SwapError),
-    #[error(transparent)]
-    Cuda(#[from] CudaError),
-    #[error("CUDA driver call failed while {during}: {detail}")]
-    Driver {
-        during: &'static str,
-        detail: String,
-    },
-}
-
-fn driver(during: &'static str) -> impl Fn(cudarc::driver::DriverError) -> SwapCheckError {
-    move |error| SwapCheckError::Driver {
-        during,
-        detail: format!("{error:?}"),
-    }
-}
+/// Errors of the checks.
+pub type SwapCheckError = ProbeError;
 
 /// The outcome of one check: its name, whether it held, and what was seen.
 #[derive(Clone, Debug, Serialize)]
