@@ -67,6 +67,7 @@ pub struct SwapBenchArgs {
     /// Directory for swap_bench.json, swap_bench.txt and swaps.csv.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
+    /// Seed of the scattered block ids and of the engine's random weights and KV.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Run the interference probe instead of the transfer sections and the usual decode rows:
