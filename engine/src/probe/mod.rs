@@ -1,5 +1,9 @@
-//! Probes and benchmarks of the engine: code that measures or checks the product from outside
-//! (behind the `djinn engine` commands and the GPU tests), never on a serving path.
+//! Probes and benchmarks of the engine: measurements and GPU checks of the CUDA forward and the swap
+//! engine, reached through `djinn engine ...` commands and the GPU tests. The library's run path
+//! never calls into this module: a probe may allocate its own pools, spin the GPU, and print; the
+//! mechanisms it measures live elsewhere in the crate.
 
 #[cfg(feature = "cuda")]
 pub mod forward;
+#[cfg(feature = "cuda")]
+pub mod swap;

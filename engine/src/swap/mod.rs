@@ -30,10 +30,6 @@ pub mod cpu;
 pub mod host_pool;
 
 #[cfg(feature = "cuda")]
-pub mod bench;
-#[cfg(feature = "cuda")]
-pub mod check;
-#[cfg(feature = "cuda")]
 pub mod cuda;
 
 /// Identifies one submitted swap within one engine (dense, from 0).
