@@ -38,13 +38,13 @@ pub struct FitArgs {
     #[arg(required = true, value_name = "RUN_DIR")]
     pub runs: Vec<PathBuf>,
     /// Also fit to an engine benchmark's rows (the JSON `djinn engine bench --json` writes, e.g.
-    /// engine/bench/h100_llama2_7b_bench_s2.json): clean decode steps at batch 1-64 and contexts
+    /// results/h100/engine-bench-llama2-7b.json): clean decode steps at batch 1-64 and contexts
     /// 512-2048 and prefills of 512-4096 tokens, the shapes a real run visits too rarely.
     #[arg(long = "bench", value_name = "FILE")]
     pub bench: Vec<PathBuf>,
     /// Also fit what copies cost a step running beside them, from a copy-interference measurement
     /// (the JSON `djinn engine swap-bench --interference-rounds N --json` writes, e.g.
-    /// engine/bench/s3/swap_interference_s3_call2.json): the engine's decode step with swap-in,
+    /// results/h100/swap-interference-swap-in-caps.json): the engine's decode step with swap-in,
     /// swap-out or both at measured rates, and its slowdown. Sets each channel's
     /// `step_memory_bytes_per_copied_byte`; without it they stay the base profile's.
     #[arg(long = "interference", value_name = "FILE")]

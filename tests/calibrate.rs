@@ -1,4 +1,4 @@
-//! `djinn calibrate`: a profile fitted to the shipped real H100 runs (engine/bench/real-runs) is
+//! `djinn calibrate`: a profile fitted to the shipped real H100 runs (results/h100/real-runs) is
 //! valid, reproducible, closer to the real steps than the analytic profile, and simulates the real
 //! runs' turn latencies more closely; bad inputs exit 2 naming what is wrong.
 
@@ -6,14 +6,16 @@ use std::path::Path;
 mod common;
 use common::{djinn, fails_with, temp};
 
-const RUNS: &str = "engine/bench/real-runs/merged/seed-cliff";
-const BENCH: &str = "engine/bench/h100_llama2_7b_bench_s2.json";
-/// The decode step beside the swap engine at measured rates (session 3, H100).
+const RUNS: &str = "results/h100/real-runs/seed-cliff-48agents-24gib/seed-cliff";
+const BENCH: &str = "results/h100/engine-bench-llama2-7b-fit-input.json";
+/// The decode step beside the swap engine at measured rates (H100).
 const INTERFERENCE: [&str; 3] = [
-    "engine/bench/s3/swap_interference_s3_call1.json",
-    "engine/bench/s3/swap_interference_s3_call2.json",
-    "engine/bench/s3/swap_interference_s3_call3_crossing.json",
+    "results/h100/swap-interference-probe.json",
+    "results/h100/swap-interference-swap-in-caps.json",
+    "results/h100/swap-interference-crossing.json",
 ];
+/// A folder of result files that holds no run directory.
+const NOT_RUNS: &str = "results/h100";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -151,7 +153,7 @@ fn bad_calibration_inputs_exit_2_naming_the_problem() {
     );
     fails_with(&["calibrate", "fit", "/no/such/dir"], "not a directory");
     fails_with(
-        &["calibrate", "fit", &format!("{root}/engine/bench")],
+        &["calibrate", "fit", &format!("{root}/{NOT_RUNS}")],
         "no manifest.json",
     );
     let dir = temp("calibrate", "bad");

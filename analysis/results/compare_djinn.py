@@ -1,4 +1,4 @@
-# Does `djinn` win or tie against the policy zoo? Issue 4's check, per (workload, agents).
+# Does `djinn` win or tie against the policy zoo? Per (workload, agents).
 #
 # Usage: python3 analysis/results/compare_djinn.py RESULTS.csv [MORE.csv ...] [--tie 0.01]
 #        (RESULTS.csv: rows of `djinn sweep`, e.g. analysis/sweeps/zoo-wins.toml)
@@ -9,7 +9,7 @@
 #   cannot beat djinn; one that completed more turns beats djinn whatever its P99;
 # - djinn ties when its P99 is within the tie tolerance (default 1%) of the best non-oracle
 #   policy's, wins when below it, and LOSES when above it by more than the tolerance;
-# - "oracle gap" = djinn P99 / oracle P99 - 1 (issue 4 asks for at most 10%).
+# - "oracle gap" = djinn P99 / oracle P99 - 1 (the target is at most 10%).
 # Prints one line per row and a tally; exit status 0 (a report, not a test).
 import collections
 import csv
