@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Merge `djinn engine bench` (engine_bench.json) with hf_bench.py's rows (same call, same card) into
+"""Merge `djinn engine bench` (engine_bench.json) with hf_bench.py's rows (measured on the same card) into
 one JSON + CSV, and print the speed-ups of the CUDA engine over each HF peer.
 
 Usage: python3 bench_side_by_side.py engine_bench.json hf_bench.json OUT_PREFIX

@@ -196,6 +196,7 @@ mod with_cuda {
     use engine::probe::forward::provenance::Provenance;
     use engine::probe::forward::{bench as cb, check as cc, gemm_search as gs, own_gemm};
     use engine::weights::WeightSet;
+    use std::path::Path;
 
     pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
         match s {
@@ -268,7 +269,13 @@ mod with_cuda {
         options.max_tokens_per_step = max_rows;
         options.max_seqs_per_step = 1;
         options.num_kv_blocks = Some(max_rows.div_ceil(options.block_size_tokens));
-        open_cuda_model(&args.model, dtype, args.seed, Some(options), args.tuning.to_tuning()?)
+        open_cuda_model(
+            &args.model,
+            dtype,
+            args.seed,
+            Some(options),
+            args.tuning.to_tuning()?,
+        )
     }
 
     pub fn gemm_search(args: GemmSearchArgs) -> anyhow::Result<()> {
@@ -365,7 +372,54 @@ mod with_cuda {
     pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let dtype = parse_dtype(&args.dtype)?;
         let config = preset_named(&args.model)?;
-        let mut options = CudaModelOptions::for_config(&config);
+        let options = bench_options(&args, dtype, &config);
+        let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+        let tuning = args.tuning.to_tuning()?;
+        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options), tuning)?;
+        print_memory_plan(&model);
+        let started = std::time::Instant::now();
+        model.capture_decode_graphs(max_batch)?;
+        println!(
+            "decode graphs captured up to batch {max_batch} in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        let mut rows = cb::run_grid(
+            &mut model,
+            &args.prefill,
+            &args.batches,
+            &args.contexts,
+            args.prefill_gap,
+            |row| {
+                println!("{}", cb::format_row(row));
+            },
+        )?;
+        for p in &bench_profiles(&mut model, &args, max_batch)? {
+            println!("{p}");
+        }
+        for line in model.gemm_tuning_report() {
+            println!("tuning: {line}");
+        }
+        if let Some(path) = &args.hf_results {
+            rows.extend(hf_side_by_side(path, &rows)?);
+        }
+        let report = cb::BenchReport {
+            provenance: Provenance::collect(&model.device, &crate::runio::code_version()),
+            prefill_attention: model.prefill_attention_name().to_string(),
+            device: model.device.name.clone(),
+            model: args.model.clone(),
+            dtype: args.dtype.clone(),
+            kv_blocks: model.kv_pool().num_blocks(),
+            kv_block_bytes: model.kv_pool().block_bytes(),
+            cuda_graphs: model.options.use_cuda_graphs,
+            rows,
+        };
+        write_bench_report(&report, &args.out)
+    }
+
+    /// The model options of `djinn engine bench`: a KV pool and step size for the largest decode
+    /// and prefill configuration of the grid (or `--kv-blocks`).
+    fn bench_options(args: &BenchArgs, dtype: DType, config: &ModelConfig) -> CudaModelOptions {
+        let mut options = CudaModelOptions::for_config(config);
         options.dtype = dtype;
         options.use_cuda_graphs = !args.no_graphs;
         let bs = options.block_size_tokens;
@@ -394,8 +448,11 @@ mod with_cuda {
             .unwrap_or(512)
             .max(max_batch);
         options.max_seqs_per_step = max_batch.max(1);
-        let tuning = args.tuning.to_tuning()?;
-        let mut model = open_cuda_model(&args.model, dtype, args.seed, Some(options), tuning)?;
+        options
+    }
+
+    /// The start-up memory plan and the KV pool.
+    fn print_memory_plan(model: &CudaModel) {
         for (what, bytes) in &model.memory_breakdown {
             println!(
                 "  memory: {what}: {:.1} MiB",
@@ -413,23 +470,17 @@ mod with_cuda {
                 "off"
             }
         );
-        let started = std::time::Instant::now();
-        model.capture_decode_graphs(max_batch)?;
-        println!(
-            "decode graphs captured up to batch {max_batch} in {:.2} s",
-            started.elapsed().as_secs_f64()
-        );
-        let mut rows = cb::run_grid(
-            &mut model,
-            &args.prefill,
-            &args.batches,
-            &args.contexts,
-            args.prefill_gap,
-            |row| {
-                println!("{}", cb::format_row(row));
-            },
-        )?;
-        // Where the time goes (eager launches, an event after every kernel and GEMM).
+    }
+
+    /// Where the time goes (eager launches, an event after every kernel and GEMM): one prefill
+    /// (2048 tokens if timed, else the first length) and decode at the largest context, batch 1
+    /// and the largest batch (where the pool holds them).
+    fn bench_profiles(
+        model: &mut CudaModel,
+        args: &BenchArgs,
+        max_batch: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let bs = model.options.block_size_tokens;
         let mut profiles = Vec::new();
         if let Some(&n) = args
             .prefill
@@ -439,7 +490,7 @@ mod with_cuda {
         {
             profiles.push(cb::format_profile(
                 &format!("prefill {n}"),
-                &cb::profile_prefill(&mut model, n)?,
+                &cb::profile_prefill(model, n)?,
             ));
         }
         let big_ctx = args.contexts.iter().copied().max().unwrap_or(512);
@@ -447,67 +498,57 @@ mod with_cuda {
             if b * big_ctx.div_ceil(bs) <= model.kv_pool().num_blocks() {
                 profiles.push(cb::format_profile(
                     &format!("decode batch {b} context {big_ctx}"),
-                    &cb::profile_decode(&mut model, b, big_ctx)?,
+                    &cb::profile_decode(model, b, big_ctx)?,
                 ));
             }
         }
-        for p in &profiles {
-            println!("{p}");
-        }
-        for line in model.gemm_tuning_report() {
-            println!("tuning: {line}");
-        }
-        let report_device = model.device.name.clone();
-        if let Some(path) = &args.hf_results {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let hf: Vec<cb::BenchRow> = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", path.display()))?;
-            println!(
-                "-- HF transformers on the same card (from {}):",
-                path.display()
-            );
-            for row in &hf {
-                println!("{}", cb::format_row(row));
-                if let Some(ours) = rows
-                    .iter()
-                    .find(|r| r.kind == row.kind && r.batch == row.batch && r.tokens == row.tokens)
-                {
-                    println!(
-                        "   djinn-cuda is x{:.2} faster than {} here",
-                        row.ms_p50 / ours.ms_p50,
-                        row.system
-                    );
-                } else if let Some(ours) = rows
-                    .iter()
-                    .filter(|r| r.kind == row.kind && r.batch == row.batch)
-                    .min_by_key(|r| r.tokens.abs_diff(row.tokens))
-                {
-                    println!(
-                        "   djinn-cuda ({} tokens) is x{:.2} faster than {} ({} tokens)",
-                        ours.tokens,
-                        row.ms_p50 / ours.ms_p50,
-                        row.system,
-                        row.tokens
-                    );
-                }
+        Ok(profiles)
+    }
+
+    /// HF transformers' rows (engine/scripts/hf_bench.py's JSON) printed beside ours with the
+    /// speed-up on the same (or the nearest) configuration; returns them for the report.
+    fn hf_side_by_side(path: &Path, rows: &[cb::BenchRow]) -> anyhow::Result<Vec<cb::BenchRow>> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let hf: Vec<cb::BenchRow> =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        println!(
+            "-- HF transformers on the same card (from {}):",
+            path.display()
+        );
+        for row in &hf {
+            println!("{}", cb::format_row(row));
+            if let Some(ours) = rows
+                .iter()
+                .find(|r| r.kind == row.kind && r.batch == row.batch && r.tokens == row.tokens)
+            {
+                println!(
+                    "   djinn-cuda is x{:.2} faster than {} here",
+                    row.ms_p50 / ours.ms_p50,
+                    row.system
+                );
+            } else if let Some(ours) = rows
+                .iter()
+                .filter(|r| r.kind == row.kind && r.batch == row.batch)
+                .min_by_key(|r| r.tokens.abs_diff(row.tokens))
+            {
+                println!(
+                    "   djinn-cuda ({} tokens) is x{:.2} faster than {} ({} tokens)",
+                    ours.tokens,
+                    row.ms_p50 / ours.ms_p50,
+                    row.system,
+                    row.tokens
+                );
             }
-            rows.extend(hf);
         }
-        let report = cb::BenchReport {
-            provenance: Provenance::collect(&model.device, &crate::runio::code_version()),
-            prefill_attention: model.prefill_attention_name().to_string(),
-            device: report_device,
-            model: args.model.clone(),
-            dtype: args.dtype.clone(),
-            kv_blocks: model.kv_pool().num_blocks(),
-            kv_block_bytes: model.kv_pool().block_bytes(),
-            cuda_graphs: model.options.use_cuda_graphs,
-            rows,
-        };
-        std::fs::create_dir_all(&args.out)?;
-        let json_path = args.out.join("engine_bench.json");
-        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+        Ok(hf)
+    }
+
+    /// Writes engine_bench.json and engine_bench.csv into `out`.
+    fn write_bench_report(report: &cb::BenchReport, out: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(out)?;
+        let json_path = out.join("engine_bench.json");
+        std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
         let mut csv = String::from("device,system,kind,batch,tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor\n");
         for r in &report.rows {
             csv += &format!(
@@ -528,7 +569,7 @@ mod with_cuda {
                 r.ratio_to_measured_floor
             );
         }
-        std::fs::write(args.out.join("engine_bench.csv"), csv)?;
+        std::fs::write(out.join("engine_bench.csv"), csv)?;
         println!("wrote {} and engine_bench.csv", json_path.display());
         Ok(())
     }
@@ -566,89 +607,13 @@ mod with_cuda {
                 steps,
                 tolerance,
                 tuning,
-            } => {
-                let dtype = parse_dtype(&dtype)?;
-                let tol = tolerance.unwrap_or(if dtype == DType::Bf16 { 0.08 } else { 0.02 });
-                let ws = WeightSet::load(&weights)
-                    .with_context(|| format!("loading {}", weights.display()))?;
-                let blocks = 64;
-                let mut cpu = engine::cpu::CpuModel::new(&ws, blocks, 16)?;
-                let device = GpuDevice::open(0)?;
-                print_device(&device);
-                let mut options = CudaModelOptions::for_config(&ws.config);
-                options.dtype = dtype;
-                options.num_kv_blocks = Some(blocks);
-                options.max_tokens_per_step = 256;
-                options.max_seqs_per_step = 8;
-                options.tuning = tuning.to_tuning()?;
-                let mut gpu = CudaModel::new(device, WeightSource::Host(&ws), options)?;
-                let report =
-                    cc::compare_backends(&mut gpu, &mut cpu, ws.config.vocab_size, steps, tol)
-                        .map_err(|e| anyhow::anyhow!(e))?;
-                for d in &report.steps {
-                    println!(
-                        "step {:>2}: max |diff| {:.3e} (max |ref| {:.2}), rel L2 {:.2e}, argmax mismatches {} (near ties {})",
-                        d.step, d.max_abs_diff, d.ref_max_abs, d.rel_l2, d.argmax_mismatches, d.argmax_near_ties
-                    );
-                }
-                println!(
-                    "{} {}: CUDA {dtype:?} vs CPU f32 over {} steps: worst max |diff| {:.3e}, worst rel L2 {:.2e}, tolerance {tol} x max(1, max|ref|); greedy tokens identical for {} of {steps} decode steps",
-                    if report.passed { "PASS" } else { "FAIL" },
-                    weights.display(),
-                    report.steps.len(),
-                    report.worst_max_abs_diff,
-                    report.worst_rel_l2,
-                    report.greedy_steps_identical
-                );
-                anyhow::ensure!(
-                    report.passed,
-                    "CUDA and CPU logits disagree beyond the tolerance"
-                );
-                Ok(())
-            }
+            } => check_cuda_vs_cpu(&weights, &dtype, steps, tolerance, &tuning),
             CheckCommand::Consistency {
                 model,
                 dtype,
                 seed,
                 tuning,
-            } => {
-                let dtype = parse_dtype(&dtype)?;
-                let tuning = tuning.to_tuning()?;
-                // Room for the 2048-token tuned-GEMM / prefill-attention checks next to the short
-                // ones (where the model's positions allow), for presets and weight paths alike.
-                let sized = |config: &ModelConfig| {
-                    let mut o = CudaModelOptions::for_config(config);
-                    o.num_kv_blocks = Some(160);
-                    o.max_tokens_per_step = 2048;
-                    o.max_seqs_per_step = 8;
-                    o
-                };
-                let mut m = if let Some(config) = ModelConfig::preset(&model) {
-                    open_cuda_model(&model, dtype, seed, Some(sized(&config)), tuning)?
-                } else {
-                    let path = PathBuf::from(&model);
-                    let ws = WeightSet::load(&path)
-                        .with_context(|| format!("loading weights from {}", path.display()))?;
-                    let mut opts = sized(&ws.config);
-                    opts.dtype = dtype;
-                    opts.tuning = tuning;
-                    let device = GpuDevice::open(0)?;
-                    print_device(&device);
-                    CudaModel::new(device, WeightSource::Host(&ws), opts)?
-                };
-                let tol = if dtype == DType::Bf16 { 0.08 } else { 0.02 };
-                let results = cc::self_consistency(&mut m, tol)?;
-                let mut failed = 0;
-                for (name, diff, ok) in &results {
-                    println!(
-                        "{} {name}: max |diff| {diff:.3e} (tolerance {tol} x max(1, max|logit|))",
-                        if *ok { "PASS" } else { "FAIL" }
-                    );
-                    failed += usize::from(!ok);
-                }
-                anyhow::ensure!(failed == 0, "{failed} consistency checks failed");
-                Ok(())
-            }
+            } => check_consistency(&model, &dtype, seed, &tuning),
             CheckCommand::HfDump {
                 model,
                 dtype,
@@ -656,86 +621,188 @@ mod with_cuda {
                 out,
                 long,
                 tuning,
-            } => {
-                let dtype = parse_dtype(&dtype)?;
-                let mut options = None;
-                if let Some(config) = ModelConfig::preset(&model) {
-                    anyhow::ensure!(
-                        long <= config.max_position_embeddings,
-                        "--long {long}: the {model} preset has {} positions",
-                        config.max_position_embeddings
-                    );
-                    let mut o = CudaModelOptions::for_config(&config);
-                    o.num_kv_blocks = Some(8 + long.div_ceil(o.block_size_tokens));
-                    o.max_tokens_per_step = long.max(64);
-                    o.max_seqs_per_step = 2;
-                    options = Some(o);
-                }
-                let mut m = open_cuda_model(&model, dtype, seed, options, tuning.to_tuning()?)?;
-                let vocab = m.config.vocab_size;
-                let prompt: Vec<u32> = (0..32).map(|i| ((i * 7919 + 17) % vocab) as u32).collect();
-                let table: Vec<u32> = (0..4).collect();
-                let prefix = 24usize;
-                let mut decode_logits = Vec::new();
-                m.forward_logits(&[engine::batch::SeqStep {
-                    block_table: &table,
-                    context_len: 0,
-                    tokens: &prompt[..prefix],
-                }])?;
-                for i in prefix..prompt.len() {
-                    let l = m.forward_logits(&[engine::batch::SeqStep {
-                        block_table: &table,
-                        context_len: i,
-                        tokens: &prompt[i..i + 1],
-                    }])?;
-                    decode_logits.push(l.data);
-                }
-                let table2: Vec<u32> = (4..8).collect();
-                let prefill = m.forward_logits(&[engine::batch::SeqStep {
-                    block_table: &table2,
-                    context_len: 0,
-                    tokens: &prompt,
-                }])?;
-                // The long prompt on the blocks after the two short tables.
-                let long_prompt: Vec<u32> =
-                    (0..long).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
-                let long_logits = if long > 0 {
-                    let bs = m.options.block_size_tokens;
-                    let table3: Vec<u32> = (8..(8 + long.div_ceil(bs)) as u32).collect();
-                    Some(
-                        m.forward_logits(&[engine::batch::SeqStep {
-                            block_table: &table3,
-                            context_len: 0,
-                            tokens: &long_prompt,
-                        }])?
-                        .data,
-                    )
-                } else {
-                    None
-                };
-                let started = std::time::Instant::now();
-                m.save_hf_checkpoint(&out)?;
-                println!(
-                    "wrote the HF checkpoint to {} in {:.1} s",
-                    out.display(),
-                    started.elapsed().as_secs_f64()
-                );
-                let json = serde_json::json!({
-                    "prompt": prompt,
-                    "decode_positions": (prefix..prompt.len()).collect::<Vec<_>>(),
-                    "decode_logits": decode_logits,
-                    "prefill_last_logits": prefill.data,
-                    "long_prompt": long_prompt,
-                    "long_prefill_last_logits": long_logits,
-                    "dtype": format!("{dtype:?}"),
-                    "device": m.device.name,
-                    "prefill_attention": m.prefill_attention_name(),
-                    "provenance": Provenance::collect(&m.device, &crate::runio::code_version()),
-                });
-                std::fs::write(out.join("engine_logits.json"), serde_json::to_vec(&json)?)?;
-                println!("wrote {}", out.join("engine_logits.json").display());
-                Ok(())
-            }
+            } => hf_dump(&model, &dtype, seed, &out, long, &tuning),
         }
+    }
+
+    /// `check cuda-vs-cpu`: the CUDA forward against the CPU reference on the same weights.
+    fn check_cuda_vs_cpu(
+        weights: &Path,
+        dtype: &str,
+        steps: usize,
+        tolerance: Option<f32>,
+        tuning: &TuningArgs,
+    ) -> anyhow::Result<()> {
+        let dtype = parse_dtype(dtype)?;
+        let tol = tolerance.unwrap_or(if dtype == DType::Bf16 { 0.08 } else { 0.02 });
+        let ws =
+            WeightSet::load(weights).with_context(|| format!("loading {}", weights.display()))?;
+        let blocks = 64;
+        let mut cpu = engine::cpu::CpuModel::new(&ws, blocks, 16)?;
+        let device = GpuDevice::open(0)?;
+        print_device(&device);
+        let mut options = CudaModelOptions::for_config(&ws.config);
+        options.dtype = dtype;
+        options.num_kv_blocks = Some(blocks);
+        options.max_tokens_per_step = 256;
+        options.max_seqs_per_step = 8;
+        options.tuning = tuning.to_tuning()?;
+        let mut gpu = CudaModel::new(device, WeightSource::Host(&ws), options)?;
+        let report = cc::compare_backends(&mut gpu, &mut cpu, ws.config.vocab_size, steps, tol)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        for d in &report.steps {
+            println!(
+                "step {:>2}: max |diff| {:.3e} (max |ref| {:.2}), rel L2 {:.2e}, argmax mismatches {} (near ties {})",
+                d.step, d.max_abs_diff, d.ref_max_abs, d.rel_l2, d.argmax_mismatches, d.argmax_near_ties
+            );
+        }
+        println!(
+            "{} {}: CUDA {dtype:?} vs CPU f32 over {} steps: worst max |diff| {:.3e}, worst rel L2 {:.2e}, tolerance {tol} x max(1, max|ref|); greedy tokens identical for {} of {steps} decode steps",
+            if report.passed { "PASS" } else { "FAIL" },
+            weights.display(),
+            report.steps.len(),
+            report.worst_max_abs_diff,
+            report.worst_rel_l2,
+            report.greedy_steps_identical
+        );
+        anyhow::ensure!(
+            report.passed,
+            "CUDA and CPU logits disagree beyond the tolerance"
+        );
+        Ok(())
+    }
+
+    /// `check consistency`: the CUDA forward's paths against each other on one model.
+    fn check_consistency(
+        model: &str,
+        dtype: &str,
+        seed: u64,
+        tuning: &TuningArgs,
+    ) -> anyhow::Result<()> {
+        let dtype = parse_dtype(dtype)?;
+        let tuning = tuning.to_tuning()?;
+        // Room for the 2048-token tuned-GEMM / prefill-attention checks next to the short
+        // ones (where the model's positions allow), for presets and weight paths alike.
+        let sized = |config: &ModelConfig| {
+            let mut o = CudaModelOptions::for_config(config);
+            o.num_kv_blocks = Some(160);
+            o.max_tokens_per_step = 2048;
+            o.max_seqs_per_step = 8;
+            o
+        };
+        let mut m = if let Some(config) = ModelConfig::preset(model) {
+            open_cuda_model(model, dtype, seed, Some(sized(&config)), tuning)?
+        } else {
+            let path = PathBuf::from(model);
+            let ws = WeightSet::load(&path)
+                .with_context(|| format!("loading weights from {}", path.display()))?;
+            let mut opts = sized(&ws.config);
+            opts.dtype = dtype;
+            opts.tuning = tuning;
+            let device = GpuDevice::open(0)?;
+            print_device(&device);
+            CudaModel::new(device, WeightSource::Host(&ws), opts)?
+        };
+        let tol = if dtype == DType::Bf16 { 0.08 } else { 0.02 };
+        let results = cc::self_consistency(&mut m, tol)?;
+        let mut failed = 0;
+        for (name, diff, ok) in &results {
+            println!(
+                "{} {name}: max |diff| {diff:.3e} (tolerance {tol} x max(1, max|logit|))",
+                if *ok { "PASS" } else { "FAIL" }
+            );
+            failed += usize::from(!ok);
+        }
+        anyhow::ensure!(failed == 0, "{failed} consistency checks failed");
+        Ok(())
+    }
+
+    /// `check hf-dump`: the model as an HF checkpoint plus the engine's logits for fixed prompts
+    /// (a short one as prefill + decode and as one prefill, and a `long`-token prefill).
+    fn hf_dump(
+        model: &str,
+        dtype: &str,
+        seed: u64,
+        out: &Path,
+        long: usize,
+        tuning: &TuningArgs,
+    ) -> anyhow::Result<()> {
+        let dtype = parse_dtype(dtype)?;
+        let mut options = None;
+        if let Some(config) = ModelConfig::preset(model) {
+            anyhow::ensure!(
+                long <= config.max_position_embeddings,
+                "--long {long}: the {model} preset has {} positions",
+                config.max_position_embeddings
+            );
+            let mut o = CudaModelOptions::for_config(&config);
+            o.num_kv_blocks = Some(8 + long.div_ceil(o.block_size_tokens));
+            o.max_tokens_per_step = long.max(64);
+            o.max_seqs_per_step = 2;
+            options = Some(o);
+        }
+        let mut m = open_cuda_model(model, dtype, seed, options, tuning.to_tuning()?)?;
+        let vocab = m.config.vocab_size;
+        let prompt: Vec<u32> = (0..32).map(|i| ((i * 7919 + 17) % vocab) as u32).collect();
+        let table: Vec<u32> = (0..4).collect();
+        let prefix = 24usize;
+        let mut decode_logits = Vec::new();
+        m.forward_logits(&[engine::batch::SeqStep {
+            block_table: &table,
+            context_len: 0,
+            tokens: &prompt[..prefix],
+        }])?;
+        for i in prefix..prompt.len() {
+            let l = m.forward_logits(&[engine::batch::SeqStep {
+                block_table: &table,
+                context_len: i,
+                tokens: &prompt[i..i + 1],
+            }])?;
+            decode_logits.push(l.data);
+        }
+        let table2: Vec<u32> = (4..8).collect();
+        let prefill = m.forward_logits(&[engine::batch::SeqStep {
+            block_table: &table2,
+            context_len: 0,
+            tokens: &prompt,
+        }])?;
+        // The long prompt on the blocks after the two short tables.
+        let long_prompt: Vec<u32> = (0..long).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
+        let long_logits = if long > 0 {
+            let bs = m.options.block_size_tokens;
+            let table3: Vec<u32> = (8..(8 + long.div_ceil(bs)) as u32).collect();
+            Some(
+                m.forward_logits(&[engine::batch::SeqStep {
+                    block_table: &table3,
+                    context_len: 0,
+                    tokens: &long_prompt,
+                }])?
+                .data,
+            )
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        m.save_hf_checkpoint(out)?;
+        println!(
+            "wrote the HF checkpoint to {} in {:.1} s",
+            out.display(),
+            started.elapsed().as_secs_f64()
+        );
+        let json = serde_json::json!({
+            "prompt": prompt,
+            "decode_positions": (prefix..prompt.len()).collect::<Vec<_>>(),
+            "decode_logits": decode_logits,
+            "prefill_last_logits": prefill.data,
+            "long_prompt": long_prompt,
+            "long_prefill_last_logits": long_logits,
+            "dtype": format!("{dtype:?}"),
+            "device": m.device.name,
+            "prefill_attention": m.prefill_attention_name(),
+            "provenance": Provenance::collect(&m.device, &crate::runio::code_version()),
+        });
+        std::fs::write(out.join("engine_logits.json"), serde_json::to_vec(&json)?)?;
+        println!("wrote {}", out.join("engine_logits.json").display());
+        Ok(())
     }
 }

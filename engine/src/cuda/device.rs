@@ -98,8 +98,8 @@ impl GpuDevice {
 
     /// `sm_XY` of this device.
     pub fn arch(&self) -> String {
-        // sm_90a: Hopper's arch-specific features (wgmma, used by the v6 prefill attention); the
-        // CUBIN is built for this device only anyway.
+        // sm_90a: Hopper's arch-specific features (wgmma, used by the wgmma prefill attention and
+        // the own GEMM); the CUBIN is built for this device only anyway.
         let suffix = if self.has_wgmma() { "a" } else { "" };
         format!(
             "sm_{}{}{suffix}",

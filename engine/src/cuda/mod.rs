@@ -30,7 +30,7 @@ mod tuning;
 
 pub use device::{cuda_include_dir, GpuDevice};
 pub use gemm_tune::TABLE_HEADER as GEMM_TABLE_HEADER;
-pub(crate) use model::{kargs, CUBLAS_WORKSPACE_BYTES, TUNE_MIN_ROWS};
+pub(crate) use model::{kargs, OwnGateUpMaps, CUBLAS_WORKSPACE_BYTES, TUNE_MIN_ROWS};
 pub use model::{CudaModel, CudaModelOptions, WeightSource};
 pub use pool::{DeviceBuffer, GpuKvPool};
 pub use tuning::{

@@ -75,7 +75,7 @@ pub(crate) fn mib(bytes: usize) -> f64 {
 /// The GPU KV cache: `num_blocks` blocks in ONE device allocation, block-major
 /// (`[block][layer][K|V][kv_head][token_in_block][head_dim]`, see [`KvLayout`]), fp16 or bf16.
 ///
-/// For the swap engine (E3): block `id` occupies the byte range
+/// For the swap engine: block `id` occupies the byte range
 /// `base_device_ptr() + id * block_bytes() .. + block_bytes()` — all layers, K and V, contiguous —
 /// so a whole block moves with one copy, and a run of consecutive ids with one larger copy.
 /// Block ids are the `u32` indices the block tables name. The forward only ever touches blocks

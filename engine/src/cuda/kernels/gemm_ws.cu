@@ -63,37 +63,15 @@ __device__ __forceinline__ void gm_tma_2d(u32 dst, const TmaMap* map, u32 bar, i
         "l"((u64)map), "r"(bar), "r"(c0), "r"(c1)
         : "memory");
 }
-// K-major operand in 128-byte-swizzled rows (8-row atoms of 1024 bytes): SBO 1024, mode 1.
 __device__ __forceinline__ void gm_tma_store_2d(const TmaMap* map, u32 src, int c0, int c1) {
     asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"((u64)map),
                  "r"(src), "r"(c0), "r"(c1)
                  : "memory");
 }
-// Cluster variant: the B box that this CTA loads lands in both CTAs of the pair (ctaMask 0b11),
-// completing each one's mbarrier at the same shared-memory offset.
-__device__ __forceinline__ void gm_tma_2d_mc(u32 dst, const TmaMap* map, u32 bar, int c0, int c1, unsigned short mask) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
-        "{%3, %4}], [%2], %5;\n" ::"r"(dst),
-        "l"((u64)map), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
-        : "memory");
-}
-// Arrive on the mbarrier at the same offset in the peer CTA of the cluster. Default semantics
-// (release at CTA scope), as CUTLASS's cluster pipelines release a stage to the peer's producer:
-// the stage's wgmma reads are complete (wait_group) before the arrive, and the peer's TMA write is
-// ordered after its acquire of the barrier. GM_PEER_ARRIVE_CLUSTER=1 compiles the session-5 form
-// (.release.cluster), a cluster-scope fence on every consumer warp's arrive (A/B).
-__device__ __forceinline__ void gm_mbar_arrive_peer(u32 bar, u32 peer) {
-    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
-                 "r"(peer)
-                 : "memory");
-}
-__device__ __forceinline__ void gm_cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 __device__ __forceinline__ void gm_named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// K-major operand in 128-byte-swizzled rows (8-row atoms of 1024 bytes): SBO 1024, mode 1.
 __device__ __forceinline__ u64 gm_desc(u32 saddr) {
     return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
 }
@@ -104,31 +82,9 @@ __device__ __forceinline__ void gm_mma256(float (&d)[128], u64 da, u64 db, int a
                  : "l"(da), "l"(db), "r"(accumulate));
 }
 
-// CL = 2: clusters of two CTAs on row tiles 2i and 2i + 1 of the same column block; each CTA
-// loads its A tile and one of the two B boxes, multicast to both (half the B traffic from L2).
-// A stage of either CTA is then written by both producers, so its "empty" mbarrier collects the
-// releases of both CTAs' consumer warps (16), and the pair runs the same number of k-tiles.
-// QKV mode (prefill, HEAD_DIM 128): B is the [(nh + 2 nkv) 128, K] qkv weight, a tile's 256
-// columns are heads 2 nt and 2 nt + 1. The epilogue replaces rope_kv_write (rotate_q = 0): q heads
-// go to out[m, N] as the plain GEMM writes them, by TMA stores as in SILU mode (the attention
-// rotates q on load), k heads are
-// rotated (pair d, d + 64 = fragments j, j + 8 of one thread; rounded to T first and rotated in
-// f32 with the same expression as rope_kv_write, so the pool bytes match it) and k / v heads go
-// to the paged pool at slots[m] (slot < 0: not written). Each head of a warpgroup's 64 rows is
-// staged in shared memory (rows of 256 bytes, 16-byte chunks XOR-swizzled by row % 8: conflict-
-// free 4-byte writes from the accumulator layout) and copied out with 16-byte stores, a row's
-// 256 bytes by 16 consecutive threads (one pool row is 256 contiguous bytes).
-struct QkvEpilogue {
-    const int* positions;
-    const long long* slots;
-    const float* rope;
-    T* pool;
-    int layer, num_heads, num_kv_heads, num_layers;
-};
-
-template <bool SILU, int CL, bool QKV = false>
+template <bool SILU>
 __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* b_map, const TmaMap* o_map, T* out,
-                                             int M, int N, int K, const QkvEpilogue* qe = nullptr) {
+                                             int M, int N, int K) {
     extern __shared__ __align__(16) unsigned char gm_smem[];
     pdl_trigger();
     // 1024-byte aligned base: the 128-byte swizzle pattern follows address bits 4-9.
@@ -143,24 +99,16 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
 #pragma unroll
         for (int s = 0; s < GM_STAGES; ++s) {
             gm_mbar_init(full(s), 1);
-            gm_mbar_init(empty(s), 8 * CL);  // one arrival per consumer warp (of both CTAs)
+            gm_mbar_init(empty(s), 8);  // one arrival per consumer warp
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    u32 rank = 0;
-    if (CL == 2) {
-        asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-        gm_cluster_sync();  // the peer's barriers are initialised before any multicast
-    } else {
-        __syncthreads();
-    }
+    __syncthreads();
     pdl_wait();
     const int tiles_m = (M + GM_BM - 1) / GM_BM;
     const int tiles_n = SILU ? N / 128 : (N + GM_BN - 1) / GM_BN;
-    // Work item w: one tile (CL 1) or a pair of row tiles (CL 2) of column block w / tiles_mc.
-    const int tiles_mc = (tiles_m + CL - 1) / CL;
-    const int num_tiles = tiles_mc * tiles_n;
-    const int w0 = blockIdx.x / CL, wstep = gridDim.x / CL;
+    const int num_tiles = tiles_m * tiles_n;
+    const int w0 = blockIdx.x, wstep = gridDim.x;
     const int nk = (K + GM_BK - 1) / GM_BK;
     const int wg = threadIdx.x >> 7;
 
@@ -170,8 +118,8 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
         if (threadIdx.x == 0) {
             int it = 0;
             for (int tile = w0; tile < num_tiles; tile += wstep) {
-                const int m0 = (CL * (tile % tiles_mc) + (int)rank) * GM_BM;
-                const int nt = tile / tiles_mc;
+                const int m0 = (tile % tiles_m) * GM_BM;
+                const int nt = tile / tiles_m;
                 const int nb0 = SILU ? nt * 128 : nt * GM_BN;
                 const int nb1 = SILU ? N + nt * 128 : nt * GM_BN + 128;
                 for (int kb = 0; kb < nk; ++kb, ++it) {
@@ -180,17 +128,11 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
                     const u32 a = a_tile(s), b = a + GM_A_BYTES;
                     gm_mbar_expect_tx(full(s), GM_STAGE_BYTES);
                     gm_tma_2d(a, a_map, full(s), kb * GM_BK, m0);
-                    if (CL == 2) {
-                        gm_tma_2d_mc(b + rank * (GM_B_BYTES / 2), b_map, full(s), kb * GM_BK, rank ? nb1 : nb0, 3);
-                    } else {
-                        gm_tma_2d(b, b_map, full(s), kb * GM_BK, nb0);
-                        gm_tma_2d(b + GM_B_BYTES / 2, b_map, full(s), kb * GM_BK, nb1);
-                    }
+                    gm_tma_2d(b, b_map, full(s), kb * GM_BK, nb0);
+                    gm_tma_2d(b + GM_B_BYTES / 2, b_map, full(s), kb * GM_BK, nb1);
                 }
             }
         }
-        // The peer may still arrive on this CTA's barriers until both are done.
-        if (CL == 2) gm_cluster_sync();
         return;
     }
 
@@ -205,8 +147,8 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     int it = 0;
     for (int tile = w0; tile < num_tiles; tile += wstep) {
-        const int m0 = (CL * (tile % tiles_mc) + (int)rank) * GM_BM;
-        const int nt = tile / tiles_mc;
+        const int m0 = (tile % tiles_m) * GM_BM;
+        const int nt = tile / tiles_m;
         for (int kb = 0; kb < nk; ++kb, ++it) {
             const int s = it % GM_STAGES;
             gm_mbar_wait(full(s), (u32)((it / GM_STAGES) & 1));
@@ -222,13 +164,11 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
             if (kb > 0 && lane == 0) {
                 gm_mbar_arrive(empty((it - 1) % GM_STAGES));
-                if (CL == 2) gm_mbar_arrive_peer(empty((it - 1) % GM_STAGES), rank ^ 1u);
             }
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         if (lane == 0) {
             gm_mbar_arrive(empty((it - 1) % GM_STAGES));
-            if (CL == 2) gm_mbar_arrive_peer(empty((it - 1) % GM_STAGES), rank ^ 1u);
         }
 #pragma unroll
         for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(acc[i])::"memory");
@@ -260,91 +200,6 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
                 gm_tma_store_2d(o_map, ob + GM_OUT_BYTES / 2, nt * 128 + 64, m0 + 64 * cw);
                 asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
             }
-        } else if (QKV) {
-            const int nheads = N / 128;
-            const int tid = threadIdx.x & 127;
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int head = 2 * nt + hh;  // uniform over the CTA
-                if (head >= nheads) break;
-                const bool is_k = head >= qe->num_heads && head < qe->num_heads + qe->num_kv_heads;
-                if (head < qe->num_heads) {
-                    // q head: staged as two 128-byte-swizzled boxes of 64 x 64 (the SILU layout)
-                    // and written to qkv[M, N] by TMA stores that drain under the next MMAs.
-                    if (wg_leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-                    gm_named_sync(1 + cw, 128);
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int r = 16 * warp + g + 8 * h;
-#pragma unroll
-                        for (int j = 0; j < 16; ++j) {
-                            const int f = 16 * hh + j;
-                            const u32 addr = ob + (u32)(j >> 3) * (GM_OUT_BYTES / 2) + (u32)r * 128u +
-                                             ((u32)((j & 7) ^ (r & 7)) << 4) + 4u * (u32)t4;
-                            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr),
-                                         "r"(pack2(acc[4 * f + 2 * h], acc[4 * f + 2 * h + 1]))
-                                         : "memory");
-                        }
-                    }
-                    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-                    gm_named_sync(1 + cw, 128);
-                    if (wg_leader) {
-                        // Rows past M land in rows of the qkv buffer that the step does not read.
-                        gm_tma_store_2d(o_map, ob, head * 128, m0 + 64 * cw);
-                        gm_tma_store_2d(o_map, ob + GM_OUT_BYTES / 2, head * 128 + 64, m0 + 64 * cw);
-                        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-                    }
-                    continue;
-                }
-                // The previous head's copy-out (or TMA store) has read the staging buffer.
-                if (wg_leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-                gm_named_sync(1 + cw, 128);
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = 16 * warp + g + 8 * h;
-                    const int row = min(m0 + 64 * cw + r, M - 1);
-                    const float* rope_row = qe->rope + (u64)(is_k ? qe->positions[row] : 0) * 128;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        const int f = 16 * hh + j;
-                        u32 lo = pack2(acc[4 * f + 2 * h], acc[4 * f + 2 * h + 1]);
-                        u32 hi = pack2(acc[4 * (f + 8) + 2 * h], acc[4 * (f + 8) + 2 * h + 1]);
-                        if (is_k) {
-                            // Column d = 8 j + 2 t4 (+1) and d + 64: c_d s_d c_d+1 s_d+1.
-                            const float4 cs = *reinterpret_cast<const float4*>(rope_row + 2 * (8 * j + 2 * t4));
-                            const float2 a = to_f2(*reinterpret_cast<T2*>(&lo)), b = to_f2(*reinterpret_cast<T2*>(&hi));
-                            const float2 ra = make_float2(a.x * cs.x - b.x * cs.y, a.y * cs.z - b.y * cs.w);
-                            const float2 rb = make_float2(b.x * cs.x + a.x * cs.y, b.y * cs.z + a.y * cs.w);
-                            lo = pack2(ra.x, ra.y);
-                            hi = pack2(rb.x, rb.y);
-                        }
-                        const u32 rbase = ob + (u32)r * 256u + 4u * (u32)t4;
-                        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(rbase + ((u32)(j ^ (r & 7)) << 4)), "r"(lo) : "memory");
-                        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(rbase + ((u32)((j + 8) ^ (r & 7)) << 4)), "r"(hi) : "memory");
-                    }
-                }
-                gm_named_sync(1 + cw, 128);
-                const int c = tid & 15;
-#pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    const int r = (tid >> 4) + 8 * k;
-                    const int row = m0 + 64 * cw + r;
-                    if (row >= M) continue;
-                    uint4 v;
-                    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                                 : "r"(ob + (u32)r * 256u + ((u32)(c ^ (r & 7)) << 4))
-                                 : "memory");
-                    const long long slot = qe->slots[row];
-                    if (slot < 0) continue;
-                    const int kv = is_k ? 0 : 1;
-                    const int kvh = head - qe->num_heads - kv * qe->num_kv_heads;
-                    T* dst = qe->pool +
-                             kv_piece((u32)(slot / BLOCK_SIZE), qe->layer, kv, kvh, qe->num_layers, qe->num_kv_heads) +
-                             (slot % BLOCK_SIZE) * 128 + 8 * c;
-                    *reinterpret_cast<uint4*>(dst) = v;
-                }
-            }
         } else {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -362,30 +217,23 @@ __device__ __forceinline__ void gemm_ws_impl(const TmaMap* a_map, const TmaMap* 
         }
     }
     // Shared memory must outlive the last TMA store's reads.
-    if ((SILU || QKV) && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-    if (CL == 2) gm_cluster_sync();
+    if (SILU && wg_leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 #endif
 
-#define GM_KERNEL(NAME, SILU, CL, ATTR)                                                                        \
-    extern "C" __global__ void __launch_bounds__(384, 1) ATTR                                                 \
+#define GM_KERNEL(NAME, SILU)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
         NAME(const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap b_map,                      \
              const __grid_constant__ TmaMap o_map, T* out, int M, int N, int K) {                              \
-        GM_BODY(SILU, CL)                                                                                      \
+        GM_BODY(SILU)                                                                                          \
     }
 #if GM_SUPPORTED
-#define GM_BODY(SILU, CL) gemm_ws_impl<SILU, CL>(&a_map, &b_map, &o_map, out, M, N, K);
+#define GM_BODY(SILU) gemm_ws_impl<SILU>(&a_map, &b_map, &o_map, out, M, N, K);
 #else
-#define GM_BODY(SILU, CL) __trap();  // only selected on sm_90a
-#endif
-#define GM_NO_CLUSTER
-#if __CUDA_ARCH__ >= 900
-#define GM_CLUSTER2 __cluster_dims__(2, 1, 1)
-#else
-#define GM_CLUSTER2
+#define GM_BODY(SILU) __trap();  // only selected on sm_90a
 #endif
 // out[M, N] = A B^T (B: N rows).
-GM_KERNEL(gemm_ws, false, 1, GM_NO_CLUSTER)
+GM_KERNEL(gemm_ws, false)
 // act[M, inter] = silu(A Bg^T) * (A Bu^T), B = [gate; up] of 2 inter rows; N = inter (multiple of 128);
 // act is written through o_map ([rows >= M, inter], boxes of 64 x 64, 128-byte swizzle); out unused.
-GM_KERNEL(gemm_ws_silu, true, 1, GM_NO_CLUSTER)
+GM_KERNEL(gemm_ws_silu, true)

@@ -3,7 +3,8 @@
 
 // ------------------------------------------------------------------------------------------------
 // resid[t, :] = embed[tokens[t], :]. The residual stream is f32 (`embed`) or the weights' type T
-// (`embed_h`): steps of >= HALF_RESID_MIN_TOKENS (model.rs) use T, as HF's fp16 Llama does.
+// (`embed_h`): steps of >= `half_residual_min_tokens` rows (model/forward.rs) use T, as HF's fp16
+// Llama does.
 template <typename R>
 __device__ __forceinline__ void embed_impl(const u32* tokens, const T* table, R* resid, int hidden) {
     pdl_trigger();
@@ -59,7 +60,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // Fused residual add + RMSNorm. For output row r, source row s = row_index ? row_index[r] : r:
 //   if delta: resid[s] += delta[s];  out[r] = resid[s] * rsqrt(mean(resid[s]^2) + eps) * weight.
-// The residual R is f32 (`add_rmsnorm*`) or T (`add_rmsnorm*_h`), as chosen per step in model.rs.
+// The residual R is f32 (`add_rmsnorm*`) or T (`add_rmsnorm*_h`), as chosen per step in model/forward.rs.
 // With row_index it gathers the last token of each sequence for the LM head. 4 elements per step
 // (hidden is a multiple of 8). One pass over memory: each thread keeps its (up to NORM_KEEP) float4
 // of the row in registers between the sum of squares and the scaling; wider rows re-read the rest.
@@ -141,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) add_rmsnorm_rows(float* res
 }
 
 // A prefill step's logits read the last layer's output at each sequence's last token only, so that
-// layer runs attention, o_proj and the MLP on those rows alone (model.rs, `prune_last_layer`). This
+// layer runs attention, o_proj and the MLP on those rows alone (model/forward.rs, `prune_last`). This
 // gathers them: the rotated q of row last_rows[s] into row s of q_out (qkv stride kept, so
 // attn_decode reads it as a decode batch) and the residual row (resid_row_bytes: f32 or T) into
 // row s of resid_out. Separate outputs: an in-place gather could overwrite a row another CTA reads.

@@ -7,7 +7,6 @@
 // 64 query rows of one sequence, each warp 16 rows. tiles[i] = {seq, first qkv row, rows, position
 // of the first row}; a query at position p attends to keys 0..=p of its sequence (the KV of the new
 // tokens was written by rope_kv_write before this kernel).
-#define PF_ROWS 64
 #define PF_KEYS 64
 #define KS_PITCH (HEAD_DIM + 8)
 
@@ -66,11 +65,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 
 
-// v3 of one 64-key chunk (see prefill_chunk): K fragments by ldmatrix (one x4 load feeds two mma
-// instead of four 4-byte shared loads), scores scaled into the log2 domain once (exp2), and the
-// causal compare only where MASK (the chunk reaches past the warp's first query row).
+// One 64-key chunk for the warp's 16 query rows: K fragments by ldmatrix (one x4 load feeds two
+// mma instead of four 4-byte shared loads), scores scaled into the log2 domain once (exp2), and
+// the causal compare only where MASK (the chunk reaches past the warp's first query row).
 template <bool MASK>
-__device__ __forceinline__ void prefill_chunk_v3(const T* ks, const T* vs, int kc, int qpos_lo, int qpos_hi,
+__device__ __forceinline__ void prefill_chunk_mma64(const T* ks, const T* vs, int kc, int qpos_lo, int qpos_hi,
                                                  float scale_log2, const u32 (&qa)[HEAD_DIM / 16][4],
                                                  float (&o)[HEAD_DIM / 8][4], float& m_lo, float& m_hi, float& l_lo,
                                                  float& l_hi, int lane) {
@@ -173,12 +172,13 @@ __device__ __forceinline__ void prefill_chunk_v3(const T* ks, const T* vs, int k
     }
 }
 
-// v3 (default): as v2 (64-row tiles of 4 warps, cp.async double buffering) plus
+// attn_prefill_mma64 (head_dim 256, where the 128-row tile needs too many accumulators per
+// thread): 64-row tiles of 4 warps, K/V chunks double-buffered with cp.async, and
 // - grid (num_heads, num_tiles): the heads vary fastest, so every head's longest tile (listed
-//   last) starts in the first wave and the short tiles fill the tail (v2 ran head by head);
-// - __launch_bounds__(128, 3): at most 168 registers, so 3 CTAs share an SM (v2 used 171: 2 CTAs);
-// - cheaper K/V addressing (one multiply by the block stride per 16-byte copy);
-// - prefill_chunk_v3 (ldmatrix K fragments, exp2 softmax, masks only on diagonal chunks).
+//   last) starts in the first wave and the short tiles fill the tail;
+// - __launch_bounds__(128, 3): at most 168 registers, so 3 CTAs share an SM;
+// - one multiply by the block stride per 16-byte K/V copy;
+// - prefill_chunk_mma64 (ldmatrix K fragments, exp2 softmax, masks only on diagonal chunks).
 extern "C" __global__ void __launch_bounds__(128, 3) attn_prefill_mma64(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers) {
@@ -242,13 +242,13 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_prefill_mma64(
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
         const int kc = ci * PF_KEYS;
-        if (kc <= warp_last_pos) {  // warp-uniform (see attn_prefill_v2)
+        if (kc <= warp_last_pos) {  // warp-uniform: the warp's rows see none of a later chunk
             const T* ks = smem + (ci & 1) * 2 * stage_elems;
             if (kc + PF_KEYS - 1 > warp_first_pos) {
-                prefill_chunk_v3<true>(ks, ks + stage_elems, kc, qpos_lo, qpos_hi, scale_log2, qa, o, m_lo, m_hi,
+                prefill_chunk_mma64<true>(ks, ks + stage_elems, kc, qpos_lo, qpos_hi, scale_log2, qa, o, m_lo, m_hi,
                                        l_lo, l_hi, lane);
             } else {
-                prefill_chunk_v3<false>(ks, ks + stage_elems, kc, qpos_lo, qpos_hi, scale_log2, qa, o, m_lo, m_hi,
+                prefill_chunk_mma64<false>(ks, ks + stage_elems, kc, qpos_lo, qpos_hi, scale_log2, qa, o, m_lo, m_hi,
                                         l_lo, l_hi, lane);
             }
         }
@@ -258,36 +258,40 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_prefill_mma64(
 }
 
 // ------------------------------------------------------------------------------------------------
-// v4 prefill attention (default for HEAD_DIM <= 128): FlashAttention-2's work split. A tile is up to
-// 128 query rows, 4 warps of 32 rows (two m16 tiles each), so every K/V fragment read from shared
-// memory feeds two mma (half the shared-memory traffic per mma of v3) and each warp has two
-// independent accumulator chains. Q lives in shared memory (loaded once, with RoPE applied on the
-// way: rope_kv_write then skips q), K/V chunks of 64 keys are double-buffered with cp.async.
+// attn_prefill_mma (the mma.sync prefill attention for HEAD_DIM <= 128): FlashAttention-2's work
+// split. A tile is up to 128 query rows, 4 warps of 32 rows (two m16 tiles each), so every K/V
+// fragment read from shared memory feeds two mma (half the shared-memory traffic per mma of
+// attn_prefill_mma64) and each warp has two independent accumulator chains. Q lives in shared
+// memory (loaded once, with RoPE applied on the way: rope_kv_write then skips q), K/V chunks of 64
+// keys are double-buffered with cp.async.
 // grid (num_heads, num_tiles), 128 threads, dynamic shared memory (128 + 2 x 2 x 64) x KS_PITCH x 2 B.
-#define PF4_ROWS 128
+#define PF_TILE_ROWS 128
+// m16 tiles per warp of attn_prefill_mma (4 warps of 32 rows); its K/V chunks are PF_KEYS keys.
+#define PF_WARP_TILES 2
 
-// LEAN (v5): the scale is folded into the exponent's FMA (max taken on raw scores: the scale is
-// positive) and the O rescale is skipped when no row max of the warp moved (common after the
-// first chunks).
-template <bool MASK, int KEYS, int MT, bool LEAN>
-__device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const T* vs, int kc, int qpos0,
-                                                 float scale_log2, float (&o)[MT][HEAD_DIM / 8][4], float (&m)[MT][2],
-                                                 float (&l)[MT][2], int warp, int lane) {
+// One 64-key chunk for the warp's two m16 tiles: S = Q K^T from ldmatrix fragments, the online
+// softmax (scores scaled into the log2 domain, exp2; the causal compare only where MASK: the
+// chunk reaches past the warp's first query row), then O += P V.
+template <bool MASK>
+__device__ __forceinline__ void prefill_chunk_mma(const T* sq, const T* ks, const T* vs, int kc, int qpos0,
+                                                  float scale_log2, float (&o)[PF_WARP_TILES][HEAD_DIM / 8][4],
+                                                  float (&m)[PF_WARP_TILES][2], float (&l)[PF_WARP_TILES][2], int warp,
+                                                  int lane) {
     const int g = lane >> 2, t4 = lane & 3;
     const int mat = lane >> 3, mrow = lane & 7;
-    float s[MT][KEYS / 8][4];
+    float s[PF_WARP_TILES][PF_KEYS / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < PF_WARP_TILES; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < KEYS / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+        for (int nt = 0; nt < PF_KEYS / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
     // A fragments (16 x 16 of Q) by ldmatrix.x4: lane l addresses row (l & 7) + 8 ((l >> 3) & 1), column
     // 8 (l >> 4) of the m-tile.
-    const T* qaddr = &sq[(warp * 16 * MT + mrow + (mat & 1) * 8) * KS_PITCH + (mat >> 1) * 8];
+    const T* qaddr = &sq[(warp * 16 * PF_WARP_TILES + mrow + (mat & 1) * 8) * KS_PITCH + (mat >> 1) * 8];
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        u32 qa[MT][4];
+        u32 qa[PF_WARP_TILES][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+        for (int mt = 0; mt < PF_WARP_TILES; ++mt) {
             const u32 saddr = (u32)__cvta_generic_to_shared(qaddr + mt * 16 * KS_PITCH + kk * 16);
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                          : "=r"(qa[mt][0]), "=r"(qa[mt][1]), "=r"(qa[mt][2]), "=r"(qa[mt][3])
@@ -295,34 +299,28 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
         }
         // B fragments: keys nt*8 .. +7 (rows of K) x dims kk*16 .. +15 by ldmatrix.x2 (lanes 0-15).
 #pragma unroll
-        for (int nt = 0; nt < KEYS / 8; ++nt) {
+        for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
             const u32 saddr = (u32)__cvta_generic_to_shared(&ks[(nt * 8 + mrow) * KS_PITCH + kk * 16 + (mat & 1) * 8]);
             u32 b0, b1;
             asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(saddr));
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mma16816(s[mt][nt], qa[mt], b0, b1);
+            for (int mt = 0; mt < PF_WARP_TILES; ++mt) mma16816(s[mt][nt], qa[mt], b0, b1);
         }
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        const int qlo = qpos0 + warp * 16 * MT + mt * 16 + g, qhi = qlo + 8;
+    for (int mt = 0; mt < PF_WARP_TILES; ++mt) {
+        const int qlo = qpos0 + warp * 16 * PF_WARP_TILES + mt * 16 + g, qhi = qlo + 8;
         float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
-        for (int nt = 0; nt < KEYS / 8; ++nt) {
+        for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
             float* x = s[mt][nt];
-            if (MASK && LEAN) {
-                const int kpos = kc + nt * 8 + t4 * 2;
-                x[0] = (kpos <= qlo) ? x[0] : NEG_INF;
-                x[1] = (kpos + 1 <= qlo) ? x[1] : NEG_INF;
-                x[2] = (kpos <= qhi) ? x[2] : NEG_INF;
-                x[3] = (kpos + 1 <= qhi) ? x[3] : NEG_INF;
-            } else if (MASK) {
+            if (MASK) {
                 const int kpos = kc + nt * 8 + t4 * 2;
                 x[0] = (kpos <= qlo) ? x[0] * scale_log2 : NEG_INF;
                 x[1] = (kpos + 1 <= qlo) ? x[1] * scale_log2 : NEG_INF;
                 x[2] = (kpos <= qhi) ? x[2] * scale_log2 : NEG_INF;
                 x[3] = (kpos + 1 <= qhi) ? x[3] * scale_log2 : NEG_INF;
-            } else if (!LEAN) {
+            } else {
                 x[0] *= scale_log2;
                 x[1] *= scale_log2;
                 x[2] *= scale_log2;
@@ -336,36 +334,24 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
             mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
             mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
         }
-        // m is finite after the first chunk (key 0 is visible to every row), see prefill_chunk_v3.
-        if (LEAN) {
-            mx_lo *= scale_log2;  // -inf stays -inf
-            mx_hi *= scale_log2;
-        }
+        // m is finite after the first chunk (key 0 is visible to every row): see prefill_chunk_mma64.
         const float nm_lo = fmaxf(m[mt][0], mx_lo), nm_hi = fmaxf(m[mt][1], mx_hi);
         const float a_lo = exp2f(m[mt][0] - nm_lo), a_hi = exp2f(m[mt][1] - nm_hi);
         m[mt][0] = nm_lo;
         m[mt][1] = nm_hi;
         float sum_lo = 0.0f, sum_hi = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < KEYS / 8; ++nt) {
+        for (int nt = 0; nt < PF_KEYS / 8; ++nt) {
             float* x = s[mt][nt];
-            if (LEAN) {
-                x[0] = exp2f(fmaf(x[0], scale_log2, -nm_lo));
-                x[1] = exp2f(fmaf(x[1], scale_log2, -nm_lo));
-                x[2] = exp2f(fmaf(x[2], scale_log2, -nm_hi));
-                x[3] = exp2f(fmaf(x[3], scale_log2, -nm_hi));
-            } else {
-                x[0] = exp2f(x[0] - nm_lo);
-                x[1] = exp2f(x[1] - nm_lo);
-                x[2] = exp2f(x[2] - nm_hi);
-                x[3] = exp2f(x[3] - nm_hi);
-            }
+            x[0] = exp2f(x[0] - nm_lo);
+            x[1] = exp2f(x[1] - nm_lo);
+            x[2] = exp2f(x[2] - nm_hi);
+            x[3] = exp2f(x[3] - nm_hi);
             sum_lo += x[0] + x[1];
             sum_hi += x[2] + x[3];
         }
         l[mt][0] = l[mt][0] * a_lo + sum_lo;
         l[mt][1] = l[mt][1] * a_hi + sum_hi;
-        if (LEAN && !__any_sync(0xffffffffu, a_lo != 1.0f || a_hi != 1.0f)) continue;
 #pragma unroll
         for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
             o[mt][nd][0] *= a_lo;
@@ -375,10 +361,10 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
         }
     }
 #pragma unroll
-    for (int kk = 0; kk < KEYS / 16; ++kk) {
-        u32 pa[MT][4];
+    for (int kk = 0; kk < PF_KEYS / 16; ++kk) {
+        u32 pa[PF_WARP_TILES][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+        for (int mt = 0; mt < PF_WARP_TILES; ++mt) {
             pa[mt][0] = pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
             pa[mt][1] = pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
             pa[mt][2] = pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
@@ -393,7 +379,7 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
                          : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
                          : "r"(saddr));
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
+            for (int mt = 0; mt < PF_WARP_TILES; ++mt) {
                 mma16816(o[mt][nd], pa[mt], b0, b1);
                 mma16816(o[mt][nd + 1], pa[mt], b2, b3);
             }
@@ -401,18 +387,15 @@ __device__ __forceinline__ void prefill_chunk_v4(const T* sq, const T* ks, const
     }
 }
 
-// MT: m16 tiles per warp (2: v4, 4 warps of 32 rows; 1: v5, 8 warps of 16 rows); the CTA has
-// PF4_ROWS / (16 MT) warps.
-template <int KEYS, int MT, bool LEAN>
-__device__ __forceinline__ void attn_prefill_v4_impl(
+__device__ __forceinline__ void attn_prefill_mma_impl(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     pdl_trigger();
     pdl_wait();
     T* sq = reinterpret_cast<T*>(smem_raw);
-    T* skv = sq + PF4_ROWS * KS_PITCH;
-    const int stage_elems = KEYS * KS_PITCH;
+    T* skv = sq + PF_TILE_ROWS * KS_PITCH;
+    const int stage_elems = PF_KEYS * KS_PITCH;
     const int4 tile = tiles[num_tiles - 1 - blockIdx.y];
     const int seq = tile.x, row0 = tile.y, rows = tile.z, pos0 = tile.w;
     const int h = blockIdx.x;
@@ -421,12 +404,12 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
     const int qkv_width = (num_heads + 2 * num_kv_heads) * HEAD_DIM;
     const u32* table = block_tables + (u64)seq * table_stride;
     const int kv_len = pos0 + rows;
-    const int nchunks = (kv_len + KEYS - 1) / KEYS;
+    const int nchunks = (kv_len + PF_KEYS - 1) / PF_KEYS;
     const u64 v_offset = (u64)num_kv_heads * BLOCK_SIZE * HEAD_DIM;
     const float scale_log2 = scale * LOG2E;
 
     constexpr int D8 = HEAD_DIM / 8;
-    constexpr int THREADS = 32 * PF4_ROWS / (16 * MT);
+    constexpr int THREADS = 32 * PF_TILE_ROWS / (16 * PF_WARP_TILES);
     constexpr int STEP = THREADS / D8;
     const int tok0 = threadIdx.x / D8, d8 = threadIdx.x % D8;
     const T* kbase = pool + kv_piece(0, layer, 0, kvh, num_layers, num_kv_heads) + d8 * 8;
@@ -434,9 +417,9 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
     auto load_chunk = [&](int chunk, int stage) {
         T* ks = skv + stage * 2 * stage_elems;
         T* vs = ks + stage_elems;
-        const int kc = chunk * KEYS;
+        const int kc = chunk * PF_KEYS;
 #pragma unroll
-        for (int tok = tok0; tok < KEYS; tok += STEP) {
+        for (int tok = tok0; tok < PF_KEYS; tok += STEP) {
             const int kpos = kc + tok;
             const bool valid = kpos < kv_len;
             const T* kp = valid ? kbase + table[kpos / BLOCK_SIZE] * block_stride + (kpos % BLOCK_SIZE) * HEAD_DIM : pool;
@@ -449,7 +432,7 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
 
     // Q tile into shared memory with RoPE (pairs (i, i + HEAD_DIM/2): 8-element vectors v and
     // v + D8/2); rows past the tile are zeros.
-    for (int idx = threadIdx.x; idx < PF4_ROWS * (D8 / 2); idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < PF_TILE_ROWS * (D8 / 2); idx += blockDim.x) {
         const int r = idx / (D8 / 2), v = idx % (D8 / 2);
         uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
         if (r < rows) {
@@ -473,12 +456,12 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
         *reinterpret_cast<uint4*>(&sq[r * KS_PITCH + (v + D8 / 2) * 8]) = hi;
     }
 
-    const int warp_first_pos = pos0 + warp * 16 * MT;
-    const int warp_last_pos = warp_first_pos + 16 * MT - 1;
-    float m[MT][2], l[MT][2];
-    float o[MT][HEAD_DIM / 8][4];
+    const int warp_first_pos = pos0 + warp * 16 * PF_WARP_TILES;
+    const int warp_last_pos = warp_first_pos + 16 * PF_WARP_TILES - 1;
+    float m[PF_WARP_TILES][2], l[PF_WARP_TILES][2];
+    float o[PF_WARP_TILES][HEAD_DIM / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < PF_WARP_TILES; ++mt) {
         m[mt][0] = m[mt][1] = NEG_INF;
         l[mt][0] = l[mt][1] = 0.0f;
 #pragma unroll
@@ -493,15 +476,13 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
         }
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();  // chunk ci (and, on the first pass, the Q tile) visible to all warps
-        const int kc = ci * KEYS;
+        const int kc = ci * PF_KEYS;
         if (kc <= warp_last_pos) {  // warp-uniform
             const T* ks = skv + (ci & 1) * 2 * stage_elems;
-            if (kc + KEYS - 1 > warp_first_pos) {
-                prefill_chunk_v4<true, KEYS, MT, LEAN>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp,
-                                                       lane);
+            if (kc + PF_KEYS - 1 > warp_first_pos) {
+                prefill_chunk_mma<true>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp, lane);
             } else {
-                prefill_chunk_v4<false, KEYS, MT, LEAN>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp,
-                                                        lane);
+                prefill_chunk_mma<false>(sq, ks, ks + stage_elems, kc, pos0, scale_log2, o, m, l, warp, lane);
             }
         }
         __syncthreads();
@@ -509,7 +490,7 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
     const int g = lane >> 2, t4 = lane & 3;
     const int out_width = num_heads * HEAD_DIM;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < PF_WARP_TILES; ++mt) {
         float l_lo = l[mt][0], l_hi = l[mt][1];
 #pragma unroll
         for (int off = 1; off <= 2; off <<= 1) {
@@ -518,7 +499,7 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
         }
         const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
         const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-        const int r_lo = warp * 16 * MT + mt * 16 + g, r_hi = r_lo + 8;
+        const int r_lo = warp * 16 * PF_WARP_TILES + mt * 16 + g, r_hi = r_lo + 8;
 #pragma unroll
         for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
             const int c = h * HEAD_DIM + nd * 8 + t4 * 2;
@@ -537,6 +518,6 @@ __device__ __forceinline__ void attn_prefill_v4_impl(
 extern "C" __global__ void __launch_bounds__(128) attn_prefill_mma(
         const T* qkv, const T* pool, const u32* block_tables, int table_stride, const int4* tiles, int num_tiles,
         T* out, int layer, float scale, int num_heads, int num_kv_heads, int num_layers, const float* rope) {
-    attn_prefill_v4_impl<64, 2, false>(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
-                             num_kv_heads, num_layers, rope);
+    attn_prefill_mma_impl(qkv, pool, block_tables, table_stride, tiles, num_tiles, out, layer, scale, num_heads,
+                          num_kv_heads, num_layers, rope);
 }

@@ -2,16 +2,17 @@
 // Part of the kernel source compiled by NVRTC (see model/kernels.rs for the order).
 
 // ------------------------------------------------------------------------------------------------
-// v6 prefill attention (sm_90a, HEAD_DIM 128): Hopper warpgroup MMA (wgmma). The v4 tile (128 query
-// rows) on two warpgroups of 64 rows. K/V chunks of 64 keys are double-buffered with cp.async into
+// attn_prefill_wgmma (sm_90a, HEAD_DIM 128): Hopper warpgroup MMA (wgmma). attn_prefill_mma's
+// tile (128 query rows) on two warpgroups of 64 rows. K/V chunks of 64 keys are double-buffered with cp.async into
 // 128-byte-swizzled shared memory, the layout wgmma reads through matrix descriptors: each operand
 // is two 64-dim panels of [row][64 dims] with 128-byte rows whose 16-byte pieces are XOR-permuted
 // by (row & 7). S = Q K^T reads Q and K from shared memory (K-major); O += P V takes P from
 // registers (the S accumulator layout of a warp is the A-fragment layout, as with mma.sync) and V
-// N-major (transposed B). Softmax as v4 (exp2, scale folded into the exponent's FMA).
+// N-major (transposed B). Softmax in the log2 domain (exp2, the scale folded into the exponent's
+// FMA).
 // grid (num_heads, num_tiles), 256 threads.
 #define WG_KEYS 64
-#define WG_PANEL_Q (PF4_ROWS * 128)   // bytes of one 64-dim panel of the Q tile
+#define WG_PANEL_Q (PF_TILE_ROWS * 128)   // bytes of one 64-dim panel of the Q tile
 #define WG_PANEL_KV (WG_KEYS * 128)   // bytes of one 64-dim panel of a K or V chunk
 
 __device__ __forceinline__ u32 swz128(int row, int piece) {  // byte offset of a 16-byte piece
@@ -96,7 +97,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attn_prefill_wgmma(
     load_chunk(0, 0);
 
     // Q tile with RoPE (pairs (i, i + 64): piece v of panel 0 and piece v of panel 1).
-    for (int idx = threadIdx.x; idx < PF4_ROWS * 8; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < PF_TILE_ROWS * 8; idx += blockDim.x) {
         const int r = idx >> 3, v = idx & 7;
         uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
         if (r < rows) {

@@ -2,42 +2,40 @@
 // Part of the kernel source compiled by NVRTC (see model/kernels.rs for the order).
 
 // ------------------------------------------------------------------------------------------------
-// v7 prefill attention (sm_90a, HEAD_DIM 128), FA3-style (facts from Shah et al. 2024; own code):
+// attn_prefill_wgmma_ws (sm_90a, HEAD_DIM 128), FA3-style (facts from Shah et al. 2024; own code):
 // - warp specialisation: warpgroup 0 is the producer (one thread streams K/V chunks of 128 keys
-//   with the tensor-memory accelerator, TMA, into a ring of V7_STAGES shared-memory stages; it
+//   with the tensor-memory accelerator, TMA, into a ring of 3 shared-memory stages; it
 //   completes "full" mbarriers by transaction bytes and waits on "empty" mbarriers that the
 //   consumers arrive on); it gives up registers (setmaxnreg.dec) to warpgroups 1 and 2, the
 //   consumers (64 query rows each of the 128-row tile), which never issue loads but Q's.
 // - paged KV through one 5-D tensor map over the pool ([block][layer*2 + K|V][kv head][token]
 //   [dim], innermost last): one box = one 16-token block's 64-dim panel (2 KiB), written by the
-//   TMA with the 128-byte swizzle that the wgmma descriptors read (same layout as v6). Blocks past
-//   the sequence's end are requested at block index `num_blocks` (outside the tensor), which the
-//   TMA fills with zeros. Slots past the end inside the last block hold finite values (the pool
+//   TMA with the 128-byte swizzle that the wgmma descriptors read (the layout of
+//   attn_prefill_wgmma). Blocks past the sequence's end are requested at block index `num_blocks`
+//   (outside the tensor), which the TMA fills with zeros. Slots past the end inside the last block hold finite values (the pool
 //   is zeroed at creation and only ever written with finite K/V), and P is exactly 0 there.
 // - intra-warpgroup overlap: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued back to back; the
 //   softmax of S_j runs while the P V wgmma is in flight (O is rescaled after its wait, P_j is
 //   packed only then, so the in-flight wgmma's registers are never touched).
-// - optional ping-pong (PINGPONG): named barriers make the two consumer warpgroups take turns
-//   issuing their GEMMs, so one's softmax runs under the other's GEMMs.
-// grid (num_heads, num_tiles), 384 threads, 1 CTA per SM.
-#define V7_KEYS 128
-#define V7_PANEL_KV (V7_KEYS * 128)   // bytes of one 64-dim panel of a K or V chunk (16 KiB)
-#define V7_Q_BYTES (2 * PF4_ROWS * 128)
-#define V7_STAGE_BYTES (4 * V7_PANEL_KV)
+// grid: min(multiprocessors, tiles x heads) CTAs of 384 threads, 1 CTA per SM (persistent, below).
+#define WS_KEYS 128
+#define WS_PANEL_KV (WS_KEYS * 128)   // bytes of one 64-dim panel of a K or V chunk (16 KiB)
+#define WS_Q_BYTES (2 * PF_TILE_ROWS * 128)
+#define WS_STAGE_BYTES (4 * WS_PANEL_KV)
 
 // A CUtensorMap (128 bytes, 64-byte aligned), passed by value as a __grid_constant__ parameter.
 struct __align__(64) TmaMap {
     unsigned long long words[16];
 };
 
-// v7 needs whole 8-row swizzle atoms per block and whole blocks per 128-key chunk.
+// The kernel needs whole 8-row swizzle atoms per block and whole blocks per 128-key chunk.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HEAD_DIM == 128 && BLOCK_SIZE % 8 == 0 && 128 % BLOCK_SIZE == 0
-#define V7_SUPPORTED 1
+#define WS_SUPPORTED 1
 #else
-#define V7_SUPPORTED 0
+#define WS_SUPPORTED 0
 #endif
 
-#if V7_SUPPORTED
+#if WS_SUPPORTED
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -86,8 +84,8 @@ __device__ __forceinline__ void wg_qk128(float (&s)[64], u64 da, u64 db, int acc
 #endif
 
 
-#if V7_SUPPORTED
-// ---- v7 persistent (session 5): one CTA per SM walks a list of (tile, head) work items.
+#if WS_SUPPORTED
+// ---- Persistent grid: one CTA per SM walks a list of (tile, head) work items.
 // Items are numbered longest first (the host sorts the tiles by KV length, ascending, so rank r is
 // tile num_tiles - 1 - r; heads of one tile are adjacent, so GQA heads sharing a KV head run side
 // by side); CTA b takes item b of round 0, G - 1 - b of round 1, and so on (a snake over the
@@ -96,30 +94,30 @@ __device__ __forceinline__ void wg_qk128(float (&s)[64], u64 da, u64 db, int acc
 // items without a break (the next item's first chunks land under the current item's last ones),
 // each consumer warpgroup loads the next item's Q rows (with RoPE) while its last P V runs, and
 // the CTA start-up (barrier init, register reallocation) is paid once per SM, not once per item.
-struct V7Item {
+struct WsItem {
     int seq, row0, rows, pos0, h, nchunks;
 };
-__device__ __forceinline__ int v7p_item_index(int k, int num_items) {
+__device__ __forceinline__ int ws_item_index(int k, int num_items) {
     const int G = (int)gridDim.x, b = (int)blockIdx.x;
     const int j = k * G + ((k & 1) ? G - 1 - b : b);  // increasing in k for every b
     return j < num_items ? j : -1;
 }
-__device__ __forceinline__ V7Item v7p_item(int j, const int4* tiles, int num_tiles, int num_heads) {
+__device__ __forceinline__ WsItem ws_item(int j, const int4* tiles, int num_tiles, int num_heads) {
     const int4 t = tiles[num_tiles - 1 - j / num_heads];
-    V7Item it;
+    WsItem it;
     it.seq = t.x;
     it.row0 = t.y;
     it.rows = t.z;
     it.pos0 = t.w;
     it.h = j % num_heads;
-    it.nchunks = (t.w + t.z + V7_KEYS - 1) / V7_KEYS;
+    it.nchunks = (t.w + t.z + WS_KEYS - 1) / WS_KEYS;
     return it;
 }
 
 // One consumer warpgroup's 64 Q rows of an item (rows 64 cw .. 64 cw + 63 of its tile), RoPE
-// applied, into the swizzled Q buffer, as v6/v7. Generic-proxy stores: the caller fences them for
+// applied, into the swizzled Q buffer (the layout of attn_prefill_wgmma). Generic-proxy stores: the caller fences them for
 // wgmma and syncs the warpgroup.
-__device__ __forceinline__ void v7p_load_q(unsigned char* sq, const T* qkv, const float* rope, const V7Item& it,
+__device__ __forceinline__ void ws_load_q(unsigned char* sq, const T* qkv, const float* rope, const WsItem& it,
                                            int cw, int qkv_width) {
 #pragma unroll 2
     for (int idx = threadIdx.x & 127; idx < 64 * 8; idx += 128) {
@@ -148,22 +146,21 @@ __device__ __forceinline__ void v7p_load_q(unsigned char* sq, const T* qkv, cons
 }
 
 
-// LEAN: the softmax with the row max / row sum over 4 independent partials each (dependency chains
-// of 4-8 instead of 32); otherwise the softmax of attn_prefill_v7_impl. (One mask branch around the
-// whole chunk instead of one per 8 keys made ptxas serialise the wgmma, C7519.)
-template <int STAGES, bool LEAN>
-__device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, const T* qkv, const u32* block_tables,
+// The softmax masks per 8 keys inside the diagonal chunk: one mask branch around the whole chunk
+// made ptxas serialise the wgmma (warning C7519).
+template <int STAGES>
+__device__ __forceinline__ void attn_prefill_ws_impl(const TmaMap* kv_map, const T* qkv, const u32* block_tables,
                                                       int table_stride, const int4* tiles, int num_tiles, T* out,
                                                       int layer, float scale, int num_heads, int num_kv_heads,
                                                       const float* rope, int num_blocks) {
-    extern __shared__ __align__(16) unsigned char v7_smem[];
+    extern __shared__ __align__(16) unsigned char ws_smem[];
     pdl_trigger();
-    const u32 raw_addr = (u32)__cvta_generic_to_shared(v7_smem);
+    const u32 raw_addr = (u32)__cvta_generic_to_shared(ws_smem);
     const u32 pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
-    unsigned char* sq = v7_smem + pad;
+    unsigned char* sq = ws_smem + pad;
     const u32 sq_base = raw_addr + pad;
-    const u32 kv_base = sq_base + V7_Q_BYTES;
-    const u32 bar_base = kv_base + STAGES * V7_STAGE_BYTES;
+    const u32 kv_base = sq_base + WS_Q_BYTES;
+    const u32 bar_base = kv_base + STAGES * WS_STAGE_BYTES;
     auto full_k = [&](int s) { return bar_base + 8u * (u32)s; };
     auto full_v = [&](int s) { return bar_base + 8u * (u32)(STAGES + s); };
     auto empty = [&](int s) { return bar_base + 8u * (u32)(2 * STAGES + s); };
@@ -187,13 +184,13 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
         // ---- producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (threadIdx.x == 0) {
-            constexpr int BLOCKS = V7_KEYS / BLOCK_SIZE;
+            constexpr int BLOCKS = WS_KEYS / BLOCK_SIZE;
             constexpr u32 BOX_BYTES = BLOCK_SIZE * 128;
             int g = 0;
             for (int k = 0;; ++k) {
-                const int j = v7p_item_index(k, num_items);
+                const int j = ws_item_index(k, num_items);
                 if (j < 0) break;
-                const V7Item it = v7p_item(j, tiles, num_tiles, num_heads);
+                const WsItem it = ws_item(j, tiles, num_tiles, num_heads);
                 const int kvh = it.h / (num_heads / num_kv_heads);
                 const int kv_len = it.pos0 + it.rows;
                 const u32* table = block_tables + (u64)it.seq * table_stride;
@@ -207,19 +204,19 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
                         phys[b] = blk * BLOCK_SIZE < kv_len ? (int)table[blk] : num_blocks;  // past the end: zeros
                     }
                     if (g >= STAGES) mbar_wait(empty(s), (u32)((g / STAGES - 1) & 1));
-                    const u32 ks = kv_base + (u32)s * V7_STAGE_BYTES, vs = ks + 2 * V7_PANEL_KV;
-                    mbar_expect_tx(full_k(s), 2 * V7_PANEL_KV);
+                    const u32 ks = kv_base + (u32)s * WS_STAGE_BYTES, vs = ks + 2 * WS_PANEL_KV;
+                    mbar_expect_tx(full_k(s), 2 * WS_PANEL_KV);
 #pragma unroll
                     for (int b = 0; b < BLOCKS; ++b) {
                         tma_load_5d(ks + b * BOX_BYTES, kv_map, full_k(s), 0, 0, kvh, 2 * layer, phys[b]);
-                        tma_load_5d(ks + V7_PANEL_KV + b * BOX_BYTES, kv_map, full_k(s), 64, 0, kvh, 2 * layer,
+                        tma_load_5d(ks + WS_PANEL_KV + b * BOX_BYTES, kv_map, full_k(s), 64, 0, kvh, 2 * layer,
                                     phys[b]);
                     }
-                    mbar_expect_tx(full_v(s), 2 * V7_PANEL_KV);
+                    mbar_expect_tx(full_v(s), 2 * WS_PANEL_KV);
 #pragma unroll
                     for (int b = 0; b < BLOCKS; ++b) {
                         tma_load_5d(vs + b * BOX_BYTES, kv_map, full_v(s), 0, 0, kvh, 2 * layer + 1, phys[b]);
-                        tma_load_5d(vs + V7_PANEL_KV + b * BOX_BYTES, kv_map, full_v(s), 64, 0, kvh, 2 * layer + 1,
+                        tma_load_5d(vs + WS_PANEL_KV + b * BOX_BYTES, kv_map, full_v(s), 64, 0, kvh, 2 * layer + 1,
                                     phys[b]);
                     }
                 }
@@ -237,10 +234,10 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
     const float scale_log2 = scale * LOG2E;
     const u32 sq_addr = sq_base + (u32)cw * 64u * 128u;
 
-    int j = v7p_item_index(0, num_items);
+    int j = ws_item_index(0, num_items);
     if (j < 0) return;
-    V7Item it = v7p_item(j, tiles, num_tiles, num_heads);
-    v7p_load_q(sq, qkv, rope, it, cw, qkv_width);
+    WsItem it = ws_item(j, tiles, num_tiles, num_heads);
+    ws_load_q(sq, qkv, rope, it, cw, qkv_width);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     named_sync(1 + cw, 128);
 
@@ -252,7 +249,7 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
         const int kv_len = it.pos0 + it.rows;
         const int wg_first_pos = it.pos0 + cw * 64;
         const int wg_last_pos = min(wg_first_pos + 63, kv_len - 1);
-        const int my_chunks = wg_last_pos / V7_KEYS + 1;  // the other warpgroup may need one more
+        const int my_chunks = wg_last_pos / WS_KEYS + 1;  // the other warpgroup may need one more
         const int qlo = wg_first_pos + warp * 16 + g4, qhi = qlo + 8;
         float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
 #pragma unroll
@@ -263,69 +260,26 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
         auto stage_of = [&](int c) { return (g0 + c) % STAGES; };
         auto phase_of = [&](int c) { return (u32)(((g0 + c) / STAGES) & 1); };
         auto issue_qk = [&](int c) {
-            const u32 ks = kv_base + (u32)stage_of(c) * V7_STAGE_BYTES;
+            const u32 ks = kv_base + (u32)stage_of(c) * WS_STAGE_BYTES;
 #pragma unroll
             for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
                 const u32 koff = (u32)(kk & 3) * 32u;
                 const u64 da = wg_desc(sq_addr + (u32)(kk >> 2) * WG_PANEL_Q + koff, 16, 1024);
-                const u64 db = wg_desc(ks + (u32)(kk >> 2) * V7_PANEL_KV + koff, 16, 1024);
+                const u64 db = wg_desc(ks + (u32)(kk >> 2) * WS_PANEL_KV + koff, 16, 1024);
                 wg_qk128(s, da, db, kk > 0);
             }
         };
         auto issue_pv = [&](int c) {
-            const u32 vs = kv_base + (u32)stage_of(c) * V7_STAGE_BYTES + 2 * V7_PANEL_KV;
+            const u32 vs = kv_base + (u32)stage_of(c) * WS_STAGE_BYTES + 2 * WS_PANEL_KV;
 #pragma unroll
-            for (int kk = 0; kk < V7_KEYS / 16; ++kk) {
-                const u64 db = wg_desc(vs + (u32)kk * 16u * 128u, V7_PANEL_KV, 1024);
+            for (int kk = 0; kk < WS_KEYS / 16; ++kk) {
+                const u64 db = wg_desc(vs + (u32)kk * 16u * 128u, WS_PANEL_KV, 1024);
                 wg_pv(o, pa[kk], db, 1);
             }
         };
-        auto softmax_lean = [&](int c, float& a_lo, float& a_hi) {
-            const int kc = c * V7_KEYS;
-            const bool mask = kc + V7_KEYS - 1 > wg_first_pos;  // warpgroup-uniform: the diagonal chunk
-            float pm_lo[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF}, pm_hi[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};
-#pragma unroll
-            for (int jj = 0; jj < 16; ++jj) {
-                float* x = &s[4 * jj];
-                if (mask) {
-                    const int kpos = kc + jj * 8 + t4 * 2;
-                    x[0] = (kpos <= qlo) ? x[0] : NEG_INF;
-                    x[1] = (kpos + 1 <= qlo) ? x[1] : NEG_INF;
-                    x[2] = (kpos <= qhi) ? x[2] : NEG_INF;
-                    x[3] = (kpos + 1 <= qhi) ? x[3] : NEG_INF;
-                }
-                pm_lo[jj & 3] = fmaxf(pm_lo[jj & 3], fmaxf(x[0], x[1]));
-                pm_hi[jj & 3] = fmaxf(pm_hi[jj & 3], fmaxf(x[2], x[3]));
-            }
-            float mx_lo = fmaxf(fmaxf(pm_lo[0], pm_lo[1]), fmaxf(pm_lo[2], pm_lo[3]));
-            float mx_hi = fmaxf(fmaxf(pm_hi[0], pm_hi[1]), fmaxf(pm_hi[2], pm_hi[3]));
-#pragma unroll
-            for (int off = 1; off <= 2; off <<= 1) {
-                mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-                mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-            }
-            const float nm_lo = fmaxf(m_lo, mx_lo * scale_log2), nm_hi = fmaxf(m_hi, mx_hi * scale_log2);
-            a_lo = exp2f(m_lo - nm_lo);
-            a_hi = exp2f(m_hi - nm_hi);
-            m_lo = nm_lo;
-            m_hi = nm_hi;
-            float ps_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ps_hi[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int jj = 0; jj < 16; ++jj) {
-                float* x = &s[4 * jj];
-                x[0] = exp2f(fmaf(x[0], scale_log2, -nm_lo));
-                x[1] = exp2f(fmaf(x[1], scale_log2, -nm_lo));
-                x[2] = exp2f(fmaf(x[2], scale_log2, -nm_hi));
-                x[3] = exp2f(fmaf(x[3], scale_log2, -nm_hi));
-                ps_lo[jj & 3] += x[0] + x[1];
-                ps_hi[jj & 3] += x[2] + x[3];
-            }
-            l_lo = l_lo * a_lo + ((ps_lo[0] + ps_lo[1]) + (ps_lo[2] + ps_lo[3]));
-            l_hi = l_hi * a_hi + ((ps_hi[0] + ps_hi[1]) + (ps_hi[2] + ps_hi[3]));
-        };
-        auto softmax_plain = [&](int c, float& a_lo, float& a_hi) {
-            const int kc = c * V7_KEYS;
-            const bool mask = kc + V7_KEYS - 1 > wg_first_pos;  // warpgroup-uniform
+        auto softmax = [&](int c, float& a_lo, float& a_hi) {
+            const int kc = c * WS_KEYS;
+            const bool mask = kc + WS_KEYS - 1 > wg_first_pos;  // warpgroup-uniform
             float mx_lo = NEG_INF, mx_hi = NEG_INF;
 #pragma unroll
             for (int jj = 0; jj < 16; ++jj) {
@@ -363,13 +317,6 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
             }
             l_lo = l_lo * a_lo + sum_lo;
             l_hi = l_hi * a_hi + sum_hi;
-        };
-        auto softmax = [&](int c, float& a_lo, float& a_hi) {
-            if constexpr (LEAN) {
-                softmax_lean(c, a_lo, a_hi);
-            } else {
-                softmax_plain(c, a_lo, a_hi);
-            }
         };
         auto pack_p = [&]() {
 #pragma unroll
@@ -419,8 +366,12 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
             fence_s();
             reg_fence(a_lo);
             reg_fence(a_hi);
-            // A block boundary between the softmax and the wgmma wait (see attn_prefill_v7_impl):
-            // chunk c's V, needed next and loaded with its K, so it depends on no later release.
+            // An mbarrier wait (a spin loop, so a basic-block boundary) sits between the softmax and
+            // the wgmma wait on purpose: ptxas hoists WARPGROUP.DEPBAR to the top of its basic
+            // block, so in one block with the softmax the exp2s would run after P V had completed
+            // (no overlap). The wait is on chunk c's V (loaded with its K, needed next), which
+            // depends on no later release: waiting on a later chunk's K can deadlock when its stage
+            // is the one chunk c - 1 still holds.
             mbar_wait(full_v(stage_of(c)), phase_of(c));
             wg_wait<0>();
             fence_o();
@@ -442,11 +393,11 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
         wg_commit();
         // Every Q K^T of this item has completed: the warpgroup's Q rows are free, so the next
         // item's rows load (global -> RoPE -> shared) while the last P V runs on the tensor cores.
-        const int jn = v7p_item_index(k + 1, num_items);
-        V7Item next = it;
+        const int jn = ws_item_index(k + 1, num_items);
+        WsItem next = it;
         if (jn >= 0) {
-            next = v7p_item(jn, tiles, num_tiles, num_heads);
-            v7p_load_q(sq, qkv, rope, next, cw, qkv_width);
+            next = ws_item(jn, tiles, num_tiles, num_heads);
+            ws_load_q(sq, qkv, rope, next, cw, qkv_width);
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         }
         wg_wait<0>();
@@ -488,17 +439,17 @@ __device__ __forceinline__ void attn_prefill_v7p_impl(const TmaMap* kv_map, cons
     }
 }
 #endif
-#if V7_SUPPORTED
-#define V7P_BODY(STAGES, LEAN)                                                                                     \
-    attn_prefill_v7p_impl<STAGES, LEAN>(&kv_map, qkv, block_tables, table_stride, tiles, num_tiles, out, layer,     \
-                                        scale, num_heads, num_kv_heads, rope, num_blocks);
+#if WS_SUPPORTED
+#define WS_BODY(STAGES)                                                                                          \
+    attn_prefill_ws_impl<STAGES>(&kv_map, qkv, block_tables, table_stride, tiles, num_tiles, out, layer, scale, \
+                                 num_heads, num_kv_heads, rope, num_blocks);
 #else
-#define V7P_BODY(STAGES, LEAN) __trap();  // only selected for sm_90a and head_dim 128
+#define WS_BODY(STAGES) __trap();  // only selected for sm_90a and head_dim 128
 #endif
 // Grid: min(multiprocessors, tiles x heads) CTAs of 384 threads.
 extern "C" __global__ void __launch_bounds__(384, 1)
     attn_prefill_wgmma_ws(const __grid_constant__ TmaMap kv_map, const T* qkv, const u32* block_tables, int table_stride,
                      const int4* tiles, int num_tiles, T* out, int layer, float scale, int num_heads,
                      int num_kv_heads, const float* rope, int num_blocks) {
-    V7P_BODY(3, false)
+    WS_BODY(3)
 }

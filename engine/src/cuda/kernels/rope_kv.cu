@@ -6,9 +6,9 @@
 // in the fused qkv rows [q heads | k heads | v heads], and the KV write of k and v into the pool
 // at slot = block * BLOCK_SIZE + offset (slot < 0: padding row, nothing written).
 // rope[pos * HEAD_DIM + 2 * i] = cos, [.. + 2 * i + 1] = sin of pos * theta^(-2i/HEAD_DIM).
-// rotate_q = 0: q is left alone (attn_prefill_v4 rotates it when it loads its Q tile) and the
-// rotated k only goes to the pool: a third less traffic.
-// One CTA per token looping over the items, 4-byte accesses (the default; see rope_kv_write).
+// rotate_q = 0: q is left alone (every prefill attention kernel but attn_prefill_mma64 rotates it
+// when it loads its Q tile) and the rotated k only goes to the pool: a third less traffic.
+// One CTA per token looping over the items, 4-byte accesses.
 extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const long long* slots, const float* rope,
                                          T* pool, int layer, int num_heads, int num_kv_heads, int num_layers,
                                          int rotate_q) {

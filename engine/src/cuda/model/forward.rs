@@ -29,7 +29,7 @@ struct StepPlan {
     mode: AttnMode,
     /// Batch 1: RoPE + KV write ride on the qkv GEMV, SiLU-mul on the gate/up GEMV.
     fused_gemv: bool,
-    /// Large prefill GEMMs take the algorithm the cuBLASLt timing picked (gemm_tune.rs).
+    /// Large prefill GEMMs take the algorithm the cuBLASLt timing picked (gemm_tune/).
     tunable: bool,
     /// rope_kv_write rotates q too (decode; prefill kernels that do not rotate q on load).
     rotate_q: i32,

@@ -39,7 +39,7 @@ const KERNEL_SOURCE: &str = concat!(
 pub(super) const PREFILL_SMALL_TILE_ROWS: usize = 64;
 /// Query rows per tile of the other prefill kernels.
 pub(super) const PREFILL_TILE_ROWS: usize = 128;
-/// Keys per chunk of `attn_prefill_wgmma_ws` (V7_KEYS in prefill_attention_ws.cu): whole KV blocks
+/// Keys per chunk of `attn_prefill_wgmma_ws` (WS_KEYS in prefill_attention_ws.cu): whole KV blocks
 /// per chunk.
 const WS_KEYS: usize = 128;
 /// Dynamic shared memory of `attn_prefill_wgmma` (head_dim 128, fp16/bf16): Q tile 128 x 128, two

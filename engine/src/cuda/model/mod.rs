@@ -45,7 +45,7 @@ pub(crate) use weights::WeightLayout;
 /// Most splits of one sequence's context in decode attention (flash-decoding).
 const MAX_DECODE_SPLITS: usize = 32;
 pub(crate) const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
-/// Prefill GEMMs with at least this many rows use the tuned algorithm choice of gemm_tune.rs.
+/// Prefill GEMMs with at least this many rows use the tuned algorithm choice of gemm_tune/.
 pub(crate) const TUNE_MIN_ROWS: usize = 512;
 /// Token count from which RMSNorm runs 256 threads per row (`add_rmsnorm_rows`).
 const NORM_ROWS_MIN_TOKENS: usize = 64;
@@ -375,7 +375,7 @@ impl CudaModel {
         )
     }
 
-    /// Whether large prefill GEMMs may use the tuned cuBLASLt choice (see gemm_tune.rs).
+    /// Whether large prefill GEMMs may use the tuned cuBLASLt choice (see gemm_tune/).
     pub fn has_gemm_tuning(&self) -> bool {
         self.tuned_gemm.is_some()
     }

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod check;
 pub mod gemm_search;
+pub mod lt_search;
 pub mod own_gemm;
 pub mod profile;
 pub mod provenance;
