@@ -378,6 +378,25 @@ impl WorkloadSpec {
         if self.name.trim().is_empty() {
             return fail("name", "must not be empty".into());
         }
+        // Results are written under a folder of this name (<out>/<name>/), so it must be one
+        // plain folder name: no separator could send them elsewhere.
+        if self.name.len() > 200
+            || self.name == "."
+            || self.name == ".."
+            || self.name.starts_with('.')
+            || self
+                .name
+                .chars()
+                .any(|c| c == '/' || c == '\\' || c == ':' || c.is_control())
+        {
+            return fail(
+                "name",
+                format!(
+                    "must be a plain folder name (at most 200 characters, no '/', '\\', ':' or control characters, not starting with '.'), got {:?}",
+                    self.name
+                ),
+            );
+        }
         if self.agents == 0 || self.agents > AGENTS_MAX {
             return fail(
                 "agents",
@@ -577,6 +596,13 @@ sigma = 0.5
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 5") && err.contains("surprise"), "{err}");
+        for name in ["../up", "a/b", ".hidden", "c:d"] {
+            let bad = GOOD.replace("name = \"t\"", &format!("name = {name:?}"));
+            let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("w.toml") && err.contains("`name`"), "{err}");
+        }
         let bad = GOOD.replace("agents = 3", "agents = \"three\"");
         let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
             .unwrap_err()
