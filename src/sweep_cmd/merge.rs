@@ -35,9 +35,9 @@ struct Found {
     path: PathBuf,
 }
 
-/// Every configuration result under `dirs`, by index; two results of one index must agree.
-fn collect(dirs: &[PathBuf]) -> Result<BTreeMap<usize, Found>> {
-    let mut by_index: BTreeMap<usize, Found> = BTreeMap::new();
+/// Every configuration result under `dirs`, in folder then file order.
+fn collect(dirs: &[PathBuf]) -> Result<Vec<Found>> {
+    let mut found = Vec::new();
     for dir in dirs {
         let configs = dir.join("configs");
         let entries = std::fs::read_dir(&configs)
@@ -50,29 +50,38 @@ fn collect(dirs: &[PathBuf]) -> Result<BTreeMap<usize, Found>> {
         for path in paths {
             let result: ConfigResult = traces::read_json(&path)
                 .with_context(|| format!("{}: not a configuration result", path.display()))?;
-            if let Some(prev) = by_index.get(&result.config_index) {
-                if prev.result.config_id != result.config_id {
-                    bail!(
-                        "{}: configuration {} is {} here but {} in {} (different sweep specs?)",
-                        path.display(),
-                        result.config_index,
-                        result.config_id,
-                        prev.result.config_id,
-                        prev.path.display()
-                    );
-                }
-            }
-            by_index.insert(result.config_index, Found { result, path });
+            found.push(Found { result, path });
         }
     }
-    Ok(by_index)
+    Ok(found)
+}
+
+/// The results by configuration index; two results of one index must be one configuration.
+fn by_index(found: Vec<Found>) -> Result<BTreeMap<usize, Found>> {
+    let mut out: BTreeMap<usize, Found> = BTreeMap::new();
+    for f in found {
+        if let Some(prev) = out.get(&f.result.config_index) {
+            if prev.result.config_id != f.result.config_id {
+                bail!(
+                    "{}: configuration {} is {} here but {} in {} (different sweep specs?)",
+                    f.path.display(),
+                    f.result.config_index,
+                    f.result.config_id,
+                    prev.result.config_id,
+                    prev.path.display()
+                );
+            }
+        }
+        out.insert(f.result.config_index, f);
+    }
+    Ok(out)
 }
 
 /// All results must carry one input fingerprint (the same sweep inputs); `want`, when known,
 /// is the fingerprint of the spec given to the merge.
-fn check_fingerprints(found: &BTreeMap<usize, Found>, want: Option<&str>) -> Result<()> {
+fn check_fingerprints(found: &[Found], want: Option<&str>) -> Result<()> {
     let mut first: Option<&Found> = None;
-    for f in found.values() {
+    for f in found {
         if f.result.inputs_sha256.is_empty() {
             bail!(
                 "{}: records no input fingerprint (written by an older djinn), so which sweep produced it is unknown; rerun that shard into a new folder",
@@ -105,34 +114,36 @@ fn check_fingerprints(found: &BTreeMap<usize, Found>, want: Option<&str>) -> Res
 
 pub fn merge(args: MergeArgs) -> Result<()> {
     check_new_file(&args.out, "--out", args.overwrite)?;
-    let found = collect(&args.dirs)?;
-    let want = match &args.spec {
-        Some(spec_path) => {
-            let spec = read_spec(spec_path)?;
-            let configs = expand(&spec)?;
-            let missing: Vec<&str> = configs
-                .iter()
-                .filter(|c| {
-                    found
-                        .get(&c.index)
-                        .map(|f| f.result.config_id != c.id)
-                        .unwrap_or(true)
-                })
-                .map(|c| c.id.as_str())
-                .collect();
-            if !missing.is_empty() {
-                bail!(
-                    "{} of {} configurations missing, e.g. {}",
-                    missing.len(),
-                    configs.len(),
-                    missing[..missing.len().min(3)].join(", ")
-                );
-            }
-            Some(sweep_inputs(spec_path, &spec)?.fixed.fingerprint())
-        }
+    let all = collect(&args.dirs)?;
+    let spec_inputs = match &args.spec {
+        Some(spec_path) => Some(sweep_inputs(spec_path, &read_spec(spec_path)?)?),
         None => None,
     };
-    check_fingerprints(&found, want.as_deref())?;
+    let want = spec_inputs.as_ref().map(|l| l.fixed.fingerprint());
+    check_fingerprints(&all, want.as_deref())?;
+    let found = by_index(all)?;
+    if let (Some(spec_path), Some(loaded)) = (&args.spec, &spec_inputs) {
+        let configs = expand(&loaded.fixed.spec)?;
+        let missing: Vec<&str> = configs
+            .iter()
+            .filter(|c| {
+                found
+                    .get(&c.index)
+                    .map(|f| f.result.config_id != c.id)
+                    .unwrap_or(true)
+            })
+            .map(|c| c.id.as_str())
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "{} of {} configurations of {} missing, e.g. {}",
+                missing.len(),
+                configs.len(),
+                spec_path.display(),
+                missing[..missing.len().min(3)].join(", ")
+            );
+        }
+    }
     let results: Vec<ConfigResult> = found.into_values().map(|f| f.result).collect();
     traces::write_atomic(&args.out, &results_csv(&results)?)?;
     println!(
