@@ -16,6 +16,8 @@ use crate::runio::inputs::{check_expected, expect_flags, profile_input, shell_wo
 use crate::runio::outdir::{check_new_folder, Staging};
 use crate::runio::{code_version, load_workloads};
 
+const DEFAULT_SLO_MS: f64 = 5000.0;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum HintOverride {
     /// The true pause.
@@ -100,7 +102,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "hint", value_parser = ["hint", "ewma", "none"])]
     pub predictor: String,
     /// Latency SLO (ms) whose attainment the summary reports.
-    #[arg(long, default_value_t = 5000.0)]
+    #[arg(long, default_value_t = DEFAULT_SLO_MS)]
     pub slo_ms: f64,
     /// Invariant checking level.
     #[arg(long, value_enum, default_value_t = CheckOverride::Step)]
@@ -257,7 +259,7 @@ fn reproduce_line(
     if let Some(s) = args.hint_sigma {
         line.push_str(&format!(" --hint-sigma {s}"));
     }
-    if args.slo_ms != SimulateArgs::default().slo_ms {
+    if args.slo_ms != DEFAULT_SLO_MS {
         line.push_str(&format!(" --slo-ms {}", args.slo_ms));
     }
     let mut inputs = workload.inputs.clone();
