@@ -254,6 +254,7 @@ fn run_fit(args: FitArgs) -> Result<()> {
             .profile
             .validate(out)
             .context("the fitted profile failed its own validation")?;
+        check_new_file(out, "--out", args.overwrite)?;
         traces::write_json_atomic(out, &report.profile)?;
         println!("wrote {}", out.display());
     }
@@ -723,6 +724,7 @@ fn run_validate(args: ValidateArgs) -> Result<()> {
     }
     print!("{}", validation_table(&runs, &rows, &hints));
     if let Some(csv) = &args.csv {
+        check_new_file(csv, "--csv", args.overwrite)?;
         traces::write_csv_atomic(csv, &rows)?;
         println!("wrote {}", csv.display());
     }

@@ -339,6 +339,8 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     for spec in &specs {
         print_table(spec, &base, &args, &rows);
     }
+    // Again: another command may have written it while the probes ran.
+    check_new_file(&args.out, "--out", args.overwrite)?;
     traces::write_csv_atomic(&args.out, &rows)?;
     println!("wrote {}", args.out.display());
     Ok(())

@@ -124,3 +124,36 @@ pub fn read_swaps(run_dir: &Path) -> Result<Vec<traces::SwapRecord>> {
         Vec::new()
     })
 }
+
+/// Writes one run's directory at `dir` (never over an existing one) from its records.
+pub fn write_run(
+    dir: &Path,
+    manifest: &traces::RunManifest,
+    output: &sim::driver::RunOutput,
+    summary: &traces::RunSummary,
+) -> Result<()> {
+    traces::write_run_dir(
+        dir,
+        manifest,
+        &output.turns,
+        &output.steps,
+        &output.swaps,
+        summary,
+    )?;
+    Ok(())
+}
+
+/// Completes a workload's results folder: its `comparison.csv` (one row per run, the runs whose
+/// directories are staged beside it) goes in, then the whole folder is published.
+pub fn publish_workload(
+    staging: outdir::Staging,
+    summaries: &[traces::RunSummary],
+    overwrite: bool,
+) -> Result<()> {
+    let rows: Vec<analysis::table::SummaryRow> = summaries
+        .iter()
+        .map(analysis::table::SummaryRow::from)
+        .collect();
+    traces::write_csv_atomic(&staging.path().join("comparison.csv"), &rows)?;
+    staging.publish(overwrite)
+}

@@ -14,7 +14,7 @@ use traces::{RunSummary, WorkloadSpec};
 
 use crate::runio::inputs::{check_expected, expect_flags, profile_input, shell_word, Input};
 use crate::runio::outdir::{check_new_folder, Staging};
-use crate::runio::{code_version, load_workloads};
+use crate::runio::{code_version, load_workloads, publish_workload, write_run};
 
 const DEFAULT_SLO_MS: f64 = 5000.0;
 
@@ -311,14 +311,7 @@ fn run_policy(
     let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
     if let Some(staging) = staging {
         let manifest = sim::experiment::manifest(spec, agents, &config, &code_version(), reproduce);
-        traces::write_run_dir(
-            &staging.join(policy.name()),
-            &manifest,
-            &output.turns,
-            &output.steps,
-            &output.swaps,
-            &summary,
-        )?;
+        write_run(&staging.join(policy.name()), &manifest, &output, &summary)?;
     }
     Ok(RunResult { summary, wall_s })
 }
@@ -366,12 +359,7 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
         );
         let wall: f64 = results.iter().map(|r| r.wall_s).sum();
         if let Some(staging) = staging {
-            let rows: Vec<analysis::table::SummaryRow> = summaries
-                .iter()
-                .map(analysis::table::SummaryRow::from)
-                .collect();
-            traces::write_csv_atomic(&staging.path().join("comparison.csv"), &rows)?;
-            staging.publish(args.overwrite)?;
+            publish_workload(staging, &summaries, args.overwrite)?;
             println!(
                 "run directories and comparison.csv under {} (simulated in {:.2} s of CPU)",
                 target.display(),

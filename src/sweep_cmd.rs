@@ -375,14 +375,7 @@ fn run_todo(
                             &crate::runio::code_version(),
                             format!("{reproduce}  # configuration {}", c.id),
                         );
-                        traces::write_run_dir(
-                            &dir,
-                            &manifest,
-                            &output.turns,
-                            &output.steps,
-                            &output.swaps,
-                            &summary,
-                        )?;
+                        crate::runio::write_run(&dir, &manifest, &output, &summary)?;
                     }
                     traces::write_json_atomic(&result_path(&args.out, &c.id), &result)?;
                     Ok(())

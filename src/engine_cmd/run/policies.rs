@@ -17,9 +17,9 @@ use super::figures::{figures, Figures};
 use super::plan::{EngineInfo, RunPlan, GIB};
 use super::twin::{side_by_side, simulate_twin};
 use super::RunArgs;
-use crate::runio::code_version;
 use crate::runio::inputs::{expect_flags, shell_word};
 use crate::runio::outdir::Staging;
+use crate::runio::{code_version, publish_workload};
 
 pub fn swap_estimate(config: &SimConfig) -> SwapEstimate {
     let p = &config.profile;
@@ -198,12 +198,7 @@ pub fn run_policies<M: PagedModel, S: SwapExecutor<Model = M>>(
     let summaries: Vec<RunSummary> = results.iter().map(|r| r.real.clone()).collect();
     print_tables(args, plan, info, &results, &summaries);
     if let Some(staging) = staging {
-        let rows: Vec<analysis::table::SummaryRow> = summaries
-            .iter()
-            .map(analysis::table::SummaryRow::from)
-            .collect();
-        traces::write_csv_atomic(&staging.path().join("comparison.csv"), &rows)?;
-        staging.publish(args.overwrite)?;
+        publish_workload(staging, &summaries, args.overwrite)?;
         println!(
             "run directories and comparison.csv under {}",
             target.display()

@@ -12,7 +12,7 @@ use super::figures::{figures, Figures};
 use super::plan::{EngineInfo, RunPlan};
 use super::policies::{reproduce_line, summary_inputs, PolicyResult};
 use super::RunArgs;
-use crate::runio::code_version;
+use crate::runio::{code_version, write_run};
 
 /// The simulator on the same workload, seed, policy, pools and cost hints; its run directory
 /// (`<policy>.sim`) goes under `staging` when given.
@@ -52,12 +52,10 @@ pub fn simulate_twin(
             .options
             .insert("host_blocks".into(), settings.host_blocks.to_string());
         manifest.options.remove("gpu_memory_utilization");
-        traces::write_run_dir(
+        write_run(
             &staging.join(format!("{}.sim", policy.name())),
             &manifest,
-            &output.turns,
-            &output.steps,
-            &output.swaps,
+            &output,
             &summary,
         )?;
     }
