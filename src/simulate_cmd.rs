@@ -69,8 +69,9 @@ pub struct SimulateArgs {
     /// Do not write run directories, only print the tables.
     #[arg(long)]
     pub no_write: bool,
-    /// Refuse to run unless FILE's content still has this SHA-256 (manifests' reproduce lines
-    /// name every input file so, so a changed workload or profile file is detected). Repeatable.
+    /// Refuse to run unless FILE's content still has this SHA-256. A manifest's reproduce line
+    /// carries one per input file (workload, profile, trace), so rerunning it on a changed file
+    /// is an error, not a different run. Repeatable.
     #[arg(long = "expect-sha256", value_name = "FILE=SHA256")]
     pub expect_sha256: Vec<String>,
     /// Fraction of GPU memory the engine may use (weights + workspace + KV).

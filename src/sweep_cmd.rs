@@ -62,8 +62,9 @@ pub struct SweepArgs {
     /// No progress bar (logs, batch jobs).
     #[arg(long)]
     pub quiet: bool,
-    /// Refuse to run unless FILE's content still has this SHA-256 (run directories' reproduce
-    /// lines name the spec, workload and profile files so). Repeatable.
+    /// Refuse to run unless FILE's content still has this SHA-256. The reproduce line of a
+    /// --run-dirs manifest carries one per input file (spec, workload, profile, trace).
+    /// Repeatable.
     #[arg(long = "expect-sha256", value_name = "FILE=SHA256")]
     pub expect_sha256: Vec<String>,
 }

@@ -146,8 +146,8 @@ pub struct RunArgs {
     /// Do not write run directories, only print the tables.
     #[arg(long)]
     pub no_write: bool,
-    /// Refuse to run unless FILE's content still has this SHA-256 (manifests' reproduce lines
-    /// name every workload and profile file so). Repeatable.
+    /// Refuse to run unless FILE's content still has this SHA-256. A manifest's reproduce line
+    /// carries one per input file (workload, profile, trace). Repeatable.
     #[arg(long = "expect-sha256", value_name = "FILE=SHA256")]
     pub expect_sha256: Vec<String>,
 }
