@@ -160,7 +160,7 @@ mod tests {
             "a path with a space is quoted: {flags}"
         );
         let flag = format!("{}={}", input.name, input.sha256);
-        check_expected(&[flag.clone()]).unwrap();
+        check_expected(std::slice::from_ref(&flag)).unwrap();
         std::fs::write(&path, b"two").unwrap();
         let err = format!("{:#}", check_expected(&[flag]).unwrap_err());
         assert!(
