@@ -16,6 +16,8 @@ use sim::driver::RunLimits;
 use sim::experiment::SimConfig;
 use traces::{GpuProfile, RunManifest, RunSummary, StepRecord, SwapRecord};
 
+use crate::runio::outdir::check_new_file;
+
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
     #[command(subcommand)]
@@ -55,9 +57,13 @@ pub struct FitArgs {
     /// Name written into the fitted profile (default: the base's name + "-fitted").
     #[arg(long)]
     pub name: Option<String>,
-    /// Where to write the fitted profile (JSON); without it the fit is only printed.
+    /// Where to write the fitted profile (JSON); without it the fit is only printed. An existing
+    /// file is never replaced silently: the command refuses (before fitting) unless --overwrite.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -73,9 +79,13 @@ pub struct ValidateArgs {
     /// manifests' `--profile`), so only the simulated GPU's timing differs between profiles.
     #[arg(long, default_value = calibration::DEFAULT_PROFILE, value_name = "NAME|PATH")]
     pub hints_profile: String,
-    /// Also write the comparison as CSV.
+    /// Also write the comparison as CSV. An existing file is never replaced silently: the command
+    /// refuses (before simulating) unless --overwrite.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
+    /// Replace an existing --csv file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
@@ -134,7 +144,14 @@ fn read_real_run(dir: &Path) -> Result<RealRun> {
             dir.join("manifest.json").display()
         );
     }
-    let steps: Vec<StepRecord> = traces::read_csv(&dir.join("steps.csv"))?;
+    let steps_path = dir.join("steps.csv");
+    let steps: Vec<StepRecord> = traces::read_csv(&steps_path)?;
+    if steps.is_empty() {
+        bail!(
+            "{}: no steps (a header and no rows): a run without steps can be neither fitted nor validated",
+            steps_path.display()
+        );
+    }
     let swaps: Vec<SwapRecord> = crate::runio::read_swaps(dir)?;
     let summary: RunSummary = traces::read_json(&dir.join("summary.json"))?;
     Ok(RealRun {
@@ -147,6 +164,9 @@ fn read_real_run(dir: &Path) -> Result<RealRun> {
 }
 
 fn run_fit(args: FitArgs) -> Result<()> {
+    if let Some(out) = &args.out {
+        check_new_file(out, "--out", args.overwrite)?;
+    }
     let base = calibration::load_profile(&args.base)?;
     let runs = real_runs(&args.runs)?;
     let devices: Vec<&str> = {
@@ -234,6 +254,7 @@ fn run_fit(args: FitArgs) -> Result<()> {
             .profile
             .validate(out)
             .context("the fitted profile failed its own validation")?;
+        check_new_file(out, "--out", args.overwrite)?;
         traces::write_json_atomic(out, &report.profile)?;
         println!("wrote {}", out.display());
     }
@@ -554,8 +575,9 @@ struct ValidationRow {
     latency_ms_p50_sim: f64,
     latency_ms_p99_real: f64,
     latency_ms_p99_sim: f64,
-    decode_step_ms_p50_real: f64,
-    decode_step_ms_p50_sim: f64,
+    /// Empty when the run has no decode-only step.
+    decode_step_ms_p50_real: Option<f64>,
+    decode_step_ms_p50_sim: Option<f64>,
     end_s_real: f64,
     end_s_sim: f64,
     swaps_out_real: u64,
@@ -587,17 +609,18 @@ fn parse_option<T: std::str::FromStr>(manifest: &RunManifest, key: &str, dir: &P
     })
 }
 
-fn decode_step_ms_p50(steps: &[StepRecord]) -> f64 {
+/// Median decode-only step, ms; none when the run has no such step.
+fn decode_step_ms_p50(steps: &[StepRecord]) -> Option<f64> {
     let mut d: Vec<u64> = steps
         .iter()
         .filter(|s| s.decode_batch > 0 && s.prefill_tokens == 0)
         .map(|s| s.duration_ns)
         .collect();
     if d.is_empty() {
-        return f64::NAN;
+        return None;
     }
     d.sort_unstable();
-    d[d.len() / 2] as f64 / 1e6
+    Some(d[d.len() / 2] as f64 / 1e6)
 }
 
 fn end_s(steps: &[StepRecord]) -> f64 {
@@ -656,6 +679,9 @@ fn simulate_twin(
 }
 
 fn run_validate(args: ValidateArgs) -> Result<()> {
+    if let Some(csv) = &args.csv {
+        check_new_file(csv, "--csv", args.overwrite)?;
+    }
     let runs = real_runs(&args.runs)?;
     let names = if args.profiles.is_empty() {
         vec![
@@ -698,14 +724,29 @@ fn run_validate(args: ValidateArgs) -> Result<()> {
     }
     print!("{}", validation_table(&runs, &rows, &hints));
     if let Some(csv) = &args.csv {
+        check_new_file(csv, "--csv", args.overwrite)?;
         traces::write_csv_atomic(csv, &rows)?;
         println!("wrote {}", csv.display());
     }
     Ok(())
 }
 
-fn err(sim: f64, real: f64) -> f64 {
-    (sim - real) / real
+/// Relative error of `sim` against `real`; none where it means nothing (no real value, or zero).
+fn err(sim: f64, real: f64) -> Option<f64> {
+    let e = (sim - real) / real;
+    (real > 0.0 && e.is_finite()).then_some(e)
+}
+
+fn opt_err(sim: Option<f64>, real: Option<f64>) -> Option<f64> {
+    err(sim?, real?)
+}
+
+/// A percentage cell, `-` when there is no number.
+fn pct_cell(e: Option<f64>, width: usize) -> String {
+    e.map_or_else(
+        || format!("{:>w$}", "-", w = width + 1),
+        |e| format!("{:>+width$.0}%", 100.0 * e, width = width),
+    )
 }
 
 fn validation_table(runs: &[RealRun], rows: &[ValidationRow], hints: &GpuProfile) -> String {
@@ -725,19 +766,20 @@ fn validation_table(runs: &[RealRun], rows: &[ValidationRow], hints: &GpuProfile
         "swaps out, drops"
     );
     for r in rows {
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         s += &format!(
-            "{:<24} {:<22} {:>6.0}/{:<5.0}{:>+5.0}% {:>6.0}/{:<5.0}{:>+5.0}% {:>6.2}/{:<5.2}{:>+5.0}% {:>6.1}/{:<6.1} {:>21}\n",
+            "{:<24} {:<22} {:>6.0}/{:<5.0}{} {:>6.0}/{:<5.0}{} {:>6}/{:<5}{} {:>6.1}/{:<6.1} {:>21}\n",
             format!("{}/{} x{}", r.workload, r.policy, r.agents),
             r.profile,
             r.latency_ms_p50_real,
             r.latency_ms_p50_sim,
-            100.0 * err(r.latency_ms_p50_sim, r.latency_ms_p50_real),
+            pct_cell(err(r.latency_ms_p50_sim, r.latency_ms_p50_real), 5),
             r.latency_ms_p99_real,
             r.latency_ms_p99_sim,
-            100.0 * err(r.latency_ms_p99_sim, r.latency_ms_p99_real),
-            r.decode_step_ms_p50_real,
-            r.decode_step_ms_p50_sim,
-            100.0 * err(r.decode_step_ms_p50_sim, r.decode_step_ms_p50_real),
+            pct_cell(err(r.latency_ms_p99_sim, r.latency_ms_p99_real), 5),
+            ms(r.decode_step_ms_p50_real),
+            ms(r.decode_step_ms_p50_sim),
+            pct_cell(opt_err(r.decode_step_ms_p50_sim, r.decode_step_ms_p50_real), 5),
             r.end_s_real,
             r.end_s_sim,
             format!(
@@ -746,22 +788,30 @@ fn validation_table(runs: &[RealRun], rows: &[ValidationRow], hints: &GpuProfile
             ),
         );
     }
-    // Mean absolute error per profile over runs.
+    // Mean absolute error per profile over the runs that have the figure.
     let mut by_profile: BTreeMap<&str, Vec<&ValidationRow>> = BTreeMap::new();
     for r in rows {
         by_profile.entry(r.profile.as_str()).or_default().push(r);
     }
     s += "\nmean |sim - real| / real over the runs\n";
     for (profile, rs) in by_profile {
-        let mean = |f: &dyn Fn(&ValidationRow) -> f64| {
-            rs.iter().map(|r| f(r).abs()).sum::<f64>() / rs.len() as f64 * 100.0
+        let mean = |f: &dyn Fn(&ValidationRow) -> Option<f64>| {
+            let errs: Vec<f64> = rs.iter().filter_map(|r| f(r)).map(f64::abs).collect();
+            if errs.is_empty() {
+                format!("{:>6}", "-")
+            } else {
+                format!(
+                    "{:>5.1}%",
+                    errs.iter().sum::<f64>() / errs.len() as f64 * 100.0
+                )
+            }
         };
         s += &format!(
-            "  {:<24} p50 {:>5.1}%  p99 {:>5.1}%  decode step {:>5.1}%  end {:>5.1}%\n",
+            "  {:<24} p50 {}  p99 {}  decode step {}  end {}\n",
             profile,
             mean(&|r| err(r.latency_ms_p50_sim, r.latency_ms_p50_real)),
             mean(&|r| err(r.latency_ms_p99_sim, r.latency_ms_p99_real)),
-            mean(&|r| err(r.decode_step_ms_p50_sim, r.decode_step_ms_p50_real)),
+            mean(&|r| opt_err(r.decode_step_ms_p50_sim, r.decode_step_ms_p50_real)),
             mean(&|r| err(r.end_s_sim, r.end_s_real)),
         );
     }

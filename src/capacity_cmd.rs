@@ -17,7 +17,8 @@ use sim::PolicyKind;
 use traces::workload::Distribution;
 use traces::WorkloadSpec;
 
-use crate::runio::{load_workload, parse_policy};
+use crate::runio::outdir::check_new_file;
+use crate::runio::{load_workloads, parse_policy};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CapacityMetric {
@@ -55,9 +56,13 @@ pub struct CapacityArgs {
     /// What hint-using policies do with hints (hint, ewma, none).
     #[arg(long, default_value = "hint", value_parser = ["hint", "ewma", "none"])]
     pub predictor: String,
-    /// CSV output.
-    #[arg(long, default_value = "results/capacity.csv")]
+    /// CSV output. An existing file is never replaced silently: the command refuses (before any
+    /// probe runs) unless --overwrite is given.
+    #[arg(long, default_value = "runs/capacity.csv")]
     pub out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -304,10 +309,11 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         };
     let mut base = SimConfig::new(PolicyKind::Pin, calibration::load_profile(&args.profile)?);
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
-    let specs: Vec<WorkloadSpec> = workloads
-        .iter()
-        .map(|w| load_workload(w))
-        .collect::<Result<_>>()?;
+    let specs: Vec<WorkloadSpec> = load_workloads(&workloads)?
+        .into_iter()
+        .map(|(spec, _)| spec)
+        .collect();
+    check_new_file(&args.out, "--out", args.overwrite)?;
     let jobs: Vec<(usize, PolicyKind)> = (0..specs.len())
         .flat_map(|w| policies.iter().map(move |&p| (w, p)))
         .collect();
@@ -331,49 +337,56 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     for spec in &specs {
-        println!(
-            "== {}: capacity = largest N with {} <= {:.0} ms and no rejected turn, every seed of {} (profile {})",
-            spec.name,
-            match args.metric {
-                CapacityMetric::TurnP99 => "P99 turn latency",
-                CapacityMetric::TtftAfterPauseP99 => "P99 TTFT after a pause",
-            },
-            args.slo_ms,
-            args.seeds,
-            base.profile.name
-        );
-        println!("{}", pin_arithmetic(spec, &base));
-        println!(
-            "{:<20} {:>9} {:>12} {:>10}  first failure",
-            "policy", "capacity", "p99 ms at N", "probes"
-        );
-        let mut mine: Vec<&CapacityRow> = rows.iter().filter(|r| r.workload == spec.name).collect();
-        mine.sort_by(|a, b| {
-            b.capacity_agents
-                .cmp(&a.capacity_agents)
-                .then(a.p99_ms_at_capacity.total_cmp(&b.p99_ms_at_capacity))
-        });
-        for r in mine {
-            let cap = if r.capped {
-                format!(">={}", r.capacity_agents)
-            } else {
-                r.capacity_agents.to_string()
-            };
-            let fail = if r.capped {
-                r.failure.clone()
-            } else {
-                format!("N={}: {}", r.first_failing_agents, r.failure)
-            };
-            println!(
-                "{:<20} {:>9} {:>12.0} {:>10}  {}",
-                r.policy, cap, r.p99_ms_at_capacity, r.probes, fail
-            );
-        }
-        println!();
+        print_table(spec, &base, &args, &rows);
     }
+    // Again: another command may have written it while the probes ran.
+    check_new_file(&args.out, "--out", args.overwrite)?;
     traces::write_csv_atomic(&args.out, &rows)?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// One workload's capacities, largest first, under its `pin` pool arithmetic.
+fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows: &[CapacityRow]) {
+    println!(
+        "== {}: capacity = largest N with {} <= {:.0} ms and no rejected turn, every seed of {} (profile {})",
+        spec.name,
+        match args.metric {
+            CapacityMetric::TurnP99 => "P99 turn latency",
+            CapacityMetric::TtftAfterPauseP99 => "P99 TTFT after a pause",
+        },
+        args.slo_ms,
+        args.seeds,
+        base.profile.name
+    );
+    println!("{}", pin_arithmetic(spec, base));
+    println!(
+        "{:<20} {:>9} {:>12} {:>10}  first failure",
+        "policy", "capacity", "p99 ms at N", "probes"
+    );
+    let mut mine: Vec<&CapacityRow> = rows.iter().filter(|r| r.workload == spec.name).collect();
+    mine.sort_by(|a, b| {
+        b.capacity_agents
+            .cmp(&a.capacity_agents)
+            .then(a.p99_ms_at_capacity.total_cmp(&b.p99_ms_at_capacity))
+    });
+    for r in mine {
+        let cap = if r.capped {
+            format!(">={}", r.capacity_agents)
+        } else {
+            r.capacity_agents.to_string()
+        };
+        let fail = if r.capped {
+            r.failure.clone()
+        } else {
+            format!("N={}: {}", r.first_failing_agents, r.failure)
+        };
+        println!(
+            "{:<20} {:>9} {:>12.0} {:>10}  {}",
+            r.policy, cap, r.p99_ms_at_capacity, r.probes, fail
+        );
+    }
+    println!();
 }
 
 #[cfg(test)]
@@ -382,7 +395,7 @@ mod tests {
 
     #[test]
     fn pin_capacity_on_seed_cliff_matches_its_pool_arithmetic() {
-        let spec = load_workload("seed-cliff").unwrap();
+        let spec = crate::runio::load_workload("seed-cliff").unwrap();
         let base = SimConfig::new(
             PolicyKind::Pin,
             calibration::load_profile("h100-llama2-7b").unwrap(),
@@ -409,6 +422,7 @@ mod tests {
             profile: calibration::DEFAULT_PROFILE.into(),
             predictor: "hint".into(),
             out: PathBuf::new(),
+            overwrite: false,
             threads: Some(1),
         };
         let row = search(&spec, &base, PolicyKind::Pin, &args, args.slo_ms).unwrap();

@@ -1,6 +1,6 @@
 //! `djinn simulate`: run workloads under policies on the simulated GPU and compare them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +12,11 @@ use sim::PolicyKind;
 use traces::workload::{Distribution, HintSpec};
 use traces::{RunSummary, WorkloadSpec};
 
-use crate::runio::{code_version, load_workload, run_dir};
+use crate::runio::inputs::{check_expected, expect_flags, profile_input, shell_word, Input};
+use crate::runio::outdir::{check_new_folder, Staging};
+use crate::runio::{code_version, load_workloads, publish_workload, write_run};
+
+const DEFAULT_SLO_MS: f64 = 5000.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum HintOverride {
@@ -53,12 +57,23 @@ pub struct SimulateArgs {
     /// fitted to real H100 runs by `djinn calibrate fit`; h200-llama2-7b) or a path to a profile JSON.
     #[arg(long, default_value = calibration::DEFAULT_PROFILE, value_name = "NAME|PATH")]
     pub profile: String,
-    /// Folder for the run directories (<out>/<workload>/<policy>/) and comparison CSVs.
-    #[arg(long, default_value = "results/simulate")]
+    /// Results folder: <out>/<workload>/ holds one run directory per policy and comparison.csv.
+    /// A workload folder that already exists is never replaced silently: the command refuses
+    /// (before simulating) unless --overwrite is given.
+    #[arg(long, default_value = "runs/simulate")]
     pub out: PathBuf,
+    /// Replace existing workload folders under --out, each as a whole (no run directory of the
+    /// earlier results survives beside the new comparison.csv).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Do not write run directories, only print the tables.
     #[arg(long)]
     pub no_write: bool,
+    /// Refuse to run unless FILE's content still has this SHA-256. A manifest's reproduce line
+    /// carries one per input file (workload, profile, trace), so rerunning it on a changed file
+    /// is an error, not a different run. Repeatable.
+    #[arg(long = "expect-sha256", value_name = "FILE=SHA256")]
+    pub expect_sha256: Vec<String>,
     /// Fraction of GPU memory the engine may use (weights + workspace + KV).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
@@ -88,7 +103,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "hint", value_parser = ["hint", "ewma", "none"])]
     pub predictor: String,
     /// Latency SLO (ms) whose attainment the summary reports.
-    #[arg(long, default_value_t = 5000.0)]
+    #[arg(long, default_value_t = DEFAULT_SLO_MS)]
     pub slo_ms: f64,
     /// Invariant checking level.
     #[arg(long, value_enum, default_value_t = CheckOverride::Step)]
@@ -107,11 +122,20 @@ impl Default for SimulateArgs {
     }
 }
 
+/// One workload to simulate: as named on the command line, loaded (overrides applied), and the
+/// files it came from.
+struct PlannedWorkload {
+    arg: String,
+    spec: WorkloadSpec,
+    inputs: Vec<Input>,
+}
+
 /// Validated inputs of one simulate invocation.
 struct Plan {
-    specs: Vec<WorkloadSpec>,
+    workloads: Vec<PlannedWorkload>,
     policies: Vec<PolicyKind>,
     base: SimConfig,
+    profile_input: Input,
 }
 
 fn apply_overrides(args: &SimulateArgs, spec: &mut WorkloadSpec) -> Result<()> {
@@ -134,16 +158,20 @@ fn apply_overrides(args: &SimulateArgs, spec: &mut WorkloadSpec) -> Result<()> {
 }
 
 fn validate(args: &SimulateArgs) -> Result<Plan> {
+    check_expected(&args.expect_sha256)?;
     let workload_names = if args.workloads.is_empty() {
         vec!["seed-exp1".to_string(), "seed-cliff".to_string()]
     } else {
         args.workloads.clone()
     };
-    let mut specs = Vec::new();
-    for name in &workload_names {
-        let mut spec = load_workload(name)?;
+    let mut workloads = Vec::new();
+    for (arg, (mut spec, inputs)) in workload_names.iter().zip(load_workloads(&workload_names)?) {
         apply_overrides(args, &mut spec)?;
-        specs.push(spec);
+        workloads.push(PlannedWorkload {
+            arg: arg.clone(),
+            spec,
+            inputs,
+        });
     }
     let policies = crate::runio::parse_policies(&args.policies, &PolicyKind::DEFAULT_SET)?;
     crate::runio::check_agents_flag(args.agents)?;
@@ -172,6 +200,7 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
         bail!("--slo-ms must be a finite number > 0, got {}", args.slo_ms);
     }
     let profile = calibration::load_profile(&args.profile)?;
+    let profile_input = profile_input(&args.profile)?;
     let mut base = SimConfig::new(PolicyKind::Djinn, profile);
     base.seed = args.seed;
     base.gpu_memory_utilization = args.gpu_memory_utilization;
@@ -195,22 +224,29 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
             base.block_bytes()
         );
     }
+    if !args.no_write {
+        for w in &workloads {
+            check_new_folder(&args.out.join(&w.spec.name), args.overwrite)?;
+        }
+    }
     Ok(Plan {
-        specs,
+        workloads,
         policies,
         base,
+        profile_input,
     })
 }
 
 fn reproduce_line(
     args: &SimulateArgs,
-    spec: &WorkloadSpec,
+    plan: &Plan,
+    workload: &PlannedWorkload,
     policy: PolicyKind,
     agents: u32,
 ) -> String {
     let mut line = format!(
         "djinn simulate --workload {} --policy {} --agents {agents} --seed {} --profile {} --gpu-memory-utilization {} --host-memory-gib {} --block-size {} --max-batch-tokens {}",
-        spec.name, policy.name(), args.seed, args.profile, args.gpu_memory_utilization, args.host_memory_gib, args.block_size, args.max_batch_tokens
+        shell_word(&workload.arg), policy.name(), args.seed, shell_word(&args.profile), args.gpu_memory_utilization, args.host_memory_gib, args.block_size, args.max_batch_tokens
     );
     if let (Some(a), Some(b)) = (args.pause_min_s, args.pause_max_s) {
         line.push_str(&format!(" --pause-min-s {a} --pause-max-s {b}"));
@@ -224,6 +260,12 @@ fn reproduce_line(
     if let Some(s) = args.hint_sigma {
         line.push_str(&format!(" --hint-sigma {s}"));
     }
+    if args.slo_ms != DEFAULT_SLO_MS {
+        line.push_str(&format!(" --slo-ms {}", args.slo_ms));
+    }
+    let mut inputs = workload.inputs.clone();
+    inputs.push(plan.profile_input.clone());
+    line.push_str(&expect_flags(&inputs));
     line
 }
 
@@ -233,10 +275,53 @@ pub struct RunResult {
     pub wall_s: f64,
 }
 
+/// Simulates one policy on one workload; writes its run directory under `staging` when given.
+fn run_policy(
+    args: &SimulateArgs,
+    plan: &Plan,
+    workload: &PlannedWorkload,
+    built: &sim::workload::Workload,
+    policy: PolicyKind,
+    staging: Option<&Path>,
+) -> Result<RunResult> {
+    let spec = &workload.spec;
+    let agents = spec.agent_count(args.agents);
+    let mut config = plan.base.clone();
+    config.policy = policy;
+    let started = Instant::now();
+    let reproduce = reproduce_line(args, plan, workload, policy, agents);
+    let output = sim::experiment::simulate_workload(built, &config).with_context(|| {
+        format!(
+            "{} / {}: reproduce with: {reproduce}",
+            spec.name,
+            policy.name()
+        )
+    })?;
+    let wall_s = started.elapsed().as_secs_f64();
+    let inputs = analysis::SummaryInputs {
+        policy: policy.name().into(),
+        workload: spec.name.clone(),
+        agents,
+        seed: args.seed,
+        turns_planned: output.turns_planned,
+        block_bytes: config.block_bytes(),
+        gpu_blocks_total: config.gpu_blocks(),
+        host_blocks_total: config.host_blocks(),
+        slo_ns: (args.slo_ms * 1e6) as u64,
+    };
+    let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
+    if let Some(staging) = staging {
+        let manifest = sim::experiment::manifest(spec, agents, &config, &code_version(), reproduce);
+        write_run(&staging.join(policy.name()), &manifest, &output, &summary)?;
+    }
+    Ok(RunResult { summary, wall_s })
+}
+
 pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
     let plan = validate(&args)?;
     let mut all = Vec::new();
-    for spec in &plan.specs {
+    for workload in &plan.workloads {
+        let spec = &workload.spec;
         let agents = spec.agent_count(args.agents);
         println!(
             "== {} ({}): {} agents, seed {}, profile {} ({}), GPU KV pool {} blocks x {} tokens, host pool {} blocks",
@@ -250,58 +335,18 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
             plan.base.block_size_tokens,
             plan.base.host_blocks()
         );
-        let workload = sim::replay::build_workload(spec, agents, args.seed)?;
-        let results: Vec<Result<RunResult>> = plan
+        let built = sim::replay::build_workload(spec, agents, args.seed)?;
+        let target = args.out.join(&spec.name);
+        // Every file of the workload folder is staged and published together.
+        let staging = (!args.no_write)
+            .then(|| Staging::new(&target, false))
+            .transpose()?;
+        let staged = staging.as_ref().map(|s| s.path());
+        let results: Vec<RunResult> = plan
             .policies
             .par_iter()
-            .map(|&policy| {
-                let mut config = plan.base.clone();
-                config.policy = policy;
-                let started = Instant::now();
-                let reproduce = reproduce_line(&args, spec, policy, agents);
-                let output =
-                    sim::experiment::simulate_workload(&workload, &config).with_context(|| {
-                        format!(
-                            "{} / {}: reproduce with: {reproduce}",
-                            spec.name,
-                            policy.name()
-                        )
-                    })?;
-                let wall_s = started.elapsed().as_secs_f64();
-                let inputs = analysis::SummaryInputs {
-                    policy: policy.name().into(),
-                    workload: spec.name.clone(),
-                    agents,
-                    seed: args.seed,
-                    turns_planned: output.turns_planned,
-                    block_bytes: config.block_bytes(),
-                    gpu_blocks_total: config.gpu_blocks(),
-                    host_blocks_total: config.host_blocks(),
-                    slo_ns: (args.slo_ms * 1e6) as u64,
-                };
-                let summary =
-                    analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
-                if !args.no_write {
-                    let manifest = sim::experiment::manifest(
-                        spec,
-                        agents,
-                        &config,
-                        &code_version(),
-                        reproduce,
-                    );
-                    traces::write_run_dir(
-                        &run_dir(&args.out, &spec.name, policy.name()),
-                        &manifest,
-                        &output.turns,
-                        &output.steps,
-                        &output.swaps,
-                        &summary,
-                    )?;
-                }
-                Ok(RunResult { summary, wall_s })
-            })
-            .collect();
-        let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+            .map(|&policy| run_policy(&args, &plan, workload, &built, policy, staged))
+            .collect::<Result<_>>()?;
         let summaries: Vec<RunSummary> = results.iter().map(|r| r.summary.clone()).collect();
         print!(
             "{}",
@@ -314,16 +359,11 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
             )
         );
         let wall: f64 = results.iter().map(|r| r.wall_s).sum();
-        if !args.no_write {
-            let csv_path = args.out.join(&spec.name).join("comparison.csv");
-            let rows: Vec<analysis::table::SummaryRow> = summaries
-                .iter()
-                .map(analysis::table::SummaryRow::from)
-                .collect();
-            traces::write_csv_atomic(&csv_path, &rows)?;
+        if let Some(staging) = staging {
+            publish_workload(staging, &summaries, args.overwrite)?;
             println!(
                 "run directories and comparison.csv under {} (simulated in {:.2} s of CPU)",
-                args.out.join(&spec.name).display(),
+                target.display(),
                 wall
             );
         }

@@ -4,10 +4,16 @@
 //! sweep resumes where it stopped (finished configurations are skipped, half-finished ones left no
 //! file and are redone); at the end the rows are merged into one CSV. `--shard K/N` runs the
 //! configurations whose index is K modulo N (deterministic), and `djinn sweep merge` joins shards.
+//!
+//! Resuming is safe only with the same inputs: `<out>/sweep.json` and every result record what
+//! produced them (`state`), and a rerun with another spec, profile or workload file is refused.
+
+mod merge;
+mod spec;
+mod state;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -15,12 +21,14 @@ use clap::{Args, Subcommand};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sim::experiment::SimConfig;
-use sim::policies::PredictorMode;
-use sim::PolicyKind;
-use traces::workload::HintSpec;
 use traces::WorkloadSpec;
 
-use crate::runio::{load_workload, parse_policy};
+pub use merge::MergeArgs;
+pub use spec::{expand, parse_shard, read_spec, resolve, SweepConfig, SweepSpec};
+use state::{FolderState, SweepInputs, SweepManifest};
+
+use crate::runio::inputs::{check_expected, expect_flags, profile_input, shell_word, Input};
+use crate::runio::load_workload_with_inputs;
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -29,9 +37,16 @@ pub struct SweepArgs {
     /// The sweep spec (TOML). See analysis/SWEEPS.md for the format.
     #[arg(value_name = "SPEC")]
     pub spec: Option<PathBuf>,
-    /// Output folder: configs/<id>.json per configuration, results.csv (or results-shard-K-of-N.csv).
-    #[arg(long, default_value = "results/sweep")]
+    /// Output folder: sweep.json (what produced its results), configs/<id>.json per
+    /// configuration, results.csv (or results-shard-K-of-N.csv). Rerunning into it resumes, but
+    /// only with the same spec, profile and workload files: otherwise the sweep refuses (naming
+    /// what changed) unless --overwrite is given.
+    #[arg(long, default_value = "runs/sweep")]
     pub out: PathBuf,
+    /// Discard the sweep results in --out that other inputs produced (its sweep.json, configs/,
+    /// runs/ and results*.csv), and run every configuration again.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Run only configurations whose index is K modulo N (0 <= K < N), e.g. `--shard $SLURM_ARRAY_TASK_ID/16`.
     #[arg(long, value_name = "K/N")]
     pub shard: Option<String>,
@@ -47,78 +62,17 @@ pub struct SweepArgs {
     /// No progress bar (logs, batch jobs).
     #[arg(long)]
     pub quiet: bool,
+    /// Refuse to run unless FILE's content still has this SHA-256. The reproduce line of a
+    /// --run-dirs manifest carries one per input file (spec, workload, profile, trace).
+    /// Repeatable.
+    #[arg(long = "expect-sha256", value_name = "FILE=SHA256")]
+    pub expect_sha256: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum SweepCommand {
     /// Join the results of several shards (or output folders) into one CSV.
     Merge(MergeArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct MergeArgs {
-    /// Output folders of the shards (each holding configs/*.json).
-    #[arg(required = true)]
-    pub dirs: Vec<PathBuf>,
-    /// The merged CSV.
-    #[arg(long, default_value = "results/sweep/results.csv")]
-    pub out: PathBuf,
-    /// The sweep spec: when given, the merge checks every configuration is present.
-    #[arg(long)]
-    pub spec: Option<PathBuf>,
-}
-
-/// A sweep spec as written in TOML.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SweepSpec {
-    pub name: String,
-    pub policies: Vec<String>,
-    pub workloads: Vec<String>,
-    pub agents: Vec<u32>,
-    pub seeds: Vec<u64>,
-    #[serde(default = "default_profile")]
-    pub profile: String,
-    #[serde(default = "default_slo_ms")]
-    pub slo_ms: f64,
-    /// Named knob sets; the sweep runs each. Empty = one set of defaults named "base".
-    #[serde(default)]
-    pub overrides: Vec<Override>,
-}
-
-fn default_profile() -> String {
-    calibration::DEFAULT_PROFILE.to_string()
-}
-fn default_slo_ms() -> f64 {
-    5000.0
-}
-
-/// One named set of knobs.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Override {
-    pub name: String,
-    pub gpu_memory_utilization: Option<f64>,
-    pub host_memory_gib: Option<f64>,
-    pub max_batch_tokens: Option<u32>,
-    /// Cap of the host<->GPU copy bandwidth per direction, GB/s (e.g. 25 for PCIe Gen4).
-    pub pcie_gbps: Option<f64>,
-    /// `exact`, `none` or `noisy:SIGMA`: what the workload tells the scheduler.
-    pub hint: Option<String>,
-    /// `hint`, `ewma` or `none`: what hint-using policies do with hints.
-    pub predictor: Option<String>,
-}
-
-/// One configuration of the expanded sweep.
-#[derive(Clone, Debug)]
-pub struct SweepConfig {
-    pub index: usize,
-    pub id: String,
-    pub workload: String,
-    pub policy: PolicyKind,
-    pub agents: u32,
-    pub seed: u64,
-    pub knobs: Override,
 }
 
 /// What one finished configuration writes (and the merge reads back).
@@ -130,228 +84,47 @@ pub struct ConfigResult {
     pub hint: String,
     pub predictor: String,
     pub row: analysis::table::SummaryRow,
+    /// Fingerprint of the sweep inputs that produced it (`sweep.json`'s `inputs_sha256`); empty
+    /// in results written before fingerprints existed.
+    #[serde(default)]
+    pub inputs_sha256: String,
 }
 
-fn parse_hint(s: &str) -> Result<HintSpec> {
-    Ok(match s {
-        "exact" => HintSpec::Exact,
-        "none" => HintSpec::None,
-        other => match other.strip_prefix("noisy:").map(str::parse::<f64>) {
-            Some(Ok(sigma)) if sigma.is_finite() && sigma >= 0.0 => HintSpec::Noisy { sigma },
-            _ => bail!("hint must be exact, none or noisy:SIGMA (sigma >= 0), got {other:?}"),
-        },
-    })
+/// The loaded inputs of a sweep: what fixes its results, and the profile and workloads.
+pub struct LoadedInputs {
+    pub fixed: SweepInputs,
+    pub profile: traces::GpuProfile,
+    /// By the spec's workload entry.
+    pub workloads: BTreeMap<String, WorkloadSpec>,
 }
 
-/// Reads and validates a sweep spec; errors name the file and field.
-pub fn read_spec(path: &Path) -> Result<SweepSpec> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let spec: SweepSpec = toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        anyhow::anyhow!(
-            "{}: {}{}",
-            path.display(),
-            line.map(|l| format!("line {l}: ")).unwrap_or_default(),
-            e.message()
-        )
-    })?;
-    let fail = |field: &str, msg: String| -> Result<SweepSpec> {
-        bail!("{}: field `{field}`: {msg}", path.display())
-    };
-    for (field, empty) in [
-        ("policies", spec.policies.is_empty()),
-        ("workloads", spec.workloads.is_empty()),
-        ("agents", spec.agents.is_empty()),
-        ("seeds", spec.seeds.is_empty()),
-    ] {
-        if empty {
-            return fail(field, "must list at least one value".into());
-        }
-    }
-    for (i, p) in spec.policies.iter().enumerate() {
-        parse_policy(p).with_context(|| format!("{}: field `policies[{i}]`", path.display()))?;
-    }
-    for (i, &n) in spec.agents.iter().enumerate() {
-        if n == 0 || n > traces::workload::AGENTS_MAX {
-            return fail(
-                &format!("agents[{i}]"),
-                format!("must be in 1..={}, got {n}", traces::workload::AGENTS_MAX),
-            );
-        }
-    }
-    if !(spec.slo_ms.is_finite() && spec.slo_ms > 0.0) {
-        return fail(
-            "slo_ms",
-            format!("must be a finite number > 0, got {}", spec.slo_ms),
-        );
-    }
-    let mut names = std::collections::BTreeSet::new();
-    for (i, o) in spec.overrides.iter().enumerate() {
-        let f = |name: &str| format!("overrides[{i}].{name}");
-        if o.name.is_empty()
-            || !o
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
-            return fail(
-                &f("name"),
-                format!(
-                    "must be non-empty letters, digits, '-', '_' or '.', got {:?}",
-                    o.name
-                ),
-            );
-        }
-        if !names.insert(o.name.clone()) {
-            return fail(&f("name"), format!("{:?} appears twice", o.name));
-        }
-        if let Some(u) = o.gpu_memory_utilization {
-            if !(u > 0.0 && u <= 1.0) {
-                return fail(
-                    &f("gpu_memory_utilization"),
-                    format!("must be in (0, 1], got {u}"),
-                );
-            }
-        }
-        if let Some(h) = o.host_memory_gib {
-            if !(h.is_finite() && (0.0..=1048576.0).contains(&h)) {
-                return fail(
-                    &f("host_memory_gib"),
-                    format!("must be in [0, 1048576], got {h}"),
-                );
-            }
-        }
-        if o.max_batch_tokens == Some(0) {
-            return fail(&f("max_batch_tokens"), "must be > 0".into());
-        }
-        if let Some(b) = o.pcie_gbps {
-            if !(b.is_finite() && b > 0.0) {
-                return fail(
-                    &f("pcie_gbps"),
-                    format!("must be a finite number > 0, got {b}"),
-                );
-            }
-        }
-        if let Some(h) = &o.hint {
-            parse_hint(h).with_context(|| format!("{}: field `{}`", path.display(), f("hint")))?;
-        }
-        if let Some(p) = &o.predictor {
-            if PredictorMode::parse(p).is_none() {
-                return fail(
-                    &f("predictor"),
-                    format!("must be hint, ewma or none, got {p:?}"),
-                );
-            }
-        }
-    }
-    Ok(spec)
-}
-
-/// The configurations of a spec, in a fixed order (workload, override, agents, seed, policy).
-pub fn expand(spec: &SweepSpec) -> Result<Vec<SweepConfig>> {
-    let overrides = if spec.overrides.is_empty() {
-        vec![Override {
-            name: "base".into(),
-            ..Default::default()
-        }]
-    } else {
-        spec.overrides.clone()
-    };
-    let mut out = Vec::new();
+/// Loads the profile and every workload of `spec` (read from `spec_path`) with their hashes.
+/// Two entries naming workloads of one `name` are an error: their rows could not be told apart.
+pub fn sweep_inputs(spec_path: &Path, spec: &SweepSpec) -> Result<LoadedInputs> {
+    let profile = calibration::load_profile(&spec.profile)?;
+    let mut inputs = vec![profile_input(&spec.profile)?];
+    let mut workloads: BTreeMap<String, WorkloadSpec> = BTreeMap::new();
     for w in &spec.workloads {
-        let wname = Path::new(w)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| w.clone());
-        for o in &overrides {
-            for &n in &spec.agents {
-                for &seed in &spec.seeds {
-                    for p in &spec.policies {
-                        let policy = parse_policy(p)?;
-                        let index = out.len();
-                        let id = format!("{wname}__{}__n{n}__s{seed}__{}", policy.name(), o.name);
-                        out.push(SweepConfig {
-                            index,
-                            id,
-                            workload: w.clone(),
-                            policy,
-                            agents: n,
-                            seed,
-                            knobs: o.clone(),
-                        });
-                    }
-                }
-            }
+        let (loaded, files) = load_workload_with_inputs(w)
+            .with_context(|| format!("{}: field `workloads`", spec_path.display()))?;
+        if let Some((other, _)) = workloads.iter().find(|(_, s)| s.name == loaded.name) {
+            bail!(
+                "{}: field `workloads`: `{other}` and `{w}` are both named `{}`; give one another `name`",
+                spec_path.display(),
+                loaded.name
+            );
         }
+        inputs.extend(files);
+        workloads.insert(w.clone(), loaded);
     }
-    Ok(out)
-}
-
-/// Parses `K/N`.
-pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let (k, n) = s
-        .split_once('/')
-        .context("--shard must be K/N, e.g. 3/16")?;
-    let (k, n): (usize, usize) = (
-        k.trim().parse().context("--shard K")?,
-        n.trim().parse().context("--shard N")?,
-    );
-    if n == 0 || k >= n {
-        bail!("--shard K/N needs 0 <= K < N, got {k}/{n}");
-    }
-    Ok((k, n))
-}
-
-/// The spec and base config of one configuration, overrides applied.
-pub fn resolve(
-    config: &SweepConfig,
-    profile: &traces::GpuProfile,
-    specs: &BTreeMap<String, WorkloadSpec>,
-) -> Result<(WorkloadSpec, SimConfig)> {
-    let mut spec = specs[&config.workload].clone();
-    let mut sim = SimConfig::new(config.policy, profile.clone());
-    sim.seed = config.seed;
-    let k = &config.knobs;
-    if let Some(u) = k.gpu_memory_utilization {
-        sim.gpu_memory_utilization = u;
-    }
-    if let Some(h) = k.host_memory_gib {
-        sim.host_memory_bytes = (h * (1u64 << 30) as f64) as u64;
-    }
-    if let Some(t) = k.max_batch_tokens {
-        sim.sched.max_batch_tokens = t;
-    }
-    if let Some(b) = k.pcie_gbps {
-        let cap = b * 1e9;
-        sim.profile.host_to_device.bandwidth_bytes_per_s =
-            sim.profile.host_to_device.bandwidth_bytes_per_s.min(cap);
-        sim.profile.device_to_host.bandwidth_bytes_per_s =
-            sim.profile.device_to_host.bandwidth_bytes_per_s.min(cap);
-    }
-    if let Some(h) = &k.hint {
-        spec.hint = parse_hint(h)?;
-    }
-    if let Some(p) = &k.predictor {
-        sim.predictor = PredictorMode::parse(p).context("predictor")?;
-    }
-    if sim.gpu_blocks() == 0 {
-        bail!(
-            "{}: the GPU KV pool is empty with these overrides",
-            config.id
-        );
-    }
-    Ok((spec, sim))
-}
-
-fn hint_name(h: &HintSpec) -> String {
-    match h {
-        HintSpec::Exact => "exact".into(),
-        HintSpec::None => "none".into(),
-        HintSpec::Noisy { sigma } => format!("noisy:{sigma}"),
-    }
+    Ok(LoadedInputs {
+        fixed: SweepInputs {
+            spec: spec.clone(),
+            inputs,
+        },
+        profile,
+        workloads,
+    })
 }
 
 /// Runs one configuration (simulate + summarize). Returns the result and the run output.
@@ -360,6 +133,7 @@ pub fn run_config(
     spec: &WorkloadSpec,
     sim: &SimConfig,
     slo_ms: f64,
+    inputs_sha256: &str,
 ) -> Result<(ConfigResult, sim::driver::RunOutput, traces::RunSummary)> {
     let (_, output) = sim::experiment::simulate(spec, Some(config.agents), sim)
         .with_context(|| format!("configuration {}", config.id))?;
@@ -379,9 +153,10 @@ pub fn run_config(
         config_index: config.index,
         config_id: config.id.clone(),
         override_name: config.knobs.name.clone(),
-        hint: hint_name(&spec.hint),
+        hint: spec::hint_name(&spec.hint),
         predictor: sim.predictor.name().into(),
         row: analysis::table::SummaryRow::from(&summary),
+        inputs_sha256: inputs_sha256.into(),
     };
     Ok((result, output, summary))
 }
@@ -416,10 +191,50 @@ pub fn results_csv(results: &[ConfigResult]) -> Result<Vec<u8>> {
     Ok(out.into_bytes())
 }
 
+/// One configuration to run, its inputs resolved.
+type Job = (SweepConfig, WorkloadSpec, SimConfig);
+
+/// Splits this shard's jobs into those to run and counts the finished ones. A finished result
+/// of other inputs is refused, or rerun with `--overwrite`; after a discard nothing is finished.
+fn plan_todo<'a>(
+    args: &SweepArgs,
+    jobs: &'a [Job],
+    fingerprint: &str,
+    fresh: bool,
+) -> Result<Vec<&'a Job>> {
+    if fresh {
+        return Ok(jobs.iter().collect());
+    }
+    let mut todo = Vec::new();
+    let mut foreign = Vec::new();
+    for job in jobs {
+        let path = result_path(&args.out, &job.0.id);
+        match read_done(&path) {
+            Some(r) if r.inputs_sha256 == fingerprint => {}
+            Some(_) => {
+                foreign.push(path);
+                todo.push(job);
+            }
+            None => todo.push(job),
+        }
+    }
+    if !foreign.is_empty() && !args.overwrite {
+        bail!(
+            "{} finished configuration(s) in {} were produced by other inputs than {} records (e.g. {}); use another --out, or --overwrite to run them again",
+            foreign.len(),
+            args.out.join("configs").display(),
+            args.out.join(state::MANIFEST).display(),
+            foreign[0].display()
+        );
+    }
+    Ok(todo)
+}
+
 pub fn run(args: SweepArgs) -> Result<()> {
     if let Some(SweepCommand::Merge(m)) = args.command {
-        return merge(m);
+        return merge::merge(m);
     }
+    check_expected(&args.expect_sha256)?;
     let spec_path = args.spec.clone().context(
         "a sweep spec is required: djinn sweep SPEC.toml (or djinn sweep merge DIRS...)",
     )?;
@@ -429,107 +244,69 @@ pub fn run(args: SweepArgs) -> Result<()> {
         Some(s) => parse_shard(s)?,
         None => (0, 1),
     };
-    let mine: Vec<SweepConfig> = configs
+    let loaded = sweep_inputs(&spec_path, &spec)?;
+    // Validate every configuration before running any (bad overrides fail fast, nothing written).
+    let jobs: Vec<Job> = configs
         .iter()
         .filter(|c| c.index % shard_n == shard_k)
-        .cloned()
-        .collect();
-    let profile = calibration::load_profile(&spec.profile)?;
-    let mut specs = BTreeMap::new();
-    for w in &spec.workloads {
-        specs.insert(
-            w.clone(),
-            load_workload(w)
-                .with_context(|| format!("{}: field `workloads`", spec_path.display()))?,
-        );
-    }
-    // Validate every configuration before running any (bad overrides fail fast, nothing written).
-    let resolved: Vec<(SweepConfig, WorkloadSpec, SimConfig)> = mine
-        .iter()
-        .map(|c| resolve(c, &profile, &specs).map(|(s, sim)| (c.clone(), s, sim)))
+        .map(|c| resolve(c, &loaded.profile, &loaded.workloads).map(|(s, sim)| (c.clone(), s, sim)))
         .collect::<Result<_>>()?;
-    let todo: Vec<&(SweepConfig, WorkloadSpec, SimConfig)> = resolved
-        .iter()
-        .filter(|(c, _, _)| read_done(&result_path(&args.out, &c.id)).is_none())
-        .collect();
+    let fingerprint = loaded.fixed.fingerprint();
+    let manifest = SweepManifest {
+        tool: "djinn".into(),
+        code_version: crate::runio::code_version(),
+        spec_path: spec_path.display().to_string(),
+        inputs_sha256: fingerprint.clone(),
+        fixed_by: loaded.fixed.clone(),
+    };
+    let folder = state::check_folder(&args.out, &manifest, args.overwrite)?;
+    let fresh = matches!(folder, FolderState::Replace { .. });
+    let todo = plan_todo(&args, &jobs, &fingerprint, fresh)?;
     println!(
         "sweep {}: {} configurations; shard {shard_k}/{shard_n} has {}, {} already done, {} to run",
         spec.name,
         configs.len(),
-        mine.len(),
-        mine.len() - todo.len(),
+        jobs.len(),
+        jobs.len() - todo.len(),
         todo.len()
     );
+    match &folder {
+        FolderState::Ready {
+            earlier_code: Some(code),
+        } => println!(
+            "note: the finished configurations were produced by djinn {code}; this is {}",
+            manifest.code_version
+        ),
+        FolderState::Replace { paths } => println!(
+            "--overwrite: discarding the earlier sweep results in {} ({} entries)",
+            args.out.display(),
+            paths.len()
+        ),
+        _ => {}
+    }
     if args.dry_run {
         return Ok(());
     }
+    if let FolderState::Replace { paths } = &folder {
+        state::discard(paths)?;
+    }
     std::fs::create_dir_all(args.out.join("configs"))
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let pool = crate::runio::thread_pool(args.threads)?;
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(todo.len() as u64)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} configs, {per_sec}, ETA {eta_precise} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+    traces::write_json_atomic(&args.out.join(state::MANIFEST), &manifest)?;
+    let mut reproduce_inputs = vec![Input::file("sweep spec", &spec_path.display().to_string())?];
+    reproduce_inputs.extend(loaded.fixed.inputs.iter().cloned());
+    let reproduce = format!(
+        "djinn sweep {} --out {}{}",
+        shell_word(&spec_path.display().to_string()),
+        shell_word(&args.out.display().to_string()),
+        expect_flags(&reproduce_inputs)
     );
-    let started = Instant::now();
-    let failures = AtomicUsize::new(0);
-    let errors: Vec<String> = pool.install(|| {
-        todo.par_iter()
-            .filter_map(|(c, s, sim)| {
-                let outcome = (|| -> Result<()> {
-                    let (result, output, summary) = run_config(c, s, sim, spec.slo_ms)?;
-                    if args.run_dirs {
-                        let manifest = sim::experiment::manifest(
-                            s,
-                            c.agents,
-                            sim,
-                            &crate::runio::code_version(),
-                            format!(
-                                "djinn sweep {} (configuration {})",
-                                spec_path.display(),
-                                c.id
-                            ),
-                        );
-                        traces::write_run_dir(
-                            &args.out.join("runs").join(&c.id),
-                            &manifest,
-                            &output.turns,
-                            &output.steps,
-                            &output.swaps,
-                            &summary,
-                        )?;
-                    }
-                    traces::write_json_atomic(&result_path(&args.out, &c.id), &result)?;
-                    Ok(())
-                })();
-                bar.inc(1);
-                outcome.err().map(|e| {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    format!("{:#}", e)
-                })
-            })
-            .collect()
-    });
-    bar.finish_and_clear();
-    let wall_s = started.elapsed().as_secs_f64();
-    println!(
-        "ran {} configurations in {:.2} s on {} threads ({:.1} configurations/s)",
-        todo.len(),
-        wall_s,
-        pool.current_num_threads(),
-        todo.len() as f64 / wall_s.max(1e-9)
-    );
+    let errors = run_todo(&args, &todo, spec.slo_ms, &fingerprint, &reproduce)?;
     // Merge what this shard has (including configurations finished by earlier, interrupted runs).
-    let mut results: Vec<ConfigResult> = mine
+    let mut results: Vec<ConfigResult> = jobs
         .iter()
-        .filter_map(|c| read_done(&result_path(&args.out, &c.id)))
+        .filter_map(|(c, _, _)| read_done(&result_path(&args.out, &c.id)))
+        .filter(|r| r.inputs_sha256 == fingerprint)
         .collect();
     results.sort_by_key(|r| r.config_index);
     let csv_name = if shard_n == 1 {
@@ -556,65 +333,69 @@ pub fn run(args: SweepArgs) -> Result<()> {
     Ok(())
 }
 
-fn merge(args: MergeArgs) -> Result<()> {
-    let mut by_index: BTreeMap<usize, ConfigResult> = BTreeMap::new();
-    for dir in &args.dirs {
-        let configs = dir.join("configs");
-        let entries = std::fs::read_dir(&configs)
-            .with_context(|| format!("reading {}", configs.display()))?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let text =
-                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            let r: ConfigResult = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a configuration result", p.display()))?;
-            if let Some(prev) = by_index.get(&r.config_index) {
-                if prev.config_id != r.config_id {
-                    bail!("{}: configuration {} is {} here but {} in another shard (different sweep specs?)", p.display(), r.config_index, r.config_id, prev.config_id);
-                }
-            }
-            by_index.insert(r.config_index, r);
-        }
-    }
-    if let Some(spec_path) = &args.spec {
-        let configs = expand(&read_spec(spec_path)?)?;
-        let missing: Vec<&str> = configs
-            .iter()
-            .filter(|c| {
-                by_index
-                    .get(&c.index)
-                    .map(|r| r.config_id != c.id)
-                    .unwrap_or(true)
-            })
-            .map(|c| c.id.as_str())
-            .collect();
-        if !missing.is_empty() {
-            bail!(
-                "{} of {} configurations missing, e.g. {}",
-                missing.len(),
-                configs.len(),
-                missing
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-    }
-    let results: Vec<ConfigResult> = by_index.into_values().collect();
-    traces::write_atomic(&args.out, &results_csv(&results)?)?;
-    println!(
-        "merged {} configurations from {} folders into {}",
-        results.len(),
-        args.dirs.len(),
-        args.out.display()
+/// Runs `todo` on the thread pool with a progress bar; returns the failures' messages.
+fn run_todo(
+    args: &SweepArgs,
+    todo: &[&Job],
+    slo_ms: f64,
+    fingerprint: &str,
+    reproduce: &str,
+) -> Result<Vec<String>> {
+    let pool = crate::runio::thread_pool(args.threads)?;
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(todo.len() as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} configs, {per_sec}, ETA {eta_precise} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
-    Ok(())
+    let started = Instant::now();
+    let errors: Vec<String> = pool.install(|| {
+        todo.par_iter()
+            .filter_map(|(c, s, sim)| {
+                let outcome = (|| -> Result<()> {
+                    let (result, output, summary) = run_config(c, s, sim, slo_ms, fingerprint)?;
+                    if args.run_dirs {
+                        let dir = args.out.join("runs").join(&c.id);
+                        // A run directory without a result is what an interrupted run of this
+                        // very configuration (same inputs: the folder check passed) left; the
+                        // rerun writes it again.
+                        if dir.exists() {
+                            std::fs::remove_dir_all(&dir)
+                                .with_context(|| format!("removing {}", dir.display()))?;
+                        }
+                        let manifest = sim::experiment::manifest(
+                            s,
+                            c.agents,
+                            sim,
+                            &crate::runio::code_version(),
+                            format!("{reproduce}  # configuration {}", c.id),
+                        );
+                        crate::runio::write_run(&dir, &manifest, &output, &summary)?;
+                    }
+                    traces::write_json_atomic(&result_path(&args.out, &c.id), &result)?;
+                    Ok(())
+                })();
+                bar.inc(1);
+                outcome.err().map(|e| format!("{e:#}"))
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    let wall_s = started.elapsed().as_secs_f64();
+    println!(
+        "ran {} configurations in {:.2} s on {} threads ({:.1} configurations/s)",
+        todo.len(),
+        wall_s,
+        pool.current_num_threads(),
+        todo.len() as f64 / wall_s.max(1e-9)
+    );
+    Ok(errors)
 }
 
 #[cfg(test)]
@@ -652,6 +433,8 @@ predictor = "ewma"
             run_dirs: false,
             dry_run: false,
             quiet: true,
+            overwrite: false,
+            expect_sha256: vec![],
         }
     }
 
@@ -726,16 +509,18 @@ predictor = "ewma"
             run(args(&spec, d, Some(&format!("{k}/3")))).unwrap();
         }
         let merged = dir.join("merged.csv");
-        merge(MergeArgs {
+        merge::merge(MergeArgs {
             dirs: dirs.clone(),
             out: merged.clone(),
+            overwrite: false,
             spec: Some(spec.clone()),
         })
         .unwrap();
         assert_eq!(std::fs::read(&merged).unwrap(), whole);
-        let e = merge(MergeArgs {
+        let e = merge::merge(MergeArgs {
             dirs: dirs[..2].to_vec(),
             out: dir.join("partial.csv"),
+            overwrite: false,
             spec: Some(spec.clone()),
         })
         .unwrap_err();

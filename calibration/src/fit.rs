@@ -384,7 +384,7 @@ pub struct InterferenceFit {
 
 /// Least squares of `slowdown = (h2d_cost x h2d rate + d2h_cost x d2h rate) / memory bandwidth`
 /// (the slowdown `GpuProfile::step_ns_beside_copies` gives a memory-bound step), with both costs
-/// >= 0 and no intercept (no copy, no slowdown). A direction no point exercises keeps
+/// at least 0 and no intercept (no copy, no slowdown). A direction no point exercises keeps
 /// `keep_h2d` / `keep_d2h`. `None` when no point has any copy traffic.
 pub fn fit_copy_interference(
     points: &[InterferencePoint],

@@ -46,16 +46,42 @@ pub const SHIPPED_TRACES: [(&str, &str); 3] = [
     ),
 ];
 
-/// The text of a trace: a shipped sample by file name, else the file at `path`.
-pub fn trace_text(path: &str) -> Result<(String, String), TraceError> {
-    if let Some((name, text)) = SHIPPED_TRACES
+/// The shipped sample a trace path names (by file name, or a path ending in
+/// `workloads/traces/<name>`): its name and text.
+pub fn shipped_trace(path: &str) -> Option<(&'static str, &'static str)> {
+    SHIPPED_TRACES
         .iter()
         .find(|(n, _)| *n == path || path.ends_with(&format!("workloads/traces/{n}")))
-    {
+        .copied()
+}
+
+/// The text of a trace: a shipped sample by file name, else the file at `path`.
+pub fn trace_text(path: &str) -> Result<(String, String), TraceError> {
+    if let Some((name, text)) = shipped_trace(path) {
         return Ok((format!("sim/workloads/traces/{name}"), text.to_string()));
     }
     let text = traces::io::read_text(Path::new(path))?;
     Ok((path.to_string(), text))
+}
+
+/// Makes the trace paths of a spec read from `spec_file` relative to that file's folder, as a
+/// reader of the spec expects (the spec and its trace travel together), not to wherever the
+/// command happens to run. Shipped sample names and absolute paths stay as they are.
+pub fn resolve_trace_paths(spec: &mut WorkloadSpec, spec_file: &Path) {
+    let Some(dir) = spec_file.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return;
+    };
+    let resolve = |path: &mut String| {
+        if shipped_trace(path).is_none() && Path::new(path.as_str()).is_relative() {
+            *path = dir.join(path.as_str()).to_string_lossy().into_owned();
+        }
+    };
+    if let Some(r) = spec.replay.as_mut() {
+        resolve(&mut r.path);
+    }
+    if let Some(b) = spec.background.as_mut() {
+        resolve(&mut b.path);
+    }
 }
 
 /// One Mooncake request.
@@ -517,6 +543,31 @@ mod tests {
         );
         let e = parse_azure("a.csv", "time,a,b\n").unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn trace_paths_resolve_against_the_spec_folder() {
+        let text = crate::experiment::shipped_workload("agents-background").unwrap();
+        let mut spec = WorkloadSpec::from_toml_str(Path::new("x.toml"), text).unwrap();
+        spec.replay = Some(traces::workload::ReplaySpec {
+            format: "mooncake".into(),
+            path: "data/trace.jsonl".into(),
+            token_scale: 1.0,
+            time_scale: 1.0,
+        });
+        resolve_trace_paths(&mut spec, Path::new("specs/w.toml"));
+        assert_eq!(
+            Path::new(&spec.replay.as_ref().unwrap().path),
+            Path::new("specs/data/trace.jsonl")
+        );
+        // The shipped sample the background names stays a shipped name.
+        assert_eq!(
+            spec.background.as_ref().unwrap().path,
+            "azure_conv_sample.csv"
+        );
+        spec.replay.as_mut().unwrap().path = "/data/trace.jsonl".into();
+        resolve_trace_paths(&mut spec, Path::new("specs/w.toml"));
+        assert_eq!(spec.replay.as_ref().unwrap().path, "/data/trace.jsonl");
     }
 
     #[test]

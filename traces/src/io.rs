@@ -177,6 +177,7 @@ pub fn parse_csv<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Vec<T
             message: "no header line (empty or unreadable file)".into(),
         });
     }
+    let headers = reader.headers().cloned().unwrap_or_default();
     let mut rows = Vec::new();
     for (index, row) in reader.deserialize::<T>().enumerate() {
         match row {
@@ -186,12 +187,27 @@ pub fn parse_csv<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Vec<T
                 return Err(TraceError::Parse {
                     path: path.to_path_buf(),
                     location: format!("line {line}"),
-                    message: e.to_string(),
+                    message: csv_message(&e, &headers),
                 });
             }
         }
     }
     Ok(rows)
+}
+
+/// A CSV error in the reader's words, the bad column named by its header rather than by its
+/// position (the csv crate says "field 3", which a reader has to count out).
+fn csv_message(e: &csv::Error, headers: &csv::StringRecord) -> String {
+    if let csv::ErrorKind::Deserialize { err, .. } = e.kind() {
+        let column = err
+            .field()
+            .and_then(|i| headers.get(i as usize).map(|name| (i, name)));
+        if let Some((i, name)) = column {
+            return format!("column `{name}` (column {}): {}", i + 1, err.kind());
+        }
+        return err.kind().to_string();
+    }
+    e.to_string()
 }
 
 #[cfg(test)]
@@ -211,6 +227,23 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 1, "only the target remains: {names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_value_is_named_by_its_column_header() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Row {
+            a: u32,
+            b: u32,
+        }
+        let err = parse_csv::<Row>(Path::new("r.csv"), b"a,b\n1,2\n3,x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("r.csv") && err.contains("line 3") && err.contains("column `b`"),
+            "{err}"
+        );
     }
 
     #[test]

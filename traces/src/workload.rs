@@ -331,6 +331,23 @@ impl AgentSpec {
     }
 }
 
+/// Results are written under a folder of the workload's name (`<out>/<name>/`), so it must be
+/// one plain folder name: no separator or `..` could send them elsewhere.
+fn check_name(name: &str) -> Result<(), String> {
+    let plain = name.len() <= 200
+        && !name.starts_with('.')
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c == ':' || c.is_control());
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a plain folder name (at most 200 characters, no '/', '\\', ':' or control characters, not starting with '.'), got {name:?}"
+        ))
+    }
+}
+
 /// Upper bounds that keep a spec from asking for absurd runs (each is a limit checked at load).
 pub const AGENTS_MAX: u32 = 1_000_000;
 pub const CONTEXT_TOKENS_MAX: u32 = 1 << 20;
@@ -378,6 +395,7 @@ impl WorkloadSpec {
         if self.name.trim().is_empty() {
             return fail("name", "must not be empty".into());
         }
+        check_name(&self.name).map_err(|message| TraceError::invalid(path, "name", message))?;
         if self.agents == 0 || self.agents > AGENTS_MAX {
             return fail(
                 "agents",
@@ -393,45 +411,7 @@ impl WorkloadSpec {
                 ),
             );
         }
-        if let Some(r) = &self.replay {
-            if r.format != "mooncake" {
-                return fail(
-                    "replay.format",
-                    format!("must be \"mooncake\", got {:?}", r.format),
-                );
-            }
-            if r.path.trim().is_empty() {
-                return fail("replay.path", "must not be empty".into());
-            }
-            for (name, v) in [
-                ("replay.token_scale", r.token_scale),
-                ("replay.time_scale", r.time_scale),
-            ] {
-                if !v.is_finite() || v <= 0.0 || v > 1e6 {
-                    return fail(
-                        name,
-                        format!("must be a finite number in (0, 1e6], got {v}"),
-                    );
-                }
-            }
-        }
-        if let Some(b) = &self.background {
-            if b.path.trim().is_empty() {
-                return fail("background.path", "must not be empty".into());
-            }
-            if !b.fraction.is_finite() || !(0.0..=0.9).contains(&b.fraction) {
-                return fail(
-                    "background.fraction",
-                    format!("must be in [0, 0.9], got {}", b.fraction),
-                );
-            }
-            if !b.token_scale.is_finite() || b.token_scale <= 0.0 || b.token_scale > 1e6 {
-                return fail(
-                    "background.token_scale",
-                    format!("must be a finite number in (0, 1e6], got {}", b.token_scale),
-                );
-            }
-        }
+        self.validate_traces(path)?;
         if self.replay.is_some() {
             if let HintSpec::Noisy { sigma } = self.hint {
                 if !sigma.is_finite() || sigma < 0.0 {
@@ -511,6 +491,51 @@ impl WorkloadSpec {
         Ok(())
     }
 
+    /// The `[replay]` and `[background]` tables, when present.
+    fn validate_traces(&self, path: &Path) -> Result<(), TraceError> {
+        let fail = |field: &str, message: String| Err(TraceError::invalid(path, field, message));
+        if let Some(r) = &self.replay {
+            if r.format != "mooncake" {
+                return fail(
+                    "replay.format",
+                    format!("must be \"mooncake\", got {:?}", r.format),
+                );
+            }
+            if r.path.trim().is_empty() {
+                return fail("replay.path", "must not be empty".into());
+            }
+            for (name, v) in [
+                ("replay.token_scale", r.token_scale),
+                ("replay.time_scale", r.time_scale),
+            ] {
+                if !v.is_finite() || v <= 0.0 || v > 1e6 {
+                    return fail(
+                        name,
+                        format!("must be a finite number in (0, 1e6], got {v}"),
+                    );
+                }
+            }
+        }
+        if let Some(b) = &self.background {
+            if b.path.trim().is_empty() {
+                return fail("background.path", "must not be empty".into());
+            }
+            if !b.fraction.is_finite() || !(0.0..=0.9).contains(&b.fraction) {
+                return fail(
+                    "background.fraction",
+                    format!("must be in [0, 0.9], got {}", b.fraction),
+                );
+            }
+            if !b.token_scale.is_finite() || b.token_scale <= 0.0 || b.token_scale > 1e6 {
+                return fail(
+                    "background.token_scale",
+                    format!("must be a finite number in (0, 1e6], got {}", b.token_scale),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The agent count a run uses: explicit arrivals fix it, otherwise the override or the default.
     pub fn agent_count(&self, override_agents: Option<u32>) -> u32 {
         match &self.arrival {
@@ -577,6 +602,13 @@ sigma = 0.5
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 5") && err.contains("surprise"), "{err}");
+        for name in ["../up", "a/b", ".hidden", "c:d"] {
+            let bad = GOOD.replace("name = \"t\"", &format!("name = {name:?}"));
+            let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("w.toml") && err.contains("`name`"), "{err}");
+        }
         let bad = GOOD.replace("agents = 3", "agents = \"three\"");
         let err = WorkloadSpec::from_toml_str(Path::new("w.toml"), &bad)
             .unwrap_err()
