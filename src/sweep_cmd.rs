@@ -34,7 +34,7 @@ use crate::runio::load_workload_with_inputs;
 pub struct SweepArgs {
     #[command(subcommand)]
     pub command: Option<SweepCommand>,
-    /// The sweep spec (TOML). See analysis/SWEEPS.md for the format.
+    /// The sweep spec (TOML). See docs/sweeps.md for the format.
     #[arg(value_name = "SPEC")]
     pub spec: Option<PathBuf>,
     /// Output folder: sweep.json (what produced its results), configs/<id>.json per

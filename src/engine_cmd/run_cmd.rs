@@ -45,7 +45,7 @@ pub enum SwapInCopy {
     /// One batched DMA call (`cuMemcpyBatchAsync`) per swap on the copy engine.
     Dma,
     /// A gather kernel on a low-priority stream reading the pinned host blocks through their
-    /// mapped device address (SM-driven; see engine/NOTES-swap.md for the measurements).
+    /// mapped device address (SM-driven; see docs/engine-swap.md for the measurements).
     Kernel,
 }
 
@@ -120,13 +120,13 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = SwapInCopy::Dma)]
     pub swap_in_copy: SwapInCopy,
     /// Cap each copy direction at this many GB/s (paced DMA; CUDA only). Swaps cost a memory-bound
-    /// decode step HBM bandwidth in proportion to their rate (engine/NOTES-swap.md); the default
+    /// decode step HBM bandwidth in proportion to their rate (docs/engine-swap.md); the default
     /// runs them at the link's full speed.
     #[arg(long)]
     pub swap_rate_cap_gbps: Option<f64>,
     /// Cap swap-ins only (overrides --swap-rate-cap-gbps for that direction; CUDA only). A swap-in
     /// writes HBM and costs a decode step ~3x more per byte than a swap-out, which reads it
-    /// (engine/NOTES-swap.md): on the H100, swap-out at full speed with swap-in capped at 34 GB/s
+    /// (docs/engine-swap.md): on the H100, swap-out at full speed with swap-in capped at 34 GB/s
     /// kept batch-32 decode within 5%.
     #[arg(long)]
     pub swap_in_rate_cap_gbps: Option<f64>,
@@ -146,6 +146,9 @@ pub struct RunArgs {
     /// Do not write run directories, only print the tables.
     #[arg(long)]
     pub no_write: bool,
+    /// CUDA forward options (`--backend cuda` only; the defaults are the measured-fastest path).
+    #[command(flatten)]
+    pub tuning: super::tuning_args::TuningArgs,
     /// Refuse to run unless FILE's content still has this SHA-256. A manifest's reproduce line
     /// carries one per input file (workload, profile, trace). Repeatable.
     #[arg(long = "expect-sha256", value_name = "FILE=SHA256")]

@@ -15,7 +15,7 @@ pub struct CopyChannel {
     /// What a copy of this channel costs a step that runs beside it: each copied byte takes this
     /// many bytes of the step's own memory traffic (`GpuProfile::step_ns_beside_copies`). On an
     /// H100 a byte the copy engine *writes* into HBM costs a memory-bound decode step about 2.2
-    /// bytes (bus turnarounds), a byte it *reads* about 0.7 (engine/NOTES-swap.md, session 3).
+    /// bytes (bus turnarounds), a byte it *reads* about 0.7 (docs/engine-swap.md).
     /// Absent in a file = 0 (copies are free to steps) and not written when 0, so older profiles
     /// and their outputs stay byte-identical.
     #[serde(default, skip_serializing_if = "is_zero")]

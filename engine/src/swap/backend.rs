@@ -77,7 +77,7 @@ pub struct SwapEstimate {
 }
 
 impl SwapEstimate {
-    /// The H100 pinned-copy rates measured by `djinn engine swap-bench` (engine/bench/).
+    /// The H100 pinned-copy rates measured by `djinn engine swap-bench` (results/h100/swap-bench.json).
     pub fn h100_measured() -> Self {
         SwapEstimate {
             latency_ns: 20_000,

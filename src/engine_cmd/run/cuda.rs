@@ -56,6 +56,7 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         },
     };
     let mut options = CudaModelOptions::for_config(&plan.model_config);
+    options.tuning = args.tuning.to_tuning()?;
     options.block_size_tokens = args.block_size as usize;
     options.max_tokens_per_step = args.max_batch_tokens as usize;
     options.max_seqs_per_step = args.max_batch_sequences as usize;
@@ -71,8 +72,8 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     let graphs = (plan.agents as usize).min(args.max_batch_sequences as usize);
     model.capture_decode_graphs(graphs)?;
     // One prefill per 512-row bucket before the clock starts: the first GEMM of a bucket times
-    // cuBLASLt algorithms (30-70 ms per shape, engine/src/cuda/gemm_tune.rs), which inside a run
-    // stalled every agent (a 513-token chunk took 89 ms instead of 15; calibration/NOTES.md).
+    // cuBLASLt algorithms (30-70 ms per shape, engine/src/cuda/gemm_tune/), which inside a run
+    // stalled every agent (a 513-token chunk took 89 ms instead of 15; docs/calibration.md).
     // The KV it writes lands in blocks no agent owns yet; every block is written before it is read.
     let warmup_started = Instant::now();
     let warmup_buckets = prefill_warmup(
