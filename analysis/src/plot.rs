@@ -138,47 +138,11 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, PlotError> {
     if all.is_empty() {
         return Err(PlotError::Draw("nothing to draw".into()));
     }
-    let (mut x0, mut x1) = (f64::MAX, f64::MIN);
-    let (mut y0, mut y1) = (f64::MAX, f64::MIN);
-    for (x, y) in &all {
-        x0 = x0.min(*x);
-        x1 = x1.max(*x);
-        y0 = y0.min(*y);
-        y1 = y1.max(*y);
-    }
-    if let Some((h, _)) = &plot.hline {
-        y0 = y0.min(*h);
-        y1 = y1.max(*h);
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
+    let (x0, x1, y0, y1) = axis_ranges(plot, &all);
     // A log axis is drawn as a linear axis over log10(y) with ticks labelled in y's units (plotters'
     // own log axis leaves most of a 500 ms - 50 s range unlabelled).
     let ty = |y: f64| if plot.log_y { y.log10() } else { y };
-    if plot.log_y {
-        y0 = y0.max(1e-9).log10();
-        y1 = y1.max(1e-9).log10().max(y0 + 0.3);
-        let pad = 0.05 * (y1 - y0);
-        (y0, y1) = (y0 - pad, y1 + pad);
-    } else {
-        y0 = y0.min(0.0);
-        if y1 <= y0 {
-            y1 = y0 + 1.0;
-        }
-        y1 *= 1.05;
-    }
-    let y_tick = |v: f64| {
-        if plot.log_y {
-            // Two significant digits of 10^v.
-            let y = 10f64.powf(v);
-            let digits = (y.log10().floor() as i32 - 1).max(0) as u32;
-            let step = 10f64.powi(digits as i32);
-            tick((y / step).round() * step)
-        } else {
-            tick(v)
-        }
-    };
+    let y_tick = |v: f64| y_tick_label(v, plot.log_y);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (960, 600)).into_drawing_area();
@@ -189,31 +153,7 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, PlotError> {
             .margin(16)
             .x_label_area_size(48)
             .y_label_area_size(72);
-        // Colours from a fixed palette in label order, so the same policies get the same colours
-        // in every plot of a report.
-        // 20 distinguishable colours (the zoo has 14 policies).
-        let palette = [
-            RGBColor(31, 119, 180),
-            RGBColor(255, 127, 14),
-            RGBColor(44, 160, 44),
-            RGBColor(214, 39, 40),
-            RGBColor(148, 103, 189),
-            RGBColor(140, 86, 75),
-            RGBColor(227, 119, 194),
-            RGBColor(127, 127, 127),
-            RGBColor(188, 189, 34),
-            RGBColor(23, 190, 207),
-            RGBColor(0, 0, 0),
-            RGBColor(174, 199, 232),
-            RGBColor(255, 187, 120),
-            RGBColor(152, 223, 138),
-            RGBColor(255, 152, 150),
-            RGBColor(197, 176, 213),
-            RGBColor(196, 156, 148),
-            RGBColor(247, 182, 210),
-            RGBColor(219, 219, 141),
-            RGBColor(158, 218, 229),
-        ];
+        let palette = PALETTE;
         macro_rules! draw_series {
             ($chart:expr) => {{
                 let chart = $chart;
@@ -284,6 +224,76 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, PlotError> {
     }
     Ok(svg)
 }
+
+/// The axes' ranges (x0, x1, y0, y1) over every point and the reference line; on a log plot
+/// the y range is in log10 units, padded.
+fn axis_ranges(plot: &LinePlot, all: &[(f64, f64)]) -> (f64, f64, f64, f64) {
+    let (mut x0, mut x1) = (f64::MAX, f64::MIN);
+    let (mut y0, mut y1) = (f64::MAX, f64::MIN);
+    for (x, y) in all {
+        x0 = x0.min(*x);
+        x1 = x1.max(*x);
+        y0 = y0.min(*y);
+        y1 = y1.max(*y);
+    }
+    if let Some((h, _)) = &plot.hline {
+        y0 = y0.min(*h);
+        y1 = y1.max(*h);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    if plot.log_y {
+        y0 = y0.max(1e-9).log10();
+        y1 = y1.max(1e-9).log10().max(y0 + 0.3);
+        let pad = 0.05 * (y1 - y0);
+        (y0, y1) = (y0 - pad, y1 + pad);
+    } else {
+        y0 = y0.min(0.0);
+        if y1 <= y0 {
+            y1 = y0 + 1.0;
+        }
+        y1 *= 1.05;
+    }
+    (x0, x1, y0, y1)
+}
+
+/// A y tick's label: on a log plot `v` is log10(y) and the label is y to two significant digits.
+fn y_tick_label(v: f64, log_y: bool) -> String {
+    if log_y {
+        let y = 10f64.powf(v);
+        let digits = (y.log10().floor() as i32 - 1).max(0) as u32;
+        let step = 10f64.powi(digits as i32);
+        tick((y / step).round() * step)
+    } else {
+        tick(v)
+    }
+}
+
+/// Colours from a fixed palette in label order, so the same policies get the same colours in
+/// every plot of a report: 20 distinguishable colours (the zoo has 14 policies).
+const PALETTE: [RGBColor; 20] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(174, 199, 232),
+    RGBColor(255, 187, 120),
+    RGBColor(152, 223, 138),
+    RGBColor(255, 152, 150),
+    RGBColor(197, 176, 213),
+    RGBColor(196, 156, 148),
+    RGBColor(247, 182, 210),
+    RGBColor(219, 219, 141),
+    RGBColor(158, 218, 229),
+];
 
 /// An axis tick without float noise: 5000 -> "5000", 0.25 -> "0.25", 1.5e-7 -> "1.5e-7".
 fn tick(v: f64) -> String {

@@ -108,6 +108,28 @@ pub fn chrome_trace(
         ),
         metadata("process_name", AGENTS_PID, None, "agents"),
     ];
+    push_steps(&mut events, steps);
+    push_swaps(&mut events, swaps);
+    let agents_shown = push_turns(&mut events, turns, options);
+    ChromeTrace {
+        trace_events: events,
+        display_time_unit: "ms",
+        other_data: json!({
+            "workload": manifest.workload.name,
+            "policy": manifest.policy,
+            "agents": manifest.agents,
+            "seed": manifest.seed,
+            "backend": manifest.backend,
+            "profile": manifest.profile_name,
+            "device": manifest.device,
+            "agents_shown": agents_shown,
+            "reproduce": manifest.reproduce,
+        }),
+    }
+}
+
+/// The engine's steps as slices, with counters of free KV blocks and of the decode batch.
+fn push_steps(events: &mut Vec<Value>, steps: &[StepRecord]) {
     for step in steps {
         let end = step.start_ns + step.duration_ns;
         events.push(slice(
@@ -136,6 +158,10 @@ pub fn chrome_trace(
             "args": {"sequences": step.decode_batch},
         }));
     }
+}
+
+/// Each swap as a slice on its copy channel's thread.
+fn push_swaps(events: &mut Vec<Value>, swaps: &[SwapRecord]) {
     for swap in swaps {
         let (tid, what) = if swap.direction == "in" {
             (SWAP_IN_TID, "in")
@@ -162,6 +188,11 @@ pub fn chrome_trace(
             }),
         ));
     }
+}
+
+/// Each shown agent's turns (queued, restore, prefill, decode, or rejected) and the pauses
+/// between them; returns how many agents are shown.
+fn push_turns(events: &mut Vec<Value>, turns: &[TurnRecord], options: &TimelineOptions) -> usize {
     let mut shown: Vec<&TurnRecord> = turns
         .iter()
         .filter(|t| t.agent_id < options.max_agents)
@@ -194,44 +225,7 @@ pub fn chrome_trace(
             }));
             continue;
         }
-        let started = turn
-            .restore_start_ns
-            .into_iter()
-            .chain(turn.admitted_ns)
-            .min();
-        if let Some(start) = started {
-            if start > turn.arrival_ns {
-                events.push(slice(
-                    "queued",
-                    AGENTS_PID,
-                    tid,
-                    turn.arrival_ns,
-                    start,
-                    args.clone(),
-                ));
-            }
-        }
-        if let (Some(a), Some(b)) = (turn.restore_start_ns, turn.restore_end_ns) {
-            events.push(slice("restore", AGENTS_PID, tid, a, b, args.clone()));
-        }
-        if let (Some(a), Some(b)) = (turn.admitted_ns, turn.first_token_ns) {
-            let name = if turn.tokens_recomputed > 0 {
-                "prefill (with recompute)"
-            } else {
-                "prefill"
-            };
-            events.push(slice(
-                name,
-                AGENTS_PID,
-                tid,
-                a.max(turn.restore_end_ns.unwrap_or(0)),
-                b,
-                args.clone(),
-            ));
-        }
-        if let (Some(a), Some(b)) = (turn.first_token_ns, turn.finished_ns) {
-            events.push(slice("decode", AGENTS_PID, tid, a, b, args.clone()));
-        }
+        push_turn_phases(events, turn, tid, &args);
         // The pause until this agent's next turn.
         if let (Some(end), Some(next)) = (turn.finished_ns, shown.get(i + 1)) {
             if next.agent_id == turn.agent_id && next.arrival_ns > end {
@@ -246,19 +240,47 @@ pub fn chrome_trace(
             }
         }
     }
-    ChromeTrace {
-        trace_events: events,
-        display_time_unit: "ms",
-        other_data: json!({
-            "workload": manifest.workload.name,
-            "policy": manifest.policy,
-            "agents": manifest.agents,
-            "seed": manifest.seed,
-            "backend": manifest.backend,
-            "profile": manifest.profile_name,
-            "device": manifest.device,
-            "agents_shown": named.len(),
-            "reproduce": manifest.reproduce,
-        }),
+    named.len()
+}
+
+/// The phases of one turn that was not rejected, on its agent's thread.
+fn push_turn_phases(events: &mut Vec<Value>, turn: &TurnRecord, tid: u32, args: &Value) {
+    let started = turn
+        .restore_start_ns
+        .into_iter()
+        .chain(turn.admitted_ns)
+        .min();
+    if let Some(start) = started {
+        if start > turn.arrival_ns {
+            events.push(slice(
+                "queued",
+                AGENTS_PID,
+                tid,
+                turn.arrival_ns,
+                start,
+                args.clone(),
+            ));
+        }
+    }
+    if let (Some(a), Some(b)) = (turn.restore_start_ns, turn.restore_end_ns) {
+        events.push(slice("restore", AGENTS_PID, tid, a, b, args.clone()));
+    }
+    if let (Some(a), Some(b)) = (turn.admitted_ns, turn.first_token_ns) {
+        let name = if turn.tokens_recomputed > 0 {
+            "prefill (with recompute)"
+        } else {
+            "prefill"
+        };
+        events.push(slice(
+            name,
+            AGENTS_PID,
+            tid,
+            a.max(turn.restore_end_ns.unwrap_or(0)),
+            b,
+            args.clone(),
+        ));
+    }
+    if let (Some(a), Some(b)) = (turn.first_token_ns, turn.finished_ns) {
+        events.push(slice("decode", AGENTS_PID, tid, a, b, args.clone()));
     }
 }

@@ -126,6 +126,14 @@ struct TurnTracker {
     new_tokens: u32,
 }
 
+/// A plan that computed nothing, and the count of such plans in a row at one instant.
+struct IdlePlan<'p> {
+    plan: &'p StepPlan,
+    /// Whether the plan changed state (a rejection, release, drop or swap start).
+    changed: bool,
+    replans: &'p mut u32,
+}
+
 /// Runs `workload` under `scheduler` on `backend` until every agent finished or was rejected.
 pub fn run(
     settings: &RunSettings,
@@ -258,30 +266,7 @@ impl<'w> LoopState<'w> {
         let mut now = clock.now();
         loop {
             // 1. Finished swaps, then due arrivals: all become scheduler events.
-            completions.clear();
-            backend.poll_swaps(now, &mut completions);
-            for c in &completions {
-                self.complete_swap(c, now)?;
-            }
-            while let Some(Reverse((at, _, event))) = self.queue.peek().copied() {
-                if at > now {
-                    break;
-                }
-                self.queue.pop();
-                match event {
-                    QueuedEvent::TurnArrival(agent) => self.turn_arrival(agent, at),
-                }
-            }
-            if !self.events.is_empty() {
-                let events = std::mem::take(&mut self.events);
-                self.out.events_delivered += events.len() as u64;
-                let view = self.view(now, backend);
-                for e in &events {
-                    scheduler.on_event(e, &view);
-                }
-                self.events = events;
-                self.events.clear();
-            }
+            self.deliver_events(now, scheduler, backend, &mut completions)?;
             if self.unfinished == 0 && self.kv.swaps_in_flight() == 0 {
                 break;
             }
@@ -298,99 +283,14 @@ impl<'w> LoopState<'w> {
             // 3. Run the step, or move time to the next thing that can happen.
             if !batch.prefill.is_empty() || !batch.decode.is_empty() {
                 idle_replans = 0;
-                let duration =
-                    backend
-                        .execute_step(now, &batch, &self.kv)
-                        .map_err(|e| RunError::Backend {
-                            seed: self.settings.seed,
-                            step: self.step,
-                            message: e.to_string(),
-                        })?;
-                self.record_step(now, duration, &batch);
-                let end = now + duration;
-                clock.advance_to(end);
-                now = clock.now();
-                self.finish_step(&batch, now, duration)?;
-                self.step += 1;
-                self.check_after_step(now, false)?;
-                if self.step >= self.settings.limits.max_steps {
-                    return Err(RunError::Limit {
-                        seed: self.settings.seed,
-                        step: self.step,
-                        time: now,
-                        limit: format!("max_steps = {}", self.settings.limits.max_steps),
-                    });
-                }
+                now = self.run_batch(&batch, now, backend, clock)?;
             } else {
-                let mut next = self.queue.peek().map(|Reverse((t, _, _))| *t);
-                if let Some(t) = backend.next_swap_completion() {
-                    next = Some(next.map_or(t, |n| n.min(t)));
-                }
-                if let Some(w) = plan.wake_at {
-                    next = Some(next.map_or(w, |n| n.min(w)));
-                }
-                match next {
-                    // A plan that changed state without computing (a release, drop or swap start)
-                    // may have made room for compute now: plan again at this instant before time
-                    // moves on. (Advancing first left the GPU idle until the next event; the
-                    // property tests found turns waiting for an unrelated arrival.)
-                    Some(t) if t > now && !changed => {
-                        idle_replans = 0;
-                        clock.advance_to(t);
-                        now = clock.now();
-                    }
-                    _ if changed || next.is_some() => {
-                        // Something changed (or a timer is due now): plan again at the same instant.
-                        // A rejection ends a turn for good, so plans that reject are progress, not a
-                        // loop (policies reject one blocked head per plan; many at one instant
-                        // tripped the limit; found by the property tests).
-                        if plan.reject.is_empty() {
-                            idle_replans += 1;
-                        }
-                        if idle_replans > self.settings.limits.max_idle_replans {
-                            return Err(RunError::Limit {
-                                seed: self.settings.seed,
-                                step: self.step,
-                                time: now,
-                                limit: format!("{idle_replans} plans in a row at one instant without compute (policy loops)"),
-                            });
-                        }
-                    }
-                    _ => {
-                        let waiting: Vec<String> = self
-                            .agents
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, a)| a.phase == Phase::Waiting || a.phase == Phase::Running)
-                            .take(5)
-                            .map(|(i, a)| {
-                                format!(
-                                    "agent {i} {:?} kv {:?} pending {}",
-                                    a.phase,
-                                    self.kv.state(i as u32),
-                                    a.pending_tokens(&self.kv, i as u32)
-                                )
-                            })
-                            .collect();
-                        return Err(RunError::Deadlock {
-                            seed: self.settings.seed,
-                            step: self.step,
-                            time: now,
-                            unfinished: self.unfinished,
-                            detail: format!(
-                                "GPU blocks free {}/{}, host free {}/{}; e.g. {}",
-                                self.kv.gpu_blocks_free(),
-                                self.kv.gpu_blocks_total(),
-                                self.kv.host_blocks_free(),
-                                self.kv.host_blocks_total(),
-                                waiting.join("; ")
-                            ),
-                        });
-                    }
-                }
-                if changed {
-                    self.check_after_step(now, false)?;
-                }
+                let idle = IdlePlan {
+                    plan: &plan,
+                    changed,
+                    replans: &mut idle_replans,
+                };
+                now = self.advance_idle(idle, now, backend, clock)?;
             }
             if now > self.settings.limits.max_sim_time {
                 return Err(RunError::Limit {
@@ -404,6 +304,163 @@ impl<'w> LoopState<'w> {
         self.check_after_step(now, true)?;
         self.out.end_time = now;
         Ok(std::mem::take(&mut self.out))
+    }
+
+    /// Turns finished swaps and due arrivals into scheduler events and delivers them.
+    fn deliver_events(
+        &mut self,
+        now: SimTime,
+        scheduler: &mut dyn Scheduler,
+        backend: &mut dyn Backend,
+        completions: &mut Vec<SwapCompletion>,
+    ) -> Result<(), RunError> {
+        completions.clear();
+        backend.poll_swaps(now, completions);
+        for c in completions.iter() {
+            self.complete_swap(c, now)?;
+        }
+        while let Some(Reverse((at, _, event))) = self.queue.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.queue.pop();
+            match event {
+                QueuedEvent::TurnArrival(agent) => self.turn_arrival(agent, at),
+            }
+        }
+        if !self.events.is_empty() {
+            let events = std::mem::take(&mut self.events);
+            self.out.events_delivered += events.len() as u64;
+            let view = self.view(now, backend);
+            for e in &events {
+                scheduler.on_event(e, &view);
+            }
+            self.events = events;
+            self.events.clear();
+        }
+        Ok(())
+    }
+
+    /// Executes a non-empty batch and moves time to its end; returns the new time.
+    fn run_batch(
+        &mut self,
+        batch: &StepBatch,
+        now: SimTime,
+        backend: &mut dyn Backend,
+        clock: &mut dyn Clock,
+    ) -> Result<SimTime, RunError> {
+        let duration =
+            backend
+                .execute_step(now, batch, &self.kv)
+                .map_err(|e| RunError::Backend {
+                    seed: self.settings.seed,
+                    step: self.step,
+                    message: e.to_string(),
+                })?;
+        self.record_step(now, duration, batch);
+        clock.advance_to(now + duration);
+        let now = clock.now();
+        self.finish_step(batch, now, duration)?;
+        self.step += 1;
+        self.check_after_step(now, false)?;
+        if self.step >= self.settings.limits.max_steps {
+            return Err(RunError::Limit {
+                seed: self.settings.seed,
+                step: self.step,
+                time: now,
+                limit: format!("max_steps = {}", self.settings.limits.max_steps),
+            });
+        }
+        Ok(now)
+    }
+
+    /// A plan without compute: move time to the next arrival, swap completion or policy timer,
+    /// or plan again at this instant if the plan changed something. Returns the new time.
+    fn advance_idle(
+        &mut self,
+        idle: IdlePlan,
+        now: SimTime,
+        backend: &mut dyn Backend,
+        clock: &mut dyn Clock,
+    ) -> Result<SimTime, RunError> {
+        let mut now = now;
+        let mut next = self.queue.peek().map(|Reverse((t, _, _))| *t);
+        if let Some(t) = backend.next_swap_completion() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        if let Some(w) = idle.plan.wake_at {
+            next = Some(next.map_or(w, |n| n.min(w)));
+        }
+        match next {
+            // A plan that changed state without computing (a release, drop or swap start) may
+            // have made room for compute now: plan again at this instant before time moves on.
+            // (Advancing first left the GPU idle until the next event; the property tests found
+            // turns waiting for an unrelated arrival.)
+            Some(t) if t > now && !idle.changed => {
+                *idle.replans = 0;
+                clock.advance_to(t);
+                now = clock.now();
+            }
+            _ if idle.changed || next.is_some() => {
+                // Something changed (or a timer is due now): plan again at the same instant. A
+                // rejection ends a turn for good, so plans that reject are progress, not a loop
+                // (policies reject one blocked head per plan; many at one instant tripped the
+                // limit; found by the property tests).
+                if idle.plan.reject.is_empty() {
+                    *idle.replans += 1;
+                }
+                if *idle.replans > self.settings.limits.max_idle_replans {
+                    return Err(RunError::Limit {
+                        seed: self.settings.seed,
+                        step: self.step,
+                        time: now,
+                        limit: format!(
+                            "{} plans in a row at one instant without compute (policy loops)",
+                            *idle.replans
+                        ),
+                    });
+                }
+            }
+            _ => return Err(self.deadlock(now)),
+        }
+        if idle.changed {
+            self.check_after_step(now, false)?;
+        }
+        Ok(now)
+    }
+
+    /// Nothing runs, nothing is due and the plan changed nothing: a deadlock, with a sample of
+    /// the stuck agents.
+    fn deadlock(&self, now: SimTime) -> RunError {
+        let waiting: Vec<String> = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.phase == Phase::Waiting || a.phase == Phase::Running)
+            .take(5)
+            .map(|(i, a)| {
+                format!(
+                    "agent {i} {:?} kv {:?} pending {}",
+                    a.phase,
+                    self.kv.state(i as u32),
+                    a.pending_tokens(&self.kv, i as u32)
+                )
+            })
+            .collect();
+        RunError::Deadlock {
+            seed: self.settings.seed,
+            step: self.step,
+            time: now,
+            unfinished: self.unfinished,
+            detail: format!(
+                "GPU blocks free {}/{}, host free {}/{}; e.g. {}",
+                self.kv.gpu_blocks_free(),
+                self.kv.gpu_blocks_total(),
+                self.kv.host_blocks_free(),
+                self.kv.host_blocks_total(),
+                waiting.join("; ")
+            ),
+        }
     }
 
     fn turn_arrival(&mut self, agent: AgentId, at: SimTime) {
@@ -482,6 +539,26 @@ impl<'w> LoopState<'w> {
         now: SimTime,
         backend: &mut dyn Backend,
     ) -> Result<(u64, u64, bool), RunError> {
+        let (in_bytes, out_bytes, changed) = self.apply_memory_orders(plan, now, backend)?;
+        self.assemble_batch(plan, batch, now)?;
+        self.admit_batch(batch, now);
+        self.out.gpu_blocks_used_peak =
+            self.out.gpu_blocks_used_peak.max(self.kv.gpu_blocks_used());
+        self.out.host_blocks_used_peak = self
+            .out
+            .host_blocks_used_peak
+            .max(self.kv.host_blocks_used());
+        Ok((in_bytes, out_bytes, changed))
+    }
+
+    /// The plan's rejections, releases, reclaims, drops and swap starts, in that order.
+    /// Returns (swap-in bytes, swap-out bytes, changed).
+    fn apply_memory_orders(
+        &mut self,
+        plan: &StepPlan,
+        now: SimTime,
+        backend: &mut dyn Backend,
+    ) -> Result<(u64, u64, bool), RunError> {
         // `kv.counters` accumulate until the next step record (see `unreported_swap_bytes`).
         let mut changed = false;
         for &agent in &plan.reject {
@@ -541,6 +618,17 @@ impl<'w> LoopState<'w> {
             in_bytes += self.start_swap(now, id, backend)? * block_bytes;
             changed = true;
         }
+        Ok((in_bytes, out_bytes, changed))
+    }
+
+    /// Checks the plan's compute orders against the batch limits and each agent's state, grows
+    /// their KV for the step and fills `batch`.
+    fn assemble_batch(
+        &mut self,
+        plan: &StepPlan,
+        batch: &mut StepBatch,
+        now: SimTime,
+    ) -> Result<(), RunError> {
         let seq_limit = self.settings.sched.max_batch_sequences as usize;
         if plan.prefill.len() + plan.decode.len() > seq_limit {
             return Err(self.invariant(
@@ -616,6 +704,12 @@ impl<'w> LoopState<'w> {
             }
             self.batch_stamp[agent as usize] = stamp;
         }
+        Ok(())
+    }
+
+    /// Marks the batch's waiting agents admitted (their turn records get the admission time,
+    /// context and restore window).
+    fn admit_batch(&mut self, batch: &StepBatch, now: SimTime) {
         for s in batch.prefill.iter().chain(batch.decode.iter()) {
             let a = &mut self.agents[s.agent as usize];
             if a.phase == Phase::Waiting {
@@ -636,13 +730,6 @@ impl<'w> LoopState<'w> {
                 }
             }
         }
-        self.out.gpu_blocks_used_peak =
-            self.out.gpu_blocks_used_peak.max(self.kv.gpu_blocks_used());
-        self.out.host_blocks_used_peak = self
-            .out
-            .host_blocks_used_peak
-            .max(self.kv.host_blocks_used());
-        Ok((in_bytes, out_bytes, changed))
     }
 
     fn check_computable(&self, agent: AgentId, now: SimTime) -> Result<(), RunError> {

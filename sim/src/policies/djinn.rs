@@ -40,11 +40,10 @@ use crate::kv::{KvState, SwapDirection};
 use crate::sched::{Phase, SchedEvent, SchedView, Scheduler, StepPlan};
 use crate::time::SimTime;
 
-use super::common::{
-    build_batch_within, commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth,
-    QueuePosition, WaitQueue,
-};
+use super::common::{build_batch_within, QueuePosition, WaitQueue};
 use super::predict::{PausePredictor, PredictorMode};
+
+mod plan;
 
 /// Tunables of the semantic policy (defaults are what the shipped comparisons use).
 #[derive(Clone, Debug, PartialEq)]
@@ -204,32 +203,6 @@ impl Djinn {
         }
     }
 
-    /// Takes a resident agent's KV off the GPU: swap if the host has room (and `drop` is not
-    /// asked), else drop.
-    fn evict(
-        &mut self,
-        view: &SchedView,
-        agent: AgentId,
-        drop: bool,
-        plan: &mut StepPlan,
-        budget: &mut PlanBudget,
-    ) {
-        let blocks = view.kv.blocks(agent);
-        let key = self.return_key(view, agent);
-        self.resident_paused.remove(&(key, agent));
-        self.unpark(agent);
-        if !drop && blocks as i64 <= budget.host_free {
-            budget.host_free -= blocks as i64;
-            budget.freeing += blocks as i64;
-            budget.out_backlog_ns += view.costs.swap_out_ns(blocks);
-            self.swapping_out.insert(agent, blocks);
-            plan.swap_out.push((agent, blocks));
-        } else {
-            budget.free += blocks as i64;
-            plan.drop.push((agent, 0));
-        }
-    }
-
     /// Prefill tokens for this step (rule 5). A decode step is memory-bound: it reads the
     /// weights and every cached token of every decoding sequence, while its compute (one token
     /// per sequence) leaves the GPU's matrix units mostly idle. Prefill tokens up to that idle
@@ -275,16 +248,6 @@ impl Djinn {
             self.prefetch_key.insert(agent, start);
         }
     }
-}
-
-/// Block counts a plan works with while it is being built.
-struct PlanBudget {
-    free: i64,
-    host_free: i64,
-    /// GPU blocks already on their way out (freed when the copies finish).
-    freeing: i64,
-    /// Until when (from now) the device-to-host channel is busy, with this plan's copies.
-    out_backlog_ns: u64,
 }
 
 impl Default for Djinn {
@@ -374,333 +337,17 @@ impl Scheduler for Djinn {
     }
 
     fn plan_step(&mut self, view: &SchedView, plan: &mut StepPlan) {
-        let kv = view.kv;
-        let now = view.now;
-        // A paused agent still away after its predicted return was mispredicted (a noisy or
-        // missing hint). Left at its stale key it counted as "back sooner than a round trip"
-        // forever, was never evicted, and waiting turns stalled until its true return (minutes;
-        // found by the property tests). Predict again: away as long again as it has been so far.
-        while let Some(&(key, agent)) = self.resident_paused.iter().next() {
-            if key >= now.as_nanos() {
-                break;
-            }
-            self.resident_paused.remove(&(key, agent));
-            if view.agent(agent).phase != Phase::Paused || self.return_key(view, agent) != key {
-                continue;
-            }
-            let elapsed = now - view.agent(agent).pause_started;
-            let predicted = now + elapsed.max(1);
-            self.predicted_return.insert(agent, Some(predicted));
-            self.resident_paused.insert((predicted.as_nanos(), agent));
-        }
-        let total = kv.gpu_blocks_total() as i64;
-        let watermark = (total as f64 * self.params.watermark_fraction).ceil() as i64;
-        let reserved = reserved_growth(view, &self.committed) as i64;
-        // Demand of the turns that could be admitted next. The scan stops once the demand exceeds
-        // every block not held by a committed turn: eviction could not serve more, and the bound
-        // keeps a plan O(batch) with thousands of agents queued.
-        let committed_held: i64 = self
-            .committed
-            .iter()
-            .map(|&a| kv.gpu_blocks_held(a) as i64)
-            .sum();
-        let demand_cap = total - committed_held - reserved;
-        let mut waiting_demand: i64 = 0;
-        // Waiting turns at the head that the current memory could serve; later ones wait longer.
-        // `head_region_end`: the position of the last of them.
-        let mut head_region_end: Option<QueuePosition> = None;
-        for (pos, agent) in self.waiting.iter_positions().take(WAITING_SCAN_MAX) {
-            head_region_end = Some(pos);
-            if ready_to_commit(view, agent) {
-                waiting_demand += need_blocks(view, agent) as i64;
-                if waiting_demand > demand_cap {
-                    break;
-                }
-            }
-        }
-        let mut budget = PlanBudget {
-            free: kv.gpu_blocks_free() as i64,
-            host_free: kv.host_blocks_free() as i64,
-            freeing: self.swapping_out.values().map(|&b| b as i64).sum(),
-            out_backlog_ns: if self.params.queue_aware {
-                view.swap_out_busy_until.saturating_sub(now).as_nanos()
-            } else {
-                0
-            },
-        };
-        let pressure =
-            (kv.gpu_blocks_used() as i64 + reserved + waiting_demand) as f64 / total.max(1) as f64;
-
-        // When turns queue, a returning agent waits before it runs: its KV is needed that much
-        // later, so keeping it resident through the wait is wasted memory.
-        let queue_wait = if self.params.queue_aware {
-            self.queue_wait_ns as u64
-        } else {
-            0
-        };
-
+        self.repredict_overdue(view);
+        let frame = self.plan_frame(view);
+        let mut budget = self.plan_budget(view);
         // 1. Pause-start decisions.
-        for agent in std::mem::take(&mut self.fresh) {
-            if pressure < self.params.keep_below_pressure
-                || view.agent(agent).phase != Phase::Paused
-                || kv.state(agent) != KvState::Gpu
-            {
-                continue;
-            }
-            let blocks = kv.blocks(agent);
-            if blocks == 0 {
-                continue;
-            }
-            let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
-            if let Some(Some(ret)) = self.predicted_return.get(&agent).copied() {
-                let remaining = ret.saturating_sub(now).as_nanos();
-                // The copy starts only after the device-to-host backlog: a swap that cannot
-                // finish and come back before the return only delays the agent.
-                let swap_pays = remaining
-                    >= round_trip
-                        + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
-                        + budget.out_backlog_ns;
-                let host_room = blocks as i64 <= budget.host_free;
-                if swap_pays && (!self.params.queue_aware || host_room) {
-                    // Ahead of need only a swap pays: a drop here would buy recompute for memory
-                    // nobody asked for yet (the demand-driven step below may still drop).
-                    self.evict(view, agent, false, plan, &mut budget);
-                }
-            }
-        }
-
-        // 2. Evict ahead of need: free what waiting turns need (plus a watermark), furthest predicted
-        //    return first. An agent predicted back sooner than its swap round trip is left alone:
-        //    evicting it would only make it wait for its own KV (and thrash the copy engine).
-        let mut deficit = waiting_demand + watermark - (budget.free - reserved) - budget.freeing;
-        // What the first waiting turn alone lacks: when the host is full an eviction is a drop
-        // (recompute later), worth it only for the turn that runs next.
-        let head_need = self
-            .waiting
-            .iter()
-            .find(|&a| ready_to_commit(view, a))
-            .map_or(0, |h| need_blocks(view, h) as i64);
-        let mut head_lack = head_need - (budget.free - reserved) - budget.freeing;
-        while deficit > 0 {
-            let Some(&(key, agent)) = self.resident_paused.iter().next_back() else {
-                break;
-            };
-            if view.agent(agent).phase != Phase::Paused
-                || kv.state(agent) != KvState::Gpu
-                || kv.blocks(agent) == 0
-            {
-                self.resident_paused.remove(&(key, agent));
-                continue;
-            }
-            let blocks = kv.blocks(agent);
-            let round_trip = view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks);
-            if key < UNKNOWN_RETURN_KEY
-                && (key + queue_wait).saturating_sub(now.as_nanos()) < round_trip
-            {
-                // Sorted by return: everyone left returns even sooner.
-                break;
-            }
-            if self.params.queue_aware && blocks as i64 > budget.host_free && head_lack <= 0 {
-                break;
-            }
-            deficit -= blocks as i64;
-            head_lack -= blocks as i64;
-            self.evict(view, agent, false, plan, &mut budget);
-        }
-        // A stall: nothing runs, and the first waiting turn cannot fit even counting what is
-        // already moving out. Then the GPU is held by waiting turns parked behind it; move the
-        // lowest-priority ones out of the way.
-        let mut evicted_waiting: Vec<AgentId> = Vec::new();
-        // Under a queue, turns parked beyond the head region hold KV they will not use for at
-        // least the queueing delay: move them out (tail first) before the head waits for memory.
-        // The parked index is ordered by queue position, so this costs O(log n) per turn moved.
-        if self.params.queue_aware && deficit > 0 {
-            if let Some(boundary) = head_region_end {
-                use std::ops::Bound::{Excluded, Unbounded};
-                loop {
-                    if deficit <= 0 {
-                        break;
-                    }
-                    let Some(&(pos, agent)) = self
-                        .parked
-                        .range(((Excluded((boundary, AgentId::MAX))), Unbounded))
-                        .next_back()
-                    else {
-                        break;
-                    };
-                    if !self.waiting.contains(agent)
-                        || kv.state(agent) != KvState::Gpu
-                        || kv.blocks(agent) == 0
-                    {
-                        self.parked.remove(&(pos, agent));
-                        self.parked_at.remove(&agent);
-                        continue;
-                    }
-                    let blocks = kv.blocks(agent);
-                    if queue_wait < view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks) {
-                        break;
-                    }
-                    let drop = if blocks as i64 > budget.host_free {
-                        // Host full: dropping a turn that is about to run only moves work to
-                        // recompute; one that waits longer than its recompute takes, while the
-                        // head lacks memory, holds memory for nothing.
-                        if self.params.drop_parked_when_host_full
-                            && head_lack > 0
-                            && view.costs.recompute_ns(kv.kv_tokens(agent)) < queue_wait
-                        {
-                            head_lack -= blocks as i64;
-                            true
-                        } else {
-                            break;
-                        }
-                    } else {
-                        false
-                    };
-                    deficit -= blocks as i64;
-                    self.evict(view, agent, drop, plan, &mut budget);
-                    evicted_waiting.push(agent);
-                }
-            }
-        }
-        let head = self.waiting.iter().find(|&a| ready_to_commit(view, a));
-        let head_deficit = head.map_or(0, |h| need_blocks(view, h) as i64)
-            - (budget.free - reserved)
-            - budget.freeing;
-        if head_deficit > 0 && self.committed.is_empty() {
-            // Lowest priority first: the parked agents latest in the queue.
-            let mut victims: Vec<AgentId> = Vec::new();
-            let mut stale: Vec<(QueuePosition, AgentId)> = Vec::new();
-            let mut freed = 0i64;
-            for &(pos, a) in self.parked.iter().rev() {
-                if freed >= head_deficit {
-                    break;
-                }
-                if Some(a) == head {
-                    continue;
-                }
-                if !self.waiting.contains(a) || kv.state(a) != KvState::Gpu || kv.blocks(a) == 0 {
-                    stale.push((pos, a));
-                    continue;
-                }
-                freed += kv.blocks(a) as i64;
-                victims.push(a);
-            }
-            for (pos, a) in stale {
-                self.parked.remove(&(pos, a));
-                self.parked_at.remove(&a);
-            }
-            for agent in victims {
-                self.evict(view, agent, false, plan, &mut budget);
-                evicted_waiting.push(agent);
-            }
-        }
-
+        self.decide_pause_starts(view, &frame, plan, &mut budget);
+        // 2. Evict ahead of need, for what waiting turns need.
+        let evicted_waiting = self.evict_for_waiting(view, &frame, plan, &mut budget);
         // 3. Prefetch paused agents whose predicted return is near.
-        let mut spare = budget.free - reserved - waiting_demand - watermark;
-        // Copies queue on the host-to-device channel: a prefetch starts earlier by the backlog
-        // ahead of it, including the prefetches this plan issues.
-        let mut backlog = view.swap_in_busy_until.saturating_sub(now).as_nanos();
-        // Prefetches are copied one after another, so a prefetch due later can force an earlier
-        // one to start sooner: the first in line must start by min over the next few of
-        // (their deadline - margin - the copy time of everything up to and including them).
-        loop {
-            let Some(&(first_key, first)) = self.prefetch_at.iter().next() else {
-                break;
-            };
-            if view.agent(first).phase != Phase::Paused || kv.state(first) != KvState::Host {
-                self.prefetch_at.remove(&(first_key, first));
-                self.prefetch_key.remove(&first);
-                continue;
-            }
-            let mut cumulative_ns = 0u64;
-            let mut latest_start = u64::MAX;
-            for &(key, agent) in self.prefetch_at.iter().take(PREFETCH_LOOKAHEAD) {
-                let t_in = view
-                    .costs
-                    .swap_in_ns(kv.blocks(agent).saturating_sub(kv.gpu_blocks_held(agent)));
-                cumulative_ns += t_in;
-                // key = deadline - t_in - margin, so deadline - margin - cumulative = key + t_in - cumulative.
-                latest_start = latest_start.min((key + t_in).saturating_sub(cumulative_ns));
-            }
-            if now.as_nanos() + backlog < latest_start {
-                plan.wake_no_later_than(SimTime(latest_start.saturating_sub(backlog)).max(now + 1));
-                break;
-            }
-            let blocks = (kv.blocks(first) - kv.gpu_blocks_held(first)) as i64;
-            if blocks > spare {
-                // No room yet: try again after the next event (returns and finishes free memory).
-                break;
-            }
-            self.prefetch_at.remove(&(first_key, first));
-            self.prefetch_key.remove(&first);
-            spare -= blocks;
-            budget.free -= blocks;
-            backlog += view.costs.swap_in_ns(blocks as u32);
-            plan.swap_in.push(first);
-        }
-
-        // 4. Commit waiting turns in order. When the head does not fit and nothing is running,
-        //    later turns that fit may overtake it (work conservation: e.g. agents back from a short
-        //    pause whose KV is still resident need only their growth).
-        let mut avail = budget.free - reserved;
-        let committed_before = self.committed.len();
-        let mut blocked = commit_waiting(
-            view,
-            &mut self.waiting,
-            &mut self.committed,
-            plan,
-            &mut avail,
-            true,
-            &evicted_waiting,
-        );
-        if blocked.is_some() && self.committed.is_empty() {
-            blocked = commit_waiting(
-                view,
-                &mut self.waiting,
-                &mut self.committed,
-                plan,
-                &mut avail,
-                false,
-                &evicted_waiting,
-            )
-            .or(blocked);
-        }
-        for &agent in &self.committed[committed_before..] {
-            let waited = now
-                .saturating_sub(view.agent(agent).turn_arrival)
-                .as_nanos() as f64;
-            self.queue_wait_ns =
-                QUEUE_WAIT_ALPHA * waited + (1.0 - QUEUE_WAIT_ALPHA) * self.queue_wait_ns;
-        }
-        if let Some((head, _)) = blocked {
-            let evictable = !self.resident_paused.is_empty();
-            let nothing_can_free = self.committed.is_empty()
-                && kv.swaps_in_flight() == 0
-                && plan.swap_out.is_empty()
-                && plan.drop.is_empty()
-                && !evictable;
-            // A head whose prefetch is still copying in cannot be freed yet: reject it once the
-            // copy lands (rejecting it mid-copy asked the mechanism for the impossible; found by
-            // the property tests).
-            let moving = matches!(kv.state(head), KvState::SwappingIn | KvState::SwappingOut);
-            if self.waiting.contains(head)
-                && !moving
-                && (never_fits(view, head) || nothing_can_free)
-            {
-                self.waiting.remove(head);
-                plan.reject.push(head);
-            }
-        }
-
-        for i in committed_before..self.committed.len() {
-            let agent = self.committed[i];
-            self.unpark(agent);
-        }
-        for i in 0..plan.reject.len() {
-            let agent = plan.reject[i];
-            self.unpark(agent);
-        }
-
+        self.prefetch_near_returns(view, &frame, plan, &mut budget);
+        // 4. Commit waiting turns in order (or reject a hopeless head).
+        self.commit_in_order(view, &frame, plan, &budget, &evicted_waiting);
         // 5. The batch.
         let prefill_max = self.prefill_budget(view);
         build_batch_within(view, &self.committed, plan, prefill_max);
