@@ -61,7 +61,20 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt_ids = tokenizer.encode(&prompt)?;
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt encodes to no tokens");
     let stop_tokens: Vec<u32> = tokenizer.eos_token_id.into_iter().collect();
-    let num_blocks = (prompt_ids.len() + args.steps).div_ceil(args.block_size);
+    // The KV holds the prompt and every generated token but the last.
+    let positions = weights.config.max_position_embeddings;
+    let needed_tokens = prompt_ids
+        .len()
+        .checked_add(args.steps - 1)
+        .filter(|tokens| *tokens <= positions)
+        .with_context(|| {
+            format!(
+                "the prompt's {} tokens and --steps {} exceed the model's context of {positions} positions",
+                prompt_ids.len(),
+                args.steps
+            )
+        })?;
+    let num_blocks = needed_tokens.div_ceil(args.block_size);
     println!(
         "model {} ({} layers, hidden {}, {} parameters) backend {:?}",
         weights.config.name,
@@ -74,7 +87,8 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let generated = match args.backend {
         GenerateBackend::Cpu => {
-            let mut model = CpuModel::new(&weights, num_blocks, args.block_size)?;
+            let mut model = CpuModel::new(&weights, num_blocks, args.block_size)
+                .with_context(|| format!("--block-size {}", args.block_size))?;
             generate_greedy(&mut model, &prompt_ids, args.steps, &stop_tokens)?
         }
         GenerateBackend::Cuda => super::gpu_cmd::generate_greedy_cuda(
