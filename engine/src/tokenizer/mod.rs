@@ -9,9 +9,16 @@
 //! `individual_digits`); each pre-token's UTF-8 bytes are mapped to GPT-2's printable byte
 //! alphabet and merged pairwise by merge rank, lowest rank first.
 //!
+//! Chat prompts (`chat.rs`): the GGUF's `tokenizer.chat_template` rendered like HF transformers'
+//! `apply_chat_template`, with plain ChatML for files that carry none.
+//!
 //! Approximation: `\p{L}` is taken as Rust's `char::is_alphabetic` (the Alphabetic property, which
 //! also holds some combining marks) and `\p{N}` as `char::is_numeric`; the two differ only on rare
 //! scripts.
+
+mod chat;
+
+pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError, CHATML_TEMPLATE, CHAT_TEMPLATE_KEY};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +51,8 @@ pub enum TokenizerError {
     MissingByteToken { byte: u8 },
     #[error("tokenizer: token id {id} is outside the vocabulary of {vocab_size}")]
     UnknownId { id: u32, vocab_size: usize },
+    #[error(transparent)]
+    ChatTemplate(#[from] ChatTemplateError),
 }
 
 /// A byte-level BPE tokenizer.
@@ -60,6 +69,8 @@ pub struct Tokenizer {
     pre_tokenizer: PreTokenizer,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The model's own chat template, when its file carries one.
+    pub chat_template: Option<ChatTemplate>,
 }
 
 /// GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes map to
@@ -141,6 +152,7 @@ impl Tokenizer {
             pre_tokenizer,
             bos_token_id,
             eos_token_id,
+            chat_template: None,
         })
     }
 
@@ -263,7 +275,34 @@ impl Tokenizer {
         };
         let bos = id_of("tokenizer.ggml.bos_token_id")?;
         let eos = id_of("tokenizer.ggml.eos_token_id")?;
-        Tokenizer::new(tokens, merges, &special_ids, pre_tokenizer, bos, eos)
+        let chat_template = string_of(CHAT_TEMPLATE_KEY)?.map(|source| {
+            let origin = format!("{}: metadata `{CHAT_TEMPLATE_KEY}`", path.display());
+            ChatTemplate::stored(source.clone(), origin)
+        });
+        let mut tokenizer = Tokenizer::new(tokens, merges, &special_ids, pre_tokenizer, bos, eos)?;
+        tokenizer.chat_template = chat_template;
+        Ok(tokenizer)
+    }
+
+    /// The template `apply_chat_template` uses: the model's own, else plain ChatML.
+    pub fn effective_chat_template(&self) -> ChatTemplate {
+        self.chat_template.clone().unwrap_or_else(ChatTemplate::chatml)
+    }
+
+    /// The prompt text of a conversation, as HF transformers' `apply_chat_template(messages,
+    /// add_generation_prompt=...)` renders it (see `chat.rs`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let text = |id: Option<u32>| id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str);
+        Ok(self.effective_chat_template().render(
+            messages,
+            add_generation_prompt,
+            text(self.bos_token_id),
+            text(self.eos_token_id),
+        )?)
     }
 
     pub fn vocab_size(&self) -> usize {
