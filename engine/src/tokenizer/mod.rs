@@ -47,8 +47,8 @@ pub enum TokenizerError {
     },
     #[error("tokenizer: {0}")]
     Invalid(String),
-    #[error("tokenizer: byte {byte:#04x} has no token in the vocabulary")]
-    MissingByteToken { byte: u8 },
+    #[error("{origin}: tokenizer: byte {byte:#04x} has no token in the vocabulary")]
+    MissingByteToken { origin: String, byte: u8 },
     #[error("tokenizer: token id {id} is outside the vocabulary of {vocab_size}")]
     UnknownId { id: u32, vocab_size: usize },
     #[error(transparent)]
@@ -71,6 +71,8 @@ pub struct Tokenizer {
     pub eos_token_id: Option<u32>,
     /// The model's own chat template, when its file carries one.
     pub chat_template: Option<ChatTemplate>,
+    /// The file the vocabulary came from, for errors found while encoding.
+    origin: String,
 }
 
 /// GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes map to
@@ -153,6 +155,7 @@ impl Tokenizer {
             bos_token_id,
             eos_token_id,
             chat_template: None,
+            origin: "the tokenizer".to_string(),
         })
     }
 
@@ -248,6 +251,12 @@ impl Tokenizer {
                     ))
                 }
             };
+            if types.len() != tokens.len() {
+                return Err(error(
+                    "tokenizer.ggml.token_type",
+                    format!("{} entries for {} tokens", types.len(), tokens.len()),
+                ));
+            }
             for (id, token_type) in types.iter().enumerate() {
                 let token_type = match token_type {
                     Value::I32(t) => *t as i64,
@@ -268,9 +277,14 @@ impl Tokenizer {
         let id_of = |key: &str| -> Result<Option<u32>, TokenizerError> {
             match metadata.get(key) {
                 None => Ok(None),
-                Some(Value::U32(id)) => Ok(Some(*id)),
-                Some(Value::I32(id)) if *id >= 0 => Ok(Some(*id as u32)),
-                Some(other) => Err(error(key, format!("expected a token id, found {other:?}"))),
+                Some(Value::U32(id)) if (*id as usize) < tokens.len() => Ok(Some(*id)),
+                Some(Value::I32(id)) if *id >= 0 && (*id as usize) < tokens.len() => {
+                    Ok(Some(*id as u32))
+                }
+                Some(other) => Err(error(
+                    key,
+                    format!("expected a token id below {}, found {other:?}", tokens.len()),
+                )),
             }
         };
         let bos = id_of("tokenizer.ggml.bos_token_id")?;
@@ -279,7 +293,9 @@ impl Tokenizer {
             let origin = format!("{}: metadata `{CHAT_TEMPLATE_KEY}`", path.display());
             ChatTemplate::stored(source.clone(), origin)
         });
-        let mut tokenizer = Tokenizer::new(tokens, merges, &special_ids, pre_tokenizer, bos, eos)?;
+        let mut tokenizer = Tokenizer::new(tokens, merges, &special_ids, pre_tokenizer, bos, eos)
+            .map_err(|e| error("tokenizer.ggml.tokens", e.to_string()))?;
+        tokenizer.origin = path.display().to_string();
         tokenizer.chat_template = chat_template;
         Ok(tokenizer)
     }
@@ -406,7 +422,10 @@ impl Tokenizer {
                         let id = self
                             .token_ids
                             .get(&c.to_string())
-                            .ok_or(TokenizerError::MissingByteToken { byte })?;
+                            .ok_or_else(|| TokenizerError::MissingByteToken {
+                                origin: self.origin.clone(),
+                                byte,
+                            })?;
                         ids.push(*id);
                     }
                 }
