@@ -45,7 +45,8 @@ fn templates_render_byte_for_byte_like_jinja2() {
 
 #[test]
 fn smollm2_template_adds_its_default_system_message_only_when_none_is_given() {
-    let source = std::fs::read_to_string(data_dir().join("chat/smollm2-135m-instruct.jinja")).unwrap();
+    let source =
+        std::fs::read_to_string(data_dir().join("chat/smollm2-135m-instruct.jinja")).unwrap();
     let template = ChatTemplate::stored(source, "smollm2".into());
     let user = ChatMessage::new("user", "Hi");
     let default = template.render(&[user.clone()], true, None, None).unwrap();
@@ -53,7 +54,12 @@ fn smollm2_template_adds_its_default_system_message_only_when_none_is_given() {
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     ));
     let own = template
-        .render(&[ChatMessage::new("system", "Be brief."), user], true, None, None)
+        .render(
+            &[ChatMessage::new("system", "Be brief."), user],
+            true,
+            None,
+            None,
+        )
         .unwrap();
     assert_eq!(
         own,

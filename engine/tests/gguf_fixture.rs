@@ -107,7 +107,10 @@ fn checked_in_fixture_is_what_the_writer_writes() {
         std::fs::copy(&fresh, &checked_in).unwrap();
     }
     let expected = std::fs::read(&checked_in).unwrap_or_else(|e| {
-        panic!("{}: {e} (DJINN_FIXTURE_UPDATE=1 writes it)", checked_in.display())
+        panic!(
+            "{}: {e} (DJINN_FIXTURE_UPDATE=1 writes it)",
+            checked_in.display()
+        )
     });
     assert!(
         std::fs::read(&fresh).unwrap() == expected,
@@ -141,5 +144,10 @@ fn fixture_loads_and_generates_with_its_chat_template() {
     assert!(ids.contains(&tokenizer.token_id("Ġworld").unwrap()));
     let mut model = CpuModel::new(&weights, 8, 16).unwrap();
     let generated = generate_greedy(&mut model, &ids, 4, &[2]).unwrap();
-    assert!(!generated.is_empty() && generated.iter().all(|t| (*t as usize) < config().vocab_size));
+    assert!(
+        !generated.is_empty()
+            && generated
+                .iter()
+                .all(|t| (*t as usize) < config().vocab_size)
+    );
 }

@@ -93,12 +93,26 @@ fn runner() -> TestRunner {
 
 #[derive(Clone, Debug)]
 enum Mutation {
-    Flip { at: usize, mask: u8 },
-    U32 { at: usize, value: u32 },
-    U64 { at: usize, value: u64 },
+    Flip {
+        at: usize,
+        mask: u8,
+    },
+    U32 {
+        at: usize,
+        value: u32,
+    },
+    U64 {
+        at: usize,
+        value: u64,
+    },
     /// Replace the `nth` run of ASCII digits in the region by `value` (JSON headers).
-    Number { nth: usize, value: u64 },
-    Truncate { len: usize },
+    Number {
+        nth: usize,
+        value: u64,
+    },
+    Truncate {
+        len: usize,
+    },
 }
 
 fn interesting_u64() -> impl Strategy<Value = u64> {
@@ -119,11 +133,18 @@ fn interesting_u64() -> impl Strategy<Value = u64> {
 
 /// Mutations inside `region` bytes (the header), at `fields` (offsets of lengths and counts) more
 /// often than elsewhere, and truncations anywhere in `file_len` bytes.
-fn mutations(region: usize, fields: Vec<usize>, file_len: usize) -> impl Strategy<Value = Vec<Mutation>> {
+fn mutations(
+    region: usize,
+    fields: Vec<usize>,
+    file_len: usize,
+) -> impl Strategy<Value = Vec<Mutation>> {
     let at = prop_oneof![0..region, proptest::sample::select(fields)];
     let one = prop_oneof![
         (at.clone(), 1u8..=255).prop_map(|(at, mask)| Mutation::Flip { at, mask }),
-        (at.clone(), interesting_u64()).prop_map(|(at, v)| Mutation::U32 { at, value: v as u32 }),
+        (at.clone(), interesting_u64()).prop_map(|(at, v)| Mutation::U32 {
+            at,
+            value: v as u32
+        }),
         (at, interesting_u64()).prop_map(|(at, value)| Mutation::U64 { at, value }),
         (0usize..64, interesting_u64()).prop_map(|(nth, value)| Mutation::Number { nth, value }),
         (0..file_len).prop_map(|len| Mutation::Truncate { len }),
@@ -243,7 +264,10 @@ fn mutated_gguf_headers_load_or_fail_cleanly_within_the_file_size() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let original_path = data_dir().join("tiny-chat-q8-q4-f16.gguf");
     let original = std::fs::read(&original_path).unwrap();
-    let region = read_gguf_header(&original_path).unwrap().content.tensor_data_offset as usize;
+    let region = read_gguf_header(&original_path)
+        .unwrap()
+        .content
+        .tensor_data_offset as usize;
     let (result, peak) = measured(|| load_gguf_everything(&original_path));
     assert_eq!(result.unwrap(), Ok(()));
     eprintln!(
@@ -271,7 +295,10 @@ fn mutated_gguf_headers_load_or_fail_cleanly_within_the_file_size() {
         "mutated GGUF: {loaded} loaded, {refused} refused, worst peak {:.1}% of the bound",
         WORST_USE.swap(0, Ordering::Relaxed) as f64 / 10.0
     );
-    assert!(refused > 0, "no mutation was refused: the mutations do not bite");
+    assert!(
+        refused > 0,
+        "no mutation was refused: the mutations do not bite"
+    );
 }
 
 #[test]
@@ -282,23 +309,38 @@ fn mutated_safetensors_and_configs_load_or_fail_cleanly_within_the_file_size() {
     let config = std::fs::read(tiny.join("config.json")).unwrap();
     let region = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
     let dir = temp_dir("fuzz_safetensors");
-    let strategy = (any::<bool>(), mutations(region, length_fields(&weights, 8), weights.len()));
+    let strategy = (
+        any::<bool>(),
+        mutations(region, length_fields(&weights, 8), weights.len()),
+    );
     let outcomes = [AtomicUsize::new(0), AtomicUsize::new(0)];
     runner()
         .run(&strategy, |(in_config, mutations)| {
             let (model, config) = if in_config {
-                (weights.clone(), mutate(&config, config.len(), &mutations, false))
+                (
+                    weights.clone(),
+                    mutate(&config, config.len(), &mutations, false),
+                )
             } else {
                 (mutate(&weights, region, &mutations, true), config.clone())
             };
             std::fs::write(dir.join("model.safetensors"), &model).unwrap();
             std::fs::write(dir.join("config.json"), &config).unwrap();
-            let (result, peak) =
-                measured(|| WeightSet::from_hf_dir(&dir).map(|_| ()).map_err(|e| e.to_string()));
+            let (result, peak) = measured(|| {
+                WeightSet::from_hf_dir(&dir)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
             if let Ok(outcome) = &result {
                 outcomes[outcome.is_ok() as usize].fetch_add(1, Ordering::Relaxed);
             }
-            judge("safetensors", &dir, model.len() + config.len(), result, peak)
+            judge(
+                "safetensors",
+                &dir,
+                model.len() + config.len(),
+                result,
+                peak,
+            )
         })
         .unwrap();
     let [refused, loaded] = outcomes.map(AtomicUsize::into_inner);
@@ -306,5 +348,8 @@ fn mutated_safetensors_and_configs_load_or_fail_cleanly_within_the_file_size() {
         "mutated safetensors/config: {loaded} loaded, {refused} refused, worst peak {:.1}% of the bound",
         WORST_USE.swap(0, Ordering::Relaxed) as f64 / 10.0
     );
-    assert!(refused > 0, "no mutation was refused: the mutations do not bite");
+    assert!(
+        refused > 0,
+        "no mutation was refused: the mutations do not bite"
+    );
 }

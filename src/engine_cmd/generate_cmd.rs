@@ -94,7 +94,10 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         args.backend
     );
     if args.chat {
-        println!("chat_template {}", tokenizer.effective_chat_template().origin());
+        println!(
+            "chat_template {}",
+            tokenizer.effective_chat_template().origin()
+        );
     }
     println!("prompt_tokens {} {:?}", prompt_ids.len(), prompt_ids);
     let started = Instant::now();

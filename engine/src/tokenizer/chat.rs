@@ -152,9 +152,12 @@ fn hf_environment() -> Result<Environment<'static>, Error> {
     env.set_syntax(syntax);
     env.set_fuel(Some(RENDER_FUEL));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
-        Err(Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     Ok(env)
 }
 
@@ -204,7 +207,10 @@ mod tests {
             "refuse.gguf".into(),
         );
         let err = refusing.render(&[], false, None, None).unwrap_err();
-        assert!(err.reason.contains("Conversation roles must alternate"), "{err}");
+        assert!(
+            err.reason.contains("Conversation roles must alternate"),
+            "{err}"
+        );
 
         let broken = ChatTemplate::stored("{% for %}".into(), "broken.gguf".into());
         let err = broken.render(&[], false, None, None).unwrap_err();

@@ -283,7 +283,10 @@ impl Tokenizer {
                 }
                 Some(other) => Err(error(
                     key,
-                    format!("expected a token id below {}, found {other:?}", tokens.len()),
+                    format!(
+                        "expected a token id below {}, found {other:?}",
+                        tokens.len()
+                    ),
                 )),
             }
         };
@@ -302,7 +305,9 @@ impl Tokenizer {
 
     /// The template `apply_chat_template` uses: the model's own, else plain ChatML.
     pub fn effective_chat_template(&self) -> ChatTemplate {
-        self.chat_template.clone().unwrap_or_else(ChatTemplate::chatml)
+        self.chat_template
+            .clone()
+            .unwrap_or_else(ChatTemplate::chatml)
     }
 
     /// The prompt text of a conversation, as HF transformers' `apply_chat_template(messages,
@@ -312,7 +317,10 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let text = |id: Option<u32>| id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str);
+        let text = |id: Option<u32>| {
+            id.and_then(|id| self.tokens.get(id as usize))
+                .map(String::as_str)
+        };
         Ok(self.effective_chat_template().render(
             messages,
             add_generation_prompt,
@@ -419,13 +427,12 @@ impl Tokenizer {
                 None => {
                     for c in symbol.chars() {
                         let byte = self.char_to_byte[&c];
-                        let id = self
-                            .token_ids
-                            .get(&c.to_string())
-                            .ok_or_else(|| TokenizerError::MissingByteToken {
+                        let id = self.token_ids.get(&c.to_string()).ok_or_else(|| {
+                            TokenizerError::MissingByteToken {
                                 origin: self.origin.clone(),
                                 byte,
-                            })?;
+                            }
+                        })?;
                         ids.push(*id);
                     }
                 }

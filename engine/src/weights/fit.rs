@@ -107,15 +107,30 @@ pub(super) fn check_config_fits(
         .and_then(|p| p.checked_add(hidden));
     // Each field is blamed for the first bound it breaks, the others being already explained.
     let claims = [
-        (fields.hidden_size, config.hidden_size, Some(hidden), "elements of the final norm"),
-        (fields.vocab_size, config.vocab_size, embeddings, "parameters of the embeddings"),
+        (
+            fields.hidden_size,
+            config.hidden_size,
+            Some(hidden),
+            "elements of the final norm",
+        ),
+        (
+            fields.vocab_size,
+            config.vocab_size,
+            embeddings,
+            "parameters of the embeddings",
+        ),
         (
             fields.intermediate_size,
             config.intermediate_size,
             mlp.checked_mul(3).and_then(|m| m.checked_mul(hidden)),
             "parameters of one layer's MLP",
         ),
-        (fields.num_hidden_layers, config.num_hidden_layers, total, "parameters in all"),
+        (
+            fields.num_hidden_layers,
+            config.num_hidden_layers,
+            total,
+            "parameters in all",
+        ),
     ];
     for (field, value, elements, what) in claims {
         let bytes = elements
@@ -190,13 +205,23 @@ mod tests {
         check_config_fits(&config, &HF_FIELDS, path, &fits).unwrap();
         let short = f16(exact - 1);
         let err = check_config_fits(&config, &HF_FIELDS, path, &short).unwrap_err();
-        assert!(matches!(&err, WeightsError::Config { field, .. } if field == "num_hidden_layers"), "{err}");
+        assert!(
+            matches!(&err, WeightsError::Config { field, .. } if field == "num_hidden_layers"),
+            "{err}"
+        );
 
         for (field, change) in [
-            ("hidden_size", &(|c: &mut ModelConfig| c.hidden_size = 1 << 62) as &dyn Fn(&mut ModelConfig)),
+            (
+                "hidden_size",
+                &(|c: &mut ModelConfig| c.hidden_size = 1 << 62) as &dyn Fn(&mut ModelConfig),
+            ),
             ("vocab_size", &|c: &mut ModelConfig| c.vocab_size = 1 << 40),
-            ("intermediate_size", &|c: &mut ModelConfig| c.intermediate_size = usize::MAX),
-            ("num_hidden_layers", &|c: &mut ModelConfig| c.num_hidden_layers = 1_000_000_000),
+            ("intermediate_size", &|c: &mut ModelConfig| {
+                c.intermediate_size = usize::MAX
+            }),
+            ("num_hidden_layers", &|c: &mut ModelConfig| {
+                c.num_hidden_layers = 1_000_000_000
+            }),
         ] {
             let mut bad = config.clone();
             change(&mut bad);
@@ -207,7 +232,10 @@ mod tests {
             );
         }
         let err = check_layer_count(
-            &ModelConfig { num_hidden_layers: usize::MAX, ..config },
+            &ModelConfig {
+                num_hidden_layers: usize::MAX,
+                ..config
+            },
             &GGUF_FIELDS,
             path,
             21,

@@ -325,9 +325,19 @@ pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
             .map_err(candle_error)?;
         // Q and K rows are permuted per head (shapes were checked by `check_directory`).
         if hf_name.ends_with("self_attn.q_proj.weight") {
-            data = unpermute_gguf_rope_rows(&data, config.num_attention_heads, head_dim, config.hidden_size);
+            data = unpermute_gguf_rope_rows(
+                &data,
+                config.num_attention_heads,
+                head_dim,
+                config.hidden_size,
+            );
         } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            data = unpermute_gguf_rope_rows(&data, config.num_key_value_heads, head_dim, config.hidden_size);
+            data = unpermute_gguf_rope_rows(
+                &data,
+                config.num_key_value_heads,
+                head_dim,
+                config.hidden_size,
+            );
         }
         tensors.insert(hf_name, HostTensor::new(shape, data));
     }
@@ -338,8 +348,13 @@ pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
 
 /// Checks the tensor directory before any data is read: every tensor is a Llama weight of a
 /// supported type with the shape the config gives it, and none is missing.
-fn check_directory(content: &Content, config: &ModelConfig, path: &Path) -> Result<(), WeightsError> {
-    let expected: HashMap<String, Vec<usize>> = WeightSet::expected_shapes(config).into_iter().collect();
+fn check_directory(
+    content: &Content,
+    config: &ModelConfig,
+    path: &Path,
+) -> Result<(), WeightsError> {
+    let expected: HashMap<String, Vec<usize>> =
+        WeightSet::expected_shapes(config).into_iter().collect();
     let infos: BTreeMap<&String, _> = content.tensor_infos.iter().collect();
     for (gguf_name, info) in &infos {
         let hf_name = hf_name_of_gguf(gguf_name)
@@ -377,7 +392,9 @@ fn check_directory(content: &Content, config: &ModelConfig, path: &Path) -> Resu
     }
     if let Some((missing, _)) = expected
         .iter()
-        .filter(|(hf, _)| gguf_name_of_hf(hf).is_none_or(|g| !content.tensor_infos.contains_key(&g)))
+        .filter(|(hf, _)| {
+            gguf_name_of_hf(hf).is_none_or(|g| !content.tensor_infos.contains_key(&g))
+        })
         .min_by_key(|(hf, _)| hf.as_str())
     {
         return Err(rename_tensor_in_error(WeightsError::MissingTensor {

@@ -111,8 +111,14 @@ pub fn read_gguf_header(path: &Path) -> Result<GgufHeader, WeightsError> {
         .filter(|offset| tensor_count == 0 || *offset <= file_len)
         .ok_or_else(|| cursor.error("the tensor data would start past the end of the file"))?;
     for name in &order {
-        check_tensor_range(&tensor_infos[name], name, tensor_data_offset, alignment, file_len)
-            .map_err(|reason| cursor.error(reason))?;
+        check_tensor_range(
+            &tensor_infos[name],
+            name,
+            tensor_data_offset,
+            alignment,
+            file_len,
+        )
+        .map_err(|reason| cursor.error(reason))?;
     }
     Ok(GgufHeader {
         content: Content {
@@ -377,12 +383,12 @@ impl Cursor<'_> {
         }
         let element_type = self.u32(what)?;
         let Some((type_name, min_bytes)) = value_type(element_type, self.wide) else {
-            return Err(self.error(format!(
-                "{what}: unknown array element type {element_type}"
-            )));
+            return Err(self.error(format!("{what}: unknown array element type {element_type}")));
         };
-        let count =
-            self.bounded_count(&format!("{what}: the length of an array of {type_name}"), min_bytes)?;
+        let count = self.bounded_count(
+            &format!("{what}: the length of an array of {type_name}"),
+            min_bytes,
+        )?;
         let mut values = Vec::with_capacity(count);
         for index in 0..count {
             values.push(self.value(&format!("{what}[{index}]"), element_type, depth + 1)?);
@@ -401,8 +407,9 @@ impl Cursor<'_> {
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             let dim = self.length(&what)?;
-            let dim = usize::try_from(dim)
-                .map_err(|_| self.error(format!("{what}: dimension {dim} does not fit in memory")))?;
+            let dim = usize::try_from(dim).map_err(|_| {
+                self.error(format!("{what}: dimension {dim} does not fit in memory"))
+            })?;
             dims.push(dim);
         }
         // GGUF lists dims innermost first; candle (and PyTorch) outermost first.
@@ -452,13 +459,20 @@ mod tests {
     #[test]
     fn absurd_counts_and_lengths_are_refused_before_anything_is_sized() {
         let err = read("tensors.gguf", &header(1 << 62, 0, &[0; 64])).unwrap_err();
-        assert!(err.to_string().contains("the tensor count is 4611686018427387904"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("the tensor count is 4611686018427387904"),
+            "{err}"
+        );
         let err = read("metadata.gguf", &header(0, 1 << 62, &[0; 64])).unwrap_err();
         assert!(err.to_string().contains("the metadata count"), "{err}");
         let mut body = (1u64 << 62).to_le_bytes().to_vec();
         body.extend_from_slice(b"general.name");
         let err = read("key.gguf", &header(0, 1, &body)).unwrap_err();
-        assert!(err.to_string().contains("the key: the string length"), "{err}");
+        assert!(
+            err.to_string().contains("the key: the string length"),
+            "{err}"
+        );
         let mut body = string("tokenizer.ggml.merges");
         body.extend_from_slice(&9u32.to_le_bytes());
         body.extend_from_slice(&8u32.to_le_bytes());
@@ -483,7 +497,10 @@ mod tests {
         let mut bytes = header(1, 0, &body);
         bytes.resize(bytes.len().div_ceil(32) * 32 + 32, 0);
         let err = read("dims.gguf", &bytes).unwrap_err();
-        assert!(err.to_string().contains("run past the end of the file"), "{err}");
+        assert!(
+            err.to_string().contains("run past the end of the file"),
+            "{err}"
+        );
 
         // The same tensor with a size that fits: [4, 2] f32 = 32 bytes after the aligned header.
         let mut body = string("w");

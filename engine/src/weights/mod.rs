@@ -11,11 +11,11 @@ mod gguf_header;
 mod hf;
 mod random;
 
+pub use fit::MAX_POSITIONS;
 pub use gguf::{
     gguf_metadata, gguf_name_of_hf, hf_name_of_gguf, permute_hf_rope_rows,
     unpermute_gguf_rope_rows, GgufMetadata,
 };
-pub use fit::MAX_POSITIONS;
 pub use gguf_header::{read_gguf_header, GgufHeader};
 pub use hf::config_from_hf_json;
 
