@@ -54,6 +54,17 @@ fn fails_with_all(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// Runs `djinn args` under the memory limit, asserts success and returns stdout.
+fn succeeds(args: &[&str]) -> String {
+    let out = run_limited(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Offset just past the first occurrence of `name` in the file's header.
 fn after(bytes: &[u8], name: &str) -> usize {
     bytes
@@ -240,13 +251,7 @@ fn pools_larger_than_memory_exit_2_with_the_bytes_needed_and_available() {
 #[test]
 fn chat_renders_the_template_stored_in_the_gguf_or_falls_back_to_chatml() {
     let gguf = fixture().display().to_string();
-    let out = run_limited(&refs(&generate(&gguf, &["--chat"])));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeds(&refs(&generate(&gguf, &["--chat"])));
     assert!(
         stdout.contains("chat_template ") && stdout.contains("metadata `tokenizer.chat_template`"),
         "{stdout}"
@@ -270,8 +275,7 @@ fn chat_renders_the_template_stored_in_the_gguf_or_falls_back_to_chatml() {
     let bytes = std::fs::read(fixture()).unwrap();
     let key = after(&bytes, "tokenizer.chat_template") - 1;
     let plain = patched(&temp("bad-model", "no-template"), "plain.gguf", key, b"X");
-    let out = run_limited(&refs(&generate(&plain, &["--chat"])));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = succeeds(&refs(&generate(&plain, &["--chat"])));
     assert!(
         stdout.contains("chat_template the built-in ChatML template"),
         "{stdout}"

@@ -49,7 +49,9 @@ fn smollm2_template_adds_its_default_system_message_only_when_none_is_given() {
         std::fs::read_to_string(data_dir().join("chat/smollm2-135m-instruct.jinja")).unwrap();
     let template = ChatTemplate::stored(source, "smollm2".into());
     let user = ChatMessage::new("user", "Hi");
-    let default = template.render(&[user.clone()], true, None, None).unwrap();
+    let default = template
+        .render(std::slice::from_ref(&user), true, None, None)
+        .unwrap();
     assert!(default.starts_with(
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     ));

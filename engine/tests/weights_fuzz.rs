@@ -248,6 +248,19 @@ fn judge(
     }
 }
 
+/// Prints how the cases went and checks that some mutations were refused (else they do not bite).
+fn report(what: &str, outcomes: [AtomicUsize; 2]) {
+    let [refused, loaded] = outcomes.map(AtomicUsize::into_inner);
+    eprintln!(
+        "mutated {what}: {loaded} loaded, {refused} refused, worst peak {:.1}% of the bound",
+        WORST_USE.swap(0, Ordering::Relaxed) as f64 / 10.0
+    );
+    assert!(
+        refused > 0,
+        "no {what} mutation was refused: the mutations do not bite"
+    );
+}
+
 /// Everything read from one GGUF: weights, tokenizer, its chat template and an encoding.
 fn load_gguf_everything(path: &Path) -> Result<(), String> {
     let weights = WeightSet::from_gguf(path).map(|_| ());
@@ -290,15 +303,7 @@ fn mutated_gguf_headers_load_or_fail_cleanly_within_the_file_size() {
             judge("GGUF", &path, bytes.len(), result, peak)
         })
         .unwrap();
-    let [refused, loaded] = outcomes.map(AtomicUsize::into_inner);
-    eprintln!(
-        "mutated GGUF: {loaded} loaded, {refused} refused, worst peak {:.1}% of the bound",
-        WORST_USE.swap(0, Ordering::Relaxed) as f64 / 10.0
-    );
-    assert!(
-        refused > 0,
-        "no mutation was refused: the mutations do not bite"
-    );
+    report("GGUF", outcomes);
 }
 
 #[test]
@@ -343,13 +348,5 @@ fn mutated_safetensors_and_configs_load_or_fail_cleanly_within_the_file_size() {
             )
         })
         .unwrap();
-    let [refused, loaded] = outcomes.map(AtomicUsize::into_inner);
-    eprintln!(
-        "mutated safetensors/config: {loaded} loaded, {refused} refused, worst peak {:.1}% of the bound",
-        WORST_USE.swap(0, Ordering::Relaxed) as f64 / 10.0
-    );
-    assert!(
-        refused > 0,
-        "no mutation was refused: the mutations do not bite"
-    );
+    report("safetensors/config", outcomes);
 }

@@ -152,7 +152,8 @@ pub fn gguf_name_of_hf(name: &str) -> Option<String> {
     translate_tensor_name(name, NameSide::Hf)
 }
 
-fn metadata_u64(value: &Value) -> Option<u64> {
+/// An integer metadata value of any width, if it is one and not negative.
+pub(super) fn metadata_u64(value: &Value) -> Option<u64> {
     match value {
         Value::U8(v) => Some(*v as u64),
         Value::U16(v) => Some(*v as u64),
@@ -324,20 +325,15 @@ pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(candle_error)?;
         // Q and K rows are permuted per head (shapes were checked by `check_directory`).
-        if hf_name.ends_with("self_attn.q_proj.weight") {
-            data = unpermute_gguf_rope_rows(
-                &data,
-                config.num_attention_heads,
-                head_dim,
-                config.hidden_size,
-            );
+        let heads_for_unpermute = if hf_name.ends_with("self_attn.q_proj.weight") {
+            Some(config.num_attention_heads)
         } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            data = unpermute_gguf_rope_rows(
-                &data,
-                config.num_key_value_heads,
-                head_dim,
-                config.hidden_size,
-            );
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads_for_unpermute {
+            data = unpermute_gguf_rope_rows(&data, heads, head_dim, config.hidden_size);
         }
         tensors.insert(hf_name, HostTensor::new(shape, data));
     }

@@ -16,6 +16,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 use candle_core::quantized::GgmlDType;
 
+use super::gguf::metadata_u64;
 use super::{with_power_of_two, WeightsError};
 
 /// Arrays of arrays deeper than this are refused: real files nest at most once, and the reader
@@ -136,16 +137,7 @@ fn alignment(metadata: &HashMap<String, Value>) -> Result<u64, String> {
     let Some(value) = metadata.get("general.alignment") else {
         return Ok(DEFAULT_ALIGNMENT);
     };
-    let alignment = match value {
-        Value::U8(v) => Some(*v as u64),
-        Value::U16(v) => Some(*v as u64),
-        Value::U32(v) => Some(*v as u64),
-        Value::U64(v) => Some(*v),
-        Value::I32(v) => u64::try_from(*v).ok(),
-        Value::I64(v) => u64::try_from(*v).ok(),
-        _ => None,
-    };
-    alignment
+    metadata_u64(value)
         .filter(|a| a.is_power_of_two() && *a <= MAX_ALIGNMENT)
         .ok_or_else(|| {
             format!("metadata `general.alignment`: expected a power of two up to {MAX_ALIGNMENT}, found {value:?}")
@@ -251,14 +243,20 @@ impl Cursor<'_> {
             )));
         }
         let mut buffer = [0u8; N];
+        self.fill(&mut buffer)?;
+        Ok(buffer)
+    }
+
+    /// Reads exactly `buffer.len()` bytes (the caller checked they are left in the file).
+    fn fill(&mut self, buffer: &mut [u8]) -> Result<(), WeightsError> {
         self.reader
-            .read_exact(&mut buffer)
+            .read_exact(buffer)
             .map_err(|error| WeightsError::Io {
                 path: self.path.to_path_buf(),
                 error,
             })?;
-        self.pos += N as u64;
-        Ok(buffer)
+        self.pos += buffer.len() as u64;
+        Ok(())
     }
 
     fn u32(&mut self, what: &str) -> Result<u32, WeightsError> {
@@ -336,13 +334,7 @@ impl Cursor<'_> {
     fn string(&mut self, what: &str) -> Result<String, WeightsError> {
         let len = self.bounded_count(&format!("{what}: the string length"), 1)?;
         let mut bytes = vec![0u8; len];
-        self.reader
-            .read_exact(&mut bytes)
-            .map_err(|error| WeightsError::Io {
-                path: self.path.to_path_buf(),
-                error,
-            })?;
-        self.pos += len as u64;
+        self.fill(&mut bytes)?;
         // Like llama.cpp and candle: some writers add NUL terminators, and text is taken lossily.
         while bytes.last() == Some(&0) {
             bytes.pop();
@@ -486,32 +478,30 @@ mod tests {
         assert!(text.contains("array.gguf"), "{text}");
     }
 
-    #[test]
-    fn tensor_data_outside_the_file_is_refused() {
+    /// A file with one f32 tensor `w` of GGUF dims `dims` at data offset 0, padded with 32 bytes
+    /// of data after the aligned header.
+    fn one_tensor(dims: [u64; 2]) -> Vec<u8> {
         let mut body = string("w");
         body.extend_from_slice(&2u32.to_le_bytes());
-        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
-        body.extend_from_slice(&4u64.to_le_bytes());
+        for dim in dims {
+            body.extend_from_slice(&dim.to_le_bytes());
+        }
         body.extend_from_slice(&0u32.to_le_bytes());
         body.extend_from_slice(&0u64.to_le_bytes());
         let mut bytes = header(1, 0, &body);
         bytes.resize(bytes.len().div_ceil(32) * 32 + 32, 0);
-        let err = read("dims.gguf", &bytes).unwrap_err();
+        bytes
+    }
+
+    #[test]
+    fn tensor_data_outside_the_file_is_refused() {
+        let err = read("dims.gguf", &one_tensor([1 << 40, 4])).unwrap_err();
         assert!(
             err.to_string().contains("run past the end of the file"),
             "{err}"
         );
-
-        // The same tensor with a size that fits: [4, 2] f32 = 32 bytes after the aligned header.
-        let mut body = string("w");
-        body.extend_from_slice(&2u32.to_le_bytes());
-        body.extend_from_slice(&2u64.to_le_bytes());
-        body.extend_from_slice(&4u64.to_le_bytes());
-        body.extend_from_slice(&0u32.to_le_bytes());
-        body.extend_from_slice(&0u64.to_le_bytes());
-        let mut bytes = header(1, 0, &body);
-        bytes.resize(bytes.len().div_ceil(32) * 32 + 32, 0);
-        let header = read("ok.gguf", &bytes).unwrap();
+        // [4, 2] f32 = the 32 bytes after the aligned header.
+        let header = read("ok.gguf", &one_tensor([2, 4])).unwrap();
         assert_eq!(header.content.tensor_infos["w"].shape.dims(), &[4, 2]);
     }
 
