@@ -147,6 +147,13 @@ impl KvLayout {
         self.num_layers * 2 * self.num_kv_heads * self.block_size_tokens * self.head_dim
     }
 
+    /// `block_elems`, or None when it overflows (a block size read from the command line).
+    pub fn checked_block_elems(&self) -> Option<usize> {
+        [2, self.num_kv_heads, self.block_size_tokens, self.head_dim]
+            .into_iter()
+            .try_fold(self.num_layers, usize::checked_mul)
+    }
+
     /// Elements of one (layer, K-or-V) slab inside a block.
     pub fn slab_elems(&self) -> usize {
         self.num_kv_heads * self.block_size_tokens * self.head_dim

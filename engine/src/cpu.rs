@@ -68,19 +68,81 @@ pub enum CpuError {
     },
     #[error("block data has {found} elements, expected a whole number of blocks of {block_elems}")]
     BlockDataSize { found: usize, block_elems: usize },
-    #[error(
-        "a KV pool of {num_blocks} blocks x {block_elems} f32 elements does not fit in memory"
-    )]
-    PoolTooLarge {
-        num_blocks: usize,
-        block_elems: usize,
-    },
+    #[error(transparent)]
+    PoolTooLarge(#[from] PoolMemoryError),
     #[error("block size must be at least one token")]
     ZeroBlockSize,
     #[error("weights: {0}")]
     Weights(String),
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+/// Host memory is too small for the KV pools asked for (checked before anything is allocated).
+#[derive(Debug, thiserror::Error)]
+#[error("{pools}: {needed} bytes needed, but {available}")]
+pub struct PoolMemoryError {
+    /// Each pool: "the KV pool (1 block of 196608000000 bytes)".
+    pools: String,
+    needed: String,
+    /// How much there is and where the number came from.
+    available: String,
+}
+
+/// Bytes a caller may still allocate: MemAvailable of /proc/meminfo, None where it is not there.
+fn available_host_memory() -> Option<u64> {
+    crate::swap::host_pool::HostMemory::read().map(|memory| memory.mem_available_bytes)
+}
+
+/// Checks that KV pools of `block_bytes`-byte blocks fit in the host memory available now, before
+/// any of them is allocated; `pools` names each pool (for the message) with its block count. The
+/// arithmetic is checked; where /proc/meminfo is missing, the allocator is asked to reserve the
+/// total (and the reservation is dropped at once), which still refuses impossible sizes.
+pub fn check_pools_fit_in_memory(
+    block_bytes: u64,
+    pools: &[(&str, u64)],
+) -> Result<(), PoolMemoryError> {
+    let describe = || {
+        pools
+            .iter()
+            .map(|(name, blocks)| {
+                let noun = if *blocks == 1 { "block" } else { "blocks" };
+                format!("{name} ({blocks} {noun} of {block_bytes} bytes)")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let needed = pools.iter().try_fold(0u64, |sum, (_, blocks)| {
+        blocks.checked_mul(block_bytes)?.checked_add(sum)
+    });
+    let Some(needed) = needed else {
+        return Err(PoolMemoryError {
+            pools: describe(),
+            needed: "more than 2^64".into(),
+            available: "no machine has that much memory".into(),
+        });
+    };
+    let refused = |available: String| PoolMemoryError {
+        pools: describe(),
+        needed: needed.to_string(),
+        available,
+    };
+    match available_host_memory() {
+        Some(available) if needed > available => Err(refused(format!(
+            "only {available} bytes of memory are available (MemAvailable in /proc/meminfo)"
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            let reservable = usize::try_from(needed)
+                .ok()
+                .is_some_and(|n| Vec::<u8>::new().try_reserve_exact(n).is_ok());
+            if reservable {
+                Ok(())
+            } else {
+                Err(refused("the allocator refused that much memory".into()))
+            }
+        }
+    }
 }
 
 struct CpuLayer {
@@ -133,17 +195,17 @@ impl CpuModel {
             .map_err(|e| CpuError::Weights(e.to_string()))?;
         let config = weights.config.clone();
         let layout = KvLayout::new(&config, block_size_tokens);
-        let pool_elems = num_blocks
-            .checked_mul(layout.block_elems())
-            .filter(|elems| {
-                elems
-                    .checked_mul(4)
-                    .is_some_and(|bytes| bytes <= isize::MAX as usize)
-            })
-            .ok_or(CpuError::PoolTooLarge {
-                num_blocks,
-                block_elems: layout.block_elems(),
+        let block_bytes = layout
+            .checked_block_elems()
+            .and_then(|elems| elems.checked_mul(4))
+            .ok_or_else(|| PoolMemoryError {
+                pools: format!("the KV pool (blocks of {block_size_tokens} tokens)"),
+                needed: "more than 2^64".into(),
+                available: "no machine has that much memory".into(),
             })?;
+        check_pools_fit_in_memory(block_bytes as u64, &[("the KV pool", num_blocks as u64)])?;
+        // Fits in memory, so the element count fits in usize.
+        let pool_elems = num_blocks * layout.block_elems();
         let get = |name: &str| to_tensor(&weights.tensors[name]);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for layer in 0..config.num_hidden_layers {

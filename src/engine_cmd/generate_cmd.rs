@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use engine::batch::generate_greedy;
 use engine::cpu::CpuModel;
-use engine::tokenizer::Tokenizer;
+use engine::tokenizer::{ChatMessage, Tokenizer};
 use engine::weights::WeightSet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -32,24 +32,34 @@ pub struct GenerateArgs {
     pub steps: usize,
     #[arg(long, value_enum, default_value_t = GenerateBackend::Cpu)]
     pub backend: GenerateBackend,
-    /// Wrap the prompt as one ChatML user turn followed by the assistant header.
+    /// Render the prompt as one user turn (after the --system message, if any) with the chat
+    /// template the GGUF stores in `tokenizer.chat_template`, as HF transformers'
+    /// apply_chat_template does (SmolLM2's adds its default system message when --system is not
+    /// given). A GGUF without a template gets plain ChatML instead: `<|im_start|>`, the role, a
+    /// newline, the text and `<|im_end|>` and a newline per message, then `<|im_start|>assistant`
+    /// and a newline; no default system message.
     #[arg(long)]
     pub chat: bool,
+    /// System message placed before the prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// KV block size in tokens.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
 }
 
-/// The prompt as the model sees it (ChatML user turn with `--chat`).
-pub fn prompt_text(args: &GenerateArgs) -> String {
-    if args.chat {
-        format!(
-            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-            args.prompt
-        )
-    } else {
-        args.prompt.clone()
+/// The prompt as the model sees it: the text as given, or with `--chat` the conversation rendered
+/// by the tokenizer's chat template.
+pub fn prompt_text(args: &GenerateArgs, tokenizer: &Tokenizer) -> anyhow::Result<String> {
+    if !args.chat {
+        return Ok(args.prompt.clone());
     }
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(ChatMessage::new("system", system));
+    }
+    messages.push(ChatMessage::new("user", &args.prompt));
+    Ok(tokenizer.apply_chat_template(&messages, true)?)
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -57,11 +67,24 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.block_size > 0, "--block-size must be at least 1");
     let tokenizer = Tokenizer::from_gguf(&args.gguf).context("reading the tokenizer")?;
     let weights = WeightSet::from_gguf(&args.gguf).context("loading the weights")?;
-    let prompt = prompt_text(&args);
+    let prompt = prompt_text(&args, &tokenizer)?;
     let prompt_ids = tokenizer.encode(&prompt)?;
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt encodes to no tokens");
     let stop_tokens: Vec<u32> = tokenizer.eos_token_id.into_iter().collect();
-    let num_blocks = (prompt_ids.len() + args.steps).div_ceil(args.block_size);
+    // The KV holds the prompt and every generated token but the last.
+    let positions = weights.config.max_position_embeddings;
+    let needed_tokens = prompt_ids
+        .len()
+        .checked_add(args.steps - 1)
+        .filter(|tokens| *tokens <= positions)
+        .with_context(|| {
+            format!(
+                "the prompt's {} tokens and --steps {} exceed the model's context of {positions} positions",
+                prompt_ids.len(),
+                args.steps
+            )
+        })?;
+    let num_blocks = needed_tokens.div_ceil(args.block_size);
     println!(
         "model {} ({} layers, hidden {}, {} parameters) backend {:?}",
         weights.config.name,
@@ -70,11 +93,18 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         weights.param_count(),
         args.backend
     );
+    if args.chat {
+        println!(
+            "chat_template {}",
+            tokenizer.effective_chat_template().origin()
+        );
+    }
     println!("prompt_tokens {} {:?}", prompt_ids.len(), prompt_ids);
     let started = Instant::now();
     let generated = match args.backend {
         GenerateBackend::Cpu => {
-            let mut model = CpuModel::new(&weights, num_blocks, args.block_size)?;
+            let mut model = CpuModel::new(&weights, num_blocks, args.block_size)
+                .with_context(|| format!("--block-size {}", args.block_size))?;
             generate_greedy(&mut model, &prompt_ids, args.steps, &stop_tokens)?
         }
         GenerateBackend::Cuda => super::gpu_cmd::generate_greedy_cuda(

@@ -1,6 +1,7 @@
-//! llama.cpp GGUF files (architecture `llama`), read with candle-core's `gguf_file`.
+//! llama.cpp GGUF files (architecture `llama`): the header through the bounded reader in
+//! `gguf_header.rs`, tensor data through candle-core's `gguf_file`.
 //!
-//! GGUF stores dims innermost-first; candle reverses them, so a Linear weight comes out as
+//! GGUF stores dims innermost-first; the reader reverses them, so a Linear weight comes out as
 //! `[out, in]` like PyTorch. llama.cpp's converter permutes the rows of Q and K inside each head
 //! (it pairs dims (2i, 2i+1) for its interleaved RoPE, where HF rotates halves (i, i + d/2));
 //! `unpermute_gguf_rope_rows` undoes that so the HF-style forward is right.
@@ -14,6 +15,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
+use super::fit::{check_config_fits, check_layer_count, Stored, GGUF_FIELDS};
+use super::gguf_header::read_gguf_header;
 use super::{HostTensor, WeightSet, WeightsError};
 use crate::config::ModelConfig;
 
@@ -29,15 +32,7 @@ pub(crate) fn candle_message(error: &candle_core::Error) -> String {
 
 /// Reads the header of a GGUF file: metadata and tensor directory (no tensor data).
 pub fn gguf_metadata(path: &Path) -> Result<Content, WeightsError> {
-    let file = File::open(path).map_err(|error| WeightsError::Io {
-        path: path.to_path_buf(),
-        error,
-    })?;
-    let mut reader = BufReader::new(file);
-    Content::read(&mut reader).map_err(|e| WeightsError::Parse {
-        path: path.to_path_buf(),
-        reason: format!("not a readable GGUF file: {}", candle_message(&e)),
-    })
+    read_gguf_header(path).map(|header| header.content)
 }
 
 /// Undoes llama.cpp's per-head row permutation of a Q or K weight `[heads * head_dim, in]`:
@@ -157,7 +152,8 @@ pub fn gguf_name_of_hf(name: &str) -> Option<String> {
     translate_tensor_name(name, NameSide::Hf)
 }
 
-fn metadata_u64(value: &Value) -> Option<u64> {
+/// An integer metadata value of any width, if it is one and not negative.
+pub(super) fn metadata_u64(value: &Value) -> Option<u64> {
     match value {
         Value::U8(v) => Some(*v as u64),
         Value::U16(v) => Some(*v as u64),
@@ -287,27 +283,83 @@ fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig, Weigh
 }
 
 pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
+    let header = read_gguf_header(path)?;
+    let content = &header.content;
+    let config = config_from_gguf(content, path)?;
+    // Q4_0 is the densest supported type: 18 bytes per block of 32 elements.
+    let stored = Stored {
+        bytes: header.file_len,
+        block_bytes: 18,
+        block_elems: 32,
+        densest: "Q4_0",
+        holder: "the file".into(),
+    };
+    check_config_fits(&config, &GGUF_FIELDS, path, &stored)?;
+    check_layer_count(&config, &GGUF_FIELDS, path, content.tensor_infos.len())?;
+    check_directory(content, &config, path)?;
+    let head_dim = config.head_dim();
+
     let file = File::open(path).map_err(|error| WeightsError::Io {
         path: path.to_path_buf(),
         error,
     })?;
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| WeightsError::Parse {
-        path: path.to_path_buf(),
-        reason: format!("not a readable GGUF file: {}", candle_message(&e)),
-    })?;
-    let config = config_from_gguf(&content, path)?;
-    let head_dim = config.head_dim();
-
     // Sorted so errors and loading order do not depend on HashMap order.
     let infos: BTreeMap<&String, _> = content.tensor_infos.iter().collect();
     let mut tensors = BTreeMap::new();
     for (gguf_name, info) in infos {
-        let hf_name = hf_name_of_gguf(gguf_name).ok_or_else(|| WeightsError::UnexpectedTensor {
+        let hf_name = hf_name_of_gguf(gguf_name).expect("check_directory named every tensor");
+        let shape = info.shape.dims().to_vec();
+        let candle_error = |e: candle_core::Error| WeightsError::Parse {
             path: path.to_path_buf(),
-            tensor: gguf_name.clone(),
-            model: config.name.clone(),
-        })?;
+            reason: format!("tensor `{gguf_name}`: {}", candle_message(&e)),
+        };
+        // The header reader checked that the data lies inside the file, so this reads at most
+        // the file's size.
+        let qtensor = info
+            .read(&mut reader, content.tensor_data_offset, &Device::Cpu)
+            .map_err(candle_error)?;
+        let mut data = qtensor
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(candle_error)?;
+        // Q and K rows are permuted per head (shapes were checked by `check_directory`).
+        let heads_for_unpermute = if hf_name.ends_with("self_attn.q_proj.weight") {
+            Some(config.num_attention_heads)
+        } else if hf_name.ends_with("self_attn.k_proj.weight") {
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads_for_unpermute {
+            data = unpermute_gguf_rope_rows(&data, heads, head_dim, config.hidden_size);
+        }
+        tensors.insert(hf_name, HostTensor::new(shape, data));
+    }
+    let weights = WeightSet { config, tensors };
+    weights.validate(path).map_err(rename_tensor_in_error)?;
+    Ok(weights)
+}
+
+/// Checks the tensor directory before any data is read: every tensor is a Llama weight of a
+/// supported type with the shape the config gives it, and none is missing.
+fn check_directory(
+    content: &Content,
+    config: &ModelConfig,
+    path: &Path,
+) -> Result<(), WeightsError> {
+    let expected: HashMap<String, Vec<usize>> =
+        WeightSet::expected_shapes(config).into_iter().collect();
+    let infos: BTreeMap<&String, _> = content.tensor_infos.iter().collect();
+    for (gguf_name, info) in &infos {
+        let hf_name = hf_name_of_gguf(gguf_name)
+            .filter(|hf| expected.contains_key(hf))
+            .ok_or_else(|| WeightsError::UnexpectedTensor {
+                path: path.to_path_buf(),
+                tensor: gguf_name.to_string(),
+                model: config.name.clone(),
+            })?;
         match info.ggml_dtype {
             GgmlDType::F32
             | GgmlDType::F16
@@ -318,50 +370,35 @@ pub(super) fn load_gguf(path: &Path) -> Result<WeightSet, WeightsError> {
             other => {
                 return Err(WeightsError::UnsupportedDtype {
                     path: path.to_path_buf(),
-                    tensor: gguf_name.clone(),
+                    tensor: gguf_name.to_string(),
                     dtype: format!("{other:?}"),
                     supported: SUPPORTED_TYPES,
                 })
             }
         }
-        let shape = info.shape.dims().to_vec();
-        let candle_error = |e: candle_core::Error| WeightsError::Parse {
-            path: path.to_path_buf(),
-            reason: format!("tensor `{gguf_name}`: {}", candle_message(&e)),
-        };
-        let qtensor = info
-            .read(&mut reader, content.tensor_data_offset, &Device::Cpu)
-            .map_err(candle_error)?;
-        let mut data = qtensor
-            .dequantize(&Device::Cpu)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(candle_error)?;
-        // Q and K rows are permuted per head; the permutation needs the expected row count.
-        let heads_for_unpermute = if hf_name.ends_with("self_attn.q_proj.weight") {
-            Some(config.num_attention_heads)
-        } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            Some(config.num_key_value_heads)
-        } else {
-            None
-        };
-        if let Some(heads) = heads_for_unpermute {
-            let expected = vec![heads * head_dim, config.hidden_size];
-            if shape != expected {
-                return Err(WeightsError::WrongShape {
-                    path: path.to_path_buf(),
-                    tensor: gguf_name.clone(),
-                    expected,
-                    found: shape,
-                });
-            }
-            data = unpermute_gguf_rope_rows(&data, heads, head_dim, config.hidden_size);
+        let found = info.shape.dims().to_vec();
+        if found != expected[&hf_name] {
+            return Err(WeightsError::WrongShape {
+                path: path.to_path_buf(),
+                tensor: format!("{gguf_name} (HF {hf_name})"),
+                expected: expected[&hf_name].clone(),
+                found,
+            });
         }
-        tensors.insert(hf_name, HostTensor::new(shape, data));
     }
-    let weights = WeightSet { config, tensors };
-    weights.validate(path).map_err(rename_tensor_in_error)?;
-    Ok(weights)
+    if let Some((missing, _)) = expected
+        .iter()
+        .filter(|(hf, _)| {
+            gguf_name_of_hf(hf).is_none_or(|g| !content.tensor_infos.contains_key(&g))
+        })
+        .min_by_key(|(hf, _)| hf.as_str())
+    {
+        return Err(rename_tensor_in_error(WeightsError::MissingTensor {
+            path: path.to_path_buf(),
+            tensor: missing.clone(),
+        }));
+    }
+    Ok(())
 }
 
 /// Errors from `validate` name HF tensors; for a GGUF file add the name the file uses.

@@ -8,7 +8,8 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::{HostTensor, WeightSet, WeightsError};
+use super::fit::{check_config_fits, check_layer_count, Stored, HF_FIELDS};
+use super::{with_power_of_two, HostTensor, WeightSet, WeightsError};
 use crate::config::ModelConfig;
 
 /// Buffers some HF checkpoints carry that are not weights (recomputed from the config).
@@ -236,13 +237,37 @@ pub(super) fn load_hf_dir(dir: &Path) -> Result<WeightSet, WeightsError> {
         });
     };
 
-    let mut tensors = BTreeMap::new();
+    let mut stored_bytes = 0u64;
     for file in &shard_files {
+        let metadata = std::fs::metadata(file).map_err(|error| WeightsError::Io {
+            path: file.clone(),
+            error,
+        })?;
+        stored_bytes = stored_bytes.saturating_add(metadata.len());
+    }
+    let stored = Stored {
+        bytes: stored_bytes,
+        block_bytes: 2,
+        block_elems: 1,
+        densest: "F16",
+        holder: match shard_files.len() {
+            1 => "model.safetensors".to_string(),
+            n => format!("the {n} safetensors files"),
+        },
+    };
+
+    let mut tensors = BTreeMap::new();
+    for (index, file) in shard_files.iter().enumerate() {
         let bytes = read_file(file)?;
         let safetensors = SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Parse {
             path: file.clone(),
-            reason: e.to_string(),
+            reason: safetensors_reason(&bytes, &e),
         })?;
+        // Once the first file has proved to be safetensors (so a corrupt file is reported as
+        // such), and before any tensor is converted.
+        if index == 0 {
+            check_config_fits(&config, &HF_FIELDS, &config_path, &stored)?;
+        }
         for (tensor_name, view) in safetensors.tensors() {
             if IGNORED_SUFFIXES
                 .iter()
@@ -265,6 +290,7 @@ pub(super) fn load_hf_dir(dir: &Path) -> Result<WeightSet, WeightsError> {
             tensors.insert(tensor_name, HostTensor::new(view.shape().to_vec(), data));
         }
     }
+    check_layer_count(&config, &HF_FIELDS, &config_path, tensors.len())?;
     let weights = WeightSet { config, tensors };
     let source = if shard_files.len() == 1 {
         &shard_files[0]
@@ -273,6 +299,53 @@ pub(super) fn load_hf_dir(dir: &Path) -> Result<WeightSet, WeightsError> {
     };
     weights.validate(source)?;
     Ok(weights)
+}
+
+/// Size of the JSON header of a safetensors file, and the most the format allows (the
+/// safetensors crate's limit).
+const SAFETENSORS_MAX_HEADER: u64 = 100_000_000;
+
+/// What is wrong with a safetensors file, in words: the header length is checked here (the
+/// library only names the error), the rest is the library's verdict explained.
+fn safetensors_reason(bytes: &[u8], error: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let file_len = bytes.len() as u64;
+    let Some(prefix) = bytes.first_chunk::<8>() else {
+        return format!(
+            "the file has {file_len} bytes, fewer than the 8-byte header length that starts a safetensors file"
+        );
+    };
+    let header_len = u64::from_le_bytes(*prefix);
+    if header_len > file_len - 8 {
+        return format!(
+            "header length {} exceeds the file size of {file_len} bytes (not a safetensors file, or truncated)",
+            with_power_of_two(header_len)
+        );
+    }
+    if header_len > SAFETENSORS_MAX_HEADER {
+        return format!(
+            "header length {} exceeds the {SAFETENSORS_MAX_HEADER} bytes the format allows",
+            with_power_of_two(header_len)
+        );
+    }
+    match error {
+        E::InvalidHeader => "the JSON header is not valid UTF-8".into(),
+        E::InvalidHeaderStart | E::InvalidHeaderDeserialization | E::JsonError(_) => {
+            "the header is not the JSON object of tensor entries the format requires".into()
+        }
+        E::InvalidOffset(tensor) => format!(
+            "tensor `{tensor}`: its data offsets do not start where the previous tensor's end"
+        ),
+        E::TensorInvalidInfo => {
+            "a tensor's byte range does not match its shape and element type".into()
+        }
+        E::ValidationOverflow => "a tensor's shape overflows 64 bits".into(),
+        E::MetadataIncompleteBuffer => format!(
+            "the tensors cover a different number of bytes than the {} after the header",
+            file_len - 8 - header_len
+        ),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Little-endian safetensors bytes to f32, or None for an unsupported dtype.

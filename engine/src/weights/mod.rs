@@ -5,14 +5,18 @@
 //! (`WeightSet::from_gguf`). Every loader ends in `WeightSet::validate`, so a backend can take
 //! any `WeightSet` and trust that each tensor it needs is present with the right shape.
 
+mod fit;
 mod gguf;
+mod gguf_header;
 mod hf;
 mod random;
 
+pub use fit::MAX_POSITIONS;
 pub use gguf::{
     gguf_metadata, gguf_name_of_hf, hf_name_of_gguf, permute_hf_rope_rows,
     unpermute_gguf_rope_rows, GgufMetadata,
 };
+pub use gguf_header::{read_gguf_header, GgufHeader};
 pub use hf::config_from_hf_json;
 
 use std::collections::BTreeMap;
@@ -85,6 +89,15 @@ pub enum WeightsError {
         tensor: String,
         model: String,
     },
+}
+
+/// A size read from a file, with its power of two when it is one: "2^60" says more than digits.
+pub(crate) fn with_power_of_two(value: u64) -> String {
+    if value.is_power_of_two() && value >= 1 << 10 {
+        format!("{value} (2^{})", value.trailing_zeros())
+    } else {
+        value.to_string()
+    }
 }
 
 /// A full set of Llama weights in HF names (`lm_head.weight` absent when the embeddings are tied).

@@ -28,6 +28,11 @@ pub fn run_cpu(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     if gpu_blocks == 0 || host_blocks == 0 {
         bail!("the KV pools must hold at least one block of {block_bytes} bytes (GPU {gpu_blocks}, host {host_blocks})");
     }
+    let pools = [
+        ("the GPU KV pool", gpu_blocks.into()),
+        ("the host KV pool", host_blocks.into()),
+    ];
+    engine::cpu::check_pools_fit_in_memory(block_bytes, &pools).context("sizing the KV pools")?;
     let model = CpuModel::new(&weights, gpu_blocks as usize, block_size)
         .context("building the CPU model")?;
     let epoch = Instant::now();

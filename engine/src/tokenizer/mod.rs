@@ -9,9 +9,16 @@
 //! `individual_digits`); each pre-token's UTF-8 bytes are mapped to GPT-2's printable byte
 //! alphabet and merged pairwise by merge rank, lowest rank first.
 //!
+//! Chat prompts (`chat.rs`): the GGUF's `tokenizer.chat_template` rendered like HF transformers'
+//! `apply_chat_template`, with plain ChatML for files that carry none.
+//!
 //! Approximation: `\p{L}` is taken as Rust's `char::is_alphabetic` (the Alphabetic property, which
 //! also holds some combining marks) and `\p{N}` as `char::is_numeric`; the two differ only on rare
 //! scripts.
+
+mod chat;
+
+pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError, CHATML_TEMPLATE, CHAT_TEMPLATE_KEY};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,10 +47,12 @@ pub enum TokenizerError {
     },
     #[error("tokenizer: {0}")]
     Invalid(String),
-    #[error("tokenizer: byte {byte:#04x} has no token in the vocabulary")]
-    MissingByteToken { byte: u8 },
+    #[error("{origin}: tokenizer: byte {byte:#04x} has no token in the vocabulary")]
+    MissingByteToken { origin: String, byte: u8 },
     #[error("tokenizer: token id {id} is outside the vocabulary of {vocab_size}")]
     UnknownId { id: u32, vocab_size: usize },
+    #[error(transparent)]
+    ChatTemplate(#[from] ChatTemplateError),
 }
 
 /// A byte-level BPE tokenizer.
@@ -60,6 +69,10 @@ pub struct Tokenizer {
     pre_tokenizer: PreTokenizer,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The model's own chat template, when its file carries one.
+    pub chat_template: Option<ChatTemplate>,
+    /// The file the vocabulary came from, for errors found while encoding.
+    origin: String,
 }
 
 /// GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes map to
@@ -141,6 +154,8 @@ impl Tokenizer {
             pre_tokenizer,
             bos_token_id,
             eos_token_id,
+            chat_template: None,
+            origin: "the tokenizer".to_string(),
         })
     }
 
@@ -236,6 +251,12 @@ impl Tokenizer {
                     ))
                 }
             };
+            if types.len() != tokens.len() {
+                return Err(error(
+                    "tokenizer.ggml.token_type",
+                    format!("{} entries for {} tokens", types.len(), tokens.len()),
+                ));
+            }
             for (id, token_type) in types.iter().enumerate() {
                 let token_type = match token_type {
                     Value::I32(t) => *t as i64,
@@ -256,14 +277,56 @@ impl Tokenizer {
         let id_of = |key: &str| -> Result<Option<u32>, TokenizerError> {
             match metadata.get(key) {
                 None => Ok(None),
-                Some(Value::U32(id)) => Ok(Some(*id)),
-                Some(Value::I32(id)) if *id >= 0 => Ok(Some(*id as u32)),
-                Some(other) => Err(error(key, format!("expected a token id, found {other:?}"))),
+                Some(Value::U32(id)) if (*id as usize) < tokens.len() => Ok(Some(*id)),
+                Some(Value::I32(id)) if *id >= 0 && (*id as usize) < tokens.len() => {
+                    Ok(Some(*id as u32))
+                }
+                Some(other) => Err(error(
+                    key,
+                    format!(
+                        "expected a token id below {}, found {other:?}",
+                        tokens.len()
+                    ),
+                )),
             }
         };
         let bos = id_of("tokenizer.ggml.bos_token_id")?;
         let eos = id_of("tokenizer.ggml.eos_token_id")?;
-        Tokenizer::new(tokens, merges, &special_ids, pre_tokenizer, bos, eos)
+        let chat_template = string_of(CHAT_TEMPLATE_KEY)?.map(|source| {
+            let origin = format!("{}: metadata `{CHAT_TEMPLATE_KEY}`", path.display());
+            ChatTemplate::stored(source.clone(), origin)
+        });
+        let mut tokenizer = Tokenizer::new(tokens, merges, &special_ids, pre_tokenizer, bos, eos)
+            .map_err(|e| error("tokenizer.ggml.tokens", e.to_string()))?;
+        tokenizer.origin = path.display().to_string();
+        tokenizer.chat_template = chat_template;
+        Ok(tokenizer)
+    }
+
+    /// The template `apply_chat_template` uses: the model's own, else plain ChatML.
+    pub fn effective_chat_template(&self) -> ChatTemplate {
+        self.chat_template
+            .clone()
+            .unwrap_or_else(ChatTemplate::chatml)
+    }
+
+    /// The prompt text of a conversation, as HF transformers' `apply_chat_template(messages,
+    /// add_generation_prompt=...)` renders it (see `chat.rs`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let text = |id: Option<u32>| {
+            id.and_then(|id| self.tokens.get(id as usize))
+                .map(String::as_str)
+        };
+        Ok(self.effective_chat_template().render(
+            messages,
+            add_generation_prompt,
+            text(self.bos_token_id),
+            text(self.eos_token_id),
+        )?)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -364,10 +427,12 @@ impl Tokenizer {
                 None => {
                     for c in symbol.chars() {
                         let byte = self.char_to_byte[&c];
-                        let id = self
-                            .token_ids
-                            .get(&c.to_string())
-                            .ok_or(TokenizerError::MissingByteToken { byte })?;
+                        let id = self.token_ids.get(&c.to_string()).ok_or_else(|| {
+                            TokenizerError::MissingByteToken {
+                                origin: self.origin.clone(),
+                                byte,
+                            }
+                        })?;
                         ids.push(*id);
                     }
                 }
