@@ -97,6 +97,9 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         bail!("the host KV pool must hold at least one block of {block_bytes} bytes");
     }
     let pin_started = Instant::now();
+    // Pinned memory is host memory: an impossible --host-kv-* is refused before pinning starts.
+    engine::cpu::check_pools_fit_in_memory(block_bytes, &[("the host KV pool", host_blocks.into())])
+        .context("sizing the host KV pool")?;
     let host_pool = PinnedHostPool::new(&ctx, block_bytes as usize, host_blocks)?;
     let pin_s = pin_started.elapsed().as_secs_f64();
     let epoch = Instant::now();
