@@ -6,4 +6,6 @@
 #[cfg(feature = "cuda")]
 pub mod forward;
 #[cfg(feature = "cuda")]
+pub mod provenance;
+#[cfg(feature = "cuda")]
 pub mod swap;

@@ -43,7 +43,7 @@ pub struct BenchRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     /// Command line, card, driver and git commit of the run.
-    pub provenance: super::provenance::Provenance,
+    pub provenance: crate::probe::provenance::Provenance,
     /// The prefill attention kernel the run used.
     pub prefill_attention: String,
     pub device: String,

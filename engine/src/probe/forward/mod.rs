@@ -1,8 +1,7 @@
 //! Probes of the CUDA forward: `djinn engine bench` (decode and prefill timings beside their
 //! floors, per-kernel profiles), `djinn engine check ...` (CUDA against the CPU reference, the
 //! forward's self-consistency across its paths), `djinn engine gemm-search` (cuBLASLt
-//! configuration search, the own wgmma GEMM's check and timing), and the provenance every result
-//! file carries.
+//! configuration search, the own wgmma GEMM's check and timing).
 
 pub mod bench;
 pub mod check;
@@ -10,4 +9,3 @@ pub mod gemm_search;
 pub mod lt_search;
 pub mod own_gemm;
 pub mod profile;
-pub mod provenance;
