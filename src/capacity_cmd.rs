@@ -59,8 +59,9 @@ pub struct CapacityArgs {
     /// How every policy's steps are filled with prefill after their decodes: `fill` (the whole
     /// token budget, as vLLM), `chunk-N` (at most N prefill tokens per step) or `stall-free` (the
     /// compute a memory-bound decode step leaves idle, at least 1,024 tokens). One batch policy
-    /// for all, so policies differ only in KV placement; the default, chunk-1024, served the most
-    /// agents for every KV policy measured (docs/policies-and-workloads.md).
+    /// for all, so policies differ only in KV placement. Default chunk-1024: the capacity of djinn,
+    /// vllm, swap and next-use on seed-cliff, agents-capacity and swe-agent is the best or within
+    /// 1.2% of the best under it (docs/policies-and-workloads.md).
     #[arg(long, default_value = sim::policies::batching::DEFAULT_BATCHING_NAME, value_parser = sim::BatchPolicy::parse)]
     pub batching: sim::BatchPolicy,
     /// CSV output. An existing file is never replaced silently: the command refuses (before any
