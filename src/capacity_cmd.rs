@@ -56,6 +56,14 @@ pub struct CapacityArgs {
     /// What hint-using policies do with hints (hint, ewma, none).
     #[arg(long, default_value = "hint", value_parser = ["hint", "ewma", "none"])]
     pub predictor: String,
+    /// How every policy's steps are filled with prefill after their decodes: `fill` (the whole
+    /// token budget, as vLLM), `chunk-N` (at most N prefill tokens per step) or `stall-free` (the
+    /// compute a memory-bound decode step leaves idle, at least 1,024 tokens). One batch policy
+    /// for all, so policies differ only in KV placement. Default chunk-1024: the capacity of djinn,
+    /// vllm, swap and next-use on seed-cliff, agents-capacity and swe-agent is the best or within
+    /// 1.2% of the best under it (docs/policies-and-workloads.md).
+    #[arg(long, default_value = sim::policies::batching::DEFAULT_BATCHING_NAME, value_parser = sim::BatchPolicy::parse)]
+    pub batching: sim::BatchPolicy,
     /// CSV output. An existing file is never replaced silently: the command refuses (before any
     /// probe runs) unless --overwrite is given.
     #[arg(long, default_value = "runs/capacity.csv")]
@@ -75,6 +83,8 @@ pub struct CapacityRow {
     pub metric: String,
     pub slo_ms: f64,
     pub seeds: u64,
+    /// The batch policy every probe ran under.
+    pub batching: String,
     /// The largest N that passed (0: even the smallest failed).
     pub capacity_agents: u32,
     /// True when `max_agents` passed (the capacity is at least that).
@@ -206,6 +216,7 @@ fn search(
     }
     Ok(CapacityRow {
         workload: spec.name.clone(),
+        batching: base.sched.batching.name(),
         policy: policy.name().into(),
         metric: format!("{:?}", args.metric),
         slo_ms,
@@ -309,6 +320,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         };
     let mut base = SimConfig::new(PolicyKind::Pin, calibration::load_profile(&args.profile)?);
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
+    base.sched.batching = args.batching;
     let specs: Vec<WorkloadSpec> = load_workloads(&workloads)?
         .into_iter()
         .map(|(spec, _)| spec)
@@ -349,7 +361,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
 /// One workload's capacities, largest first, under its `pin` pool arithmetic.
 fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows: &[CapacityRow]) {
     println!(
-        "== {}: capacity = largest N with {} <= {:.0} ms and no rejected turn, every seed of {} (profile {})",
+        "== {}: capacity = largest N with {} <= {:.0} ms and no rejected turn, every seed of {} (profile {}, batch policy {})",
         spec.name,
         match args.metric {
             CapacityMetric::TurnP99 => "P99 turn latency",
@@ -357,7 +369,8 @@ fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows:
         },
         args.slo_ms,
         args.seeds,
-        base.profile.name
+        base.profile.name,
+        base.sched.batching.name()
     );
     println!("{}", pin_arithmetic(spec, base));
     println!(
@@ -421,6 +434,7 @@ mod tests {
             max_agents: 256,
             profile: calibration::DEFAULT_PROFILE.into(),
             predictor: "hint".into(),
+            batching: sim::BatchPolicy::default(),
             out: PathBuf::new(),
             overwrite: false,
             threads: Some(1),

@@ -86,6 +86,14 @@ pub struct SimulateArgs {
     /// Chunked-prefill token budget per step.
     #[arg(long, default_value_t = 8192)]
     pub max_batch_tokens: u32,
+    /// How every policy's steps are filled with prefill after their decodes: `fill` (the whole
+    /// token budget, as vLLM), `chunk-N` (at most N prefill tokens per step) or `stall-free` (the
+    /// compute a memory-bound decode step leaves idle, at least 1,024 tokens). One batch policy
+    /// for all, so policies differ only in KV placement. Default chunk-1024: the capacity of djinn,
+    /// vllm, swap and next-use on seed-cliff, agents-capacity and swe-agent is the best or within
+    /// 1.2% of the best under it (docs/policies-and-workloads.md).
+    #[arg(long, default_value = sim::policies::batching::DEFAULT_BATCHING_NAME, value_parser = sim::BatchPolicy::parse)]
+    pub batching: sim::BatchPolicy,
     /// Override the pause distribution with uniform(pause-min-s, pause-max-s).
     #[arg(long, requires = "pause_max_s")]
     pub pause_min_s: Option<f64>,
@@ -207,6 +215,7 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
     base.host_memory_bytes = (args.host_memory_gib * (1u64 << 30) as f64) as u64;
     base.block_size_tokens = args.block_size;
     base.sched.max_batch_tokens = args.max_batch_tokens;
+    base.sched.batching = args.batching;
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
     base.check = match args.check {
         CheckOverride::Step => CheckLevel::Step {
@@ -254,6 +263,7 @@ fn reproduce_line(
     if let Some(h) = args.hint {
         line.push_str(&format!(" --hint {}", format!("{h:?}").to_lowercase()));
     }
+    line.push_str(&format!(" --batching {}", args.batching.name()));
     if args.predictor != "hint" {
         line.push_str(&format!(" --predictor {}", args.predictor));
     }
@@ -352,8 +362,9 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
             "{}",
             analysis::comparison_table(
                 &format!(
-                    "turn latency (ms) and its P99 decomposition, {} agents",
-                    agents
+                    "turn latency (ms) and its P99 decomposition, {} agents, batch policy {}",
+                    agents,
+                    plan.base.sched.batching.name()
                 ),
                 &summaries
             )

@@ -83,6 +83,9 @@ pub struct ConfigResult {
     pub override_name: String,
     pub hint: String,
     pub predictor: String,
+    /// Empty in results written before batch policies were an axis.
+    #[serde(default)]
+    pub batching: String,
     pub row: analysis::table::SummaryRow,
     /// Fingerprint of the sweep inputs that produced it (`sweep.json`'s `inputs_sha256`); empty
     /// in results written before fingerprints existed.
@@ -155,6 +158,7 @@ pub fn run_config(
         override_name: config.knobs.name.clone(),
         hint: spec::hint_name(&spec.hint),
         predictor: sim.predictor.name().into(),
+        batching: sim.sched.batching.name(),
         row: analysis::table::SummaryRow::from(&summary),
         inputs_sha256: inputs_sha256.into(),
     };
@@ -179,13 +183,13 @@ pub fn results_csv(results: &[ConfigResult]) -> Result<Vec<u8>> {
     let mut lines = text.lines();
     let mut out = String::new();
     let header = lines.next().unwrap_or("");
-    out.push_str("config_index,config_id,override,hint,predictor,");
+    out.push_str("config_index,config_id,override,hint,predictor,batching,");
     out.push_str(header);
     out.push('\n');
     for (r, line) in results.iter().zip(lines) {
         out.push_str(&format!(
-            "{},{},{},{},{},{}\n",
-            r.config_index, r.config_id, r.override_name, r.hint, r.predictor, line
+            "{},{},{},{},{},{},{}\n",
+            r.config_index, r.config_id, r.override_name, r.hint, r.predictor, r.batching, line
         ));
     }
     Ok(out.into_bytes())
@@ -455,6 +459,15 @@ predictor = "ewma"
         assert!(seen.iter().all(|&n| n == 1));
         assert_eq!(parse_shard("2/3").unwrap(), (2, 3));
         assert!(parse_shard("3/3").is_err() && parse_shard("x").is_err());
+        // A batching axis multiplies the grid and names itself in the ids.
+        let axis = SPEC.replace(
+            "seeds = [0, 1]",
+            "seeds = [0, 1]\nbatching = [\"fill\", \"chunk-512\"]",
+        );
+        let configs = expand(&read_spec(&write_spec(&dir, &axis)).unwrap()).unwrap();
+        assert_eq!(configs.len(), 2 * 2 * 2 * 2 * 2);
+        assert_eq!(configs[0].batching, sim::BatchPolicy::Fill);
+        assert!(configs.iter().any(|c| c.id.ends_with("__a__chunk-512")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -466,6 +479,10 @@ predictor = "ewma"
             (SPEC.replace("agents = [2, 3]", "agents = [0]"), "agents[0]"),
             (SPEC.replace("noisy:0.5", "noisy:x"), "overrides[1].hint"),
             (SPEC.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
+            (
+                SPEC.replace("seeds = [0, 1]", "seeds = [0, 1]\nbatching = [\"chunk-0\"]"),
+                "batching[0]",
+            ),
         ] {
             let e = format!("{:#}", read_spec(&write_spec(&dir, &text)).unwrap_err());
             assert!(e.contains(field) && e.contains("sweep.toml"), "{e}");

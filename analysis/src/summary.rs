@@ -79,6 +79,56 @@ fn mean_decomposition(parts: &[TurnParts]) -> LatencyDecomposition {
     }
 }
 
+/// Nearest-rank bounds of the window of turns that explains the P99: ranks from the 98.5th to the
+/// 99.5th percentile. The window always holds the P99 turn itself.
+const P99_WINDOW: (f64, f64) = (98.5, 99.5);
+
+/// The P99 split into parts that add up to it exactly. The parts' shares are those of the turns
+/// ranked in [`P99_WINDOW`] (sorted by latency): a mean over every turn at or above the P99 can sum
+/// to far more than the P99 when the last turns are outliers, which explained nothing.
+fn p99_decomposition(by_total: &[TurnParts], p99: u64) -> LatencyDecomposition {
+    let n = by_total.len();
+    if n == 0 {
+        return LatencyDecomposition::default();
+    }
+    let rank = |p: f64| (((p / 100.0) * n as f64).ceil() as usize).clamp(1, n);
+    let window = &by_total[rank(P99_WINDOW.0) - 1..rank(P99_WINDOW.1)];
+    let sum = |f: fn(&TurnParts) -> u64| window.iter().map(|p| f(p) as u128).sum::<u128>();
+    let sums = [
+        sum(|p| p.queue_wait_ns),
+        sum(|p| p.kv_restore_ns),
+        sum(|p| p.prefill_ns),
+        sum(|p| p.decode_ns),
+    ];
+    let total: u128 = sums.iter().sum();
+    let mut parts = [0u64; 4];
+    if total > 0 {
+        for (part, &s) in parts.iter_mut().zip(&sums) {
+            // Exact in u128 for any realistic run; a product that overflows falls back to f64.
+            *part = match s.checked_mul(p99 as u128) {
+                Some(x) => (x / total) as u64,
+                None => ((s as f64 / total as f64) * p99 as f64) as u64,
+            }
+            .min(p99);
+        }
+        // Rounding leftovers go to the largest part (the first on ties), so the sum is the P99.
+        let largest = (0..4).fold(0, |best, i| if parts[i] > parts[best] { i } else { best });
+        let rest: u64 = parts
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != largest)
+            .map(|(_, &v)| v)
+            .sum();
+        parts[largest] = p99.saturating_sub(rest);
+    }
+    LatencyDecomposition {
+        queue_wait_ns: parts[0],
+        kv_restore_ns: parts[1],
+        prefill_ns: parts[2],
+        decode_ns: parts[3],
+    }
+}
+
 /// What a summary needs besides the records.
 #[derive(Clone, Debug, Default)]
 pub struct SummaryInputs {
@@ -104,11 +154,6 @@ pub fn summarize(
     by_total.sort_by_key(|p| p.total_ns);
     let totals: Vec<u64> = by_total.iter().map(|p| p.total_ns).collect();
     let p99 = percentile(&totals, 99.0);
-    let tail: Vec<TurnParts> = by_total
-        .iter()
-        .copied()
-        .filter(|p| p.total_ns >= p99)
-        .collect();
     let completed = parts.len() as u64;
     let within_slo = parts.iter().filter(|p| p.total_ns <= inputs.slo_ns).count() as u64;
     let end_ns = turns
@@ -142,7 +187,7 @@ pub fn summarize(
         queue_wait: stats(parts.iter().map(|p| p.queue_wait_ns).collect()),
         kv_restore: stats(parts.iter().map(|p| p.kv_restore_ns).collect()),
         decomposition_mean: mean_decomposition(&parts),
-        decomposition_p99: mean_decomposition(&tail),
+        decomposition_p99: p99_decomposition(&by_total, p99),
         swaps_out: swaps.iter().filter(|s| s.direction == "out").count() as u64,
         swaps_in: swaps.iter().filter(|s| s.direction == "in").count() as u64,
         swap_out_bytes: swaps
@@ -157,6 +202,9 @@ pub fn summarize(
             .sum(),
         drops: steps.iter().map(|s| s.drops as u64).sum(),
         dropped_tokens: steps.iter().map(|s| s.dropped_tokens).sum(),
+        preemptions: turns.iter().map(|t| t.preemptions as u64).sum(),
+        turns_preempted: turns.iter().filter(|t| t.preemptions > 0).count() as u64,
+        requeued_ns: turns.iter().map(|t| t.requeued_ns).sum(),
         cache_evicted_blocks: steps.iter().map(|s| s.cache_evicted_blocks as u64).sum(),
         restores: turns.iter().filter(|t| t.kv_source == "swapped_in").count() as u64,
         turns_with_recompute: turns.iter().filter(|t| t.tokens_recomputed > 0).count() as u64,
@@ -234,6 +282,8 @@ mod tests {
             context_tokens_at_admit: 0,
             kv_source: "resident".into(),
             rejected: false,
+            preemptions: 0,
+            requeued_ns: 0,
         }
     }
 
@@ -249,6 +299,51 @@ mod tests {
         assert_eq!(
             p.queue_wait_ns + p.kv_restore_ns + p.prefill_ns + p.decode_ns,
             p.total_ns
+        );
+    }
+
+    /// 1,000 turns whose latency grows with rank (a tenth queue, the rest decode), the slowest
+    /// three far above everything else: the mean over the turns at or above the P99 is far above
+    /// the P99; the decomposition must still add up to the P99 and keep the turns' shares.
+    #[test]
+    fn p99_decomposition_adds_up_despite_outliers() {
+        let turns: Vec<TurnRecord> = (1..=1000u64)
+            .map(|i| {
+                let total = if i > 997 { 1_000_000 * i } else { 1_000 * i };
+                turn(0, None, total / 10, total / 10, total)
+            })
+            .collect();
+        let s = summarize(&SummaryInputs::default(), &turns, &[], &[]);
+        let d = &s.decomposition_p99;
+        let sum = d.queue_wait_ns + d.kv_restore_ns + d.prefill_ns + d.decode_ns;
+        assert_eq!(s.turn_latency.p99_ns, 990_000);
+        assert_eq!(sum, s.turn_latency.p99_ns, "{d:?}");
+        assert_eq!(
+            (d.queue_wait_ns, d.kv_restore_ns, d.prefill_ns),
+            (99_000, 0, 0)
+        );
+        // The old form (mean over turns at or above the P99) is far from the P99 here.
+        let tail: Vec<TurnParts> = turns
+            .iter()
+            .filter_map(decompose)
+            .filter(|p| p.total_ns >= 990_000)
+            .collect();
+        let old = mean_decomposition(&tail);
+        assert!(old.queue_wait_ns + old.decode_ns > 20 * sum);
+    }
+
+    #[test]
+    fn p99_decomposition_of_one_turn_is_that_turn() {
+        let s = summarize(
+            &SummaryInputs::default(),
+            &[turn(0, Some((0, 7)), 10, 13, 20)],
+            &[],
+            &[],
+        );
+        let d = &s.decomposition_p99;
+        assert_eq!(
+            (d.queue_wait_ns, d.kv_restore_ns, d.prefill_ns, d.decode_ns),
+            (3, 7, 3, 7)
         );
     }
 

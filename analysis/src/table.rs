@@ -10,21 +10,24 @@ fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
 }
 
-/// One row per run: latency percentiles and the P99 decomposition, then counts and memory.
+/// One row per run: latency percentiles and the P99 decomposition (the row reads
+/// "p99 = queue + restore + prefill + decode", inference being prefill + decode), then counts and
+/// memory.
 pub fn comparison_table(title: &str, rows: &[RunSummary]) -> String {
     let headers = [
         "policy",
         "p50 ms",
         "p99 ms",
-        "p99 queue",
-        "restore",
-        "prefill",
-        "decode",
+        "= queue",
+        "+ restore",
+        "+ prefill",
+        "+ decode",
         "done",
         "rejected",
         "swaps out",
         "restores",
         "drops",
+        "preempt",
         "recomp tok",
         "gpu KV GiB",
         "host KV GiB",
@@ -47,6 +50,7 @@ pub fn comparison_table(title: &str, rows: &[RunSummary]) -> String {
                 r.swaps_out.to_string(),
                 r.restores.to_string(),
                 r.drops.to_string(),
+                r.preemptions.to_string(),
                 r.tokens_recomputed.to_string(),
                 gib(r.gpu_kv_bytes_peak),
                 gib(r.host_kv_bytes_peak),
@@ -120,6 +124,9 @@ pub struct SummaryRow {
     pub swaps_in: u64,
     pub restores: u64,
     pub drops: u64,
+    /// Absent from rows written before preemptions were counted apart from drops.
+    #[serde(default)]
+    pub preemptions: u64,
     pub tokens_recomputed: u64,
     pub tokens_generated: u64,
     pub throughput_tokens_per_s: f64,
@@ -162,6 +169,7 @@ impl From<&RunSummary> for SummaryRow {
             swaps_in: r.swaps_in,
             restores: r.restores,
             drops: r.drops,
+            preemptions: r.preemptions,
             tokens_recomputed: r.tokens_recomputed,
             tokens_generated: r.tokens_generated,
             throughput_tokens_per_s: r.throughput_tokens_per_s,

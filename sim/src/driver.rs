@@ -21,6 +21,8 @@ use crate::sched::{
 use crate::time::{Clock, SimTime};
 use crate::workload::Workload;
 
+mod checks;
+
 /// How thoroughly invariants are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CheckLevel {
@@ -124,6 +126,8 @@ struct TurnTracker {
     record_index: usize,
     first_time_tokens: u64,
     new_tokens: u32,
+    /// Since when the admitted turn waits again after a preemption.
+    preempted_at: Option<SimTime>,
 }
 
 /// A plan that computed nothing, and the count of such plans in a row at one instant.
@@ -167,6 +171,9 @@ struct LoopState<'w> {
     /// record, so their swaps (and the KV counters' drops) go into the next one; they were lost
     /// before (found by the property tests: steps.csv reported no swaps for a lone agent).
     unreported_swap_bytes: (u64, u64),
+    /// Preemptions since the last step record, and how many of the KV counters' drops they
+    /// caused (reported as preemptions, not drops).
+    unreported_preemptions: (u32, u32),
     events: Vec<SchedEvent>,
 }
 
@@ -215,6 +222,7 @@ impl<'w> LoopState<'w> {
             alive: 0,
             batch_stamp: vec![0; n as usize],
             unreported_swap_bytes: (0, 0),
+            unreported_preemptions: (0, 0),
             events: Vec::new(),
         };
         for a in &workload.agents {
@@ -496,11 +504,14 @@ impl<'w> LoopState<'w> {
             context_tokens_at_admit: 0,
             kv_source: String::new(),
             rejected: false,
+            preemptions: 0,
+            requeued_ns: 0,
         });
         self.trackers[agent as usize] = Some(TurnTracker {
             record_index,
             first_time_tokens: 0,
             new_tokens: turn.new_tokens,
+            preempted_at: None,
         });
         self.events.push(SchedEvent::TurnArrived {
             agent,
@@ -582,6 +593,7 @@ impl<'w> LoopState<'w> {
             changed = true;
         }
         for &agent in &plan.release {
+            self.note_preemption(agent, now, false);
             self.kv
                 .release_to_cache(agent)
                 .map_err(|e| self.kv_err(now, e))?;
@@ -594,14 +606,17 @@ impl<'w> LoopState<'w> {
             changed = true;
         }
         for &(agent, keep) in &plan.drop {
-            self.kv
+            let dropped = self
+                .kv
                 .drop_tail(agent, keep)
                 .map_err(|e| self.kv_err(now, e))?;
+            self.note_preemption(agent, now, dropped > 0);
             changed = true;
         }
         let block_bytes = self.settings.costs.block_bytes;
         let (mut in_bytes, mut out_bytes) = (0u64, 0u64);
         for &(agent, blocks) in &plan.swap_out {
+            self.note_preemption(agent, now, false);
             let id = self
                 .kv
                 .start_swap_out(agent, blocks)
@@ -619,6 +634,28 @@ impl<'w> LoopState<'w> {
             changed = true;
         }
         Ok((in_bytes, out_bytes, changed))
+    }
+
+    /// Counts a preemption when a plan takes KV from an admitted, unfinished turn that is not
+    /// already waiting after one; `dropped` says the KV counters counted this as a drop.
+    fn note_preemption(&mut self, agent: AgentId, now: SimTime, dropped: bool) {
+        if self.agents[agent as usize].phase != Phase::Running {
+            return;
+        }
+        let Some(t) = self.trackers[agent as usize].as_mut() else {
+            return;
+        };
+        if t.preempted_at.is_some() {
+            if dropped {
+                // A second cut while still requeued belongs to the same preemption.
+                self.unreported_preemptions.1 += 1;
+            }
+            return;
+        }
+        t.preempted_at = Some(now);
+        self.out.turns[t.record_index].preemptions += 1;
+        self.unreported_preemptions.0 += 1;
+        self.unreported_preemptions.1 += u32::from(dropped);
     }
 
     /// Checks the plan's compute orders against the batch limits and each agent's state, grows
@@ -711,6 +748,11 @@ impl<'w> LoopState<'w> {
     /// context and restore window).
     fn admit_batch(&mut self, batch: &StepBatch, now: SimTime) {
         for s in batch.prefill.iter().chain(batch.decode.iter()) {
+            if let Some(t) = self.trackers[s.agent as usize].as_mut() {
+                if let Some(at) = t.preempted_at.take() {
+                    self.out.turns[t.record_index].requeued_ns += now.as_nanos() - at.as_nanos();
+                }
+            }
             let a = &mut self.agents[s.agent as usize];
             if a.phase == Phase::Waiting {
                 a.phase = Phase::Running;
@@ -784,6 +826,7 @@ impl<'w> LoopState<'w> {
     fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch) {
         let (swap_in_bytes, swap_out_bytes) = std::mem::take(&mut self.unreported_swap_bytes);
         let counters = std::mem::take(&mut self.kv.counters);
+        let (preemptions, preemption_drops) = std::mem::take(&mut self.unreported_preemptions);
         self.out.steps.push(StepRecord {
             step_index: self.step,
             start_ns: now.as_nanos(),
@@ -795,11 +838,12 @@ impl<'w> LoopState<'w> {
             decode_context_tokens: batch.decode_context_tokens(),
             swap_in_bytes_started: swap_in_bytes,
             swap_out_bytes_started: swap_out_bytes,
-            drops: counters.drops,
+            drops: counters.drops.saturating_sub(preemption_drops),
             dropped_tokens: counters.dropped_tokens,
             cache_evicted_blocks: counters.cache_evicted_blocks,
             gpu_blocks_free: self.kv.gpu_blocks_free(),
             host_blocks_free: self.kv.host_blocks_free(),
+            preemptions,
         });
     }
 
@@ -914,66 +958,6 @@ impl<'w> LoopState<'w> {
                     turn_index,
                     pause: None,
                 });
-            }
-        }
-        Ok(())
-    }
-
-    fn check_after_step(&mut self, now: SimTime, final_check: bool) -> Result<(), RunError> {
-        // Capacity is structural (counters cannot exceed pools); check the counters agree.
-        if self.kv.gpu_blocks_used() > self.kv.gpu_blocks_total()
-            || self.kv.host_blocks_used() > self.kv.host_blocks_total()
-        {
-            return Err(self.invariant(now, "pool capacity exceeded"));
-        }
-        let audit_now = final_check
-            || match self.settings.check {
-                CheckLevel::Full => true,
-                CheckLevel::Step {
-                    audit_interval_steps,
-                } => audit_interval_steps > 0 && self.step % audit_interval_steps == 0,
-            };
-        if audit_now {
-            self.out.audits += 1;
-            self.kv.audit().map_err(|m| self.invariant(now, m))?;
-            for (i, a) in self.agents.iter().enumerate() {
-                if a.generated > a.generate_target {
-                    return Err(self.invariant(
-                        now,
-                        format!(
-                            "agent {i} generated {} of {}",
-                            a.generated, a.generate_target
-                        ),
-                    ));
-                }
-                if matches!(a.phase, Phase::Done | Phase::Rejected)
-                    && (self.kv.blocks(i as u32) > 0 || self.kv.has_cached_prefix(i as u32))
-                {
-                    return Err(self.invariant(now, format!("agent {i} ended but still holds KV")));
-                }
-            }
-        }
-        if final_check {
-            if self.kv.gpu_blocks_used() != 0 || self.kv.host_blocks_used() != 0 {
-                return Err(self.invariant(
-                    now,
-                    format!(
-                        "run ended with {} GPU and {} host blocks still held (leak)",
-                        self.kv.gpu_blocks_used(),
-                        self.kv.host_blocks_used()
-                    ),
-                ));
-            }
-            let incomplete = self
-                .out
-                .turns
-                .iter()
-                .filter(|t| !t.rejected && t.finished_ns.is_none())
-                .count();
-            if incomplete > 0 {
-                return Err(
-                    self.invariant(now, format!("run ended with {incomplete} unfinished turns"))
-                );
             }
         }
         Ok(())

@@ -201,6 +201,7 @@ pub fn manifest(
         "max_batch_sequences".into(),
         config.sched.max_batch_sequences.to_string(),
     );
+    options.insert("batching".into(), config.sched.batching.name());
     options.insert("predictor".into(), config.predictor.name().to_string());
     RunManifest {
         schema_version: traces::SCHEMA_VERSION,

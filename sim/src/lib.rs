@@ -26,4 +26,4 @@ pub mod sched;
 pub mod time;
 pub mod workload;
 
-pub use policies::PolicyKind;
+pub use policies::{BatchPolicy, PolicyKind};

@@ -73,6 +73,8 @@ pub struct SchedConfig {
     pub max_batch_tokens: u32,
     /// Sequences one step may process.
     pub max_batch_sequences: u32,
+    /// How a step is filled with prefill (the same for every KV policy of a comparison).
+    pub batching: crate::policies::BatchPolicy,
 }
 
 impl Default for SchedConfig {
@@ -80,6 +82,7 @@ impl Default for SchedConfig {
         SchedConfig {
             max_batch_tokens: 8192,
             max_batch_sequences: 256,
+            batching: crate::policies::BatchPolicy::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sim::experiment::SimConfig;
 use sim::policies::PredictorMode;
+use sim::BatchPolicy;
 use sim::PolicyKind;
 use traces::workload::HintSpec;
 use traces::WorkloadSpec;
@@ -26,6 +27,10 @@ pub struct SweepSpec {
     pub profile: String,
     #[serde(default = "default_slo_ms")]
     pub slo_ms: f64,
+    /// Batch policies to sweep (an axis: every configuration runs under each). Empty = the
+    /// default batch policy only, and configuration ids without a batch-policy part.
+    #[serde(default)]
+    pub batching: Vec<String>,
     /// Named knob sets; the sweep runs each. Empty = one set of defaults named "base".
     #[serde(default)]
     pub overrides: Vec<Override>,
@@ -64,6 +69,7 @@ pub struct SweepConfig {
     pub agents: u32,
     pub seed: u64,
     pub knobs: Override,
+    pub batching: BatchPolicy,
 }
 
 pub fn parse_hint(s: &str) -> Result<HintSpec> {
@@ -107,6 +113,11 @@ pub fn read_spec(path: &Path) -> Result<SweepSpec> {
     }
     for (i, p) in spec.policies.iter().enumerate() {
         parse_policy(p).with_context(|| format!("{}: field `policies[{i}]`", path.display()))?;
+    }
+    for (i, b) in spec.batching.iter().enumerate() {
+        if let Err(e) = BatchPolicy::parse(b) {
+            return fail(&format!("batching[{i}]"), e);
+        }
     }
     for (i, &n) in spec.agents.iter().enumerate() {
         if n == 0 || n > traces::workload::AGENTS_MAX {
@@ -193,7 +204,8 @@ fn check_distinct(path: &Path, spec: &SweepSpec) -> Result<()> {
         .iter()
         .map(|p| parse_policy(p).map(|k| k.name().to_string()))
         .collect::<Result<_>>()?;
-    let repeats: [(&str, Vec<String>); 4] = [
+    let repeats: [(&str, Vec<String>); 5] = [
+        ("batching", spec.batching.clone()),
         ("policies", policies),
         (
             "workloads",
@@ -225,7 +237,8 @@ pub fn workload_stem(w: &str) -> String {
         .unwrap_or_else(|| w.to_string())
 }
 
-/// The configurations of a spec, in a fixed order (workload, override, agents, seed, policy).
+/// The configurations of a spec, in a fixed order (workload, override, batch policy, agents, seed,
+/// policy).
 pub fn expand(spec: &SweepSpec) -> Result<Vec<SweepConfig>> {
     let overrides = if spec.overrides.is_empty() {
         vec![Override {
@@ -235,25 +248,44 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<SweepConfig>> {
     } else {
         spec.overrides.clone()
     };
+    // Listed batch policies name themselves in the id; the default alone keeps the plain id.
+    let batchings: Vec<(BatchPolicy, String)> = if spec.batching.is_empty() {
+        vec![(BatchPolicy::default(), String::new())]
+    } else {
+        spec.batching
+            .iter()
+            .map(|b| {
+                let p = BatchPolicy::parse(b).map_err(anyhow::Error::msg)?;
+                Ok((p, format!("__{}", p.name())))
+            })
+            .collect::<Result<_>>()?
+    };
     let mut out = Vec::new();
     for w in &spec.workloads {
         let wname = workload_stem(w);
         for o in &overrides {
-            for &n in &spec.agents {
-                for &seed in &spec.seeds {
-                    for p in &spec.policies {
-                        let policy = parse_policy(p)?;
-                        let index = out.len();
-                        let id = format!("{wname}__{}__n{n}__s{seed}__{}", policy.name(), o.name);
-                        out.push(SweepConfig {
-                            index,
-                            id,
-                            workload: w.clone(),
-                            policy,
-                            agents: n,
-                            seed,
-                            knobs: o.clone(),
-                        });
+            for (batching, suffix) in &batchings {
+                for &n in &spec.agents {
+                    for &seed in &spec.seeds {
+                        for p in &spec.policies {
+                            let policy = parse_policy(p)?;
+                            let index = out.len();
+                            let id = format!(
+                                "{wname}__{}__n{n}__s{seed}__{}{suffix}",
+                                policy.name(),
+                                o.name
+                            );
+                            out.push(SweepConfig {
+                                index,
+                                id,
+                                workload: w.clone(),
+                                policy,
+                                agents: n,
+                                seed,
+                                knobs: o.clone(),
+                                batching: *batching,
+                            });
+                        }
                     }
                 }
             }
@@ -286,6 +318,7 @@ pub fn resolve(
     let mut spec = specs[&config.workload].clone();
     let mut sim = SimConfig::new(config.policy, profile.clone());
     sim.seed = config.seed;
+    sim.sched.batching = config.batching;
     let k = &config.knobs;
     if let Some(u) = k.gpu_memory_utilization {
         sim.gpu_memory_utilization = u;

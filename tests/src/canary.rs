@@ -79,7 +79,7 @@ impl Scheduler for Overcommits {
             false,
             &[],
         );
-        build_batch(view, &self.committed, plan);
+        build_batch(view, &self.committed, plan, !self.waiting.is_empty());
     }
 }
 
@@ -123,7 +123,7 @@ impl Scheduler for LastComeFirstServed {
                 plan.reject.push(head);
             }
         }
-        build_batch(view, &self.committed, plan);
+        build_batch(view, &self.committed, plan, !self.waiting.is_empty());
     }
 }
 

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use sim::driver::{CheckLevel, RunLimits};
 use sim::experiment::SimConfig;
 use sim::workload::{self, Workload};
-use sim::PolicyKind;
+use sim::{BatchPolicy, PolicyKind};
 use traces::workload::{
     AgentSpec, Arrival, Distribution, HintSpec, MixtureComponent, WorkloadSpec,
 };
@@ -38,6 +38,8 @@ pub struct Case {
     /// PCIe bandwidth of both copy directions, bytes per second.
     pub pcie_bytes_per_s: f64,
     pub max_batch_tokens: u32,
+    /// The batch policy every KV policy of the case runs under.
+    pub batching: BatchPolicy,
 }
 
 /// A case made concrete: the workload drawn from the spec and the pools sized from it.
@@ -66,6 +68,7 @@ impl Materialized {
             * case.block_size_tokens as u64;
         config.block_size_tokens = case.block_size_tokens;
         config.sched.max_batch_tokens = case.max_batch_tokens;
+        config.sched.batching = case.batching;
         config.check = CheckLevel::Full;
         config.limits = RunLimits {
             max_steps: 5_000_000,
@@ -163,14 +166,15 @@ impl Case {
         let mut h = Sha256::new();
         h.update(self.spec.to_toml_string());
         h.update(format!(
-            "{} {} {} {:?} {} {} {}",
+            "{} {} {} {:?} {} {} {} {}",
             self.agents,
             self.seed,
             self.block_size_tokens,
             self.gpu_pool,
             self.host_fill,
             self.pcie_bytes_per_s,
-            self.max_batch_tokens
+            self.max_batch_tokens,
+            self.batching.name()
         ));
         let d = h.finalize();
         d.iter().take(6).map(|b| format!("{b:02x}")).collect()
@@ -192,13 +196,14 @@ impl Case {
         let config = m.config(self, PolicyKind::ALL[0]);
         let host_gib = config.host_memory_bytes as f64 / (1u64 << 30) as f64;
         format!(
-            "cargo run --release -- simulate --workload {} --policy {policy_name} --agents {} --seed {} --profile {} --gpu-memory-utilization 1 --host-memory-gib {host_gib} --block-size {} --max-batch-tokens {} --check full --no-write",
+            "cargo run --release -- simulate --workload {} --policy {policy_name} --agents {} --seed {} --profile {} --gpu-memory-utilization 1 --host-memory-gib {host_gib} --block-size {} --max-batch-tokens {} --batching {} --check full --no-write",
             spec_path.display(),
             self.agents,
             self.seed,
             profile_path.display(),
             self.block_size_tokens,
-            self.max_batch_tokens
+            self.max_batch_tokens,
+            self.batching.name()
         )
     }
 }
@@ -380,8 +385,14 @@ fn case_of_size(size: Size) -> impl Strategy<Value = Case> {
         let pcie = (5f64.ln()..=100f64.ln()).prop_map(|l| (l.exp() * 1e9).round());
         let block_size = prop::sample::select(size.block_sizes);
         let batch = prop_oneof![3 => Just(8192u32), 1 => 1..=512u32, 1 => 512..=8192u32];
-        (spec, any::<u64>(), block_size, gpu_pool, host_fill, pcie, batch).prop_map(
-            move |(spec, seed, block_size_tokens, gpu_pool, host_fill, pcie_bytes_per_s, max_batch_tokens)| Case {
+        // Every batch policy, so the invariants hold whatever fills the steps.
+        let batching = prop_oneof![
+            Just(BatchPolicy::Fill),
+            Just(BatchPolicy::StallFree),
+            (1..=4096u32).prop_map(BatchPolicy::Chunk),
+        ];
+        (spec, any::<u64>(), block_size, gpu_pool, host_fill, pcie, batch, batching).prop_map(
+            move |(spec, seed, block_size_tokens, gpu_pool, host_fill, pcie_bytes_per_s, max_batch_tokens, batching)| Case {
                 spec,
                 agents,
                 seed,
@@ -390,6 +401,7 @@ fn case_of_size(size: Size) -> impl Strategy<Value = Case> {
                 host_fill,
                 pcie_bytes_per_s,
                 max_batch_tokens,
+                batching,
             },
         )
     })

@@ -255,6 +255,7 @@ pub fn check_policy(
     };
     let output = run_policy(case, m, put).map_err(|e| fail(format!("run error: {e}")))?;
     check_records(case, m, &output).map_err(fail)?;
+    check_summary(&output).map_err(fail)?;
     let mut facts = RunFacts {
         steps: output.steps.len() as u64,
         ..Default::default()
@@ -315,6 +316,44 @@ pub fn check_policy(
         }
     }
     Ok(facts)
+}
+
+/// Checks what the summary derives from the records: the P99 decomposition adds up to the P99.
+pub fn check_summary(out: &RunOutput) -> Result<(), String> {
+    let s = analysis::summarize(
+        &analysis::SummaryInputs::default(),
+        &out.turns,
+        &out.steps,
+        &out.swaps,
+    );
+    let d = &s.decomposition_p99;
+    let sum = d.queue_wait_ns + d.kv_restore_ns + d.prefill_ns + d.decode_ns;
+    if sum != s.turn_latency.p99_ns {
+        return Err(format!(
+            "P99 decomposition {d:?} adds up to {sum} ns, not the P99 {} ns",
+            s.turn_latency.p99_ns
+        ));
+    }
+    // Preemptions: the step records report exactly the turns' preemptions; only a preempted turn
+    // has requeued time.
+    let by_steps: u64 = out.steps.iter().map(|s| s.preemptions as u64).sum();
+    if by_steps != s.preemptions {
+        return Err(format!(
+            "steps report {by_steps} preemptions, turns {}",
+            s.preemptions
+        ));
+    }
+    if let Some(t) = out
+        .turns
+        .iter()
+        .find(|t| t.requeued_ns > 0 && t.preemptions == 0)
+    {
+        return Err(format!(
+            "agent {} turn {} requeued {} ns without a preemption",
+            t.agent_id, t.turn_index, t.requeued_ns
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a run's records against the workload, independently of the run loop's own checker.

@@ -297,6 +297,17 @@ fn vllm_preempts_the_latest_admitted_request_by_recompute() {
         "the later request was preempted and recomputed"
     );
     assert!(turn(&out, 1, 0).finished_ns.unwrap() > turn(&out, 0, 0).finished_ns.unwrap());
+    // The preemption is visible on the turn and in the steps, apart from drops.
+    let (first, later) = (turn(&out, 0, 0), turn(&out, 1, 0));
+    assert_eq!((first.preemptions, first.requeued_ns), (0, 0));
+    assert!(later.preemptions >= 1 && later.requeued_ns > 0, "{later:?}");
+    let step_preemptions: u32 = out.steps.iter().map(|s| s.preemptions).sum();
+    assert_eq!(step_preemptions, later.preemptions);
+    let summary = analysis::summarize(&Default::default(), &out.turns, &out.steps, &out.swaps);
+    assert_eq!(
+        (summary.preemptions, summary.turns_preempted),
+        (later.preemptions as u64, 1)
+    );
 }
 
 #[test]

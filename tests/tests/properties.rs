@@ -139,6 +139,7 @@ fn fixed_case(
         host_fill: 1.0,
         pcie_bytes_per_s: 25e9,
         max_batch_tokens: 8192,
+        batching: sim::BatchPolicy::default(),
     }
 }
 

@@ -39,6 +39,14 @@ pub struct TurnRecord {
     pub kv_source: String,
     /// True when the turn was rejected (out of memory) and never ran.
     pub rejected: bool,
+    /// Times the turn was preempted after admission: its KV dropped, released or moved off the
+    /// GPU while the turn was unfinished, so it went back to wait for compute.
+    #[serde(default)]
+    pub preemptions: u32,
+    /// Time from each preemption to the turn's next step, summed (part of its prefill or decode
+    /// time in the latency decomposition, which starts at the first admission).
+    #[serde(default)]
+    pub requeued_ns: u64,
 }
 
 /// One engine step (one forward over a batch).
@@ -56,13 +64,17 @@ pub struct StepRecord {
     pub decode_context_tokens: u64,
     pub swap_in_bytes_started: u64,
     pub swap_out_bytes_started: u64,
-    /// Agents whose KV (or part of it) was dropped by this step's plan (drops and preemptions).
+    /// Agents whose KV (or part of it) was dropped by the plans since the last record, preemptions
+    /// excluded (those are counted in `preemptions`).
     pub drops: u32,
     pub dropped_tokens: u64,
     /// Prefix-cache blocks reused for other data by this step's allocations (vllm policies).
     pub cache_evicted_blocks: u32,
     pub gpu_blocks_free: u32,
     pub host_blocks_free: u32,
+    /// Admitted, unfinished turns sent back to wait by the plans since the last record.
+    #[serde(default)]
+    pub preemptions: u32,
 }
 
 /// One asynchronous KV copy between GPU and host.
@@ -104,10 +116,26 @@ mod tests {
             context_tokens_at_admit: 0,
             kv_source: "new".into(),
             rejected: true,
+            preemptions: 2,
+            requeued_ns: 9,
         };
         let bytes = csv_bytes(&[row.clone()]).unwrap();
         let back: Vec<TurnRecord> = parse_csv(Path::new("t.csv"), &bytes).unwrap();
         assert_eq!(back, vec![row]);
+    }
+
+    #[test]
+    fn turn_rows_without_preemption_columns_still_read() {
+        let text = "agent_id,turn_index,arrival_ns,admitted_ns,restore_start_ns,restore_end_ns,first_token_ns,finished_ns,tokens_prefilled,tokens_recomputed,tokens_generated,tokens_generated_requested,context_tokens_at_admit,kv_source,rejected\n0,0,1,2,,,3,4,5,0,1,1,0,new,false\n";
+        let back: Vec<TurnRecord> = parse_csv(Path::new("t.csv"), text.as_bytes()).unwrap();
+        assert_eq!(
+            (
+                back[0].preemptions,
+                back[0].requeued_ns,
+                back[0].finished_ns
+            ),
+            (0, 0, Some(4))
+        );
     }
 
     #[test]

@@ -40,15 +40,26 @@ pub struct RunSummary {
     pub kv_restore: LatencyStats,
     /// Mean decomposition over all completed turns.
     pub decomposition_mean: LatencyDecomposition,
-    /// Mean decomposition over the slowest 1% of completed turns (those at or above P99): it adds
-    /// up to about the P99 latency, which is what a reader of the P99 wants explained.
+    /// The P99 turn latency split into parts that sum to `turn_latency.p99_ns` exactly: the shares
+    /// are those of the turns ranked between the 98.5th and 99.5th percentile of latency, so
+    /// "P99 = queue + restore + prefill + decode" reads off the summary.
     pub decomposition_p99: LatencyDecomposition,
     pub swaps_out: u64,
     pub swaps_in: u64,
     pub swap_out_bytes: u64,
     pub swap_in_bytes: u64,
+    /// KV drops (of paused or waiting agents' KV, or prefix-cache losses), preemptions excluded.
     pub drops: u64,
     pub dropped_tokens: u64,
+    /// Admitted turns sent back to wait before finishing (sum of the turns' `preemptions`).
+    #[serde(default)]
+    pub preemptions: u64,
+    /// Turns preempted at least once.
+    #[serde(default)]
+    pub turns_preempted: u64,
+    /// Time preempted turns spent waiting to compute again, summed over turns.
+    #[serde(default)]
+    pub requeued_ns: u64,
     pub cache_evicted_blocks: u64,
     /// Turns whose KV came back from host memory.
     pub restores: u64,

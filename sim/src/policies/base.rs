@@ -197,7 +197,7 @@ impl Admission {
             blocked = self.commit(view, plan, &mut avail);
         }
         if plan.reclaim.is_empty() {
-            build_batch(view, &self.committed, plan);
+            build_batch(view, &self.committed, plan, !self.waiting.is_empty());
         } else {
             // A reclaim lands when the plan is applied, after the view was taken: the agent's
             // pending tokens are known from the next step on.
@@ -207,7 +207,7 @@ impl Admission {
                 .copied()
                 .filter(|a| !plan.reclaim.contains(a))
                 .collect();
-            build_batch(view, &ready, plan);
+            build_batch(view, &ready, plan, !self.waiting.is_empty());
             // Plan again at this instant (without compute the run loop would otherwise move on
             // to the next event).
             plan.wake_no_later_than(view.now);

@@ -107,18 +107,14 @@ pub fn reserved_growth(view: &SchedView, committed: &[AgentId]) -> u32 {
 }
 
 /// Adds decodes for every resident, decoding committed agent, then prefill chunks in order, within
-/// the step's token and sequence budgets. `blocks_available` bounds allocation for policies that
-/// do not reserve (vllm); reserving policies pass `u32::MAX` because their reservation holds.
-pub fn build_batch(view: &SchedView, committed: &[AgentId], plan: &mut StepPlan) {
-    build_batch_within(view, committed, plan, u32::MAX);
-}
-
-/// [`build_batch`] with at most `prefill_tokens_max` prefill tokens in the step.
-pub fn build_batch_within(
+/// the step's token and sequence budgets and the prefill cap of the run's batch policy
+/// (`queue_waiting`: turns wait for admission). Policies that reserve growth call this; their
+/// reservation guarantees the blocks.
+pub fn build_batch(
     view: &SchedView,
     committed: &[AgentId],
     plan: &mut StepPlan,
-    prefill_tokens_max: u32,
+    queue_waiting: bool,
 ) {
     let mut tokens_left = view.config.max_batch_tokens as i64;
     let mut seqs_left = view.config.max_batch_sequences as i64;
@@ -132,6 +128,10 @@ pub fn build_batch_within(
             seqs_left -= 1;
         }
     }
+    let prefill_tokens_max = view
+        .config
+        .batching
+        .prefill_cap(view, &plan.decode, queue_waiting);
     tokens_left = tokens_left.min(prefill_tokens_max as i64);
     for &agent in committed {
         if seqs_left == 0 || tokens_left <= 0 {

@@ -24,10 +24,8 @@
 //!    backlog`, so the KV is resident when the agent returns (no restore stall with exact hints).
 //! 5. Waiting turns are committed first come, first served by turn arrival (program-level
 //!    orders are available in [`TurnOrder`]; see there why they are not the default), and every
-//!    committed turn's growth is reserved so nothing is preempted. Prefill is chunked so that
-//!    decodes are not stalled: a decode step is memory-bound (it reads every cached token), so
-//!    a step carries only the prefill tokens its idle compute can take (at least a floor), and
-//!    prefill rides along decodes instead of lengthening their steps (see `prefill_budget`).
+//!    committed turn's growth is reserved so nothing is preempted. How a step is filled is the
+//!    run's batch policy (`super::batching`), shared with every other KV policy.
 //! 6. Predictions come from a [`PausePredictor`]: the hint (exact or noisy), else the agent's own
 //!    history (EWMA), else the workload's; or history only (`ewma`), or nothing (`none`).
 //!
@@ -40,7 +38,7 @@ use crate::kv::{KvState, SwapDirection};
 use crate::sched::{Phase, SchedEvent, SchedView, Scheduler, StepPlan};
 use crate::time::SimTime;
 
-use super::common::{build_batch_within, QueuePosition, WaitQueue};
+use super::common::{build_batch, QueuePosition, WaitQueue};
 use super::predict::{PausePredictor, PredictorMode};
 
 mod plan;
@@ -69,15 +67,6 @@ pub struct DjinnParams {
     /// while the head lacks memory, when their recompute costs less than the expected queueing
     /// delay they would hold the memory for (rule 3).
     pub drop_parked_when_host_full: bool,
-    /// Stall-free chunked prefill (rule 5): while decodes run, a step carries only as many
-    /// prefill tokens as the decodes' memory-bound step leaves compute idle for, at least the
-    /// floors below. Off: every step fills the whole token budget.
-    pub stall_free_prefill: bool,
-    /// Prefill floor per step while turns wait in the queue.
-    pub prefill_chunk_min_tokens: u32,
-    /// Prefill floor per step while nothing waits (a larger chunk: no queue to drain, so the
-    /// prefilling turn's own latency counts more).
-    pub prefill_chunk_min_idle_tokens: u32,
 }
 
 /// Admission order of waiting turns.
@@ -105,9 +94,6 @@ impl Default for DjinnParams {
             queue_aware: true,
             order: TurnOrder::TurnArrival,
             drop_parked_when_host_full: true,
-            stall_free_prefill: true,
-            prefill_chunk_min_tokens: 1024,
-            prefill_chunk_min_idle_tokens: 2048,
         }
     }
 }
@@ -201,39 +187,6 @@ impl Djinn {
         if let Some(pos) = self.parked_at.remove(&agent) {
             self.parked.remove(&(pos, agent));
         }
-    }
-
-    /// Prefill tokens for this step (rule 5). A decode step is memory-bound: it reads the
-    /// weights and every cached token of every decoding sequence, while its compute (one token
-    /// per sequence) leaves the GPU's matrix units mostly idle. Prefill tokens up to that idle
-    /// compute ride along for free; more lengthen the step for every decode in it. So while
-    /// decodes run, a step carries the prefill that fits the idle compute, at least a floor (so
-    /// prefill progresses under small batches); without decodes, the whole token budget.
-    fn prefill_budget(&self, view: &SchedView) -> u32 {
-        if !self.params.stall_free_prefill || view.costs.kv_read_ns_per_token <= 0.0 {
-            return u32::MAX;
-        }
-        let floor = if self.waiting.is_empty() {
-            self.params.prefill_chunk_min_idle_tokens
-        } else {
-            self.params.prefill_chunk_min_tokens
-        };
-        let mut decodes = 0u64;
-        let mut ctx = 0u64;
-        for &a in &self.committed {
-            if view.kv.is_resident(a) && view.is_decoding(a) {
-                decodes += 1;
-                ctx += view.kv.kv_tokens(a) as u64;
-            }
-        }
-        if decodes == 0 {
-            return u32::MAX;
-        }
-        let memory_ns = view.costs.decode_step_ns + ctx as f64 * view.costs.kv_read_ns_per_token;
-        let compute_ns = decodes as f64 * view.costs.prefill_ns_per_token;
-        let idle_compute_tokens =
-            ((memory_ns - compute_ns) / view.costs.prefill_ns_per_token.max(1e-9)).max(0.0);
-        (idle_compute_tokens.min(u32::MAX as f64) as u32).max(floor)
     }
 
     /// Registers a paused agent whose KV just landed on the host, for prefetch.
@@ -349,8 +302,7 @@ impl Scheduler for Djinn {
         // 4. Commit waiting turns in order (or reject a hopeless head).
         self.commit_in_order(view, &frame, plan, &budget, &evicted_waiting);
         // 5. The batch.
-        let prefill_max = self.prefill_budget(view);
-        build_batch_within(view, &self.committed, plan, prefill_max);
+        build_batch(view, &self.committed, plan, !self.waiting.is_empty());
     }
 }
 
@@ -358,6 +310,7 @@ impl Scheduler for Djinn {
 mod tests {
     use super::*;
     use crate::kv::KvManager;
+    use crate::policies::BatchPolicy;
     use crate::sched::{AgentRuntime, CostHints, SchedConfig};
 
     /// The simulated H100 with Llama-2-7B, rounded (16-token blocks of 8 MiB).
@@ -525,10 +478,10 @@ mod tests {
         );
     }
 
-    /// Djinn with `decoders` committed agents decoding at `context` tokens each and one
-    /// committed agent with 3,000 prompt tokens to prefill; returns the prefill chunk planned.
-    fn prefill_chunk(params: DjinnParams, decoders: u32, context: u32, queued: bool) -> u32 {
-        let n = decoders + 2;
+    /// `decoders` committed agents decoding at `context` tokens each and one committed agent
+    /// with 3,000 prompt tokens to prefill, batched under `batching`; returns the prefill chunk.
+    fn prefill_chunk(batching: BatchPolicy, decoders: u32, context: u32, queued: bool) -> u32 {
+        let n = decoders + 1;
         let mut kv = KvManager::new(16, 20_000, 0, n);
         let mut agents = Vec::new();
         for a in 0..decoders {
@@ -539,42 +492,32 @@ mod tests {
         }
         kv.ensure_capacity(decoders, 3_000).unwrap();
         agents.push(runtime(Phase::Running, 0, 0.0, 3_000, 100));
-        // A turn that does not fit behind them, so the queue is not empty.
-        agents.push(runtime(Phase::Waiting, 0, 0.5, 4_000, 100));
-        let (config, costs) = (SchedConfig::default(), costs());
+        let config = SchedConfig {
+            batching,
+            ..SchedConfig::default()
+        };
+        let costs = costs();
         let view = idle_copy_view(1.0, &kv, &agents, &config, &costs);
-        let mut djinn = Djinn::new(params);
-        djinn.committed = (0..=decoders).collect();
-        if queued {
-            djinn.waiting.push(decoders + 1, 0);
-        }
+        let committed: Vec<AgentId> = (0..n).collect();
         let mut plan = StepPlan::default();
-        build_batch_within(
-            &view,
-            &djinn.committed,
-            &mut plan,
-            djinn.prefill_budget(&view),
-        );
+        build_batch(&view, &committed, &mut plan, queued);
         assert_eq!(plan.decode.len() as u32, decoders);
         plan.prefill.iter().map(|p| p.tokens).sum()
     }
 
     #[test]
-    fn prefill_rides_along_decodes_within_their_idle_compute() {
-        let on = DjinnParams::default();
-        let off = DjinnParams {
-            stall_free_prefill: false,
-            ..DjinnParams::default()
-        };
-        // Without decodes the whole prompt goes at once.
-        assert_eq!(prefill_chunk(on.clone(), 0, 0, true), 3_000);
+    fn each_batch_policy_sets_the_prefill_riding_along_decodes() {
+        use BatchPolicy::*;
+        // Without decodes the stall-free budget takes the whole prompt at once.
+        assert_eq!(prefill_chunk(StallFree, 0, 0, true), 3_000);
         // One small decode leaves ~290 tokens of idle compute: the floor applies (1,024 while
-        // turns queue, 2,048 while none does); the zoo's batches take the whole prompt.
-        assert_eq!(prefill_chunk(on.clone(), 1, 1_000, true), 1_024);
-        assert_eq!(prefill_chunk(on.clone(), 1, 1_000, false), 2_048);
-        assert_eq!(prefill_chunk(off, 1, 1_000, true), 3_000);
+        // turns queue, 2,048 while none does); fill takes the whole prompt, a chunk its size.
+        assert_eq!(prefill_chunk(StallFree, 1, 1_000, true), 1_024);
+        assert_eq!(prefill_chunk(StallFree, 1, 1_000, false), 2_048);
+        assert_eq!(prefill_chunk(Fill, 1, 1_000, true), 3_000);
+        assert_eq!(prefill_chunk(Chunk(512), 0, 0, false), 512);
         // 60 decodes of 3,000 tokens read 88 GiB of KV (31.5 ms at 3 TB/s plus the weights):
         // (36.3 ms - 60 x 16.7 us) / 16.7 us = 2,113 prefill tokens fit the idle compute.
-        assert_eq!(prefill_chunk(on, 60, 3_000, true), 2_113);
+        assert_eq!(prefill_chunk(StallFree, 60, 3_000, true), 2_113);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod autellix;
 pub mod base;
+pub mod batching;
 pub mod common;
 pub mod continuum;
 pub mod djinn;
@@ -16,6 +17,7 @@ pub mod vllm;
 use crate::sched::Scheduler;
 
 pub use autellix::Placement;
+pub use batching::BatchPolicy;
 pub use predict::PredictorMode;
 
 /// Every shipped policy.

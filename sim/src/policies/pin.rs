@@ -52,6 +52,6 @@ impl Scheduler for Pin {
             plan.reject.push(head);
             avail += view.kv.gpu_blocks_held(head) as i64;
         }
-        build_batch(view, &self.committed, plan);
+        build_batch(view, &self.committed, plan, !self.waiting.is_empty());
     }
 }

@@ -78,6 +78,6 @@ impl Scheduler for Swap {
                 plan.reject.push(head);
             }
         }
-        build_batch(view, &self.committed, plan);
+        build_batch(view, &self.committed, plan, !self.waiting.is_empty());
     }
 }

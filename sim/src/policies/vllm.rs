@@ -86,6 +86,17 @@ impl Scheduler for Vllm {
         let mut tokens_left = view.config.max_batch_tokens as i64;
         let mut seqs_left = view.config.max_batch_sequences as i64;
         let mut preempted = false;
+        // The run's batch policy caps the step's prefill (vLLM itself fills the budget: `fill`).
+        let decoding: Vec<AgentId> = self
+            .running
+            .iter()
+            .copied()
+            .filter(|&a| view.is_decoding(a))
+            .collect();
+        let mut prefill_left =
+            view.config
+                .batching
+                .prefill_cap(view, &decoding, !self.waiting.is_empty()) as i64;
 
         // Running requests first, in admission order; preempt from the back when short.
         let mut i = 0;
@@ -95,8 +106,15 @@ impl Scheduler for Vllm {
             let tokens = if decoding {
                 1
             } else {
-                view.pending_tokens(agent).min(tokens_left as u32)
+                view.pending_tokens(agent)
+                    .min(tokens_left as u32)
+                    .min(prefill_left as u32)
             };
+            if tokens == 0 {
+                // Prefill budget spent: this request waits for the next step.
+                i += 1;
+                continue;
+            }
             let need = kv.blocks_for(kv.kv_tokens(agent) + tokens) as i64 - kv.blocks(agent) as i64;
             let mut self_preempted = false;
             while need > free {
@@ -124,6 +142,7 @@ impl Scheduler for Vllm {
                 plan.decode.push(agent);
             } else {
                 plan.prefill.push(PrefillOrder { agent, tokens });
+                prefill_left -= tokens as i64;
             }
             tokens_left -= tokens as i64;
             seqs_left -= 1;
@@ -138,7 +157,7 @@ impl Scheduler for Vllm {
                 let Some(agent) = self.waiting.first() else {
                     break;
                 };
-                if seqs_left == 0 || tokens_left <= 0 {
+                if seqs_left == 0 || tokens_left <= 0 || prefill_left <= 0 {
                     break;
                 }
                 if released_now.contains(&agent) {
@@ -163,7 +182,7 @@ impl Scheduler for Vllm {
                     kv.kv_tokens(agent)
                 };
                 let pending = view.agent(agent).seq_tokens - kv_after;
-                let chunk = pending.min(tokens_left as u32);
+                let chunk = pending.min(tokens_left as u32).min(prefill_left as u32);
                 // Blocks the agent will hold after this step, all taken from the free count (its
                 // own cached blocks are counted as free until reclaimed).
                 let hold = kv.blocks_for(kv_after + chunk) as i64;
@@ -180,6 +199,7 @@ impl Scheduler for Vllm {
                     tokens: chunk,
                 });
                 tokens_left -= chunk as i64;
+                prefill_left -= chunk as i64;
                 seqs_left -= 1;
                 self.waiting.remove(agent);
                 self.running.push(agent);
