@@ -1,4 +1,4 @@
-//! Issue 4: each zoo policy's distinctive decision on a tiny hand-built workload, run through the
+//! Each zoo policy's distinctive decision on a tiny hand-built workload, run through the
 //! real driver with full invariant checks after every step.
 
 use sim::driver::{self, CheckLevel, RunOutput};
