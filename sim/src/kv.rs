@@ -849,7 +849,20 @@ impl KvManager {
                 ));
             }
         }
-        // The free queue holds exactly the unowned blocks, linked consistently.
+        self.audit_free_lists()?;
+        for (id, job) in &self.in_flight {
+            if job.id != *id || job.pairs.is_empty() {
+                return Err(format!("swap {id} is malformed"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The GPU free queue holds exactly the unowned blocks, linked consistently; the host free
+    /// list holds exactly the unowned host blocks; cached GPU blocks are unowned and listed by
+    /// the agent they are tagged for.
+    fn audit_free_lists(&self) -> Result<(), String> {
+        let gpu_n = self.gpu.owner.len();
         let mut count = 0u32;
         let mut prev = NONE;
         let mut cur = self.gpu.head;
@@ -890,11 +903,6 @@ impl KvManager {
                 if self.agents[agent as usize].cached.get(index as usize) != Some(&(b as u32)) {
                     return Err(format!("GPU block {b} tagged for agent {agent} index {index}, which does not list it"));
                 }
-            }
-        }
-        for (id, job) in &self.in_flight {
-            if job.id != *id || job.pairs.is_empty() {
-                return Err(format!("swap {id} is malformed"));
             }
         }
         Ok(())

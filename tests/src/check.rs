@@ -378,95 +378,8 @@ pub fn check_records(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(
                 program.turns.len()
             ));
         }
-        for (i, t) in records.iter().enumerate() {
-            let turn = &program.turns[i];
-            if t.turn_index as usize != i {
-                return Err(format!(
-                    "agent {agent}: record {i} has turn index {}",
-                    t.turn_index
-                ));
-            }
-            if t.rejected {
-                if i + 1 != records.len() {
-                    return Err(format!(
-                        "agent {agent} turn {i}: rejected but later turns ran"
-                    ));
-                }
-                if t.admitted_ns.is_some()
-                    || t.finished_ns.is_some()
-                    || t.tokens_generated > 0
-                    || t.tokens_prefilled > 0
-                {
-                    return Err(format!("agent {agent} turn {i}: rejected but it computed"));
-                }
-                continue;
-            }
-            let (Some(admitted), Some(first), Some(finished)) =
-                (t.admitted_ns, t.first_token_ns, t.finished_ns)
-            else {
-                return Err(format!(
-                    "agent {agent} turn {i}: neither finished nor rejected"
-                ));
-            };
-            if !(t.arrival_ns <= admitted && admitted <= first && first <= finished) {
-                return Err(format!("agent {agent} turn {i}: times out of order: arrival {} admitted {admitted} first {first} finished {finished}", t.arrival_ns));
-            }
-            if i == 0 && t.arrival_ns != program.arrival.as_nanos() {
-                return Err(format!(
-                    "agent {agent}: first turn arrived at {} not {}",
-                    t.arrival_ns,
-                    program.arrival.as_nanos()
-                ));
-            }
-            if i > 0 {
-                let prev = records[i - 1];
-                let pause = program.turns[i - 1]
-                    .pause_after
-                    .expect("not the last turn")
-                    .true_ns;
-                if prev.finished_ns.map(|f| f + pause) != Some(t.arrival_ns) {
-                    return Err(format!("agent {agent} turn {i}: arrived at {} but the previous turn finished at {:?} with pause {pause}", t.arrival_ns, prev.finished_ns));
-                }
-            }
-            // Generated tokens equal the requested count.
-            if t.tokens_generated != turn.generated_tokens
-                || t.tokens_generated_requested != turn.generated_tokens
-            {
-                return Err(format!(
-                    "agent {agent} turn {i}: generated {} (requested {}) of {}",
-                    t.tokens_generated, t.tokens_generated_requested, turn.generated_tokens
-                ));
-            }
-            // Every new prompt token (and the previous turn's last generated token) is prefilled
-            // exactly once. A turn preempted mid-decode may compute some of its generated tokens'
-            // KV by a prefill on its return (even with nothing lost: a full prefix-cache hit
-            // leaves one pending token), so prefill may cover up to generated - 1 more.
-            let inputs = turn.new_tokens + u32::from(i > 0);
-            if t.tokens_prefilled < inputs
-                || t.tokens_prefilled > inputs + turn.generated_tokens - 1
-            {
-                return Err(format!(
-                    "agent {agent} turn {i}: prefilled {} first-time tokens for {inputs} inputs and {} generated",
-                    t.tokens_prefilled, turn.generated_tokens
-                ));
-            }
-            if let (Some(start), Some(end)) = (t.restore_start_ns, t.restore_end_ns) {
-                // Residency: a turn computes only once its KV is back on the GPU.
-                if start > end || end > admitted {
-                    return Err(format!(
-                        "agent {agent} turn {i}: restore {start}..{end} but admitted at {admitted}"
-                    ));
-                }
-            }
-            if !traces::records::KV_SOURCES.contains(&t.kv_source.as_str()) {
-                return Err(format!(
-                    "agent {agent} turn {i}: unknown kv_source {:?}",
-                    t.kv_source
-                ));
-            }
-            expected_computed += (turn.new_tokens + turn.generated_tokens - u32::from(i == 0))
-                as u64
-                + t.tokens_recomputed as u64;
+        for i in 0..records.len() {
+            expected_computed += check_turn(agent, i, records, program)?;
         }
     }
     // Conservation over the whole run: the steps computed exactly the first-time tokens of every
@@ -481,7 +394,12 @@ pub fn check_records(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(
             "steps computed {computed} tokens, turns account for {expected_computed}"
         ));
     }
-    // Steps: sequential, non-overlapping, within budgets and pools.
+    check_steps(case, m, out)?;
+    check_swaps(case, m, out)
+}
+
+/// Steps: sequential, non-overlapping, within budgets and pools.
+fn check_steps(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(), String> {
     let mut prev_end = 0u64;
     for (i, s) in out.steps.iter().enumerate() {
         if s.step_index != i as u64 || s.start_ns < prev_end || s.duration_ns == 0 {
@@ -512,8 +430,12 @@ pub fn check_records(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(
             out.gpu_blocks_used_peak, out.host_blocks_used_peak, m.gpu_blocks, m.host_blocks
         ));
     }
-    // Swaps: each completes, moves whole blocks, and each direction's channel runs its copies one
-    // after another (FIFO), each taking latency + bytes / bandwidth.
+    Ok(())
+}
+
+/// Swaps: each completes, moves whole blocks, and each direction's channel runs its copies one
+/// after another (FIFO), each taking latency + bytes / bandwidth; step records report every start.
+fn check_swaps(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(), String> {
     let gpu = SimGpu::new(m.profile.clone(), case.block_size_tokens);
     for direction in [SwapDirection::Out, SwapDirection::In] {
         let mut channel_free = 0u64;
@@ -575,4 +497,102 @@ pub fn check_records(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(
         return Err("swap with an unknown direction".into());
     }
     Ok(())
+}
+
+/// One turn record against its turn of the program; returns the tokens its steps must have
+/// computed (first-time tokens plus recomputed ones; none for a rejected turn).
+fn check_turn(
+    agent: usize,
+    i: usize,
+    records: &[&traces::TurnRecord],
+    program: &sim::workload::AgentProgram,
+) -> Result<u64, String> {
+    let t = records[i];
+    let turn = &program.turns[i];
+    if t.turn_index as usize != i {
+        return Err(format!(
+            "agent {agent}: record {i} has turn index {}",
+            t.turn_index
+        ));
+    }
+    if t.rejected {
+        if i + 1 != records.len() {
+            return Err(format!(
+                "agent {agent} turn {i}: rejected but later turns ran"
+            ));
+        }
+        if t.admitted_ns.is_some()
+            || t.finished_ns.is_some()
+            || t.tokens_generated > 0
+            || t.tokens_prefilled > 0
+        {
+            return Err(format!("agent {agent} turn {i}: rejected but it computed"));
+        }
+        return Ok(0);
+    }
+    let (Some(admitted), Some(first), Some(finished)) =
+        (t.admitted_ns, t.first_token_ns, t.finished_ns)
+    else {
+        return Err(format!(
+            "agent {agent} turn {i}: neither finished nor rejected"
+        ));
+    };
+    if !(t.arrival_ns <= admitted && admitted <= first && first <= finished) {
+        return Err(format!("agent {agent} turn {i}: times out of order: arrival {} admitted {admitted} first {first} finished {finished}", t.arrival_ns));
+    }
+    if i == 0 && t.arrival_ns != program.arrival.as_nanos() {
+        return Err(format!(
+            "agent {agent}: first turn arrived at {} not {}",
+            t.arrival_ns,
+            program.arrival.as_nanos()
+        ));
+    }
+    if i > 0 {
+        let prev = records[i - 1];
+        let pause = program.turns[i - 1]
+            .pause_after
+            .expect("not the last turn")
+            .true_ns;
+        if prev.finished_ns.map(|f| f + pause) != Some(t.arrival_ns) {
+            return Err(format!("agent {agent} turn {i}: arrived at {} but the previous turn finished at {:?} with pause {pause}", t.arrival_ns, prev.finished_ns));
+        }
+    }
+    // Generated tokens equal the requested count.
+    if t.tokens_generated != turn.generated_tokens
+        || t.tokens_generated_requested != turn.generated_tokens
+    {
+        return Err(format!(
+            "agent {agent} turn {i}: generated {} (requested {}) of {}",
+            t.tokens_generated, t.tokens_generated_requested, turn.generated_tokens
+        ));
+    }
+    // Every new prompt token (and the previous turn's last generated token) is prefilled
+    // exactly once. A turn preempted mid-decode may compute some of its generated tokens'
+    // KV by a prefill on its return (even with nothing lost: a full prefix-cache hit
+    // leaves one pending token), so prefill may cover up to generated - 1 more.
+    let inputs = turn.new_tokens + u32::from(i > 0);
+    if t.tokens_prefilled < inputs || t.tokens_prefilled > inputs + turn.generated_tokens - 1 {
+        return Err(format!(
+            "agent {agent} turn {i}: prefilled {} first-time tokens for {inputs} inputs and {} generated",
+            t.tokens_prefilled, turn.generated_tokens
+        ));
+    }
+    if let (Some(start), Some(end)) = (t.restore_start_ns, t.restore_end_ns) {
+        // Residency: a turn computes only once its KV is back on the GPU.
+        if start > end || end > admitted {
+            return Err(format!(
+                "agent {agent} turn {i}: restore {start}..{end} but admitted at {admitted}"
+            ));
+        }
+    }
+    if !traces::records::KV_SOURCES.contains(&t.kv_source.as_str()) {
+        return Err(format!(
+            "agent {agent} turn {i}: unknown kv_source {:?}",
+            t.kv_source
+        ));
+    }
+    Ok(
+        (turn.new_tokens + turn.generated_tokens - u32::from(i == 0)) as u64
+            + t.tokens_recomputed as u64,
+    )
 }
