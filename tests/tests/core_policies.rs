@@ -1,4 +1,4 @@
-//! Issue 2 behaviour tests: determinism of whole run directories, and each shipped policy's
+//! Behaviour tests: determinism of whole run directories, and each shipped policy's
 //! distinctive decision on a tiny hand-built workload.
 
 use std::path::{Path, PathBuf};
