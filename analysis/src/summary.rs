@@ -218,8 +218,11 @@ pub fn summarize(
         } else {
             0.0
         },
-        gpu_kv_bytes_peak: (inputs.gpu_blocks_total - gpu_free_min) as u64 * inputs.block_bytes,
-        host_kv_bytes_peak: (inputs.host_blocks_total - host_free_min) as u64 * inputs.block_bytes,
+        // Saturating: inputs that understate the pools (a caller that only wants latencies) give 0.
+        gpu_kv_bytes_peak: inputs.gpu_blocks_total.saturating_sub(gpu_free_min) as u64
+            * inputs.block_bytes,
+        host_kv_bytes_peak: inputs.host_blocks_total.saturating_sub(host_free_min) as u64
+            * inputs.block_bytes,
         agents_alive_peak: agents_alive_peak(turns),
         slo_ns: inputs.slo_ns,
         slo_attainment: if completed > 0 {

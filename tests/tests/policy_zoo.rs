@@ -1,5 +1,5 @@
-//! Each zoo policy's distinctive decision on a tiny hand-built workload, run through the
-//! real driver with full invariant checks after every step.
+//! Each zoo policy's distinctive decision on a tiny hand-built workload, run through the real
+//! driver with full invariant checks after every step.
 
 use sim::driver::{self, CheckLevel, RunOutput};
 use sim::experiment::SimConfig;
@@ -23,6 +23,9 @@ fn run_with(
     };
     let mut config = SimConfig::new(policy, calibration::load_profile("h100-llama2-7b").unwrap());
     config.check = CheckLevel::Full;
+    // The hand-built timelines assume each prompt prefills in one step (e.g. two agents pausing
+    // together); the batch policy is not what these tests are about.
+    config.sched.batching = sim::BatchPolicy::Fill;
     let mut settings = config.settings();
     settings.gpu_blocks = gpu_blocks;
     settings.host_blocks = host_blocks;
