@@ -53,42 +53,7 @@ pub fn config_from_hf_json(
                 }),
         }
     };
-    if let Some(model_type) = object.get("model_type") {
-        if model_type.as_str() != Some("llama") {
-            return Err(field_error(
-                "model_type",
-                format!("only \"llama\" is supported, found {model_type}"),
-            ));
-        }
-    }
-    if let Some(scaling) = object.get("rope_scaling") {
-        if !scaling.is_null() {
-            return Err(field_error(
-                "rope_scaling",
-                format!("RoPE scaling is not supported (found {scaling}); plain RoPE only"),
-            ));
-        }
-    }
-    if let Some(Value::Bool(true)) = object.get("attention_bias") {
-        return Err(field_error(
-            "attention_bias",
-            "attention biases are not supported".into(),
-        ));
-    }
-    if let Some(Value::Bool(true)) = object.get("mlp_bias") {
-        return Err(field_error(
-            "mlp_bias",
-            "MLP biases are not supported".into(),
-        ));
-    }
-    if let Some(act) = object.get("hidden_act") {
-        if act.as_str() != Some("silu") {
-            return Err(field_error(
-                "hidden_act",
-                format!("only \"silu\" is supported, found {act}"),
-            ));
-        }
-    }
+    reject_unsupported_features(object, &field_error)?;
     let hidden_size = get_usize("hidden_size", None)?;
     let num_attention_heads = get_usize("num_attention_heads", None)?;
     let num_key_value_heads = get_usize("num_key_value_heads", Some(num_attention_heads))?;
@@ -174,6 +139,51 @@ pub fn config_from_hf_json(
         max_position_embeddings: get_usize("max_position_embeddings", Some(2048))?,
         tie_word_embeddings,
     })
+}
+
+/// The Llama variants the forward does not implement (other architectures, RoPE scaling, biases,
+/// other activations) are refused by name rather than loaded and computed wrongly.
+fn reject_unsupported_features(
+    object: &serde_json::Map<String, Value>,
+    field_error: &dyn Fn(&str, String) -> WeightsError,
+) -> Result<(), WeightsError> {
+    if let Some(model_type) = object.get("model_type") {
+        if model_type.as_str() != Some("llama") {
+            return Err(field_error(
+                "model_type",
+                format!("only \"llama\" is supported, found {model_type}"),
+            ));
+        }
+    }
+    if let Some(scaling) = object.get("rope_scaling") {
+        if !scaling.is_null() {
+            return Err(field_error(
+                "rope_scaling",
+                format!("RoPE scaling is not supported (found {scaling}); plain RoPE only"),
+            ));
+        }
+    }
+    if let Some(Value::Bool(true)) = object.get("attention_bias") {
+        return Err(field_error(
+            "attention_bias",
+            "attention biases are not supported".into(),
+        ));
+    }
+    if let Some(Value::Bool(true)) = object.get("mlp_bias") {
+        return Err(field_error(
+            "mlp_bias",
+            "MLP biases are not supported".into(),
+        ));
+    }
+    if let Some(act) = object.get("hidden_act") {
+        if act.as_str() != Some("silu") {
+            return Err(field_error(
+                "hidden_act",
+                format!("only \"silu\" is supported, found {act}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, WeightsError> {
