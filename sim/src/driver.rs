@@ -245,6 +245,14 @@ impl<'w> LoopState<'w> {
         }
     }
 
+    fn backend_err(&self, e: impl std::fmt::Display) -> RunError {
+        RunError::Backend {
+            seed: self.settings.seed,
+            step: self.step,
+            message: e.to_string(),
+        }
+    }
+
     fn kv_err(&self, time: SimTime, e: KvError) -> RunError {
         self.invariant(time, format!("the plan asked for the impossible: {e}"))
     }
@@ -357,14 +365,9 @@ impl<'w> LoopState<'w> {
         backend: &mut dyn Backend,
         clock: &mut dyn Clock,
     ) -> Result<SimTime, RunError> {
-        let duration =
-            backend
-                .execute_step(now, batch, &self.kv)
-                .map_err(|e| RunError::Backend {
-                    seed: self.settings.seed,
-                    step: self.step,
-                    message: e.to_string(),
-                })?;
+        let duration = backend
+            .execute_step(now, batch, &self.kv)
+            .map_err(|e| self.backend_err(e))?;
         self.record_step(now, duration, batch);
         clock.advance_to(now + duration);
         let now = clock.now();
@@ -804,11 +807,7 @@ impl<'w> LoopState<'w> {
         let job = self.kv.swap_job(id).expect("just started");
         backend
             .start_swap(now, job, &self.kv)
-            .map_err(|e| RunError::Backend {
-                seed: self.settings.seed,
-                step: self.step,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.backend_err(e))?;
         self.swap_starts.insert(job.id, self.out.swaps.len());
         self.out.swaps.push(SwapRecord {
             swap_id: job.id,
