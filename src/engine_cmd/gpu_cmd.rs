@@ -193,8 +193,8 @@ mod with_cuda {
     use anyhow::Context;
     use engine::config::{DType, ModelConfig};
     use engine::cuda::{CudaModel, CudaModelOptions, EngineTuning, GpuDevice, WeightSource};
-    use engine::probe::provenance::Provenance;
     use engine::probe::forward::{bench as cb, check as cc, gemm_search as gs, own_gemm};
+    use engine::probe::provenance::Provenance;
     use engine::weights::WeightSet;
     use std::path::Path;
 

@@ -98,8 +98,11 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     }
     let pin_started = Instant::now();
     // Pinned memory is host memory: an impossible --host-kv-* is refused before pinning starts.
-    engine::cpu::check_pools_fit_in_memory(block_bytes, &[("the host KV pool", host_blocks.into())])
-        .context("sizing the host KV pool")?;
+    engine::cpu::check_pools_fit_in_memory(
+        block_bytes,
+        &[("the host KV pool", host_blocks.into())],
+    )
+    .context("sizing the host KV pool")?;
     let host_pool = PinnedHostPool::new(&ctx, block_bytes as usize, host_blocks)?;
     let pin_s = pin_started.elapsed().as_secs_f64();
     let epoch = Instant::now();

@@ -86,12 +86,20 @@ impl CudaModel {
         let pool = self.pool.base_device_ptr();
         let (tiles_i, layer_i) = (num_tiles as i32, layer as i32);
         // Named locals only: the argument arrays hold pointers to them (no temporaries).
-        let (qkv_p, out_p, rope_p) = (self.buf.buf_a.ptr(), self.buf.buf_b.ptr(), self.buf.rope.ptr());
+        let (qkv_p, out_p, rope_p) = (
+            self.buf.buf_a.ptr(),
+            self.buf.buf_b.ptr(),
+            self.buf.rope.ptr(),
+        );
         let (kernel, smem) = self.kernels.prefill(self.prefill);
         match self.prefill {
             PrefillKernel::WarpSpecialized => {
                 // Persistent: one CTA per multiprocessor (at most one per item).
-                let grid = ((num_tiles * nh as usize).min(self.device.num_sms) as u32, 1, 1);
+                let grid = (
+                    (num_tiles * nh as usize).min(self.device.num_sms) as u32,
+                    1,
+                    1,
+                );
                 let map = self.kv_tma_map.ok_or_else(|| {
                     CudaError::Unsupported(
                         "warp-specialised prefill attention without a KV tensor map".into(),

@@ -94,7 +94,12 @@ impl CudaModel {
             (n_tokens as u32, 1, 1),
             (256, 1, 1),
             0,
-            kargs![tokens, self.wptr(self.layout.embed), self.buf.resid.ptr(), h_i],
+            kargs![
+                tokens,
+                self.wptr(self.layout.embed),
+                self.buf.resid.ptr(),
+                h_i
+            ],
         )?;
         self.mark("embed")?;
         for (layer, lw) in self.layout.layers.iter().enumerate() {
@@ -713,4 +718,5 @@ impl CudaModel {
     /// Enqueues a step without waiting for it (benchmarks time a stream of these with events).
     pub fn enqueue_step(&mut self, batch: &[SeqStep<'_>]) -> Result<(), CudaError> {
         self.run_step(batch).map(|_| ())
-    }}
+    }
+}

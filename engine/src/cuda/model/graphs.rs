@@ -26,7 +26,11 @@ impl CudaModel {
         b.min(self.options.max_seqs_per_step)
     }
 
-    pub(super) fn capture_decode_graph(&mut self, bucket: usize, mode: AttnMode) -> Result<(), CudaError> {
+    pub(super) fn capture_decode_graph(
+        &mut self,
+        bucket: usize,
+        mode: AttnMode,
+    ) -> Result<(), CudaError> {
         // An eager run first: cuBLAS picks its kernels (and loads them) outside the capture.
         trace!("capturing the decode graph of bucket {bucket}: eager warm-up");
         self.enqueue_forward(bucket, bucket, mode, &[])?;

@@ -114,10 +114,8 @@ pub(super) fn choose_prefill(
     let wgmma = device.has_wgmma() && hd == 128;
     // The warp-specialised kernel reads whole KV blocks of 8..=128 tokens (whole 8-row swizzle
     // atoms) per 128-key chunk.
-    let ws_possible = wgmma
-        && bs.is_multiple_of(8)
-        && WS_KEYS.is_multiple_of(bs)
-        && options.dtype != DType::F32;
+    let ws_possible =
+        wgmma && bs.is_multiple_of(8) && WS_KEYS.is_multiple_of(bs) && options.dtype != DType::F32;
     let wgmma_kernel = match (wgmma, ws_possible) {
         (false, _) => None,
         (true, true) => Some(PrefillKernel::WarpSpecialized),
@@ -190,7 +188,12 @@ impl Kernels {
             ("BLOCK_SIZE", options.block_size_tokens.to_string()),
             (
                 "USE_BF16",
-                if options.dtype == DType::Bf16 { "1" } else { "0" }.to_string(),
+                if options.dtype == DType::Bf16 {
+                    "1"
+                } else {
+                    "0"
+                }
+                .to_string(),
             ),
         ];
         let module = device.compile(KERNEL_SOURCE, &defines)?;

@@ -33,10 +33,10 @@ mod plan;
 mod tma;
 mod weights;
 
+pub(crate) use kernels::Kernels;
 pub(crate) use kernels::PrefillKernel;
 pub(crate) use launch::kargs;
 pub(crate) use mlp::GEMV_THREADS;
-pub(crate) use kernels::Kernels;
 pub(crate) use plan::Buffers;
 use plan::{PinnedBuffer, StepLayout};
 pub(crate) use tma::{OwnGateUpMaps, TmaMap};

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cuda::{CudaError, CudaModel};
 use crate::batch::SeqStep;
+use crate::cuda::{CudaError, CudaModel};
 
 pub const DATASHEET_BANDWIDTH_BYTES_PER_S: f64 = 3.35e12;
 pub const MEASURED_BANDWIDTH_BYTES_PER_S: f64 = 3.0e12;
@@ -361,11 +361,14 @@ pub fn profile_prefill_once(
     n: usize,
 ) -> Result<Vec<(String, f64)>, CudaError> {
     let (table, prompt) = synthetic_prompt(model, n);
-    super::profile::profile_step(model, &[SeqStep {
-        block_table: &table,
-        context_len: 0,
-        tokens: &prompt,
-    }])
+    super::profile::profile_step(
+        model,
+        &[SeqStep {
+            block_table: &table,
+            context_len: 0,
+            tokens: &prompt,
+        }],
+    )
 }
 
 /// GPU time per category of a prefill of `n` tokens.

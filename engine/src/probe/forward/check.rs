@@ -5,8 +5,8 @@
 
 use serde::Serialize;
 
-use crate::cuda::{CudaError, CudaModel};
 use crate::batch::{Logits, PagedModel, SeqStep};
+use crate::cuda::{CudaError, CudaModel};
 
 /// Logit agreement of one step.
 #[derive(Clone, Debug, Serialize)]
@@ -286,9 +286,8 @@ fn short_prompt_checks(
         ref next,
         ..
     } = *fx;
-    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
-        fx.record(name, a, b, results)
-    };
+    let record =
+        |name: &str, a: &Logits, b: &Logits, results: &mut Results| fx.record(name, a, b, results);
     eprintln!("consistency: one-shot prefill of {n} tokens");
     let one_shot = model.forward_logits(&[SeqStep {
         block_table: &table_a,
@@ -391,9 +390,8 @@ fn pruned_last_layer_checks(
         ref next,
         ..
     } = *fx;
-    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
-        fx.record(name, a, b, results)
-    };
+    let record =
+        |name: &str, a: &Logits, b: &Logits, results: &mut Results| fx.record(name, a, b, results);
     // (9) The pruned last layer of prefill steps (attention, o_proj and MLP on each sequence's
     // last row only, attention as a decode batch) against the whole last layer: one sequence
     // (the 77-token prompt: the one-row GEMV tail), then a batched prefill of three sequences
@@ -457,10 +455,11 @@ fn long_prompt_checks(
     fx: &Fixture,
     results: &mut Results,
 ) -> Result<(), CudaError> {
-    let Fixture { vocab, bs, blocks, .. } = *fx;
-    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
-        fx.record(name, a, b, results)
-    };
+    let Fixture {
+        vocab, bs, blocks, ..
+    } = *fx;
+    let record =
+        |name: &str, a: &Logits, b: &Logits, results: &mut Results| fx.record(name, a, b, results);
     // (4) A long prefill with the timed cuBLASLt GEMM choice == the same with cublasGemmEx, where
     // the model is sized for one (the first call tunes, then runs the chosen algorithms).
     // 2048 tokens (the benchmark's prefill shape) where the model takes them.
@@ -558,9 +557,8 @@ fn wgmma_attention_checks(
         later,
         tuned,
     } = *lp;
-    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
-        fx.record(name, a, b, results)
-    };
+    let record =
+        |name: &str, a: &Logits, b: &Logits, results: &mut Results| fx.record(name, a, b, results);
     // (5) The wgmma prefill attention (the kernel chosen at start-up) against the mma.sync
     // kernel on the same long prompt: every causal tile shape of a 2048-token
     // prefill; then a later turn on that cached prompt that starts off every tile and chunk
@@ -616,9 +614,7 @@ fn wgmma_attention_checks(
                     tokens: &short_turn,
                 },
             ];
-            eprintln!(
-                "consistency: {name} vs mma.sync on a batched prefill of three sequences"
-            );
+            eprintln!("consistency: {name} vs mma.sync on a batched prefill of three sequences");
             let wg = model.forward_logits(&batch)?;
             model.set_wgmma_prefill(false);
             let mma = model.forward_logits(&batch);
@@ -652,9 +648,8 @@ fn residual_and_own_gemm_checks(
         tuned,
         ..
     } = *lp;
-    let record = |name: &str, a: &Logits, b: &Logits, results: &mut Results| {
-        fx.record(name, a, b, results)
-    };
+    let record =
+        |name: &str, a: &Logits, b: &Logits, results: &mut Results| fx.record(name, a, b, results);
     // (6) The residual stream in the weights' type (the default for steps this long) against
     // the f32 stream on the same long prompt: one rounding per residual add, 2 x layers adds.
     let half_from = model.half_residual_min_tokens();

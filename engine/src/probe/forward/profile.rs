@@ -10,7 +10,10 @@ use crate::cuda::{CudaError, CudaModel};
 
 /// Runs one step with eager launches and an event after every kernel and GEMM; returns the GPU
 /// milliseconds spent per category (gemm_qkv, attention, ...) and in total.
-pub fn profile_step(model: &mut CudaModel, batch: &[SeqStep<'_>]) -> Result<Vec<(String, f64)>, CudaError> {
+pub fn profile_step(
+    model: &mut CudaModel,
+    batch: &[SeqStep<'_>],
+) -> Result<Vec<(String, f64)>, CudaError> {
     let graphs = model.options.use_cuda_graphs;
     model.options.use_cuda_graphs = false;
     *model.profiler.borrow_mut() = Some(Vec::new());

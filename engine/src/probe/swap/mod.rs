@@ -5,7 +5,6 @@
 //! Every JSON these write carries a [`Provenance`]: the command line, the git commit, the card
 //! and its driver, so a figure can be traced to what produced it.
 
-
 use crate::cuda::CudaError;
 use crate::swap::SwapError;
 
