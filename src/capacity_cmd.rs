@@ -15,6 +15,7 @@ use serde::Serialize;
 use sim::experiment::SimConfig;
 use sim::PolicyKind;
 use traces::workload::Distribution;
+use traces::workload::HintSpec;
 use traces::WorkloadSpec;
 
 use crate::runio::outdir::check_new_file;
@@ -43,8 +44,16 @@ pub struct CapacityArgs {
     #[arg(long, value_enum, default_value_t = CapacityMetric::TurnP99)]
     pub metric: CapacityMetric,
     /// Seeds per probe (0..seeds); N passes only if every seed passes.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub seeds: u64,
+    /// N probed evenly between the last pass and the first failure of the doubling phase, before
+    /// bisecting (more points expose more of a curve that is not monotone).
+    #[arg(long, default_value_t = 6)]
+    pub scan_points: u32,
+    /// N probed above the result (capacity + 2, + 4, + 8, ...): a pass there is reported as a
+    /// place where the curve is not monotone.
+    #[arg(long, default_value_t = 3)]
+    pub confirm_points: u32,
     /// Smallest N tried.
     #[arg(long, default_value_t = 8)]
     pub min_agents: u32,
@@ -53,6 +62,12 @@ pub struct CapacityArgs {
     pub max_agents: u32,
     #[arg(long, default_value = calibration::DEFAULT_PROFILE)]
     pub profile: String,
+    /// Override what the scheduler is told about pauses (default: each workload's own `[hint]`).
+    #[arg(long, value_enum)]
+    pub hint: Option<crate::simulate_cmd::HintOverride>,
+    /// Log-normal sigma of the hint noise (implies --hint noisy when given alone).
+    #[arg(long)]
+    pub hint_sigma: Option<f64>,
     /// What hint-using policies do with hints (hint, ewma, none).
     #[arg(long, default_value = "hint", value_parser = ["hint", "ewma", "none"])]
     pub predictor: String,
@@ -85,22 +100,53 @@ pub struct CapacityRow {
     pub seeds: u64,
     /// The batch policy every probe ran under.
     pub batching: String,
-    /// The largest N that passed (0: even the smallest failed).
+    /// What the scheduler was told about pauses (the workload's hint, or the override).
+    pub hint: String,
+    /// The largest N such that every probed N up to it passed (0: even the smallest failed).
     pub capacity_agents: u32,
     /// True when `max_agents` passed (the capacity is at least that).
     pub capped: bool,
-    /// Worst P99 over seeds at the capacity, ms.
+    /// P99 at the capacity over the seeds, ms: worst (the verdict), median and best seed.
     pub p99_ms_at_capacity: f64,
+    pub p99_ms_at_capacity_median: f64,
+    pub p99_ms_at_capacity_best: f64,
     /// The smallest failing N found, and why it failed.
     pub first_failing_agents: u32,
     pub failure: String,
+    /// Probed N above the first failure that passed again (the curve is not monotone there),
+    /// separated by `;`. Empty when every probe above the first failure failed.
+    pub non_monotone_passes: String,
     pub probes: u32,
 }
 
-/// One probe's verdict: worst P99 over seeds and the rejections seen.
+/// One probe's verdict over every seed.
+#[derive(Clone, Debug)]
 struct Probe {
-    p99_ms: f64,
-    rejected: u64,
+    passed: bool,
+    /// P99 per seed, ms, in seed order.
+    p99_ms_by_seed: Vec<f64>,
+    why: String,
+}
+
+impl Probe {
+    fn worst_ms(&self) -> f64 {
+        self.p99_ms_by_seed.iter().copied().fold(0.0, f64::max)
+    }
+    fn best_ms(&self) -> f64 {
+        self.p99_ms_by_seed
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+    }
+    fn median_ms(&self) -> f64 {
+        let mut v = self.p99_ms_by_seed.clone();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
 }
 
 fn percentile_ms(mut v: Vec<u64>, p: f64) -> f64 {
@@ -111,19 +157,18 @@ fn percentile_ms(mut v: Vec<u64>, p: f64) -> f64 {
     analysis::percentile(&v, p) as f64 / 1e6
 }
 
+/// Runs every seed at `agents`: the probe passes when no seed rejected a turn and every seed's P99
+/// is within the SLO.
 fn probe(
     spec: &WorkloadSpec,
     base: &SimConfig,
     policy: PolicyKind,
     agents: u32,
-    seeds: u64,
-    metric: CapacityMetric,
+    args: &CapacityArgs,
 ) -> Result<Probe> {
-    let mut worst = Probe {
-        p99_ms: 0.0,
-        rejected: 0,
-    };
-    for seed in 0..seeds {
+    let mut p99_ms_by_seed = Vec::with_capacity(args.seeds as usize);
+    let mut rejected = 0u64;
+    for seed in 0..args.seeds {
         let mut config = base.clone();
         config.policy = policy;
         config.seed = seed;
@@ -135,102 +180,171 @@ fn probe(
                     policy.name()
                 )
             })?;
-        let rejected = out.turns.iter().filter(|t| t.rejected).count() as u64;
+        rejected += out.turns.iter().filter(|t| t.rejected).count() as u64;
         let values: Vec<u64> = out
             .turns
             .iter()
             .filter(|t| !t.rejected)
-            .filter_map(|t| match metric {
+            .filter_map(|t| match args.metric {
                 CapacityMetric::TurnP99 => t.finished_ns.map(|f| f - t.arrival_ns),
                 CapacityMetric::TtftAfterPauseP99 => (t.turn_index > 0)
                     .then_some(t.first_token_ns.map(|f| f - t.arrival_ns))
                     .flatten(),
             })
             .collect();
-        worst.p99_ms = worst.p99_ms.max(percentile_ms(values, 99.0));
-        worst.rejected += rejected;
+        p99_ms_by_seed.push(percentile_ms(values, 99.0));
     }
-    Ok(worst)
+    let mut probe = Probe {
+        passed: false,
+        p99_ms_by_seed,
+        why: String::new(),
+    };
+    if rejected > 0 {
+        probe.why = format!("{rejected} turns rejected (out of memory)");
+    } else if probe.worst_ms() > args.slo_ms {
+        probe.why = format!("P99 {:.0} ms > SLO", probe.worst_ms());
+    } else {
+        probe.passed = true;
+    }
+    Ok(probe)
 }
 
-/// Doubling then bisection over N.
+/// The probes of one search, by N.
+struct Probes<F: FnMut(u32) -> Result<Probe>> {
+    run_probe: F,
+    by_agents: BTreeMap<u32, Probe>,
+}
+
+impl<F: FnMut(u32) -> Result<Probe>> Probes<F> {
+    fn passes(&mut self, agents: u32) -> Result<bool> {
+        if !self.by_agents.contains_key(&agents) {
+            let p = (self.run_probe)(agents)?;
+            self.by_agents.insert(agents, p);
+        }
+        Ok(self.by_agents[&agents].passed)
+    }
+
+    /// The largest probed N such that every probed N up to it passed (0 if the smallest failed),
+    /// and the smallest probed failing N.
+    fn frontier(&self) -> (u32, Option<u32>) {
+        frontier(&self.by_agents)
+    }
+}
+
+/// Scan, then refine. 1. Double N from `--min-agents` until a probe fails (or `--max-agents`
+/// passes). 2. Scan `--scan-points` evenly spaced N between the last pass and that failure. 3.
+/// Bisect between the largest N below which every probe passed and the next probe (a failure). 4.
+/// Probe `--confirm-points` N above the result (+2, +4, +8, ...) to expose a curve that is not
+/// monotone. The capacity is the largest N such that every probed N up to it passed; probes above
+/// the first failure that pass are reported, not taken.
 fn search(
     spec: &WorkloadSpec,
     base: &SimConfig,
     policy: PolicyKind,
     args: &CapacityArgs,
-    slo_ms: f64,
 ) -> Result<CapacityRow> {
-    let mut probes = 0u32;
-    let mut cache: BTreeMap<u32, (bool, f64, String)> = BTreeMap::new();
-    let mut test = |n: u32, probes: &mut u32| -> Result<(bool, f64, String)> {
-        if let Some(v) = cache.get(&n) {
-            return Ok(v.clone());
-        }
-        *probes += 1;
-        let p = probe(spec, base, policy, n, args.seeds, args.metric)?;
-        let verdict = if p.rejected > 0 {
-            (
-                false,
-                p.p99_ms,
-                format!("{} turns rejected (out of memory)", p.rejected),
-            )
-        } else if p.p99_ms > slo_ms {
-            (false, p.p99_ms, format!("P99 {:.0} ms > SLO", p.p99_ms))
-        } else {
-            (true, p.p99_ms, String::new())
-        };
-        cache.insert(n, verdict.clone());
-        Ok(verdict)
+    let probes = search_with(args, |n| probe(spec, base, policy, n, args))?;
+    Ok(row(spec, base, policy, args, &probes.by_agents))
+}
+
+fn search_with<F: FnMut(u32) -> Result<Probe>>(
+    args: &CapacityArgs,
+    run_probe: F,
+) -> Result<Probes<F>> {
+    let mut probes = Probes {
+        run_probe,
+        by_agents: BTreeMap::new(),
     };
-    let (mut lo, mut lo_p99) = (0u32, 0.0f64);
-    let mut hi: Option<(u32, String)> = None;
     let mut n = args.min_agents.max(1);
-    loop {
-        let (ok, p99, why) = test(n, &mut probes)?;
-        if ok {
-            lo = n;
-            lo_p99 = p99;
-            if n >= args.max_agents {
-                break;
-            }
-            n = (n * 2).min(args.max_agents);
-        } else {
-            hi = Some((n, why));
+    while probes.passes(n)? {
+        if n >= args.max_agents {
             break;
         }
+        n = n.saturating_mul(2).min(args.max_agents);
     }
-    if let Some((mut h, mut why)) = hi.clone() {
-        while h - lo > 1 {
-            let mid = lo + (h - lo) / 2;
-            let (ok, p99, w) = test(mid, &mut probes)?;
-            if ok {
-                lo = mid;
-                lo_p99 = p99;
-            } else {
-                h = mid;
-                why = w;
+    if let (low @ 1.., Some(fail)) = probes.frontier() {
+        for k in 1..=args.scan_points {
+            let m = low + ((fail - low) as u64 * k as u64 / (args.scan_points as u64 + 1)) as u32;
+            if m > low && m < fail {
+                probes.passes(m)?;
             }
         }
-        hi = Some((h, why));
     }
-    Ok(CapacityRow {
+    // Bisect; capacity 0 means `--min-agents` itself failed: nothing below it is searched.
+    while let (capacity, Some(fail)) = probes.frontier() {
+        if capacity == 0 || fail - capacity <= 1 {
+            break;
+        }
+        probes.passes(capacity + (fail - capacity) / 2)?;
+    }
+    let (capacity, _) = probes.frontier();
+    if capacity > 0 && capacity < args.max_agents {
+        for k in 1..=args.confirm_points {
+            let m = capacity.saturating_add(1u32 << k).min(args.max_agents);
+            probes.passes(m)?;
+        }
+    }
+    Ok(probes)
+}
+
+/// The largest N such that every probed N up to it passed, and the smallest failing N.
+fn frontier(by_agents: &BTreeMap<u32, Probe>) -> (u32, Option<u32>) {
+    let mut capacity = 0;
+    for (&n, p) in by_agents {
+        if !p.passed {
+            return (capacity, Some(n));
+        }
+        capacity = n;
+    }
+    (capacity, None)
+}
+
+fn row(
+    spec: &WorkloadSpec,
+    base: &SimConfig,
+    policy: PolicyKind,
+    args: &CapacityArgs,
+    by_agents: &BTreeMap<u32, Probe>,
+) -> CapacityRow {
+    let (capacity, fail) = frontier(by_agents);
+    let at = by_agents.get(&capacity);
+    let non_monotone: Vec<String> = match fail {
+        Some(f) => by_agents
+            .range(f..)
+            .filter(|(_, p)| p.passed)
+            .map(|(n, _)| n.to_string())
+            .collect(),
+        None => Vec::new(),
+    };
+    CapacityRow {
         workload: spec.name.clone(),
-        batching: base.sched.batching.name(),
         policy: policy.name().into(),
         metric: format!("{:?}", args.metric),
-        slo_ms,
+        slo_ms: args.slo_ms,
         seeds: args.seeds,
-        capacity_agents: lo,
-        capped: hi.is_none(),
-        p99_ms_at_capacity: lo_p99,
-        first_failing_agents: hi.as_ref().map_or(0, |h| h.0),
-        failure: hi.map_or_else(
-            || format!("passed at max_agents {}", args.max_agents),
-            |h| h.1,
-        ),
-        probes,
-    })
+        batching: base.sched.batching.name(),
+        hint: hint_name(&spec.hint),
+        capacity_agents: capacity,
+        capped: fail.is_none(),
+        p99_ms_at_capacity: at.map_or(0.0, Probe::worst_ms),
+        p99_ms_at_capacity_median: at.map_or(0.0, Probe::median_ms),
+        p99_ms_at_capacity_best: at.map_or(0.0, Probe::best_ms),
+        first_failing_agents: fail.unwrap_or(0),
+        failure: match fail {
+            Some(f) => by_agents[&f].why.clone(),
+            None => format!("passed at max_agents {}", args.max_agents),
+        },
+        non_monotone_passes: non_monotone.join(";"),
+        probes: by_agents.len() as u32,
+    }
+}
+
+fn hint_name(hint: &HintSpec) -> String {
+    match hint {
+        HintSpec::Exact => "exact".into(),
+        HintSpec::Noisy { sigma } => format!("noisy-{sigma}"),
+        HintSpec::None => "none".into(),
+    }
 }
 
 fn constant(d: &Distribution) -> Option<u32> {
@@ -291,12 +405,15 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         bail!("--slo-ms must be a finite number > 0, got {}", args.slo_ms);
     }
     if args.seeds == 0
+        || args.seeds > 10_000
+        || args.scan_points > 64
+        || args.confirm_points > 16
         || args.min_agents == 0
         || args.min_agents > args.max_agents
         || args.max_agents > traces::workload::AGENTS_MAX
     {
         bail!(
-            "need --seeds >= 1 and 1 <= --min-agents <= --max-agents <= {}",
+            "need 1 <= --seeds <= 10000, --scan-points <= 64, --confirm-points <= 16 and 1 <= --min-agents <= --max-agents <= {}",
             traces::workload::AGENTS_MAX
         );
     }
@@ -321,10 +438,16 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     let mut base = SimConfig::new(PolicyKind::Pin, calibration::load_profile(&args.profile)?);
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
     base.sched.batching = args.batching;
-    let specs: Vec<WorkloadSpec> = load_workloads(&workloads)?
+    let mut specs: Vec<WorkloadSpec> = load_workloads(&workloads)?
         .into_iter()
         .map(|(spec, _)| spec)
         .collect();
+    if let Some(hint) = crate::simulate_cmd::hint_override(args.hint, args.hint_sigma) {
+        for spec in &mut specs {
+            spec.hint = hint.clone();
+            spec.validate(std::path::Path::new("--hint/--hint-sigma"))?;
+        }
+    }
     check_new_file(&args.out, "--out", args.overwrite)?;
     let jobs: Vec<(usize, PolicyKind)> = (0..specs.len())
         .flat_map(|w| policies.iter().map(move |&p| (w, p)))
@@ -341,7 +464,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
     let rows: Vec<CapacityRow> = pool.install(|| {
         jobs.par_iter()
             .map(|&(w, p)| {
-                let r = search(&specs[w], &base, p, &args, args.slo_ms);
+                let r = search(&specs[w], &base, p, &args);
                 bar.inc(1);
                 r
             })
@@ -361,7 +484,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
 /// One workload's capacities, largest first, under its `pin` pool arithmetic.
 fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows: &[CapacityRow]) {
     println!(
-        "== {}: capacity = largest N with {} <= {:.0} ms and no rejected turn, every seed of {} (profile {}, batch policy {})",
+        "== {}: capacity = largest N such that every probed N up to it had {} <= {:.0} ms and no rejected turn on every seed of {} (profile {}, batch policy {}, hint {}, predictor {})",
         spec.name,
         match args.metric {
             CapacityMetric::TurnP99 => "P99 turn latency",
@@ -370,12 +493,14 @@ fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows:
         args.slo_ms,
         args.seeds,
         base.profile.name,
-        base.sched.batching.name()
+        base.sched.batching.name(),
+        hint_name(&spec.hint),
+        args.predictor,
     );
     println!("{}", pin_arithmetic(spec, base));
     println!(
-        "{:<20} {:>9} {:>12} {:>10}  first failure",
-        "policy", "capacity", "p99 ms at N", "probes"
+        "{:<20} {:>9} {:>26} {:>7}  first failure; N passing above it (not monotone)",
+        "policy", "capacity", "p99 ms at N: worst/med/best", "probes"
     );
     let mut mine: Vec<&CapacityRow> = rows.iter().filter(|r| r.workload == spec.name).collect();
     mine.sort_by(|a, b| {
@@ -389,14 +514,24 @@ fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows:
         } else {
             r.capacity_agents.to_string()
         };
-        let fail = if r.capped {
+        let mut fail = if r.capped {
             r.failure.clone()
         } else {
             format!("N={}: {}", r.first_failing_agents, r.failure)
         };
+        if !r.non_monotone_passes.is_empty() {
+            fail.push_str(&format!(
+                "; passes again at N={}",
+                r.non_monotone_passes.replace(';', ",")
+            ));
+        }
+        let spread = format!(
+            "{:.0}/{:.0}/{:.0}",
+            r.p99_ms_at_capacity, r.p99_ms_at_capacity_median, r.p99_ms_at_capacity_best
+        );
         println!(
-            "{:<20} {:>9} {:>12.0} {:>10}  {}",
-            r.policy, cap, r.p99_ms_at_capacity, r.probes, fail
+            "{:<20} {:>9} {:>26} {:>7}  {}",
+            r.policy, cap, spread, r.probes, fail
         );
     }
     println!();
@@ -405,6 +540,96 @@ fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_args(min_agents: u32, max_agents: u32) -> CapacityArgs {
+        CapacityArgs {
+            workloads: vec![],
+            policies: vec![],
+            slo_ms: 5000.0,
+            metric: CapacityMetric::TurnP99,
+            seeds: 5,
+            scan_points: 6,
+            confirm_points: 3,
+            hint: None,
+            hint_sigma: None,
+            min_agents,
+            max_agents,
+            profile: calibration::DEFAULT_PROFILE.into(),
+            predictor: "hint".into(),
+            batching: sim::BatchPolicy::default(),
+            out: PathBuf::new(),
+            overwrite: false,
+            threads: Some(1),
+        }
+    }
+
+    /// A probe that passes exactly on `pass(n)`.
+    fn fake(pass: impl Fn(u32) -> bool) -> impl FnMut(u32) -> Result<Probe> {
+        move |n| {
+            Ok(Probe {
+                passed: pass(n),
+                p99_ms_by_seed: vec![n as f64],
+                why: "fake".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn monotone_curve_gives_its_threshold() {
+        for threshold in [8, 9, 100, 173, 511, 512, 1000] {
+            let p = search_with(&test_args(8, 1024), fake(|n| n <= threshold)).unwrap();
+            assert_eq!(p.frontier(), (threshold, Some(threshold + 1)));
+        }
+        let p = search_with(&test_args(8, 1024), fake(|_| true)).unwrap();
+        assert_eq!(p.frontier(), (1024, None));
+        let p = search_with(&test_args(8, 1024), fake(|_| false)).unwrap();
+        assert_eq!(p.frontier(), (0, Some(8)));
+        assert_eq!(p.by_agents.len(), 1, "nothing below --min-agents is probed");
+    }
+
+    #[test]
+    fn a_pass_above_a_failure_is_flagged_not_taken() {
+        // Passes below 300 and again at 360..=370, where the scan between 256 (pass) and 512
+        // (fail) probes 365: a plain bisection would have walked up from 365.
+        let curve = |n: u32| n < 300 || (360..=370).contains(&n);
+        let args = test_args(8, 1024);
+        let p = search_with(&args, fake(curve)).unwrap();
+        let spec = crate::runio::load_workload("seed-cliff").unwrap();
+        let base = SimConfig::new(
+            PolicyKind::Pin,
+            calibration::load_profile("h100-llama2-7b").unwrap(),
+        );
+        let r = row(&spec, &base, PolicyKind::Pin, &args, &p.by_agents);
+        assert_eq!(r.capacity_agents, 299, "{r:?}");
+        assert_eq!(r.first_failing_agents, 300);
+        assert_eq!(r.non_monotone_passes, "365", "{r:?}");
+    }
+
+    #[test]
+    fn every_probed_n_up_to_the_capacity_passed_on_random_curves() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..200 {
+            // A noisy cliff: passes below `edge`, each N within `noise` of it flips at random.
+            let edge: u32 = rng.gen_range(1..1200);
+            let noise: u32 = rng.gen_range(0..40);
+            let flips: Vec<bool> = (0..1300).map(|_| rng.gen_bool(0.3)).collect();
+            let curve = |n: u32| (n < edge) != (n.abs_diff(edge) < noise && flips[n as usize]);
+            let p = search_with(&test_args(8, 1024), fake(curve)).unwrap();
+            let (capacity, fail) = p.frontier();
+            for (&n, probe) in &p.by_agents {
+                assert_eq!(probe.passed, curve(n));
+                if n <= capacity {
+                    assert!(probe.passed, "N={n} <= capacity {capacity} failed");
+                }
+            }
+            match fail {
+                Some(f) if capacity > 0 => assert_eq!(f, capacity + 1, "refined to adjacent N"),
+                Some(f) => assert_eq!(f, 8),
+                None => assert_eq!(capacity, 1024),
+            }
+        }
+    }
 
     #[test]
     fn pin_capacity_on_seed_cliff_matches_its_pool_arithmetic() {
@@ -430,6 +655,10 @@ mod tests {
             slo_ms: 600_000.0,
             metric: CapacityMetric::TurnP99,
             seeds: 2,
+            scan_points: 6,
+            confirm_points: 3,
+            hint: None,
+            hint_sigma: None,
             min_agents: 16,
             max_agents: 256,
             profile: calibration::DEFAULT_PROFILE.into(),
@@ -439,7 +668,7 @@ mod tests {
             overwrite: false,
             threads: Some(1),
         };
-        let row = search(&spec, &base, PolicyKind::Pin, &args, args.slo_ms).unwrap();
+        let row = search(&spec, &base, PolicyKind::Pin, &args).unwrap();
         assert_eq!(row.capacity_agents, predicted, "{text}\n{row:?}");
         assert!(row.failure.contains("rejected"), "{row:?}");
     }

@@ -146,20 +146,25 @@ struct Plan {
     profile_input: Input,
 }
 
+/// The hint a `--hint`/`--hint-sigma` pair asks for (`None`: keep the workload's own).
+pub fn hint_override(hint: Option<HintOverride>, sigma: Option<f64>) -> Option<HintSpec> {
+    match (hint, sigma) {
+        (Some(HintOverride::Exact), _) => Some(HintSpec::Exact),
+        (Some(HintOverride::None), _) => Some(HintSpec::None),
+        (Some(HintOverride::Noisy), sigma) => Some(HintSpec::Noisy {
+            sigma: sigma.unwrap_or(0.5),
+        }),
+        (None, Some(sigma)) => Some(HintSpec::Noisy { sigma }),
+        (None, None) => None,
+    }
+}
+
 fn apply_overrides(args: &SimulateArgs, spec: &mut WorkloadSpec) -> Result<()> {
     if let (Some(low), Some(high)) = (args.pause_min_s, args.pause_max_s) {
         spec.agent.pause_s = Distribution::Uniform { low, high };
     }
-    match (args.hint, args.hint_sigma) {
-        (Some(HintOverride::Exact), _) => spec.hint = HintSpec::Exact,
-        (Some(HintOverride::None), _) => spec.hint = HintSpec::None,
-        (Some(HintOverride::Noisy), sigma) => {
-            spec.hint = HintSpec::Noisy {
-                sigma: sigma.unwrap_or(0.5),
-            }
-        }
-        (None, Some(sigma)) => spec.hint = HintSpec::Noisy { sigma },
-        (None, None) => {}
+    if let Some(hint) = hint_override(args.hint, args.hint_sigma) {
+        spec.hint = hint;
     }
     spec.validate(std::path::Path::new("command-line overrides"))
         .map_err(anyhow::Error::from)
