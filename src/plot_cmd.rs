@@ -28,6 +28,10 @@ pub struct PlotArgs {
     /// Label of the horizontal line.
     #[arg(long, default_value = "SLO")]
     pub hline_label: String,
+    /// Draw a vertical dashed line at this x, with an optional label (e.g. a capacity bound:
+    /// `--vline "231=compute bound"`). Repeat for several.
+    #[arg(long, value_name = "X[=LABEL]")]
+    pub vline: Vec<String>,
     /// Logarithmic y axis (latencies past the cliff span orders of magnitude).
     #[arg(long)]
     pub log_y: bool,
@@ -53,6 +57,24 @@ pub fn run(args: PlotArgs) -> Result<()> {
             bail!("--hline must be a finite number (> 0 with --log-y), got {h}");
         }
     }
+    let vlines: Vec<(f64, String)> = args
+        .vline
+        .iter()
+        .map(|v| {
+            let (x, label) = v.split_once('=').unwrap_or((v.as_str(), ""));
+            match x.trim().parse::<f64>() {
+                Ok(x) if x.is_finite() => Ok((
+                    x,
+                    if label.is_empty() {
+                        format!("x = {x}")
+                    } else {
+                        label.to_string()
+                    },
+                )),
+                _ => bail!("--vline `{v}`: expected X or X=LABEL with X a finite number"),
+            }
+        })
+        .collect::<Result<_>>()?;
     let text = std::fs::read_to_string(&args.csv)
         .with_context(|| format!("reading {}", args.csv.display()))?;
     let by = (!args.by.is_empty()).then_some(args.by.as_str());
@@ -80,6 +102,7 @@ pub fn run(args: PlotArgs) -> Result<()> {
         y_label: args.y.clone(),
         series: series.clone(),
         hline: args.hline.map(|h| (h, args.hline_label.clone())),
+        vlines,
         log_y: args.log_y,
     })?;
     let out = args

@@ -36,6 +36,8 @@ pub struct LinePlot {
     pub series: Vec<Series>,
     /// A horizontal reference line (value, label), e.g. the SLO.
     pub hline: Option<(f64, String)>,
+    /// Vertical reference lines (x, label), e.g. a capacity bound in agents.
+    pub vlines: Vec<(f64, String)>,
     pub log_y: bool,
 }
 
@@ -207,6 +209,26 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, PlotError> {
                         .label(label.as_str())
                         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], grey));
                 }
+                let dashes = [
+                    RGBColor(150, 30, 30),
+                    RGBColor(30, 30, 150),
+                    RGBColor(30, 110, 30),
+                ];
+                for (i, (v, label)) in plot.vlines.iter().enumerate() {
+                    let colour = dashes[i % dashes.len()];
+                    chart
+                        .draw_series(DashedLineSeries::new(
+                            vec![(*v, y0), (*v, y1)],
+                            6,
+                            4,
+                            ShapeStyle::from(&colour).stroke_width(2),
+                        ))
+                        .map_err(|e| draw(&e))?
+                        .label(label.as_str())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                        });
+                }
                 chart
                     .configure_series_labels()
                     .position(SeriesLabelPosition::UpperLeft)
@@ -239,6 +261,10 @@ fn axis_ranges(plot: &LinePlot, all: &[(f64, f64)]) -> (f64, f64, f64, f64) {
     if let Some((h, _)) = &plot.hline {
         y0 = y0.min(*h);
         y1 = y1.max(*h);
+    }
+    for (v, _) in &plot.vlines {
+        x0 = x0.min(*v);
+        x1 = x1.max(*v);
     }
     if x1 <= x0 {
         x1 = x0 + 1.0;
@@ -398,11 +424,12 @@ mod tests {
                 y_label: "P99 ms".into(),
                 series: s.clone(),
                 hline: Some((5000.0, "SLO 5 s".into())),
+                vlines: vec![(200.0, "bound 200".into())],
                 log_y,
             })
             .unwrap();
             assert!(svg.starts_with("<svg"), "{}", &svg[..80]);
-            for text in ["cliff", "djinn", "pin", "SLO 5 s", "P99 ms"] {
+            for text in ["cliff", "djinn", "pin", "SLO 5 s", "P99 ms", "bound 200"] {
                 assert!(svg.contains(text), "missing {text}");
             }
             assert!(
