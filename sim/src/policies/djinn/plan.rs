@@ -129,12 +129,68 @@ impl Djinn {
         }
     }
 
-    /// Takes a resident agent's KV off the GPU: swap if the host has room (and `drop` is not
-    /// asked), else drop.
+    /// Host blocks that dropping host-resident KV needed later than `next_use` could free, up
+    /// to `want` (0 unless the host is used as a cache).
+    fn host_room_possible(&self, view: &SchedView, next_use: u64, want: i64) -> i64 {
+        if !self.params.host_as_cache {
+            return 0;
+        }
+        let mut room = 0i64;
+        for &(key, agent) in self.host_paused.iter().rev() {
+            if key <= next_use || room >= want {
+                break;
+            }
+            if view.kv.state(agent) == KvState::Host {
+                room += view.kv.host_blocks_held(agent) as i64;
+            }
+        }
+        room
+    }
+
+    /// Makes room for `blocks` on the host by dropping the host-resident KV needed furthest in
+    /// the future, all of it needed later than `next_use` (Belady on the host pool: a drop
+    /// recomputes one context either way, so keep the ones needed sooner). False, dropping
+    /// nothing, when that cannot free enough.
+    fn make_host_room(
+        &mut self,
+        view: &SchedView,
+        blocks: u32,
+        next_use: u64,
+        plan: &mut StepPlan,
+        budget: &mut PlanBudget,
+    ) -> bool {
+        let lack = blocks as i64 - budget.host_free;
+        if lack <= 0 {
+            return true;
+        }
+        if self.host_room_possible(view, next_use, lack) < lack {
+            return false;
+        }
+        while (blocks as i64) > budget.host_free {
+            let Some(&(key, victim)) = self.host_paused.iter().next_back() else {
+                return false;
+            };
+            self.host_paused.remove(&(key, victim));
+            self.host_paused_key.remove(&victim);
+            if view.kv.state(victim) != KvState::Host {
+                continue;
+            }
+            if let Some(start) = self.prefetch_key.remove(&victim) {
+                self.prefetch_at.remove(&(start, victim));
+            }
+            budget.host_free += view.kv.host_blocks_held(victim) as i64;
+            plan.drop.push((victim, 0));
+        }
+        true
+    }
+
+    /// Takes a resident agent's KV off the GPU: swap if the host has room, or room can be made
+    /// by dropping KV needed after `next_use` (and `drop` is not asked), else drop.
     fn evict(
         &mut self,
         view: &SchedView,
         agent: AgentId,
+        next_use: u64,
         drop: bool,
         plan: &mut StepPlan,
         budget: &mut PlanBudget,
@@ -143,7 +199,10 @@ impl Djinn {
         let key = self.return_key(view, agent);
         self.resident_paused.remove(&(key, agent));
         self.unpark(agent);
-        if !drop && blocks as i64 <= budget.host_free {
+        if !drop
+            && (blocks as i64 <= budget.host_free
+                || self.make_host_room(view, blocks, next_use, plan, budget))
+        {
             budget.host_free -= blocks as i64;
             budget.freeing += blocks as i64;
             budget.out_backlog_ns += view.costs.swap_out_ns(blocks);
@@ -185,11 +244,12 @@ impl Djinn {
                     >= round_trip
                         + self.prefetch_margin_ns(view.costs.swap_in_ns(blocks))
                         + budget.out_backlog_ns;
+                let key = self.return_key(view, agent);
                 let host_room = blocks as i64 <= budget.host_free;
                 if swap_pays && (!self.params.queue_aware || host_room) {
                     // Ahead of need only a swap pays: a drop here would buy recompute for memory
                     // nobody asked for yet (the demand-driven step below may still drop).
-                    self.evict(view, agent, false, plan, budget);
+                    self.evict(view, agent, key, false, plan, budget);
                 }
             }
         }
@@ -258,12 +318,17 @@ impl Djinn {
                 // Sorted by return: everyone left returns even sooner.
                 break;
             }
-            if self.params.queue_aware && blocks as i64 > budget.host_free && short.head_lack <= 0 {
+            let lack = blocks as i64 - budget.host_free;
+            if self.params.queue_aware
+                && lack > 0
+                && short.head_lack <= 0
+                && self.host_room_possible(view, key, lack) < lack
+            {
                 break;
             }
             short.deficit -= blocks as i64;
             short.head_lack -= blocks as i64;
-            self.evict(view, agent, false, plan, budget);
+            self.evict(view, agent, key, false, plan, budget);
         }
     }
 
@@ -301,7 +366,9 @@ impl Djinn {
             if frame.queue_wait < view.costs.swap_out_ns(blocks) + view.costs.swap_in_ns(blocks) {
                 break;
             }
-            let drop = if blocks as i64 > budget.host_free {
+            let next_use = view.now.as_nanos() + frame.queue_wait;
+            let lack = blocks as i64 - budget.host_free;
+            let drop = if lack > 0 && self.host_room_possible(view, next_use, lack) < lack {
                 // Host full: dropping a turn that is about to run only moves work to recompute;
                 // one that waits longer than its recompute takes, while the head lacks memory,
                 // holds memory for nothing.
@@ -318,7 +385,7 @@ impl Djinn {
                 false
             };
             short.deficit -= blocks as i64;
-            self.evict(view, agent, drop, plan, budget);
+            self.evict(view, agent, next_use, drop, plan, budget);
             evicted.push(agent);
         }
         evicted
@@ -365,7 +432,8 @@ impl Djinn {
             self.parked_at.remove(&a);
         }
         for agent in victims {
-            self.evict(view, agent, false, plan, budget);
+            let next_use = view.now.as_nanos() + frame.queue_wait;
+            self.evict(view, agent, next_use, false, plan, budget);
             evicted_waiting.push(agent);
         }
     }
@@ -407,6 +475,7 @@ impl Djinn {
             }
             self.prefetch_at.remove(&(first_key, first));
             self.prefetch_key.remove(&first);
+            self.forget_host_paused(first);
             spare -= blocks;
             budget.free -= blocks;
             backlog += view.costs.swap_in_ns(blocks as u32);
