@@ -141,7 +141,12 @@ impl ModelSpec {
     /// multiplies.
     pub fn matmul_flops_per_token(&self) -> u64 {
         let embedding = self.vocab_size as u64 * self.hidden_size as u64;
-        let products = self.parameters() - if self.tie_word_embeddings { 0 } else { embedding };
+        let products = self.parameters()
+            - if self.tie_word_embeddings {
+                0
+            } else {
+                embedding
+            };
         2 * products
     }
 
@@ -207,7 +212,11 @@ impl ModelSpec {
 
     fn validate_rope_scaling(&self, path: &Path, r: &RopeScaling) -> Result<(), TraceError> {
         let fail = |field: &str, message: String| {
-            Err(TraceError::invalid(path, format!("rope_scaling.{field}"), message))
+            Err(TraceError::invalid(
+                path,
+                format!("rope_scaling.{field}"),
+                message,
+            ))
         };
         if r.kind != "llama3" {
             return fail("kind", format!("unknown kind `{}` (known: llama3)", r.kind));
