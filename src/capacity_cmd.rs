@@ -18,6 +18,7 @@ use traces::workload::Distribution;
 use traces::WorkloadSpec;
 
 use crate::runio::outdir::check_new_file;
+use crate::runio::profile_args::{check_context, ProfileArgs};
 use crate::runio::{load_workloads, parse_policy};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -51,8 +52,8 @@ pub struct CapacityArgs {
     /// Largest N tried.
     #[arg(long, default_value_t = 1024)]
     pub max_agents: u32,
-    #[arg(long, default_value = calibration::DEFAULT_PROFILE)]
-    pub profile: String,
+    #[command(flatten)]
+    pub gpu: ProfileArgs,
     /// What hint-using policies do with hints (hint, ewma, none).
     #[arg(long, default_value = "hint", value_parser = ["hint", "ewma", "none"])]
     pub predictor: String,
@@ -318,13 +319,16 @@ pub fn run(args: CapacityArgs) -> Result<()> {
                 .map(|p| parse_policy(p))
                 .collect::<Result<_>>()?
         };
-    let mut base = SimConfig::new(PolicyKind::Pin, calibration::load_profile(&args.profile)?);
+    let mut base = SimConfig::new(PolicyKind::Pin, args.gpu.resolve()?.profile);
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
     base.sched.batching = args.batching;
     let specs: Vec<WorkloadSpec> = load_workloads(&workloads)?
         .into_iter()
         .map(|(spec, _)| spec)
         .collect();
+    for (name, spec) in workloads.iter().zip(&specs) {
+        check_context(&base.profile, name, spec.max_context_tokens)?;
+    }
     check_new_file(&args.out, "--out", args.overwrite)?;
     let jobs: Vec<(usize, PolicyKind)> = (0..specs.len())
         .flat_map(|w| policies.iter().map(move |&p| (w, p)))
@@ -432,7 +436,7 @@ mod tests {
             seeds: 2,
             min_agents: 16,
             max_agents: 256,
-            profile: calibration::DEFAULT_PROFILE.into(),
+            gpu: ProfileArgs::default(),
             predictor: "hint".into(),
             batching: sim::BatchPolicy::default(),
             out: PathBuf::new(),
