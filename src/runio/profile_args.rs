@@ -80,7 +80,11 @@ impl ProfileArgs {
                 .card
                 .as_deref()
                 .unwrap_or(calibration::catalog::DEFAULT_CARD);
-            out.push_str(&format!(" --model {} --card {}", shell_word(m), shell_word(c)));
+            out.push_str(&format!(
+                " --model {} --card {}",
+                shell_word(m),
+                shell_word(c)
+            ));
         } else {
             for (flag, v) in [("--model", &self.model), ("--card", &self.card)] {
                 if let Some(v) = v {
@@ -173,7 +177,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.starts_with("--model:") && err.contains("llama3.1-8b"), "{err}");
+        assert!(
+            err.starts_with("--model:") && err.contains("llama3.1-8b"),
+            "{err}"
+        );
         let r = args(None, Some("qwen2.5-7b"), Some("gh200"))
             .resolve()
             .unwrap();
@@ -181,9 +188,14 @@ mod tests {
         assert_eq!(roles, ["model", "card"]);
         assert_eq!(r.profile.kv_bytes_per_token, 57_344);
         let default = args(None, None, None).resolve().unwrap();
-        assert_eq!(default.inputs, vec![profile_input("h100-llama2-7b").unwrap()]);
+        assert_eq!(
+            default.inputs,
+            vec![profile_input("h100-llama2-7b").unwrap()]
+        );
         assert!(check_context(&default.profile, "w", 4096).is_ok());
-        let err = check_context(&default.profile, "w", 8192).unwrap_err().to_string();
+        let err = check_context(&default.profile, "w", 8192)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("8192") && err.contains("llama2-7b"), "{err}");
     }
 }
