@@ -158,16 +158,7 @@ impl ModelSpec {
 
     pub fn validate(&self, path: &Path) -> Result<(), TraceError> {
         let fail = |field: &str, message: String| Err(TraceError::invalid(path, field, message));
-        if self.schema_version != crate::SCHEMA_VERSION {
-            return fail(
-                "schema_version",
-                format!(
-                    "this build reads version {}, got {}",
-                    crate::SCHEMA_VERSION,
-                    self.schema_version
-                ),
-            );
-        }
+        crate::check_schema_version(path, self.schema_version)?;
         if self.name.trim().is_empty() {
             return fail("name", "must not be empty".into());
         }
@@ -324,17 +315,7 @@ impl CardSpec {
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), TraceError> {
-        if self.schema_version != crate::SCHEMA_VERSION {
-            return Err(TraceError::invalid(
-                path,
-                "schema_version",
-                format!(
-                    "this build reads version {}, got {}",
-                    crate::SCHEMA_VERSION,
-                    self.schema_version
-                ),
-            ));
-        }
+        crate::check_schema_version(path, self.schema_version)?;
         for (field, v) in [("name", &self.name), ("label", &self.label)] {
             if v.trim().is_empty() {
                 return Err(TraceError::invalid(path, field, "must not be empty"));

@@ -32,3 +32,15 @@ pub use workload::{Arrival, Distribution, HintSpec, MixtureComponent, WorkloadSp
 
 /// Version of every schema in this crate; bumped whenever any field changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// Every versioned format's first check: the file's `schema_version` is this build's.
+pub fn check_schema_version(path: &std::path::Path, version: u32) -> Result<(), TraceError> {
+    if version != SCHEMA_VERSION {
+        return Err(TraceError::invalid(
+            path,
+            "schema_version",
+            format!("this build reads version {SCHEMA_VERSION}, got {version}"),
+        ));
+    }
+    Ok(())
+}

@@ -369,16 +369,7 @@ impl WorkloadSpec {
     /// Range and consistency checks; the error names the field.
     pub fn validate(&self, path: &Path) -> Result<(), TraceError> {
         let fail = |field: &str, message: String| Err(TraceError::invalid(path, field, message));
-        if self.schema_version != crate::SCHEMA_VERSION {
-            return fail(
-                "schema_version",
-                format!(
-                    "this build reads version {}, got {}",
-                    crate::SCHEMA_VERSION,
-                    self.schema_version
-                ),
-            );
-        }
+        crate::check_schema_version(path, self.schema_version)?;
         if self.name.trim().is_empty() {
             return fail("name", "must not be empty".into());
         }
