@@ -34,8 +34,8 @@ pub struct SimBenchArgs {
     /// Repetitions (the best wall time is reported, as usual for benchmarks).
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
-    #[arg(long, default_value = calibration::DEFAULT_PROFILE)]
-    pub profile: String,
+    #[command(flatten)]
+    pub gpu: crate::runio::profile_args::ProfileArgs,
     /// Write the results as CSV to this file.
     #[arg(long)]
     pub csv: Option<std::path::PathBuf>,
@@ -68,7 +68,7 @@ fn run_sim(args: SimBenchArgs) -> Result<()> {
         .num_threads(1)
         .build()
         .context("building a 1-thread pool")?;
-    let profile = calibration::load_profile(&args.profile)?;
+    let profile = args.gpu.resolve()?.profile;
     let names = if args.policies.is_empty() {
         vec!["djinn".to_string(), "swap".to_string(), "vllm".to_string()]
     } else {
@@ -100,6 +100,7 @@ fn run_sim(args: SimBenchArgs) -> Result<()> {
     );
     for (name, policy, target) in cases {
         let spec = load_workload(name)?;
+        crate::runio::profile_args::check_context(&profile, name, spec.max_context_tokens)?;
         let mut config = SimConfig::new(policy, profile.clone());
         config.seed = 0;
         let workload = sim::workload::generate(&spec, args.agents, 0);

@@ -19,6 +19,7 @@ use traces::workload::HintSpec;
 use traces::WorkloadSpec;
 
 use crate::runio::outdir::check_new_file;
+use crate::runio::profile_args::{check_context, ProfileArgs};
 use crate::runio::{load_workloads, parse_policy};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -60,8 +61,8 @@ pub struct CapacityArgs {
     /// Largest N tried.
     #[arg(long, default_value_t = 1024)]
     pub max_agents: u32,
-    #[arg(long, default_value = calibration::DEFAULT_PROFILE)]
-    pub profile: String,
+    #[command(flatten)]
+    pub gpu: ProfileArgs,
     /// Override what the scheduler is told about pauses (default: each workload's own `[hint]`).
     #[arg(long, value_enum)]
     pub hint: Option<crate::simulate_cmd::HintOverride>,
@@ -435,7 +436,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
                 .map(|p| parse_policy(p))
                 .collect::<Result<_>>()?
         };
-    let mut base = SimConfig::new(PolicyKind::Pin, calibration::load_profile(&args.profile)?);
+    let mut base = SimConfig::new(PolicyKind::Pin, args.gpu.resolve()?.profile);
     base.predictor = sim::policies::PredictorMode::parse(&args.predictor).context("--predictor")?;
     base.sched.batching = args.batching;
     let mut specs: Vec<WorkloadSpec> = load_workloads(&workloads)?
@@ -447,6 +448,9 @@ pub fn run(args: CapacityArgs) -> Result<()> {
             spec.hint = hint.clone();
             spec.validate(std::path::Path::new("--hint/--hint-sigma"))?;
         }
+    }
+    for (name, spec) in workloads.iter().zip(&specs) {
+        check_context(&base.profile, name, spec.max_context_tokens)?;
     }
     check_new_file(&args.out, "--out", args.overwrite)?;
     let jobs: Vec<(usize, PolicyKind)> = (0..specs.len())
@@ -554,7 +558,7 @@ mod tests {
             hint_sigma: None,
             min_agents,
             max_agents,
-            profile: calibration::DEFAULT_PROFILE.into(),
+            gpu: ProfileArgs::default(),
             predictor: "hint".into(),
             batching: sim::BatchPolicy::default(),
             out: PathBuf::new(),
@@ -661,7 +665,7 @@ mod tests {
             hint_sigma: None,
             min_agents: 16,
             max_agents: 256,
-            profile: calibration::DEFAULT_PROFILE.into(),
+            gpu: ProfileArgs::default(),
             predictor: "hint".into(),
             batching: sim::BatchPolicy::default(),
             out: PathBuf::new(),

@@ -8,6 +8,7 @@ mod calibrate_cmd;
 mod capacity_cmd;
 mod engine_cmd;
 mod plot_cmd;
+mod profiles_cmd;
 mod runio;
 mod simulate_cmd;
 mod sweep_cmd;
@@ -45,6 +46,9 @@ enum Command {
     Calibrate(calibrate_cmd::CalibrateArgs),
     /// Export a run directory as a timeline (Chrome trace-event JSON) for https://ui.perfetto.dev.
     Trace(trace_cmd::TraceArgs),
+    /// The shipped models, cards and profiles (for --model, --card, --profile) and the KV pool of
+    /// each model on each card.
+    Profiles(profiles_cmd::ProfilesArgs),
     /// Line plot (SVG) of a result CSV: e.g. P99 turn latency vs agents per policy (the cliff).
     Plot(plot_cmd::PlotArgs),
 }
@@ -60,6 +64,7 @@ fn main() {
         Some(Command::Calibrate(args)) => calibrate_cmd::run(args),
         Some(Command::Trace(args)) => trace_cmd::run(args),
         Some(Command::Plot(args)) => plot_cmd::run(args),
+        Some(Command::Profiles(args)) => profiles_cmd::run(args),
         None => simulate_cmd::run(simulate_cmd::SimulateArgs::default()).map(|_| ()),
     };
     if let Err(err) = result {

@@ -2,6 +2,7 @@
 
 pub mod inputs;
 pub mod outdir;
+pub mod profile_args;
 
 use std::path::Path;
 

@@ -12,8 +12,9 @@ use sim::PolicyKind;
 use traces::workload::{Distribution, HintSpec};
 use traces::{RunSummary, WorkloadSpec};
 
-use crate::runio::inputs::{check_expected, expect_flags, profile_input, shell_word, Input};
+use crate::runio::inputs::{check_expected, expect_flags, shell_word, Input};
 use crate::runio::outdir::{check_new_folder, Staging};
+use crate::runio::profile_args::{check_context, ProfileArgs};
 use crate::runio::{code_version, load_workloads, publish_workload, write_run};
 
 const DEFAULT_SLO_MS: f64 = 5000.0;
@@ -53,10 +54,8 @@ pub struct SimulateArgs {
     /// Root seed of every random stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// GPU profile: a shipped name (h100-llama2-7b, the analytic default; h100-llama2-7b-fitted,
-    /// fitted to real H100 runs by `djinn calibrate fit`; h200-llama2-7b) or a path to a profile JSON.
-    #[arg(long, default_value = calibration::DEFAULT_PROFILE, value_name = "NAME|PATH")]
-    pub profile: String,
+    #[command(flatten)]
+    pub gpu: ProfileArgs,
     /// Results folder: <out>/<workload>/ holds one run directory per policy and comparison.csv.
     /// A workload folder that already exists is never replaced silently: the command refuses
     /// (before simulating) unless --overwrite is given.
@@ -143,7 +142,7 @@ struct Plan {
     workloads: Vec<PlannedWorkload>,
     policies: Vec<PolicyKind>,
     base: SimConfig,
-    profile_input: Input,
+    profile_inputs: Vec<Input>,
 }
 
 /// The hint a `--hint`/`--hint-sigma` pair asks for (`None`: keep the workload's own).
@@ -212,9 +211,11 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
     if !(args.slo_ms.is_finite() && args.slo_ms > 0.0) {
         bail!("--slo-ms must be a finite number > 0, got {}", args.slo_ms);
     }
-    let profile = calibration::load_profile(&args.profile)?;
-    let profile_input = profile_input(&args.profile)?;
-    let mut base = SimConfig::new(PolicyKind::Djinn, profile);
+    let resolved = args.gpu.resolve()?;
+    for w in &workloads {
+        check_context(&resolved.profile, &w.arg, w.spec.max_context_tokens)?;
+    }
+    let mut base = SimConfig::new(PolicyKind::Djinn, resolved.profile);
     base.seed = args.seed;
     base.gpu_memory_utilization = args.gpu_memory_utilization;
     base.host_memory_bytes = (args.host_memory_gib * (1u64 << 30) as f64) as u64;
@@ -247,7 +248,7 @@ fn validate(args: &SimulateArgs) -> Result<Plan> {
         workloads,
         policies,
         base,
-        profile_input,
+        profile_inputs: resolved.inputs,
     })
 }
 
@@ -259,8 +260,8 @@ fn reproduce_line(
     agents: u32,
 ) -> String {
     let mut line = format!(
-        "djinn simulate --workload {} --policy {} --agents {agents} --seed {} --profile {} --gpu-memory-utilization {} --host-memory-gib {} --block-size {} --max-batch-tokens {}",
-        shell_word(&workload.arg), policy.name(), args.seed, shell_word(&args.profile), args.gpu_memory_utilization, args.host_memory_gib, args.block_size, args.max_batch_tokens
+        "djinn simulate --workload {} --policy {} --agents {agents} --seed {}{} --gpu-memory-utilization {} --host-memory-gib {} --block-size {} --max-batch-tokens {}",
+        shell_word(&workload.arg), policy.name(), args.seed, args.gpu.reproduce_flags(), args.gpu_memory_utilization, args.host_memory_gib, args.block_size, args.max_batch_tokens
     );
     if let (Some(a), Some(b)) = (args.pause_min_s, args.pause_max_s) {
         line.push_str(&format!(" --pause-min-s {a} --pause-max-s {b}"));
@@ -279,7 +280,7 @@ fn reproduce_line(
         line.push_str(&format!(" --slo-ms {}", args.slo_ms));
     }
     let mut inputs = workload.inputs.clone();
-    inputs.push(plan.profile_input.clone());
+    inputs.extend(plan.profile_inputs.iter().cloned());
     line.push_str(&expect_flags(&inputs));
     line
 }

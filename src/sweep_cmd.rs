@@ -27,8 +27,9 @@ pub use merge::MergeArgs;
 pub use spec::{expand, parse_shard, read_spec, resolve, SweepConfig, SweepSpec};
 use state::{FolderState, SweepInputs, SweepManifest};
 
-use crate::runio::inputs::{check_expected, expect_flags, profile_input, shell_word, Input};
+use crate::runio::inputs::{check_expected, expect_flags, shell_word, Input};
 use crate::runio::load_workload_with_inputs;
+use crate::runio::profile_args::{check_context, PartNames};
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
@@ -104,8 +105,25 @@ pub struct LoadedInputs {
 /// Loads the profile and every workload of `spec` (read from `spec_path`) with their hashes.
 /// Two entries naming workloads of one `name` are an error: their rows could not be told apart.
 pub fn sweep_inputs(spec_path: &Path, spec: &SweepSpec) -> Result<LoadedInputs> {
-    let profile = calibration::load_profile(&spec.profile)?;
-    let mut inputs = vec![profile_input(&spec.profile)?];
+    let choice = calibration::ProfileChoice {
+        profile: spec.profile.as_deref(),
+        model: spec.model.as_deref(),
+        card: spec.card.as_deref(),
+    };
+    let file = spec_path.display().to_string();
+    let keys = [
+        format!("{file}: field `profile`"),
+        format!("{file}: field `model`"),
+        format!("{file}: field `card`"),
+    ];
+    let names = PartNames {
+        profile: &keys[0],
+        model: &keys[1],
+        card: &keys[2],
+    };
+    let resolved = crate::runio::profile_args::resolve(choice, &names)?;
+    let profile = resolved.profile;
+    let mut inputs = resolved.inputs;
     let mut workloads: BTreeMap<String, WorkloadSpec> = BTreeMap::new();
     for w in &spec.workloads {
         let (loaded, files) = load_workload_with_inputs(w)
@@ -117,6 +135,8 @@ pub fn sweep_inputs(spec_path: &Path, spec: &SweepSpec) -> Result<LoadedInputs> 
                 loaded.name
             );
         }
+        check_context(&profile, w, loaded.max_context_tokens)
+            .with_context(|| format!("{}: field `workloads`", spec_path.display()))?;
         inputs.extend(files);
         workloads.insert(w.clone(), loaded);
     }

@@ -1,15 +1,23 @@
 //! Calibration: GPU profiles for the simulated GPU.
 //!
 //! Owns: the profiles shipped under `calibration/profiles/` (analytic roofline profiles, and
-//! profiles fitted to real runs) with their lookup by name or path, and the fit itself (`fit`):
+//! profiles fitted to real runs) with their lookup by name or path; the model and card
+//! descriptions shipped under `calibration/models/` and `calibration/cards/`, and the derivation
+//! of a profile from a (model, card) pair (`derive`, `catalog`); and the fit itself (`fit`):
 //! cost-model coefficients from the steps.csv / swaps.csv of real engine runs.
 //!
-//! Architecture invariant: depends on `traces` only; a profile is data (form, coefficients,
+//! Architecture invariant: depends on `traces` only (so the simulator's commands and the engine
+//! can both read the model and card descriptions); a profile is data (form, coefficients,
 //! provenance, fit error), never code.
+//!
+//! Must never: panic on a bad name or file; every lookup returns a `TraceError` naming it and the
+//! known names.
 
-use std::path::Path;
-
+pub mod catalog;
+pub mod derive;
 pub mod fit;
+
+pub use catalog::{load_card, load_model, resolve_profile, ChoicePart, ProfileChoice};
 
 use traces::{GpuProfile, TraceError};
 
@@ -40,26 +48,18 @@ pub const FITTED_PROFILE: &str = "h100-llama2-7b-fitted";
 
 /// Loads a profile by shipped name, or from a JSON file path.
 pub fn load_profile(name_or_path: &str) -> Result<GpuProfile, TraceError> {
-    if let Some((_, file, text)) = SHIPPED_PROFILES.iter().find(|(n, _, _)| *n == name_or_path) {
-        return GpuProfile::from_json_str(Path::new(file), text);
-    }
-    let path = Path::new(name_or_path);
-    if !path.exists() {
-        let known: Vec<&str> = SHIPPED_PROFILES.iter().map(|(n, _, _)| *n).collect();
-        return Err(TraceError::invalid(
-            path,
-            "profile",
-            format!(
-                "no such file, and not a shipped profile name (known: {})",
-                known.join(", ")
-            ),
-        ));
-    }
-    GpuProfile::read(path)
+    catalog::load_named(
+        "profile",
+        &SHIPPED_PROFILES,
+        name_or_path,
+        GpuProfile::from_json_str,
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]

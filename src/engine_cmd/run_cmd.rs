@@ -104,6 +104,11 @@ pub struct RunArgs {
     /// GPU profile: the cost hints the policies plan with, and the simulated GPU of --compare-sim.
     #[arg(long, default_value = calibration::DEFAULT_PROFILE, value_name = "NAME|PATH")]
     pub profile: String,
+    /// Instead of --profile: the twin profile derived from the engine's --model (a shipped model
+    /// description: llama2-7b, llama3.1-8b, qwen2.5-7b) on this card (h100-sxm, h200, gh200,
+    /// b200, or a card TOML).
+    #[arg(long, value_name = "NAME|PATH", conflicts_with_all = ["profile", "weights"])]
+    pub card: Option<String>,
     /// Also simulate the same workload, seed, policy and pool sizes and print real vs simulated.
     #[arg(long)]
     pub compare_sim: bool,

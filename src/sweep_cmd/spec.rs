@@ -23,8 +23,16 @@ pub struct SweepSpec {
     pub workloads: Vec<String>,
     pub agents: Vec<u32>,
     pub seeds: Vec<u64>,
-    #[serde(default = "default_profile")]
-    pub profile: String,
+    /// Profile name or path. Absent with neither `model` nor `card`: the default profile, written
+    /// back by name so the spec's fingerprint is what it was before models and cards existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Model the profile is derived from (name or path), as `--model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Card the profile is derived from (name or path), as `--card`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<String>,
     #[serde(default = "default_slo_ms")]
     pub slo_ms: f64,
     /// Batch policies to sweep (an axis: every configuration runs under each). Empty = the
@@ -36,9 +44,6 @@ pub struct SweepSpec {
     pub overrides: Vec<Override>,
 }
 
-fn default_profile() -> String {
-    calibration::DEFAULT_PROFILE.to_string()
-}
 fn default_slo_ms() -> f64 {
     5000.0
 }
@@ -87,17 +92,10 @@ pub fn parse_hint(s: &str) -> Result<HintSpec> {
 pub fn read_spec(path: &Path) -> Result<SweepSpec> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let spec: SweepSpec = toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        anyhow::anyhow!(
-            "{}: {}{}",
-            path.display(),
-            line.map(|l| format!("line {l}: ")).unwrap_or_default(),
-            e.message()
-        )
-    })?;
+    let mut spec: SweepSpec = traces::io::parse_toml(path, &text)?;
+    if spec.profile.is_none() && spec.model.is_none() && spec.card.is_none() {
+        spec.profile = Some(calibration::DEFAULT_PROFILE.to_string());
+    }
     let fail = |field: &str, msg: String| -> Result<SweepSpec> {
         bail!("{}: field `{field}`: {msg}", path.display())
     };

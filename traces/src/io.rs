@@ -115,6 +115,24 @@ pub fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Tra
     })
 }
 
+/// Parses TOML text that came from `path` (used for embedded copies too); errors carry the line.
+pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, TraceError> {
+    toml::from_str(text).map_err(|e| {
+        let location = match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}")
+            }
+            None => "document".to_string(),
+        };
+        TraceError::Parse {
+            path: path.to_path_buf(),
+            location,
+            message: e.message().to_string(),
+        }
+    })
+}
+
 /// Serializes rows as CSV with a header and writes them atomically.
 pub fn write_csv_atomic<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), TraceError> {
     let bytes = csv_bytes(rows).map_err(|e| TraceError::Parse {

@@ -246,17 +246,7 @@ impl GpuProfile {
             }
             Ok(())
         };
-        if self.schema_version != crate::SCHEMA_VERSION {
-            return Err(TraceError::invalid(
-                path,
-                "schema_version",
-                format!(
-                    "this build reads version {}, got {}",
-                    crate::SCHEMA_VERSION,
-                    self.schema_version
-                ),
-            ));
-        }
+        crate::check_schema_version(path, self.schema_version)?;
         if self.cost.form != "roofline-v1" {
             return Err(TraceError::invalid(
                 path,

@@ -355,20 +355,7 @@ pub const CONTEXT_TOKENS_MAX: u32 = 1 << 20;
 impl WorkloadSpec {
     /// Parses and validates TOML text that came from `path`.
     pub fn from_toml_str(path: &Path, text: &str) -> Result<Self, TraceError> {
-        let spec: WorkloadSpec = toml::from_str(text).map_err(|e| {
-            let location = match e.span() {
-                Some(span) => {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}")
-                }
-                None => "document".to_string(),
-            };
-            TraceError::Parse {
-                path: path.to_path_buf(),
-                location,
-                message: e.message().to_string(),
-            }
-        })?;
+        let spec: WorkloadSpec = crate::io::parse_toml(path, text)?;
         spec.validate(path)?;
         Ok(spec)
     }
@@ -382,16 +369,7 @@ impl WorkloadSpec {
     /// Range and consistency checks; the error names the field.
     pub fn validate(&self, path: &Path) -> Result<(), TraceError> {
         let fail = |field: &str, message: String| Err(TraceError::invalid(path, field, message));
-        if self.schema_version != crate::SCHEMA_VERSION {
-            return fail(
-                "schema_version",
-                format!(
-                    "this build reads version {}, got {}",
-                    crate::SCHEMA_VERSION,
-                    self.schema_version
-                ),
-            );
-        }
+        crate::check_schema_version(path, self.schema_version)?;
         if self.name.trim().is_empty() {
             return fail("name", "must not be empty".into());
         }

@@ -11,9 +11,11 @@ use sim::PolicyKind;
 use traces::WorkloadSpec;
 
 use super::{EngineBackendKind, RunArgs, SwapInCopy};
-use crate::runio::inputs::{check_expected, profile_input, Input};
+use crate::runio::inputs::{check_expected, Input};
 use crate::runio::load_workload_with_inputs;
 use crate::runio::outdir::check_new_folder;
+use crate::runio::profile_args::{resolve, PartNames, ResolvedProfile, FLAGS};
+use calibration::ProfileChoice;
 
 /// Validated inputs.
 pub struct RunPlan {
@@ -62,8 +64,9 @@ pub fn validate(args: &RunArgs) -> Result<RunPlan> {
     }
     let agents = spec.agent_count(args.agents);
     let workload = sim::replay::build_workload(&spec, agents, args.seed)?;
-    let profile = calibration::load_profile(&args.profile)?;
-    inputs.push(profile_input(&args.profile)?);
+    let twin = twin_profile(args)?;
+    let profile = twin.profile;
+    inputs.extend(twin.inputs);
     let mut base = SimConfig::new(PolicyKind::Djinn, profile);
     base.seed = args.seed;
     base.block_size_tokens = args.block_size;
@@ -158,6 +161,31 @@ fn check_flags(args: &RunArgs) -> Result<()> {
 }
 
 /// The model the engine runs: a preset with random weights, or `--weights`; and its label.
+/// The simulated twin's profile: --profile, or the engine's model derived on --card.
+fn twin_profile(args: &RunArgs) -> Result<ResolvedProfile> {
+    let Some(card) = &args.card else {
+        let choice = ProfileChoice {
+            profile: Some(&args.profile),
+            ..ProfileChoice::default()
+        };
+        return resolve(choice, &FLAGS);
+    };
+    let model = args.model.as_deref().unwrap_or(match args.backend {
+        EngineBackendKind::Cuda => "llama2-7b",
+        EngineBackendKind::Cpu => "tiny",
+    });
+    let choice = ProfileChoice {
+        profile: None,
+        model: Some(model),
+        card: Some(card),
+    };
+    let names = PartNames {
+        model: "--model (with --card, a model description is needed for the twin profile)",
+        ..FLAGS
+    };
+    resolve(choice, &names)
+}
+
 fn model_config(args: &RunArgs) -> Result<(ModelConfig, String)> {
     let (model_config, model_label) = match (&args.weights, &args.model) {
         (Some(path), _) => (weights_config(path)?, path.display().to_string()),

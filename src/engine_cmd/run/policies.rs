@@ -58,7 +58,7 @@ pub fn reproduce_line(
         ("--swap-out-rate-cap-gbps", args.swap_out_rate_cap_gbps),
     ];
     format!(
-        "djinn engine run --backend {} {model} --workload {} --policy {} --agents {} --seed {} --gpu-kv-blocks {} --host-kv-blocks {} --block-size {} --max-batch-tokens {} --max-batch-sequences {} --profile {} --predictor {} --swap-in-copy {}{}{}",
+        "djinn engine run --backend {} {model} --workload {} --policy {} --agents {} --seed {} --gpu-kv-blocks {} --host-kv-blocks {} --block-size {} --max-batch-tokens {} --max-batch-sequences {} {} --predictor {} --swap-in-copy {}{}{}",
         info.backend,
         shell_word(&args.workload),
         policy.name(),
@@ -69,7 +69,10 @@ pub fn reproduce_line(
         args.block_size,
         args.max_batch_tokens,
         args.max_batch_sequences,
-        shell_word(&args.profile),
+        match &args.card {
+            Some(card) => format!("--card {}", shell_word(card)),
+            None => format!("--profile {}", shell_word(&args.profile)),
+        },
         args.predictor,
         format!("{:?}", args.swap_in_copy).to_lowercase(),
         caps.iter()
