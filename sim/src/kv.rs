@@ -635,6 +635,55 @@ impl KvManager {
         Ok(dropped)
     }
 
+    /// The agent rewrote its sequence after its first `keep_tokens` tokens (it compacted its
+    /// history): the KV beyond them is obsolete, neither dropped nor to be recomputed, so it
+    /// leaves the token accounting as if it had never been computed. Every valid token of the
+    /// kept prefix stays (the block holding its last tokens too: later tokens overwrite that
+    /// block's tail, as a decode does); a cached prefix keeps only its full blocks within it.
+    /// Nothing may be moving (the caller waits for the swap to finish).
+    pub fn forget_beyond(&mut self, agent: AgentId, keep_tokens: u32) -> Result<(), KvError> {
+        let bs = self.block_size_tokens;
+        let a = &self.agents[agent as usize];
+        if a.moving_in_count > 0 || a.moving_out_count > 0 {
+            return Err(KvError::SwapInFlight {
+                agent,
+                action: "compact",
+            });
+        }
+        let keep_blocks = keep_tokens.div_ceil(bs) as usize;
+        while self.agents[agent as usize].slots.len() > keep_blocks {
+            match self.agents[agent as usize].slots.pop().expect("len > keep") {
+                Slot::Gpu(b) => {
+                    self.free_gpu(b);
+                    self.agents[agent as usize].gpu_slot_count -= 1;
+                }
+                Slot::Host(b) => {
+                    self.free_host(b);
+                    self.agents[agent as usize].host_slot_count -= 1;
+                }
+                _ => unreachable!("checked above"),
+            }
+        }
+        let full_blocks = (keep_tokens / bs) as usize;
+        let cached_len = self.agents[agent as usize].cached.len();
+        for i in full_blocks..cached_len {
+            let b = self.agents[agent as usize].cached[i];
+            if self.gpu.cache_tag[b as usize] == (agent, i as u32) {
+                self.gpu.cache_tag[b as usize] = (NONE, NONE);
+            }
+        }
+        let a = &mut self.agents[agent as usize];
+        a.cached.truncate(full_blocks);
+        // Conservation (recomputed + missing == dropped) restated for the shorter sequence: the
+        // tokens missing beyond the kept prefix will never be recomputed.
+        let missing_before = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
+        a.kv_tokens = a.kv_tokens.min(keep_tokens);
+        a.computed_high_water = a.computed_high_water.min(keep_tokens);
+        let missing_after = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
+        a.tokens_dropped_total = a.tokens_dropped_total - missing_before + missing_after;
+        Ok(())
+    }
+
     /// Releases a resident agent's blocks into the GPU prefix cache (vllm at turn end): full
     /// blocks keep a tag and can be reclaimed until reused; they go to the free queue tail block
     /// first, so the oldest-freed tails are evicted before prefixes.

@@ -377,6 +377,7 @@ pub fn chat_workload(
                         new_tokens: window - g,
                         generated_tokens: g,
                         pause_after: None,
+                        context_tokens: None,
                     });
                 }
                 break;
@@ -395,6 +396,7 @@ pub fn chat_workload(
                 new_tokens,
                 generated_tokens: generated,
                 pause_after: None,
+                context_tokens: None,
             });
         }
         let arrival = SimTime((first.timestamp_ms as f64 * 1e6 * time_scale) as u64);
@@ -470,6 +472,7 @@ pub fn mix_background(
                 new_tokens: prompt,
                 generated_tokens: generated,
                 pause_after: None,
+                context_tokens: None,
             }],
         });
         next_id += 1;
@@ -554,6 +557,7 @@ mod tests {
             path: "data/trace.jsonl".into(),
             token_scale: 1.0,
             time_scale: 1.0,
+            cycle: false,
         });
         resolve_trace_paths(&mut spec, Path::new("specs/w.toml"));
         assert_eq!(
@@ -627,7 +631,8 @@ mod tests {
                     pause_after: Some(PauseProgram {
                         true_ns: 60_000_000_000,
                         hint_ns: None
-                    })
+                    }),
+                    context_tokens: None,
                 };
                 3
             ],
