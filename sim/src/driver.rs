@@ -22,6 +22,7 @@ use crate::time::{Clock, SimTime};
 use crate::workload::Workload;
 
 mod checks;
+mod compaction;
 
 /// How thoroughly invariants are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -536,29 +537,6 @@ impl<'w> LoopState<'w> {
             agent,
             turn_index: self.agents[agent as usize].turn_index,
         });
-        Ok(())
-    }
-
-    /// Applies a pending history compaction: the KV beyond the kept prefix goes, and the
-    /// sequence becomes the kept prefix plus the turn's new tokens (which are then prefilled
-    /// like any others). The engine learns of a compaction only when the turn arrives, so KV
-    /// still moving then (a swap-in ahead of the turn, a swap-out late in the pause) finishes
-    /// first: until then the agent cannot compute, and the sequence stays the uncompacted one
-    /// so that it never holds less than its valid KV.
-    fn compact(&mut self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
-        let Some(&keep) = self.pending_compactions.get(&agent) else {
-            return Ok(());
-        };
-        match self.kv.forget_beyond(agent, keep) {
-            Ok(()) => {}
-            Err(KvError::SwapInFlight { .. }) => return Ok(()),
-            Err(e) => return Err(self.kv_err(now, e)),
-        }
-        self.pending_compactions.remove(&agent);
-        let new_tokens = self.trackers[agent as usize]
-            .as_ref()
-            .map_or(0, |t| t.new_tokens);
-        self.agents[agent as usize].seq_tokens = keep + new_tokens;
         Ok(())
     }
 
