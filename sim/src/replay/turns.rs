@@ -128,7 +128,9 @@ fn program(
         let full = sequence + new_tokens as u64;
         // Rounding the scaled context must not let it claim more than the sequence holds.
         let mut input = match t.context_tokens {
-            Some(c) if k > 0 => (scaled(c, replay.token_scale) as u64).clamp(new_tokens as u64, full),
+            Some(c) if k > 0 => {
+                (scaled(c, replay.token_scale) as u64).clamp(new_tokens as u64, full)
+            }
             _ => full,
         };
         if input + generated as u64 > window {
@@ -162,5 +164,124 @@ fn program(
         agent_id,
         arrival,
         turns,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str, path: &str, cycle: bool) -> WorkloadSpec {
+        let text = format!(
+            "schema_version = 1\nname = \"t\"\nagents = 3\nmax_context_tokens = 4096\n{extra}\n\
+             [replay]\nformat = \"turns\"\npath = {path:?}\ncycle = {cycle}\n[hint]\nkind = \"exact\"\n"
+        );
+        WorkloadSpec::from_toml_str(Path::new("t.toml"), &text).unwrap()
+    }
+
+    fn write(name: &str, text: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("sim-turns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    const TIMED: &str = "session,turn,new_tokens,output_tokens,time_s,hint_s,context_tokens\n\
+                         s1,0,1000,10,100,,\n\
+                         s1,1,50,10,104,9,\n\
+                         s1,2,30,10,110,,300\n\
+                         s2,0,500,20,101,,\n\
+                         s3,0,700,20,102,,\n";
+
+    #[test]
+    fn file_times_start_sessions_and_laps_reshuffle_deterministically() {
+        let path = write("timed.csv", TIMED);
+        let s = spec("", &path, true);
+        let w = turns_workload(&s, s.replay.as_ref().unwrap(), 9, 5).unwrap();
+        assert_eq!(
+            w,
+            turns_workload(&s, s.replay.as_ref().unwrap(), 9, 5).unwrap()
+        );
+        let starts: Vec<f64> = w.agents.iter().map(|a| a.arrival.as_secs_f64()).collect();
+        // Starts 0, 1, 2 s; the period is the span x 3/2 = 3 s.
+        assert_eq!(starts, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+        let first = &w.agents[0];
+        assert_eq!(first.turns.len(), 3);
+        let p = first.turns[0].pause_after.unwrap();
+        assert_eq!((p.true_ns, p.hint_ns), (4_000_000_000, Some(4_000_000_000)));
+        // hint_s overrides [hint].
+        assert_eq!(
+            first.turns[1].pause_after.unwrap().hint_ns,
+            Some(9_000_000_000)
+        );
+        // 1000 + 10 + 50 + 10 = 1070 before turn 2; its explicit context 300 compacts.
+        assert_eq!(first.turns[2].context_tokens, Some(300));
+        assert_eq!(first.final_sequence_tokens(), 310);
+        assert_eq!(first.peak_sequence_tokens(), 1070);
+        // Some lap differs from the file's order, and another seed orders laps differently.
+        let order =
+            |w: &Workload| -> Vec<u32> { w.agents.iter().map(|a| a.turns[0].new_tokens).collect() };
+        let replay = s.replay.as_ref().unwrap();
+        assert_eq!(order(&w)[..3], [1000, 500, 700]);
+        let (five, six) = (
+            order(&turns_workload(&s, replay, 30, 5).unwrap()),
+            order(&turns_workload(&s, replay, 30, 6).unwrap()),
+        );
+        assert_eq!(five[..3], six[..3]);
+        assert_ne!(five[3..], six[3..]);
+        assert!(five.chunks(3).skip(1).any(|lap| lap != [1000, 500, 700]));
+    }
+
+    #[test]
+    fn more_agents_than_sessions_needs_cycle_and_pauses_need_an_arrival() {
+        let path = write("timed2.csv", TIMED);
+        let s = spec("", &path, false);
+        let e = turns_workload(&s, s.replay.as_ref().unwrap(), 4, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("timed2.csv") && e.contains("cycle = true"),
+            "{e}"
+        );
+        let paused = write(
+            "paused.csv",
+            "session,turn,new_tokens,output_tokens,pause_s\na,0,5,1,\n",
+        );
+        let s = spec("", &paused, false);
+        let e = turns_workload(&s, s.replay.as_ref().unwrap(), 1, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("paused.csv") && e.contains("[arrival]"), "{e}");
+        let s = spec("[arrival]\nkind = \"ramp\"\nramp_s = 0.0", &paused, false);
+        let w = turns_workload(&s, s.replay.as_ref().unwrap(), 1, 0).unwrap();
+        assert_eq!(w.agents[0].arrival, SimTime::ZERO);
+    }
+
+    #[test]
+    fn scaling_and_the_window_end_programs_as_for_generated_workloads() {
+        let path = write(
+            "big.csv",
+            "session,turn,new_tokens,output_tokens,pause_s,context_tokens\n\
+                                     a,0,60000,400,1,\n\
+                                     a,1,8000,400,1,\n\
+                                     a,2,8000,400,1,40000\n\
+                                     a,3,30000,400,,\n",
+        );
+        let mut s = spec("[arrival]\nkind = \"ramp\"\nramp_s = 0.0", &path, false);
+        s.replay.as_mut().unwrap().token_scale = 1.0 / 16.0;
+        let w = turns_workload(&s, s.replay.as_ref().unwrap(), 1, 0).unwrap();
+        let a = &w.agents[0];
+        // 3750 + 25 | 500 + 25 (4300 > 4096: the program ends after the first turn).
+        assert_eq!(a.turns.len(), 1);
+        assert!(a.turns[0].pause_after.is_none());
+        s.max_context_tokens = 8192;
+        let w = turns_workload(&s, s.replay.as_ref().unwrap(), 1, 0).unwrap();
+        let a = &w.agents[0];
+        // 3775, 4300, then a compaction to 2500 (+25), then 2525 + 1875 + 25 = 4425.
+        assert_eq!(a.turns.len(), 4);
+        assert_eq!(a.turns[2].context_tokens, Some(2500));
+        assert_eq!(a.final_sequence_tokens(), 4425);
+        assert!(a.peak_sequence_tokens() <= 8192);
     }
 }

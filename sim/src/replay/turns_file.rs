@@ -261,7 +261,12 @@ fn number(path: &Path, line: u64, column: &str, cell: Cell, max: f64) -> Result<
         ));
     }
     if v > max {
-        return Err(err(path, line, column, format!("must be at most {max}, got {v}")));
+        return Err(err(
+            path,
+            line,
+            column,
+            format!("must be at most {max}, got {v}"),
+        ));
     }
     Ok(v)
 }
@@ -270,7 +275,12 @@ fn number(path: &Path, line: u64, column: &str, cell: Cell, max: f64) -> Result<
 fn tokens(path: &Path, line: u64, column: &str, cell: Cell) -> Result<u32, TraceError> {
     let v = number(path, line, column, cell, CONTEXT_TOKENS_MAX as f64)?;
     if v.fract() != 0.0 {
-        return Err(err(path, line, column, format!("must be a whole number, got {v}")));
+        return Err(err(
+            path,
+            line,
+            column,
+            format!("must be a whole number, got {v}"),
+        ));
     }
     Ok(v as u32)
 }
@@ -313,7 +323,12 @@ fn row<'a>(
             "turn" => {
                 r.turn = number(path, line, name, cell, TURN_MAX)?;
                 if r.turn.fract() != 0.0 {
-                    return Err(err(path, line, name, format!("must be a whole number, got {}", r.turn)));
+                    return Err(err(
+                        path,
+                        line,
+                        name,
+                        format!("must be a whole number, got {}", r.turn),
+                    ));
                 }
             }
             "new_tokens" => r.new_tokens = tokens(path, line, name, cell)?,
@@ -381,7 +396,11 @@ fn sessions(path: &Path, rows: Vec<Row>) -> Result<Vec<FileSession>, TraceError>
     }
     if by_time {
         // Stable: sessions starting together keep their order of appearance.
-        out.sort_by(|a, b| a.start_s.unwrap_or(0.0).total_cmp(&b.start_s.unwrap_or(0.0)));
+        out.sort_by(|a, b| {
+            a.start_s
+                .unwrap_or(0.0)
+                .total_cmp(&b.start_s.unwrap_or(0.0))
+        });
     }
     Ok(out)
 }
@@ -395,7 +414,9 @@ fn session(path: &Path, rows: Vec<Row>) -> Result<FileSession, TraceError> {
         let pause_s = if k == last {
             None
         } else if let Some(t) = r.time_s {
-            let next = rows[k + 1].time_s.expect("a time_s file has times on every row");
+            let next = rows[k + 1]
+                .time_s
+                .expect("a time_s file has times on every row");
             if next < t {
                 return Err(err(
                     path,
@@ -407,16 +428,34 @@ fn session(path: &Path, rows: Vec<Row>) -> Result<FileSession, TraceError> {
             Some(next - t)
         } else {
             Some(r.pause_s.ok_or_else(|| {
-                err(path, r.line, "pause_s", "empty, but this is not the session's last turn")
+                err(
+                    path,
+                    r.line,
+                    "pause_s",
+                    "empty, but this is not the session's last turn",
+                )
             })?)
         };
         if k == 0 && r.new_tokens == 0 {
-            return Err(err(path, r.line, "new_tokens", "must be >= 1 on a session's first turn (its prompt)"));
+            return Err(err(
+                path,
+                r.line,
+                "new_tokens",
+                "must be >= 1 on a session's first turn (its prompt)",
+            ));
         }
         let full = sequence + r.new_tokens as u64;
         if let Some(c) = r.context_tokens {
             if k == 0 && c != r.new_tokens {
-                return Err(err(path, r.line, "context_tokens", format!("must equal new_tokens ({}) on a session's first turn", r.new_tokens)));
+                return Err(err(
+                    path,
+                    r.line,
+                    "context_tokens",
+                    format!(
+                        "must equal new_tokens ({}) on a session's first turn",
+                        r.new_tokens
+                    ),
+                ));
             }
             if c < r.new_tokens || c as u64 > full {
                 return Err(err(
@@ -445,4 +484,67 @@ fn session(path: &Path, rows: Vec<Row>) -> Result<FileSession, TraceError> {
         start_s: rows[0].time_s,
         turns,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_in_any_order_group_into_sessions_in_turn_order() {
+        let csv = "session,turn,new_tokens,output_tokens,pause_s,hint_s,context_tokens\n\
+                   b,1,5,2,,,\n\
+                   a,7,10,3,,,\n\
+                   a,2,100,4,1.5,2.0,\n\
+                   b,0,50,6,0.25,,50\n\
+                   a,5,0,3,0.5,,80\n";
+        let s = parse_turns("t.csv", csv, Syntax::Csv).unwrap();
+        // Without times: sessions in order of first appearance.
+        assert_eq!(
+            s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
+        let a = &s[1];
+        assert_eq!(
+            a.turns.iter().map(|t| t.new_tokens).collect::<Vec<_>>(),
+            [100, 0, 10]
+        );
+        assert_eq!(a.turns[0].pause_s, Some(1.5));
+        assert_eq!(a.turns[0].hint_s, Some(2.0));
+        assert_eq!(a.turns[1].context_tokens, Some(80));
+        assert_eq!(a.turns[2].pause_s, None);
+        assert_eq!(s[0].start_s, None);
+    }
+
+    #[test]
+    fn jsonl_times_give_pauses_and_order_sessions_by_start() {
+        let jsonl = "{\"session\": 7, \"turn\": 0, \"new_tokens\": 9, \"output_tokens\": 1, \"time_s\": 1700000010.0}\n\
+                     \n\
+                     {\"session\": \"x\", \"turn\": 0, \"new_tokens\": 9, \"output_tokens\": 1, \"time_s\": 1700000000.0}\n\
+                     {\"session\": \"x\", \"turn\": 1, \"new_tokens\": 0, \"output_tokens\": 1, \"time_s\": 1700000002.5, \"hint_s\": null}\n";
+        let s = parse_turns("t.jsonl", jsonl, Syntax::Jsonl).unwrap();
+        assert_eq!(s[0].id, "x");
+        assert_eq!(s[1].id, "7");
+        assert_eq!(s[0].turns[0].pause_s, Some(2.5));
+        assert_eq!(s[0].start_s, Some(1_700_000_000.0));
+    }
+
+    #[test]
+    fn syntax_by_extension_or_explicit_format() {
+        assert_eq!(Syntax::of("turns", "a/B.CSV").unwrap(), Syntax::Csv);
+        assert_eq!(Syntax::of("turns", "a.jsonl").unwrap(), Syntax::Jsonl);
+        assert_eq!(Syntax::of("turns-jsonl", "a.txt").unwrap(), Syntax::Jsonl);
+        let e = Syntax::of("turns", "a.txt").unwrap_err().to_string();
+        assert!(e.contains("a.txt") && e.contains("turns-csv"), "{e}");
+    }
+
+    #[test]
+    fn jsonl_rows_must_agree_on_pauses_or_times() {
+        let jsonl = "{\"session\": \"a\", \"turn\": 0, \"new_tokens\": 9, \"output_tokens\": 1, \"time_s\": 1.0}\n\
+                     {\"session\": \"a\", \"turn\": 1, \"new_tokens\": 9, \"output_tokens\": 1, \"pause_s\": 1.0}\n";
+        let e = parse_turns("t.jsonl", jsonl, Syntax::Jsonl)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2: column `time_s`"), "{e}");
+    }
 }
