@@ -26,7 +26,8 @@ b,2,80,20,,\n";
 fn spec(dir: &Path) -> WorkloadSpec {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("turns.csv"), TURNS).unwrap();
-    let text = "schema_version = 1\nname = \"compacting\"\nagents = 12\nmax_context_tokens = 4096\n\
+    let text =
+        "schema_version = 1\nname = \"compacting\"\nagents = 12\nmax_context_tokens = 4096\n\
                 [arrival]\nkind = \"ramp\"\nramp_s = 2.0\n\
                 [replay]\nformat = \"turns\"\npath = \"turns.csv\"\ncycle = true\n\
                 [hint]\nkind = \"exact\"\n";

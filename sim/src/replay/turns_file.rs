@@ -119,7 +119,11 @@ pub fn parse_turns(file: &str, text: &str, syntax: Syntax) -> Result<Vec<FileSes
 }
 
 fn err(path: &Path, line: u64, column: &str, message: impl std::fmt::Display) -> TraceError {
-    TraceError::invalid(path, format!("line {line}: column `{column}`"), message)
+    TraceError::Parse {
+        path: path.to_path_buf(),
+        location: format!("line {line}: column `{column}`"),
+        message: message.to_string(),
+    }
 }
 
 /// Checks a header (or a JSONL line's keys): every name known, none twice, the required ones
