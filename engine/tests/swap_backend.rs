@@ -171,6 +171,7 @@ fn workload() -> Workload {
                         true_ns: 40_000_000,
                         hint_ns: Some(40_000_000),
                     }),
+                    context_tokens: None,
                 })
                 .collect(),
         })

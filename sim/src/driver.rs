@@ -22,6 +22,7 @@ use crate::time::{Clock, SimTime};
 use crate::workload::Workload;
 
 mod checks;
+mod compaction;
 
 /// How thoroughly invariants are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +127,9 @@ struct TurnTracker {
     record_index: usize,
     first_time_tokens: u64,
     new_tokens: u32,
+    /// The turn's input replaces part of the history (the previous turn's last generated token
+    /// is then not computed by this turn).
+    compacted: bool,
     /// Since when the admitted turn waits again after a preemption.
     preempted_at: Option<SimTime>,
 }
@@ -158,6 +162,9 @@ struct LoopState<'w> {
     trackers: Vec<Option<TurnTracker>>,
     last_swap_in: Vec<Option<(SimTime, SimTime)>>,
     swap_starts: std::collections::BTreeMap<SwapId, usize>,
+    /// Agents whose turn compacted the history while their KV was moving: the tokens to keep
+    /// once the swap completes (see `compact`).
+    pending_compactions: std::collections::BTreeMap<AgentId, u32>,
     queue: BinaryHeap<Reverse<(SimTime, u64, QueuedEvent)>>,
     queue_seq: u64,
     out: RunOutput,
@@ -210,6 +217,7 @@ impl<'w> LoopState<'w> {
             trackers: (0..n).map(|_| None).collect(),
             last_swap_in: vec![None; n as usize],
             swap_starts: Default::default(),
+            pending_compactions: Default::default(),
             queue: BinaryHeap::with_capacity(n as usize),
             queue_seq: 0,
             out: RunOutput {
@@ -341,7 +349,7 @@ impl<'w> LoopState<'w> {
             }
             self.queue.pop();
             match event {
-                QueuedEvent::TurnArrival(agent) => self.turn_arrival(agent, at),
+                QueuedEvent::TurnArrival(agent) => self.turn_arrival(agent, at)?,
             }
         }
         if !self.events.is_empty() {
@@ -474,7 +482,7 @@ impl<'w> LoopState<'w> {
         }
     }
 
-    fn turn_arrival(&mut self, agent: AgentId, at: SimTime) {
+    fn turn_arrival(&mut self, agent: AgentId, at: SimTime) -> Result<(), RunError> {
         let program = &self.workload.agents[agent as usize];
         let a = &mut self.agents[agent as usize];
         if a.phase == Phase::NotArrived {
@@ -486,6 +494,9 @@ impl<'w> LoopState<'w> {
         let turn = program.turns[a.turn_index as usize];
         a.phase = Phase::Waiting;
         a.turn_arrival = at;
+        let compacted = turn
+            .context_tokens
+            .filter(|&c| (c as u64) < a.seq_tokens as u64 + turn.new_tokens as u64);
         a.seq_tokens += turn.new_tokens;
         a.generated = 0;
         a.generate_target = turn.generated_tokens;
@@ -514,12 +525,19 @@ impl<'w> LoopState<'w> {
             record_index,
             first_time_tokens: 0,
             new_tokens: turn.new_tokens,
+            compacted: compacted.is_some(),
             preempted_at: None,
         });
+        if let Some(context) = compacted {
+            let keep = context - turn.new_tokens;
+            self.pending_compactions.insert(agent, keep);
+            self.compact(agent, at)?;
+        }
         self.events.push(SchedEvent::TurnArrived {
             agent,
             turn_index: self.agents[agent as usize].turn_index,
         });
+        Ok(())
     }
 
     fn complete_swap(&mut self, c: &SwapCompletion, now: SimTime) -> Result<(), RunError> {
@@ -537,6 +555,7 @@ impl<'w> LoopState<'w> {
                 .unwrap_or(c.at);
             self.last_swap_in[agent as usize] = Some((start, c.at));
         }
+        self.compact(agent, now)?;
         self.events.push(SchedEvent::SwapDone {
             agent,
             swap_id: c.swap_id,
@@ -587,6 +606,7 @@ impl<'w> LoopState<'w> {
                 ));
             }
             self.kv.free_all(agent).map_err(|e| self.kv_err(now, e))?;
+            self.pending_compactions.remove(&agent);
             self.agents[agent as usize].phase = Phase::Rejected;
             if let Some(t) = self.trackers[agent as usize].take() {
                 self.out.turns[t.record_index].rejected = true;
@@ -905,8 +925,9 @@ impl<'w> LoopState<'w> {
         rec.finished_ns = Some(now.as_nanos());
         // Conservation: a turn computes each of its new tokens once (plus the previous turn's last
         // generated token), and generates exactly what it asked for.
-        let expected =
-            tracker.new_tokens as u64 + a.generate_target as u64 - u64::from(a.turn_index == 0);
+        // After a compaction that token is gone with the rest of the old history.
+        let expected = tracker.new_tokens as u64 + a.generate_target as u64
+            - u64::from(a.turn_index == 0 || tracker.compacted);
         if tracker.first_time_tokens != expected || a.generated != a.generate_target {
             let message = format!(
                 "agent {agent} turn {}: computed {} first-time tokens (expected {expected}), generated {} of {}",

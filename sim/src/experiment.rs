@@ -10,7 +10,7 @@ use crate::time::VirtualClock;
 use crate::workload::Workload;
 
 /// The shipped workload specs, embedded so the binary works anywhere.
-pub const SHIPPED_WORKLOADS: [(&str, &str); 7] = [
+pub const SHIPPED_WORKLOADS: [(&str, &str); 8] = [
     ("seed-exp1", include_str!("../workloads/seed-exp1.toml")),
     ("seed-cliff", include_str!("../workloads/seed-cliff.toml")),
     (
@@ -26,6 +26,10 @@ pub const SHIPPED_WORKLOADS: [(&str, &str); 7] = [
     (
         "agents-background",
         include_str!("../workloads/agents-background.toml"),
+    ),
+    (
+        "coding-agent-replay",
+        include_str!("../workloads/coding-agent-replay.toml"),
     ),
 ];
 

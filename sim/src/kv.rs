@@ -609,20 +609,7 @@ impl KvManager {
                 action: "drop",
             });
         }
-        while self.agents[agent as usize].slots.len() > keep_blocks {
-            let slot = self.agents[agent as usize].slots.pop().expect("len > keep");
-            match slot {
-                Slot::Gpu(b) => {
-                    self.free_gpu(b);
-                    self.agents[agent as usize].gpu_slot_count -= 1;
-                }
-                Slot::Host(b) => {
-                    self.free_host(b);
-                    self.agents[agent as usize].host_slot_count -= 1;
-                }
-                _ => unreachable!("checked above"),
-            }
-        }
+        self.free_slots_beyond(agent, keep_blocks);
         let a = &mut self.agents[agent as usize];
         let new_kv = a.kv_tokens.min(keep_blocks as u32 * self.block_size_tokens);
         let dropped = a.kv_tokens - new_kv;
@@ -633,6 +620,60 @@ impl KvManager {
             self.counters.dropped_tokens += dropped as u64;
         }
         Ok(dropped)
+    }
+
+    /// Frees the agent's blocks beyond the first `keep_blocks` (none of them may be moving).
+    fn free_slots_beyond(&mut self, agent: AgentId, keep_blocks: usize) {
+        while self.agents[agent as usize].slots.len() > keep_blocks {
+            match self.agents[agent as usize].slots.pop().expect("len > keep") {
+                Slot::Gpu(b) => {
+                    self.free_gpu(b);
+                    self.agents[agent as usize].gpu_slot_count -= 1;
+                }
+                Slot::Host(b) => {
+                    self.free_host(b);
+                    self.agents[agent as usize].host_slot_count -= 1;
+                }
+                _ => unreachable!("the caller checked that nothing moves"),
+            }
+        }
+    }
+
+    /// The agent rewrote its sequence after its first `keep_tokens` tokens (it compacted its
+    /// history): the KV beyond them is obsolete, neither dropped nor to be recomputed, so it
+    /// leaves the token accounting as if it had never been computed. Every valid token of the
+    /// kept prefix stays (the block holding its last tokens too: later tokens overwrite that
+    /// block's tail, as a decode does); a cached prefix keeps only its full blocks within it.
+    /// Nothing may be moving (the caller waits for the swap to finish).
+    pub fn forget_beyond(&mut self, agent: AgentId, keep_tokens: u32) -> Result<(), KvError> {
+        let bs = self.block_size_tokens;
+        let a = &self.agents[agent as usize];
+        if a.moving_in_count > 0 || a.moving_out_count > 0 {
+            return Err(KvError::SwapInFlight {
+                agent,
+                action: "compact",
+            });
+        }
+        let keep_blocks = keep_tokens.div_ceil(bs) as usize;
+        self.free_slots_beyond(agent, keep_blocks);
+        let full_blocks = (keep_tokens / bs) as usize;
+        let cached_len = self.agents[agent as usize].cached.len();
+        for i in full_blocks..cached_len {
+            let b = self.agents[agent as usize].cached[i];
+            if self.gpu.cache_tag[b as usize] == (agent, i as u32) {
+                self.gpu.cache_tag[b as usize] = (NONE, NONE);
+            }
+        }
+        let a = &mut self.agents[agent as usize];
+        a.cached.truncate(full_blocks);
+        // Conservation (recomputed + missing == dropped) restated for the shorter sequence: the
+        // tokens missing beyond the kept prefix will never be recomputed.
+        let missing_before = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
+        a.kv_tokens = a.kv_tokens.min(keep_tokens);
+        a.computed_high_water = a.computed_high_water.min(keep_tokens);
+        let missing_after = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
+        a.tokens_dropped_total = a.tokens_dropped_total - missing_before + missing_after;
+        Ok(())
     }
 
     /// Releases a resident agent's blocks into the GPU prefix cache (vllm at turn end): full
@@ -954,6 +995,32 @@ mod tests {
         kv.ensure_capacity(0, 51).unwrap();
         assert_eq!(kv.advance(0, 35).unwrap(), 34, "34 recomputed, 1 new");
         kv.audit().unwrap();
+    }
+
+    #[test]
+    fn a_compaction_keeps_the_prefix_and_forgets_the_rest_without_counting_drops() {
+        let mut kv = KvManager::new(16, 8, 8, 2);
+        kv.ensure_capacity(0, 70).unwrap();
+        kv.advance(0, 70).unwrap();
+        kv.drop_tail(0, 48).unwrap(); // 22 tokens dropped by a policy
+        kv.forget_beyond(0, 40).unwrap();
+        // The block holding tokens 32..40 stays; the policy's drop below 40 still counts.
+        assert_eq!((kv.kv_tokens(0), kv.blocks(0)), (40, 3));
+        assert_eq!(kv.tokens_dropped_total(0), 0);
+        kv.audit().unwrap();
+        // A cached prefix keeps only its full blocks within the kept prefix.
+        kv.release_to_cache(0).unwrap();
+        kv.forget_beyond(0, 40).unwrap();
+        assert_eq!(kv.reclaimable_prefix_blocks(0), 2);
+        kv.audit().unwrap();
+        assert_eq!(kv.reclaim_cached(0).unwrap(), 32);
+        kv.audit().unwrap();
+        // Moving KV is refused (the run loop waits for the swap).
+        kv.start_swap_out(0, 2).unwrap();
+        assert!(matches!(
+            kv.forget_beyond(0, 8),
+            Err(KvError::SwapInFlight { .. })
+        ));
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   arrival-to-arrival gap (the trace has no completion times; service takes seconds against a
 //!   median gap of ~2 minutes). Token counts are scaled by `token_scale` to fit the model window;
 //!   a session ends where its context would overflow the window.
+//! - `turns`: explicit per-session turn lists from a CSV or JSONL file (see [`turns_file`] for
+//!   the columns and [`turns`] for scaling, start times and cycling).
 //! - `background`: single-turn requests from an Azure-format CSV (arrival times, prompt and output
 //!   lengths), mixed into any workload so that a given fraction of all turns is background. The
 //!   trace's inter-arrival times are rescaled so the background spans the agent traffic.
@@ -30,8 +32,11 @@ use crate::rng::stream;
 use crate::time::SimTime;
 use crate::workload::{generate, AgentProgram, PauseProgram, TurnProgram, Workload};
 
+pub mod turns;
+pub mod turns_file;
+
 /// Sample traces shipped with the project (see `sim/workloads/traces/README.md`).
-pub const SHIPPED_TRACES: [(&str, &str); 3] = [
+pub const SHIPPED_TRACES: [(&str, &str); 4] = [
     (
         "mooncake_conversation_sample.jsonl",
         include_str!("../workloads/traces/mooncake_conversation_sample.jsonl"),
@@ -43,6 +48,10 @@ pub const SHIPPED_TRACES: [(&str, &str); 3] = [
     (
         "azure_code_sample.csv",
         include_str!("../workloads/traces/azure_code_sample.csv"),
+    ),
+    (
+        "coding_agent_turns_synthetic.csv",
+        include_str!("../workloads/traces/coding_agent_turns_synthetic.csv"),
     ),
 ];
 
@@ -377,6 +386,7 @@ pub fn chat_workload(
                         new_tokens: window - g,
                         generated_tokens: g,
                         pause_after: None,
+                        context_tokens: None,
                     });
                 }
                 break;
@@ -395,6 +405,7 @@ pub fn chat_workload(
                 new_tokens,
                 generated_tokens: generated,
                 pause_after: None,
+                context_tokens: None,
             });
         }
         let arrival = SimTime((first.timestamp_ms as f64 * 1e6 * time_scale) as u64);
@@ -470,6 +481,7 @@ pub fn mix_background(
                 new_tokens: prompt,
                 generated_tokens: generated,
                 pause_after: None,
+                context_tokens: None,
             }],
         });
         next_id += 1;
@@ -479,10 +491,11 @@ pub fn mix_background(
 
 /// Builds any workload: synthetic from its distributions, or replayed from its trace; then mixes
 /// in background traffic if the spec asks for it. `agents` is the agent count (for a replay: the
-/// first `agents` sessions).
+/// first `agents` sessions; a cycling `turns` replay reuses its sessions beyond that).
 pub fn build_workload(spec: &WorkloadSpec, agents: u32, seed: u64) -> Result<Workload, TraceError> {
     let mut workload = match &spec.replay {
         None => generate(spec, agents, seed),
+        Some(r) if r.is_turns() => turns::turns_workload(spec, r, agents, seed)?,
         Some(r) => {
             let (file, text) = trace_text(&r.path)?;
             let requests = parse_mooncake(&file, &text)?;
@@ -554,6 +567,7 @@ mod tests {
             path: "data/trace.jsonl".into(),
             token_scale: 1.0,
             time_scale: 1.0,
+            cycle: false,
         });
         resolve_trace_paths(&mut spec, Path::new("specs/w.toml"));
         assert_eq!(
@@ -627,7 +641,8 @@ mod tests {
                     pause_after: Some(PauseProgram {
                         true_ns: 60_000_000_000,
                         hint_ns: None
-                    })
+                    }),
+                    context_tokens: None,
                 };
                 3
             ],

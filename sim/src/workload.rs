@@ -27,6 +27,22 @@ pub struct TurnProgram {
     pub generated_tokens: u32,
     /// The pause after this turn; `None` for the last turn.
     pub pause_after: Option<PauseProgram>,
+    /// `Some(c)` when the agent rewrote its history before this turn (it compacted its
+    /// context): the turn's input is `c` tokens, the first `c - new_tokens` tokens of the
+    /// previous sequence followed by the new ones; the KV beyond that kept prefix is obsolete.
+    /// Always below the previous sequence plus `new_tokens`. `None`: the previous sequence
+    /// plus `new_tokens`, as for every generated workload.
+    pub context_tokens: Option<u32>,
+}
+
+impl TurnProgram {
+    /// The turn's input context given the sequence before it.
+    pub fn input_tokens(&self, previous_sequence: u64) -> u64 {
+        match self.context_tokens {
+            Some(c) => c as u64,
+            None => previous_sequence + self.new_tokens as u64,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,12 +53,23 @@ pub struct AgentProgram {
 }
 
 impl AgentProgram {
-    /// Tokens in the sequence after all turns (prompt, new and generated tokens).
+    /// Tokens in the sequence after all turns (prompt, new and generated tokens, less what
+    /// compactions cut).
     pub fn final_sequence_tokens(&self) -> u64 {
-        self.turns
-            .iter()
-            .map(|t| t.new_tokens as u64 + t.generated_tokens as u64)
-            .sum()
+        self.turns.iter().fold(0, |sequence, t| {
+            t.input_tokens(sequence) + t.generated_tokens as u64
+        })
+    }
+
+    /// The largest sequence any turn reaches (the final one unless the agent compacted).
+    pub fn peak_sequence_tokens(&self) -> u64 {
+        let mut sequence = 0;
+        let mut peak = 0;
+        for t in &self.turns {
+            sequence = t.input_tokens(sequence) + t.generated_tokens as u64;
+            peak = peak.max(sequence);
+        }
+        peak
     }
 }
 
@@ -155,6 +182,7 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
                 new_tokens,
                 generated_tokens,
                 pause_after: Some(PauseProgram { true_ns, hint_ns }),
+                context_tokens: None,
             });
         }
         if let Some(last) = turns.last_mut() {
@@ -173,7 +201,7 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
     }
 }
 
-fn arrival_times(arrival: &Arrival, agent_count: u32, seed: u64) -> Vec<SimTime> {
+pub(crate) fn arrival_times(arrival: &Arrival, agent_count: u32, seed: u64) -> Vec<SimTime> {
     let mut rng = stream(seed, "arrival", 0);
     match arrival {
         Arrival::Poisson { rate_per_s } => {

@@ -125,6 +125,7 @@ fn agent(id: u32, arrival_s: f64, turns: &[(u32, u32, Option<f64>)]) -> AgentPro
                         hint_ns: Some(ns),
                     }
                 }),
+                context_tokens: None,
             })
             .collect(),
     }

@@ -66,6 +66,7 @@ fn agent(id: u32, arrival_s: f64, turns: &[Turn]) -> AgentProgram {
                     true_ns: SimTime::from_secs_f64(p).as_nanos(),
                     hint_ns: Some(SimTime::from_secs_f64(h).as_nanos()),
                 }),
+                context_tokens: None,
             })
             .collect(),
     }

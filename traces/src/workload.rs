@@ -276,11 +276,16 @@ pub struct WorkloadSpec {
     pub background: Option<BackgroundSpec>,
 }
 
+/// Trace formats a `[replay]` table may name.
+pub const REPLAY_FORMATS: [&str; 4] = ["mooncake", "turns", "turns-csv", "turns-jsonl"];
+
 /// A trace replayed as agent programs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplaySpec {
-    /// Trace format: `mooncake` (JSONL; multi-turn sessions by the prefix-hash rule).
+    /// Trace format: `mooncake` (JSONL; multi-turn sessions by the prefix-hash rule), or `turns`
+    /// (explicit per-session turn lists, CSV or JSONL by the file's extension; `turns-csv` and
+    /// `turns-jsonl` name the syntax outright).
     pub format: String,
     /// Path to the trace, or the name of a sample shipped with the project.
     pub path: String,
@@ -290,6 +295,21 @@ pub struct ReplaySpec {
     /// Every arrival time and pause is multiplied by this (compresses or stretches time).
     #[serde(default = "one")]
     pub time_scale: f64,
+    /// `turns` only: reach any agent count by replaying the sessions again, each further lap in
+    /// a fresh seeded order.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cycle: bool,
+}
+
+impl ReplaySpec {
+    /// Whether this replays explicit turn lists (any of the `turns` formats).
+    pub fn is_turns(&self) -> bool {
+        self.format.starts_with("turns")
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Background traffic mixed into a workload.
@@ -390,16 +410,27 @@ impl WorkloadSpec {
             );
         }
         self.validate_traces(path)?;
-        if self.replay.is_some() {
-            if let HintSpec::Noisy { sigma } = self.hint {
-                if !sigma.is_finite() || sigma < 0.0 {
-                    return fail(
-                        "hint.sigma",
-                        format!("must be a finite number >= 0, got {sigma}"),
-                    );
-                }
+        if let HintSpec::Noisy { sigma } = self.hint {
+            if !sigma.is_finite() || sigma < 0.0 {
+                return fail(
+                    "hint.sigma",
+                    format!("must be a finite number >= 0, got {sigma}"),
+                );
             }
-            return Ok(());
+        }
+        if let Some(r) = &self.replay {
+            if self.arrival == Arrival::missing() {
+                return Ok(());
+            }
+            if !r.is_turns() {
+                // A Mooncake trace's own timestamps are its arrivals; a table it ignored would
+                // silently not mean what it says.
+                return fail(
+                    "arrival",
+                    "not used by a mooncake replay (the trace's timestamps are the arrivals): remove it".into(),
+                );
+            }
+            return self.validate_arrival(path);
         }
         if self.arrival == Arrival::missing() {
             return fail(
@@ -413,6 +444,24 @@ impl WorkloadSpec {
                 "missing (required unless [replay] is given)".into(),
             );
         }
+        self.validate_arrival(path)?;
+        let a = &self.agent;
+        for (name, dist) in [
+            ("agent.turns", &a.turns),
+            ("agent.first_prompt_tokens", &a.first_prompt_tokens),
+            ("agent.new_tokens", &a.new_tokens),
+            ("agent.generated_tokens", &a.generated_tokens),
+            ("agent.pause_s", &a.pause_s),
+        ] {
+            dist.validate(name)
+                .map_err(|(field, message)| TraceError::invalid(path, field, message))?;
+        }
+        Ok(())
+    }
+
+    /// The `[arrival]` table's ranges.
+    fn validate_arrival(&self, path: &Path) -> Result<(), TraceError> {
+        let fail = |field: &str, message: String| Err(TraceError::invalid(path, field, message));
         match &self.arrival {
             Arrival::Poisson { rate_per_s } => {
                 if !rate_per_s.is_finite() || *rate_per_s <= 0.0 {
@@ -447,25 +496,6 @@ impl WorkloadSpec {
                 }
             }
         }
-        if let HintSpec::Noisy { sigma } = self.hint {
-            if !sigma.is_finite() || sigma < 0.0 {
-                return fail(
-                    "hint.sigma",
-                    format!("must be a finite number >= 0, got {sigma}"),
-                );
-            }
-        }
-        let a = &self.agent;
-        for (name, dist) in [
-            ("agent.turns", &a.turns),
-            ("agent.first_prompt_tokens", &a.first_prompt_tokens),
-            ("agent.new_tokens", &a.new_tokens),
-            ("agent.generated_tokens", &a.generated_tokens),
-            ("agent.pause_s", &a.pause_s),
-        ] {
-            dist.validate(name)
-                .map_err(|(field, message)| TraceError::invalid(path, field, message))?;
-        }
         Ok(())
     }
 
@@ -473,10 +503,16 @@ impl WorkloadSpec {
     fn validate_traces(&self, path: &Path) -> Result<(), TraceError> {
         let fail = |field: &str, message: String| Err(TraceError::invalid(path, field, message));
         if let Some(r) = &self.replay {
-            if r.format != "mooncake" {
+            if !REPLAY_FORMATS.contains(&r.format.as_str()) {
                 return fail(
                     "replay.format",
-                    format!("must be \"mooncake\", got {:?}", r.format),
+                    format!("must be one of {REPLAY_FORMATS:?}, got {:?}", r.format),
+                );
+            }
+            if r.cycle && !r.is_turns() {
+                return fail(
+                    "replay.cycle",
+                    "only a `turns` replay can cycle its sessions".into(),
                 );
             }
             if r.path.trim().is_empty() {
@@ -517,9 +553,8 @@ impl WorkloadSpec {
     /// The agent count a run uses: explicit arrivals fix it, otherwise the override or the default.
     pub fn agent_count(&self, override_agents: Option<u32>) -> u32 {
         match &self.arrival {
-            // A replay takes the first N sessions of its trace.
-            _ if self.replay.is_some() => override_agents.unwrap_or(self.agents),
-            Arrival::Explicit { times_s } => times_s.len() as u32,
+            // A replay without `[arrival]` holds the empty placeholder: it takes N sessions.
+            Arrival::Explicit { times_s } if !times_s.is_empty() => times_s.len() as u32,
             _ => override_agents.unwrap_or(self.agents),
         }
     }
