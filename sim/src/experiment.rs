@@ -10,7 +10,7 @@ use crate::time::VirtualClock;
 use crate::workload::Workload;
 
 /// The shipped workload specs, embedded so the binary works anywhere.
-pub const SHIPPED_WORKLOADS: [(&str, &str); 8] = [
+pub const SHIPPED_WORKLOADS: [(&str, &str); 10] = [
     ("seed-exp1", include_str!("../workloads/seed-exp1.toml")),
     ("seed-cliff", include_str!("../workloads/seed-cliff.toml")),
     (
@@ -30,6 +30,11 @@ pub const SHIPPED_WORKLOADS: [(&str, &str); 8] = [
     (
         "coding-agent-replay",
         include_str!("../workloads/coding-agent-replay.toml"),
+    ),
+    ("coding-agent", include_str!("../workloads/coding-agent.toml")),
+    (
+        "coding-agent-small",
+        include_str!("../workloads/coding-agent-small.toml"),
     ),
 ];
 
