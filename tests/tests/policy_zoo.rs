@@ -252,20 +252,20 @@ fn next_use_evicts_the_furthest_predicted_return_first() {
 }
 
 #[test]
-fn oracle_prefetches_on_the_true_return_when_hints_are_wrong() {
-    // The hint says 15 s, the pause is 5 s: djinn prefetches too late; the oracle does not.
+fn djinn_true_pauses_prefetches_on_the_true_return_when_hints_are_wrong() {
+    // The hint says 15 s, the pause is 5 s: djinn prefetches too late; told the truth it does not.
     let program = [(300, 20, Some((5.0, 15.0))), (40, 20, None)];
     let agents = || vec![agent(0, 0.0, &program), agent(1, 0.0, &program)];
     let djinn = run(PolicyKind::Djinn, agents(), 45, 100);
-    let oracle = run(PolicyKind::Oracle, agents(), 45, 100);
-    assert_eq!(djinn.turns.len(), oracle.turns.len());
+    let told = run(PolicyKind::DjinnTruePauses, agents(), 45, 100);
+    assert_eq!(djinn.turns.len(), told.turns.len());
     assert!(
         restore_ns(turn(&djinn, 0, 1)) > 0,
         "djinn trusted the wrong hint"
     );
     for a in 0..2 {
-        assert_eq!(turn(&oracle, a, 1).kv_source, "swapped_in");
-        assert_eq!(restore_ns(turn(&oracle, a, 1)), 0);
+        assert_eq!(turn(&told, a, 1).kv_source, "swapped_in");
+        assert_eq!(restore_ns(turn(&told, a, 1)), 0);
     }
 }
 

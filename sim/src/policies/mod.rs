@@ -6,9 +6,9 @@ pub mod batching;
 pub mod common;
 pub mod continuum;
 pub mod djinn;
+pub mod djinn_true_pauses;
 pub mod infercept;
 pub mod next_use;
-pub mod oracle;
 pub mod pin;
 pub mod predict;
 pub mod swap;
@@ -34,8 +34,14 @@ pub enum PolicyKind {
     ContinuumFixed,
     Autellix(Placement),
     NextUse,
-    Oracle,
+    DjinnTruePauses,
 }
+
+/// Policy names no longer accepted, with what to use instead.
+const RETIRED_NAMES: [(&str, &str); 1] = [(
+    "oracle",
+    "it was djinn told the true pauses, not an upper bound; use `djinn-true-pauses` for that",
+)];
 
 /// Options every policy is built with (beyond its own defaults).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,7 +65,7 @@ impl PolicyKind {
         PolicyKind::Autellix(Placement::Swap),
         PolicyKind::Autellix(Placement::Continuum),
         PolicyKind::NextUse,
-        PolicyKind::Oracle,
+        PolicyKind::DjinnTruePauses,
     ];
     /// The four policies of the original comparison (the default of `djinn simulate`).
     pub const DEFAULT_SET: [PolicyKind; 4] = [
@@ -84,12 +90,27 @@ impl PolicyKind {
             PolicyKind::Autellix(Placement::Swap) => "autellix-swap",
             PolicyKind::Autellix(Placement::Continuum) => "autellix-continuum",
             PolicyKind::NextUse => "next-use",
-            PolicyKind::Oracle => "oracle",
+            PolicyKind::DjinnTruePauses => "djinn-true-pauses",
         }
     }
 
     pub fn parse(name: &str) -> Option<PolicyKind> {
         Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Parses a policy name; an unknown one gets a message that lists the known names, and a
+    /// retired one says what replaced it.
+    pub fn parse_explained(name: &str) -> Result<PolicyKind, String> {
+        if let Some(p) = Self::parse(name) {
+            return Ok(p);
+        }
+        match RETIRED_NAMES.iter().find(|(old, _)| *old == name) {
+            Some((_, why)) => Err(format!("policy `{name}` no longer exists: {why}")),
+            None => Err(format!(
+                "unknown policy `{name}` (known: {})",
+                Self::names().join(", ")
+            )),
+        }
     }
 
     pub fn names() -> Vec<&'static str> {
@@ -128,7 +149,7 @@ impl PolicyKind {
             PolicyKind::ContinuumFixed => Box::new(continuum::Continuum::new(true)),
             PolicyKind::Autellix(p) => Box::new(autellix::Autellix::new(p, Default::default())),
             PolicyKind::NextUse => Box::new(next_use::NextUse::new(options.predictor)),
-            PolicyKind::Oracle => Box::new(oracle::oracle()),
+            PolicyKind::DjinnTruePauses => Box::new(djinn_true_pauses::djinn_true_pauses()),
         }
     }
 }
@@ -144,5 +165,9 @@ mod tests {
             assert_eq!(p.build().name(), p.name());
         }
         assert_eq!(PolicyKind::parse("autellix-vllm"), None);
+        let retired = PolicyKind::parse_explained("oracle").unwrap_err();
+        assert!(retired.contains("djinn-true-pauses"), "{retired}");
+        let unknown = PolicyKind::parse_explained("orcale").unwrap_err();
+        assert!(unknown.contains("known: djinn,"), "{unknown}");
     }
 }
