@@ -29,7 +29,7 @@ fn run_with(
     let mut settings = config.settings();
     settings.gpu_blocks = gpu_blocks;
     settings.host_blocks = host_blocks;
-    let mut scheduler = policy.build_with(PolicyOptions { predictor });
+    let mut scheduler = policy.build_with(PolicyOptions { predictor }, &workload);
     let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
     driver::run(
         &settings,

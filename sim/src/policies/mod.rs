@@ -9,12 +9,14 @@ pub mod djinn;
 pub mod djinn_true_pauses;
 pub mod infercept;
 pub mod next_use;
+pub mod offline;
 pub mod pin;
 pub mod predict;
 pub mod swap;
 pub mod vllm;
 
 use crate::sched::Scheduler;
+use crate::workload::Workload;
 
 pub use autellix::Placement;
 pub use batching::BatchPolicy;
@@ -35,12 +37,14 @@ pub enum PolicyKind {
     Autellix(Placement),
     NextUse,
     DjinnTruePauses,
+    Offline,
 }
 
 /// Policy names no longer accepted, with what to use instead.
 const RETIRED_NAMES: [(&str, &str); 1] = [(
     "oracle",
-    "it was djinn told the true pauses, not an upper bound; use `djinn-true-pauses` for that",
+    "it was djinn told the true pauses, not an upper bound: use `djinn-true-pauses` for that, \
+     or `offline` for the reference that knows the whole future",
 )];
 
 /// Options every policy is built with (beyond its own defaults).
@@ -51,7 +55,7 @@ pub struct PolicyOptions {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 14] = [
+    pub const ALL: [PolicyKind; 15] = [
         PolicyKind::Djinn,
         PolicyKind::Vllm,
         PolicyKind::VllmNoApc,
@@ -66,6 +70,7 @@ impl PolicyKind {
         PolicyKind::Autellix(Placement::Continuum),
         PolicyKind::NextUse,
         PolicyKind::DjinnTruePauses,
+        PolicyKind::Offline,
     ];
     /// The four policies of the original comparison (the default of `djinn simulate`).
     pub const DEFAULT_SET: [PolicyKind; 4] = [
@@ -91,6 +96,7 @@ impl PolicyKind {
             PolicyKind::Autellix(Placement::Continuum) => "autellix-continuum",
             PolicyKind::NextUse => "next-use",
             PolicyKind::DjinnTruePauses => "djinn-true-pauses",
+            PolicyKind::Offline => "offline",
         }
     }
 
@@ -128,12 +134,19 @@ impl PolicyKind {
         )
     }
 
-    /// A fresh scheduler of this kind with default parameters.
-    pub fn build(self) -> Box<dyn Scheduler + Send> {
-        self.build_with(PolicyOptions::default())
+    /// A fresh scheduler of this kind with default parameters, to run `workload`.
+    pub fn build(self, workload: &Workload) -> Box<dyn Scheduler + Send> {
+        self.build_with(PolicyOptions::default(), workload)
     }
 
-    pub fn build_with(self, options: PolicyOptions) -> Box<dyn Scheduler + Send> {
+    /// A fresh scheduler of this kind to run `workload`. Only the `offline` reference is given
+    /// the workload's future ([`offline::Future`]); every other policy is built without it and
+    /// learns the run only through its events and view.
+    pub fn build_with(
+        self,
+        options: PolicyOptions,
+        workload: &Workload,
+    ) -> Box<dyn Scheduler + Send> {
         match self {
             PolicyKind::Djinn => Box::new(djinn::Djinn::new(djinn::DjinnParams {
                 predictor: options.predictor,
@@ -150,6 +163,7 @@ impl PolicyKind {
             PolicyKind::Autellix(p) => Box::new(autellix::Autellix::new(p, Default::default())),
             PolicyKind::NextUse => Box::new(next_use::NextUse::new(options.predictor)),
             PolicyKind::DjinnTruePauses => Box::new(djinn_true_pauses::djinn_true_pauses()),
+            PolicyKind::Offline => Box::new(offline::Offline::new(offline::Future::of(workload))),
         }
     }
 }
@@ -162,11 +176,19 @@ mod tests {
     fn names_round_trip() {
         for p in PolicyKind::ALL {
             assert_eq!(PolicyKind::parse(p.name()), Some(p));
-            assert_eq!(p.build().name(), p.name());
+            let empty = Workload {
+                name: "empty".into(),
+                max_context_tokens: 1,
+                agents: Vec::new(),
+            };
+            assert_eq!(p.build(&empty).name(), p.name());
         }
         assert_eq!(PolicyKind::parse("autellix-vllm"), None);
         let retired = PolicyKind::parse_explained("oracle").unwrap_err();
-        assert!(retired.contains("djinn-true-pauses"), "{retired}");
+        assert!(
+            retired.contains("djinn-true-pauses") && retired.contains("offline"),
+            "{retired}"
+        );
         let unknown = PolicyKind::parse_explained("orcale").unwrap_err();
         assert!(unknown.contains("known: djinn,"), "{unknown}");
     }
