@@ -61,12 +61,7 @@ pub fn load_workloads(names: &[String]) -> Result<Vec<(WorkloadSpec, Vec<Input>)
 }
 
 pub fn parse_policy(name: &str) -> Result<PolicyKind> {
-    PolicyKind::parse(name).with_context(|| {
-        format!(
-            "unknown policy `{name}` (known: {})",
-            PolicyKind::names().join(", ")
-        )
-    })
+    PolicyKind::parse_explained(name).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The code version written into manifests: the crate version and the git commit it was built from.

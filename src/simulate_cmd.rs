@@ -45,7 +45,7 @@ pub struct SimulateArgs {
     #[arg(long = "workload", short = 'w', value_name = "NAME|PATH")]
     pub workloads: Vec<String>,
     /// Policy to run (djinn, vllm, vllm-noapc, pin, swap, infercept, infercept-h, continuum, continuum-fixed,
-    /// autellix, autellix-swap, autellix-continuum, next-use, oracle), or `all`. Repeat for several. Default: djinn, vllm, pin, swap.
+    /// autellix, autellix-swap, autellix-continuum, next-use, djinn-true-pauses, offline), or `all`. Repeat for several. Default: djinn, vllm, pin, swap.
     #[arg(long = "policy", short = 'p', value_name = "NAME")]
     pub policies: Vec<String>,
     /// Number of agents (default: the workload's own, 80 for the seed workloads).

@@ -252,7 +252,7 @@ fn run_policy(policy: PolicyKind, gpu_blocks: u32, host_blocks: u32) -> (usize, 
     let weights = WeightSet::random(&config, 5);
     let mut engine = backend(&weights, 4, gpu_blocks, host_blocks);
     let workload = workload();
-    let mut scheduler = policy.build();
+    let mut scheduler = policy.build(&workload);
     let mut clock = VirtualClock::default();
     let output = driver::run(
         &settings(4, gpu_blocks, host_blocks, &config),
@@ -387,7 +387,7 @@ fn the_cuda_engine_runs_the_run_loop_with_swaps_and_generates_what_a_recompute_g
     let mut run_settings = settings(4, gpu_blocks, host_blocks, &config);
     run_settings.costs.block_bytes = block_bytes as u64;
     run_settings.costs.kv_bytes_per_token = block_bytes as u64 / 4;
-    let mut scheduler = PolicyKind::Swap.build();
+    let mut scheduler = PolicyKind::Swap.build(&workload);
     let mut clock = engine::WallClock::from_epoch(epoch);
     let output = driver::run(
         &run_settings,

@@ -964,7 +964,7 @@ impl<'w> LoopState<'w> {
                     turn_index,
                     pause: Some(PauseNotice {
                         hint_ns: p.hint_ns,
-                        true_ns_for_oracle: p.true_ns,
+                        true_ns_reference_only: p.true_ns,
                     }),
                 });
             }

@@ -164,9 +164,12 @@ pub fn simulate_with(
     settings: &RunSettings,
     gpu_profile: &GpuProfile,
 ) -> Result<RunOutput, RunError> {
-    let mut scheduler = config.policy.build_with(crate::policies::PolicyOptions {
-        predictor: config.predictor,
-    });
+    let mut scheduler = config.policy.build_with(
+        crate::policies::PolicyOptions {
+            predictor: config.predictor,
+        },
+        workload,
+    );
     let mut backend = SimGpu::new(gpu_profile.clone(), config.block_size_tokens);
     let mut clock = VirtualClock::default();
     driver::run(

@@ -182,8 +182,9 @@ pub enum SchedEvent {
 pub struct PauseNotice {
     /// The hint (exact, noisy or absent, per the workload).
     pub hint_ns: Option<u64>,
-    /// The true pause. Only the `oracle` policy may read it: it is the upper bound, not a policy.
-    pub true_ns_for_oracle: u64,
+    /// The true pause. Only the `djinn-true-pauses` reference reads it (it measures what exact
+    /// pause prediction buys djinn); a real policy cannot know it.
+    pub true_ns_reference_only: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,7 +33,7 @@ pub fn promises_of(kind: PolicyKind) -> Promises {
     match kind.name() {
         // Admits first come, first served by turn arrival with growth reserved; evicts paused
         // agents rather than rejecting.
-        "djinn" | "swap" => Promises {
+        "djinn" | "swap" | "offline" => Promises {
             no_rejection_when_fits: true,
             fair_order: true,
         },

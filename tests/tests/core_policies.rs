@@ -97,7 +97,7 @@ fn run_tiny(
     let mut settings = config.settings();
     settings.gpu_blocks = gpu_blocks;
     settings.host_blocks = host_blocks;
-    let mut scheduler = policy.build();
+    let mut scheduler = policy.build(&workload);
     let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
     driver::run(
         &settings,

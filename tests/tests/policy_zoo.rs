@@ -29,7 +29,7 @@ fn run_with(
     let mut settings = config.settings();
     settings.gpu_blocks = gpu_blocks;
     settings.host_blocks = host_blocks;
-    let mut scheduler = policy.build_with(PolicyOptions { predictor });
+    let mut scheduler = policy.build_with(PolicyOptions { predictor }, &workload);
     let mut backend = SimGpu::new(config.profile.clone(), config.block_size_tokens);
     driver::run(
         &settings,
@@ -253,20 +253,20 @@ fn next_use_evicts_the_furthest_predicted_return_first() {
 }
 
 #[test]
-fn oracle_prefetches_on_the_true_return_when_hints_are_wrong() {
-    // The hint says 15 s, the pause is 5 s: djinn prefetches too late; the oracle does not.
+fn djinn_true_pauses_prefetches_on_the_true_return_when_hints_are_wrong() {
+    // The hint says 15 s, the pause is 5 s: djinn prefetches too late; told the truth it does not.
     let program = [(300, 20, Some((5.0, 15.0))), (40, 20, None)];
     let agents = || vec![agent(0, 0.0, &program), agent(1, 0.0, &program)];
     let djinn = run(PolicyKind::Djinn, agents(), 45, 100);
-    let oracle = run(PolicyKind::Oracle, agents(), 45, 100);
-    assert_eq!(djinn.turns.len(), oracle.turns.len());
+    let told = run(PolicyKind::DjinnTruePauses, agents(), 45, 100);
+    assert_eq!(djinn.turns.len(), told.turns.len());
     assert!(
         restore_ns(turn(&djinn, 0, 1)) > 0,
         "djinn trusted the wrong hint"
     );
     for a in 0..2 {
-        assert_eq!(turn(&oracle, a, 1).kv_source, "swapped_in");
-        assert_eq!(restore_ns(turn(&oracle, a, 1)), 0);
+        assert_eq!(turn(&told, a, 1).kv_source, "swapped_in");
+        assert_eq!(restore_ns(turn(&told, a, 1)), 0);
     }
 }
 
@@ -301,4 +301,58 @@ fn vllm_noapc_recomputes_every_return() {
         0,
     );
     assert_eq!(turn(&apc, 0, 1).kv_source, "partial_recompute");
+}
+
+#[test]
+fn offline_evicts_the_true_last_return_whatever_the_hints_say() {
+    // As above, but the hints are swapped: agent 0 is told 9 s and returns after 3 s, agent 1 is
+    // told 3 s and returns after 9 s. Online policies believe the hints and drop agent 0; the
+    // offline reference reads the future and drops agent 1.
+    let agents = || {
+        vec![
+            agent(0, 0.0, &[(310, 10, Some((3.0, 9.0))), (10, 10, None)]),
+            agent(1, 0.0, &[(310, 10, Some((9.0, 3.0))), (10, 10, None)]),
+            agent(2, 1.0, &[(460, 10, None)]),
+        ]
+    };
+    let next_use = run(PolicyKind::NextUse, agents(), 60, 0);
+    assert_eq!(turn(&next_use, 0, 1).kv_source, "recomputed");
+    let offline = run(PolicyKind::Offline, agents(), 60, 0);
+    assert_eq!(turn(&offline, 0, 1).kv_source, "resident");
+    assert_eq!(turn(&offline, 1, 1).kv_source, "recomputed");
+}
+
+#[test]
+fn offline_keeps_while_the_known_future_fits_and_prefetches_by_the_true_return() {
+    // Two agents of 20 blocks on 100 GPU blocks: nothing else ever arrives, so the offline
+    // reference keeps both pauses (no copy at all) even though they are long.
+    let quiet = run(
+        PolicyKind::Offline,
+        vec![
+            agent(0, 0.0, &[exact(310, 10, 20.0), (10, 10, None)]),
+            agent(1, 0.0, &[exact(310, 10, 20.0), (10, 10, None)]),
+        ],
+        100,
+        100,
+    );
+    assert!(quiet.swaps.is_empty(), "{:?}", quiet.swaps);
+    // A 60-block turn arrives during the pauses of two 20-block agents on a 70-block pool: the
+    // known future does not fit, so each swaps out at pause start (the round trip fits in the
+    // 20 s pause) and is back, prefetched, before its return.
+    let busy = run(
+        PolicyKind::Offline,
+        vec![
+            agent(0, 0.0, &[(310, 10, Some((20.0, 1.0))), (10, 10, None)]),
+            agent(1, 0.0, &[(310, 10, Some((20.0, 1.0))), (10, 10, None)]),
+            agent(2, 5.0, &[(950, 10, None)]),
+        ],
+        70,
+        100,
+    );
+    for a in 0..2 {
+        assert_eq!(swaps(&busy, a, "out").len(), 1);
+        let back = turn(&busy, a, 1);
+        assert_eq!(back.kv_source, "swapped_in");
+        assert_eq!(restore_ns(back), 0, "prefetched before the true return");
+    }
 }

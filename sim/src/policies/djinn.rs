@@ -33,7 +33,8 @@
 //! 6. Predictions come from a [`PausePredictor`]: the hint (exact or noisy), else the agent's own
 //!    history (EWMA), else the workload's; or history only (`ewma`), or nothing (`none`).
 //!
-//! The `oracle` bound is this machinery fed the true pauses ([`DjinnParams::knows_true_pauses`]).
+//! `djinn-true-pauses` is this machinery fed the true pauses ([`DjinnParams::knows_true_pauses`]):
+//! a measure of what exact prediction buys djinn, not an upper bound.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -60,7 +61,8 @@ pub struct DjinnParams {
     pub prefetch_margin_fraction: f64,
     /// What the policy does with pause hints (believe them, predict from history, or neither).
     pub predictor: PredictorMode,
-    /// Read the true pause instead of predicting it (the `oracle` bound; never a real policy).
+    /// Read the true pause instead of predicting it (the `djinn-true-pauses` reference; never a
+    /// real policy).
     pub knows_true_pauses: bool,
     /// Order in which waiting turns are committed.
     pub order: TurnOrder,
@@ -233,7 +235,7 @@ impl Default for Djinn {
 impl Scheduler for Djinn {
     fn name(&self) -> String {
         if self.params.knows_true_pauses {
-            "oracle"
+            "djinn-true-pauses"
         } else {
             "djinn"
         }
@@ -271,7 +273,7 @@ impl Scheduler for Djinn {
                 self.committed.retain(|&a| a != agent);
                 if let Some(p) = pause {
                     let predicted_ns = if self.params.knows_true_pauses {
-                        Some(p.true_ns_for_oracle)
+                        Some(p.true_ns_reference_only)
                     } else {
                         self.predictor.predict(agent, p.hint_ns)
                     };
@@ -481,7 +483,7 @@ mod tests {
         for agent in 0..2 {
             let pause = Some(crate::sched::PauseNotice {
                 hint_ns: None,
-                true_ns_for_oracle: 60_000_000_000,
+                true_ns_reference_only: 60_000_000_000,
             });
             let event = SchedEvent::TurnFinished {
                 agent,

@@ -6,15 +6,17 @@ pub mod batching;
 pub mod common;
 pub mod continuum;
 pub mod djinn;
+pub mod djinn_true_pauses;
 pub mod infercept;
 pub mod next_use;
-pub mod oracle;
+pub mod offline;
 pub mod pin;
 pub mod predict;
 pub mod swap;
 pub mod vllm;
 
 use crate::sched::Scheduler;
+use crate::workload::Workload;
 
 pub use autellix::Placement;
 pub use batching::BatchPolicy;
@@ -34,8 +36,16 @@ pub enum PolicyKind {
     ContinuumFixed,
     Autellix(Placement),
     NextUse,
-    Oracle,
+    DjinnTruePauses,
+    Offline,
 }
+
+/// Policy names no longer accepted, with what to use instead.
+const RETIRED_NAMES: [(&str, &str); 1] = [(
+    "oracle",
+    "it was djinn told the true pauses, not an upper bound: use `djinn-true-pauses` for that, \
+     or `offline` for the reference that knows the whole future",
+)];
 
 /// Options every policy is built with (beyond its own defaults).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,7 +55,7 @@ pub struct PolicyOptions {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 14] = [
+    pub const ALL: [PolicyKind; 15] = [
         PolicyKind::Djinn,
         PolicyKind::Vllm,
         PolicyKind::VllmNoApc,
@@ -59,7 +69,8 @@ impl PolicyKind {
         PolicyKind::Autellix(Placement::Swap),
         PolicyKind::Autellix(Placement::Continuum),
         PolicyKind::NextUse,
-        PolicyKind::Oracle,
+        PolicyKind::DjinnTruePauses,
+        PolicyKind::Offline,
     ];
     /// The four policies of the original comparison (the default of `djinn simulate`).
     pub const DEFAULT_SET: [PolicyKind; 4] = [
@@ -84,12 +95,28 @@ impl PolicyKind {
             PolicyKind::Autellix(Placement::Swap) => "autellix-swap",
             PolicyKind::Autellix(Placement::Continuum) => "autellix-continuum",
             PolicyKind::NextUse => "next-use",
-            PolicyKind::Oracle => "oracle",
+            PolicyKind::DjinnTruePauses => "djinn-true-pauses",
+            PolicyKind::Offline => "offline",
         }
     }
 
     pub fn parse(name: &str) -> Option<PolicyKind> {
         Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Parses a policy name; an unknown one gets a message that lists the known names, and a
+    /// retired one says what replaced it.
+    pub fn parse_explained(name: &str) -> Result<PolicyKind, String> {
+        if let Some(p) = Self::parse(name) {
+            return Ok(p);
+        }
+        match RETIRED_NAMES.iter().find(|(old, _)| *old == name) {
+            Some((_, why)) => Err(format!("policy `{name}` no longer exists: {why}")),
+            None => Err(format!(
+                "unknown policy `{name}` (known: {})",
+                Self::names().join(", ")
+            )),
+        }
     }
 
     pub fn names() -> Vec<&'static str> {
@@ -107,12 +134,19 @@ impl PolicyKind {
         )
     }
 
-    /// A fresh scheduler of this kind with default parameters.
-    pub fn build(self) -> Box<dyn Scheduler + Send> {
-        self.build_with(PolicyOptions::default())
+    /// A fresh scheduler of this kind with default parameters, to run `workload`.
+    pub fn build(self, workload: &Workload) -> Box<dyn Scheduler + Send> {
+        self.build_with(PolicyOptions::default(), workload)
     }
 
-    pub fn build_with(self, options: PolicyOptions) -> Box<dyn Scheduler + Send> {
+    /// A fresh scheduler of this kind to run `workload`. Only the `offline` reference is given
+    /// the workload's future ([`offline::Future`]); every other policy is built without it and
+    /// learns the run only through its events and view.
+    pub fn build_with(
+        self,
+        options: PolicyOptions,
+        workload: &Workload,
+    ) -> Box<dyn Scheduler + Send> {
         match self {
             PolicyKind::Djinn => Box::new(djinn::Djinn::new(djinn::DjinnParams {
                 predictor: options.predictor,
@@ -128,7 +162,8 @@ impl PolicyKind {
             PolicyKind::ContinuumFixed => Box::new(continuum::Continuum::new(true)),
             PolicyKind::Autellix(p) => Box::new(autellix::Autellix::new(p, Default::default())),
             PolicyKind::NextUse => Box::new(next_use::NextUse::new(options.predictor)),
-            PolicyKind::Oracle => Box::new(oracle::oracle()),
+            PolicyKind::DjinnTruePauses => Box::new(djinn_true_pauses::djinn_true_pauses()),
+            PolicyKind::Offline => Box::new(offline::Offline::new(offline::Future::of(workload))),
         }
     }
 }
@@ -141,8 +176,20 @@ mod tests {
     fn names_round_trip() {
         for p in PolicyKind::ALL {
             assert_eq!(PolicyKind::parse(p.name()), Some(p));
-            assert_eq!(p.build().name(), p.name());
+            let empty = Workload {
+                name: "empty".into(),
+                max_context_tokens: 1,
+                agents: Vec::new(),
+            };
+            assert_eq!(p.build(&empty).name(), p.name());
         }
         assert_eq!(PolicyKind::parse("autellix-vllm"), None);
+        let retired = PolicyKind::parse_explained("oracle").unwrap_err();
+        assert!(
+            retired.contains("djinn-true-pauses") && retired.contains("offline"),
+            "{retired}"
+        );
+        let unknown = PolicyKind::parse_explained("orcale").unwrap_err();
+        assert!(unknown.contains("known: djinn,"), "{unknown}");
     }
 }

@@ -223,9 +223,13 @@ fn run_policy<M: PagedModel, S: SwapExecutor<Model = M>>(
     policy: PolicyKind,
     staging: Option<&Path>,
 ) -> Result<PolicyResult> {
-    let mut scheduler = policy.build_with(sim::policies::PolicyOptions {
-        predictor: plan.base.predictor,
-    });
+    // The offline reference is given the generated workload's future; no other policy is.
+    let mut scheduler = policy.build_with(
+        sim::policies::PolicyOptions {
+            predictor: plan.base.predictor,
+        },
+        &plan.workload,
+    );
     let run_epoch = Instant::now();
     backend
         .begin_run(run_epoch.duration_since(engine_epoch).as_nanos() as u64)
