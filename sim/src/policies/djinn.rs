@@ -536,7 +536,7 @@ mod tests {
             for (agent, pause_s) in [(0, 100.0), (1, 5.0)] {
                 let pause = Some(crate::sched::PauseNotice {
                     hint_ns: Some((pause_s * 1e9) as u64),
-                    true_ns_for_oracle: (pause_s * 1e9) as u64,
+                    true_ns_reference_only: (pause_s * 1e9) as u64,
                 });
                 let event = SchedEvent::TurnFinished {
                     agent,
