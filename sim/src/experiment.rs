@@ -31,7 +31,10 @@ pub const SHIPPED_WORKLOADS: [(&str, &str); 10] = [
         "coding-agent-replay",
         include_str!("../workloads/coding-agent-replay.toml"),
     ),
-    ("coding-agent", include_str!("../workloads/coding-agent.toml")),
+    (
+        "coding-agent",
+        include_str!("../workloads/coding-agent.toml"),
+    ),
     (
         "coding-agent-small",
         include_str!("../workloads/coding-agent-small.toml"),

@@ -104,6 +104,7 @@ mod tests {
                 true_ns,
                 hint_ns: Some(1),
             }),
+            context_tokens: None,
         };
         let workload = Workload {
             name: "w".into(),

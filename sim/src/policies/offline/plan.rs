@@ -74,9 +74,11 @@ impl Offline {
             let t_in = view
                 .costs
                 .swap_in_ns(kv.blocks(agent) - kv.gpu_blocks_held(agent));
+            // A returning turn queues before it runs: its KV is needed the queueing delay after
+            // its return (the EWMA of admitted turns' waits), not at the return itself.
             line.push((
                 agent,
-                ret as i128 - Self::prefetch_margin_ns(t_in) as i128,
+                (ret + self.queue_wait_ns as u64) as i128 - Self::prefetch_margin_ns(t_in) as i128,
                 t_in,
             ));
         }
@@ -253,7 +255,7 @@ impl Offline {
                 continue;
             }
             deficit -= kv.gpu_blocks_held(agent) as i64;
-            self.evict(view, frame, plan, agent, ret);
+            self.evict(view, frame, plan, agent, ret + self.queue_wait_ns as u64);
         }
         if used_after.is_some() {
             return deficit;
