@@ -24,7 +24,12 @@ pub struct BenchArgs {
     /// Decode contexts (tokens each sequence attends to, its new token included).
     #[arg(long, value_delimiter = ',', default_value = "512,2048")]
     pub contexts: Vec<usize>,
-    /// KV pool blocks (default: enough for the largest decode configuration).
+    /// Prefill chunks on a cached context, CHUNK@CACHED (e.g. 2048@100000: 2048 new tokens on top
+    /// of 100000 tokens already in the KV cache).
+    #[arg(long, value_delimiter = ',', value_parser = parse_chunk)]
+    pub chunks: Vec<(usize, usize)>,
+    /// KV pool blocks (default: the memory left after weights and buffers; configurations that
+    /// do not fit it are skipped and said so).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
     /// Launch every kernel each step instead of replaying captured CUDA graphs.
@@ -44,6 +49,23 @@ pub struct BenchArgs {
     pub prefill_gap: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
+}
+
+/// `CHUNK@CACHED` of `--chunks`.
+fn parse_chunk(text: &str) -> Result<(usize, usize), String> {
+    let (chunk, cached) = text
+        .split_once('@')
+        .ok_or_else(|| format!("`{text}`: expected CHUNK@CACHED, e.g. 2048@100000"))?;
+    let number = |part: &str| {
+        part.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("`{text}`: `{part}` is not a token count ({e})"))
+    };
+    let (chunk, cached) = (number(chunk)?, number(cached)?);
+    if chunk == 0 {
+        return Err(format!("`{text}`: the chunk must have at least one token"));
+    }
+    Ok((chunk, cached))
 }
 
 #[derive(Args)]
@@ -383,16 +405,16 @@ mod with_cuda {
             "decode graphs captured up to batch {max_batch} in {:.2} s",
             started.elapsed().as_secs_f64()
         );
-        let mut rows = cb::run_grid(
-            &mut model,
-            &args.prefill,
-            &args.batches,
-            &args.contexts,
-            args.prefill_gap,
-            |row| {
-                println!("{}", cb::format_row(row));
-            },
-        )?;
+        let grid = cb::BenchGrid {
+            prefill_lengths: args.prefill.clone(),
+            chunks: args.chunks.clone(),
+            decode_batches: args.batches.clone(),
+            decode_contexts: args.contexts.clone(),
+            prefill_gap: args.prefill_gap,
+        };
+        let mut rows = cb::run_grid(&mut model, &grid, |row| {
+            println!("{}", cb::format_row(row));
+        })?;
         for p in &bench_profiles(&mut model, &args, max_batch)? {
             println!("{p}");
         }
@@ -416,33 +438,18 @@ mod with_cuda {
         write_bench_report(&report, &args.out)
     }
 
-    /// The model options of `djinn engine bench`: a KV pool and step size for the largest decode
-    /// and prefill configuration of the grid (or `--kv-blocks`).
+    /// The model options of `djinn engine bench`: steps for the largest prefill, chunk and decode
+    /// batch of the grid; the KV pool takes the memory left (or `--kv-blocks`).
     fn bench_options(args: &BenchArgs, dtype: DType, config: &ModelConfig) -> CudaModelOptions {
         let mut options = CudaModelOptions::for_config(config);
         options.dtype = dtype;
         options.use_cuda_graphs = !args.no_graphs;
-        let bs = options.block_size_tokens;
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
-        let decode_blocks = args
-            .batches
-            .iter()
-            .flat_map(|b| args.contexts.iter().map(move |c| b * c.div_ceil(bs)))
-            .max()
-            .unwrap_or(0);
-        let prefill_blocks = args
-            .prefill
-            .iter()
-            .map(|n| n.div_ceil(bs))
-            .max()
-            .unwrap_or(0);
-        options.num_kv_blocks = Some(
-            args.kv_blocks
-                .unwrap_or(decode_blocks.max(prefill_blocks).max(1)),
-        );
+        options.num_kv_blocks = args.kv_blocks;
         options.max_tokens_per_step = args
             .prefill
             .iter()
+            .chain(args.chunks.iter().map(|(chunk, _)| chunk))
             .copied()
             .max()
             .unwrap_or(512)
@@ -549,15 +556,16 @@ mod with_cuda {
         std::fs::create_dir_all(out)?;
         let json_path = out.join("engine_bench.json");
         std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
-        let mut csv = String::from("device,system,kind,batch,tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor\n");
+        let mut csv = String::from("device,system,kind,batch,tokens,cached_tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor\n");
         for r in &report.rows {
             csv += &format!(
-                "{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.1},{:.4},{:.3},{:.4},{:.3}\n",
+                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.1},{:.4},{:.3},{:.4},{:.3}\n",
                 report.device,
                 r.system,
                 r.kind,
                 r.batch,
                 r.tokens,
+                r.cached_tokens,
                 r.ms_p50,
                 r.ms_mean,
                 r.ms_min,
