@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-# Must match engine::config::ModelConfig::tiny() / tiny_gqa().
+# Must match engine::config::ModelConfig::tiny() / tiny_gqa() / tiny_gqa_llama3() / tiny_gqa_bias().
 PRESETS = {
     "tiny": dict(
         hidden_size=64,
@@ -69,44 +69,22 @@ PRESETS = {
         storage_dtype=torch.bfloat16,
         seed=2,
     ),
-    "tiny-gqa-llama3": dict(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        rope_scaling=dict(
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=64,
-        ),
-        storage_dtype=torch.bfloat16,
-        seed=3,
-        sequence_lengths=[7, 40, 160],
-    ),
-    "tiny-gqa-bias": dict(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        qkv_bias=True,
-        storage_dtype=torch.bfloat16,
-        seed=4,
-    ),
 }
+# The GQA variants: tiny-gqa with one feature each.
+PRESETS["tiny-gqa-llama3"] = dict(
+    PRESETS["tiny-gqa"],
+    rope_theta=500000.0,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    ),
+    seed=3,
+    sequence_lengths=[7, 40, 160],
+)
+PRESETS["tiny-gqa-bias"] = dict(PRESETS["tiny-gqa"], rms_norm_eps=1e-6, qkv_bias=True, seed=4)
 
 # Logits of every position are kept, so the 40-token sequence covers every prefix length up to 40
 # (crossing 16-token block boundaries twice); the 7-token one is a second, independent sequence.

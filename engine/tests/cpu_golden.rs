@@ -106,9 +106,12 @@ fn golden_checks_see_the_rope_scaling_and_the_biases() {
     // The same weights without the scaling, or without the biases, miss the golden logits: the
     // tests above could not pass by ignoring either feature.
     for (preset, strip) in [
-        ("tiny-gqa-llama3", &(|w: &mut engine::weights::WeightSet| {
-            w.config.rope_scaling = engine::config::RopeScaling::None
-        }) as &dyn Fn(&mut engine::weights::WeightSet)),
+        (
+            "tiny-gqa-llama3",
+            &(|w: &mut engine::weights::WeightSet| {
+                w.config.rope_scaling = engine::config::RopeScaling::None
+            }) as &dyn Fn(&mut engine::weights::WeightSet),
+        ),
         ("tiny-gqa-bias", &|w: &mut engine::weights::WeightSet| {
             for tensor in w.tensors.iter_mut().filter(|(n, _)| n.ends_with(".bias")) {
                 tensor.1.data.fill(0.0);
@@ -124,7 +127,10 @@ fn golden_checks_see_the_rope_scaling_and_the_biases() {
             GOLDEN_ABS_TOLERANCE,
             GOLDEN_REL_TOLERANCE,
         );
-        assert!(ratio > 100.0, "{preset}: stripped model still close (max |diff| {abs:e})");
+        assert!(
+            ratio > 100.0,
+            "{preset}: stripped model still close (max |diff| {abs:e})"
+        );
     }
 }
 

@@ -239,7 +239,9 @@ fn config_json_errors_name_the_field() {
         ),
         (
             "rope_scaling.rope_type",
-            Box::new(|c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})),
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+            }),
         ),
         (
             "rope_scaling.factor",

@@ -139,7 +139,9 @@ fn positive_f64(
         Some(value) => value
             .as_f64()
             .filter(|v| v.is_finite() && *v > 0.0)
-            .ok_or_else(|| field_error(field, format!("expected a positive number, found {value}"))),
+            .ok_or_else(|| {
+                field_error(field, format!("expected a positive number, found {value}"))
+            }),
     }
 }
 
@@ -150,11 +152,19 @@ fn rope_from_json(
     object: &serde_json::Map<String, Value>,
     field_error: &dyn Fn(&str, String) -> WeightsError,
 ) -> Result<(f64, RopeScaling), WeightsError> {
-    let top_theta = positive_f64(object, "rope_theta", "rope_theta", Some(10000.0), field_error)?;
+    let top_theta = positive_f64(
+        object,
+        "rope_theta",
+        "rope_theta",
+        Some(10000.0),
+        field_error,
+    )?;
     let (section, parameters) = match (object.get("rope_parameters"), object.get("rope_scaling")) {
         (Some(Value::Object(parameters)), _) => ("rope_parameters", Some(parameters)),
         (Some(Value::Null) | None, Some(Value::Object(scaling))) => ("rope_scaling", Some(scaling)),
-        (Some(Value::Null) | None, Some(Value::Null) | None) => return Ok((top_theta, RopeScaling::None)),
+        (Some(Value::Null) | None, Some(Value::Null) | None) => {
+            return Ok((top_theta, RopeScaling::None))
+        }
         (Some(other), _) => {
             return Err(field_error(
                 "rope_parameters",
@@ -170,7 +180,13 @@ fn rope_from_json(
     };
     let parameters = parameters.expect("set in every arm that reaches here");
     let named = |key: &str| format!("{section}.{key}");
-    let theta = positive_f64(parameters, "rope_theta", &named("rope_theta"), Some(top_theta), field_error)?;
+    let theta = positive_f64(
+        parameters,
+        "rope_theta",
+        &named("rope_theta"),
+        Some(top_theta),
+        field_error,
+    )?;
     // Older configs spell the key `type`.
     let (type_key, rope_type) = match (parameters.get("rope_type"), parameters.get("type")) {
         (Some(value), _) => ("rope_type", value),
@@ -182,7 +198,11 @@ fn rope_from_json(
         Value::String(name) if name == "default" => Ok((theta, RopeScaling::None)),
         Value::String(name) if name == "llama3" => {
             let get = |key: &str| positive_f64(parameters, key, &named(key), None, field_error);
-            let (factor, low, high) = (get("factor")?, get("low_freq_factor")?, get("high_freq_factor")?);
+            let (factor, low, high) = (
+                get("factor")?,
+                get("low_freq_factor")?,
+                get("high_freq_factor")?,
+            );
             if high <= low {
                 return Err(field_error(
                     &named("high_freq_factor"),
@@ -194,14 +214,17 @@ fn rope_from_json(
                 .get("original_max_position_embeddings")
                 .and_then(Value::as_u64)
                 .filter(|v| *v > 0)
-                .ok_or_else(|| field_error(&original_field, "expected a positive integer".into()))?;
+                .ok_or_else(|| {
+                    field_error(&original_field, "expected a positive integer".into())
+                })?;
             Ok((
                 theta,
                 RopeScaling::Llama3 {
                     factor,
                     low_freq_factor: low,
                     high_freq_factor: high,
-                    original_max_position_embeddings: usize::try_from(original).unwrap_or(usize::MAX),
+                    original_max_position_embeddings: usize::try_from(original)
+                        .unwrap_or(usize::MAX),
                 },
             ))
         }
@@ -505,7 +528,10 @@ pub fn hf_config_json(config: &ModelConfig, torch_dtype: &str) -> Value {
         let object = json.as_object_mut().expect("built as an object");
         object.remove("attention_bias");
         object.remove("mlp_bias");
-        object.insert("architectures".into(), serde_json::json!(["Qwen2ForCausalLM"]));
+        object.insert(
+            "architectures".into(),
+            serde_json::json!(["Qwen2ForCausalLM"]),
+        );
         object.insert("model_type".into(), "qwen2".into());
         object.insert("use_sliding_window".into(), false.into());
         object.insert("sliding_window".into(), Value::Null);

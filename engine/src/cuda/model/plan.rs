@@ -174,7 +174,8 @@ pub(super) fn allocate(
         ),
         num_blocks.saturating_mul(block_bytes),
     ));
-    if let Some(refusal) = check_kv_demand(config, options, &plan, num_blocks, block_bytes, free, total)
+    if let Some(refusal) =
+        check_kv_demand(config, options, &plan, num_blocks, block_bytes, free, total)
     {
         return Err(refusal);
     }

@@ -261,31 +261,7 @@ pub fn bench_prefill(
             )
         );
     }
-    let (p50, mean, min) = stats(times);
-    let flops = prefill_flops(model, n);
-    let bytes = decode_bytes(model, 1, n);
-    let floor_ds =
-        (flops / DATASHEET_FP16_FLOP_PER_S).max(bytes / DATASHEET_BANDWIDTH_BYTES_PER_S) * 1e3;
-    let floor_ms =
-        (flops / MEASURED_FP16_FLOP_PER_S).max(bytes / MEASURED_BANDWIDTH_BYTES_PER_S) * 1e3;
-    Ok(BenchRow {
-        system: "djinn-cuda".into(),
-        kind: "prefill".into(),
-        batch: 1,
-        tokens: n,
-        cached_tokens: 0,
-        ms_p50: p50,
-        ms_mean: mean,
-        ms_min: min,
-        reps,
-        tokens_per_s: n as f64 / (p50 / 1e3),
-        bytes_moved_min: bytes,
-        flops,
-        floor_ms_datasheet: floor_ds,
-        floor_ms_measured_rates: floor_ms,
-        ratio_to_datasheet_floor: p50 / floor_ds,
-        ratio_to_measured_floor: p50 / floor_ms,
-    })
+    Ok(prefill_row(model, "prefill", n, 0, times))
 }
 
 /// Times a prefill chunk of `n` tokens on top of `cached` tokens of one sequence whose KV is
@@ -320,16 +296,29 @@ pub fn bench_prefill_chunk(
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let (p50, mean, min) = stats(times);
+    Ok(prefill_row(model, "prefill_chunk", n, cached, times))
+}
+
+/// The row of a prefill of `n` tokens on `cached` cached tokens, timed `times_ms`, beside its
+/// floor: FLOPs (`chunk_flops`) or the weights and KV read, whichever is slower.
+fn prefill_row(
+    model: &CudaModel,
+    kind: &str,
+    n: usize,
+    cached: usize,
+    times_ms: Vec<f64>,
+) -> BenchRow {
+    let reps = times_ms.len();
+    let (p50, mean, min) = stats(times_ms);
     let flops = chunk_flops(model, cached, n);
     let bytes = decode_bytes(model, 1, cached + n);
     let floor_ds =
         (flops / DATASHEET_FP16_FLOP_PER_S).max(bytes / DATASHEET_BANDWIDTH_BYTES_PER_S) * 1e3;
     let floor_ms =
         (flops / MEASURED_FP16_FLOP_PER_S).max(bytes / MEASURED_BANDWIDTH_BYTES_PER_S) * 1e3;
-    Ok(BenchRow {
+    BenchRow {
         system: "djinn-cuda".into(),
-        kind: "prefill_chunk".into(),
+        kind: kind.into(),
         batch: 1,
         tokens: n,
         cached_tokens: cached,
@@ -344,7 +333,7 @@ pub fn bench_prefill_chunk(
         floor_ms_measured_rates: floor_ms,
         ratio_to_datasheet_floor: p50 / floor_ds,
         ratio_to_measured_floor: p50 / floor_ms,
-    })
+    }
 }
 
 /// Runs the whole grid: prefills from empty, prefill chunks on cached contexts (over a pool of
