@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
 """Golden data for the engine's CPU forward, from an independent implementation:
-HF transformers' LlamaForCausalLM (fp32, eager attention).
+HF transformers' LlamaForCausalLM / Qwen2ForCausalLM (fp32, eager attention).
 
 Versions that produced the committed files (pip, CPU):
     python 3.11.7, torch 2.15.0, transformers 5.24.0, safetensors 0.8.0, gguf 0.19.0, numpy 2.4.6
 
 Usage (from the repository root):
-    python3 engine/scripts/golden.py                      # tiny + tiny-gqa -> engine/tests/data/<preset>/
+    python3 engine/scripts/golden.py                      # every tiny preset -> engine/tests/data/<preset>/
+    python3 engine/scripts/golden.py --only tiny-gqa-bias # one preset
     python3 engine/scripts/golden.py --smollm2-gguf PATH  # also engine/tests/data/smollm2/golden.json
 
 For each tiny preset it writes, under engine/tests/data/<preset>/:
-    config.json        HF Llama config (classic layout: rope_theta at top level)
+    config.json        HF config (classic layout: rope_theta and rope_scaling at top level; a Qwen2
+                       config for the preset with q/k/v biases)
     model.safetensors  the weights (tiny in F16, tiny-gqa in BF16, to exercise both loaders and stay
                        small; the model runs in fp32 on exactly these rounded values)
     golden.json        fixed token sequences and the logits of every position
 
-Weight scaling matches engine::weights::WeightSet::random (embeddings N(0,1), Linear N(0,1/fan_in))
-so the logits are O(1), except that the RMSNorm weights are 1 + 0.1 N(0,1) (not 1) so that a
-forward that ignores them fails the test.
+Weight scaling matches engine::weights::WeightSet::random (embeddings N(0,1), Linear N(0,1/fan_in),
+q/k/v biases N(0, 0.25)) so the logits are O(1), except that the RMSNorm weights are 1 + 0.1 N(0,1)
+(not 1) so that a forward that ignores them fails the test.
+
+tiny-gqa-llama3 has Llama-3 RoPE scaling over an original context of 64 positions: with head_dim 16
+and theta 500000 its 8 frequencies fall in all three bands (kept, blended, divided by the factor),
+and its third sequence (160 tokens) runs past the original context.
 
 The SmolLM2 mode loads the Q4_1 GGUF through transformers' GGUF support (its own dequantiser, from
 the `gguf` package, and its own tokenizer conversion) and records the token ids of fixed strings,
@@ -33,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-# Must match engine::config::ModelConfig::tiny() / tiny_gqa().
+# Must match engine::config::ModelConfig::tiny() / tiny_gqa() / tiny_gqa_llama3() / tiny_gqa_bias().
 PRESETS = {
     "tiny": dict(
         hidden_size=64,
@@ -64,6 +70,21 @@ PRESETS = {
         seed=2,
     ),
 }
+# The GQA variants: tiny-gqa with one feature each.
+PRESETS["tiny-gqa-llama3"] = dict(
+    PRESETS["tiny-gqa"],
+    rope_theta=500000.0,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    ),
+    seed=3,
+    sequence_lengths=[7, 40, 160],
+)
+PRESETS["tiny-gqa-bias"] = dict(PRESETS["tiny-gqa"], rms_norm_eps=1e-6, qkv_bias=True, seed=4)
 
 # Logits of every position are kept, so the 40-token sequence covers every prefix length up to 40
 # (crossing 16-token block boundaries twice); the 7-token one is a second, independent sequence.
@@ -91,6 +112,10 @@ def make_weights(preset, generator):
         weights[f"{p}.self_attn.q_proj.weight"] = linear(q_rows, hidden)
         weights[f"{p}.self_attn.k_proj.weight"] = linear(kv_rows, hidden)
         weights[f"{p}.self_attn.v_proj.weight"] = linear(kv_rows, hidden)
+        if preset.get("qkv_bias"):
+            weights[f"{p}.self_attn.q_proj.bias"] = 0.5 * torch.randn(q_rows, generator=generator)
+            weights[f"{p}.self_attn.k_proj.bias"] = 0.5 * torch.randn(kv_rows, generator=generator)
+            weights[f"{p}.self_attn.v_proj.bias"] = 0.5 * torch.randn(kv_rows, generator=generator)
         weights[f"{p}.self_attn.o_proj.weight"] = linear(hidden, q_rows)
         weights[f"{p}.post_attention_layernorm.weight"] = norm()
         weights[f"{p}.mlp.gate_proj.weight"] = linear(mlp, hidden)
@@ -123,10 +148,39 @@ def config_json(preset):
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        rope_scaling=None,
+        rope_scaling=preset.get("rope_scaling"),
         torch_dtype="float32",
     )
+    if preset.get("qkv_bias"):
+        # Qwen2: q/k/v biases are part of the architecture (no attention_bias key).
+        del config["attention_bias"], config["mlp_bias"]
+        config.update(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=preset["num_hidden_layers"],
+        )
     return config
+
+
+def hf_model(config):
+    """The HF model for a config.json dict, fp32 eager. transformers 5 takes RoPE settings as
+    `rope_parameters` (theta included); older versions take `rope_theta` + `rope_scaling`."""
+    import inspect
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = config["model_type"] == "qwen2"
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+    kwargs = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "model_type")}
+    if "rope_parameters" in inspect.signature(config_class.__init__).parameters:
+        parameters = dict(kwargs.pop("rope_scaling") or {"rope_type": "default"})
+        parameters["rope_theta"] = kwargs.pop("rope_theta")
+        kwargs["rope_parameters"] = parameters
+    hf_config = config_class(**kwargs)
+    hf_config._attn_implementation = "eager"
+    return model_class(hf_config).to(torch.float32).eval()
 
 
 def rounded(values):
@@ -146,15 +200,13 @@ def write_tiny(name, out_dir):
         f.write("\n")
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, "model.safetensors"))
 
-    hf_config = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
-    hf_config._attn_implementation = "eager"
-    model = LlamaForCausalLM(hf_config).to(torch.float32).eval()
+    model = hf_model(config)
     missing, unexpected = model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     assert not missing and not unexpected, (missing, unexpected)
 
     token_generator = torch.Generator().manual_seed(1000 + preset["seed"])
     sequences = []
-    for length in SEQUENCE_LENGTHS:
+    for length in preset.get("sequence_lengths", SEQUENCE_LENGTHS):
         tokens = torch.randint(0, preset["vocab_size"], (length,), generator=token_generator)
         with torch.no_grad():
             logits = model(tokens[None, :]).logits[0]
@@ -165,7 +217,7 @@ def write_tiny(name, out_dir):
             }
         )
     golden = {
-        "source": "HF transformers LlamaForCausalLM, fp32, eager attention (engine/scripts/golden.py)",
+        "source": f"HF transformers {type(model).__name__}, fp32, eager attention (engine/scripts/golden.py)",
         "versions": versions(),
         "preset": name,
         "sequences": sequences,
@@ -252,10 +304,11 @@ def main():
     parser.add_argument("--out", default=os.path.join(here, "..", "tests", "data"))
     parser.add_argument("--smollm2-gguf", help="also write SmolLM2 golden data from this GGUF file")
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--only", choices=sorted(PRESETS), action="append", help="tiny presets to write (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if not args.skip_tiny:
-        for name in PRESETS:
+        for name in args.only or PRESETS:
             write_tiny(name, args.out)
     if args.smollm2_gguf:
         write_smollm2(args.smollm2_gguf, args.out)

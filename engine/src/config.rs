@@ -20,6 +20,52 @@ impl DType {
     }
 }
 
+/// How RoPE frequencies are rescaled for long contexts (HF `rope_scaling` / `rope_parameters`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "rope_type")]
+pub enum RopeScaling {
+    /// Plain RoPE: `theta^(-2i/d)`.
+    #[default]
+    None,
+    /// Llama 3.1's scaling: long wavelengths divided by `factor`, short ones kept, a smooth
+    /// blend in between (HF `_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// Applies the scaling to one plain inverse frequency `f = theta^(-2i/d)`.
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        match *self {
+            RopeScaling::None => inv_freq,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original,
+            } => {
+                let original = original as f64;
+                let wavelength = std::f64::consts::TAU / inv_freq;
+                // Wavelengths are compared with the original context: those much shorter than it
+                // (high frequencies) never saw longer positions and stay; much longer ones are
+                // stretched by `factor`; in between, a linear blend in `original / wavelength`.
+                if wavelength < original / high {
+                    inv_freq
+                } else if wavelength > original / low {
+                    inv_freq / factor
+                } else {
+                    let smooth = (original / wavelength - low) / (high - low);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+}
+
 /// Shape of a Llama-family decoder (field names follow HF `config.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -34,11 +80,29 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// RoPE frequency scaling (Llama 3.1) or none.
+    #[serde(default)]
+    pub rope_scaling: RopeScaling,
+    /// Biases on the q, k and v projections (Qwen2; o_proj and the MLP have none).
+    #[serde(default)]
+    pub qkv_bias: bool,
 }
 
 impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// RoPE inverse frequencies `theta^(-2i/d)` for `i < d/2`, scaled by `rope_scaling`, in f64
+    /// (the CPU reference rounds them to f32 as HF does; the CUDA table is built from f64).
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim();
+        (0..hd / 2)
+            .map(|i| {
+                let plain = 1.0 / self.rope_theta.powf((2 * i) as f64 / hd as f64);
+                self.rope_scaling.scale(plain)
+            })
+            .collect()
     }
 
     /// KV bytes one token occupies across all layers (K and V).
@@ -60,6 +124,8 @@ impl ModelConfig {
             rms_norm_eps: 1e-5,
             max_position_embeddings: 4096,
             tie_word_embeddings: false,
+            rope_scaling: RopeScaling::None,
+            qkv_bias: false,
         }
     }
 
@@ -77,6 +143,8 @@ impl ModelConfig {
             rms_norm_eps: 1e-5,
             max_position_embeddings: 8192,
             tie_word_embeddings: true,
+            rope_scaling: RopeScaling::None,
+            qkv_bias: false,
         }
     }
 
@@ -94,6 +162,8 @@ impl ModelConfig {
             rms_norm_eps: 1e-5,
             max_position_embeddings: 512,
             tie_word_embeddings: false,
+            rope_scaling: RopeScaling::None,
+            qkv_bias: false,
         }
     }
 
@@ -106,17 +176,102 @@ impl ModelConfig {
         }
     }
 
+    /// Llama-3.1-8B: 32 layers, hidden 4096, 32 query heads over 8 KV heads, MLP 14336, vocab
+    /// 128256, theta 500000 with Llama-3 frequency scaling (x8 beyond 8192 positions), 131072
+    /// positions.
+    pub fn llama3_1_8b() -> Self {
+        ModelConfig {
+            name: "llama3.1-8b".into(),
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            vocab_size: 128256,
+            rope_theta: 500000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 131072,
+            tie_word_embeddings: false,
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+            qkv_bias: false,
+        }
+    }
+
+    /// Qwen2.5-7B: 28 layers, hidden 3584, 28 query heads over 4 KV heads, MLP 18944, vocab
+    /// 152064, theta 1e6, 32768 positions, biases on q/k/v.
+    pub fn qwen2_5_7b() -> Self {
+        ModelConfig {
+            name: "qwen2.5-7b".into(),
+            hidden_size: 3584,
+            intermediate_size: 18944,
+            num_hidden_layers: 28,
+            num_attention_heads: 28,
+            num_key_value_heads: 4,
+            vocab_size: 152064,
+            rope_theta: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 32768,
+            tie_word_embeddings: false,
+            rope_scaling: RopeScaling::None,
+            qkv_bias: true,
+        }
+    }
+
+    /// `tiny-gqa` with Llama-3 RoPE scaling over a 64-token original context, so positions of a
+    /// short test already fall in the scaled and blended frequency bands.
+    pub fn tiny_gqa_llama3() -> Self {
+        ModelConfig {
+            name: "tiny-gqa-llama3".into(),
+            rope_theta: 500000.0,
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64,
+            },
+            ..Self::tiny_gqa()
+        }
+    }
+
+    /// `tiny-gqa` with biases on the q, k and v projections (the Qwen2 attention).
+    pub fn tiny_gqa_bias() -> Self {
+        ModelConfig {
+            name: "tiny-gqa-bias".into(),
+            rms_norm_eps: 1e-6,
+            qkv_bias: true,
+            ..Self::tiny_gqa()
+        }
+    }
+
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "llama2-7b" => Some(Self::llama2_7b()),
+            "llama3.1-8b" => Some(Self::llama3_1_8b()),
+            "qwen2.5-7b" => Some(Self::qwen2_5_7b()),
             "smollm2-135m" => Some(Self::smollm2_135m()),
             "tiny" => Some(Self::tiny()),
             "tiny-gqa" => Some(Self::tiny_gqa()),
+            "tiny-gqa-llama3" => Some(Self::tiny_gqa_llama3()),
+            "tiny-gqa-bias" => Some(Self::tiny_gqa_bias()),
             _ => None,
         }
     }
 
-    pub const PRESET_NAMES: [&'static str; 4] = ["llama2-7b", "smollm2-135m", "tiny", "tiny-gqa"];
+    pub const PRESET_NAMES: [&'static str; 8] = [
+        "llama2-7b",
+        "llama3.1-8b",
+        "qwen2.5-7b",
+        "smollm2-135m",
+        "tiny",
+        "tiny-gqa",
+        "tiny-gqa-llama3",
+        "tiny-gqa-bias",
+    ];
 }
 
 /// Block-major KV layout: `[block][layer][K|V][kv_head][token_in_block][head_dim]`.
@@ -187,6 +342,55 @@ mod tests {
             ModelConfig::llama2_7b().kv_bytes_per_token(DType::F16),
             512 * 1024
         );
+    }
+
+    #[test]
+    fn gqa_presets_have_the_published_kv_sizes() {
+        // Llama-3.1-8B: 32 layers x 8 KV heads x 128 dims x K,V x 2 bytes = 128 KiB per token, so a
+        // 42k-token (43008) context is 5.25 GiB; Qwen2.5-7B: 28 x 4 x 128 x 2 x 2 = 56 KiB.
+        let llama = ModelConfig::llama3_1_8b();
+        assert_eq!(llama.kv_bytes_per_token(DType::Bf16), 128 * 1024);
+        assert_eq!(
+            43008 * llama.kv_bytes_per_token(DType::F16),
+            21 * (1 << 30) / 4
+        );
+        assert_eq!(llama.head_dim(), 128);
+        let qwen = ModelConfig::qwen2_5_7b();
+        assert_eq!(qwen.head_dim(), 128);
+        assert_eq!(qwen.kv_bytes_per_token(DType::F16), 56 * 1024);
+        for name in ModelConfig::PRESET_NAMES {
+            assert_eq!(ModelConfig::preset(name).unwrap().name, name);
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_stretches_low_and_blends_between() {
+        let config = ModelConfig::llama3_1_8b();
+        let plain = ModelConfig {
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        }
+        .rope_inv_freq();
+        let scaled = config.rope_inv_freq();
+        let (low_wavelen, high_wavelen) = (8192.0, 8192.0 / 4.0);
+        let mut bands = [0usize; 3];
+        for (f, s) in plain.iter().zip(&scaled) {
+            let wavelength = std::f64::consts::TAU / f;
+            if wavelength < high_wavelen {
+                assert_eq!(s, f);
+                bands[0] += 1;
+            } else if wavelength > low_wavelen {
+                assert!((s * 8.0 / f - 1.0).abs() < 1e-12);
+                bands[1] += 1;
+            } else {
+                assert!(*s < *f && *s > f / 8.0, "{s} vs {f}");
+                bands[2] += 1;
+            }
+        }
+        // Every band is populated for head_dim 128 and theta 500000.
+        assert!(bands.iter().all(|n| *n > 0), "{bands:?}");
+        // The frequencies stay ordered (a blend never crosses a neighbour).
+        assert!(scaled.windows(2).all(|w| w[0] > w[1]));
     }
 
     #[test]

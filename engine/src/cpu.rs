@@ -3,7 +3,8 @@
 //! This is the backend CI trusts: it is written for clarity, not speed, and follows HF
 //! transformers' `LlamaForCausalLM` (eager attention, fp32) step by step: RMSNorm
 //! (`w * x / sqrt(mean(x^2) + eps)`), RoPE with HF's rotate_half pairing (dims `i` and
-//! `i + head_dim/2`), causal attention with GQA (query head `h` reads KV head
+//! `i + head_dim/2`; Llama-3 frequency scaling when configured), q/k/v biases where the model has
+//! them (Qwen2), causal attention with GQA (query head `h` reads KV head
 //! `h / (heads / kv_heads)`), SiLU-gated MLP. GEMMs go through candle; attention, RoPE and the KV
 //! writes are plain loops over the pool so that the paged addressing is explicit.
 //!
@@ -150,6 +151,8 @@ struct CpuLayer {
     q_proj: Tensor,
     k_proj: Tensor,
     v_proj: Tensor,
+    /// q, k, v biases (Qwen2), added to the projections' outputs before RoPE.
+    qkv_bias: Option<[Tensor; 3]>,
     o_proj: Tensor,
     post_attention_norm: Tensor,
     gate_proj: Tensor,
@@ -215,6 +218,15 @@ impl CpuModel {
                 q_proj: get(&format!("{p}.self_attn.q_proj.weight"))?,
                 k_proj: get(&format!("{p}.self_attn.k_proj.weight"))?,
                 v_proj: get(&format!("{p}.self_attn.v_proj.weight"))?,
+                qkv_bias: if config.qkv_bias {
+                    Some([
+                        get(&format!("{p}.self_attn.q_proj.bias"))?,
+                        get(&format!("{p}.self_attn.k_proj.bias"))?,
+                        get(&format!("{p}.self_attn.v_proj.bias"))?,
+                    ])
+                } else {
+                    None
+                },
                 o_proj: get(&format!("{p}.self_attn.o_proj.weight"))?,
                 post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate_proj: get(&format!("{p}.mlp.gate_proj.weight"))?,
@@ -222,10 +234,11 @@ impl CpuModel {
                 down_proj: get(&format!("{p}.mlp.down_proj.weight"))?,
             });
         }
-        let head_dim = config.head_dim();
-        // HF: 1 / theta^(arange(0, d, 2) / d) in f32.
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        // HF: 1 / theta^(arange(0, d, 2) / d) in f32, scaled (Llama 3) before use.
+        let inv_freq = config
+            .rope_inv_freq()
+            .into_iter()
+            .map(|f| f as f32)
             .collect();
         Ok(CpuModel {
             embed_tokens: get("model.embed_tokens.weight")?,
@@ -459,9 +472,17 @@ impl CpuModel {
 
         for (layer_index, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, eps)?;
-            let mut q = flat(&h.matmul(&layer.q_proj.t()?)?)?;
-            let mut k = flat(&h.matmul(&layer.k_proj.t()?)?)?;
-            let v = flat(&h.matmul(&layer.v_proj.t()?)?)?;
+            let project = |weight: &Tensor, bias: Option<&Tensor>| -> Result<Vec<f32>, CpuError> {
+                let out = h.matmul(&weight.t()?)?;
+                match bias {
+                    Some(bias) => flat(&out.broadcast_add(bias)?),
+                    None => flat(&out),
+                }
+            };
+            let bias = |i: usize| layer.qkv_bias.as_ref().map(|b| &b[i]);
+            let mut q = project(&layer.q_proj, bias(0))?;
+            let mut k = project(&layer.k_proj, bias(1))?;
+            let v = project(&layer.v_proj, bias(2))?;
             rope(&mut q, heads);
             rope(&mut k, kv_heads);
 

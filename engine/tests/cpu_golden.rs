@@ -74,6 +74,67 @@ fn tiny_gqa_matches_hf_golden_logits() {
 }
 
 #[test]
+fn tiny_gqa_llama3_matches_hf_golden_logits() {
+    // Llama-3 RoPE scaling over a 64-token original context; the third sequence runs to 160.
+    check_preset_against_golden("tiny-gqa-llama3", 16);
+    check_preset_against_golden("tiny-gqa-llama3", 5);
+}
+
+#[test]
+fn tiny_gqa_bias_matches_hf_golden_logits() {
+    // q/k/v biases (HF Qwen2).
+    check_preset_against_golden("tiny-gqa-bias", 16);
+    check_preset_against_golden("tiny-gqa-bias", 3);
+}
+
+/// Logits of `weights` (as configured) for the golden sequence `index` of `preset`, every position.
+fn every_position(weights: &engine::weights::WeightSet, sequence: &[u32]) -> Vec<f32> {
+    let mut model = CpuModel::new(weights, sequence.len().div_ceil(16), 16).unwrap();
+    let table: Vec<u32> = (0..sequence.len().div_ceil(16) as u32).collect();
+    model
+        .forward_every_token(&[SeqStep {
+            block_table: &table,
+            context_len: 0,
+            tokens: sequence,
+        }])
+        .unwrap()
+        .data
+}
+
+#[test]
+fn golden_checks_see_the_rope_scaling_and_the_biases() {
+    // The same weights without the scaling, or without the biases, miss the golden logits: the
+    // tests above could not pass by ignoring either feature.
+    for (preset, strip) in [
+        (
+            "tiny-gqa-llama3",
+            &(|w: &mut engine::weights::WeightSet| {
+                w.config.rope_scaling = engine::config::RopeScaling::None
+            }) as &dyn Fn(&mut engine::weights::WeightSet),
+        ),
+        ("tiny-gqa-bias", &|w: &mut engine::weights::WeightSet| {
+            for tensor in w.tensors.iter_mut().filter(|(n, _)| n.ends_with(".bias")) {
+                tensor.1.data.fill(0.0);
+            }
+        }),
+    ] {
+        let mut weights = load_tiny(preset);
+        strip(&mut weights);
+        let sequence = &load_golden(preset)[1];
+        let (ratio, abs) = compare(
+            &every_position(&weights, &sequence.tokens),
+            &sequence.logits.concat(),
+            GOLDEN_ABS_TOLERANCE,
+            GOLDEN_REL_TOLERANCE,
+        );
+        assert!(
+            ratio > 100.0,
+            "{preset}: stripped model still close (max |diff| {abs:e})"
+        );
+    }
+}
+
+#[test]
 fn golden_check_fails_on_a_wrong_model() {
     // The tolerance is tight enough to see a small change: scaling one norm by 1% breaks it.
     let mut weights = load_tiny("tiny");

@@ -67,6 +67,21 @@ fn assert_same_tensors(a: &WeightSet, b: &WeightSet) {
 
 #[test]
 fn hf_directory_round_trips_and_shards_load_like_one_file() {
+    // The scaled-RoPE and the biased presets round-trip too (Llama `rope_scaling`, Qwen2 config).
+    for preset in ["tiny-gqa-llama3", "tiny-gqa-bias"] {
+        let weights = WeightSet::random(&ModelConfig::preset(preset).unwrap(), 12);
+        let dir = temp_dir(&format!("hf_round_trip_{preset}"));
+        weights.save_hf_dir(&dir).unwrap();
+        let loaded = WeightSet::from_hf_dir(&dir).unwrap();
+        assert_eq!(
+            loaded.config,
+            ModelConfig {
+                name: format!("hf_round_trip_{preset}"),
+                ..ModelConfig::preset(preset).unwrap()
+            }
+        );
+        assert_same_tensors(&weights, &loaded);
+    }
     let weights = WeightSet::random(&ModelConfig::tiny_gqa(), 11);
     let dir = temp_dir("hf_round_trip");
     weights.save_hf_dir(&dir).unwrap();
@@ -219,8 +234,48 @@ fn config_json_errors_name_the_field() {
             Box::new(|c| c["num_key_value_heads"] = 3.into()),
         ),
         (
-            "rope_scaling",
+            "rope_scaling.type",
             Box::new(|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0})),
+        ),
+        (
+            "rope_scaling.rope_type",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+            }),
+        ),
+        (
+            "rope_scaling.factor",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+            }),
+        ),
+        (
+            "rope_scaling.high_freq_factor",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                    "original_max_position_embeddings": 64})
+            }),
+        ),
+        (
+            "rope_scaling.original_max_position_embeddings",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": -1})
+            }),
+        ),
+        (
+            "attention_bias",
+            Box::new(|c| c["attention_bias"] = true.into()),
+        ),
+        (
+            "use_sliding_window",
+            Box::new(|c| {
+                c["model_type"] = "qwen2".into();
+                c["use_sliding_window"] = true.into();
+            }),
         ),
         (
             "model_type",
@@ -261,13 +316,30 @@ fn config_json_errors_name_the_field() {
         WeightSet::from_hf_dir(&dir).unwrap().config.rope_theta,
         100000.0
     );
-    v5["rope_parameters"]["rope_type"] = "llama3".into();
+    // Llama 3 scaling under `rope_parameters` loads; its fields are required; other types are
+    // refused naming the field.
+    v5["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0,
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64});
     std::fs::write(dir.join("config.json"), v5.to_string()).unwrap();
-    let err = WeightSet::from_hf_dir(&dir).unwrap_err();
-    assert!(
-        err.to_string().contains("rope_parameters.rope_type"),
-        "{err}"
+    let config = WeightSet::from_hf_dir(&dir).unwrap().config;
+    assert_eq!(
+        (config.rope_theta, config.rope_scaling),
+        (500000.0, ModelConfig::tiny_gqa_llama3().rope_scaling)
     );
+    for (key, value, field) in [
+        ("factor", serde_json::Value::Null, "rope_parameters.factor"),
+        ("rope_type", "longrope".into(), "rope_parameters.rope_type"),
+    ] {
+        let mut bad = v5.clone();
+        bad["rope_parameters"][key] = value;
+        std::fs::write(dir.join("config.json"), bad.to_string()).unwrap();
+        let err = WeightSet::from_hf_dir(&dir).unwrap_err();
+        assert!(
+            matches!(&err, WeightsError::Config { field: f, .. } if f == field),
+            "{field}: {err}"
+        );
+    }
 
     let err = WeightSet::from_hf_dir(&temp_dir("no_config")).unwrap_err();
     assert!(

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
+    use engine::batch::PagedModel;
     use engine::cpu::CpuModel;
     use engine::cuda::{CudaModel, CudaModelOptions, GpuDevice, WeightSource};
     use engine::probe::forward::check;
@@ -30,7 +31,7 @@ mod gpu {
 
     #[test]
     fn cuda_matches_cpu_on_tiny_models() {
-        for name in ["tiny", "tiny-gqa"] {
+        for name in ["tiny", "tiny-gqa", "tiny-gqa-llama3", "tiny-gqa-bias"] {
             let Some(device) = open() else { return };
             let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/data")
@@ -59,15 +60,85 @@ mod gpu {
 
     #[test]
     fn cuda_paged_forward_is_self_consistent() {
+        // tiny-gqa-bias: the fused batch-1 bias add (gemv_rope) against rope_kv_write's.
+        for name in ["tiny-gqa", "tiny-gqa-bias"] {
+            let Some(device) = open() else { return };
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(name);
+            let ws = WeightSet::from_hf_dir(&dir).expect("tiny weights load");
+            let mut gpu =
+                CudaModel::new(device, WeightSource::Host(&ws), options(&ws)).expect("cuda model");
+            for (check, diff, ok) in check::self_consistency(&mut gpu, 0.02).expect("ran") {
+                println!("{name} {check}: {diff:.3e}");
+                assert!(ok, "{name} {check}: max |diff| {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn long_chunked_context_matches_cpu() {
+        // 480 tokens over 120 scattered 4-token blocks, far past the 64-token original context of
+        // the Llama-3 scaling: a 300-token chunk, a 150-token chunk on top, then 30 decode steps
+        // (split-KV decode attention over the paged context), each step's logits against the CPU.
+        let Some(device) = open() else { return };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-gqa-llama3");
+        let ws = WeightSet::from_hf_dir(&dir).expect("tiny weights load");
+        let (block, context, pool) = (4usize, 480usize, 123usize);
+        let table: Vec<u32> = (0..context / block)
+            .map(|i| ((i * 37 + 5) % pool) as u32)
+            .collect();
+        let tokens: Vec<u32> = (0..context as u32).map(|i| (i * 7919 + 11) % 256).collect();
+        let mut cpu = CpuModel::new(&ws, pool, block).expect("cpu model");
+        let mut o = options(&ws);
+        o.block_size_tokens = block;
+        o.num_kv_blocks = Some(pool);
+        o.max_tokens_per_step = 300;
+        o.max_blocks_per_seq = ws.config.max_position_embeddings.div_ceil(block);
+        let mut gpu = CudaModel::new(device, WeightSource::Host(&ws), o).expect("cuda model");
+        let mut steps = vec![300, 150];
+        steps.extend(std::iter::repeat_n(1, 30));
+        let mut at = 0;
+        for n in steps {
+            let step = engine::batch::SeqStep {
+                block_table: &table,
+                context_len: at,
+                tokens: &tokens[at..at + n],
+            };
+            let (a, b) = (gpu.forward(&[step]).unwrap(), cpu.forward(&[step]).unwrap());
+            at += n;
+            let scale = b.data.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .data
+                .iter()
+                .zip(&b.data)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 0.02 * scale,
+                "step ending at {at}: max |diff| {diff} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn kv_demand_beyond_the_card_is_refused_at_start_up() {
         let Some(device) = open() else { return };
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-gqa");
         let ws = WeightSet::from_hf_dir(&dir).expect("tiny weights load");
-        let mut gpu =
-            CudaModel::new(device, WeightSource::Host(&ws), options(&ws)).expect("cuda model");
-        for (name, diff, ok) in check::self_consistency(&mut gpu, 0.02).expect("ran") {
-            println!("{name}: {diff:.3e}");
-            assert!(ok, "{name}: max |diff| {diff}");
-        }
+        let mut o = options(&ws);
+        o.num_kv_blocks = None;
+        o.kv_demand = Some(engine::cuda::KvDemand {
+            sequences: 1 << 40,
+            tokens_per_sequence: 512,
+        });
+        let err = match CudaModel::new(device, WeightSource::Host(&ws), o) {
+            Ok(_) => panic!("a KV demand of 2^40 sequences was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("KV for") && err.contains("sequences of 512 tokens"),
+            "{err}"
+        );
     }
 }
 

@@ -47,6 +47,8 @@ fn config() -> ModelConfig {
         rms_norm_eps: 1e-5,
         max_position_embeddings: 256,
         tie_word_embeddings: true,
+        rope_scaling: Default::default(),
+        qkv_bias: false,
     }
 }
 

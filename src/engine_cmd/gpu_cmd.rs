@@ -24,7 +24,12 @@ pub struct BenchArgs {
     /// Decode contexts (tokens each sequence attends to, its new token included).
     #[arg(long, value_delimiter = ',', default_value = "512,2048")]
     pub contexts: Vec<usize>,
-    /// KV pool blocks (default: enough for the largest decode configuration).
+    /// Prefill chunks on a cached context, CHUNK@CACHED (e.g. 2048@100000: 2048 new tokens on top
+    /// of 100000 tokens already in the KV cache).
+    #[arg(long, value_delimiter = ',', value_parser = parse_chunk)]
+    pub chunks: Vec<(usize, usize)>,
+    /// KV pool blocks (default: the memory left after weights and buffers; configurations that
+    /// do not fit it are skipped and said so).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
     /// Launch every kernel each step instead of replaying captured CUDA graphs.
@@ -44,6 +49,23 @@ pub struct BenchArgs {
     pub prefill_gap: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
+}
+
+/// `CHUNK@CACHED` of `--chunks`.
+fn parse_chunk(text: &str) -> Result<(usize, usize), String> {
+    let (chunk, cached) = text
+        .split_once('@')
+        .ok_or_else(|| format!("`{text}`: expected CHUNK@CACHED, e.g. 2048@100000"))?;
+    let number = |part: &str| {
+        part.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("`{text}`: `{part}` is not a token count ({e})"))
+    };
+    let (chunk, cached) = (number(chunk)?, number(cached)?);
+    if chunk == 0 {
+        return Err(format!("`{text}`: the chunk must have at least one token"));
+    }
+    Ok((chunk, cached))
 }
 
 #[derive(Args)]
@@ -137,7 +159,8 @@ pub enum CheckCommand {
         tuning: TuningArgs,
     },
     /// Writes the CUDA model's weights as an HF checkpoint plus the engine's logits for a fixed
-    /// prompt; engine/scripts/hf_compare_7b.py then compares them with HF transformers.
+    /// prompt; engine/scripts/hf_compare_7b.py (llama2-7b) or hf_compare_long.py (any preset, long
+    /// prompts with decode steps) then compares them with HF transformers.
     HfDump {
         #[arg(long, default_value = "llama2-7b")]
         model: String,
@@ -153,6 +176,14 @@ pub enum CheckCommand {
         /// its last token's logits go into the dump too. 0 skips it.
         #[arg(long, default_value_t = 2048)]
         long: usize,
+        /// Decode steps after the long prefill (teacher-forced: the long prompt continues), each
+        /// step's logits in the dump: decode attention over a context of `--long` tokens and more.
+        #[arg(long, default_value_t = 0)]
+        long_decode: usize,
+        /// Most tokens in one step: a longer `--long` prompt is prefilled in chunks of this size
+        /// (chunked prefill on a growing cached context).
+        #[arg(long, default_value_t = 32768)]
+        max_step_tokens: usize,
         #[command(flatten)]
         tuning: TuningArgs,
     },
@@ -383,16 +414,16 @@ mod with_cuda {
             "decode graphs captured up to batch {max_batch} in {:.2} s",
             started.elapsed().as_secs_f64()
         );
-        let mut rows = cb::run_grid(
-            &mut model,
-            &args.prefill,
-            &args.batches,
-            &args.contexts,
-            args.prefill_gap,
-            |row| {
-                println!("{}", cb::format_row(row));
-            },
-        )?;
+        let grid = cb::BenchGrid {
+            prefill_lengths: args.prefill.clone(),
+            chunks: args.chunks.clone(),
+            decode_batches: args.batches.clone(),
+            decode_contexts: args.contexts.clone(),
+            prefill_gap: args.prefill_gap,
+        };
+        let mut rows = cb::run_grid(&mut model, &grid, |row| {
+            println!("{}", cb::format_row(row));
+        })?;
         for p in &bench_profiles(&mut model, &args, max_batch)? {
             println!("{p}");
         }
@@ -416,33 +447,18 @@ mod with_cuda {
         write_bench_report(&report, &args.out)
     }
 
-    /// The model options of `djinn engine bench`: a KV pool and step size for the largest decode
-    /// and prefill configuration of the grid (or `--kv-blocks`).
+    /// The model options of `djinn engine bench`: steps for the largest prefill, chunk and decode
+    /// batch of the grid; the KV pool takes the memory left (or `--kv-blocks`).
     fn bench_options(args: &BenchArgs, dtype: DType, config: &ModelConfig) -> CudaModelOptions {
         let mut options = CudaModelOptions::for_config(config);
         options.dtype = dtype;
         options.use_cuda_graphs = !args.no_graphs;
-        let bs = options.block_size_tokens;
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
-        let decode_blocks = args
-            .batches
-            .iter()
-            .flat_map(|b| args.contexts.iter().map(move |c| b * c.div_ceil(bs)))
-            .max()
-            .unwrap_or(0);
-        let prefill_blocks = args
-            .prefill
-            .iter()
-            .map(|n| n.div_ceil(bs))
-            .max()
-            .unwrap_or(0);
-        options.num_kv_blocks = Some(
-            args.kv_blocks
-                .unwrap_or(decode_blocks.max(prefill_blocks).max(1)),
-        );
+        options.num_kv_blocks = args.kv_blocks;
         options.max_tokens_per_step = args
             .prefill
             .iter()
+            .chain(args.chunks.iter().map(|(chunk, _)| chunk))
             .copied()
             .max()
             .unwrap_or(512)
@@ -549,15 +565,16 @@ mod with_cuda {
         std::fs::create_dir_all(out)?;
         let json_path = out.join("engine_bench.json");
         std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
-        let mut csv = String::from("device,system,kind,batch,tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor\n");
+        let mut csv = String::from("device,system,kind,batch,tokens,cached_tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor\n");
         for r in &report.rows {
             csv += &format!(
-                "{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.1},{:.4},{:.3},{:.4},{:.3}\n",
+                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.1},{:.4},{:.3},{:.4},{:.3}\n",
                 report.device,
                 r.system,
                 r.kind,
                 r.batch,
                 r.tokens,
+                r.cached_tokens,
                 r.ms_p50,
                 r.ms_mean,
                 r.ms_min,
@@ -620,8 +637,21 @@ mod with_cuda {
                 seed,
                 out,
                 long,
+                long_decode,
+                max_step_tokens,
                 tuning,
-            } => hf_dump(&model, &dtype, seed, &out, long, &tuning),
+            } => hf_dump(
+                &model,
+                &dtype,
+                seed,
+                &out,
+                LongPrompt {
+                    tokens: long,
+                    decode_steps: long_decode,
+                    max_step_tokens,
+                },
+                &tuning,
+            ),
         }
     }
 
@@ -717,27 +747,47 @@ mod with_cuda {
         Ok(())
     }
 
+    /// The long prompt of `check hf-dump`.
+    struct LongPrompt {
+        tokens: usize,
+        decode_steps: usize,
+        max_step_tokens: usize,
+    }
+
     /// `check hf-dump`: the model as an HF checkpoint plus the engine's logits for fixed prompts
-    /// (a short one as prefill + decode and as one prefill, and a `long`-token prefill).
+    /// (HF transformers then runs the same prompts on the same weights).
     fn hf_dump(
         model: &str,
         dtype: &str,
         seed: u64,
         out: &Path,
-        long: usize,
+        long: LongPrompt,
         tuning: &TuningArgs,
     ) -> anyhow::Result<()> {
         let dtype = parse_dtype(dtype)?;
+        anyhow::ensure!(
+            long.max_step_tokens >= 64,
+            "--max-step-tokens {}: at least 64",
+            long.max_step_tokens
+        );
+        let long_total = long.tokens.saturating_add(long.decode_steps);
+        anyhow::ensure!(
+            long.decode_steps == 0 || long.tokens > 0,
+            "--long-decode {} needs a --long prompt to decode after",
+            long.decode_steps
+        );
         let mut options = None;
         if let Some(config) = ModelConfig::preset(model) {
             anyhow::ensure!(
-                long <= config.max_position_embeddings,
-                "--long {long}: the {model} preset has {} positions",
+                long_total <= config.max_position_embeddings,
+                "--long {} + --long-decode {}: the {model} preset has {} positions",
+                long.tokens,
+                long.decode_steps,
                 config.max_position_embeddings
             );
             let mut o = CudaModelOptions::for_config(&config);
-            o.num_kv_blocks = Some(8 + long.div_ceil(o.block_size_tokens));
-            o.max_tokens_per_step = long.max(64);
+            o.num_kv_blocks = Some(8 + long_total.div_ceil(o.block_size_tokens));
+            o.max_tokens_per_step = long.tokens.min(long.max_step_tokens).max(64);
             o.max_seqs_per_step = 2;
             options = Some(o);
         }
@@ -766,22 +816,39 @@ mod with_cuda {
             context_len: 0,
             tokens: &prompt,
         }])?;
-        // The long prompt on the blocks after the two short tables.
-        let long_prompt: Vec<u32> = (0..long).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
-        let long_logits = if long > 0 {
+        // The long prompt (and its decode continuation) on the blocks after the two short tables:
+        // prefilled in chunks of at most max_tokens_per_step, then one token per step.
+        let long_prompt: Vec<u32> = (0..long_total)
+            .map(|i| ((i * 7919 + 3) % vocab) as u32)
+            .collect();
+        let mut long_logits = None;
+        let mut long_decode_logits = Vec::new();
+        if long.tokens > 0 {
             let bs = m.options.block_size_tokens;
-            let table3: Vec<u32> = (8..(8 + long.div_ceil(bs)) as u32).collect();
-            Some(
-                m.forward_logits(&[engine::batch::SeqStep {
-                    block_table: &table3,
-                    context_len: 0,
-                    tokens: &long_prompt,
-                }])?
-                .data,
-            )
-        } else {
-            None
-        };
+            let table3: Vec<u32> = (8..(8 + long_total.div_ceil(bs)) as u32).collect();
+            let chunk = m.options.max_tokens_per_step;
+            let mut at = 0;
+            while at < long_total {
+                let n = if at < long.tokens {
+                    chunk.min(long.tokens - at)
+                } else {
+                    1
+                };
+                let logits = m
+                    .forward_logits(&[engine::batch::SeqStep {
+                        block_table: &table3,
+                        context_len: at,
+                        tokens: &long_prompt[at..at + n],
+                    }])?
+                    .data;
+                at += n;
+                if at == long.tokens {
+                    long_logits = Some(logits);
+                } else if at > long.tokens {
+                    long_decode_logits.push(logits);
+                }
+            }
+        }
         let started = std::time::Instant::now();
         m.save_hf_checkpoint(out)?;
         println!(
@@ -794,8 +861,11 @@ mod with_cuda {
             "decode_positions": (prefix..prompt.len()).collect::<Vec<_>>(),
             "decode_logits": decode_logits,
             "prefill_last_logits": prefill.data,
-            "long_prompt": long_prompt,
+            "long_prompt": &long_prompt[..long.tokens],
             "long_prefill_last_logits": long_logits,
+            "long_prefill_chunk_tokens": m.options.max_tokens_per_step,
+            "long_decode_tokens": &long_prompt[long.tokens..],
+            "long_decode_logits": long_decode_logits,
             "dtype": format!("{dtype:?}"),
             "device": m.device.name,
             "prefill_attention": m.prefill_attention_name(),

@@ -18,7 +18,7 @@ use candle_core::Device;
 use super::fit::{check_config_fits, check_layer_count, Stored, GGUF_FIELDS};
 use super::gguf_header::read_gguf_header;
 use super::{HostTensor, WeightSet, WeightsError};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 
 const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
 
@@ -279,6 +279,10 @@ fn config_from_gguf(content: &Content, path: &Path) -> Result<ModelConfig, Weigh
         rms_norm_eps: get_f64("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
         max_position_embeddings: get_usize("llama.context_length")?.unwrap_or(2048),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        // GGUF files of scaled-RoPE models carry a `rope_freqs.weight` tensor instead, which the
+        // tensor directory check refuses as unexpected.
+        rope_scaling: RopeScaling::None,
+        qkv_bias: false,
     })
 }
 

@@ -8,9 +8,9 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::fit::{check_config_fits, check_layer_count, Stored, HF_FIELDS};
+use super::fit::{check_config_fits, check_layer_count, Stored, HF_FIELDS, MAX_POSITIONS};
 use super::{with_power_of_two, HostTensor, WeightSet, WeightsError};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 
 /// Buffers some HF checkpoints carry that are not weights (recomputed from the config).
 const IGNORED_SUFFIXES: [&str; 1] = ["rotary_emb.inv_freq"];
@@ -82,40 +82,21 @@ pub fn config_from_hf_json(
             ));
         }
     }
-    // transformers 5 writes `rope_parameters: {rope_type, rope_theta}` instead of top-level
-    // `rope_theta`; only the default (unscaled) RoPE is supported.
-    let rope_theta = match object.get("rope_parameters") {
-        None | Some(Value::Null) => get_f64("rope_theta", 10000.0)?,
-        Some(Value::Object(parameters)) => {
-            match parameters.get("rope_type").and_then(Value::as_str) {
-                None | Some("default") => {}
-                Some(other) => {
-                    return Err(field_error(
-                        "rope_parameters.rope_type",
-                        format!("RoPE type \"{other}\" is not supported; plain RoPE only"),
-                    ))
-                }
-            }
-            match parameters.get("rope_theta") {
-                None | Some(Value::Null) => get_f64("rope_theta", 10000.0)?,
-                Some(value) => value
-                    .as_f64()
-                    .filter(|v| v.is_finite() && *v > 0.0)
-                    .ok_or_else(|| {
-                        field_error(
-                            "rope_parameters.rope_theta",
-                            format!("expected a positive number, found {value}"),
-                        )
-                    })?,
-            }
-        }
-        Some(other) => {
+    let (rope_theta, rope_scaling) = rope_from_json(object, &field_error)?;
+    if let RopeScaling::Llama3 {
+        original_max_position_embeddings,
+        ..
+    } = rope_scaling
+    {
+        if original_max_position_embeddings > MAX_POSITIONS {
             return Err(field_error(
-                "rope_parameters",
-                format!("expected an object, found {other}"),
-            ))
+                "rope_scaling.original_max_position_embeddings",
+                format!("{original_max_position_embeddings} exceeds the {MAX_POSITIONS} positions supported"),
+            ));
         }
-    };
+    }
+    // Qwen2 is Llama with biases on q/k/v (and none elsewhere).
+    let qkv_bias = object.get("model_type").and_then(Value::as_str) == Some("qwen2");
     let tie_word_embeddings = match object.get("tie_word_embeddings") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(tied)) => *tied,
@@ -138,35 +119,156 @@ pub fn config_from_hf_json(
         rms_norm_eps: get_f64("rms_norm_eps", 1e-6)?,
         max_position_embeddings: get_usize("max_position_embeddings", Some(2048))?,
         tie_word_embeddings,
+        rope_scaling,
+        qkv_bias,
     })
 }
 
-/// The Llama variants the forward does not implement (other architectures, RoPE scaling, biases,
+/// A positive finite number of a JSON object, or `default` when absent; `field` names it in errors.
+fn positive_f64(
+    object: &serde_json::Map<String, Value>,
+    key: &str,
+    field: &str,
+    default: Option<f64>,
+    field_error: &dyn Fn(&str, String) -> WeightsError,
+) -> Result<f64, WeightsError> {
+    match object.get(key) {
+        None | Some(Value::Null) => {
+            default.ok_or_else(|| field_error(field, "missing (needed by this RoPE type)".into()))
+        }
+        Some(value) => value
+            .as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| {
+                field_error(field, format!("expected a positive number, found {value}"))
+            }),
+    }
+}
+
+/// RoPE theta and scaling. Classic configs: top-level `rope_theta` and `rope_scaling` (null or
+/// `{rope_type | type, factor, ...}`); transformers 5: `rope_parameters` holding both. Only the
+/// default RoPE and Llama 3's scaling are implemented; any other type is refused by name.
+fn rope_from_json(
+    object: &serde_json::Map<String, Value>,
+    field_error: &dyn Fn(&str, String) -> WeightsError,
+) -> Result<(f64, RopeScaling), WeightsError> {
+    let top_theta = positive_f64(
+        object,
+        "rope_theta",
+        "rope_theta",
+        Some(10000.0),
+        field_error,
+    )?;
+    let (section, parameters) = match (object.get("rope_parameters"), object.get("rope_scaling")) {
+        (Some(Value::Object(parameters)), _) => ("rope_parameters", Some(parameters)),
+        (Some(Value::Null) | None, Some(Value::Object(scaling))) => ("rope_scaling", Some(scaling)),
+        (Some(Value::Null) | None, Some(Value::Null) | None) => {
+            return Ok((top_theta, RopeScaling::None))
+        }
+        (Some(other), _) => {
+            return Err(field_error(
+                "rope_parameters",
+                format!("expected an object, found {other}"),
+            ))
+        }
+        (_, Some(other)) => {
+            return Err(field_error(
+                "rope_scaling",
+                format!("expected an object or null, found {other}"),
+            ))
+        }
+    };
+    let parameters = parameters.expect("set in every arm that reaches here");
+    let named = |key: &str| format!("{section}.{key}");
+    let theta = positive_f64(
+        parameters,
+        "rope_theta",
+        &named("rope_theta"),
+        Some(top_theta),
+        field_error,
+    )?;
+    // Older configs spell the key `type`.
+    let (type_key, rope_type) = match (parameters.get("rope_type"), parameters.get("type")) {
+        (Some(value), _) => ("rope_type", value),
+        (None, Some(value)) => ("type", value),
+        (None, None) => ("rope_type", &Value::Null),
+    };
+    match rope_type {
+        Value::Null => Ok((theta, RopeScaling::None)),
+        Value::String(name) if name == "default" => Ok((theta, RopeScaling::None)),
+        Value::String(name) if name == "llama3" => {
+            let get = |key: &str| positive_f64(parameters, key, &named(key), None, field_error);
+            let (factor, low, high) = (
+                get("factor")?,
+                get("low_freq_factor")?,
+                get("high_freq_factor")?,
+            );
+            if high <= low {
+                return Err(field_error(
+                    &named("high_freq_factor"),
+                    format!("{high} must exceed low_freq_factor {low}"),
+                ));
+            }
+            let original_field = named("original_max_position_embeddings");
+            let original = parameters
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .filter(|v| *v > 0)
+                .ok_or_else(|| {
+                    field_error(&original_field, "expected a positive integer".into())
+                })?;
+            Ok((
+                theta,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: usize::try_from(original)
+                        .unwrap_or(usize::MAX),
+                },
+            ))
+        }
+        other => Err(field_error(
+            &named(type_key),
+            format!("RoPE type {other} is not supported; \"default\" and \"llama3\" are"),
+        )),
+    }
+}
+
+/// The Llama variants the forward does not implement (other architectures, o_proj and MLP biases,
 /// other activations) are refused by name rather than loaded and computed wrongly.
 fn reject_unsupported_features(
     object: &serde_json::Map<String, Value>,
     field_error: &dyn Fn(&str, String) -> WeightsError,
 ) -> Result<(), WeightsError> {
     if let Some(model_type) = object.get("model_type") {
-        if model_type.as_str() != Some("llama") {
+        if !matches!(model_type.as_str(), Some("llama" | "qwen2")) {
             return Err(field_error(
                 "model_type",
-                format!("only \"llama\" is supported, found {model_type}"),
+                format!("only \"llama\" and \"qwen2\" are supported, found {model_type}"),
             ));
         }
     }
-    if let Some(scaling) = object.get("rope_scaling") {
-        if !scaling.is_null() {
+    // Qwen2's sliding window (off in released 7B configs) is not implemented.
+    if let Some(Value::Bool(true)) = object.get("use_sliding_window") {
+        return Err(field_error(
+            "use_sliding_window",
+            "sliding-window attention is not supported".into(),
+        ));
+    }
+    if let Some(Value::Array(types)) = object.get("layer_types") {
+        if let Some(other) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
             return Err(field_error(
-                "rope_scaling",
-                format!("RoPE scaling is not supported (found {scaling}); plain RoPE only"),
+                "layer_types",
+                format!("only \"full_attention\" layers are supported, found {other}"),
             ));
         }
     }
+    // Llama's `attention_bias` puts a bias on o_proj too, which the forward does not have.
     if let Some(Value::Bool(true)) = object.get("attention_bias") {
         return Err(field_error(
             "attention_bias",
-            "attention biases are not supported".into(),
+            "Llama attention biases (q/k/v/o) are not supported; q/k/v biases come with model_type \"qwen2\"".into(),
         ));
     }
     if let Some(Value::Bool(true)) = object.get("mlp_bias") {
@@ -383,6 +485,61 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     }
 }
 
+/// The HF `config.json` of `config` (`torch_dtype` as given): a Llama, or a Qwen2 when the
+/// q/k/v projections have biases; Llama-3 RoPE scaling in the classic `rope_scaling` object, which
+/// transformers 4 and 5 both read.
+pub fn hf_config_json(config: &ModelConfig, torch_dtype: &str) -> Value {
+    let mut json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim(),
+        "vocab_size": config.vocab_size,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "rope_scaling": null,
+        "torch_dtype": torch_dtype,
+    });
+    if let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = config.rope_scaling
+    {
+        json["rope_scaling"] = serde_json::json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        });
+    }
+    if config.qkv_bias {
+        let object = json.as_object_mut().expect("built as an object");
+        object.remove("attention_bias");
+        object.remove("mlp_bias");
+        object.insert(
+            "architectures".into(),
+            serde_json::json!(["Qwen2ForCausalLM"]),
+        );
+        object.insert("model_type".into(), "qwen2".into());
+        object.insert("use_sliding_window".into(), false.into());
+        object.insert("sliding_window".into(), Value::Null);
+        object.insert("max_window_layers".into(), config.num_hidden_layers.into());
+    }
+    json
+}
+
 impl WeightSet {
     /// Writes `config.json` and `model.safetensors` (f32) into `dir` in HF layout, so HF
     /// transformers (and `from_hf_dir`) read back exactly these weights.
@@ -391,26 +548,7 @@ impl WeightSet {
             path: dir.to_path_buf(),
             error,
         })?;
-        let config = &self.config;
-        let config_json = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads,
-            "vocab_size": config.vocab_size,
-            "rope_theta": config.rope_theta,
-            "rms_norm_eps": config.rms_norm_eps,
-            "max_position_embeddings": config.max_position_embeddings,
-            "tie_word_embeddings": config.tie_word_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
-            "rope_scaling": null,
-            "torch_dtype": "float32",
-        });
+        let config_json = hf_config_json(&self.config, "float32");
         let config_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&config_json).expect("a JSON value serialises");
         std::fs::write(&config_path, text).map_err(|error| WeightsError::Io {

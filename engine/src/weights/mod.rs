@@ -17,7 +17,7 @@ pub use gguf::{
     unpermute_gguf_rope_rows, GgufMetadata,
 };
 pub use gguf_header::{read_gguf_header, GgufHeader};
-pub use hf::config_from_hf_json;
+pub use hf::{config_from_hf_json, hf_config_json};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -100,7 +100,8 @@ pub(crate) fn with_power_of_two(value: u64) -> String {
     }
 }
 
-/// A full set of Llama weights in HF names (`lm_head.weight` absent when the embeddings are tied).
+/// A full set of Llama weights in HF names (q/k/v biases present when `config.qkv_bias`;
+/// `lm_head.weight` absent when the embeddings are tied).
 #[derive(Clone, Debug)]
 pub struct WeightSet {
     pub config: ModelConfig,
@@ -175,6 +176,11 @@ impl WeightSet {
                 format!("{p}.self_attn.v_proj.weight"),
                 vec![kv_rows, hidden],
             ));
+            if config.qkv_bias {
+                shapes.push((format!("{p}.self_attn.q_proj.bias"), vec![q_rows]));
+                shapes.push((format!("{p}.self_attn.k_proj.bias"), vec![kv_rows]));
+                shapes.push((format!("{p}.self_attn.v_proj.bias"), vec![kv_rows]));
+            }
             shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![hidden, q_rows]));
             shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
             shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![mlp, hidden]));

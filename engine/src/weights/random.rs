@@ -4,7 +4,7 @@
 //! its (RMS-normalised, unit-variance) input; attention scores are then about N(0, 1) after the
 //! 1/sqrt(head_dim) scale and the logits about N(0, 1) whatever the model size, which keeps
 //! greedy choices away from near-ties that a different summation order (fp16 GPU vs fp32 CPU)
-//! could flip. Embeddings are N(0, 1); RMSNorm weights are 1. The residual stream grows by about
+//! could flip. Embeddings are N(0, 1); RMSNorm weights are 1; q/k/v biases N(0, 0.25). The residual stream grows by about
 //! one unit of variance per sub-layer, so after 32 layers its std is about 8: finite in fp16 for
 //! any number of decode steps (nothing here depends on the step count).
 //!
@@ -28,6 +28,10 @@ pub(super) fn random_weights(config: &ModelConfig, seed: u64) -> WeightSet {
         } else {
             let std = if name == "model.embed_tokens.weight" {
                 1.0
+            } else if name.ends_with(".bias") {
+                // Of the order of the projection's own output (unit variance), as in trained
+                // Qwen2 checkpoints, so a forward that drops or misplaces a bias is far off.
+                0.5
             } else {
                 1.0 / (shape[1] as f64).sqrt()
             };

@@ -68,6 +68,11 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         * options.dtype.size_bytes()) as u64;
     options.num_kv_blocks =
         pool_blocks(args.gpu_kv_gib, args.gpu_kv_blocks, block_bytes_expected).map(|b| b as usize);
+    // The scheduler swaps agents out, but the longest context must fit the pool on its own.
+    options.kv_demand = Some(engine::cuda::KvDemand {
+        sequences: 1,
+        tokens_per_sequence: plan.spec.max_context_tokens as usize + 1,
+    });
     let mut model = CudaModel::new(device, source, options)?;
     let graphs = (plan.agents as usize).min(args.max_batch_sequences as usize);
     model.capture_decode_graphs(graphs)?;

@@ -136,10 +136,10 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_silu(const T* W,
 // q/k/v GEMV with RoPE and the KV write fused (the batch-1 form of rope_kv_write): warp w computes
 // the rotation pair (j, j + HEAD_DIM/2) of head w / (HEAD_DIM/2), rotates q and k heads by the
 // position of row 0, writes them (and v) into the fused qkv row, and k and v into the pool at
-// slots[0] (< 0: padding, nothing written).
+// slots[0] (< 0: padding, nothing written). q/k/v biases (null: none) are added as rope_kv_write adds them.
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rope(
-        const T* W, const T* x, T* qkv, int K, const int* positions, const long long* slots, const float* rope,
-        T* pool, int layer, int num_heads, int num_kv_heads, int num_layers) {
+        const T* W, const T* x, T* qkv, const T* qkv_bias, int K, const int* positions, const long long* slots,
+        const float* rope, T* pool, int layer, int num_heads, int num_kv_heads, int num_layers) {
     const int half = HEAD_DIM / 2;
     const int warp = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
     const int total_heads = num_heads + 2 * num_kv_heads;
@@ -154,6 +154,10 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rope(
     if ((threadIdx.x & 31) != 0) return;
     // Rounded to T first, as the unfused path (GEMM output in T, then rope_kv_write) does.
     float a = to_f(from_f(acc[0])), b = to_f(from_f(acc[1]));
+    if (qkv_bias != nullptr) {  // as rope_kv_write adds it: to the rounded output, rounded again
+        a = to_f(from_f(a + to_f(qkv_bias[rows[0]])));
+        b = to_f(from_f(b + to_f(qkv_bias[rows[1]])));
+    }
     if (head < num_heads + num_kv_heads) {
         const int pos = positions[0];
         const float c = rope[(u64)pos * HEAD_DIM + 2 * j], sn = rope[(u64)pos * HEAD_DIM + 2 * j + 1];

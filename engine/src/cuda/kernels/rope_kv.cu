@@ -8,10 +8,13 @@
 // rope[pos * HEAD_DIM + 2 * i] = cos, [.. + 2 * i + 1] = sin of pos * theta^(-2i/HEAD_DIM).
 // rotate_q = 0: q is left alone (every prefill attention kernel but attn_prefill_mma64 rotates it
 // when it loads its Q tile) and the rotated k only goes to the pool: a third less traffic.
+// qkv_bias (null: none) is the fused [q | k | v] bias vector of models with q/k/v biases (Qwen2):
+// added to the GEMM output and rounded to T, as the biased projection's output would be, before
+// RoPE; q then gets written back with its bias even when it is not rotated here.
 // One CTA per token looping over the items, 4-byte accesses.
-extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const long long* slots, const float* rope,
-                                         T* pool, int layer, int num_heads, int num_kv_heads, int num_layers,
-                                         int rotate_q) {
+extern "C" __global__ void rope_kv_write(T* qkv, const T* qkv_bias, const int* positions, const long long* slots,
+                                         const float* rope, T* pool, int layer, int num_heads, int num_kv_heads,
+                                         int num_layers, int rotate_q) {
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x;
@@ -20,8 +23,9 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
     T* row = qkv + (u64)t * qkv_width;
     const int pos = positions[t];
     const long long slot = slots[t];
+    const bool has_bias = qkv_bias != nullptr;
     // Each item rotates two adjacent pairs (i, i + half) and (i + 1, i + 1 + half): 4-byte accesses.
-    const int first_head = rotate_q ? 0 : num_heads;
+    const int first_head = (rotate_q || has_bias) ? 0 : num_heads;
     const int items = (num_heads + 2 * num_kv_heads - first_head) * (half / 2);
     for (int item = threadIdx.x; item < items; item += blockDim.x) {
         const int head = first_head + item / (half / 2);  // 0..nh-1 q, nh..nh+nkv-1 k, then v
@@ -29,7 +33,17 @@ extern "C" __global__ void rope_kv_write(T* qkv, const int* positions, const lon
         T* h = row + head * HEAD_DIM;
         float2 a = to_f2(*reinterpret_cast<const T2*>(h + i));
         float2 b = to_f2(*reinterpret_cast<const T2*>(h + i + half));
-        if (head < num_heads + num_kv_heads) {
+        if (has_bias) {
+            const float2 ba = to_f2(*reinterpret_cast<const T2*>(qkv_bias + head * HEAD_DIM + i));
+            const float2 bb = to_f2(*reinterpret_cast<const T2*>(qkv_bias + head * HEAD_DIM + i + half));
+            a = to_f2(from_f2(a.x + ba.x, a.y + ba.y));
+            b = to_f2(from_f2(b.x + bb.x, b.y + bb.y));
+            if (head < num_heads && !rotate_q) {
+                *reinterpret_cast<T2*>(h + i) = from_f2(a.x, a.y);
+                *reinterpret_cast<T2*>(h + i + half) = from_f2(b.x, b.y);
+            }
+        }
+        if (head < num_heads + num_kv_heads && (rotate_q || head >= num_heads)) {
             const float4 cs = *reinterpret_cast<const float4*>(rope + (u64)pos * HEAD_DIM + 2 * i);  // c_i s_i c_i+1 s_i+1
             const float2 ra = make_float2(a.x * cs.x - b.x * cs.y, a.y * cs.z - b.y * cs.w);
             const float2 rb = make_float2(b.x * cs.x + a.x * cs.y, b.y * cs.z + a.y * cs.w);

@@ -230,8 +230,9 @@ impl CudaModel {
         self.enqueue_layer_tail(layer, lw, &tail)
     }
 
-    /// The qkv projection of one layer into buf_a, with RoPE and the paged KV write: fused into
-    /// the GEMV at batch 1, else a GEMM followed by `rope_kv_write`.
+    /// The qkv projection of one layer into buf_a, with the q/k/v biases, RoPE and the paged KV
+    /// write: fused into the GEMV at batch 1, else a GEMM followed by `rope_kv_write` (which adds
+    /// the biases: it reads every q/k/v value anyway, so they cost no extra pass).
     fn enqueue_qkv(
         &self,
         step: &StepPlan,
@@ -251,6 +252,8 @@ impl CudaModel {
         let (positions, slots) = (self.step_ptr(sl.positions), self.step_ptr(sl.slots));
         let pool = self.pool.base_device_ptr();
         let layer_i = layer as i32;
+        // 0: no biases (the kernels test the pointer).
+        let bias = lw.qkv_bias.map_or(0, |offset| self.wptr(offset));
         if step.fused_gemv {
             let (k_i, w) = (h as i32, self.wptr(lw.qkv));
             self.launch_fwd(
@@ -262,6 +265,7 @@ impl CudaModel {
                     w,
                     self.buf.normed.ptr(),
                     self.buf.buf_a.ptr(),
+                    bias,
                     k_i,
                     positions,
                     slots,
@@ -294,6 +298,7 @@ impl CudaModel {
             0,
             kargs![
                 self.buf.buf_a.ptr(),
+                bias,
                 positions,
                 slots,
                 self.buf.rope.ptr(),

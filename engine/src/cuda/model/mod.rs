@@ -97,6 +97,17 @@ pub struct CudaModelOptions {
     pub use_cuda_graphs: bool,
     /// Kernel and GEMM choices (default: the measured-fastest path for the card).
     pub tuning: EngineTuning,
+    /// KV the pool must hold at start-up (the longest context times the largest batch that must be
+    /// resident at once); `None`: no demand. Planned with everything else: when weights, buffers
+    /// and this KV cannot fit the card, start-up fails with `CudaError::OutOfMemory`.
+    pub kv_demand: Option<KvDemand>,
+}
+
+/// Sequences that must fit the KV pool at once, each of up to `tokens_per_sequence` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvDemand {
+    pub sequences: usize,
+    pub tokens_per_sequence: usize,
 }
 
 impl CudaModelOptions {
@@ -112,6 +123,7 @@ impl CudaModelOptions {
             reserve_bytes: DEFAULT_RESERVE_BYTES,
             use_cuda_graphs: true,
             tuning: EngineTuning::default(),
+            kv_demand: None,
         }
     }
 }

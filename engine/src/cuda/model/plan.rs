@@ -172,9 +172,16 @@ pub(super) fn allocate(
             "KV pool ({num_blocks} blocks of {:.2} MiB)",
             mib(block_bytes)
         ),
-        num_blocks * block_bytes,
+        num_blocks.saturating_mul(block_bytes),
     ));
-    let needed: usize = plan.iter().map(|(_, b)| b).sum::<usize>() + options.reserve_bytes;
+    if let Some(refusal) =
+        check_kv_demand(config, options, &plan, num_blocks, block_bytes, free, total)
+    {
+        return Err(refusal);
+    }
+    let needed = plan
+        .iter()
+        .fold(options.reserve_bytes, |sum, (_, b)| sum.saturating_add(*b));
     if needed > free || num_blocks == 0 {
         let breakdown = plan
             .iter()
@@ -226,7 +233,64 @@ pub(super) fn allocate(
     Ok((buffers, pool, plan))
 }
 
-/// RoPE table computed in f64 on the host: cos/sin of pos * theta^(-2i/hd), interleaved.
+/// The refusal when the pool of `num_blocks` cannot hold `options.kv_demand` (every sequence's
+/// blocks at once), naming the demand, what else the card holds and its memory; None when it fits
+/// or there is no demand. Arithmetic saturates: a demand from the command line may be absurd.
+fn check_kv_demand(
+    config: &ModelConfig,
+    options: &CudaModelOptions,
+    plan: &[(String, usize)],
+    num_blocks: usize,
+    block_bytes: usize,
+    free: usize,
+    total: usize,
+) -> Option<CudaError> {
+    let demand = options.kv_demand?;
+    let blocks_each = demand
+        .tokens_per_sequence
+        .div_ceil(options.block_size_tokens);
+    let blocks = blocks_each.saturating_mul(demand.sequences);
+    if blocks <= num_blocks {
+        return None;
+    }
+    let kv_bytes = blocks.saturating_mul(block_bytes);
+    // Everything but the pool, then the demanded KV in its place.
+    let others: usize = plan[..plan.len() - 1]
+        .iter()
+        .fold(0, |sum, (_, b)| sum.saturating_add(*b));
+    let requested = others
+        .saturating_add(kv_bytes)
+        .saturating_add(options.reserve_bytes);
+    let mut breakdown: Vec<String> = plan[..plan.len() - 1]
+        .iter()
+        .map(|(what, b)| format!("{what} {:.1} MiB", mib(*b)))
+        .collect();
+    breakdown.push(format!(
+        "KV for {} x {} tokens ({blocks} blocks of {:.2} MiB) {:.1} MiB",
+        demand.sequences,
+        demand.tokens_per_sequence,
+        mib(block_bytes),
+        mib(kv_bytes)
+    ));
+    breakdown.push(format!("reserve {:.1} MiB", mib(options.reserve_bytes)));
+    Some(CudaError::OutOfMemory {
+        what: format!(
+            "{} ({:?}): KV for {} sequences of {} tokens at once (the pool holds {num_blocks} blocks, {} tokens)",
+            config.name,
+            options.dtype,
+            demand.sequences,
+            demand.tokens_per_sequence,
+            num_blocks.saturating_mul(options.block_size_tokens)
+        ),
+        requested_mib: mib(requested),
+        free_mib: mib(free),
+        total_mib: mib(total),
+        breakdown: breakdown.join(", "),
+    })
+}
+
+/// RoPE table computed in f64 on the host: cos/sin of pos * f_i, interleaved, with f_i the
+/// (Llama-3-scaled where configured) inverse frequencies of `ModelConfig::rope_inv_freq`.
 pub(super) fn upload_rope_table(
     device: &GpuDevice,
     config: &ModelConfig,
@@ -234,11 +298,11 @@ pub(super) fn upload_rope_table(
     max_pos: usize,
 ) -> Result<(), CudaError> {
     let hd = config.head_dim();
+    let inv_freq = config.rope_inv_freq();
     let mut table = vec![0f32; max_pos * hd];
     for pos in 0..max_pos {
-        for i in 0..hd / 2 {
-            let inv_freq = config.rope_theta.powf(-(2.0 * i as f64) / hd as f64);
-            let angle = pos as f64 * inv_freq;
+        for (i, f) in inv_freq.iter().enumerate() {
+            let angle = pos as f64 * f;
             table[pos * hd + 2 * i] = angle.cos() as f32;
             table[pos * hd + 2 * i + 1] = angle.sin() as f32;
         }

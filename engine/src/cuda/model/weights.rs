@@ -15,6 +15,8 @@ use crate::weights::WeightSet;
 #[derive(Clone, Copy)]
 pub(crate) struct LayerOffsets {
     pub qkv: usize,
+    /// The q, k and v biases as one vector of the fused qkv width (models with q/k/v biases).
+    pub qkv_bias: Option<usize>,
     pub o: usize,
     pub gate_up: usize,
     pub down: usize,
@@ -51,6 +53,7 @@ impl WeightLayout {
         for _ in 0..config.num_hidden_layers {
             layers.push(LayerOffsets {
                 qkv: take(qkv_width * h),
+                qkv_bias: config.qkv_bias.then(|| take(qkv_width)),
                 o: take(h * nh * hd),
                 gate_up: take(2 * inter * h),
                 down: take(h * inter),
@@ -104,6 +107,19 @@ impl CudaModel {
                 vec![kv_rows, h],
                 l.qkv + (q_rows + kv_rows) * h,
             ));
+            if let Some(bias) = l.qkv_bias {
+                for (part, rows, at) in [
+                    ("q", q_rows, 0),
+                    ("k", kv_rows, q_rows),
+                    ("v", kv_rows, q_rows + kv_rows),
+                ] {
+                    out.push((
+                        format!("{p}.self_attn.{part}_proj.bias"),
+                        vec![rows],
+                        bias + at,
+                    ));
+                }
+            }
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q_rows], l.o));
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
@@ -170,7 +186,11 @@ impl CudaModel {
     pub(super) fn generate_random_weights(&mut self, seed: u64) -> Result<(), CudaError> {
         for (index, (name, shape, offset)) in self.tensor_map().into_iter().enumerate() {
             let n: usize = shape.iter().product();
-            let (scale, bias) = if shape.len() == 1 {
+            let (scale, bias) = if name.ends_with(".bias") {
+                // Uniform with std 0.5: of the order of the projection's output, as trained
+                // Qwen2 biases are.
+                (0.5 * 3f32.sqrt(), 0.0)
+            } else if shape.len() == 1 {
                 (0.1f32, 1.0f32)
             } else if name == "model.embed_tokens.weight" {
                 (3f32.sqrt(), 0.0)
@@ -205,25 +225,7 @@ impl CudaModel {
         } else {
             "float16"
         };
-        let config_json = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim(),
-            "vocab_size": c.vocab_size,
-            "rope_theta": c.rope_theta,
-            "rms_norm_eps": c.rms_norm_eps,
-            "max_position_embeddings": c.max_position_embeddings,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
-            "torch_dtype": dtype_name,
-        });
+        let config_json = crate::weights::hf_config_json(c, dtype_name);
         let config_path = dir.join("config.json");
         std::fs::write(
             &config_path,

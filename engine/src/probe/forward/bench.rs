@@ -24,8 +24,12 @@ pub struct BenchRow {
     pub system: String,
     pub kind: String,
     pub batch: usize,
-    /// Decode: tokens each sequence attends to (its new token included). Prefill: prompt tokens.
+    /// Decode: tokens each sequence attends to (its new token included). Prefill: prompt tokens
+    /// (the chunk's for a chunk on a cached context).
     pub tokens: usize,
+    /// Prefill chunks: tokens already in the KV cache under the chunk (0 otherwise).
+    #[serde(default)]
+    pub cached_tokens: usize,
     pub ms_p50: f64,
     pub ms_mean: f64,
     pub ms_min: f64,
@@ -89,15 +93,22 @@ fn weight_params(model: &CudaModel) -> usize {
 /// token it is applied to (no LM head: only the last token's logits) plus causal attention (QK^T
 /// and PV over n^2/2 pairs in the first layers, n pairs for the last row of the last layer).
 pub fn prefill_flops(model: &CudaModel, n: usize) -> f64 {
+    chunk_flops(model, 0, n)
+}
+
+/// FLOPs of a prefill chunk of `n` tokens on top of `cached` tokens already in the KV cache: the
+/// linear work of `prefill_flops`, and attention over `n * cached + n^2/2` (query, key) pairs in
+/// every layer but the last, `cached + n` for the last row of the last layer.
+pub fn chunk_flops(model: &CudaModel, cached: usize, n: usize) -> f64 {
     let c = &model.config;
     let hd = c.head_dim();
     let qkv = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd;
     let rest = c.hidden_size * c.num_attention_heads * hd + 3 * c.hidden_size * c.intermediate_size;
-    let (layers, n_f) = (c.num_hidden_layers as f64, n as f64);
+    let (layers, n_f, cached_f) = (c.num_hidden_layers as f64, n as f64, cached as f64);
     let linear = 2.0 * (qkv as f64 * layers * n_f + rest as f64 * ((layers - 1.0) * n_f + 1.0));
     let attn_per_pair = 2.0 * 2.0 * (c.num_attention_heads * hd) as f64;
-    let attention = attn_per_pair * ((layers - 1.0) * n_f * n_f / 2.0 + n_f);
-    linear + attention
+    let pairs = (layers - 1.0) * (n_f * cached_f + n_f * n_f / 2.0) + cached_f + n_f;
+    linear + attn_per_pair * pairs
 }
 
 fn stats(mut times_ms: Vec<f64>) -> (f64, f64, f64) {
@@ -167,6 +178,7 @@ pub fn bench_decode(
         kind: "decode_step".into(),
         batch,
         tokens: context,
+        cached_tokens: 0,
         ms_p50: p50,
         ms_mean: mean,
         ms_min: min,
@@ -249,18 +261,67 @@ pub fn bench_prefill(
             )
         );
     }
-    let (p50, mean, min) = stats(times);
-    let flops = prefill_flops(model, n);
-    let bytes = decode_bytes(model, 1, n);
+    Ok(prefill_row(model, "prefill", n, 0, times))
+}
+
+/// Times a prefill chunk of `n` tokens on top of `cached` tokens of one sequence whose KV is
+/// already in the pool (blocks 0, 1, 2, ...; the benchmark fills the pool with random KV first):
+/// the step of a chunked prefill of a long history. Each rep rewrites the chunk's own KV.
+pub fn bench_prefill_chunk(
+    model: &mut CudaModel,
+    cached: usize,
+    n: usize,
+    warmup: usize,
+    reps: usize,
+) -> Result<BenchRow, CudaError> {
+    let bs = model.options.block_size_tokens;
+    let blocks = (cached + n).div_ceil(bs);
+    if blocks > model.kv_pool().num_blocks() {
+        return Err(CudaError::BadInput(format!(
+            "a {n}-token chunk on {cached} cached tokens needs {blocks} KV blocks; the pool has {}",
+            model.kv_pool().num_blocks()
+        )));
+    }
+    let (table, prompt) = synthetic_prompt(model, cached + n);
+    let mut times = Vec::with_capacity(reps);
+    for rep in 0..warmup + reps {
+        let step = SeqStep {
+            block_table: &table,
+            context_len: cached,
+            tokens: &prompt[cached..],
+        };
+        let start = Instant::now();
+        model.forward_greedy(&[step])?;
+        if rep >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(prefill_row(model, "prefill_chunk", n, cached, times))
+}
+
+/// The row of a prefill of `n` tokens on `cached` cached tokens, timed `times_ms`, beside its
+/// floor: FLOPs (`chunk_flops`) or the weights and KV read, whichever is slower.
+fn prefill_row(
+    model: &CudaModel,
+    kind: &str,
+    n: usize,
+    cached: usize,
+    times_ms: Vec<f64>,
+) -> BenchRow {
+    let reps = times_ms.len();
+    let (p50, mean, min) = stats(times_ms);
+    let flops = chunk_flops(model, cached, n);
+    let bytes = decode_bytes(model, 1, cached + n);
     let floor_ds =
         (flops / DATASHEET_FP16_FLOP_PER_S).max(bytes / DATASHEET_BANDWIDTH_BYTES_PER_S) * 1e3;
     let floor_ms =
         (flops / MEASURED_FP16_FLOP_PER_S).max(bytes / MEASURED_BANDWIDTH_BYTES_PER_S) * 1e3;
-    Ok(BenchRow {
+    BenchRow {
         system: "djinn-cuda".into(),
-        kind: "prefill".into(),
+        kind: kind.into(),
         batch: 1,
         tokens: n,
+        cached_tokens: cached,
         ms_p50: p50,
         ms_mean: mean,
         ms_min: min,
@@ -272,29 +333,41 @@ pub fn bench_prefill(
         floor_ms_measured_rates: floor_ms,
         ratio_to_datasheet_floor: p50 / floor_ds,
         ratio_to_measured_floor: p50 / floor_ms,
-    })
+    }
 }
 
-/// Runs the whole grid: prefill 512/2048/4096, then decode at batch 1/8/32/64 x context 512/2048
-/// (configurations that do not fit the pool are reported and skipped). `on_row` sees each row as it
+/// Runs the whole grid: prefills from empty, prefill chunks on cached contexts (over a pool of
+/// random KV), then decode at each batch x context (configurations that do not fit the pool are
+/// reported on stderr and skipped). `on_row` sees each row as it
 /// is measured (for printing).
 pub fn run_grid(
     model: &mut CudaModel,
-    prefill_lengths: &[usize],
-    decode_batches: &[usize],
-    decode_contexts: &[usize],
-    prefill_gap: bool,
+    grid: &BenchGrid,
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, CudaError> {
     let mut rows = Vec::new();
-    for &n in prefill_lengths {
-        let row = bench_prefill(model, n, 2, 7, prefill_gap)?;
+    for &n in &grid.prefill_lengths {
+        // Long prefills take seconds: fewer reps.
+        let (warmup, reps) = if n >= 16384 { (1, 3) } else { (2, 7) };
+        let row = bench_prefill(model, n, warmup, reps, grid.prefill_gap)?;
         on_row(&row);
         rows.push(row);
     }
     model.fill_kv_random(0x5eed, 1.0)?;
-    for &context in decode_contexts {
-        for &batch in decode_batches {
+    for &(n, cached) in &grid.chunks {
+        match bench_prefill_chunk(model, cached, n, 1, 5) {
+            Ok(row) => {
+                on_row(&row);
+                rows.push(row);
+            }
+            Err(CudaError::BadInput(why)) => {
+                eprintln!("skipped prefill chunk {n} on {cached} cached tokens: {why}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for &context in &grid.decode_contexts {
+        for &batch in &grid.decode_batches {
             let reps = if batch * context >= 32 * 2048 { 20 } else { 50 };
             match bench_decode(model, batch, context, 5, reps) {
                 Ok(row) => {
@@ -311,10 +384,29 @@ pub fn run_grid(
     Ok(rows)
 }
 
+/// What `run_grid` measures.
+#[derive(Clone, Debug, Default)]
+pub struct BenchGrid {
+    /// Prefills from an empty context, one sequence each.
+    pub prefill_lengths: Vec<usize>,
+    /// Prefill chunks (tokens, cached tokens under them), one sequence each.
+    pub chunks: Vec<(usize, usize)>,
+    pub decode_batches: Vec<usize>,
+    /// Tokens each decoding sequence attends to, its new token included.
+    pub decode_contexts: Vec<usize>,
+    /// Time each prefill's GPU span and host enqueue time, and profile one hot prefill.
+    pub prefill_gap: bool,
+}
+
 /// One line per row: figure, floor, ratio.
 pub fn format_row(row: &BenchRow) -> String {
+    let cached = if row.cached_tokens > 0 {
+        format!(" on {:>6} cached", row.cached_tokens)
+    } else {
+        String::new()
+    };
     format!(
-        "{:<12} {:<12} batch {:>3} tokens {:>5}: {:>9.3} ms p50 (mean {:.3}, min {:.3}, n={}) {:>10.0} tok/s | floor {:.3} ms @3.35TB/s+989TF (x{:.2}), {:.3} ms @3.0TB/s+790TF (x{:.2})",
+        "{:<12} {:<13} batch {:>3} tokens {:>6}{cached}: {:>9.3} ms p50 (mean {:.3}, min {:.3}, n={}) {:>10.0} tok/s | floor {:.3} ms @3.35TB/s+989TF (x{:.2}), {:.3} ms @3.0TB/s+790TF (x{:.2})",
         row.system,
         row.kind,
         row.batch,
