@@ -15,6 +15,7 @@
 //! byte-identical outputs.
 
 pub mod backend;
+pub mod bounds;
 pub mod driver;
 pub mod experiment;
 pub mod ids;
