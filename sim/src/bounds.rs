@@ -85,6 +85,7 @@ pub struct Bound {
 pub struct BoundsReport {
     pub workload: String,
     pub slo_ms: f64,
+    pub first_seed: u64,
     pub seeds: u64,
     pub max_agents: u32,
     pub bounds: Vec<Bound>,
@@ -114,8 +115,11 @@ impl BoundsReport {
     /// The printable block: one line per bound, then which binds.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "bounds on N (largest N whose necessary condition holds on every seed of {}, P99 turn latency <= {:.0} ms; scanned up to {}):\n",
-            self.seeds, self.slo_ms, self.max_agents
+            "bounds on N (largest N whose necessary condition holds on seeds {}..{}, P99 turn latency <= {:.0} ms; scanned up to {}):\n",
+            self.first_seed,
+            self.first_seed + self.seeds,
+            self.slo_ms,
+            self.max_agents
         );
         for b in &self.bounds {
             let n = if b.capped {
@@ -147,7 +151,8 @@ impl BoundsReport {
 #[derive(Clone, Copy, Debug)]
 pub struct BoundsRequest {
     pub slo_ms: f64,
-    /// Seeds 0..seeds, as `djinn capacity` probes them.
+    /// Seeds first_seed..first_seed + seeds (`djinn capacity` probes 0..seeds).
+    pub first_seed: u64,
     pub seeds: u64,
     pub max_agents: u32,
 }
@@ -162,7 +167,7 @@ fn holds_at(
     kinds: &[BoundKind],
 ) -> Result<Vec<bool>, TraceError> {
     let mut ok = vec![true; kinds.len()];
-    for seed in 0..req.seeds {
+    for seed in req.first_seed..req.first_seed.saturating_add(req.seeds) {
         let workload = build_workload(spec, agents, seed)?;
         let d = Demand::new(&workload, physics, req.slo_ms * 1e6);
         for (i, &kind) in kinds.iter().enumerate() {
@@ -262,6 +267,7 @@ pub fn compute(
     Ok(BoundsReport {
         workload: spec.name.clone(),
         slo_ms: req.slo_ms,
+        first_seed: req.first_seed,
         seeds: req.seeds,
         max_agents: max,
         bounds,

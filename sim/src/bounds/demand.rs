@@ -337,8 +337,11 @@ impl Demand {
                 .take_while(|d| d.deadline <= t)
                 .map(|d| d.compute_ns)
                 .sum();
-            let due: Vec<&PauseDemand> =
-                self.pauses.iter().filter(|p| p.next_deadline <= t).collect();
+            let due: Vec<&PauseDemand> = self
+                .pauses
+                .iter()
+                .filter(|p| p.next_deadline <= t)
+                .collect();
             let budget = (ph.gpu_blocks + ph.host_blocks) * ph.block_tokens * t + spare_memory;
             work - spare_work + self.least_recompute(&due, budget) <= t
         })
@@ -388,9 +391,6 @@ impl Demand {
                 hi = mid;
             }
         }
-        pauses
-            .iter()
-            .map(|p| ph.compute_ns(0, cut(p, lo)))
-            .sum()
+        pauses.iter().map(|p| ph.compute_ns(0, cut(p, lo))).sum()
     }
 }

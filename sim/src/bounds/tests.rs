@@ -100,6 +100,7 @@ fn decode_heavy_single_turn_agents_are_bound_by_hbm_then_compute() {
     let s = spec(1, 16, 0, 17, 1.0);
     let req = BoundsRequest {
         slo_ms: 10.0,
+        first_seed: 0,
         seeds: 2,
         max_agents: 400,
     };
@@ -127,11 +128,17 @@ fn two_turn_agents_paused_together_are_bound_by_memory_and_pcie() {
     let s = spec(2, 159, 0, 1, 1.0);
     let req = BoundsRequest {
         slo_ms: 10.0,
+        first_seed: 0,
         seeds: 1,
         max_agents: 100,
     };
     let r = compute(&s, &config(), &req).unwrap();
-    assert_eq!(bound(&r, BoundKind::GpuMemory), (10, false), "{}", r.render());
+    assert_eq!(
+        bound(&r, BoundKind::GpuMemory),
+        (10, false),
+        "{}",
+        r.render()
+    );
     assert_eq!(bound(&r, BoundKind::GpuHostMemory), (15, false));
     assert_eq!(bound(&r, BoundKind::Pcie), (16, false));
     assert_eq!(bound(&r, BoundKind::Compute), (63, false));
@@ -140,5 +147,7 @@ fn two_turn_agents_paused_together_are_bound_by_memory_and_pcie() {
     assert_eq!(bound(&r, BoundKind::Fluid), (63, false));
     assert_eq!(bound(&r, BoundKind::Hbm), (100, true));
     assert_eq!(r.binding().unwrap().kind, BoundKind::Compute);
-    assert!(r.render().contains("binding (tightest universal): compute at N = 63"));
+    assert!(r
+        .render()
+        .contains("binding (tightest universal): compute at N = 63"));
 }
