@@ -84,6 +84,17 @@ kind = "exact"
     WorkloadSpec::from_toml_str(Path::new("hand.toml"), &text).unwrap()
 }
 
+/// The bounds of `spec` under the 10 ms SLO of both examples.
+fn bounds_of(spec: &WorkloadSpec, seeds: u64, max_agents: u32) -> BoundsReport {
+    let req = BoundsRequest {
+        slo_ms: 10.0,
+        first_seed: 0,
+        seeds,
+        max_agents,
+    };
+    compute(spec, &config(), &req).unwrap()
+}
+
 fn bound(report: &BoundsReport, kind: BoundKind) -> (u32, bool) {
     let b = report.get(kind).unwrap();
     (b.agents, b.capped)
@@ -97,14 +108,7 @@ fn decode_heavy_single_turn_agents_are_bound_by_hbm_then_compute() {
     // 32 x 310,408 = 9.93 ms fits, 33 does not (no turn may be late below 100 turns).
     // Compute: 32 tokens x 1 us = 32 us per agent; k = N - ceil(0.99 N) agents set aside (3 from
     // N = 300): 315 - 3 = 312 agents x 32 us = 9.984 ms fits, 316 - 3 gives 10.016 ms.
-    let s = spec(1, 16, 0, 17, 1.0);
-    let req = BoundsRequest {
-        slo_ms: 10.0,
-        first_seed: 0,
-        seeds: 2,
-        max_agents: 400,
-    };
-    let r = compute(&s, &config(), &req).unwrap();
+    let r = bounds_of(&spec(1, 16, 0, 17, 1.0), 2, 400);
     assert_eq!(bound(&r, BoundKind::Hbm), (32, false), "{}", r.render());
     assert_eq!(bound(&r, BoundKind::Compute), (315, false));
     // No pauses: nothing to hold, cross or recompute.
@@ -125,14 +129,7 @@ fn two_turn_agents_paused_together_are_bound_by_memory_and_pcie() {
     // 159 N - 1,632 <= 1,020 gives 16.
     // Compute: 159 us per agent due by 10 ms, less one agent of 160 us set aside from N = 51
     // (k = 1): 63 x 159 - 160 = 9,857 us fits, 64 x 159 - 160 = 10,016 does not.
-    let s = spec(2, 159, 0, 1, 1.0);
-    let req = BoundsRequest {
-        slo_ms: 10.0,
-        first_seed: 0,
-        seeds: 1,
-        max_agents: 100,
-    };
-    let r = compute(&s, &config(), &req).unwrap();
+    let r = bounds_of(&spec(2, 159, 0, 1, 1.0), 1, 100);
     assert_eq!(
         bound(&r, BoundKind::GpuMemory),
         (10, false),
