@@ -136,9 +136,9 @@ impl BoundsReport {
         }
         match self.binding() {
             Some(b) => s.push_str(&format!(
-                "  binding (tightest universal): {} at N = {}{}\n",
+                "  binding (tightest universal): {} at N {} {}\n",
                 b.kind.name(),
-                if b.capped { ">=" } else { "" },
+                if b.capped { ">=" } else { "=" },
                 b.agents
             )),
             None => s.push_str("  binding: none\n"),

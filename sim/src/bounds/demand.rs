@@ -28,6 +28,10 @@ pub struct Physics {
     pub pair_ns: f64,
     /// The slower PCIe direction, bytes per ns.
     pub pcie_bandwidth: f64,
+    /// The cost form's share of the smaller of memory and compute time that does not overlap:
+    /// `max(m, c) + f min(m, c)` is at least both `m + f c` and `c + f m`, so each time bound
+    /// adds `f` times the other's per-token time.
+    pub serial_fraction: f64,
 }
 
 impl Physics {
@@ -51,6 +55,7 @@ impl Physics {
                 .bandwidth_bytes_per_s
                 .min(p.device_to_host.bandwidth_bytes_per_s)
                 / 1e9,
+            serial_fraction: c.serial_fraction,
         }
     }
 
@@ -150,17 +155,20 @@ impl Demand {
                 // The prefill computes [kv, seq) and reads `seq` tokens of KV; it yields the
                 // first generated token. Each of the other generated tokens is a decode at
                 // cached context p = seq .. seq + g - 2.
-                let mut compute = ph.compute_ns(kv, seq) + ph.slot_ns;
-                let mut hbm = ph.slot_ns + ph.kv_bytes_per_token * seq as f64 / ph.memory_bandwidth;
                 let g = turn.generated_tokens.max(1) as u64;
-                compute += ph.compute_ns(seq, seq + g - 1);
+                // Roofline terms (matmul + attention; KV and weight reads) and the fixed step
+                // costs (slots, overhead shares), kept apart for the serial fraction.
+                let flops = ph.compute_ns(kv, seq + g - 1);
+                let mut reads = ph.kv_bytes_per_token * seq as f64 / ph.memory_bandwidth;
+                let mut fixed = ph.slot_ns;
                 for p in seq..seq + g - 1 {
                     let share = ph.pool_share(p);
-                    compute += ph.slot_ns + share * ph.step_overhead_ns;
-                    hbm += ph.slot_ns
-                        + ph.kv_bytes_per_token * (p + 1) as f64 / ph.memory_bandwidth
-                        + share * (ph.step_overhead_ns + ph.weight_read_ns);
+                    fixed += ph.slot_ns + share * ph.step_overhead_ns;
+                    reads += ph.kv_bytes_per_token * (p + 1) as f64 / ph.memory_bandwidth
+                        + share * ph.weight_read_ns;
                 }
+                let compute = fixed + flops + ph.serial_fraction * reads;
+                let hbm = fixed + reads + ph.serial_fraction * flops;
                 seq += g;
                 kv = seq - 1;
                 d.turns.push(TurnDemand {

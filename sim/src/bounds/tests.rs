@@ -148,3 +148,21 @@ fn two_turn_agents_paused_together_are_bound_by_memory_and_pcie() {
         .render()
         .contains("binding (tightest universal): compute at N = 63"));
 }
+
+#[test]
+fn the_serial_fraction_adds_the_other_roofline_term() {
+    // The one-turn agents of the first example with no overlap at all (fraction 1): a step
+    // costs memory + compute, so both time bounds charge 310,408 + 32,000 = 342,408 ns a turn:
+    // 29 x 342,408 ns = 9.93 ms fits in 10 ms, 30 do not.
+    let mut c = config();
+    c.profile.cost.serial_fraction = 1.0;
+    let req = BoundsRequest {
+        slo_ms: 10.0,
+        first_seed: 0,
+        seeds: 1,
+        max_agents: 64,
+    };
+    let r = compute(&spec(1, 16, 0, 17, 1.0), &c, &req).unwrap();
+    assert_eq!(bound(&r, BoundKind::Hbm), (29, false), "{}", r.render());
+    assert_eq!(bound(&r, BoundKind::Compute), (29, false));
+}
