@@ -97,7 +97,11 @@ fn check(workload: &str, probe_to: u32) {
         }
     }
     // Not vacuous: some policy serves a real number of agents.
-    assert!(best >= 4, "{workload}: best pass {best}\n{}", report.render());
+    assert!(
+        best >= 4,
+        "{workload}: best pass {best}\n{}",
+        report.render()
+    );
 }
 
 #[test]
