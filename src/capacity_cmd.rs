@@ -118,6 +118,9 @@ pub struct CapacityRow {
     /// separated by `;`. Empty when every probe above the first failure failed.
     pub non_monotone_passes: String,
     pub probes: u32,
+    /// The capacity over the tightest bound that holds for every policy (sim::bounds); empty
+    /// when that bound is unknown (beyond --max-agents, or under the TTFT metric).
+    pub fraction_of_binding_bound: Option<f64>,
 }
 
 /// One probe's verdict over every seed.
@@ -337,6 +340,7 @@ fn row(
         },
         non_monotone_passes: non_monotone.join(";"),
         probes: by_agents.len() as u32,
+        fraction_of_binding_bound: None,
     }
 }
 
@@ -465,7 +469,7 @@ pub fn run(args: CapacityArgs) -> Result<()> {
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let rows: Vec<CapacityRow> = pool.install(|| {
+    let mut rows: Vec<CapacityRow> = pool.install(|| {
         jobs.par_iter()
             .map(|&(w, p)| {
                 let r = search(&specs[w], &base, p, &args);
@@ -475,8 +479,10 @@ pub fn run(args: CapacityArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()
     })?;
     bar.finish_and_clear();
-    for spec in &specs {
+    let bounds = attach_bounds(&specs, &base, &args, &mut rows, &pool)?;
+    for (spec, bounds) in specs.iter().zip(&bounds) {
         print_table(spec, &base, &args, &rows);
+        print_bounds(bounds.as_ref(), &rows);
     }
     // Again: another command may have written it while the probes ran.
     check_new_file(&args.out, "--out", args.overwrite)?;
@@ -539,6 +545,64 @@ fn print_table(spec: &WorkloadSpec, base: &SimConfig, args: &CapacityArgs, rows:
         );
     }
     println!();
+}
+
+/// Computes each workload's bounds (sim::bounds) over the seeds and N range the search probed,
+/// and fills each row's fraction of the binding bound. The bounds are derived for the turn-P99
+/// metric only: under another metric there are none.
+fn attach_bounds(
+    specs: &[WorkloadSpec],
+    base: &SimConfig,
+    args: &CapacityArgs,
+    rows: &mut [CapacityRow],
+    pool: &rayon::ThreadPool,
+) -> Result<Vec<Option<sim::bounds::BoundsReport>>> {
+    if args.metric != CapacityMetric::TurnP99 {
+        return Ok(specs.iter().map(|_| None).collect());
+    }
+    let req = sim::bounds::BoundsRequest {
+        slo_ms: args.slo_ms,
+        first_seed: 0,
+        seeds: args.seeds,
+        max_agents: args.max_agents,
+    };
+    let reports: Vec<sim::bounds::BoundsReport> = pool.install(|| {
+        specs
+            .par_iter()
+            .map(|spec| {
+                sim::bounds::compute(spec, base, &req)
+                    .with_context(|| format!("bounds of {}", spec.name))
+            })
+            .collect::<Result<_>>()
+    })?;
+    for row in rows.iter_mut() {
+        if let Some(r) = reports.iter().find(|r| r.workload == row.workload) {
+            row.fraction_of_binding_bound = r.fraction(row.capacity_agents);
+        }
+    }
+    Ok(reports.into_iter().map(Some).collect())
+}
+
+/// The bounds block under a workload's table, and each policy's capacity over the binding bound.
+fn print_bounds(report: Option<&sim::bounds::BoundsReport>, rows: &[CapacityRow]) {
+    let Some(report) = report else {
+        println!("bounds: derived for the turn-P99 metric only\n");
+        return;
+    };
+    print!("{}", report.render());
+    let mut mine: Vec<&CapacityRow> = rows
+        .iter()
+        .filter(|r| r.workload == report.workload)
+        .collect();
+    mine.sort_by(|a, b| b.capacity_agents.cmp(&a.capacity_agents));
+    let cells: Vec<String> = mine
+        .iter()
+        .map(|r| match r.fraction_of_binding_bound {
+            Some(f) => format!("{} {:.2}", r.policy, f),
+            None => format!("{} -", r.policy),
+        })
+        .collect();
+    println!("  capacity / binding bound: {}\n", cells.join(", "));
 }
 
 #[cfg(test)]

@@ -112,6 +112,10 @@ pub struct SimulateArgs {
     /// Latency SLO (ms) whose attainment the summary reports.
     #[arg(long, default_value_t = DEFAULT_SLO_MS)]
     pub slo_ms: f64,
+    /// Also print the workload's physical bounds on N (docs/bounds.md) at this seed and SLO,
+    /// scanned up to 1,024 agents or twice --agents.
+    #[arg(long)]
+    pub bounds: bool,
     /// Invariant checking level.
     #[arg(long, value_enum, default_value_t = CheckOverride::Step)]
     pub check: CheckOverride,
@@ -384,8 +388,38 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
                 wall
             );
         }
+        if args.bounds {
+            print_bounds(&args, &plan.base, spec, agents)?;
+        }
         println!();
         all.push(results);
     }
     Ok(all)
+}
+
+/// The bounds block of one workload at the run's seed and SLO, and where this run's N stands.
+fn print_bounds(
+    args: &SimulateArgs,
+    base: &SimConfig,
+    spec: &WorkloadSpec,
+    agents: u32,
+) -> Result<()> {
+    let req = sim::bounds::BoundsRequest {
+        slo_ms: args.slo_ms,
+        first_seed: args.seed,
+        seeds: 1,
+        max_agents: agents.saturating_mul(2).max(1024),
+    };
+    let report = sim::bounds::compute(spec, base, &req)
+        .with_context(|| format!("bounds of {}", spec.name))?;
+    print!("{}", report.render());
+    if let Some(b) = report.binding() {
+        if !b.capped && agents > b.agents {
+            println!(
+                "  {agents} agents is above the binding bound: no policy keeps this P99 within {:.0} ms",
+                args.slo_ms
+            );
+        }
+    }
+    Ok(())
 }

@@ -5,7 +5,8 @@
 //! block mechanism shared with the real engine ([`kv`]); the [`sched::Scheduler`] seam and the
 //! shipped policies ([`policies`]); the [`backend::Backend`] seam and the simulated GPU
 //! ([`backend::SimGpu`]); the run loop with its invariant checks ([`driver`]); and the glue that
-//! turns a spec + profile + knobs into a run ([`experiment`]).
+//! turns a spec + profile + knobs into a run ([`experiment`]); and the physical upper bounds on
+//! the agents a card can serve, from the profile and the generated programs ([`bounds`]).
 //!
 //! Ordering rule: events are totally ordered by (time, sequence number); at one instant finished
 //! swaps come first (in completion order), then due arrivals, then the plan.
@@ -15,6 +16,7 @@
 //! byte-identical outputs.
 
 pub mod backend;
+pub mod bounds;
 pub mod driver;
 pub mod experiment;
 pub mod ids;
