@@ -1,4 +1,4 @@
-//! `djinn plot`: the shipped cliff sweep (analysis/results/cliff-seed-cliff.csv) becomes an SVG with
+//! `djinn plot`: the shipped cliff sweep (results/sim/cliff-seed-cliff.csv) becomes an SVG with
 //! one line per policy, pin's line marked where it stops (it starts rejecting turns); bad columns
 //! and flags exit 2 naming them.
 
@@ -8,7 +8,7 @@ use common::{djinn, fails_with, temp};
 
 fn cliff_csv() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("analysis/results/cliff-seed-cliff.csv")
+        .join("results/sim/cliff-seed-cliff.csv")
         .to_str()
         .unwrap()
         .to_string()
@@ -21,7 +21,14 @@ fn the_cliff_sweep_plots_one_line_per_policy() {
     let svg_path = dir.join("cliff.svg");
     let out = djinn()
         .args(["plot", &cliff_csv(), "--where", "turns_rejected=0"])
-        .args(["--hline", "5000", "--log-y", "-o"])
+        .args([
+            "--hline",
+            "5000",
+            "--log-y",
+            "--vline",
+            "229=binding bound",
+            "-o",
+        ])
         .arg(&svg_path)
         .output()
         .unwrap();
@@ -31,10 +38,19 @@ fn the_cliff_sweep_plots_one_line_per_policy() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("5 lines"), "{stdout}");
+    assert!(stdout.contains("6 lines"), "{stdout}");
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.starts_with("<svg"));
-    for label in ["djinn", "vllm", "swap", "infercept", "pin (to 64)", "SLO"] {
+    for label in [
+        "offline",
+        "djinn",
+        "vllm",
+        "swap",
+        "infercept",
+        "pin (to 64)",
+        "SLO",
+        "binding bound",
+    ] {
         assert!(svg.contains(label), "legend lacks `{label}`");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -53,6 +69,7 @@ fn bad_plot_inputs_exit_2_naming_the_problem() {
     );
     fails_with(&["plot", &csv, "--where", "policy=nope"], "no rows match");
     fails_with(&["plot", "/no/such.csv"], "/no/such.csv");
+    fails_with(&["plot", &csv, "--vline", "x=bound"], "--vline `x=bound`");
     fails_with(
         &["plot", &csv, "--y", "drops", "--log-y"],
         "has a value <= 0",
