@@ -375,6 +375,7 @@ fn case_of_size(size: Size) -> impl Strategy<Value = Case> {
                         hint,
                         replay: None,
                         background: None,
+                        prefix_groups: Vec::new(),
                     }
                 },
             );
