@@ -108,7 +108,8 @@ struct Reference {
     block_size: u32,
     gpu_total: u32,
     host_total: u32,
-    /// GPU free list in LRU order: allocation takes the front, freeing appends.
+    /// GPU free list: allocation takes the front; a freed block without a cache tag goes to the
+    /// front, a cached one to the back (so cached blocks are reused last, oldest first).
     gpu_free: VecDeque<u32>,
     host_free: VecDeque<u32>,
     /// Free GPU blocks that still hold an agent's cached prefix block: block -> (agent, index).
@@ -310,7 +311,7 @@ impl Reference {
                 for i in 0..self.agents[agent as usize].slots.len() {
                     match self.agents[agent as usize].slots[i] {
                         Slot::SwapOut { gpu, host } if direction == SwapDirection::Out => {
-                            self.gpu_free.push_back(gpu);
+                            self.gpu_free.push_front(gpu);
                             self.agents[agent as usize].slots[i] = Slot::Host(host);
                         }
                         Slot::SwapIn { host, gpu } if direction == SwapDirection::In => {
@@ -334,7 +335,7 @@ impl Reference {
                 }
                 while self.agents[agent as usize].slots.len() > keep_blocks {
                     match self.agents[agent as usize].slots.pop().expect("non-empty") {
-                        Slot::Gpu(b) => self.gpu_free.push_back(b),
+                        Slot::Gpu(b) => self.gpu_free.push_front(b),
                         Slot::Host(b) => self.host_free.push_back(b),
                         _ => unreachable!(),
                     }
@@ -362,12 +363,15 @@ impl Reference {
                 let slots = std::mem::take(&mut a.slots);
                 a.dropped += a.kv_tokens as u64;
                 a.kv_tokens = 0;
-                // Tail first into the free list, so tails are reused before prefixes.
+                // Tail first into the back of the free list, so tails are reused before prefixes;
+                // the partial block has no cache key and goes to the front.
                 for (i, slot) in slots.iter().enumerate().rev() {
                     let Slot::Gpu(b) = *slot else { unreachable!() };
-                    self.gpu_free.push_back(b);
                     if i < full {
+                        self.gpu_free.push_back(b);
                         self.tags.insert(b, (agent, i as u32));
+                    } else {
+                        self.gpu_free.push_front(b);
                     }
                 }
                 self.agents[agent as usize].cached = slots[..full]
@@ -414,7 +418,7 @@ impl Reference {
                 self.untag(agent);
                 for slot in std::mem::take(&mut self.agents[agent as usize].slots) {
                     match slot {
-                        Slot::Gpu(b) => self.gpu_free.push_back(b),
+                        Slot::Gpu(b) => self.gpu_free.push_front(b),
                         Slot::Host(b) => self.host_free.push_back(b),
                         _ => unreachable!(),
                     }
