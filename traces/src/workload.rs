@@ -389,6 +389,7 @@ fn check_name(name: &str) -> Result<(), String> {
 /// Upper bounds that keep a spec from asking for absurd runs (each is a limit checked at load).
 pub const AGENTS_MAX: u32 = 1_000_000;
 pub const CONTEXT_TOKENS_MAX: u32 = 1 << 20;
+pub const PREFIX_GROUPS_MAX: usize = 4096;
 
 impl WorkloadSpec {
     /// Parses and validates TOML text that came from `path`.
@@ -484,6 +485,15 @@ impl WorkloadSpec {
         let fail = |field: String, message: String| Err(TraceError::invalid(path, &field, message));
         if self.prefix_groups.is_empty() {
             return Ok(());
+        }
+        if self.prefix_groups.len() > PREFIX_GROUPS_MAX {
+            return fail(
+                "prefix_groups".into(),
+                format!(
+                    "at most {PREFIX_GROUPS_MAX} groups, got {}",
+                    self.prefix_groups.len()
+                ),
+            );
         }
         if self.replay.is_some() {
             return fail(

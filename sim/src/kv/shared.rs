@@ -31,9 +31,10 @@ impl KvManager {
         if !a.slots.is_empty() || !a.cached.is_empty() || a.group.is_some() {
             return invalid("a prefix group is set once, before the agent has KV".into());
         }
-        if group >= self.agent_count() {
+        if group as usize >= traces::workload::PREFIX_GROUPS_MAX {
             return invalid(format!(
-                "prefix group {group} out of range (at most one group per agent)"
+                "prefix group {group} out of range (at most {} groups)",
+                traces::workload::PREFIX_GROUPS_MAX
             ));
         }
         let g = group as usize;
