@@ -1,7 +1,7 @@
 //! The auditor: recounts the whole KV state from the block tables and compares it with the
 //! incremental bookkeeping.
 
-use super::pools::{NONE, SHARED};
+use super::pools::{GROUP_CACHED, NONE, SHARED};
 use super::{KvManager, Slot};
 use crate::ids::{AgentId, BlockId};
 
@@ -15,8 +15,9 @@ impl KvManager {
         let host_n = self.host.owner.len();
         let mut gpu_seen = vec![NONE; gpu_n];
         let mut host_seen = vec![NONE; host_n];
-        // Tables pointing at each shared block.
-        let mut shared_seen = vec![0u32; gpu_n];
+        // Tables pointing at each shared block (none can exist without prefix groups: an unowned
+        // or agent-owned block is checked by the ownership recount, so that pass is skipped).
+        let mut shared_seen = vec![0u32; if self.groups.is_empty() { 0 } else { gpu_n }];
         for (agent, a) in self.agents.iter().enumerate() {
             let agent = agent as AgentId;
             let (mut g, mut h, mut o, mut i_) = (0u32, 0u32, 0u32, 0u32);
@@ -36,7 +37,9 @@ impl KvManager {
             for s in &a.slots {
                 match *s {
                     Slot::Gpu(b) if self.gpu.owner.get(b as usize) == Some(&SHARED) => {
-                        shared_seen[b as usize] += 1;
+                        *shared_seen.get_mut(b as usize).ok_or_else(|| {
+                            format!("agent {agent}: shared block {b} without prefix groups")
+                        })? += 1;
                         g += 1;
                     }
                     Slot::Gpu(b) => {
@@ -101,12 +104,14 @@ impl KvManager {
                 ));
             }
         }
-        for b in 0..gpu_n {
-            if shared_seen[b] > 0 {
-                gpu_seen[b] = SHARED;
+        if !self.groups.is_empty() {
+            for b in 0..gpu_n {
+                if shared_seen[b] > 0 {
+                    gpu_seen[b] = SHARED;
+                }
             }
+            self.audit_shared(&shared_seen)?;
         }
-        self.audit_shared(&shared_seen)?;
         for b in 0..gpu_n {
             if gpu_seen[b] != self.gpu.owner[b] {
                 return Err(format!(
@@ -176,7 +181,16 @@ impl KvManager {
         }
         for b in 0..gpu_n {
             let (agent, index) = self.gpu.cache_tag[b];
-            if agent != NONE {
+            let group_cached = self.gpu.owner[b] == NONE
+                && self.gpu.refs[b] == 0
+                && self.gpu.shared_key[b].0 != NONE;
+            if (agent, index) == GROUP_CACHED || group_cached {
+                if (agent, index) != GROUP_CACHED || !group_cached {
+                    return Err(format!(
+                        "GPU block {b}: cached for its group but tagged {agent}/{index}, or the reverse"
+                    ));
+                }
+            } else if agent != NONE {
                 if self.gpu.owner[b] != NONE {
                     return Err(format!("GPU block {b} is owned but still tagged as cached"));
                 }

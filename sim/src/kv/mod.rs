@@ -311,15 +311,15 @@ impl KvManager {
         let b = self.gpu.head;
         debug_assert_ne!(b, NONE, "alloc_gpu on an empty pool");
         self.gpu.unlink(b);
-        if self.gpu.cache_tag[b as usize].0 != NONE {
-            // Reusing a cached prefix block evicts it from its former owner's cached prefix.
+        let tag = self.gpu.cache_tag[b as usize];
+        if tag.0 != NONE {
+            // Reusing a cached prefix block evicts it from its former owner's cached prefix, or
+            // from its prefix group (a later agent recomputes it).
             self.gpu.cache_tag[b as usize] = (NONE, NONE);
             self.counters.cache_evicted_blocks += 1;
-        }
-        if self.gpu.shared_key[b as usize].0 != NONE {
-            // An unreferenced shared block: its group loses it (a later agent recomputes it).
-            self.forget_shared_block(b);
-            self.counters.cache_evicted_blocks += 1;
+            if tag == pools::GROUP_CACHED {
+                self.forget_shared_block(b);
+            }
         }
         self.gpu.owner[b as usize] = agent;
         b
@@ -599,8 +599,12 @@ impl KvManager {
                 Slot::Gpu(b) => {
                     let a = &mut self.agents[agent as usize];
                     a.gpu_slot_count -= 1;
-                    a.shared_count -= u32::from(self.gpu.is_shared(b));
-                    self.free_gpu_slot(b);
+                    if self.gpu.is_shared(b) {
+                        a.shared_count -= 1;
+                        self.unref_shared(b);
+                    } else {
+                        self.free_gpu(b);
+                    }
                 }
                 Slot::Host(b) => {
                     self.free_host(b);

@@ -8,6 +8,9 @@ pub(super) const NONE: u32 = u32::MAX;
 /// The owner of a GPU block that belongs to a prefix group's shared prefix and is in at least one
 /// block table (its references are counted in `refs`).
 pub(super) const SHARED: u32 = u32::MAX - 1;
+/// The cache tag of a free shared block nobody references, cached for its group (the group and
+/// index are in `shared_key`). One tag array for both kinds keeps allocation to one check.
+pub(super) const GROUP_CACHED: (u32, u32) = (SHARED, 0);
 
 /// The GPU pool: blocks plus a free queue (a doubly linked list over block ids, so a cached block
 /// can be taken back from the middle in O(1)). Allocation pops the front. Freed blocks without a
@@ -17,7 +20,8 @@ pub(super) const SHARED: u32 = u32::MAX - 1;
 #[derive(Clone, Debug)]
 pub(super) struct GpuPool {
     pub owner: Vec<AgentId>,
-    /// For a free block released by the vllm policy: (agent, logical index) whose KV it still holds.
+    /// For a free block released by the vllm policy: (agent, logical index) whose KV it still holds;
+    /// `GROUP_CACHED` for an unreferenced shared block.
     pub cache_tag: Vec<(AgentId, u32)>,
     /// For a block of a prefix group's shared prefix: (group, logical index). Set while the block
     /// is referenced (`owner == SHARED`) and while it waits, unreferenced, in the free queue.

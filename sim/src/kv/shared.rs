@@ -13,7 +13,7 @@
 //! waits at the back of the free queue as a cached block of the group: the next agent reclaims
 //! it while it survives; an allocation that reuses it evicts it, and a later agent recomputes it.
 
-use super::pools::{NONE, SHARED};
+use super::pools::{GROUP_CACHED, NONE, SHARED};
 use super::{KvError, KvManager, Slot};
 use crate::ids::{AgentId, BlockId};
 
@@ -137,6 +137,7 @@ impl KvManager {
         if self.gpu.refs[i] == 0 {
             self.gpu.unlink(b);
             self.gpu.owner[i] = SHARED;
+            self.gpu.cache_tag[i] = (NONE, NONE);
         }
         self.gpu.refs[i] += 1;
         self.agents[agent as usize].shared_count += 1;
@@ -144,25 +145,36 @@ impl KvManager {
 
     /// Removes one reference; the last one leaves the block cached at the back of the free queue.
     /// The caller takes the slot out of the table.
+    // Out of line: runs without prefix groups never get here, and inlined it slows their
+    // hot path (allocation, compute, free).
+    #[inline(never)]
     pub(super) fn unref_shared(&mut self, b: BlockId) {
         let i = b as usize;
         self.gpu.refs[i] -= 1;
         if self.gpu.refs[i] == 0 {
             self.gpu.owner[i] = NONE;
+            self.gpu.cache_tag[i] = GROUP_CACHED;
             self.gpu.push_back(b);
         }
     }
 
     /// The group no longer has this (unreferenced) block: it was reused or replaced.
+    // Out of line: runs without prefix groups never get here, and inlined it slows their
+    // hot path (allocation, compute, free).
+    #[inline(never)]
     pub(super) fn forget_shared_block(&mut self, b: BlockId) {
         let (g, i) = self.gpu.shared_key[b as usize];
         self.groups[g as usize][i as usize] = NONE;
         self.gpu.shared_key[b as usize] = (NONE, NONE);
+        self.gpu.cache_tag[b as usize] = (NONE, NONE);
     }
 
     /// After a compute that took the agent's KV from `before` tokens: every prefix block that
     /// became full is the group's from now on (published, or swapped for the copy another table
     /// already points at).
+    // Out of line: runs without prefix groups never get here, and inlined it slows their
+    // hot path (allocation, compute, free).
+    #[inline(never)]
     pub(super) fn publish_full_blocks(&mut self, agent: AgentId, before: u32) {
         let bs = self.block_size_tokens;
         let a = &self.agents[agent as usize];

@@ -122,7 +122,8 @@ pub fn build_batch(
 ) {
     let mut tokens_left = view.config.max_batch_tokens as i64;
     let mut seqs_left = view.config.max_batch_sequences as i64;
-    if !plan.reclaim.is_empty() {
+    let reclaiming = !plan.reclaim.is_empty();
+    if reclaiming {
         // Without compute the run loop would otherwise move on to the next event.
         plan.wake_no_later_than(view.now);
     }
@@ -145,7 +146,9 @@ pub fn build_batch(
         if seqs_left == 0 || tokens_left <= 0 {
             break;
         }
-        if view.kv.is_resident(agent) && !view.is_decoding(agent) && !plan.reclaim.contains(&agent)
+        if view.kv.is_resident(agent)
+            && !view.is_decoding(agent)
+            && !(reclaiming && plan.reclaim.contains(&agent))
         {
             let pending = view.pending_tokens(agent);
             if pending == 0 {
