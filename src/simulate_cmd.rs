@@ -39,7 +39,7 @@ pub enum CheckOverride {
 
 #[derive(Args, Debug, Clone)]
 pub struct SimulateArgs {
-    /// Workload: a shipped name (seed-exp1, seed-cliff, agents-capacity, swe-agent, chat, agents-background,
+    /// Workload: a shipped name (seed-exp1, seed-cliff, agents-capacity, swe-agent, swe-agent-shared, chat, agents-background,
     /// azure-conv-synth) or a
     /// path to a TOML spec. Repeat for several. Default: seed-exp1 then seed-cliff.
     #[arg(long = "workload", short = 'w', value_name = "NAME|PATH")]

@@ -162,6 +162,7 @@ fn workload() -> Workload {
     let agents = (0..4u32)
         .map(|agent_id| AgentProgram {
             agent_id,
+            prefix: None,
             arrival: SimTime::from_millis(agent_id as u64),
             turns: (0..3)
                 .map(|turn| TurnProgram {

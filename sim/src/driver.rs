@@ -151,6 +151,14 @@ pub fn run(
     clock: &mut dyn Clock,
 ) -> Result<RunOutput, RunError> {
     let mut state = LoopState::new(settings, workload);
+    for a in &workload.agents {
+        if let Some(p) = a.prefix {
+            state
+                .kv
+                .set_shared_prefix(a.agent_id, p.group, p.tokens)
+                .map_err(|e| RunError::Workload(e.to_string()))?;
+        }
+    }
     state.run(scheduler, backend, clock)
 }
 
@@ -623,9 +631,15 @@ impl<'w> LoopState<'w> {
             changed = true;
         }
         for &agent in &plan.reclaim {
+            let high_water = self.kv.computed_high_water(agent);
             self.kv
                 .reclaim_cached(agent)
                 .map_err(|e| self.kv_err(now, e))?;
+            // A hit of the group's shared prefix covers tokens this agent never computed: they
+            // count as its turn's first-time tokens (computed once, by another agent).
+            if let Some(t) = self.trackers[agent as usize].as_mut() {
+                t.first_time_tokens += (self.kv.computed_high_water(agent) - high_water) as u64;
+            }
             changed = true;
         }
         for &(agent, keep) in &plan.drop {

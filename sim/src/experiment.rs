@@ -10,7 +10,7 @@ use crate::time::VirtualClock;
 use crate::workload::Workload;
 
 /// The shipped workload specs, embedded so the binary works anywhere.
-pub const SHIPPED_WORKLOADS: [(&str, &str); 10] = [
+pub const SHIPPED_WORKLOADS: [(&str, &str); 11] = [
     ("seed-exp1", include_str!("../workloads/seed-exp1.toml")),
     ("seed-cliff", include_str!("../workloads/seed-cliff.toml")),
     (
@@ -22,6 +22,10 @@ pub const SHIPPED_WORKLOADS: [(&str, &str); 10] = [
         include_str!("../workloads/azure-conv-synth.toml"),
     ),
     ("swe-agent", include_str!("../workloads/swe-agent.toml")),
+    (
+        "swe-agent-shared",
+        include_str!("../workloads/swe-agent-shared.toml"),
+    ),
     ("chat", include_str!("../workloads/chat.toml")),
     (
         "agents-background",

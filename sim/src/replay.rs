@@ -411,6 +411,7 @@ pub fn chat_workload(
         let arrival = SimTime((first.timestamp_ms as f64 * 1e6 * time_scale) as u64);
         programs.push(AgentProgram {
             agent_id: index as AgentId,
+            prefix: None,
             arrival,
             turns,
         });
@@ -476,6 +477,7 @@ pub fn mix_background(
         let prompt = scaled(r.context_tokens, token_scale).clamp(1, window - generated);
         workload.agents.push(AgentProgram {
             agent_id: next_id,
+            prefix: None,
             arrival: SimTime(at),
             turns: vec![TurnProgram {
                 new_tokens: prompt,
@@ -633,6 +635,7 @@ mod tests {
         let reqs = parse_azure(&file, &text).unwrap();
         let agent = AgentProgram {
             agent_id: 0,
+            prefix: None,
             arrival: SimTime::ZERO,
             turns: vec![
                 TurnProgram {

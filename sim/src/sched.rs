@@ -147,14 +147,15 @@ impl SchedView<'_> {
         let a = &self.agents[agent as usize];
         a.generated > 0 && self.pending_tokens(agent) == 1
     }
-    /// Blocks the agent's current turn will need in total when it completes, beyond what it holds.
+    /// Blocks the agent's current turn will need in total when it completes, beyond what its table
+    /// holds (shared prefix blocks included).
     pub fn growth_blocks_to_finish(&self, agent: AgentId) -> u32 {
         let a = &self.agents[agent as usize];
         // The final token of a turn is generated without its KV being written.
         let final_tokens = a.seq_tokens + a.remaining_generate().saturating_sub(1);
         self.kv
             .blocks_for(final_tokens)
-            .saturating_sub(self.kv.blocks(agent))
+            .saturating_sub(self.kv.table_blocks(agent))
     }
 }
 

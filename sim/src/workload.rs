@@ -45,11 +45,23 @@ impl TurnProgram {
     }
 }
 
+/// The shared prefix an agent's first prompt starts with (its prefix group's system prompt and
+/// tool schemas): the first `tokens` tokens of its sequence are the same in every agent of
+/// `group`, so their KV may be held once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedPrefix {
+    /// Index of the group in the spec's `[[prefix_groups]]`.
+    pub group: u32,
+    pub tokens: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentProgram {
     pub agent_id: AgentId,
     pub arrival: SimTime,
     pub turns: Vec<TurnProgram>,
+    /// The shared prefix of its first prompt (included in the first turn's `new_tokens`).
+    pub prefix: Option<SharedPrefix>,
 }
 
 impl AgentProgram {
@@ -137,6 +149,7 @@ fn tokens(value: f64, min: u32) -> u32 {
 pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
     let agent_count = spec.agent_count(Some(agent_count));
     let arrivals = arrival_times(&spec.arrival, agent_count, seed);
+    let prefixes = assign_prefix_groups(spec, agent_count, seed);
     let mut agents = Vec::with_capacity(agent_count as usize);
     for (index, arrival) in arrivals.into_iter().enumerate() {
         let agent_id = index as AgentId;
@@ -146,9 +159,11 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
         let mut turns: Vec<TurnProgram> = Vec::with_capacity(turn_count as usize);
         let mut context: u64 = 0;
         let window = spec.max_context_tokens as u64;
+        let prefix = prefixes.get(index).copied().flatten();
         for turn_index in 0..turn_count {
             let mut new_tokens = if turn_index == 0 {
-                tokens(sample(&spec.agent.first_prompt_tokens, &mut rng), 1)
+                let own = tokens(sample(&spec.agent.first_prompt_tokens, &mut rng), 1);
+                own.saturating_add(prefix.map_or(0, |p| p.tokens))
             } else {
                 tokens(sample(&spec.agent.new_tokens, &mut rng), 0)
             };
@@ -165,7 +180,8 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
                     // The model window is full: the agent's program ends with the previous turn.
                     break;
                 }
-                // A first prompt longer than the window is cut to fit (as a client would truncate).
+                // A first prompt longer than the window is cut to fit (as a client would truncate;
+                // a shared prefix, at most half the window, survives the cut).
                 generated_tokens = generated_tokens.min((window / 2) as u32).max(1);
                 new_tokens = (window - generated_tokens as u64).max(1) as u32;
             }
@@ -192,6 +208,7 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
             agent_id,
             arrival,
             turns,
+            prefix,
         });
     }
     Workload {
@@ -199,6 +216,35 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
         max_context_tokens: spec.max_context_tokens,
         agents,
     }
+}
+
+/// Which agents start with which group's prefix: each group gets `share` of the agents (rounded),
+/// drawn by a seeded shuffle on a stream of its own (the other draws do not move). Empty when the
+/// spec has no groups.
+fn assign_prefix_groups(
+    spec: &WorkloadSpec,
+    agent_count: u32,
+    seed: u64,
+) -> Vec<Option<SharedPrefix>> {
+    if spec.prefix_groups.is_empty() {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..agent_count as usize).collect();
+    rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut stream(seed, "prefix_group", 0));
+    let mut assigned = vec![None; agent_count as usize];
+    let mut next = 0usize;
+    for (group, g) in spec.prefix_groups.iter().enumerate() {
+        let want = (g.share * agent_count as f64).round() as usize;
+        let count = want.min(order.len() - next);
+        for &agent in &order[next..next + count] {
+            assigned[agent] = Some(SharedPrefix {
+                group: group as u32,
+                tokens: g.tokens,
+            });
+        }
+        next += count;
+    }
+    assigned
 }
 
 pub(crate) fn arrival_times(arrival: &Arrival, agent_count: u32, seed: u64) -> Vec<SimTime> {
@@ -307,5 +353,28 @@ kind = "exact"
         let span = w.agents.last().unwrap().arrival.as_secs_f64();
         let rate = 3999.0 / span;
         assert!((rate - 2.0).abs() < 0.15, "rate {rate}");
+    }
+
+    #[test]
+    fn prefix_groups_get_their_share_of_agents_and_prefix_the_first_prompt() {
+        let text = format!(
+            "{BASE}\n[[prefix_groups]]\nname = \"a\"\ntokens = 512\nshare = 0.6\n[[prefix_groups]]\nname = \"b\"\ntokens = 100\nshare = 0.2\n"
+        );
+        let with = generate(&spec(&text), 50, 4);
+        let without = generate(&spec(BASE), 50, 4);
+        let count = |g: u32| {
+            with.agents
+                .iter()
+                .filter(|a| a.prefix.map(|p| p.group) == Some(g))
+                .count()
+        };
+        assert_eq!((count(0), count(1)), (30, 10));
+        for (a, b) in with.agents.iter().zip(&without.agents) {
+            let extra = a.prefix.map_or(0, |p| p.tokens);
+            assert_eq!(a.turns[0].new_tokens, b.turns[0].new_tokens + extra);
+            assert_eq!(a.turns[1..], b.turns[1..], "other draws do not move");
+        }
+        assert_eq!(with, generate(&spec(&text), 50, 4));
+        assert_ne!(with, generate(&spec(&text), 50, 5));
     }
 }

@@ -12,7 +12,7 @@ use sim::experiment::SimConfig;
 use sim::workload::{self, Workload};
 use sim::{BatchPolicy, PolicyKind};
 use traces::workload::{
-    AgentSpec, Arrival, Distribution, HintSpec, MixtureComponent, WorkloadSpec,
+    AgentSpec, Arrival, Distribution, HintSpec, MixtureComponent, PrefixGroupSpec, WorkloadSpec,
 };
 use traces::GpuProfile;
 
@@ -50,12 +50,15 @@ pub struct Materialized {
     pub host_blocks: u32,
     /// Blocks of the largest single context any agent reaches (what "fits" is measured against).
     pub largest_context_blocks: u32,
+    /// Shared prefix blocks that swapped-out agents may keep on the GPU (each group's once).
+    pub pinned_prefix_blocks: u32,
     pub profile: GpuProfile,
 }
 
 impl Materialized {
     pub fn fits(&self) -> bool {
-        self.gpu_blocks >= self.largest_context_blocks
+        self.gpu_blocks as u64
+            >= self.largest_context_blocks as u64 + self.pinned_prefix_blocks as u64
     }
 
     /// The `SimConfig` the CLI builds for these flags, with every-step checking.
@@ -131,9 +134,19 @@ impl Case {
             .map(|a| blocks_for(a.final_sequence_tokens(), bs))
             .sum::<u64>()
             .max(largest);
+        // A swapped-out agent keeps its group's shared prefix on the GPU (a swap moves only
+        // private blocks), so each group's shared blocks may stay pinned: a pool that always
+        // fits the largest context holds those too.
+        let pinned: u64 = spec
+            .prefix_groups
+            .iter()
+            .map(|g| (g.tokens / bs) as u64)
+            .sum();
+        let need = largest + pinned;
+        let all_at_once = all_at_once.max(need);
         let gpu_blocks = match self.gpu_pool {
             // Squared, so most cases sit near the tight end where policies differ.
-            GpuPool::Fits(f) => largest + ((all_at_once - largest) as f64 * f * f).round() as u64,
+            GpuPool::Fits(f) => need + ((all_at_once - need) as f64 * f * f).round() as u64,
             GpuPool::Short(f) => ((largest as f64 * (1.0 - f)).floor() as u64)
                 .clamp(1, largest.saturating_sub(1).max(1)),
         };
@@ -145,6 +158,7 @@ impl Case {
             gpu_blocks,
             host_blocks: host_blocks.min(u32::MAX as u64) as u32,
             largest_context_blocks: largest.min(u32::MAX as u64) as u32,
+            pinned_prefix_blocks: pinned.min(u32::MAX as u64) as u32,
             profile,
         };
         let config = m.config(self, PolicyKind::ALL[0]);
@@ -345,6 +359,27 @@ fn turns_dist(max: u32) -> impl Strategy<Value = Distribution> {
     ]
 }
 
+/// No shared prefix in half the cases; else one or two groups with prefixes up to half the
+/// window (shorter than a block too) and shares that leave some agents out or none.
+fn prefix_groups(window: u32) -> impl Strategy<Value = Vec<PrefixGroupSpec>> {
+    let group = (1..=window / 2, 0.05..=1.0f64);
+    prop_oneof![
+        1 => Just(Vec::new()),
+        1 => prop::collection::vec(group, 1..=2).prop_map(|groups| {
+            let total: f64 = groups.iter().map(|g| g.1).sum();
+            groups
+                .into_iter()
+                .enumerate()
+                .map(|(i, (tokens, share))| PrefixGroupSpec {
+                    name: format!("group-{i}"),
+                    tokens,
+                    share: share / total.max(1.0),
+                })
+                .collect()
+        }),
+    ]
+}
+
 fn case_of_size(size: Size) -> impl Strategy<Value = Case> {
     (1..=size.agents_max, 16..=size.window_max).prop_flat_map(move |(agents, window)| {
         let spec = (
@@ -355,9 +390,10 @@ fn case_of_size(size: Size) -> impl Strategy<Value = Case> {
             value_dist(size.generated_max),
             pause_dist(),
             hint(),
+            prefix_groups(window),
         )
             .prop_map(
-                move |(arrival, turns, first_prompt_tokens, new_tokens, generated_tokens, pause_s, hint)| {
+                move |(arrival, turns, first_prompt_tokens, new_tokens, generated_tokens, pause_s, hint, prefix_groups)| {
                     WorkloadSpec {
                         schema_version: traces::SCHEMA_VERSION,
                         name: "proptest".into(),
@@ -375,6 +411,7 @@ fn case_of_size(size: Size) -> impl Strategy<Value = Case> {
                         hint,
                         replay: None,
                         background: None,
+                        prefix_groups,
                     }
                 },
             );

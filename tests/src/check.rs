@@ -379,7 +379,7 @@ pub fn check_records(case: &Case, m: &Materialized, out: &RunOutput) -> Result<(
             ));
         }
         for i in 0..records.len() {
-            expected_computed += check_turn(agent, i, records, program)?;
+            expected_computed += check_turn(agent, i, records, program, case.block_size_tokens)?;
         }
     }
     // Conservation over the whole run: the steps computed exactly the first-time tokens of every
@@ -506,6 +506,7 @@ fn check_turn(
     i: usize,
     records: &[&traces::TurnRecord],
     program: &sim::workload::AgentProgram,
+    block_size_tokens: u32,
 ) -> Result<u64, String> {
     let t = records[i];
     let turn = &program.turns[i];
@@ -570,7 +571,18 @@ fn check_turn(
     // exactly once. A turn preempted mid-decode may compute some of its generated tokens'
     // KV by a prefill on its return (even with nothing lost: a full prefix-cache hit
     // leaves one pending token), so prefill may cover up to generated - 1 more.
-    let inputs = turn.new_tokens + u32::from(i > 0);
+    // A first turn may start from its group's shared prefix (its full blocks) computed by
+    // other agents: it is admitted with that KV and prefills only the rest.
+    let hit = if i == 0 { t.context_tokens_at_admit } else { 0 };
+    let shareable = program
+        .prefix
+        .map_or(0, |p| p.tokens / block_size_tokens * block_size_tokens);
+    if hit > shareable {
+        return Err(format!(
+            "agent {agent} turn {i}: admitted with {hit} tokens of KV, but its shared prefix has {shareable}"
+        ));
+    }
+    let inputs = turn.new_tokens + u32::from(i > 0) - hit;
     if t.tokens_prefilled < inputs || t.tokens_prefilled > inputs + turn.generated_tokens - 1 {
         return Err(format!(
             "agent {agent} turn {i}: prefilled {} first-time tokens for {inputs} inputs and {} generated",
@@ -592,7 +604,7 @@ fn check_turn(
         ));
     }
     Ok(
-        (turn.new_tokens + turn.generated_tokens - u32::from(i == 0)) as u64
+        (turn.new_tokens + turn.generated_tokens - u32::from(i == 0) - hit) as u64
             + t.tokens_recomputed as u64,
     )
 }

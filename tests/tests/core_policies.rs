@@ -112,6 +112,7 @@ fn run_tiny(
 fn agent(id: u32, arrival_s: f64, turns: &[(u32, u32, Option<f64>)]) -> AgentProgram {
     AgentProgram {
         agent_id: id,
+        prefix: None,
         arrival: SimTime::from_secs_f64(arrival_s),
         turns: turns
             .iter()

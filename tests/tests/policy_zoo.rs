@@ -56,6 +56,7 @@ type Turn = (u32, u32, Option<(f64, f64)>);
 fn agent(id: u32, arrival_s: f64, turns: &[Turn]) -> AgentProgram {
     AgentProgram {
         agent_id: id,
+        prefix: None,
         arrival: SimTime::from_secs_f64(arrival_s),
         turns: turns
             .iter()

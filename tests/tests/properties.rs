@@ -131,6 +131,7 @@ fn fixed_case(
             hint: HintSpec::Exact,
             replay: None,
             background: None,
+            prefix_groups: Vec::new(),
         },
         agents: arrivals_s.len() as u32,
         seed: 7,

@@ -274,6 +274,24 @@ pub struct WorkloadSpec {
     /// Background (non-agent, single-turn) requests from an Azure-format CSV, mixed in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub background: Option<BackgroundSpec>,
+    /// Shared prefixes (`[[prefix_groups]]`): each group's agents start their first prompt with
+    /// the same tokens, whose KV the serving engine may hold once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix_groups: Vec<PrefixGroupSpec>,
+}
+
+/// A prefix shared by a fraction of the agents: a framework's system prompt and tool schemas.
+/// An agent of the group starts its first prompt with these `tokens`, followed by its own
+/// `first_prompt_tokens` (which do not include the prefix).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixGroupSpec {
+    pub name: String,
+    /// Length of the shared prefix, in 1..=max_context_tokens / 2.
+    pub tokens: u32,
+    /// Fraction of the agents in the group, in (0, 1]; the groups' shares sum to at most 1 and
+    /// the remaining agents have no shared prefix. Which agents belong is drawn with the seed.
+    pub share: f64,
 }
 
 /// Trace formats a `[replay]` table may name.
@@ -371,6 +389,7 @@ fn check_name(name: &str) -> Result<(), String> {
 /// Upper bounds that keep a spec from asking for absurd runs (each is a limit checked at load).
 pub const AGENTS_MAX: u32 = 1_000_000;
 pub const CONTEXT_TOKENS_MAX: u32 = 1 << 20;
+pub const PREFIX_GROUPS_MAX: usize = 4096;
 
 impl WorkloadSpec {
     /// Parses and validates TOML text that came from `path`.
@@ -418,6 +437,7 @@ impl WorkloadSpec {
                 );
             }
         }
+        self.validate_prefix_groups(path)?;
         if let Some(r) = &self.replay {
             if self.arrival == Arrival::missing() {
                 return Ok(());
@@ -455,6 +475,70 @@ impl WorkloadSpec {
         ] {
             dist.validate(name)
                 .map_err(|(field, message)| TraceError::invalid(path, field, message))?;
+        }
+        Ok(())
+    }
+
+    /// The `[[prefix_groups]]` tables: plain unique names, lengths within half the window (the
+    /// rest of a first prompt and its output must fit), shares in (0, 1] summing to at most 1.
+    fn validate_prefix_groups(&self, path: &Path) -> Result<(), TraceError> {
+        let fail = |field: String, message: String| Err(TraceError::invalid(path, &field, message));
+        if self.prefix_groups.is_empty() {
+            return Ok(());
+        }
+        if self.prefix_groups.len() > PREFIX_GROUPS_MAX {
+            return fail(
+                "prefix_groups".into(),
+                format!(
+                    "at most {PREFIX_GROUPS_MAX} groups, got {}",
+                    self.prefix_groups.len()
+                ),
+            );
+        }
+        if self.replay.is_some() {
+            return fail(
+                "prefix_groups".into(),
+                "not supported with [replay] (groups apply to generated agents)".into(),
+            );
+        }
+        let mut total = 0.0;
+        for (i, g) in self.prefix_groups.iter().enumerate() {
+            let field = |name: &str| format!("prefix_groups[{i}].{name}");
+            if g.name.trim().is_empty()
+                || g.name.len() > 200
+                || g.name.chars().any(char::is_control)
+            {
+                return fail(
+                    field("name"),
+                    format!("must be a non-empty plain name, got {:?}", g.name),
+                );
+            }
+            if self.prefix_groups[..i].iter().any(|o| o.name == g.name) {
+                return fail(field("name"), format!("{:?} names two groups", g.name));
+            }
+            let max = self.max_context_tokens / 2;
+            if g.tokens == 0 || g.tokens > max {
+                return fail(
+                    field("tokens"),
+                    format!(
+                        "must be in 1..={max} (half of max_context_tokens), got {}",
+                        g.tokens
+                    ),
+                );
+            }
+            if !g.share.is_finite() || g.share <= 0.0 || g.share > 1.0 {
+                return fail(
+                    field("share"),
+                    format!("must be in (0, 1], got {}", g.share),
+                );
+            }
+            total += g.share;
+        }
+        if total > 1.0 + 1e-9 {
+            return fail(
+                "prefix_groups".into(),
+                format!("shares sum to {total}, more than 1"),
+            );
         }
         Ok(())
     }
@@ -593,6 +677,37 @@ sigma = 0.5
         assert_eq!(spec.agents, 3);
         let again = WorkloadSpec::from_toml_str(Path::new("x"), &spec.to_toml_string()).unwrap();
         assert_eq!(spec, again);
+    }
+
+    #[test]
+    fn prefix_groups_are_checked() {
+        let path = Path::new("w.toml");
+        let group = |name: &str, tokens: u32, share: f64| {
+            format!("{GOOD}\n[[prefix_groups]]\nname = \"{name}\"\ntokens = {tokens}\nshare = {share}\n")
+        };
+        let ok = WorkloadSpec::from_toml_str(path, &group("sys", 1024, 0.9)).unwrap();
+        assert_eq!(ok.prefix_groups[0].tokens, 1024);
+        let round = WorkloadSpec::from_toml_str(path, &ok.to_toml_string()).unwrap();
+        assert_eq!(round, ok);
+        for (text, field) in [
+            (group("sys", 0, 0.5), "prefix_groups[0].tokens"),
+            (group("sys", 4000, 0.5), "prefix_groups[0].tokens"),
+            (group("sys", 10, 1.5), "prefix_groups[0].share"),
+            (group("", 10, 0.5), "prefix_groups[0].name"),
+            (
+                format!(
+                    "{}{}",
+                    group("a", 10, 0.6),
+                    &group("b", 10, 0.6)[GOOD.len()..]
+                ),
+                "prefix_groups",
+            ),
+        ] {
+            let e = WorkloadSpec::from_toml_str(path, &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains("w.toml"), "{e}");
+        }
     }
 
     #[test]

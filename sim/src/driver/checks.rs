@@ -37,7 +37,7 @@ impl LoopState<'_> {
                     ));
                 }
                 if matches!(a.phase, Phase::Done | Phase::Rejected)
-                    && (self.kv.blocks(i as u32) > 0 || self.kv.has_cached_prefix(i as u32))
+                    && (self.kv.table_blocks(i as u32) > 0 || self.kv.has_cached_prefix(i as u32))
                 {
                     return Err(self.invariant(now, format!("agent {i} ended but still holds KV")));
                 }

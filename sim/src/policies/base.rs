@@ -196,22 +196,7 @@ impl Admission {
             avail += view.kv.gpu_blocks_held(head) as i64;
             blocked = self.commit(view, plan, &mut avail);
         }
-        if plan.reclaim.is_empty() {
-            build_batch(view, &self.committed, plan, !self.waiting.is_empty());
-        } else {
-            // A reclaim lands when the plan is applied, after the view was taken: the agent's
-            // pending tokens are known from the next step on.
-            let ready: Vec<AgentId> = self
-                .committed
-                .iter()
-                .copied()
-                .filter(|a| !plan.reclaim.contains(a))
-                .collect();
-            build_batch(view, &ready, plan, !self.waiting.is_empty());
-            // Plan again at this instant (without compute the run loop would otherwise move on
-            // to the next event).
-            plan.wake_no_later_than(view.now);
-        }
+        build_batch(view, &self.committed, plan, !self.waiting.is_empty());
     }
 
     /// Strict in-order commit; returns the head that did not fit, with its need.
@@ -240,7 +225,11 @@ impl Admission {
             *avail -= need as i64;
             match view.kv.state(agent) {
                 KvState::Host => plan.swap_in.push(agent),
-                KvState::Dropped if view.kv.has_cached_prefix(agent) => plan.reclaim.push(agent),
+                KvState::Dropped
+                    if view.kv.has_cached_prefix(agent) || view.kv.prefix_hit_blocks(agent) > 0 =>
+                {
+                    plan.reclaim.push(agent)
+                }
                 _ => {}
             }
             self.waiting.remove(agent);

@@ -92,10 +92,12 @@ impl WaitQueue {
 }
 
 /// Blocks an agent needs on the GPU to run its current turn to the end, beyond what it already
-/// holds there: its host blocks (to swap in) plus the growth of the turn.
+/// holds there: its host blocks (to swap in) plus the growth of the turn, less the shared prefix
+/// blocks it will take at admission that other agents already hold (they cost no free block).
 pub fn need_blocks(view: &SchedView, agent: AgentId) -> u32 {
     let host_only = view.kv.blocks(agent) - view.kv.gpu_blocks_held(agent);
-    host_only + view.growth_blocks_to_finish(agent)
+    (host_only + view.growth_blocks_to_finish(agent))
+        .saturating_sub(view.kv.prefix_hit_free_blocks(agent))
 }
 
 /// Blocks the committed agents will still allocate to finish their turns.
@@ -109,7 +111,9 @@ pub fn reserved_growth(view: &SchedView, committed: &[AgentId]) -> u32 {
 /// Adds decodes for every resident, decoding committed agent, then prefill chunks in order, within
 /// the step's token and sequence budgets and the prefill cap of the run's batch policy
 /// (`queue_waiting`: turns wait for admission). Policies that reserve growth call this; their
-/// reservation guarantees the blocks.
+/// reservation guarantees the blocks. Agents reclaiming in this plan are left out: a reclaim
+/// lands when the plan is applied, after the view was taken, so their pending tokens are known
+/// from the next plan on, which comes at this instant.
 pub fn build_batch(
     view: &SchedView,
     committed: &[AgentId],
@@ -118,6 +122,11 @@ pub fn build_batch(
 ) {
     let mut tokens_left = view.config.max_batch_tokens as i64;
     let mut seqs_left = view.config.max_batch_sequences as i64;
+    let reclaiming = !plan.reclaim.is_empty();
+    if reclaiming {
+        // Without compute the run loop would otherwise move on to the next event.
+        plan.wake_no_later_than(view.now);
+    }
     for &agent in committed {
         if seqs_left == 0 || tokens_left == 0 {
             break;
@@ -137,7 +146,10 @@ pub fn build_batch(
         if seqs_left == 0 || tokens_left <= 0 {
             break;
         }
-        if view.kv.is_resident(agent) && !view.is_decoding(agent) {
+        if view.kv.is_resident(agent)
+            && !view.is_decoding(agent)
+            && !(reclaiming && plan.reclaim.contains(&agent))
+        {
             let pending = view.pending_tokens(agent);
             if pending == 0 {
                 continue;
@@ -210,6 +222,9 @@ pub fn commit_waiting(
             *avail -= need as i64;
             if view.kv.state(agent) == KvState::Host {
                 plan.swap_in.push(agent);
+            } else if view.kv.prefix_hit_blocks(agent) > 0 {
+                // Its group's shared prefix is on the GPU: take it instead of prefilling it.
+                plan.reclaim.push(agent);
             }
             waiting.remove(agent);
             committed.push(agent);

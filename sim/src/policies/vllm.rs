@@ -115,7 +115,8 @@ impl Scheduler for Vllm {
                 i += 1;
                 continue;
             }
-            let need = kv.blocks_for(kv.kv_tokens(agent) + tokens) as i64 - kv.blocks(agent) as i64;
+            let need =
+                kv.blocks_for(kv.kv_tokens(agent) + tokens) as i64 - kv.table_blocks(agent) as i64;
             let mut self_preempted = false;
             while need > free {
                 let victim = *self.running.last().expect("agent i is running");
@@ -170,7 +171,9 @@ impl Scheduler for Vllm {
                     plan.reject.push(agent);
                     continue;
                 }
-                let cached = kv.has_cached_prefix(agent);
+                // Its own cached prefix, or blocks of its group's shared prefix (other agents'
+                // running or cached blocks, as automatic prefix caching finds them).
+                let cached = kv.has_cached_prefix(agent) || kv.prefix_hit_blocks(agent) > 0;
                 let reclaim_blocks = if cached {
                     kv.reclaimable_prefix_blocks(agent)
                 } else {
@@ -184,9 +187,15 @@ impl Scheduler for Vllm {
                 let pending = view.agent(agent).seq_tokens - kv_after;
                 let chunk = pending.min(tokens_left as u32).min(prefill_left as u32);
                 // Blocks the agent will hold after this step, all taken from the free count (its
-                // own cached blocks are counted as free until reclaimed).
+                // own cached blocks are counted as free until reclaimed) except shared blocks
+                // that other running agents hold.
                 let hold = kv.blocks_for(kv_after + chunk) as i64;
-                let take = hold - if cached { 0 } else { kv.blocks(agent) as i64 };
+                let take = hold
+                    - if cached {
+                        kv.prefix_hit_free_blocks(agent) as i64
+                    } else {
+                        kv.table_blocks(agent) as i64
+                    };
                 if take > free {
                     break;
                 }

@@ -162,6 +162,7 @@ fn program(
     }
     AgentProgram {
         agent_id,
+        prefix: None,
         arrival,
         turns,
     }

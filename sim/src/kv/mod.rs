@@ -1,15 +1,34 @@
 //! The KV mechanism shared by the simulator and the real engine: paged block pools on the GPU and
-//! in host memory, per-agent block tables, the agent KV state machine and the prefix-cache free
-//! queue of the vllm policies.
+//! in host memory, per-agent block tables, the agent KV state machine, the prefix-cache free
+//! queue of the vllm policies, and the blocks of shared prefixes (agents of one prefix group hold
+//! one copy of their common system prompt, with reference counts).
 //!
 //! Policies never touch this directly: they read it through [`KvManager`]'s query methods and ask
 //! for changes in a `StepPlan`, which the run loop applies here. Every mutation checks its
 //! preconditions and returns a [`KvError`] (a scheduler asked for the impossible) rather than
 //! corrupting state; [`KvManager::audit`] recounts everything from scratch for the checker.
+//!
+//! Shared prefixes, precisely (see `shared.rs`): a block table may point at a block of its prefix
+//! group's shared prefix; the block then counts one reference per table pointing at it, whatever
+//! the agent's state (resident, paused, partly swapped out). A swap moves only private blocks, so
+//! a swapped-out agent's shared blocks stay on the GPU and its return restores only its private
+//! part. A shared block is freed only when no table points at it; it then waits in the free queue
+//! as a cached block that any agent of the group reclaims while it survives. The per-agent block
+//! counts policies read ([`KvManager::blocks`], [`KvManager::gpu_blocks_held`]) are private blocks:
+//! what evicting the agent frees for sure; [`KvManager::table_blocks`] is the whole table.
 
 use std::collections::BTreeMap;
 
 use crate::ids::{AgentId, BlockId, SwapId};
+
+mod audit;
+mod cache;
+mod pools;
+mod shared;
+#[cfg(test)]
+mod tests;
+
+use pools::{GpuPool, HostPool, NONE};
 
 /// Where one logical block of an agent's context lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,90 +122,6 @@ pub enum KvError {
     UnknownSwap(SwapId),
 }
 
-const NONE: u32 = u32::MAX;
-
-/// The GPU pool: blocks plus an LRU free queue (a doubly linked list over block ids, so a cached
-/// block can be taken back from the middle in O(1)). Allocation pops the front; freeing pushes
-/// the back. Cached (prefix-tagged) blocks stay in the queue and count as free.
-#[derive(Clone, Debug)]
-struct GpuPool {
-    owner: Vec<AgentId>,
-    /// For a free block released by the vllm policy: (agent, logical index) whose KV it still holds.
-    cache_tag: Vec<(AgentId, u32)>,
-    prev: Vec<u32>,
-    next: Vec<u32>,
-    head: u32,
-    tail: u32,
-    free_count: u32,
-}
-
-impl GpuPool {
-    fn new(blocks: u32) -> Self {
-        let n = blocks as usize;
-        let mut pool = GpuPool {
-            owner: vec![NONE; n],
-            cache_tag: vec![(NONE, NONE); n],
-            prev: vec![NONE; n],
-            next: vec![NONE; n],
-            head: NONE,
-            tail: NONE,
-            free_count: 0,
-        };
-        for b in 0..blocks {
-            pool.push_back(b);
-        }
-        pool
-    }
-
-    fn push_back(&mut self, b: BlockId) {
-        let i = b as usize;
-        debug_assert_eq!(self.owner[i], NONE);
-        self.prev[i] = self.tail;
-        self.next[i] = NONE;
-        if self.tail == NONE {
-            self.head = b;
-        } else {
-            self.next[self.tail as usize] = b;
-        }
-        self.tail = b;
-        self.free_count += 1;
-    }
-
-    fn unlink(&mut self, b: BlockId) {
-        let i = b as usize;
-        let (p, n) = (self.prev[i], self.next[i]);
-        if p == NONE {
-            self.head = n;
-        } else {
-            self.next[p as usize] = n;
-        }
-        if n == NONE {
-            self.tail = p;
-        } else {
-            self.prev[n as usize] = p;
-        }
-        self.prev[i] = NONE;
-        self.next[i] = NONE;
-        self.free_count -= 1;
-    }
-}
-
-/// The host pool: a FIFO free list (no caching on the host).
-#[derive(Clone, Debug)]
-struct HostPool {
-    owner: Vec<AgentId>,
-    free: std::collections::VecDeque<BlockId>,
-}
-
-impl HostPool {
-    fn new(blocks: u32) -> Self {
-        HostPool {
-            owner: vec![NONE; blocks as usize],
-            free: (0..blocks).collect(),
-        }
-    }
-}
-
 /// Per-agent KV bookkeeping.
 #[derive(Clone, Debug, Default)]
 pub struct AgentKv {
@@ -203,6 +138,13 @@ pub struct AgentKv {
     computed_high_water: u32,
     tokens_dropped_total: u64,
     tokens_recomputed_total: u64,
+    /// The agent's prefix group, if its sequence starts with a shared prefix.
+    group: Option<u32>,
+    /// Leading logical blocks whose KV is the group's (the prefix's full blocks, fewer after a
+    /// compaction cut into the prefix): only these may be shared.
+    share_limit: u32,
+    /// Slots of the table that point at shared blocks (all on the GPU).
+    shared_count: u32,
 }
 
 impl AgentKv {
@@ -238,6 +180,10 @@ pub struct KvManager {
     agents: Vec<AgentKv>,
     in_flight: BTreeMap<SwapId, SwapJob>,
     next_swap_id: SwapId,
+    /// Per prefix group: the shared block of each full prefix block (`NONE` while absent).
+    groups: Vec<Vec<BlockId>>,
+    /// Per prefix group: its prefix length in tokens.
+    group_tokens: Vec<u32>,
     pub counters: KvStepCounters,
 }
 
@@ -256,6 +202,8 @@ impl KvManager {
             agents: vec![AgentKv::default(); agent_count as usize],
             in_flight: BTreeMap::new(),
             next_swap_id: 0,
+            groups: Vec::new(),
+            group_tokens: Vec::new(),
             counters: KvStepCounters::default(),
         }
     }
@@ -298,14 +246,20 @@ impl KvManager {
     pub fn kv_tokens(&self, agent: AgentId) -> u32 {
         self.agents[agent as usize].kv_tokens
     }
-    /// Blocks in the agent's table (any location).
+    /// The agent's private blocks (any location): its table less the shared blocks it points at.
+    /// Evicting the agent frees at least these (for an agent without a prefix group: its table).
     pub fn blocks(&self, agent: AgentId) -> u32 {
+        let a = &self.agents[agent as usize];
+        a.slots.len() as u32 - a.shared_count
+    }
+    /// Every block of the agent's table, shared ones included (what its context occupies).
+    pub fn table_blocks(&self, agent: AgentId) -> u32 {
         self.agents[agent as usize].slots.len() as u32
     }
-    /// Blocks the agent holds on the GPU (resident or in flight in either direction).
+    /// Private blocks the agent holds on the GPU (resident or in flight in either direction).
     pub fn gpu_blocks_held(&self, agent: AgentId) -> u32 {
         let a = &self.agents[agent as usize];
-        a.gpu_slot_count + a.moving_out_count + a.moving_in_count
+        a.gpu_slot_count + a.moving_out_count + a.moving_in_count - a.shared_count
     }
     pub fn host_blocks_held(&self, agent: AgentId) -> u32 {
         let a = &self.agents[agent as usize];
@@ -326,15 +280,12 @@ impl KvManager {
             other => panic!("gpu_block_table of a non-resident agent: {other:?}"),
         })
     }
-    /// Blocks of the cached prefix that would come back if the agent reclaimed now.
+    /// Blocks that would come back if the agent reclaimed now: its cached prefix and, for an
+    /// agent of a prefix group, the group's shared blocks (a contiguous run from the start).
     pub fn reclaimable_prefix_blocks(&self, agent: AgentId) -> u32 {
-        let a = &self.agents[agent as usize];
-        a.cached
-            .iter()
-            .enumerate()
-            .take_while(|(i, b)| self.gpu.cache_tag[**b as usize] == (agent, *i as u32))
-            .count() as u32
+        self.reclaim_run(agent).0
     }
+    /// Whether the agent released a prefix to the cache (vllm) that it has not reclaimed.
     pub fn has_cached_prefix(&self, agent: AgentId) -> bool {
         !self.agents[agent as usize].cached.is_empty()
     }
@@ -360,24 +311,38 @@ impl KvManager {
         let b = self.gpu.head;
         debug_assert_ne!(b, NONE, "alloc_gpu on an empty pool");
         self.gpu.unlink(b);
-        let (tag_agent, tag_index) = self.gpu.cache_tag[b as usize];
-        if tag_agent != NONE {
-            // Reusing a cached prefix block evicts it from its former owner's cached prefix.
+        let tag = self.gpu.cache_tag[b as usize];
+        if tag.0 != NONE {
+            // Reusing a cached prefix block evicts it from its former owner's cached prefix, or
+            // from its prefix group (a later agent recomputes it).
             self.gpu.cache_tag[b as usize] = (NONE, NONE);
             self.counters.cache_evicted_blocks += 1;
-            let _ = tag_index;
+            if tag == pools::GROUP_CACHED {
+                self.forget_shared_block(b);
+            }
         }
         self.gpu.owner[b as usize] = agent;
         b
     }
 
+    /// Frees a private GPU block without a cache key: it goes to the front of the free queue, so
+    /// it is reused before any cached block.
     fn free_gpu(&mut self, b: BlockId) {
-        debug_assert_ne!(
-            self.gpu.owner[b as usize], NONE,
-            "double free of GPU block {b}"
+        debug_assert!(
+            self.gpu.owner[b as usize] != NONE && !self.gpu.is_shared(b),
+            "free of GPU block {b}, which is free or shared"
         );
         self.gpu.owner[b as usize] = NONE;
-        self.gpu.push_back(b);
+        self.gpu.push_front(b);
+    }
+
+    /// Frees whatever a table's GPU slot holds: a private block, or one reference to a shared one.
+    fn free_gpu_slot(&mut self, b: BlockId) {
+        if self.gpu.is_shared(b) {
+            self.unref_shared(b);
+        } else {
+            self.free_gpu(b);
+        }
     }
 
     fn alloc_host(&mut self, agent: AgentId) -> BlockId {
@@ -408,7 +373,7 @@ impl KvManager {
                 state: self.state(agent),
             });
         }
-        let have = self.blocks(agent);
+        let have = self.table_blocks(agent);
         let need = self.blocks_for(tokens);
         if need <= have {
             return Ok(0);
@@ -447,7 +412,7 @@ impl KvManager {
                 state: self.state(agent),
             });
         }
-        let capacity = self.blocks(agent) * self.block_size_tokens;
+        let capacity = self.table_blocks(agent) * self.block_size_tokens;
         let a = &mut self.agents[agent as usize];
         let end = a.kv_tokens + tokens;
         if end > capacity {
@@ -459,12 +424,16 @@ impl KvManager {
         let recomputed = a.computed_high_water.min(end).saturating_sub(a.kv_tokens);
         a.tokens_recomputed_total += recomputed as u64;
         a.computed_high_water = a.computed_high_water.max(end);
+        let before = a.kv_tokens;
         a.kv_tokens = end;
+        if a.share_limit > 0 {
+            self.publish_full_blocks(agent, before);
+        }
         Ok(recomputed)
     }
 
-    /// Starts copying the agent's last `block_count` GPU blocks to the host (all of them when
-    /// `block_count` exceeds what is on the GPU). The GPU copies stay allocated until completion.
+    /// Starts copying the agent's last `block_count` private GPU blocks to the host (all of them
+    /// when `block_count` exceeds what is on the GPU). The GPU copies stay allocated until completion.
     pub fn start_swap_out(&mut self, agent: AgentId, block_count: u32) -> Result<SwapId, KvError> {
         let a = &self.agents[agent as usize];
         if a.moving_in_count > 0 || a.moving_out_count > 0 {
@@ -478,14 +447,15 @@ impl KvManager {
             .iter()
             .enumerate()
             .rev()
-            .filter(|(_, s)| matches!(s, Slot::Gpu(_)))
+            // Shared blocks stay: other tables may point at them (see the module doc).
+            .filter(|(_, s)| matches!(s, Slot::Gpu(b) if !self.gpu.is_shared(*b)))
             .map(|(i, _)| i)
             .take(block_count as usize)
             .collect();
         if indices.is_empty() {
             return Err(KvError::Invalid {
                 agent,
-                message: "swap out of an agent with no GPU blocks".into(),
+                message: "swap out of an agent with no private GPU blocks".into(),
             });
         }
         let needed = indices.len() as u32;
@@ -627,8 +597,14 @@ impl KvManager {
         while self.agents[agent as usize].slots.len() > keep_blocks {
             match self.agents[agent as usize].slots.pop().expect("len > keep") {
                 Slot::Gpu(b) => {
-                    self.free_gpu(b);
-                    self.agents[agent as usize].gpu_slot_count -= 1;
+                    let a = &mut self.agents[agent as usize];
+                    a.gpu_slot_count -= 1;
+                    if self.gpu.is_shared(b) {
+                        a.shared_count -= 1;
+                        self.unref_shared(b);
+                    } else {
+                        self.free_gpu(b);
+                    }
                 }
                 Slot::Host(b) => {
                     self.free_host(b);
@@ -644,6 +620,10 @@ impl KvManager {
     /// leaves the token accounting as if it had never been computed. Every valid token of the
     /// kept prefix stays (the block holding its last tokens too: later tokens overwrite that
     /// block's tail, as a decode does); a cached prefix keeps only its full blocks within it.
+    /// A shared block is never written by one agent alone: when the kept prefix ends inside one,
+    /// that block goes and its kept tokens count as dropped (to be recomputed into a private
+    /// block); and only the blocks before the cut may be shared from now on (the rest of the
+    /// sequence no longer matches the group's prefix).
     /// Nothing may be moving (the caller waits for the swap to finish).
     pub fn forget_beyond(&mut self, agent: AgentId, keep_tokens: u32) -> Result<(), KvError> {
         let bs = self.block_size_tokens;
@@ -654,9 +634,20 @@ impl KvManager {
                 action: "compact",
             });
         }
-        let keep_blocks = keep_tokens.div_ceil(bs) as usize;
-        self.free_slots_beyond(agent, keep_blocks);
         let full_blocks = (keep_tokens / bs) as usize;
+        let mut keep_blocks = keep_tokens.div_ceil(bs) as usize;
+        let mut valid_tokens = keep_tokens;
+        if keep_blocks > full_blocks {
+            if let Some(&Slot::Gpu(b)) = a.slots.get(full_blocks) {
+                if self.gpu.is_shared(b) {
+                    keep_blocks = full_blocks;
+                    valid_tokens = full_blocks as u32 * bs;
+                }
+            }
+        }
+        self.free_slots_beyond(agent, keep_blocks);
+        let a = &mut self.agents[agent as usize];
+        a.share_limit = a.share_limit.min(full_blocks as u32);
         let cached_len = self.agents[agent as usize].cached.len();
         for i in full_blocks..cached_len {
             let b = self.agents[agent as usize].cached[i];
@@ -669,92 +660,11 @@ impl KvManager {
         // Conservation (recomputed + missing == dropped) restated for the shorter sequence: the
         // tokens missing beyond the kept prefix will never be recomputed.
         let missing_before = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
-        a.kv_tokens = a.kv_tokens.min(keep_tokens);
+        a.kv_tokens = a.kv_tokens.min(valid_tokens);
         a.computed_high_water = a.computed_high_water.min(keep_tokens);
         let missing_after = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
         a.tokens_dropped_total = a.tokens_dropped_total - missing_before + missing_after;
         Ok(())
-    }
-
-    /// Releases a resident agent's blocks into the GPU prefix cache (vllm at turn end): full
-    /// blocks keep a tag and can be reclaimed until reused; they go to the free queue tail block
-    /// first, so the oldest-freed tails are evicted before prefixes.
-    pub fn release_to_cache(&mut self, agent: AgentId) -> Result<(), KvError> {
-        if !self.is_resident(agent) {
-            return Err(KvError::NotResident {
-                agent,
-                action: "release",
-                state: self.state(agent),
-            });
-        }
-        self.untag_cached(agent);
-        let bs = self.block_size_tokens;
-        let a = &mut self.agents[agent as usize];
-        let full_blocks = (a.kv_tokens / bs) as usize;
-        let slots = std::mem::take(&mut a.slots);
-        a.gpu_slot_count = 0;
-        // Tokens not in the cache count as dropped now; a reclaim gives back what survives.
-        a.tokens_dropped_total += a.kv_tokens as u64;
-        a.kv_tokens = 0;
-        let mut cached = Vec::with_capacity(full_blocks);
-        for (i, slot) in slots.iter().enumerate().rev() {
-            let Slot::Gpu(b) = *slot else {
-                unreachable!("resident")
-            };
-            self.free_gpu(b);
-            if i < full_blocks {
-                self.gpu.cache_tag[b as usize] = (agent, i as u32);
-            }
-        }
-        for slot in slots.iter().take(full_blocks) {
-            let Slot::Gpu(b) = *slot else { unreachable!() };
-            cached.push(b);
-        }
-        self.agents[agent as usize].cached = cached;
-        Ok(())
-    }
-
-    /// Takes back the surviving cached prefix of an agent with no blocks. Returns tokens reclaimed.
-    pub fn reclaim_cached(&mut self, agent: AgentId) -> Result<u32, KvError> {
-        if !self.agents[agent as usize].slots.is_empty() {
-            return Err(KvError::Invalid {
-                agent,
-                message: "reclaim with blocks already held".into(),
-            });
-        }
-        let survive = self.reclaimable_prefix_blocks(agent) as usize;
-        let cached = std::mem::take(&mut self.agents[agent as usize].cached);
-        for (i, &b) in cached.iter().enumerate() {
-            if i < survive {
-                self.gpu.unlink(b);
-                self.gpu.cache_tag[b as usize] = (NONE, NONE);
-                self.gpu.owner[b as usize] = agent;
-            } else if self.gpu.cache_tag[b as usize] == (agent, i as u32) {
-                // Beyond the first lost block a cached block is useless (prefix chains break).
-                self.gpu.cache_tag[b as usize] = (NONE, NONE);
-            }
-        }
-        let bs = self.block_size_tokens;
-        let a = &mut self.agents[agent as usize];
-        a.slots = cached[..survive].iter().map(|&b| Slot::Gpu(b)).collect();
-        a.gpu_slot_count = survive as u32;
-        a.kv_tokens = survive as u32 * bs;
-        a.tokens_dropped_total -= a.kv_tokens as u64;
-        let lost_blocks = (cached.len() - survive) as u32;
-        if lost_blocks > 0 {
-            self.counters.drops += 1;
-            self.counters.dropped_tokens += (lost_blocks * bs) as u64;
-        }
-        Ok(a.kv_tokens)
-    }
-
-    fn untag_cached(&mut self, agent: AgentId) {
-        let cached = std::mem::take(&mut self.agents[agent as usize].cached);
-        for (i, b) in cached.into_iter().enumerate() {
-            if self.gpu.cache_tag[b as usize] == (agent, i as u32) {
-                self.gpu.cache_tag[b as usize] = (NONE, NONE);
-            }
-        }
     }
 
     /// Frees everything an agent holds (its program ended). Nothing may be moving.
@@ -770,7 +680,7 @@ impl KvManager {
         let slots = std::mem::take(&mut self.agents[agent as usize].slots);
         for slot in slots {
             match slot {
-                Slot::Gpu(b) => self.free_gpu(b),
+                Slot::Gpu(b) => self.free_gpu_slot(b),
                 Slot::Host(b) => self.free_host(b),
                 _ => unreachable!("checked above"),
             }
@@ -778,281 +688,12 @@ impl KvManager {
         let a = &mut self.agents[agent as usize];
         a.gpu_slot_count = 0;
         a.host_slot_count = 0;
+        a.shared_count = 0;
         a.kv_tokens = 0;
         // The program ended: its sequence is gone for good, so conservation restarts from zero.
         a.computed_high_water = 0;
         a.tokens_dropped_total = 0;
         a.tokens_recomputed_total = 0;
         Ok(())
-    }
-
-    /// Recounts everything from scratch and compares with the incremental state: pool capacity,
-    /// single ownership of every block, the free queue's integrity, cache tags, per-agent counts
-    /// and token conservation. Returns the first violation found.
-    pub fn audit(&self) -> Result<(), String> {
-        let gpu_n = self.gpu.owner.len();
-        let host_n = self.host.owner.len();
-        let mut gpu_seen = vec![NONE; gpu_n];
-        let mut host_seen = vec![NONE; host_n];
-        for (agent, a) in self.agents.iter().enumerate() {
-            let agent = agent as AgentId;
-            let (mut g, mut h, mut o, mut i_) = (0u32, 0u32, 0u32, 0u32);
-            let claim = |pool: &mut Vec<u32>, b: BlockId, what: &str| -> Result<(), String> {
-                let slot = pool
-                    .get_mut(b as usize)
-                    .ok_or_else(|| format!("agent {agent}: {what} block {b} out of range"))?;
-                if *slot != NONE {
-                    return Err(format!(
-                        "{what} block {b} owned by agents {} and {agent}",
-                        *slot
-                    ));
-                }
-                *slot = agent;
-                Ok(())
-            };
-            for s in &a.slots {
-                match *s {
-                    Slot::Gpu(b) => {
-                        claim(&mut gpu_seen, b, "GPU")?;
-                        g += 1;
-                    }
-                    Slot::Host(b) => {
-                        claim(&mut host_seen, b, "host")?;
-                        h += 1;
-                    }
-                    Slot::SwapOut { gpu, host } => {
-                        claim(&mut gpu_seen, gpu, "GPU")?;
-                        claim(&mut host_seen, host, "host")?;
-                        o += 1;
-                    }
-                    Slot::SwapIn { host, gpu } => {
-                        claim(&mut gpu_seen, gpu, "GPU")?;
-                        claim(&mut host_seen, host, "host")?;
-                        i_ += 1;
-                    }
-                }
-            }
-            if (g, h, o, i_)
-                != (
-                    a.gpu_slot_count,
-                    a.host_slot_count,
-                    a.moving_out_count,
-                    a.moving_in_count,
-                )
-            {
-                return Err(format!(
-                    "agent {agent}: slot counts (gpu {g}, host {h}, out {o}, in {i_}) disagree with bookkeeping ({}, {}, {}, {})",
-                    a.gpu_slot_count, a.host_slot_count, a.moving_out_count, a.moving_in_count
-                ));
-            }
-            if a.kv_tokens > a.slots.len() as u32 * self.block_size_tokens {
-                return Err(format!(
-                    "agent {agent}: {} KV tokens in {} blocks",
-                    a.kv_tokens,
-                    a.slots.len()
-                ));
-            }
-            if a.slots.len() as u32 > self.blocks_for(a.kv_tokens) + 1 && !a.slots.is_empty() {
-                // Growth reserves at most the next block; more would be a leak inside an agent.
-                return Err(format!(
-                    "agent {agent}: holds {} blocks for {} tokens",
-                    a.slots.len(),
-                    a.kv_tokens
-                ));
-            }
-            // Conservation: every token dropped is either recomputed or still missing.
-            let missing = a.computed_high_water.saturating_sub(a.kv_tokens) as u64;
-            if a.tokens_recomputed_total + missing != a.tokens_dropped_total {
-                return Err(format!(
-                    "agent {agent}: token conservation broken: recomputed {} + missing {} != dropped {}",
-                    a.tokens_recomputed_total, missing, a.tokens_dropped_total
-                ));
-            }
-            if !a.cached.is_empty() && !a.slots.is_empty() {
-                return Err(format!(
-                    "agent {agent}: has both a cached prefix and blocks"
-                ));
-            }
-        }
-        for b in 0..gpu_n {
-            if gpu_seen[b] != self.gpu.owner[b] {
-                return Err(format!(
-                    "GPU block {b}: owner {} but tables say {}",
-                    self.gpu.owner[b] as i64, gpu_seen[b] as i64
-                ));
-            }
-        }
-        for b in 0..host_n {
-            if host_seen[b] != self.host.owner[b] {
-                return Err(format!(
-                    "host block {b}: owner {} but tables say {}",
-                    self.host.owner[b] as i64, host_seen[b] as i64
-                ));
-            }
-        }
-        self.audit_free_lists()?;
-        for (id, job) in &self.in_flight {
-            if job.id != *id || job.pairs.is_empty() {
-                return Err(format!("swap {id} is malformed"));
-            }
-        }
-        Ok(())
-    }
-
-    /// The GPU free queue holds exactly the unowned blocks, linked consistently; the host free
-    /// list holds exactly the unowned host blocks; cached GPU blocks are unowned and listed by
-    /// the agent they are tagged for.
-    fn audit_free_lists(&self) -> Result<(), String> {
-        let gpu_n = self.gpu.owner.len();
-        let mut count = 0u32;
-        let mut prev = NONE;
-        let mut cur = self.gpu.head;
-        while cur != NONE {
-            if self.gpu.owner[cur as usize] != NONE {
-                return Err(format!("GPU block {cur} is in the free queue but owned"));
-            }
-            if self.gpu.prev[cur as usize] != prev {
-                return Err(format!("GPU free queue broken at block {cur}"));
-            }
-            count += 1;
-            if count as usize > gpu_n {
-                return Err("GPU free queue has a cycle".into());
-            }
-            prev = cur;
-            cur = self.gpu.next[cur as usize];
-        }
-        let unowned = self.gpu.owner.iter().filter(|o| **o == NONE).count() as u32;
-        if count != unowned || count != self.gpu.free_count {
-            return Err(format!(
-                "GPU free queue has {count} blocks, {unowned} unowned, counter {}",
-                self.gpu.free_count
-            ));
-        }
-        let host_unowned = self.host.owner.iter().filter(|o| **o == NONE).count();
-        if host_unowned != self.host.free.len() {
-            return Err(format!(
-                "host free list has {} blocks but {host_unowned} are unowned",
-                self.host.free.len()
-            ));
-        }
-        for b in 0..gpu_n {
-            let (agent, index) = self.gpu.cache_tag[b];
-            if agent != NONE {
-                if self.gpu.owner[b] != NONE {
-                    return Err(format!("GPU block {b} is owned but still tagged as cached"));
-                }
-                if self.agents[agent as usize].cached.get(index as usize) != Some(&(b as u32)) {
-                    return Err(format!("GPU block {b} tagged for agent {agent} index {index}, which does not list it"));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grow_swap_out_in_round_trip_keeps_accounting() {
-        let mut kv = KvManager::new(16, 10, 10, 2);
-        kv.ensure_capacity(0, 40).unwrap();
-        assert_eq!(kv.blocks(0), 3);
-        kv.advance(0, 40).unwrap();
-        let out = kv.start_swap_out(0, u32::MAX).unwrap();
-        assert_eq!(kv.swap_job(out).unwrap().pairs.len(), 3);
-        assert_eq!(kv.state(0), KvState::SwappingOut);
-        assert_eq!(
-            kv.gpu_blocks_free(),
-            7,
-            "GPU copies stay held while moving out"
-        );
-        kv.audit().unwrap();
-        kv.complete_swap(out).unwrap();
-        assert_eq!(
-            (kv.state(0), kv.gpu_blocks_free(), kv.host_blocks_free()),
-            (KvState::Host, 10, 7)
-        );
-        let inn = kv.start_swap_in(0).unwrap();
-        assert!(kv.advance(0, 1).is_err(), "no compute while swapping in");
-        kv.complete_swap(inn).unwrap();
-        assert_eq!((kv.state(0), kv.kv_tokens(0)), (KvState::Gpu, 40));
-        kv.audit().unwrap();
-    }
-
-    #[test]
-    fn drop_and_recompute_conserves_tokens() {
-        let mut kv = KvManager::new(16, 10, 0, 1);
-        kv.ensure_capacity(0, 50).unwrap();
-        kv.advance(0, 50).unwrap();
-        assert_eq!(
-            kv.drop_tail(0, 20).unwrap(),
-            34,
-            "keeps one whole block (16 tokens)"
-        );
-        kv.audit().unwrap();
-        kv.ensure_capacity(0, 51).unwrap();
-        assert_eq!(kv.advance(0, 35).unwrap(), 34, "34 recomputed, 1 new");
-        kv.audit().unwrap();
-    }
-
-    #[test]
-    fn a_compaction_keeps_the_prefix_and_forgets_the_rest_without_counting_drops() {
-        let mut kv = KvManager::new(16, 8, 8, 2);
-        kv.ensure_capacity(0, 70).unwrap();
-        kv.advance(0, 70).unwrap();
-        kv.drop_tail(0, 48).unwrap(); // 22 tokens dropped by a policy
-        kv.forget_beyond(0, 40).unwrap();
-        // The block holding tokens 32..40 stays; the policy's drop below 40 still counts.
-        assert_eq!((kv.kv_tokens(0), kv.blocks(0)), (40, 3));
-        assert_eq!(kv.tokens_dropped_total(0), 0);
-        kv.audit().unwrap();
-        // A cached prefix keeps only its full blocks within the kept prefix.
-        kv.release_to_cache(0).unwrap();
-        kv.forget_beyond(0, 40).unwrap();
-        assert_eq!(kv.reclaimable_prefix_blocks(0), 2);
-        kv.audit().unwrap();
-        assert_eq!(kv.reclaim_cached(0).unwrap(), 32);
-        kv.audit().unwrap();
-        // Moving KV is refused (the run loop waits for the swap).
-        kv.start_swap_out(0, 2).unwrap();
-        assert!(matches!(
-            kv.forget_beyond(0, 8),
-            Err(KvError::SwapInFlight { .. })
-        ));
-    }
-
-    #[test]
-    fn prefix_cache_survives_until_reused_tail_first() {
-        let mut kv = KvManager::new(16, 6, 0, 2);
-        kv.ensure_capacity(0, 64).unwrap();
-        kv.advance(0, 63).unwrap();
-        kv.release_to_cache(0).unwrap();
-        assert_eq!(kv.gpu_blocks_free(), 6);
-        assert_eq!(
-            kv.reclaimable_prefix_blocks(0),
-            3,
-            "three full blocks cached, the partial one not"
-        );
-        // Agent 1 takes 4 blocks: the 2 never-used ones, agent 0's partial (uncached) last block,
-        // then the oldest freed cached block, which is agent 0's tail.
-        kv.ensure_capacity(1, 64).unwrap();
-        kv.advance(1, 64).unwrap();
-        assert_eq!(kv.counters.cache_evicted_blocks, 1);
-        assert_eq!(kv.reclaimable_prefix_blocks(0), 2);
-        kv.audit().unwrap();
-        assert_eq!(kv.reclaim_cached(0).unwrap(), 32);
-        kv.audit().unwrap();
-        assert_eq!(kv.kv_tokens(0), 32);
-    }
-
-    #[test]
-    fn audit_catches_a_leaked_block() {
-        let mut kv = KvManager::new(16, 4, 0, 1);
-        kv.ensure_capacity(0, 16).unwrap();
-        // Corrupt on purpose: pretend the block is free without unlinking the owner.
-        kv.gpu.owner[0] = NONE;
-        assert!(kv.audit().is_err());
     }
 }
