@@ -114,11 +114,13 @@ mod tests {
                     agent_id: 0,
                     arrival: SimTime(30),
                     turns: vec![turn(Some(7)), turn(None)],
+                    prefix: None,
                 },
                 AgentProgram {
                     agent_id: 1,
                     arrival: SimTime(10),
                     turns: vec![turn(None)],
+                    prefix: None,
                 },
             ],
         };
