@@ -209,6 +209,7 @@ fn settings(
         },
         limits: RunLimits::default(),
         check: CheckLevel::Full,
+        recording: driver::Recording::Full,
     }
 }
 
