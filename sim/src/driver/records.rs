@@ -3,9 +3,11 @@
 //! makes tens of millions of turn and step records, gigabytes that a capacity probe or a
 //! benchmark then reduces to a few numbers.
 
-use traces::TurnRecord;
+use traces::{StepRecord, TurnRecord};
 
-use super::RunOutput;
+use super::{LoopState, RunOutput};
+use crate::backend::StepBatch;
+use crate::time::SimTime;
 
 /// How much of a run [`RunOutput`] keeps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,5 +104,37 @@ impl TurnBook {
         if self.recording != Recording::Full {
             out.turns = Vec::new();
         }
+    }
+}
+
+impl LoopState<'_> {
+    /// Records a step (under [`Recording::Full`]; counts it always) and resets what accumulated
+    /// since the last one.
+    pub(super) fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch) {
+        let (swap_in_bytes, swap_out_bytes) = std::mem::take(&mut self.unreported_swap_bytes);
+        let counters = std::mem::take(&mut self.kv.counters);
+        let (preemptions, preemption_drops) = std::mem::take(&mut self.unreported_preemptions);
+        self.out.steps_run += 1;
+        if !self.book.keeps_steps() {
+            return;
+        }
+        self.out.steps.push(StepRecord {
+            step_index: self.step,
+            start_ns: now.as_nanos(),
+            duration_ns: duration,
+            prefill_tokens: batch.prefill_tokens() as u32,
+            prefill_sequences: batch.prefill.len() as u32,
+            prefill_attention_pairs: batch.prefill_attention_pairs(),
+            decode_batch: batch.decode.len() as u32,
+            decode_context_tokens: batch.decode_context_tokens(),
+            swap_in_bytes_started: swap_in_bytes,
+            swap_out_bytes_started: swap_out_bytes,
+            drops: counters.drops.saturating_sub(preemption_drops),
+            dropped_tokens: counters.dropped_tokens,
+            cache_evicted_blocks: counters.cache_evicted_blocks,
+            gpu_blocks_free: self.kv.gpu_blocks_free(),
+            host_blocks_free: self.kv.host_blocks_free(),
+            preemptions,
+        });
     }
 }
