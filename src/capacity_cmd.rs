@@ -176,6 +176,8 @@ fn probe(
         let mut config = base.clone();
         config.policy = policy;
         config.seed = seed;
+        // A probe needs the turns' latencies only (exact, for the exact P99), not every record.
+        config.recording = sim::driver::Recording::Latencies;
         let (_, out) =
             sim::experiment::simulate(spec, Some(agents), &config).with_context(|| {
                 format!(
@@ -184,18 +186,12 @@ fn probe(
                     policy.name()
                 )
             })?;
-        rejected += out.turns.iter().filter(|t| t.rejected).count() as u64;
-        let values: Vec<u64> = out
-            .turns
-            .iter()
-            .filter(|t| !t.rejected)
-            .filter_map(|t| match args.metric {
-                CapacityMetric::TurnP99 => t.finished_ns.map(|f| f - t.arrival_ns),
-                CapacityMetric::TtftAfterPauseP99 => (t.turn_index > 0)
-                    .then_some(t.first_token_ns.map(|f| f - t.arrival_ns))
-                    .flatten(),
-            })
-            .collect();
+        rejected += out.turns_rejected;
+        let latencies = out.turn_latencies;
+        let values = match args.metric {
+            CapacityMetric::TurnP99 => latencies.turn_ns,
+            CapacityMetric::TtftAfterPauseP99 => latencies.ttft_after_pause_ns,
+        };
         p99_ms_by_seed.push(percentile_ms(values, 99.0));
     }
     let mut probe = Probe {

@@ -31,7 +31,8 @@ pub enum HintOverride {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CheckOverride {
-    /// Incremental checks after every step, a full KV recount every 1024 steps and at the end.
+    /// Incremental checks after every step, a full KV recount every 1024 steps (further apart
+    /// in large runs: at least (agents + blocks) / 8 steps) and at the end.
     Step,
     /// A full KV recount after every step (slow; for debugging a policy).
     Full,

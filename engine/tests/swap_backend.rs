@@ -210,6 +210,7 @@ fn settings(
         },
         limits: RunLimits::default(),
         check: CheckLevel::Full,
+        recording: driver::Recording::Full,
     }
 }
 

@@ -23,6 +23,10 @@ use crate::workload::Workload;
 
 mod checks;
 mod compaction;
+mod records;
+
+use records::TurnBook;
+pub use records::{Recording, TurnLatencies};
 
 /// How thoroughly invariants are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +68,8 @@ pub struct RunSettings {
     pub costs: CostHints,
     pub limits: RunLimits,
     pub check: CheckLevel,
+    /// What the output keeps of turns, steps and swaps (never changes the run itself).
+    pub recording: Recording,
 }
 
 /// Why a run stopped early. Every variant names the seed, so it can be reproduced.
@@ -101,12 +107,18 @@ pub enum RunError {
     Workload(String),
 }
 
-/// Everything a run produced.
+/// Everything a run produced. `turns`, `steps` and `swaps` are filled under
+/// [`Recording::Full`] only; the counts below always are.
 #[derive(Clone, Debug, Default)]
 pub struct RunOutput {
     pub turns: Vec<TurnRecord>,
     pub steps: Vec<StepRecord>,
     pub swaps: Vec<SwapRecord>,
+    /// Under [`Recording::Latencies`]: the finished turns' latencies.
+    pub turn_latencies: TurnLatencies,
+    pub steps_run: u64,
+    pub swaps_started: u64,
+    pub turns_rejected: u64,
     pub end_time: SimTime,
     pub turns_planned: u64,
     pub gpu_blocks_used_peak: u32,
@@ -190,6 +202,9 @@ struct LoopState<'w> {
     /// caused (reported as preemptions, not drops).
     unreported_preemptions: (u32, u32),
     events: Vec<SchedEvent>,
+    book: TurnBook,
+    /// The step at or after which the next full audit runs (see `checks`).
+    next_audit_step: u64,
 }
 
 impl<'w> LoopState<'w> {
@@ -240,6 +255,8 @@ impl<'w> LoopState<'w> {
             unreported_swap_bytes: (0, 0),
             unreported_preemptions: (0, 0),
             events: Vec::new(),
+            book: TurnBook::new(settings.recording),
+            next_audit_step: 0,
         };
         for a in &workload.agents {
             state.push_event(a.arrival, QueuedEvent::TurnArrival(a.agent_id));
@@ -334,6 +351,7 @@ impl<'w> LoopState<'w> {
             }
         }
         self.check_after_step(now, true)?;
+        self.book.finish(&mut self.out);
         self.out.end_time = now;
         Ok(std::mem::take(&mut self.out))
     }
@@ -509,8 +527,7 @@ impl<'w> LoopState<'w> {
         a.generated = 0;
         a.generate_target = turn.generated_tokens;
         a.pause_hint_ns = None;
-        let record_index = self.out.turns.len();
-        self.out.turns.push(TurnRecord {
+        let record = TurnRecord {
             agent_id: agent,
             turn_index: a.turn_index,
             arrival_ns: at.as_nanos(),
@@ -528,7 +545,8 @@ impl<'w> LoopState<'w> {
             rejected: false,
             preemptions: 0,
             requeued_ns: 0,
-        });
+        };
+        let record_index = self.book.open(&mut self.out, record);
         self.trackers[agent as usize] = Some(TurnTracker {
             record_index,
             first_time_tokens: 0,
@@ -618,6 +636,7 @@ impl<'w> LoopState<'w> {
             self.agents[agent as usize].phase = Phase::Rejected;
             if let Some(t) = self.trackers[agent as usize].take() {
                 self.out.turns[t.record_index].rejected = true;
+                self.book.close(&mut self.out, t.record_index);
             }
             self.unfinished -= 1;
             self.alive -= 1;
@@ -842,6 +861,11 @@ impl<'w> LoopState<'w> {
         backend
             .start_swap(now, job, &self.kv)
             .map_err(|e| self.backend_err(e))?;
+        self.out.swaps_started += 1;
+        let pairs = job.pairs.len() as u64;
+        if !self.book.keeps_steps() {
+            return Ok(pairs);
+        }
         self.swap_starts.insert(job.id, self.out.swaps.len());
         self.out.swaps.push(SwapRecord {
             swap_id: job.id,
@@ -853,31 +877,7 @@ impl<'w> LoopState<'w> {
             end_ns: 0,
             concurrent_swaps_at_start: self.kv.swaps_in_flight() as u32,
         });
-        Ok(job.pairs.len() as u64)
-    }
-
-    fn record_step(&mut self, now: SimTime, duration: u64, batch: &StepBatch) {
-        let (swap_in_bytes, swap_out_bytes) = std::mem::take(&mut self.unreported_swap_bytes);
-        let counters = std::mem::take(&mut self.kv.counters);
-        let (preemptions, preemption_drops) = std::mem::take(&mut self.unreported_preemptions);
-        self.out.steps.push(StepRecord {
-            step_index: self.step,
-            start_ns: now.as_nanos(),
-            duration_ns: duration,
-            prefill_tokens: batch.prefill_tokens() as u32,
-            prefill_sequences: batch.prefill.len() as u32,
-            prefill_attention_pairs: batch.prefill_attention_pairs(),
-            decode_batch: batch.decode.len() as u32,
-            decode_context_tokens: batch.decode_context_tokens(),
-            swap_in_bytes_started: swap_in_bytes,
-            swap_out_bytes_started: swap_out_bytes,
-            drops: counters.drops.saturating_sub(preemption_drops),
-            dropped_tokens: counters.dropped_tokens,
-            cache_evicted_blocks: counters.cache_evicted_blocks,
-            gpu_blocks_free: self.kv.gpu_blocks_free(),
-            host_blocks_free: self.kv.host_blocks_free(),
-            preemptions,
-        });
+        Ok(pairs)
     }
 
     /// Advances token counts after a step, emits tokens and finishes turns.
@@ -963,6 +963,7 @@ impl<'w> LoopState<'w> {
             "resident"
         }
         .to_string();
+        self.book.close(&mut self.out, tracker.record_index);
         self.last_swap_in[agent as usize] = None;
         let program = &self.workload.agents[agent as usize];
         let turn_index = a.turn_index;

@@ -3,7 +3,7 @@
 use traces::{GpuProfile, RunManifest, WorkloadSpec};
 
 use crate::backend::SimGpu;
-use crate::driver::{self, CheckLevel, RunError, RunLimits, RunOutput, RunSettings};
+use crate::driver::{self, CheckLevel, Recording, RunError, RunLimits, RunOutput, RunSettings};
 use crate::policies::PolicyKind;
 use crate::sched::{CostHints, SchedConfig};
 use crate::time::VirtualClock;
@@ -69,6 +69,8 @@ pub struct SimConfig {
     pub check: CheckLevel,
     /// What hint-using policies do with pause hints.
     pub predictor: crate::policies::PredictorMode,
+    /// What the output keeps (summary recordings for runs that only need figures).
+    pub recording: Recording,
 }
 
 impl SimConfig {
@@ -86,6 +88,7 @@ impl SimConfig {
                 audit_interval_steps: 1024,
             },
             predictor: crate::policies::PredictorMode::Hint,
+            recording: Recording::Full,
         }
     }
 
@@ -141,6 +144,7 @@ impl SimConfig {
             costs: self.cost_hints(),
             limits: self.limits.clone(),
             check: self.check,
+            recording: self.recording,
         }
     }
 }

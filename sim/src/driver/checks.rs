@@ -4,7 +4,23 @@ use super::{CheckLevel, LoopState, RunError};
 use crate::sched::Phase;
 use crate::time::SimTime;
 
+/// Work units of a full audit that one step may pay for, amortised: an audit walks every agent
+/// and every block, so auditing every fixed number of steps made checking quadratic over a run
+/// whose length grows with its agent count (8.7% of the time of a 30,000-agent run, more beyond). Spacing
+/// audits by their own size keeps the cost per step constant; small runs keep the configured
+/// interval, and the incremental checks still run after every step.
+const AUDIT_WORK_PER_STEP: u64 = 8;
+
 impl LoopState<'_> {
+    /// Steps until the next full audit: at least `min_interval`, and at least the audit's size
+    /// (agents plus blocks of both pools) over [`AUDIT_WORK_PER_STEP`].
+    fn audit_spacing(&self, min_interval: u64) -> u64 {
+        let size = self.agents.len() as u64
+            + self.kv.gpu_blocks_total() as u64
+            + self.kv.host_blocks_total() as u64;
+        min_interval.max(size / AUDIT_WORK_PER_STEP)
+    }
+
     pub(super) fn check_after_step(
         &mut self,
         now: SimTime,
@@ -21,9 +37,15 @@ impl LoopState<'_> {
                 CheckLevel::Full => true,
                 CheckLevel::Step {
                     audit_interval_steps,
-                } => audit_interval_steps > 0 && self.step % audit_interval_steps == 0,
+                } => audit_interval_steps > 0 && self.step >= self.next_audit_step,
             };
         if audit_now {
+            if let CheckLevel::Step {
+                audit_interval_steps,
+            } = self.settings.check
+            {
+                self.next_audit_step = self.step + self.audit_spacing(audit_interval_steps);
+            }
             self.out.audits += 1;
             self.kv.audit().map_err(|m| self.invariant(now, m))?;
             for (i, a) in self.agents.iter().enumerate() {
@@ -54,12 +76,7 @@ impl LoopState<'_> {
                     ),
                 ));
             }
-            let incomplete = self
-                .out
-                .turns
-                .iter()
-                .filter(|t| !t.rejected && t.finished_ns.is_none())
-                .count();
+            let incomplete = self.book.open_turns(&self.out);
             if incomplete > 0 {
                 return Err(
                     self.invariant(now, format!("run ended with {incomplete} unfinished turns"))
