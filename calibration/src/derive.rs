@@ -95,6 +95,7 @@ pub fn derive_profile(model: &ModelSpec, card: &CardSpec) -> GpuProfile {
             ),
             attention_flops_per_pair: model.attention_flops_per_pair() as f64,
             serial_fraction: 0.0,
+            corrections: None,
         },
         host_to_device: channel(&card.host_to_device),
         device_to_host: channel(&card.device_to_host),
@@ -105,6 +106,8 @@ pub fn derive_profile(model: &ModelSpec, card: &CardSpec) -> GpuProfile {
             device: card.gpu_name.clone(),
             driver: String::new(),
             commit: String::new(),
+            fitted_from: None,
+            validation: None,
         },
     }
 }

@@ -517,6 +517,8 @@ pub fn fit_profile(
         device: device.to_string(),
         driver: String::new(),
         commit: String::new(),
+        fitted_from: None,
+        validation: None,
     };
     Ok(FitReport {
         base_errors: errors(base, &samples),

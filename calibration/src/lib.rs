@@ -4,7 +4,9 @@
 //! profiles fitted to real runs) with their lookup by name or path; the model and card
 //! descriptions shipped under `calibration/models/` and `calibration/cards/`, and the derivation
 //! of a profile from a (model, card) pair (`derive`, `catalog`); and the fit itself (`fit`):
-//! cost-model coefficients from the steps.csv / swaps.csv of real engine runs.
+//! cost-model coefficients from the steps.csv / swaps.csv of real engine runs or a profiling
+//! grid, and the correction tables of the `roofline-table-v1` form with their held-out error
+//! (`table`).
 //!
 //! Architecture invariant: depends on `traces` only (so the simulator's commands and the engine
 //! can both read the model and card descriptions); a profile is data (form, coefficients,
@@ -16,6 +18,7 @@
 pub mod catalog;
 pub mod derive;
 pub mod fit;
+pub mod table;
 
 pub use catalog::{load_card, load_model, resolve_profile, ChoicePart, ProfileChoice};
 

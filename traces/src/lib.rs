@@ -1,7 +1,8 @@
 //! Every on-disk format of Djinn.
 //!
 //! Owns: the serde types, readers and writers for workload specs (TOML), run manifests (JSON),
-//! turn, step and swap records (CSV), summaries (JSON), GPU profiles (JSON) and the model and card
+//! turn, step and swap records (CSV), summaries (JSON), GPU profiles (JSON), profiling-grid
+//! manifests (JSON) and the model and card
 //! descriptions profiles are derived from (TOML), with their schema versions, plus the atomic-write
 //! helper every result file goes through.
 //!
@@ -12,6 +13,8 @@
 //! Must never: panic on bad input. Every reader returns a [`TraceError`] naming the file and the
 //! line or field that is wrong.
 
+pub mod correction;
+pub mod grid;
 pub mod hardware;
 pub mod io;
 pub mod manifest;
@@ -21,10 +24,14 @@ pub mod rundir;
 pub mod summary;
 pub mod workload;
 
+pub use correction::{CorrectionTable, StepCorrections};
+pub use grid::GridManifest;
 pub use hardware::{CardSpec, Dtype, ModelSpec};
 pub use io::{read_csv, read_json, write_atomic, write_csv_atomic, write_json_atomic, TraceError};
 pub use manifest::RunManifest;
-pub use profile::{CopyChannel, CostModel, GpuProfile, Provenance, StepShape};
+pub use profile::{
+    CopyChannel, CostModel, GpuProfile, Provenance, StepShape, ValidationCell, ValidationSummary,
+};
 pub use records::{StepRecord, SwapRecord, TurnRecord};
 pub use rundir::{write_run_dir, RUN_DIR_FILES};
 pub use summary::{LatencyStats, RunSummary};

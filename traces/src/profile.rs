@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::correction::StepCorrections;
 use crate::io::{parse_json, read_text, TraceError};
 
 /// A copy channel (one direction of PCIe): `t = latency + bytes / bandwidth`.
@@ -38,6 +39,9 @@ pub struct CopyChannel {
 /// chunked prefill mixed with decode pays the larger of the two, as a roofline does, plus the
 /// `serial_fraction` of the smaller one that real kernels do not overlap (0 = ideal roofline, the
 /// analytic profiles; 1 = no overlap at all; fitted profiles measure it).
+///
+/// Form `roofline-table-v1` is the same roofline times a measured correction
+/// (`correction::StepCorrections`), interpolated over the step's shape in log space.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostModel {
@@ -54,7 +58,14 @@ pub struct CostModel {
     /// profiles and their outputs stay byte-identical.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub serial_fraction: f64,
+    /// The correction tables of form `roofline-table-v1` (absent, and not written, in
+    /// `roofline-v1`, so older profiles and their outputs stay byte-identical).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrections: Option<StepCorrections>,
 }
+
+/// The step forms this build evaluates.
+pub const COST_FORMS: [&str; 2] = ["roofline-v1", "roofline-table-v1"];
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
@@ -125,6 +136,74 @@ pub struct Provenance {
     pub driver: String,
     #[serde(default)]
     pub commit: String,
+    /// What a fitted profile was fitted from: the profiling grid's card, driver, engine commit
+    /// and shapes, in one line (absent in older profiles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fitted_from: Option<String>,
+    /// The held-out validation the profile achieved (absent: not validated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationSummary>,
+}
+
+/// A compact validation table: per workload and policy, the signed relative error of the
+/// simulated P50 and P99 turn latency against the real run (`djinn calibrate validate-suite`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationSummary {
+    /// What was validated against (suite, card, date-free description).
+    pub against: String,
+    pub cells: Vec<ValidationCell>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationCell {
+    pub workload: String,
+    pub policy: String,
+    /// (sim - real) / real of the P50 and P99 turn latency.
+    pub p50_error: f64,
+    pub p99_error: f64,
+}
+
+impl ValidationSummary {
+    /// Largest |P50| and |P99| error over the cells (0 when there is none).
+    pub fn worst(&self) -> (f64, f64) {
+        self.cells.iter().fold((0.0f64, 0.0f64), |(a, b), c| {
+            (a.max(c.p50_error.abs()), b.max(c.p99_error.abs()))
+        })
+    }
+}
+
+impl Provenance {
+    /// One or two lines telling a reader how far to trust a profile's numbers.
+    pub fn trust_summary(&self) -> String {
+        let origin = if self.kind == "fitted" {
+            let card = if self.device.is_empty() {
+                "an unnamed device"
+            } else {
+                self.device.as_str()
+            };
+            match &self.fitted_from {
+                Some(from) => format!("fitted on {card} from {from}"),
+                None => format!("fitted on {card}"),
+            }
+        } else {
+            self.kind.clone()
+        };
+        match &self.validation {
+            Some(v) if !v.cells.is_empty() => {
+                let (p50, p99) = v.worst();
+                format!(
+                    "{origin}; validated: P50 within {:.1}%, P99 within {:.1}% on {} runs ({})",
+                    100.0 * p50,
+                    100.0 * p99,
+                    v.cells.len(),
+                    v.against
+                )
+            }
+            _ => format!("{origin}: not validated"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -150,7 +229,16 @@ impl GpuProfile {
     /// The time of one step of this shape, in nanoseconds (unrounded), by the cost form.
     pub fn step_ns(&self, shape: &StepShape) -> f64 {
         let (memory_ns, compute_ns) = self.memory_and_compute_ns(shape);
-        self.combine(shape, memory_ns, compute_ns)
+        self.corrected(shape, self.combine(shape, memory_ns, compute_ns))
+    }
+
+    /// The roofline's time times the correction table's factor (form `roofline-table-v1`);
+    /// `roofline-v1` returns it untouched.
+    fn corrected(&self, shape: &StepShape, roofline_ns: f64) -> f64 {
+        match &self.cost.corrections {
+            None => roofline_ns,
+            Some(c) => roofline_ns * c.factor(shape),
+        }
     }
 
     /// The time of one step that starts while copies are queued: the host-to-device channel stays
@@ -180,10 +268,13 @@ impl GpuProfile {
         })
         .sum();
         if stolen_bytes == 0.0 {
-            return quiet_ns;
+            return self.corrected(shape, quiet_ns);
         }
         let stolen_ns = stolen_bytes / self.cost.memory_bandwidth_bytes_per_s * 1e9;
-        self.combine(shape, memory_ns + stolen_ns, compute_ns)
+        self.corrected(
+            shape,
+            self.combine(shape, memory_ns + stolen_ns, compute_ns),
+        )
     }
 
     fn memory_and_compute_ns(&self, shape: &StepShape) -> (f64, f64) {
@@ -247,12 +338,30 @@ impl GpuProfile {
             Ok(())
         };
         crate::check_schema_version(path, self.schema_version)?;
-        if self.cost.form != "roofline-v1" {
-            return Err(TraceError::invalid(
-                path,
-                "cost.form",
-                format!("unknown form `{}` (known: roofline-v1)", self.cost.form),
-            ));
+        match (self.cost.form.as_str(), &self.cost.corrections) {
+            ("roofline-v1", None) => {}
+            ("roofline-v1", Some(_)) => {
+                return Err(TraceError::invalid(
+                    path,
+                    "cost.corrections",
+                    "form roofline-v1 has no correction tables (use form roofline-table-v1)",
+                ))
+            }
+            ("roofline-table-v1", Some(c)) => c.validate(path, "cost.corrections")?,
+            ("roofline-table-v1", None) => {
+                return Err(TraceError::invalid(
+                    path,
+                    "cost.corrections",
+                    "missing: form roofline-table-v1 needs its correction tables",
+                ))
+            }
+            (other, _) => {
+                return Err(TraceError::invalid(
+                    path,
+                    "cost.form",
+                    format!("unknown form `{other}` (known: {})", COST_FORMS.join(", ")),
+                ))
+            }
         }
         positive("gpu_memory_bytes", self.gpu_memory_bytes as f64)?;
         positive("kv_bytes_per_token", self.kv_bytes_per_token as f64)?;
@@ -336,6 +445,7 @@ mod tests {
                 flops_per_token: 1e6,
                 attention_flops_per_pair: 1e3,
                 serial_fraction: 0.0,
+                corrections: None,
             },
             host_to_device: CopyChannel {
                 latency_ns: 0,
@@ -354,6 +464,8 @@ mod tests {
                 device: String::new(),
                 driver: String::new(),
                 commit: String::new(),
+                fitted_from: None,
+                validation: None,
             },
         }
     }

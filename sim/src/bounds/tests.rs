@@ -33,6 +33,7 @@ fn config() -> SimConfig {
             flops_per_token: 1e6,
             attention_flops_per_pair: 0.0,
             serial_fraction: 0.0,
+            corrections: None,
         },
         host_to_device: CopyChannel {
             latency_ns: 0,
@@ -51,6 +52,8 @@ fn config() -> SimConfig {
             device: String::new(),
             driver: String::new(),
             commit: String::new(),
+            fitted_from: None,
+            validation: None,
         },
     };
     let mut c = SimConfig::new(PolicyKind::Pin, profile);

@@ -1,0 +1,59 @@
+//! `djinn calibrate`: real traces feed the simulator.
+//!
+//! `fit` fits a GPU profile's cost coefficients (calibration::fit, calibration::table) to the
+//! steps.csv and swaps.csv of real engine runs (`djinn engine run`) or of a profiling grid;
+//! `validate` replays each real run's workload, seed,
+//! policy, pools and batch limits on the simulated GPU under one or more profiles and prints real
+//! against simulated turn latency and step time, so a profile's error is a number, not a belief.
+
+mod fit;
+mod forms;
+mod inputs;
+mod validate;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+pub use fit::FitArgs;
+pub use validate::ValidateArgs;
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(subcommand)]
+    pub command: CalibrateCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CalibrateCommand {
+    /// Fit a profile's step and copy coefficients to real runs and write it as JSON.
+    Fit(FitArgs),
+    /// Re-simulate real runs under profiles and print real vs simulated figures.
+    Validate(ValidateArgs),
+}
+
+pub fn run(args: CalibrateArgs) -> Result<()> {
+    match args.command {
+        CalibrateCommand::Fit(a) => fit::run_fit(a),
+        CalibrateCommand::Validate(a) => validate::run_validate(a),
+    }
+}
+
+/// The base profile of `fit` and the profile of other subcommands: `--base` (or `--profile`),
+/// `--model`, `--card` resolved by the same rule as `djinn simulate`'s flags.
+pub(crate) fn base_profile(
+    profile: Option<&str>,
+    model: &Option<String>,
+    card: &Option<String>,
+) -> Result<traces::GpuProfile> {
+    let choice = calibration::ProfileChoice {
+        profile,
+        model: model.as_deref(),
+        card: card.as_deref(),
+    };
+    let names = crate::runio::profile_args::PartNames {
+        profile: "--base",
+        model: "--model",
+        card: "--card",
+    };
+    Ok(crate::runio::profile_args::resolve(choice, &names)?.profile)
+}
