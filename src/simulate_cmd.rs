@@ -356,6 +356,13 @@ pub fn run(args: SimulateArgs) -> Result<Vec<Vec<RunResult>>> {
             plan.base.block_size_tokens,
             plan.base.host_blocks()
         );
+        // How far to trust the simulated GPU's numbers: where the profile came from and the
+        // held-out validation it achieved, if any.
+        println!(
+            "   profile {}: {}",
+            plan.base.profile.name,
+            plan.base.profile.provenance.trust_summary()
+        );
         let built = sim::replay::build_workload(spec, agents, args.seed)?;
         let target = args.out.join(&spec.name);
         // Every file of the workload folder is staged and published together.

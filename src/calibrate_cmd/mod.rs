@@ -2,6 +2,7 @@
 //!
 //! `fit` fits a GPU profile's cost coefficients (calibration::fit, calibration::table) to the
 //! steps.csv and swaps.csv of real engine runs (`djinn engine run`) or of a profiling grid;
+//! `profile` times a grid of step shapes on the engine for a fit from the grid alone;
 //! `validate` replays each real run's workload, seed,
 //! policy, pools and batch limits on the simulated GPU under one or more profiles and prints real
 //! against simulated turn latency and step time, so a profile's error is a number, not a belief.
@@ -9,6 +10,8 @@
 mod fit;
 mod forms;
 mod inputs;
+mod profile;
+mod profile_engines;
 mod validate;
 
 use anyhow::Result;
@@ -29,12 +32,16 @@ pub enum CalibrateCommand {
     Fit(FitArgs),
     /// Re-simulate real runs under profiles and print real vs simulated figures.
     Validate(ValidateArgs),
+    /// Time a grid of step shapes (decode, prefill chunks on cached context, mixed, beside
+    /// swaps) on the engine within a time budget and write them as step and swap records.
+    Profile(profile::GridArgs),
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
     match args.command {
         CalibrateCommand::Fit(a) => fit::run_fit(a),
         CalibrateCommand::Validate(a) => validate::run_validate(a),
+        CalibrateCommand::Profile(a) => profile::run_profile(a),
     }
 }
 
