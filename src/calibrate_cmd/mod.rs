@@ -5,13 +5,18 @@
 //! `profile` times a grid of step shapes on the engine for a fit from the grid alone;
 //! `validate` replays each real run's workload, seed,
 //! policy, pools and batch limits on the simulated GPU under one or more profiles and prints real
-//! against simulated turn latency and step time, so a profile's error is a number, not a belief.
+//! against simulated turn latency and step time, so a profile's error is a number, not a belief;
+//! `validate-suite` makes those real runs itself (workloads of several shapes x policies on the
+//! engine) and writes the error table against the accuracy targets.
 
 mod fit;
 mod forms;
 mod inputs;
 mod profile;
 mod profile_engines;
+mod suite;
+mod suite_scale;
+mod suite_table;
 mod validate;
 
 use anyhow::Result;
@@ -35,6 +40,10 @@ pub enum CalibrateCommand {
     /// Time a grid of step shapes (decode, prefill chunks on cached context, mixed, beside
     /// swaps) on the engine within a time budget and write them as step and swap records.
     Profile(profile::GridArgs),
+    /// Run workloads of several shapes under several policies on the engine, each beside its
+    /// simulation under a profile, and write the error table (P50/P99 latency, TTFT,
+    /// throughput, swaps, drops, policy ranking) against the accuracy targets.
+    ValidateSuite(suite::SuiteArgs),
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
@@ -42,6 +51,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         CalibrateCommand::Fit(a) => fit::run_fit(a),
         CalibrateCommand::Validate(a) => validate::run_validate(a),
         CalibrateCommand::Profile(a) => profile::run_profile(a),
+        CalibrateCommand::ValidateSuite(a) => suite::run_suite(a),
     }
 }
 

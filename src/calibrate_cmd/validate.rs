@@ -105,7 +105,7 @@ fn end_s(steps: &[StepRecord]) -> f64 {
 }
 
 /// Simulates `run`'s workload with `profile`'s timing and `hints`' cost hints.
-fn simulate_twin(
+pub(super) fn simulate_twin(
     run: &RealRun,
     profile: &GpuProfile,
     hints: &GpuProfile,
