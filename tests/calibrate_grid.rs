@@ -67,18 +67,12 @@ fn a_tiny_cpu_grid_feeds_a_fit_that_records_its_origin() {
     assert!(steps.lines().count() > 6);
 
     let fitted = dir.join("fitted.json");
-    let out = djinn()
-        .args(["calibrate", "fit", "--folds", "2", "--grid"])
-        .arg(&grid)
-        .arg("-o")
-        .arg(&fitted)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = stdout_of_success(
+        djinn()
+            .args(["calibrate", "fit", "--folds", "2", "--grid"])
+            .arg(&grid)
+            .arg("-o")
+            .arg(&fitted),
     );
     assert!(
         stdout.contains("held out: 2 leave-shape-out folds"),
@@ -92,42 +86,21 @@ fn a_tiny_cpu_grid_feeds_a_fit_that_records_its_origin() {
         "{from}"
     );
 
-    let out = djinn()
-        .args([
-            "simulate",
-            "--workload",
-            "seed-exp1",
-            "--agents",
-            "4",
-            "--no-write",
-            "--profile",
-        ])
-        .arg(&fitted)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let simulate = [
+        "simulate",
+        "--workload",
+        "seed-exp1",
+        "--agents",
+        "4",
+        "--no-write",
+    ];
+    let stdout = stdout_of_success(djinn().args(simulate).arg("--profile").arg(&fitted));
     assert!(
         stdout.contains("fitted on cpu (candle reference forward, f32) from a ")
             && stdout.contains(": not validated"),
         "{stdout}"
     );
-    let out = djinn()
-        .args([
-            "simulate",
-            "--workload",
-            "seed-exp1",
-            "--agents",
-            "4",
-            "--no-write",
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("analytic: not validated"));
+    assert!(stdout_of_success(djinn().args(simulate)).contains("analytic: not validated"));
 }
 
 #[test]

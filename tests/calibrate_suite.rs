@@ -114,13 +114,12 @@ fn a_tiny_cpu_suite_writes_the_table_keeps_the_runs_and_records_the_summary() {
 
     // The kept runs feed `calibrate validate` as they are.
     let seed_cliff = out.join("runs/seed-cliff");
-    let validate = djinn()
-        .args(["calibrate", "validate", "--profile"])
-        .arg(&profile)
-        .arg(&seed_cliff)
-        .output()
-        .unwrap();
-    assert!(validate.status.success(), "{}", text(&validate));
+    stdout_of_success(
+        djinn()
+            .args(["calibrate", "validate", "--profile"])
+            .arg(&profile)
+            .arg(&seed_cliff),
+    );
 
     // Results and a recorded validation are never replaced silently.
     let again = suite(&profile, &out, &[]);

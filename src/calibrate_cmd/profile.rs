@@ -63,6 +63,8 @@ pub struct EngineFacts {
     pub driver: String,
     pub pool_blocks: u32,
     pub host_blocks: u32,
+    /// Bytes of one KV block (what a copy of a block moves).
+    pub block_bytes: u64,
 }
 
 fn check(args: &GridArgs) -> Result<ModelConfig> {

@@ -78,21 +78,21 @@ where
     Ok(scales)
 }
 
+/// Times the probe steps, plans the grid from them and runs it on `model` and `swap`, whose
+/// clock started at `epoch`.
 fn plan_and_run<M, S>(
     args: &GridArgs,
     config: &ModelConfig,
     predict: &GpuProfile,
     facts: EngineFacts,
-    model: &mut M,
-    swap: &mut S,
-    block_bytes: u64,
-    epoch: Instant,
+    (model, swap, epoch): (&mut M, &mut S, Instant),
 ) -> Result<(EngineFacts, GridPlan, GridRecords)>
 where
     M: PagedModel,
     S: SwapExecutor<Model = M>,
 {
     let vocab = config.vocab_size as u32;
+    let block_bytes = facts.block_bytes;
     let scale = probe_scale(
         model,
         swap,
@@ -163,17 +163,9 @@ pub fn run_cpu(
         driver: String::new(),
         pool_blocks: gpu_blocks,
         host_blocks: args.host_kv_blocks,
-    };
-    plan_and_run(
-        args,
-        config,
-        predict,
-        facts,
-        &mut model,
-        &mut swap,
         block_bytes,
-        epoch,
-    )
+    };
+    plan_and_run(args, config, predict, facts, (&mut model, &mut swap, epoch))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -192,12 +184,10 @@ pub fn run_cuda(
     predict: &GpuProfile,
 ) -> Result<(EngineFacts, GridPlan, GridRecords)> {
     use engine::cuda::{CudaModel, CudaModelOptions, GpuDevice, WeightSource};
-    use engine::swap::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
 
     let device = GpuDevice::open(0)?;
     let provenance =
         engine::probe::provenance::Provenance::collect(&device, &crate::runio::code_version());
-    let ctx = device.ctx.clone();
     let mut options = CudaModelOptions::for_config(config);
     options.block_size_tokens = args.block_size as usize;
     options.max_tokens_per_step = args.max_batch_tokens as usize;
@@ -212,44 +202,15 @@ pub fn run_cuda(
     };
     let mut model = CudaModel::new(device, source, options)?;
     model.capture_decode_graphs(args.max_batch_sequences as usize)?;
-    let pool = model.kv_pool();
-    let block_bytes = pool.block_bytes() as u64;
-    let gpu_blocks = pool.num_blocks() as u32;
-    let pool_ref = GpuKvPoolRef {
-        base: pool.base_device_ptr(),
-        block_bytes: pool.block_bytes(),
-        block_count: gpu_blocks,
-    };
-    engine::cpu::check_pools_fit_in_memory(
-        block_bytes,
-        &[("the host KV pool", args.host_kv_blocks.into())],
-    )
-    .context("sizing the host KV pool")?;
-    let host_pool = PinnedHostPool::new(&ctx, block_bytes as usize, args.host_kv_blocks)?;
-    let epoch = Instant::now();
-    let mut swap = CudaSwapEngine::new(
-        &ctx,
-        pool_ref,
-        host_pool,
-        Some(model.device.stream.clone()),
-        CopyMethod::Batched,
-        8,
-        epoch,
-    )?;
+    // The pinned pool and swap engine `djinn engine run` builds, so grid copies time as runs do.
+    let (mut swap, epoch, _) =
+        crate::engine_cmd::run_cmd::cuda::swap_engine(&model, args.host_kv_blocks, 8)?;
     let facts = EngineFacts {
         device: provenance.device.clone(),
         driver: provenance.driver_version.clone(),
-        pool_blocks: gpu_blocks,
+        pool_blocks: model.kv_pool().num_blocks() as u32,
         host_blocks: args.host_kv_blocks,
+        block_bytes: model.kv_pool().block_bytes() as u64,
     };
-    plan_and_run(
-        args,
-        config,
-        predict,
-        facts,
-        &mut model,
-        &mut swap,
-        block_bytes,
-        epoch,
-    )
+    plan_and_run(args, config, predict, facts, (&mut model, &mut swap, epoch))
 }

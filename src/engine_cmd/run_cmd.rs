@@ -21,7 +21,7 @@ use clap::{Args, ValueEnum};
 #[path = "run/cpu.rs"]
 mod cpu;
 #[path = "run/cuda.rs"]
-mod cuda;
+pub(crate) mod cuda;
 #[path = "run/figures.rs"]
 mod figures;
 #[path = "run/plan.rs"]

@@ -31,7 +31,6 @@ pub fn run_cuda(_args: &RunArgs, _plan: &RunPlan) -> Result<()> {
 #[cfg(feature = "cuda")]
 pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     use engine::cuda::{CudaModel, CudaModelOptions, GpuDevice, WeightSource};
-    use engine::swap::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
     use engine::swap::SwapDirection;
 
     let started = Instant::now();
@@ -42,7 +41,6 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         device.stream = engine::swap::cuda::high_priority_stream(&device.ctx)
             .context("creating a high-priority compute stream")?;
     }
-    let ctx = device.ctx.clone();
     let host_weights;
     let source = match &args.weights {
         Some(path) => {
@@ -88,38 +86,11 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
     )?;
     let prefill_warmup_s = warmup_started.elapsed().as_secs_f64();
     let model_ready_s = started.elapsed().as_secs_f64();
-    let pool = model.kv_pool();
-    let block_bytes = pool.block_bytes() as u64;
-    let gpu_blocks = pool.num_blocks() as u32;
-    let pool_ref = GpuKvPoolRef {
-        base: pool.base_device_ptr(),
-        block_bytes: pool.block_bytes(),
-        block_count: gpu_blocks,
-    };
+    let block_bytes = model.kv_pool().block_bytes() as u64;
+    let gpu_blocks = model.kv_pool().num_blocks() as u32;
     let host_blocks = pool_blocks(args.host_kv_gib, args.host_kv_blocks, block_bytes)
         .unwrap_or_else(|| (16.0 * GIB / block_bytes as f64) as u32);
-    if host_blocks == 0 {
-        bail!("the host KV pool must hold at least one block of {block_bytes} bytes");
-    }
-    let pin_started = Instant::now();
-    // Pinned memory is host memory: an impossible --host-kv-* is refused before pinning starts.
-    engine::cpu::check_pools_fit_in_memory(
-        block_bytes,
-        &[("the host KV pool", host_blocks.into())],
-    )
-    .context("sizing the host KV pool")?;
-    let host_pool = PinnedHostPool::new(&ctx, block_bytes as usize, host_blocks)?;
-    let pin_s = pin_started.elapsed().as_secs_f64();
-    let epoch = Instant::now();
-    let mut swap = CudaSwapEngine::new(
-        &ctx,
-        pool_ref,
-        host_pool,
-        Some(model.device.stream.clone()),
-        CopyMethod::Batched,
-        plan.agents as usize + 8,
-        epoch,
-    )?;
+    let (mut swap, epoch, pin_s) = swap_engine(&model, host_blocks, plan.agents as usize + 8)?;
     if args.swap_in_copy == SwapInCopy::Kernel {
         swap.enable_kernel_swap_in(&model.device)?;
     }
@@ -178,6 +149,48 @@ pub fn run_cuda(args: &RunArgs, plan: &RunPlan) -> Result<()> {
         swap_estimate(&plan.base),
     );
     run_policies(args, plan, &mut backend, epoch, &info)
+}
+
+/// The pinned host pool of `host_blocks` blocks and the GPU swap engine copying between it and
+/// `model`'s KV pool (batched DMA), with at most `max_swaps` in flight; also returns the clock's
+/// epoch (taken once pinning is done) and the seconds pinning took. Shared with the profiling grid.
+#[cfg(feature = "cuda")]
+pub fn swap_engine(
+    model: &engine::cuda::CudaModel,
+    host_blocks: u32,
+    max_swaps: usize,
+) -> Result<(engine::swap::cuda::CudaSwapEngine, Instant, f64)> {
+    use engine::swap::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
+    let pool = model.kv_pool();
+    let block_bytes = pool.block_bytes() as u64;
+    let pool_ref = GpuKvPoolRef {
+        base: pool.base_device_ptr(),
+        block_bytes: pool.block_bytes(),
+        block_count: pool.num_blocks() as u32,
+    };
+    if host_blocks == 0 {
+        bail!("the host KV pool must hold at least one block of {block_bytes} bytes");
+    }
+    let pin_started = Instant::now();
+    // Pinned memory is host memory: an impossible host pool is refused before pinning starts.
+    engine::cpu::check_pools_fit_in_memory(
+        block_bytes,
+        &[("the host KV pool", host_blocks.into())],
+    )
+    .context("sizing the host KV pool")?;
+    let host_pool = PinnedHostPool::new(&model.device.ctx, block_bytes as usize, host_blocks)?;
+    let pin_s = pin_started.elapsed().as_secs_f64();
+    let epoch = Instant::now();
+    let swap = CudaSwapEngine::new(
+        &model.device.ctx,
+        pool_ref,
+        host_pool,
+        Some(model.device.stream.clone()),
+        CopyMethod::Batched,
+        max_swaps,
+        epoch,
+    )?;
+    Ok((swap, epoch, pin_s))
 }
 
 /// Runs one prefill of each 512-row bucket up to `max_tokens` (and `max_tokens` itself) from an
