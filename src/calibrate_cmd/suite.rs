@@ -46,7 +46,8 @@ pub struct SuiteArgs {
     /// Multiplies each workload's own agent count (at least 1 agent).
     #[arg(long)]
     pub agents_scale: Option<f64>,
-    /// Multiplies turns per agent (synthetic agent programs; a replayed trace keeps its own).
+    /// Multiplies turns per agent, never below two where there were two or more (synthetic
+    /// agent programs; a replayed trace keeps its own).
     #[arg(long, default_value_t = 1.0)]
     pub turns_scale: f64,
     /// Multiplies arrival times and pauses (0.1: the same programs in a tenth of the wall time).
@@ -58,9 +59,12 @@ pub struct SuiteArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Engine KV pools and batch limits (as for `djinn engine run`; its defaults otherwise).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gpu_kv_gib")]
     pub gpu_kv_blocks: Option<u32>,
+    /// A smaller GPU KV pool than the card leaves puts the policies under memory pressure.
     #[arg(long)]
+    pub gpu_kv_gib: Option<f64>,
+    #[arg(long, conflicts_with = "host_kv_gib")]
     pub host_kv_blocks: Option<u32>,
     #[arg(long)]
     pub host_kv_gib: Option<f64>,
@@ -243,6 +247,7 @@ fn engine_words(
     }
     let optional = [
         ("--gpu-kv-blocks", args.gpu_kv_blocks.map(|v| v.to_string())),
+        ("--gpu-kv-gib", args.gpu_kv_gib.map(|v| v.to_string())),
         (
             "--host-kv-blocks",
             args.host_kv_blocks.map(|v| v.to_string()),

@@ -25,15 +25,21 @@ impl Scale {
     };
 }
 
-/// `d` with every value it can draw multiplied by `f` (same form, same weights).
-fn scale_dist(d: &Distribution, f: f64) -> Distribution {
+/// Turns per agent are never scaled below this (unless they were below it): a program of two or
+/// more turns keeps its pause and return, the shape the suite is there to validate.
+const TURNS_FLOOR: f64 = 2.0;
+
+/// `d` with every value it can draw multiplied by `f` (same form, same weights), except that a
+/// parameter is not taken below `floor` unless it already was.
+fn scale_dist(d: &Distribution, f: f64, floor: f64) -> Distribution {
+    let v = |x: f64| (x * f).max(x.min(floor));
     match d {
-        Distribution::Constant { value } => Distribution::Constant { value: value * f },
+        Distribution::Constant { value } => Distribution::Constant { value: v(*value) },
         Distribution::Uniform { low, high } => Distribution::Uniform {
-            low: low * f,
-            high: high * f,
+            low: v(*low),
+            high: v(*high),
         },
-        Distribution::Exponential { mean } => Distribution::Exponential { mean: mean * f },
+        Distribution::Exponential { mean } => Distribution::Exponential { mean: v(*mean) },
         // The spread `sigma` is of log(x), which scaling shifts but does not widen.
         Distribution::LogNormal {
             median,
@@ -41,17 +47,17 @@ fn scale_dist(d: &Distribution, f: f64) -> Distribution {
             p90,
             max,
         } => Distribution::LogNormal {
-            median: median * f,
+            median: v(*median),
             sigma: *sigma,
-            p90: p90.map(|p| p * f),
-            max: max.map(|m| m * f),
+            p90: p90.map(v),
+            max: max.map(v),
         },
         Distribution::Mixture { components } => Distribution::Mixture {
             components: components
                 .iter()
                 .map(|c| MixtureComponent {
                     weight: c.weight,
-                    dist: scale_dist(&c.dist, f),
+                    dist: scale_dist(&c.dist, f, floor),
                 })
                 .collect(),
         },
@@ -79,11 +85,11 @@ pub fn scaled_spec(spec: &WorkloadSpec, scale: Scale) -> Result<WorkloadSpec> {
         }
         None => {
             let a = &mut s.agent;
-            a.turns = scale_dist(&a.turns, scale.turns);
-            a.first_prompt_tokens = scale_dist(&a.first_prompt_tokens, scale.tokens);
-            a.new_tokens = scale_dist(&a.new_tokens, scale.tokens);
-            a.generated_tokens = scale_dist(&a.generated_tokens, scale.tokens);
-            a.pause_s = scale_dist(&a.pause_s, scale.time);
+            a.turns = scale_dist(&a.turns, scale.turns, TURNS_FLOOR);
+            a.first_prompt_tokens = scale_dist(&a.first_prompt_tokens, scale.tokens, 0.0);
+            a.new_tokens = scale_dist(&a.new_tokens, scale.tokens, 0.0);
+            a.generated_tokens = scale_dist(&a.generated_tokens, scale.tokens, 0.0);
+            a.pause_s = scale_dist(&a.pause_s, scale.time, 0.0);
             s.arrival = match &s.arrival {
                 Arrival::Poisson { rate_per_s } => Arrival::Poisson {
                     rate_per_s: rate_per_s / scale.time,
@@ -130,7 +136,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.max_context_tokens, 512);
-        assert_eq!(s.agent.turns, Distribution::Constant { value: 1.0 });
+        // Two turns stay two: the pause and return are the shape under test.
+        assert_eq!(s.agent.turns, Distribution::Constant { value: 2.0 });
         assert_eq!(
             s.agent.first_prompt_tokens,
             Distribution::Constant { value: 192.0 }
@@ -165,7 +172,7 @@ mod tests {
         assert_eq!(
             components[0].dist,
             Distribution::Uniform {
-                low: 0.9,
+                low: 2.0,
                 high: 6.0
             }
         );
