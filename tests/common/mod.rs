@@ -27,7 +27,7 @@ pub fn fails_with(args: &[&str], needle: &str) {
 }
 
 /// Runs `cmd`, asserts it succeeds (showing all its output if not) and returns its stdout.
-#[allow(dead_code)] // not every test binary that includes these helpers runs a command this way
+#[allow(dead_code)] // not every test binary including this file runs a command this way
 pub fn stdout_of_success(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
