@@ -37,6 +37,13 @@ for model in llama2-7b llama3.1-8b; do
   if [ ! -f "$grid/grid.json" ]; then
     "$djinn" calibrate profile --model "$model" --card "$card_spec" --budget-s "$budget" --out "$grid"
   fi
+  # A profile of that name fitted some other way (e.g. from workload runs) is never replaced or
+  # validated in its place: only one this script fitted from a grid is reused.
+  if [ -f "$profile" ] && ! grep -q '"fitted_from": *"a [0-9]*-shape grid' "$profile"; then
+    echo "calibrate_card.sh: $profile exists and was not fitted from a profiling grid;" \
+      "move it away or pass another CARD_LABEL" >&2
+    exit 2
+  fi
   if [ ! -f "$profile" ]; then
     "$djinn" calibrate fit --grid "$grid" --model "$model" --card "$card_spec" \
       --name "$card-$model-fitted" -o "$profile" | tee "results/$card/fit-$model.txt"
