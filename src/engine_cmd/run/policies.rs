@@ -232,7 +232,10 @@ fn run_policy<M: PagedModel, S: SwapExecutor<Model = M>>(
     );
     let run_epoch = Instant::now();
     backend
-        .begin_run(run_epoch.duration_since(engine_epoch).as_nanos() as u64)
+        .begin_run(
+            run_epoch.duration_since(engine_epoch).as_nanos() as u64,
+            &plan.workload,
+        )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut clock = WallClock::from_epoch(run_epoch);
     let reproduce = reproduce_line(args, plan, policy, info);
