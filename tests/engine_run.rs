@@ -208,3 +208,74 @@ fn engine_run_rejects_bad_flags_with_exit_2_and_writes_nothing() {
     }
     assert!(!out_dir.exists(), "nothing written for bad input");
 }
+
+/// Prefix hits of a run directory: first turns admitted with KV already covering part of their
+/// prompt (a first turn has none of its own), and the tokens covered.
+fn prefix_hits(dir: &Path) -> (usize, u64) {
+    let turns: Vec<traces::TurnRecord> = traces::read_csv(&dir.join("turns.csv")).unwrap();
+    assert!(turns.iter().all(|t| t.finished_ns.is_some() && !t.rejected));
+    let hits: Vec<u64> = turns
+        .iter()
+        .filter(|t| t.turn_index == 0 && t.context_tokens_at_admit > 0)
+        .map(|t| t.context_tokens_at_admit as u64)
+        .collect();
+    (hits.len(), hits.iter().sum())
+}
+
+#[test]
+fn engine_run_executes_shared_prefix_blocks_and_agrees_with_its_twin_on_prefix_hits() {
+    let out_dir = temp("engine-run", "shared");
+    let w = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/engine-run-shared.toml")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let out = djinn()
+        .args([
+            "engine",
+            "run",
+            "--backend",
+            "cpu",
+            "--model",
+            "tiny-gqa",
+            "-w",
+            &w,
+            "-p",
+            "djinn",
+            "-p",
+            "vllm",
+            "-p",
+            "swap",
+            "--block-size",
+            "4",
+            "--gpu-kv-blocks",
+            "40",
+            "--host-kv-blocks",
+            "64",
+            "--compare-sim",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("prefix hits"), "{stdout}");
+    let root = out_dir.join("engine-run-shared");
+    for policy in ["djinn", "vllm", "swap"] {
+        let real = prefix_hits(&root.join(policy));
+        let sim = prefix_hits(&root.join(format!("{policy}.sim")));
+        // 4 of the 6 agents share the 16-token prefix (4 full blocks of 4 tokens) and arrive
+        // 200 ms apart (a prefill takes a few ms): the first computes it, the other three hit it.
+        assert_eq!(real, (3, 48), "{policy}: real prefix hits");
+        assert_eq!(real, sim, "{policy}: real vs simulated prefix hits");
+        let summary: traces::RunSummary =
+            traces::read_json(&root.join(policy).join("summary.json")).unwrap();
+        assert_eq!(summary.turns_completed, 18, "{policy}");
+    }
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}

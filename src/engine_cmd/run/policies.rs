@@ -257,7 +257,7 @@ fn run_policy<M: PagedModel, S: SwapExecutor<Model = M>>(
     let swaps = measured_swaps(&output, backend.swap_records())?;
     let inputs = summary_inputs(args, plan, policy, &output, info);
     let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &swaps);
-    let real_figures = figures(&output.steps, &swaps, output.end_time);
+    let real_figures = figures(&output.turns, &output.steps, &swaps, output.end_time);
     println!(
         "   {}: {} steps, {} swaps, {:.1} s wall",
         policy.name(),
