@@ -64,6 +64,37 @@ mod gpu {
     }
 
     #[test]
+    fn decode_attention_per_kv_head_matches_cpu_for_llama3_and_qwen_groups() {
+        // Random tiny models with llama3.1-8b's group (4 query heads per KV head, head_dim 128)
+        // and qwen2.5-7b's (7, head_dim 32): decode attention runs one thread block per KV head
+        // (the default for grouped-query models) and must match the CPU reference.
+        for (heads, kv_heads, head_dim) in [(8usize, 2usize, 128usize), (14, 2, 32)] {
+            let Some(device) = open() else { return };
+            let mut config = engine::config::ModelConfig::tiny_gqa();
+            config.name = format!("tiny-{heads}q-{kv_heads}kv");
+            config.num_attention_heads = heads;
+            config.num_key_value_heads = kv_heads;
+            config.hidden_size = heads * head_dim;
+            let ws = WeightSet::random(&config, 11);
+            let mut cpu = CpuModel::new(&ws, 64, 16).expect("cpu model");
+            let mut gpu =
+                CudaModel::new(device, WeightSource::Host(&ws), options(&ws)).expect("cuda model");
+            assert!(gpu.decode_attention_per_kv_head(), "{}", config.name);
+            let report =
+                check::compare_backends(&mut gpu, &mut cpu, ws.config.vocab_size, 40, 0.02)
+                    .expect("ran");
+            println!(
+                "{}: worst max |diff| {:.3e}, greedy identical for {} steps",
+                config.name, report.worst_max_abs_diff, report.greedy_steps_identical
+            );
+            assert!(report.passed, "{}: {report:?}", config.name);
+            for (check, diff, ok) in check::self_consistency(&mut gpu, 0.02).expect("ran") {
+                assert!(ok, "{} {check}: max |diff| {diff}", config.name);
+            }
+        }
+    }
+
+    #[test]
     fn cuda_paged_forward_is_self_consistent() {
         // tiny-gqa-bias: the fused batch-1 bias add (gemv_rope) against rope_kv_write's.
         for name in ["tiny-gqa", "tiny-gqa-bias"] {

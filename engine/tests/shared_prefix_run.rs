@@ -53,7 +53,11 @@ fn workload(shared: bool) -> Workload {
             arrival: SimTime::from_millis(3 * agent_id as u64),
             turns: (0..3)
                 .map(|turn| TurnProgram {
-                    new_tokens: if turn == 0 { PREFIX + 3 + agent_id } else { 5 + turn },
+                    new_tokens: if turn == 0 {
+                        PREFIX + 3 + agent_id
+                    } else {
+                        5 + turn
+                    },
                     generated_tokens: 4 + turn,
                     pause_after: (turn < 2).then_some(PauseProgram {
                         true_ns: 40_000_000,
@@ -146,7 +150,8 @@ fn check_same_generation(policy: PolicyKind, gpu_blocks: u32, host_blocks: u32) 
     let unshared = run(policy, false, gpu_blocks, host_blocks);
     for agent in 0..5 {
         assert_eq!(
-            shared.sequences[agent], unshared.sequences[agent],
+            shared.sequences[agent],
+            unshared.sequences[agent],
             "{}: agent {agent}'s sequence",
             policy.name()
         );
@@ -161,7 +166,11 @@ fn check_same_generation(policy: PolicyKind, gpu_blocks: u32, host_blocks: u32) 
     for agent in 1..4 {
         assert_eq!(&shared.sequences[agent][..PREFIX as usize], prefix);
     }
-    assert_ne!(&shared.sequences[4][..PREFIX as usize], prefix, "agent 4 has no group");
+    assert_ne!(
+        &shared.sequences[4][..PREFIX as usize],
+        prefix,
+        "agent 4 has no group"
+    );
     eprintln!(
         "{}: shared prefilled {} tokens ({} swaps, {} recomputed), unshared {} ({} swaps, {} recomputed)",
         policy.name(),
@@ -253,7 +262,10 @@ fn the_engine_refuses_a_step_that_would_write_a_shared_block() {
         .execute_step(SimTime::ZERO, &batch, &kv)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("would write") && err.contains("shared block"), "{err}");
+    assert!(
+        err.contains("would write") && err.contains("shared block"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -306,7 +318,10 @@ fn kv_the_engine_never_computed_outside_a_shared_prefix_is_refused() {
     // the engine's tokens would not be the group's.
     engine.begin_run(0, &workload(false)).unwrap();
     let err = run_step(&mut engine, &mut kv, 0, 0, 4).unwrap_err();
-    assert!(err.contains("prefix group 0") && err.contains("no shared prefix"), "{err}");
+    assert!(
+        err.contains("prefix group 0") && err.contains("no shared prefix"),
+        "{err}"
+    );
     // An agent that claims context the engine never ran, outside any shared prefix.
     engine.begin_run(0, &workload(true)).unwrap();
     kv.ensure_capacity(4, 8).unwrap();

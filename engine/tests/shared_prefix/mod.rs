@@ -212,12 +212,20 @@ pub fn run_scenario<M: PagedModel, S: SwapExecutor<Model = M>>(
         .collect();
 
     // Agent 1 hits the prefix: its prefill starts after the shared part.
-    assert_eq!(t.shared.admit(1), PREFIX, "a hit covers the prefix's full blocks");
+    assert_eq!(
+        t.shared.admit(1),
+        PREFIX,
+        "a hit covers the prefix's full blocks"
+    );
     assert_eq!(t.unshared.admit(1), 0);
     t.unshared.step(&[(1, PREFIX)]);
     t.step(&[(1, 18)], "agent 1 first prompt");
     let table: Vec<u32> = t.shared.kv.gpu_block_table(1).collect();
-    assert_eq!(&table[..3], &group_blocks[..], "agent 1 reads agent 0's blocks");
+    assert_eq!(
+        &table[..3],
+        &group_blocks[..],
+        "agent 1 reads agent 0's blocks"
+    );
     for _ in 0..3 {
         t.decode(&[0, 1], "decode 0+1");
     }
@@ -228,11 +236,19 @@ pub fn run_scenario<M: PagedModel, S: SwapExecutor<Model = M>>(
     assert_eq!(moved, 3, "21 tokens: 6 blocks, 3 of them shared");
     assert_eq!(moved_unshared, 6);
     for &b in &group_blocks {
-        assert_eq!(t.shared.kv.shared_block_refs(b), 2, "agent 1 still references {b}");
+        assert_eq!(
+            t.shared.kv.shared_block_refs(b),
+            2,
+            "agent 1 still references {b}"
+        );
     }
     t.decode(&[0], "agent 0 while 1 is out");
     t.decode(&[0], "agent 0 while 1 is out");
-    assert_eq!(t.shared.swap_in(1), 3, "the return restores only the private part");
+    assert_eq!(
+        t.shared.swap_in(1),
+        3,
+        "the return restores only the private part"
+    );
     assert_eq!(t.unshared.swap_in(1), 6);
     t.decode(&[0, 1], "decode after agent 1's swap-in");
 
