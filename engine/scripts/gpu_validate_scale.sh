@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU validation of the engine at Llama-3.1-8B / Qwen2.5-7B scale on one H100 (~19 min in all; run
-# it in two calls of under 10 minutes with ONLY, below).
+# GPU validation of the engine at Llama-3.1-8B / Qwen2.5-7B scale on one H100 (~19 min in all; ONLY,
+# below, runs it in parts of under 10 minutes each).
 #
 # Usage (repository root, after `cargo build --release --features cuda`):
 #   engine/scripts/gpu_validate_scale.sh target/release/djinn OUT_DIR
