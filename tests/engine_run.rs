@@ -14,43 +14,55 @@ fn workload() -> String {
         .to_string()
 }
 
-#[test]
-fn engine_run_on_the_cpu_engine_writes_run_directories_with_measured_swaps() {
-    let out_dir = temp("engine-run", "good");
-    let w = workload();
-    // 6 agents need up to 90 blocks of 4 tokens; a 40-block pool makes paused agents leave.
-    let out = djinn()
-        .args([
-            "engine",
-            "run",
-            "--backend",
-            "cpu",
-            "--model",
-            "tiny",
-            "-w",
-            &w,
-            "-p",
-            "swap",
-            "-p",
-            "djinn",
-            "--block-size",
-            "4",
-            "--gpu-kv-blocks",
-            "40",
-            "--host-kv-blocks",
-            "128",
-            "--compare-sim",
-            "--out",
-            out_dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// `djinn engine run --backend cpu --compare-sim` of `workload` with blocks of 4 tokens and a
+/// 40-block GPU pool; returns its stdout after checking it succeeded.
+fn run_cpu_engine(
+    workload: &str,
+    model: &str,
+    policies: &[&str],
+    host_blocks: &str,
+    out_dir: &Path,
+) -> String {
+    let mut args = vec![
+        "engine",
+        "run",
+        "--backend",
+        "cpu",
+        "--model",
+        model,
+        "-w",
+        workload,
+    ];
+    for p in policies {
+        args.extend(["-p", p]);
+    }
+    args.extend([
+        "--block-size",
+        "4",
+        "--gpu-kv-blocks",
+        "40",
+        "--host-kv-blocks",
+        host_blocks,
+        "--compare-sim",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let out = djinn().args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
         "{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn engine_run_on_the_cpu_engine_writes_run_directories_with_measured_swaps() {
+    let out_dir = temp("engine-run", "good");
+    let w = workload();
+    // 6 agents need up to 90 blocks of 4 tokens; a 40-block pool makes paused agents leave.
+    let stdout = run_cpu_engine(&w, "tiny", &["swap", "djinn"], "128", &out_dir);
     assert!(
         stdout.contains("REAL ENGINE") && stdout.contains("REAL vs SIMULATED"),
         "{stdout}"
@@ -230,40 +242,7 @@ fn engine_run_executes_shared_prefix_blocks_and_agrees_with_its_twin_on_prefix_h
         .to_str()
         .unwrap()
         .to_string();
-    let out = djinn()
-        .args([
-            "engine",
-            "run",
-            "--backend",
-            "cpu",
-            "--model",
-            "tiny-gqa",
-            "-w",
-            &w,
-            "-p",
-            "djinn",
-            "-p",
-            "vllm",
-            "-p",
-            "swap",
-            "--block-size",
-            "4",
-            "--gpu-kv-blocks",
-            "40",
-            "--host-kv-blocks",
-            "64",
-            "--compare-sim",
-            "--out",
-            out_dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_cpu_engine(&w, "tiny-gqa", &["djinn", "vllm", "swap"], "64", &out_dir);
     assert!(stdout.contains("prefix hits"), "{stdout}");
     let root = out_dir.join("engine-run-shared");
     for policy in ["djinn", "vllm", "swap"] {

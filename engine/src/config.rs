@@ -367,7 +367,10 @@ mod tests {
             let expected: Vec<usize> = (0..elems / layout.head_dim)
                 .map(|i| block * elems + i * layout.head_dim)
                 .collect();
-            assert_eq!(starts, expected, "block {block} fills its own range exactly");
+            assert_eq!(
+                starts, expected,
+                "block {block} fills its own range exactly"
+            );
         }
     }
 

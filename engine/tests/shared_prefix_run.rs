@@ -4,41 +4,20 @@
 //! prefix tokens), with the prefix computed fewer times; and the engine refuses what would change
 //! a shared block under the agents that read it.
 
-use std::time::Instant;
+mod run_loop_common;
 
-use engine::config::{KvLayout, ModelConfig};
-use engine::cpu::CpuModel;
-use engine::swap::backend::{EngineBackend, SwapEstimate};
-use engine::swap::cpu::CpuSwapEngine;
+use engine::config::ModelConfig;
 use engine::weights::WeightSet;
+use run_loop_common::{backend, settings, CpuBackend};
 use sim::backend::{Backend, BatchSeq, StepBatch};
-use sim::driver::{self, CheckLevel, RunLimits, RunSettings};
+use sim::driver;
 use sim::kv::{KvManager, SwapDirection, SwapJob};
-use sim::sched::{CostHints, SchedConfig};
 use sim::time::{SimTime, VirtualClock};
 use sim::workload::{AgentProgram, PauseProgram, SharedPrefix, TurnProgram, Workload};
 use sim::PolicyKind;
 
-type CpuBackend = EngineBackend<CpuModel, CpuSwapEngine<f32>>;
-
 const BLOCK: u32 = 4;
 const PREFIX: u32 = 16;
-
-fn backend(weights: &WeightSet, gpu_blocks: u32, host_blocks: u32) -> CpuBackend {
-    let model = CpuModel::new(weights, gpu_blocks as usize, BLOCK as usize).unwrap();
-    let block_elems = KvLayout::new(&weights.config, BLOCK as usize).block_elems();
-    let swap = CpuSwapEngine::<f32>::new(block_elems, gpu_blocks, host_blocks, 64, Instant::now())
-        .unwrap();
-    EngineBackend::new(
-        "cpu-engine",
-        model,
-        swap,
-        weights.config.vocab_size as u32,
-        (block_elems * 4) as u64,
-        7,
-        SwapEstimate::h100_measured(),
-    )
-}
 
 /// Five agents, four in one prefix group (a 16-token prefix inside their first prompt), three
 /// turns each with pauses long enough for a swapping policy to move paused KV out.
@@ -75,31 +54,6 @@ fn workload(shared: bool) -> Workload {
     }
 }
 
-fn settings(gpu_blocks: u32, host_blocks: u32, config: &ModelConfig) -> RunSettings {
-    let kv_bytes_per_token =
-        (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim() * 4) as u64;
-    RunSettings {
-        seed: 0,
-        block_size_tokens: BLOCK,
-        gpu_blocks,
-        host_blocks,
-        sched: SchedConfig::default(),
-        costs: CostHints {
-            kv_bytes_per_token,
-            block_bytes: kv_bytes_per_token * BLOCK as u64,
-            swap_latency_ns: 20_000,
-            swap_in_bandwidth_bytes_per_s: 55e9,
-            swap_out_bandwidth_bytes_per_s: 55e9,
-            prefill_ns_per_token: 20_000.0,
-            decode_step_ns: 1_000_000.0,
-            kv_read_ns_per_token: 170.0,
-        },
-        limits: RunLimits::default(),
-        check: CheckLevel::Full,
-        recording: driver::Recording::Full,
-    }
-}
-
 struct RunResult {
     /// Each agent's sequence as run (inputs and generated tokens).
     sequences: Vec<Vec<u32>>,
@@ -114,13 +68,13 @@ struct RunResult {
 fn run(policy: PolicyKind, share: bool, gpu_blocks: u32, host_blocks: u32) -> RunResult {
     let config = ModelConfig::tiny_gqa();
     let weights = WeightSet::random(&config, 5);
-    let mut engine = backend(&weights, gpu_blocks, host_blocks);
+    let mut engine = backend(&weights, BLOCK as usize, gpu_blocks, host_blocks);
     let with_prefix = workload(true);
     let loop_workload = workload(share);
     engine.begin_run(0, &with_prefix).unwrap();
     let mut scheduler = policy.build(&loop_workload);
     let output = driver::run(
-        &settings(gpu_blocks, host_blocks, &config),
+        &settings(BLOCK, gpu_blocks, host_blocks, &config),
         &loop_workload,
         scheduler.as_mut(),
         &mut engine,
@@ -246,7 +200,7 @@ fn run_step(
 #[test]
 fn the_engine_refuses_a_step_that_would_write_a_shared_block() {
     let weights = WeightSet::random(&ModelConfig::tiny_gqa(), 3);
-    let mut engine = backend(&weights, 32, 16);
+    let mut engine = backend(&weights, BLOCK as usize, 32, 16);
     let kv = published(&mut engine);
     // Agent 1's KV covers the prefix; a step that recomputes position 8 on writes blocks 2 and 3,
     // the group's.
@@ -271,7 +225,7 @@ fn the_engine_refuses_a_step_that_would_write_a_shared_block() {
 #[test]
 fn the_engine_refuses_a_swap_that_names_a_shared_block() {
     let weights = WeightSet::random(&ModelConfig::tiny_gqa(), 3);
-    let mut engine = backend(&weights, 32, 16);
+    let mut engine = backend(&weights, BLOCK as usize, 32, 16);
     let kv = published(&mut engine);
     let shared_block = kv.group_prefix_block(0, 0).unwrap();
     let job = SwapJob {
@@ -290,7 +244,7 @@ fn the_engine_refuses_a_swap_that_names_a_shared_block() {
 #[test]
 fn a_hit_continues_from_the_shared_part_with_the_group_tokens() {
     let weights = WeightSet::random(&ModelConfig::tiny_gqa(), 3);
-    let mut engine = backend(&weights, 32, 16);
+    let mut engine = backend(&weights, BLOCK as usize, 32, 16);
     let mut kv = published(&mut engine);
     run_step(&mut engine, &mut kv, 1, PREFIX, 4).unwrap();
     assert_eq!(engine.sequence(1).len(), PREFIX as usize + 4);
@@ -309,7 +263,7 @@ fn a_hit_continues_from_the_shared_part_with_the_group_tokens() {
 #[test]
 fn kv_the_engine_never_computed_outside_a_shared_prefix_is_refused() {
     let weights = WeightSet::random(&ModelConfig::tiny_gqa(), 3);
-    let mut engine = backend(&weights, 32, 16);
+    let mut engine = backend(&weights, BLOCK as usize, 32, 16);
     let mut kv = KvManager::new(BLOCK, 32, 16, 5);
     for agent in 0..4 {
         kv.set_shared_prefix(agent, 0, PREFIX).unwrap();

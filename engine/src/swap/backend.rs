@@ -507,14 +507,7 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
                 kv.shared_block_refs(block)
             )));
         }
-        let pairs: Vec<BlockPair> = job
-            .pairs
-            .iter()
-            .map(|&(gpu_block, host_block)| BlockPair {
-                gpu_block,
-                host_block,
-            })
-            .collect();
+        let pairs = BlockPair::from_job(&job.pairs);
         let engine_id = self
             .swap
             .submit_for(

@@ -117,14 +117,7 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> World<M, S> {
     /// Copies a swap job's blocks with the backend's swap engine and waits for them.
     fn copy(&mut self, id: sim::ids::SwapId, direction: SwapDirection) -> usize {
         let job = self.kv.swap_job(id).unwrap().clone();
-        let pairs: Vec<BlockPair> = job
-            .pairs
-            .iter()
-            .map(|&(gpu_block, host_block)| BlockPair {
-                gpu_block,
-                host_block,
-            })
-            .collect();
+        let pairs = BlockPair::from_job(&job.pairs);
         let engine = &mut self.engine;
         engine
             .swap

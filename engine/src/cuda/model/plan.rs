@@ -108,6 +108,36 @@ pub(crate) struct Buffers {
     pub step_dev: DeviceBuffer,
 }
 
+/// The shapes every buffer is sized by.
+struct Dims {
+    elem: usize,
+    h: usize,
+    inter: usize,
+    hd: usize,
+    nh: usize,
+    vocab: usize,
+    qkv_width: usize,
+    max_t: usize,
+    max_s: usize,
+}
+
+impl Dims {
+    fn new(config: &ModelConfig, options: &CudaModelOptions) -> Dims {
+        let (nh, hd) = (config.num_attention_heads, config.head_dim());
+        Dims {
+            elem: options.dtype.size_bytes(),
+            h: config.hidden_size,
+            inter: config.intermediate_size,
+            hd,
+            nh,
+            vocab: config.vocab_size,
+            qkv_width: (nh + 2 * config.num_key_value_heads) * hd,
+            max_t: options.max_tokens_per_step,
+            max_s: options.max_seqs_per_step,
+        }
+    }
+}
+
 /// The memory plan on a card with `free` of `total` bytes free: every buffer's bytes by purpose,
 /// the KV pool last, and the pool's block count; an error when the plan or the KV demand cannot
 /// fit. Pure arithmetic, so the plan of a run can be checked without the card.
@@ -118,19 +148,17 @@ pub(super) fn memory_plan(
     weight_elems: usize,
     (free, total): (usize, usize),
 ) -> Result<(Vec<(String, usize)>, usize), CudaError> {
-    let elem = options.dtype.size_bytes();
-    let (h, inter, hd) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.head_dim(),
-    );
-    let (nh, nkv, vocab) = (
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.vocab_size,
-    );
-    let qkv_width = (nh + 2 * nkv) * hd;
-    let (max_t, max_s) = (options.max_tokens_per_step, options.max_seqs_per_step);
+    let Dims {
+        elem,
+        h,
+        inter,
+        hd,
+        nh,
+        vocab,
+        qkv_width,
+        max_t,
+        max_s,
+    } = Dims::new(config, options);
     let mut plan: Vec<(String, usize)> = vec![
         ("weights".into(), weight_elems * elem),
         ("residual stream (f32)".into(), max_t * h * 4),
@@ -213,19 +241,17 @@ pub(super) fn allocate(
     weight_elems: usize,
 ) -> Result<(Buffers, GpuKvPool, Vec<(String, usize)>), CudaError> {
     let (plan, num_blocks) = memory_plan(config, options, sizes, weight_elems, device.mem_info()?)?;
-    let elem = options.dtype.size_bytes();
-    let (h, inter, hd) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.head_dim(),
-    );
-    let (nh, nkv, vocab) = (
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.vocab_size,
-    );
-    let qkv_width = (nh + 2 * nkv) * hd;
-    let (max_t, max_s) = (options.max_tokens_per_step, options.max_seqs_per_step);
+    let Dims {
+        elem,
+        h,
+        inter,
+        hd,
+        nh,
+        vocab,
+        qkv_width,
+        max_t,
+        max_s,
+    } = Dims::new(config, options);
     let layout = KvLayout::new(config, options.block_size_tokens);
     let ctx = device.ctx.clone();
     let alloc = |bytes: usize, what: &str| DeviceBuffer::alloc(&ctx, bytes, what);
