@@ -14,43 +14,55 @@ fn workload() -> String {
         .to_string()
 }
 
-#[test]
-fn engine_run_on_the_cpu_engine_writes_run_directories_with_measured_swaps() {
-    let out_dir = temp("engine-run", "good");
-    let w = workload();
-    // 6 agents need up to 90 blocks of 4 tokens; a 40-block pool makes paused agents leave.
-    let out = djinn()
-        .args([
-            "engine",
-            "run",
-            "--backend",
-            "cpu",
-            "--model",
-            "tiny",
-            "-w",
-            &w,
-            "-p",
-            "swap",
-            "-p",
-            "djinn",
-            "--block-size",
-            "4",
-            "--gpu-kv-blocks",
-            "40",
-            "--host-kv-blocks",
-            "128",
-            "--compare-sim",
-            "--out",
-            out_dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// `djinn engine run --backend cpu --compare-sim` of `workload` with blocks of 4 tokens and a
+/// 40-block GPU pool; returns its stdout after checking it succeeded.
+fn run_cpu_engine(
+    workload: &str,
+    model: &str,
+    policies: &[&str],
+    host_blocks: &str,
+    out_dir: &Path,
+) -> String {
+    let mut args = vec![
+        "engine",
+        "run",
+        "--backend",
+        "cpu",
+        "--model",
+        model,
+        "-w",
+        workload,
+    ];
+    for p in policies {
+        args.extend(["-p", p]);
+    }
+    args.extend([
+        "--block-size",
+        "4",
+        "--gpu-kv-blocks",
+        "40",
+        "--host-kv-blocks",
+        host_blocks,
+        "--compare-sim",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let out = djinn().args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
         "{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn engine_run_on_the_cpu_engine_writes_run_directories_with_measured_swaps() {
+    let out_dir = temp("engine-run", "good");
+    let w = workload();
+    // 6 agents need up to 90 blocks of 4 tokens; a 40-block pool makes paused agents leave.
+    let stdout = run_cpu_engine(&w, "tiny", &["swap", "djinn"], "128", &out_dir);
     assert!(
         stdout.contains("REAL ENGINE") && stdout.contains("REAL vs SIMULATED"),
         "{stdout}"
@@ -207,4 +219,42 @@ fn engine_run_rejects_bad_flags_with_exit_2_and_writes_nothing() {
         );
     }
     assert!(!out_dir.exists(), "nothing written for bad input");
+}
+
+/// Prefix hits of a run directory: first turns admitted with KV already covering part of their
+/// prompt (a first turn has none of its own), and the tokens covered.
+fn prefix_hits(dir: &Path) -> (usize, u64) {
+    let turns: Vec<traces::TurnRecord> = traces::read_csv(&dir.join("turns.csv")).unwrap();
+    assert!(turns.iter().all(|t| t.finished_ns.is_some() && !t.rejected));
+    let hits: Vec<u64> = turns
+        .iter()
+        .filter(|t| t.turn_index == 0 && t.context_tokens_at_admit > 0)
+        .map(|t| t.context_tokens_at_admit as u64)
+        .collect();
+    (hits.len(), hits.iter().sum())
+}
+
+#[test]
+fn engine_run_executes_shared_prefix_blocks_and_agrees_with_its_twin_on_prefix_hits() {
+    let out_dir = temp("engine-run", "shared");
+    let w = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/engine-run-shared.toml")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let stdout = run_cpu_engine(&w, "tiny-gqa", &["djinn", "vllm", "swap"], "64", &out_dir);
+    assert!(stdout.contains("prefix hits"), "{stdout}");
+    let root = out_dir.join("engine-run-shared");
+    for policy in ["djinn", "vllm", "swap"] {
+        let real = prefix_hits(&root.join(policy));
+        let sim = prefix_hits(&root.join(format!("{policy}.sim")));
+        // 4 of the 6 agents share the 16-token prefix (4 full blocks of 4 tokens) and arrive
+        // 200 ms apart (a prefill takes a few ms): the first computes it, the other three hit it.
+        assert_eq!(real, (3, 48), "{policy}: real prefix hits");
+        assert_eq!(real, sim, "{policy}: real vs simulated prefix hits");
+        let summary: traces::RunSummary =
+            traces::read_json(&root.join(policy).join("summary.json")).unwrap();
+        assert_eq!(summary.turns_completed, 18, "{policy}");
+    }
+    std::fs::remove_dir_all(&out_dir).unwrap();
 }

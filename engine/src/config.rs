@@ -345,6 +345,36 @@ mod tests {
     }
 
     #[test]
+    fn a_llama3_8b_block_is_one_contiguous_range_of_two_mebibytes() {
+        // The swap engine copies block b as the byte range [b, b + 1) x block bytes: every K and V
+        // vector of every layer and KV head of the block must lie inside it, and fill it.
+        let layout = KvLayout::new(&ModelConfig::llama3_1_8b(), 16);
+        let elems = layout.block_elems();
+        assert_eq!(elems * DType::F16.size_bytes(), 2 << 20);
+        assert_eq!(layout.slab_elems() * DType::F16.size_bytes(), 32 << 10);
+        for block in [0usize, 7, 2687] {
+            let mut starts = Vec::new();
+            for layer in 0..layout.num_layers {
+                for kv in 0..2 {
+                    for head in 0..layout.num_kv_heads {
+                        for token in 0..layout.block_size_tokens {
+                            starts.push(layout.offset(block, layer, kv, head, token));
+                        }
+                    }
+                }
+            }
+            starts.sort_unstable();
+            let expected: Vec<usize> = (0..elems / layout.head_dim)
+                .map(|i| block * elems + i * layout.head_dim)
+                .collect();
+            assert_eq!(
+                starts, expected,
+                "block {block} fills its own range exactly"
+            );
+        }
+    }
+
+    #[test]
     fn gqa_presets_have_the_published_kv_sizes() {
         // Llama-3.1-8B: 32 layers x 8 KV heads x 128 dims x K,V x 2 bytes = 128 KiB per token, so a
         // 42k-token (43008) context is 5.25 GiB; Qwen2.5-7B: 28 x 4 x 128 x 2 x 2 = 56 KiB.

@@ -1,6 +1,11 @@
 //! The CUDA forward against the CPU reference on the tiny models in tests/data, and its
 //! self-consistency: run for real where a GPU exists, skipped with the reason printed where none
 //! does (CI). `djinn engine check cuda-vs-cpu` / `check consistency` run the same checks.
+//! Shared prefix blocks (the `shared_prefix` scenario) run here on the CUDA forward and the GPU
+//! swap engine.
+
+#[cfg(feature = "cuda")]
+mod shared_prefix;
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -55,6 +60,37 @@ mod gpu {
                 report.greedy_steps_identical >= 32,
                 "{name}: greedy streams diverged early"
             );
+        }
+    }
+
+    #[test]
+    fn decode_attention_per_kv_head_matches_cpu_for_llama3_and_qwen_groups() {
+        // Random tiny models with llama3.1-8b's group (4 query heads per KV head, head_dim 128)
+        // and qwen2.5-7b's (7, head_dim 32): decode attention runs one thread block per KV head
+        // (the default for grouped-query models) and must match the CPU reference.
+        for (heads, kv_heads, head_dim) in [(8usize, 2usize, 128usize), (14, 2, 32)] {
+            let Some(device) = open() else { return };
+            let mut config = engine::config::ModelConfig::tiny_gqa();
+            config.name = format!("tiny-{heads}q-{kv_heads}kv");
+            config.num_attention_heads = heads;
+            config.num_key_value_heads = kv_heads;
+            config.hidden_size = heads * head_dim;
+            let ws = WeightSet::random(&config, 11);
+            let mut cpu = CpuModel::new(&ws, 64, 16).expect("cpu model");
+            let mut gpu =
+                CudaModel::new(device, WeightSource::Host(&ws), options(&ws)).expect("cuda model");
+            assert!(gpu.decode_attention_per_kv_head(), "{}", config.name);
+            let report =
+                check::compare_backends(&mut gpu, &mut cpu, ws.config.vocab_size, 40, 0.02)
+                    .expect("ran");
+            println!(
+                "{}: worst max |diff| {:.3e}, greedy identical for {} steps",
+                config.name, report.worst_max_abs_diff, report.greedy_steps_identical
+            );
+            assert!(report.passed, "{}: {report:?}", config.name);
+            for (check, diff, ok) in check::self_consistency(&mut gpu, 0.02).expect("ran") {
+                assert!(ok, "{} {check}: max |diff| {diff}", config.name);
+            }
         }
     }
 
@@ -118,6 +154,73 @@ mod gpu {
                 "step ending at {at}: max |diff| {diff} (scale {scale})"
             );
         }
+    }
+
+    /// The CUDA model and GPU swap engine of the shared-prefix scenario: tiny-gqa in fp16 over
+    /// `GPU_BLOCKS` blocks of `BLOCK` tokens, a pinned host pool, swaps ordered after the
+    /// model's stream; a poisoned block is all-ones bytes (NaN in fp16 and bf16).
+    fn shared_prefix_engine(
+        device: GpuDevice,
+        ws: &WeightSet,
+    ) -> super::shared_prefix::Engine<CudaModel, engine::swap::cuda::CudaSwapEngine> {
+        use super::shared_prefix::{Engine, BLOCK, GPU_BLOCKS, HOST_BLOCKS};
+        use engine::swap::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
+        let ctx = device.ctx.clone();
+        let stream = device.stream.clone();
+        let mut o = options(ws);
+        o.block_size_tokens = BLOCK as usize;
+        o.num_kv_blocks = Some(GPU_BLOCKS as usize);
+        o.max_blocks_per_seq = ws.config.max_position_embeddings.div_ceil(BLOCK as usize);
+        let model = CudaModel::new(device, WeightSource::Host(ws), o).expect("cuda model");
+        let pool = model.kv_pool();
+        let pool_ref = GpuKvPoolRef {
+            base: pool.base_device_ptr(),
+            block_bytes: pool.block_bytes(),
+            block_count: pool.num_blocks() as u32,
+        };
+        let host = PinnedHostPool::new(&ctx, pool.block_bytes(), HOST_BLOCKS).expect("pinned pool");
+        let swap = CudaSwapEngine::new(
+            &ctx,
+            pool_ref,
+            host,
+            Some(stream),
+            CopyMethod::Batched,
+            4,
+            std::time::Instant::now(),
+        )
+        .expect("swap engine");
+        Engine {
+            model,
+            swap,
+            poison: |model, block| {
+                let pool = model.kv_pool();
+                unsafe {
+                    cudarc::driver::result::memset_d8_sync(
+                        pool.block_device_ptr(block),
+                        0xFF,
+                        pool.block_bytes(),
+                    )
+                }
+                .expect("poisoning a block");
+                // The memset runs on the legacy stream: finish it before a kernel reads the pool.
+                cudarc::driver::result::ctx::synchronize().expect("finishing the memset");
+            },
+        }
+    }
+
+    #[test]
+    fn shared_prefix_blocks_give_the_logits_of_unshared_execution_on_the_gpu() {
+        // Two models with the same options make the same kernel and GEMM choices, so equal
+        // chunks over equal KV must give equal bits, whichever physical blocks hold the KV.
+        let Some(first) = open() else { return };
+        let Some(second) = open() else { return };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-gqa");
+        let ws = WeightSet::from_hf_dir(&dir).expect("tiny weights load");
+        super::shared_prefix::run_scenario(
+            shared_prefix_engine(first, &ws),
+            shared_prefix_engine(second, &ws),
+        );
+        println!("shared prefix on the GPU: logits bit-identical to unshared execution");
     }
 
     #[test]

@@ -2,44 +2,19 @@
 //! an agent whose swap is still in flight, and whole runs of the shared run loop with swapping and
 //! dropping policies produce the same greedy tokens as recomputing each agent's sequence at once.
 
-use std::time::Instant;
+mod run_loop_common;
 
 use engine::batch::{greedy_token, SeqStep};
 use engine::config::{KvLayout, ModelConfig};
 use engine::cpu::CpuModel;
-use engine::swap::backend::{EngineBackend, SwapEstimate};
-use engine::swap::cpu::CpuSwapEngine;
 use engine::weights::WeightSet;
+use run_loop_common::{backend, settings, CpuBackend};
 use sim::backend::{Backend, BatchSeq, StepBatch};
-use sim::driver::{self, CheckLevel, RunLimits, RunSettings};
+use sim::driver;
 use sim::kv::{KvManager, KvState};
-use sim::sched::{CostHints, SchedConfig};
 use sim::time::{SimTime, VirtualClock};
 use sim::workload::{AgentProgram, PauseProgram, TurnProgram, Workload};
 use sim::PolicyKind;
-
-type CpuBackend = EngineBackend<CpuModel, CpuSwapEngine<f32>>;
-
-fn backend(
-    weights: &WeightSet,
-    block_size: usize,
-    gpu_blocks: u32,
-    host_blocks: u32,
-) -> CpuBackend {
-    let model = CpuModel::new(weights, gpu_blocks as usize, block_size).unwrap();
-    let block_elems = KvLayout::new(&weights.config, block_size).block_elems();
-    let swap = CpuSwapEngine::<f32>::new(block_elems, gpu_blocks, host_blocks, 64, Instant::now())
-        .unwrap();
-    EngineBackend::new(
-        "cpu-engine",
-        model,
-        swap,
-        weights.config.vocab_size as u32,
-        (block_elems * 4) as u64,
-        7,
-        SwapEstimate::h100_measured(),
-    )
-}
 
 fn step(
     backend: &mut CpuBackend,
@@ -184,36 +159,6 @@ fn workload() -> Workload {
     }
 }
 
-fn settings(
-    block_size: u32,
-    gpu_blocks: u32,
-    host_blocks: u32,
-    config: &ModelConfig,
-) -> RunSettings {
-    let kv_bytes_per_token =
-        (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim() * 4) as u64;
-    RunSettings {
-        seed: 0,
-        block_size_tokens: block_size,
-        gpu_blocks,
-        host_blocks,
-        sched: SchedConfig::default(),
-        costs: CostHints {
-            kv_bytes_per_token,
-            block_bytes: kv_bytes_per_token * block_size as u64,
-            swap_latency_ns: 20_000,
-            swap_in_bandwidth_bytes_per_s: 55e9,
-            swap_out_bandwidth_bytes_per_s: 55e9,
-            prefill_ns_per_token: 20_000.0,
-            decode_step_ns: 1_000_000.0,
-            kv_read_ns_per_token: 170.0,
-        },
-        limits: RunLimits::default(),
-        check: CheckLevel::Full,
-        recording: driver::Recording::Full,
-    }
-}
-
 /// Recomputes each agent's whole sequence in one prefill and checks that every generated token
 /// fed back during the run is the greedy token of the position before it (a near-tie, top-2 gap
 /// under 1e-4, may go either way: batching changes the last bits of fp32 sums).
@@ -330,7 +275,9 @@ fn the_djinn_policy_swaps_and_drops_on_the_engine_and_generates_what_a_recompute
 #[test]
 fn the_cuda_engine_runs_the_run_loop_with_swaps_and_generates_what_a_recompute_generates() {
     use engine::cuda::{CudaModel, CudaModelOptions, GpuDevice, WeightSource};
+    use engine::swap::backend::{EngineBackend, SwapEstimate};
     use engine::swap::cuda::{CopyMethod, CudaSwapEngine, GpuKvPoolRef, PinnedHostPool};
+    use std::time::Instant;
     let device = match GpuDevice::open(0) {
         Ok(device) => device,
         Err(why) => {

@@ -17,6 +17,18 @@ pub enum PrefillAttentionArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecodeAttentionArg {
+    /// Per KV head for grouped-query models (2-8 query heads per KV head, head_dim <= 128), per
+    /// query head otherwise.
+    Auto,
+    /// One thread block per KV head runs all query heads of its group: the KV is read once per
+    /// KV head (an error for more than 8 query heads per KV head).
+    PerKvHead,
+    /// One thread block per query head: the KV is read once per query head.
+    PerQueryHead,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GemmTuningArg {
     /// Time cuBLASLt's heuristic candidates on the first prefill GEMM of each shape; keep the
     /// fastest.
@@ -32,6 +44,9 @@ pub struct TuningArgs {
     /// Prefill attention kernels.
     #[arg(long, value_enum, default_value_t = PrefillAttentionArg::Auto)]
     pub prefill_attention: PrefillAttentionArg,
+    /// Decode attention kernels.
+    #[arg(long, value_enum, default_value_t = DecodeAttentionArg::Auto)]
+    pub decode_attention: DecodeAttentionArg,
     /// How prefill GEMMs (512 rows or more) choose their cuBLASLt algorithm.
     #[arg(long, value_enum, default_value_t = GemmTuningArg::Timed)]
     pub gemm_tuning: GemmTuningArg,
@@ -69,7 +84,7 @@ fn parse_threshold(s: &str) -> Result<usize, String> {
 impl TuningArgs {
     /// The engine's options these flags ask for.
     pub fn to_tuning(&self) -> anyhow::Result<engine::cuda::EngineTuning> {
-        use engine::cuda::{EngineTuning, GemmTuning, PrefillAttention};
+        use engine::cuda::{DecodeAttention, EngineTuning, GemmTuning, PrefillAttention};
         let defaults = EngineTuning::default();
         if self.gemm_tuning == GemmTuningArg::Off && self.gemm_table.is_some() {
             anyhow::bail!("--gemm-table names a table but --gemm-tuning is off");
@@ -79,6 +94,11 @@ impl TuningArgs {
                 PrefillAttentionArg::Auto => PrefillAttention::Auto,
                 PrefillAttentionArg::Wgmma => PrefillAttention::Wgmma,
                 PrefillAttentionArg::Mma => PrefillAttention::Mma,
+            },
+            decode_attention: match self.decode_attention {
+                DecodeAttentionArg::Auto => DecodeAttention::Auto,
+                DecodeAttentionArg::PerKvHead => DecodeAttention::PerKvHead,
+                DecodeAttentionArg::PerQueryHead => DecodeAttention::PerQueryHead,
             },
             gemm_tuning: match (self.gemm_tuning, &self.gemm_table) {
                 (_, Some(path)) => GemmTuning::Table(Some(path.clone())),

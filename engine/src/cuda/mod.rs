@@ -34,7 +34,8 @@ pub(crate) use model::{kargs, OwnGateUpMaps, CUBLAS_WORKSPACE_BYTES, TUNE_MIN_RO
 pub use model::{CudaModel, CudaModelOptions, KvDemand, WeightSource};
 pub use pool::{DeviceBuffer, GpuKvPool};
 pub use tuning::{
-    EngineTuning, GemmTuning, PrefillAttention, HALF_RESIDUAL_MIN_TOKENS, OWN_GATE_UP_MIN_TOKENS,
+    DecodeAttention, EngineTuning, GemmTuning, PrefillAttention, HALF_RESIDUAL_MIN_TOKENS,
+    OWN_GATE_UP_MIN_TOKENS,
 };
 
 use std::path::PathBuf;

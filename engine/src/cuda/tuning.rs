@@ -1,4 +1,4 @@
-//! The forward's remaining choices, typed: which prefill attention kernel, how prefill GEMMs pick
+//! The forward's remaining choices, typed: which prefill and decode attention kernels, how prefill GEMMs pick
 //! their algorithm, and the step-size thresholds of the paths whose winner depends on the step.
 //! `EngineTuning::default()` is the measured-fastest path on every supported card (`Auto` resolves
 //! per card at start-up); the other values exist for the consistency checks and benchmarks that
@@ -20,6 +20,23 @@ pub enum PrefillAttention {
     Mma,
 }
 
+/// Decode attention kernel: which thread block reads a KV head's blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DecodeAttention {
+    /// `PerKvHead` for grouped-query models (2 to 8 query heads per KV head, head_dim up to
+    /// 128), else `PerQueryHead` (for one query head per KV head the two are the same kernel
+    /// work).
+    #[default]
+    Auto,
+    /// One thread block per KV head runs every query head of its group over each KV block it
+    /// loads: the KV is read once per KV head. An error at start-up for more than 8 query heads
+    /// per KV head.
+    PerKvHead,
+    /// One thread block per query head: each reads its KV head's blocks itself (the KV is read
+    /// once per query head).
+    PerQueryHead,
+}
+
 /// How prefill-sized GEMMs (at least 512 rows) choose their cuBLASLt algorithm.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum GemmTuning {
@@ -39,6 +56,7 @@ pub enum GemmTuning {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineTuning {
     pub prefill_attention: PrefillAttention,
+    pub decode_attention: DecodeAttention,
     pub gemm_tuning: GemmTuning,
     /// Steps of at least this many tokens run gate_up + SiLU-mul as the own fused wgmma GEMM
     /// (sm_90a); `usize::MAX`: never (cuBLAS + `silu_mul`).
@@ -61,6 +79,7 @@ impl Default for EngineTuning {
     fn default() -> Self {
         EngineTuning {
             prefill_attention: PrefillAttention::Auto,
+            decode_attention: DecodeAttention::Auto,
             gemm_tuning: GemmTuning::Timed,
             own_gate_up_min_tokens: OWN_GATE_UP_MIN_TOKENS,
             half_residual_min_tokens: HALF_RESIDUAL_MIN_TOKENS,

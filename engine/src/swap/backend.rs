@@ -9,15 +9,25 @@
 //!
 //! Token ids: the workload gives token counts, not text, so new input tokens are drawn from a
 //! seeded hash of (agent, position); a decode step feeds back the token the agent generated last
-//! (greedy), so a run is a real generation whose tokens can be checked afterwards.
+//! (greedy), so a run is a real generation whose tokens can be checked afterwards. The first
+//! tokens of an agent of a prefix group are its group's (a hash of (group, position)), the same
+//! in every agent of the group: that is what makes their KV the same and shareable.
+//!
+//! Shared prefix blocks: the mechanism may point several tables at one physical block of a
+//! group's prefix. The engine executes that as it is: an agent admitted with a prefix hit starts
+//! its prefill after the shared part (those positions' KV is already in the pool, written by the
+//! agent that computed them), and the engine refuses a step that would write into a shared block
+//! or a swap that names one (a swap moves only private blocks; shared ones stay on the GPU for
+//! the group), since either would change the KV under the other agents.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use sim::backend::{Backend, BackendError, StepBatch, SwapCompletion};
+use sim::backend::{Backend, BackendError, BatchSeq, StepBatch, SwapCompletion};
 use sim::ids::AgentId;
 use sim::kv::{KvManager, SwapDirection as SimDirection, SwapJob};
 use sim::time::SimTime;
+use sim::workload::{SharedPrefix, Workload};
 
 use super::cpu::CpuSwapEngine;
 use super::{BlockPair, SwapDirection, SwapEngine, SwapError, SwapId, SwapRecord};
@@ -107,6 +117,8 @@ pub struct EngineBackend<M: PagedModel, S: SwapExecutor<Model = M>> {
     generated: BTreeMap<AgentId, Vec<u32>>,
     /// Positions of each agent's sequence whose token is one the model generated (fed back).
     generated_positions: BTreeMap<AgentId, std::collections::BTreeSet<u32>>,
+    /// Each agent's shared prefix in the current run's workload (index: agent id).
+    prefixes: Vec<Option<SharedPrefix>>,
     /// Engine swap id -> the run loop's swap id.
     sim_swap_of: BTreeMap<SwapId, sim::ids::SwapId>,
     predicted_end: BTreeMap<sim::ids::SwapId, SimTime>,
@@ -141,7 +153,19 @@ fn channel(direction: SimDirection) -> usize {
 
 /// A new input token of `agent` at `position` (seeded, so runs repeat).
 fn input_token(seed: u64, agent: AgentId, position: u32, vocab_size: u32) -> u32 {
-    let mut x = seed ^ ((agent as u64) << 32) ^ position as u64;
+    mix_token(seed ^ ((agent as u64) << 32) ^ position as u64, vocab_size)
+}
+
+/// The token at `position` of prefix group `group`'s shared prefix. The top bit keeps group
+/// tokens apart from any agent's (agent ids fit in 32 bits).
+fn group_token(seed: u64, group: u32, position: u32, vocab_size: u32) -> u32 {
+    mix_token(
+        seed ^ (1u64 << 63) ^ ((group as u64) << 32) ^ position as u64,
+        vocab_size,
+    )
+}
+
+fn mix_token(mut x: u64, vocab_size: u32) -> u32 {
     // splitmix64 finaliser: a fixed, well-mixed function of the inputs.
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -173,6 +197,7 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> EngineBackend<M, S> {
             sequences: BTreeMap::new(),
             generated: BTreeMap::new(),
             generated_positions: BTreeMap::new(),
+            prefixes: Vec::new(),
             sim_swap_of: BTreeMap::new(),
             predicted_end: BTreeMap::new(),
             free_at: [SimTime::ZERO; 2],
@@ -187,7 +212,14 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> EngineBackend<M, S> {
     /// same model and pools serve another run. `epoch_offset_ns`: the new run's clock zero, in
     /// nanoseconds after the swap engine's epoch (its records are shifted onto the run's clock).
     /// Fails if a swap is still in flight.
-    pub fn begin_run(&mut self, epoch_offset_ns: u64) -> Result<(), BackendError> {
+    ///
+    /// `workload`: the run's agents; the engine reads each one's shared prefix from it (its
+    /// first tokens are the group's).
+    pub fn begin_run(
+        &mut self,
+        epoch_offset_ns: u64,
+        workload: &Workload,
+    ) -> Result<(), BackendError> {
         self.check_deferred()?;
         if !self.sim_swap_of.is_empty() || self.swap.in_flight_count() > 0 {
             return Err(failed(format!(
@@ -203,6 +235,20 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> EngineBackend<M, S> {
         self.free_at = [SimTime::ZERO; 2];
         self.last_now = SimTime::ZERO;
         self.records.clear();
+        self.prefixes = vec![None; workload.agents.len()];
+        for a in &workload.agents {
+            match self.prefixes.get_mut(a.agent_id as usize) {
+                Some(slot) => *slot = a.prefix,
+                None => {
+                    return Err(failed(format!(
+                        "workload `{}`: agent id {} is not below its {} agents",
+                        workload.name,
+                        a.agent_id,
+                        workload.agents.len()
+                    )))
+                }
+            }
+        }
         self.epoch_offset_ns = epoch_offset_ns;
         Ok(())
     }
@@ -255,6 +301,72 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> EngineBackend<M, S> {
         }
     }
 
+    fn prefix_of(&self, agent: AgentId) -> Option<SharedPrefix> {
+        self.prefixes.get(agent as usize).copied().flatten()
+    }
+
+    /// The input token at `position` of an agent's sequence that the engine has not run yet: its
+    /// group's token inside its shared prefix, else its own.
+    fn new_input_token(&self, agent: AgentId, position: u32) -> u32 {
+        match self.prefix_of(agent) {
+            Some(p) if position < p.tokens => {
+                group_token(self.token_seed, p.group, position, self.vocab_size)
+            }
+            _ => input_token(self.token_seed, agent, position, self.vocab_size),
+        }
+    }
+
+    /// Checks one sequence of a step against the shared blocks of its table: the mechanism's
+    /// prefix group is the workload's; KV the engine never computed for this agent (a prefix
+    /// hit) lies inside its shared prefix, in blocks that are shared (another agent wrote them);
+    /// and the step writes no shared block.
+    fn check_shared_blocks(
+        &self,
+        seq: &BatchSeq,
+        table: &[u32],
+        positions_run: usize,
+        kv: &KvManager,
+    ) -> Result<(), BackendError> {
+        let agent = seq.agent;
+        let prefix = self.prefix_of(agent);
+        if let Some(group) = kv.prefix_group(agent) {
+            if prefix.map(|p| p.group) != Some(group) {
+                return Err(failed(format!(
+                    "agent {agent} shares the KV of prefix group {group}, but the run's workload gives it {}",
+                    prefix.map_or("no shared prefix".into(), |p| format!("group {}", p.group))
+                )));
+            }
+        }
+        let block_size = kv.block_size_tokens().max(1) as usize;
+        let shared = |index: usize| {
+            table
+                .get(index)
+                .is_some_and(|&b| kv.shared_block_refs(b) > 0)
+        };
+        let context = seq.context_tokens as usize;
+        if positions_run < context {
+            let limit = prefix.map_or(0, |p| p.tokens as usize);
+            let unshared = (positions_run / block_size..context.div_ceil(block_size))
+                .find(|&index| !shared(index));
+            if context > limit || unshared.is_some() {
+                return Err(failed(format!(
+                    "agent {agent} starts a step at position {context}, but the engine ran only its first {positions_run} positions \
+                     and KV it did not compute must be a hit of its shared prefix ({limit} tokens) in shared blocks{}",
+                    unshared.map_or(String::new(), |i| format!(" (its block {i} is private)"))
+                )));
+            }
+        }
+        let end = context + seq.tokens as usize;
+        if let Some(index) = (context / block_size..end.div_ceil(block_size)).find(|&i| shared(i)) {
+            return Err(failed(format!(
+                "agent {agent} would write positions {context}..{end} into shared block {} (its block {index}); \
+                 a shared block is written once, by the agent that computed it",
+                table[index]
+            )));
+        }
+        Ok(())
+    }
+
     /// The block table of an agent that may run now, or why it may not.
     fn runnable_table(&self, agent: AgentId, kv: &KvManager) -> Result<Vec<u32>, BackendError> {
         if !kv.is_resident(agent) {
@@ -293,7 +405,7 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
         let mut inputs = Vec::with_capacity(seqs.len());
         let mut fed_generated = Vec::new();
         for seq in &seqs {
-            tables.push(self.runnable_table(seq.agent, kv)?);
+            let table = self.runnable_table(seq.agent, kv)?;
             // Positions already run keep their tokens (a dropped prefix is recomputed from the
             // same tokens); the first new position takes the token generated last; later ones
             // are new input.
@@ -302,6 +414,8 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
                 .get(&seq.agent)
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
+            self.check_shared_blocks(seq, &table, known.len(), kv)?;
+            tables.push(table);
             let pending = self.last_token.get(&seq.agent).copied();
             let tokens: Vec<u32> = (0..seq.tokens)
                 .map(|i| {
@@ -312,7 +426,7 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
                             fed_generated.push((seq.agent, position));
                             pending.expect("checked")
                         }
-                        None => input_token(self.token_seed, seq.agent, position, self.vocab_size),
+                        None => self.new_input_token(seq.agent, position),
                     }
                 })
                 .collect();
@@ -350,7 +464,14 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
                 .insert(position);
         }
         for (row, (seq, tokens)) in seqs.iter().zip(&inputs).enumerate() {
+            // A prefix hit: the shared positions before the step are the group's tokens
+            // (checked above to lie inside the prefix).
+            let run_before = self.sequences.get(&seq.agent).map_or(0, Vec::len) as u32;
+            let hit: Vec<u32> = (run_before..seq.context_tokens)
+                .map(|position| self.new_input_token(seq.agent, position))
+                .collect();
             let sequence = self.sequences.entry(seq.agent).or_default();
+            sequence.extend_from_slice(&hit);
             let end = seq.context_tokens as usize + tokens.len();
             if end > sequence.len() {
                 // New positions: the pending generated token (if any) is now part of the sequence.
@@ -369,17 +490,24 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Backend for EngineBackend<M, S> 
         &mut self,
         now: SimTime,
         job: &SwapJob,
-        _kv: &KvManager,
+        kv: &KvManager,
     ) -> Result<(), BackendError> {
         self.check_deferred()?;
-        let pairs: Vec<BlockPair> = job
+        // Shared blocks stay on the GPU for the group: moving one would take it from under the
+        // other agents that reference it.
+        if let Some(&(block, _)) = job
             .pairs
             .iter()
-            .map(|&(gpu_block, host_block)| BlockPair {
-                gpu_block,
-                host_block,
-            })
-            .collect();
+            .find(|&&(gpu_block, _)| kv.shared_block_refs(gpu_block) > 0)
+        {
+            return Err(failed(format!(
+                "swap {} of agent {} names GPU block {block}, which is shared ({} tables point at it); a swap moves only private blocks",
+                job.id,
+                job.agent,
+                kv.shared_block_refs(block)
+            )));
+        }
+        let pairs = BlockPair::from_job(&job.pairs);
         let engine_id = self
             .swap
             .submit_for(

@@ -64,6 +64,19 @@ pub struct BlockPair {
     pub host_block: u32,
 }
 
+impl BlockPair {
+    /// The pairs of a `sim::kv::SwapJob` (`(GPU block, host block)`, in the agent's order).
+    pub fn from_job(pairs: &[(u32, u32)]) -> Vec<BlockPair> {
+        pairs
+            .iter()
+            .map(|&(gpu_block, host_block)| BlockPair {
+                gpu_block,
+                host_block,
+            })
+            .collect()
+    }
+}
+
 /// What the copy engine did for one swap; the fields match `traces::SwapRecord` (swaps.csv).
 ///
 /// `start_ns` / `end_ns` are nanoseconds since the engine's epoch (the run's clock origin) at

@@ -2,7 +2,7 @@
 //! twin are measured the same way.
 
 use sim::time::SimTime;
-use traces::{StepRecord, SwapRecord};
+use traces::{StepRecord, SwapRecord, TurnRecord};
 
 /// Step and swap figures the comparison prints.
 #[derive(Clone, Debug, Default)]
@@ -13,6 +13,10 @@ pub struct Figures {
     pub swap_out_gb_per_s: Option<f64>,
     pub swap_in_gb_per_s: Option<f64>,
     pub end_s: f64,
+    /// First turns admitted with KV already covering some of their prompt: hits of a shared
+    /// prefix (a first turn has no KV of its own yet), and the tokens those hits covered.
+    pub prefix_hits: u64,
+    pub prefix_hit_tokens: u64,
 }
 
 fn p50(values: &mut [f64]) -> f64 {
@@ -59,7 +63,17 @@ fn swap_gb_per_s(swaps: &[SwapRecord], direction: &str) -> Option<f64> {
     Some(bytes as f64 / busy_ns.max(1) as f64)
 }
 
-pub fn figures(steps: &[StepRecord], swaps: &[SwapRecord], end: SimTime) -> Figures {
+pub fn figures(
+    turns: &[TurnRecord],
+    steps: &[StepRecord],
+    swaps: &[SwapRecord],
+    end: SimTime,
+) -> Figures {
+    let hits: Vec<u64> = turns
+        .iter()
+        .filter(|t| t.turn_index == 0 && t.context_tokens_at_admit > 0)
+        .map(|t| t.context_tokens_at_admit as u64)
+        .collect();
     let mut all: Vec<f64> = steps.iter().map(|s| s.duration_ns as f64 / 1e6).collect();
     let decode: Vec<&StepRecord> = steps
         .iter()
@@ -74,5 +88,7 @@ pub fn figures(steps: &[StepRecord], swaps: &[SwapRecord], end: SimTime) -> Figu
         swap_out_gb_per_s: swap_gb_per_s(swaps, "out"),
         swap_in_gb_per_s: swap_gb_per_s(swaps, "in"),
         end_s: end.as_nanos() as f64 / 1e9,
+        prefix_hits: hits.len() as u64,
+        prefix_hit_tokens: hits.iter().sum(),
     }
 }

@@ -232,7 +232,10 @@ fn run_policy<M: PagedModel, S: SwapExecutor<Model = M>>(
     );
     let run_epoch = Instant::now();
     backend
-        .begin_run(run_epoch.duration_since(engine_epoch).as_nanos() as u64)
+        .begin_run(
+            run_epoch.duration_since(engine_epoch).as_nanos() as u64,
+            &plan.workload,
+        )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut clock = WallClock::from_epoch(run_epoch);
     let reproduce = reproduce_line(args, plan, policy, info);
@@ -254,7 +257,7 @@ fn run_policy<M: PagedModel, S: SwapExecutor<Model = M>>(
     let swaps = measured_swaps(&output, backend.swap_records())?;
     let inputs = summary_inputs(args, plan, policy, &output, info);
     let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &swaps);
-    let real_figures = figures(&output.steps, &swaps, output.end_time);
+    let real_figures = figures(&output.turns, &output.steps, &swaps, output.end_time);
     println!(
         "   {}: {} steps, {} swaps, {:.1} s wall",
         policy.name(),

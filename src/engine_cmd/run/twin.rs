@@ -33,7 +33,7 @@ pub fn simulate_twin(
             .with_context(|| format!("simulating {} / {}", plan.spec.name, policy.name()))?;
     let inputs = summary_inputs(args, plan, policy, &output, info);
     let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
-    let figures = figures(&output.steps, &output.swaps, output.end_time);
+    let figures = figures(&output.turns, &output.steps, &output.swaps, output.end_time);
     if let Some(staging) = staging {
         let mut manifest = sim::experiment::manifest(
             &plan.spec,
@@ -78,6 +78,7 @@ pub fn side_by_side(results: &[PolicyResult], profile: &str) -> String {
         "swap in GB/s",
         "swaps out",
         "drops",
+        "prefix hits",
         "run s",
     ];
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -99,6 +100,7 @@ pub fn side_by_side(results: &[PolicyResult], profile: &str) -> String {
                 gb(f.swap_in_gb_per_s),
                 s.swaps_out.to_string(),
                 s.drops.to_string(),
+                format!("{} ({} tok)", f.prefix_hits, f.prefix_hit_tokens),
                 format!("{:.1}", f.end_s),
             ]);
         }
@@ -135,6 +137,10 @@ pub fn side_by_side(results: &[PolicyResult], profile: &str) -> String {
             opt_ratio(r.real_figures.swap_in_gb_per_s, sim_fig.swap_in_gb_per_s),
             ratio(r.real.swaps_out as f64, sim.swaps_out as f64),
             ratio(r.real.drops as f64, sim.drops as f64),
+            ratio(
+                r.real_figures.prefix_hit_tokens as f64,
+                sim_fig.prefix_hit_tokens as f64,
+            ),
             ratio(r.real_figures.end_s, sim_fig.end_s),
         ]);
     }

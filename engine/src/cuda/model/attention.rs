@@ -1,4 +1,4 @@
-//! Attention launches: paged split-KV decode attention (decode steps and the pruned last layer of
+//! Attention launches: paged split-KV decode attention, per query head or per KV head (decode steps and the pruned last layer of
 //! prefill steps) and paged causal prefill attention (the kernel chosen at start-up, see
 //! `kernels::PrefillKernel`), with the tile list each prefill step is cut into.
 
@@ -26,9 +26,16 @@ impl CudaModel {
         let sl = self.step_layout;
         let (tables, seq_lens) = (self.step_ptr(sl.block_tables), self.step_ptr(sl.seq_lens));
         let table_stride = self.options.max_blocks_per_seq as i32;
+        // One thread block per KV head (all query heads of its group) or per query head; both
+        // write the same output and partial-result layout.
+        let (kernel, heads) = if self.decode_per_kv_head {
+            (self.kernels.attn_decode_gqa, nkv)
+        } else {
+            (self.kernels.attn_decode, nh)
+        };
         self.launch_fwd(
-            self.kernels.attn_decode,
-            (nh as u32, n_seqs as u32, splits as u32),
+            kernel,
+            (heads as u32, n_seqs as u32, splits as u32),
             (128, 1, 1),
             0,
             kargs![

@@ -10,7 +10,12 @@ impl CudaModel {
     /// Decode-attention splits for a bucket: enough CTAs to cover the SMs ~8 times over (small
     /// batches otherwise leave most SMs idle while a few CTAs walk long contexts).
     pub(super) fn decode_splits(&self, bucket: usize) -> usize {
-        let ctas = bucket * self.config.num_attention_heads;
+        let heads = if self.decode_per_kv_head {
+            self.config.num_key_value_heads
+        } else {
+            self.config.num_attention_heads
+        };
+        let ctas = bucket * heads;
         (8 * self.device.num_sms)
             .div_ceil(ctas)
             .clamp(1, MAX_DECODE_SPLITS)

@@ -6,7 +6,7 @@
 //! - `norm.cu`: `embed`, `embed_h`, `add_rmsnorm`, `add_rmsnorm_h`, `add_rmsnorm_rows`,
 //!   `add_rmsnorm_rows_h`, `gather_last_rows`.
 //! - `rope_kv.cu`: `rope_kv_write`.
-//! - `decode_attention.cu`: `attn_decode`, `attn_decode_reduce`.
+//! - `decode_attention.cu`: `attn_decode`, `attn_decode_gqa`, `attn_decode_reduce`.
 //! - `prefill_attention_mma.cu`: `attn_prefill_mma64` (head_dim 256), `attn_prefill_mma`.
 //! - `prefill_attention_wgmma.cu`: `attn_prefill_wgmma`.
 //! - `prefill_attention_ws.cu`: `attn_prefill_wgmma_ws` (also defines `TmaMap`).
@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result as dr, sys as dsys, CudaModule};
 
-use super::super::tuning::PrefillAttention;
+use super::super::tuning::{DecodeAttention, PrefillAttention};
 use super::{drv, CudaError, CudaModelOptions, GpuDevice};
 use crate::config::{DType, ModelConfig};
 
@@ -139,6 +139,29 @@ pub(super) fn choose_prefill(
     Ok((kernel, wgmma_kernel, ws_possible))
 }
 
+/// Most query heads per KV head `attn_decode_gqa` runs (its registers hold a query, a running
+/// max, sum and output slice per head of the group).
+pub(super) const GQA_DECODE_MAX_GROUP: usize = 8;
+
+/// Resolves the requested decode attention for this model: whether one thread block per KV head
+/// runs (`attn_decode_gqa`).
+pub(super) fn choose_decode(
+    config: &ModelConfig,
+    wanted: DecodeAttention,
+) -> Result<bool, CudaError> {
+    let group = config.num_attention_heads / config.num_key_value_heads;
+    let fits = group <= GQA_DECODE_MAX_GROUP;
+    match wanted {
+        DecodeAttention::Auto => Ok(group > 1 && fits && config.head_dim() <= 128),
+        DecodeAttention::PerQueryHead => Ok(false),
+        DecodeAttention::PerKvHead if fits => Ok(true),
+        DecodeAttention::PerKvHead => Err(CudaError::Unsupported(format!(
+            "decode attention per KV head runs at most {GQA_DECODE_MAX_GROUP} query heads per KV head; {} has {group}",
+            config.name
+        ))),
+    }
+}
+
 /// The compiled kernels of one model (element type, head and block size fixed at compile time).
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
@@ -153,6 +176,7 @@ pub(crate) struct Kernels {
     pub rope_kv_write: dsys::CUfunction,
     pub silu_mul: dsys::CUfunction,
     pub attn_decode: dsys::CUfunction,
+    pub attn_decode_gqa: dsys::CUfunction,
     pub attn_decode_reduce: dsys::CUfunction,
     pub attn_prefill_mma64: dsys::CUfunction,
     pub attn_prefill_mma: dsys::CUfunction,
@@ -186,6 +210,13 @@ impl Kernels {
         let defines = [
             ("HEAD_DIM", hd.to_string()),
             ("BLOCK_SIZE", options.block_size_tokens.to_string()),
+            // Query heads per KV head, at most GQA_DECODE_MAX_GROUP (attn_decode_gqa's registers).
+            (
+                "GQA_GROUP",
+                (config.num_attention_heads / config.num_key_value_heads)
+                    .clamp(1, GQA_DECODE_MAX_GROUP)
+                    .to_string(),
+            ),
             (
                 "USE_BF16",
                 if options.dtype == DType::Bf16 {
@@ -213,6 +244,7 @@ impl Kernels {
             rope_kv_write: f("rope_kv_write")?,
             silu_mul: f("silu_mul")?,
             attn_decode: f("attn_decode")?,
+            attn_decode_gqa: f("attn_decode_gqa")?,
             attn_decode_reduce: f("attn_decode_reduce")?,
             attn_prefill_mma64: f("attn_prefill_mma64")?,
             attn_prefill_mma: f("attn_prefill_mma")?,

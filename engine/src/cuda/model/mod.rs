@@ -17,7 +17,7 @@ use cudarc::cublas::{sys as bsys, CudaBlas};
 use cudarc::driver::{sys as dsys, CudaGraph};
 
 use super::gemm_tune::TunedGemm;
-use super::tuning::{EngineTuning, GemmTuning};
+use super::tuning::{DecodeAttention, EngineTuning, GemmTuning};
 use super::{drv, legacy_stream_done, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
 use crate::batch::{Logits, PagedModel, SeqStep};
 use crate::config::{DType, ModelConfig};
@@ -154,6 +154,9 @@ pub struct CudaModel {
     use_pdl: bool,
     /// Prefill attention kernel in use.
     prefill: PrefillKernel,
+    /// Decode attention runs one thread block per KV head (`attn_decode_gqa`) instead of one per
+    /// query head.
+    decode_per_kv_head: bool,
     /// The wgmma kernel that `set_wgmma_prefill(true)` restores (`None`: the card or model has
     /// none).
     wgmma_prefill: Option<PrefillKernel>,
@@ -285,6 +288,7 @@ impl CudaModel {
         let tuning = options.tuning.clone();
         let (prefill, wgmma_prefill, ws_possible) =
             kernels::choose_prefill(&device, &config, &options, tuning.prefill_attention)?;
+        let decode_per_kv_head = kernels::choose_decode(&config, tuning.decode_attention)?;
         let kernels = Kernels::load(&device, &config, &options)?;
         let layout = WeightLayout::new(&config);
         let sized = plan::Sizes::new(&config, &options);
@@ -323,6 +327,7 @@ impl CudaModel {
             max_tiles: sized.max_tiles,
             profiler: std::cell::RefCell::new(None),
             prefill,
+            decode_per_kv_head,
             wgmma_prefill,
             kv_tma_map,
             own_gate_up,
@@ -360,6 +365,25 @@ impl CudaModel {
             (true, false, Some(k)) => self.prefill = k,
             (false, true, _) => self.prefill = PrefillKernel::Mma,
             _ => {}
+        }
+        was
+    }
+
+    /// Whether decode attention runs one thread block per KV head (`attn_decode_gqa`).
+    pub fn decode_attention_per_kv_head(&self) -> bool {
+        self.decode_per_kv_head
+    }
+
+    /// Switches decode attention between one thread block per KV head and one per query head
+    /// (checks compare the two); returns the previous choice. Per KV head is only turned on where
+    /// the model's group fits the kernel. Captured decode graphs are dropped on a change.
+    pub fn set_decode_attention_per_kv_head(&mut self, on: bool) -> bool {
+        let was = self.decode_per_kv_head;
+        let possible = kernels::choose_decode(&self.config, DecodeAttention::PerKvHead).is_ok();
+        let now = on && possible;
+        if now != was {
+            self.graphs.clear();
+            self.decode_per_kv_head = now;
         }
         was
     }

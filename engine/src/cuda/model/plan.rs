@@ -108,29 +108,57 @@ pub(crate) struct Buffers {
     pub step_dev: DeviceBuffer,
 }
 
-/// Checks that the plan fits the free memory and allocates it. Returns the buffers, the KV pool
-/// and the plan (bytes by purpose).
-#[allow(clippy::type_complexity)]
-pub(super) fn allocate(
-    device: &GpuDevice,
+/// The shapes every buffer is sized by.
+struct Dims {
+    elem: usize,
+    h: usize,
+    inter: usize,
+    hd: usize,
+    nh: usize,
+    vocab: usize,
+    qkv_width: usize,
+    max_t: usize,
+    max_s: usize,
+}
+
+impl Dims {
+    fn new(config: &ModelConfig, options: &CudaModelOptions) -> Dims {
+        let (nh, hd) = (config.num_attention_heads, config.head_dim());
+        Dims {
+            elem: options.dtype.size_bytes(),
+            h: config.hidden_size,
+            inter: config.intermediate_size,
+            hd,
+            nh,
+            vocab: config.vocab_size,
+            qkv_width: (nh + 2 * config.num_key_value_heads) * hd,
+            max_t: options.max_tokens_per_step,
+            max_s: options.max_seqs_per_step,
+        }
+    }
+}
+
+/// The memory plan on a card with `free` of `total` bytes free: every buffer's bytes by purpose,
+/// the KV pool last, and the pool's block count; an error when the plan or the KV demand cannot
+/// fit. Pure arithmetic, so the plan of a run can be checked without the card.
+pub(super) fn memory_plan(
     config: &ModelConfig,
     options: &CudaModelOptions,
     sizes: &Sizes,
     weight_elems: usize,
-) -> Result<(Buffers, GpuKvPool, Vec<(String, usize)>), CudaError> {
-    let elem = options.dtype.size_bytes();
-    let (h, inter, hd) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.head_dim(),
-    );
-    let (nh, nkv, vocab) = (
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.vocab_size,
-    );
-    let qkv_width = (nh + 2 * nkv) * hd;
-    let (max_t, max_s) = (options.max_tokens_per_step, options.max_seqs_per_step);
+    (free, total): (usize, usize),
+) -> Result<(Vec<(String, usize)>, usize), CudaError> {
+    let Dims {
+        elem,
+        h,
+        inter,
+        hd,
+        nh,
+        vocab,
+        qkv_width,
+        max_t,
+        max_s,
+    } = Dims::new(config, options);
     let mut plan: Vec<(String, usize)> = vec![
         ("weights".into(), weight_elems * elem),
         ("residual stream (f32)".into(), max_t * h * 4),
@@ -161,7 +189,6 @@ pub(super) fn allocate(
     let fixed_bytes: usize = plan.iter().map(|(_, b)| b).sum();
     let layout = KvLayout::new(config, options.block_size_tokens);
     let block_bytes = layout.block_elems() * elem;
-    let (free, total) = device.mem_info()?;
     let available = free.saturating_sub(options.reserve_bytes);
     let num_blocks = match options.num_kv_blocks {
         Some(n) => n,
@@ -200,7 +227,32 @@ pub(super) fn allocate(
             breakdown,
         });
     }
+    Ok((plan, num_blocks))
+}
 
+/// Checks that the plan fits the free memory and allocates it. Returns the buffers, the KV pool
+/// and the plan (bytes by purpose).
+#[allow(clippy::type_complexity)]
+pub(super) fn allocate(
+    device: &GpuDevice,
+    config: &ModelConfig,
+    options: &CudaModelOptions,
+    sizes: &Sizes,
+    weight_elems: usize,
+) -> Result<(Buffers, GpuKvPool, Vec<(String, usize)>), CudaError> {
+    let (plan, num_blocks) = memory_plan(config, options, sizes, weight_elems, device.mem_info()?)?;
+    let Dims {
+        elem,
+        h,
+        inter,
+        hd,
+        nh,
+        vocab,
+        qkv_width,
+        max_t,
+        max_s,
+    } = Dims::new(config, options);
+    let layout = KvLayout::new(config, options.block_size_tokens);
     let ctx = device.ctx.clone();
     let alloc = |bytes: usize, what: &str| DeviceBuffer::alloc(&ctx, bytes, what);
     let buffers = Buffers {
@@ -357,5 +409,67 @@ impl PinnedBuffer {
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
         let _ = unsafe { dr::free_host(self.ptr as *mut c_void) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::model::WeightLayout;
+
+    /// The options `djinn engine run --backend cuda --model llama3.1-8b` builds for a workload of
+    /// 131,072-token contexts (fp16, 16-token blocks, 4,096-token steps, 256 sequences).
+    fn engine_run_options(config: &ModelConfig) -> CudaModelOptions {
+        let mut o = CudaModelOptions::for_config(config);
+        o.block_size_tokens = 16;
+        o.max_tokens_per_step = 4096;
+        o.max_seqs_per_step = 256;
+        o.max_blocks_per_seq = 131_073usize.div_ceil(16);
+        o.kv_demand = Some(super::super::KvDemand {
+            sequences: 1,
+            tokens_per_sequence: 131_073,
+        });
+        o
+    }
+
+    #[test]
+    fn llama3_8b_engine_run_plans_its_memory_on_an_h100() {
+        let config = ModelConfig::llama3_1_8b();
+        let options = engine_run_options(&config);
+        let sizes = Sizes::new(&config, &options);
+        let weights = WeightLayout::new(&config).total_elems;
+        // An H100 80GB HBM3 reports 81,559 MiB; take 80,000 MiB free after the context.
+        let mib_bytes = 1usize << 20;
+        let (plan, blocks) = memory_plan(
+            &config,
+            &options,
+            &sizes,
+            weights,
+            (80_000 * mib_bytes, 81_559 * mib_bytes),
+        )
+        .expect("llama3.1-8b fits an H100 with a 131k-token context");
+        let kv_tokens = blocks * 16;
+        let fixed: usize = plan[..plan.len() - 1].iter().map(|(_, b)| b).sum();
+        eprintln!(
+            "llama3.1-8b on 80,000 MiB free: {:.1} GiB besides the pool, KV pool {blocks} blocks = {kv_tokens} tokens",
+            fixed as f64 / (1u64 << 30) as f64
+        );
+        // Weights (8.03 B parameters in fp16) dominate what is not KV.
+        assert!((16.0e9..17.5e9).contains(&(fixed as f64)), "{fixed}");
+        // Room for ten 42k-token contexts (5.25 GiB each) at once.
+        assert!(kv_tokens >= 10 * 43_008, "{kv_tokens} tokens");
+    }
+
+    #[test]
+    fn a_131k_context_beyond_a_small_card_is_refused_by_the_plan() {
+        let config = ModelConfig::llama3_1_8b();
+        let options = engine_run_options(&config);
+        let sizes = Sizes::new(&config, &options);
+        let weights = WeightLayout::new(&config).total_elems;
+        let gib = 1usize << 30;
+        let err = memory_plan(&config, &options, &sizes, weights, (24 * gib, 24 * gib))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KV for 1 sequences of 131073 tokens"), "{err}");
     }
 }

@@ -259,7 +259,8 @@ impl Fixture {
 /// Self-consistency of the paged forward on one model (any size, e.g. the random 7B):
 /// (1) a prompt prefilled at once vs prefilled in two chunks (later turn) vs prefix + token-by-token
 /// decode give the same last-token logits; (2) a batch of decodes equals each decoded alone;
-/// (3) graph replay equals eager launches; then the pruned last layer against the whole one and,
+/// (3) graph replay equals eager launches; then the pruned last layer against the whole one,
+/// decode attention per KV head against per query head (grouped-query models) and,
 /// on a long prompt, each optional path against its reference path. Returns a list of (check,
 /// max |diff|, passed).
 pub fn self_consistency(model: &mut CudaModel, tolerance_rel: f32) -> Result<Results, CudaError> {
@@ -267,6 +268,7 @@ pub fn self_consistency(model: &mut CudaModel, tolerance_rel: f32) -> Result<Res
     let mut results = Vec::new();
     short_prompt_checks(model, &fx, &mut results)?;
     pruned_last_layer_checks(model, &fx, &mut results)?;
+    decode_attention_checks(model, &fx, &mut results)?;
     long_prompt_checks(model, &fx, &mut results)?;
     Ok(results)
 }
@@ -446,6 +448,48 @@ fn pruned_last_layer_checks(
                 results,
             );
         }
+    }
+    Ok(())
+}
+
+/// Decode attention with one thread block per KV head (all query heads of its group) against one
+/// per query head, on a batch of three decodes and on one alone (more splits of its context):
+/// grouped-query models only (for one query head per KV head the kernels do the same work).
+fn decode_attention_checks(
+    model: &mut CudaModel,
+    fx: &Fixture,
+    results: &mut Results,
+) -> Result<(), CudaError> {
+    let was = model.set_decode_attention_per_kv_head(true);
+    if !model.decode_attention_per_kv_head()
+        || model.config.num_attention_heads == model.config.num_key_value_heads
+    {
+        model.set_decode_attention_per_kv_head(was);
+        return Ok(());
+    }
+    let tables = [&fx.table_a, &fx.table_b, &fx.table_c];
+    // Every table holds the prompt's n tokens by now; each decode rewrites the KV of position n
+    // with the same value, so the two arms see the same context.
+    let batch: Vec<SeqStep<'_>> = (0..3)
+        .map(|s| SeqStep {
+            block_table: tables[s],
+            context_len: fx.n,
+            tokens: &fx.next[s],
+        })
+        .collect();
+    for (what, step) in [("batch of 3", &batch[..]), ("one sequence", &batch[..1])] {
+        eprintln!("consistency: decode attention per KV head vs per query head, {what}");
+        model.set_decode_attention_per_kv_head(true);
+        let per_kv = model.forward_logits(step);
+        model.set_decode_attention_per_kv_head(false);
+        let per_query = model.forward_logits(step);
+        model.set_decode_attention_per_kv_head(was);
+        fx.record(
+            &format!("decode {what}: attention per KV head == per query head"),
+            &per_kv?,
+            &per_query?,
+            results,
+        );
     }
     Ok(())
 }
