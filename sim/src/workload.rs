@@ -234,7 +234,7 @@ fn assign_prefix_groups(
     let mut assigned = vec![None; agent_count as usize];
     let mut next = 0usize;
     for (group, g) in spec.prefix_groups.iter().enumerate() {
-        let want = (g.share * agent_count as f64).round() as usize;
+        let want = (g.share.unwrap_or(0.0) * agent_count as f64).round() as usize;
         let count = want.min(order.len() - next);
         for &agent in &order[next..next + count] {
             assigned[agent] = Some(SharedPrefix {
