@@ -374,6 +374,7 @@ fn prefix_groups(window: u32) -> impl Strategy<Value = Vec<PrefixGroupSpec>> {
                     name: format!("group-{i}"),
                     tokens,
                     share: Some(share / total.max(1.0)),
+                    shared: true,
                 })
                 .collect()
         }),

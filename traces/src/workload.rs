@@ -295,6 +295,20 @@ pub struct PrefixGroupSpec {
     /// says which sessions belong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<f64>,
+    /// Whether the serving engine may hold the prefix once for all the group's agents (the
+    /// default). `false` keeps the tokens at the head of every group agent's first prompt but
+    /// gives each agent its own copy, prefilled and held per agent: the same programs without
+    /// sharing, the baseline of a with/without comparison.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub shared: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// Trace formats a `[replay]` table may name.
@@ -708,8 +722,16 @@ sigma = 0.5
         };
         let ok = WorkloadSpec::from_toml_str(path, &group("sys", 1024, 0.9)).unwrap();
         assert_eq!(ok.prefix_groups[0].tokens, 1024);
+        assert!(ok.prefix_groups[0].shared);
         let round = WorkloadSpec::from_toml_str(path, &ok.to_toml_string()).unwrap();
         assert_eq!(round, ok);
+        let own = format!("{}shared = false\n", group("sys", 1024, 0.9));
+        let own = WorkloadSpec::from_toml_str(path, &own).unwrap();
+        assert!(!own.prefix_groups[0].shared);
+        assert_eq!(
+            WorkloadSpec::from_toml_str(path, &own.to_toml_string()).unwrap(),
+            own
+        );
         for (text, field) in [
             (group("sys", 0, 0.5), "prefix_groups[0].tokens"),
             (group("sys", 4000, 0.5), "prefix_groups[0].tokens"),

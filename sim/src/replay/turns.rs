@@ -173,7 +173,8 @@ fn program(
     }
     AgentProgram {
         agent_id,
-        prefix,
+        // An unshared group's tokens stay in the prompt, held per agent.
+        prefix: prefix.filter(|p| spec.prefix_groups[p.group as usize].shared),
         arrival,
         turns,
     }
