@@ -34,7 +34,7 @@ fn bad_turn_files_exit_2_naming_file_line_and_column() {
     let dir = temp("turns", "bad");
     let cases: &[(&str, &str, &str)] = &[
         ("session,turn,new_tokens,pause_s\na,0,1,\n", "bad.csv", "line 1: column `output_tokens`: missing"),
-        ("session,turn,new_tokens,output_tokens,pause_s,prefix_group\na,0,1,1,,sys\n", "bad.csv", "line 1: column `prefix_group`: unknown column"),
+        ("session,turn,new_tokens,output_tokens,pause_s,prefix_group\na,0,1,1,,sys\n", "bad.csv", "line 2: column `prefix_group`: names \"sys\", but the spec declares no [[prefix_groups]]"),
         ("session,turn,new_tokens,output_tokens\na,0,1,1\n", "bad.csv", "line 1: column `pause_s`: missing"),
         ("session,turn,new_tokens,output_tokens,pause_s,time_s\na,0,1,1,,0\n", "bad.csv", "line 1: column `time_s`: give either"),
         ("session,turn,new_tokens,output_tokens,pause_s\na,0,1,1,1\na,1,x1,1,\n", "bad.csv", "line 3: column `new_tokens`: not a number"),

@@ -10,7 +10,7 @@ use crate::time::VirtualClock;
 use crate::workload::Workload;
 
 /// The shipped workload specs, embedded so the binary works anywhere.
-pub const SHIPPED_WORKLOADS: [(&str, &str); 11] = [
+pub const SHIPPED_WORKLOADS: [(&str, &str); 14] = [
     ("seed-exp1", include_str!("../workloads/seed-exp1.toml")),
     ("seed-cliff", include_str!("../workloads/seed-cliff.toml")),
     (
@@ -42,6 +42,15 @@ pub const SHIPPED_WORKLOADS: [(&str, &str); 11] = [
     (
         "coding-agent-small",
         include_str!("../workloads/coding-agent-small.toml"),
+    ),
+    (
+        "coding-agent-unshared",
+        include_str!("../workloads/coding-agent-unshared.toml"),
+    ),
+    ("chat-long", include_str!("../workloads/chat-long.toml")),
+    (
+        "swe-agent-long",
+        include_str!("../workloads/swe-agent-long.toml"),
     ),
 ];
 

@@ -208,7 +208,8 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
             agent_id,
             arrival,
             turns,
-            prefix,
+            // An unshared group's tokens stay in the prompt, held per agent.
+            prefix: prefix.filter(|p| spec.prefix_groups[p.group as usize].shared),
         });
     }
     Workload {
@@ -234,7 +235,7 @@ fn assign_prefix_groups(
     let mut assigned = vec![None; agent_count as usize];
     let mut next = 0usize;
     for (group, g) in spec.prefix_groups.iter().enumerate() {
-        let want = (g.share * agent_count as f64).round() as usize;
+        let want = (g.share.unwrap_or(0.0) * agent_count as f64).round() as usize;
         let count = want.min(order.len() - next);
         for &agent in &order[next..next + count] {
             assigned[agent] = Some(SharedPrefix {
@@ -376,5 +377,11 @@ kind = "exact"
         }
         assert_eq!(with, generate(&spec(&text), 50, 4));
         assert_ne!(with, generate(&spec(&text), 50, 5));
+        // Unshared groups: the very same programs, each agent holding its own copy.
+        let own = generate(&spec(&text.replace("share = 0.6", "share = 0.6\nshared = false")), 50, 4);
+        for (a, b) in own.agents.iter().zip(&with.agents) {
+            assert_eq!(a.turns, b.turns);
+            assert_eq!(a.prefix, b.prefix.filter(|p| p.group == 1));
+        }
     }
 }

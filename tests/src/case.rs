@@ -373,7 +373,8 @@ fn prefix_groups(window: u32) -> impl Strategy<Value = Vec<PrefixGroupSpec>> {
                 .map(|(i, (tokens, share))| PrefixGroupSpec {
                     name: format!("group-{i}"),
                     tokens,
-                    share: share / total.max(1.0),
+                    share: Some(share / total.max(1.0)),
+                    shared: true,
                 })
                 .collect()
         }),

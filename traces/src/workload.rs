@@ -291,7 +291,24 @@ pub struct PrefixGroupSpec {
     pub tokens: u32,
     /// Fraction of the agents in the group, in (0, 1]; the groups' shares sum to at most 1 and
     /// the remaining agents have no shared prefix. Which agents belong is drawn with the seed.
-    pub share: f64,
+    /// Required for generated agents; absent in a `turns` replay, whose `prefix_group` column
+    /// says which sessions belong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<f64>,
+    /// Whether the serving engine may hold the prefix once for all the group's agents (the
+    /// default). `false` keeps the tokens at the head of every group agent's first prompt but
+    /// gives each agent its own copy, prefilled and held per agent: the same programs without
+    /// sharing, the baseline of a with/without comparison.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub shared: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// Trace formats a `[replay]` table may name.
@@ -495,12 +512,17 @@ impl WorkloadSpec {
                 ),
             );
         }
-        if self.replay.is_some() {
-            return fail(
-                "prefix_groups".into(),
-                "not supported with [replay] (groups apply to generated agents)".into(),
-            );
-        }
+        // A turns file names each session's group; a Mooncake trace has no such column.
+        let from_file = match &self.replay {
+            Some(r) if r.is_turns() => true,
+            Some(_) => {
+                return fail(
+                    "prefix_groups".into(),
+                    "not supported with a mooncake replay (a `turns` file's prefix_group column or generated agents use groups)".into(),
+                )
+            }
+            None => false,
+        };
         let mut total = 0.0;
         for (i, g) in self.prefix_groups.iter().enumerate() {
             let field = |name: &str| format!("prefix_groups[{i}].{name}");
@@ -526,13 +548,26 @@ impl WorkloadSpec {
                     ),
                 );
             }
-            if !g.share.is_finite() || g.share <= 0.0 || g.share > 1.0 {
-                return fail(
-                    field("share"),
-                    format!("must be in (0, 1], got {}", g.share),
-                );
+            let share = match (g.share, from_file) {
+                (None, true) => continue,
+                (Some(_), true) => {
+                    return fail(
+                        field("share"),
+                        "not used by a turns replay (the file's prefix_group column assigns sessions): remove it".into(),
+                    )
+                }
+                (None, false) => {
+                    return fail(
+                        field("share"),
+                        "missing (the fraction of agents in the group, in (0, 1])".into(),
+                    )
+                }
+                (Some(share), false) => share,
+            };
+            if !share.is_finite() || share <= 0.0 || share > 1.0 {
+                return fail(field("share"), format!("must be in (0, 1], got {share}"));
             }
-            total += g.share;
+            total += share;
         }
         if total > 1.0 + 1e-9 {
             return fail(
@@ -687,13 +722,25 @@ sigma = 0.5
         };
         let ok = WorkloadSpec::from_toml_str(path, &group("sys", 1024, 0.9)).unwrap();
         assert_eq!(ok.prefix_groups[0].tokens, 1024);
+        assert!(ok.prefix_groups[0].shared);
         let round = WorkloadSpec::from_toml_str(path, &ok.to_toml_string()).unwrap();
         assert_eq!(round, ok);
+        let own = format!("{}shared = false\n", group("sys", 1024, 0.9));
+        let own = WorkloadSpec::from_toml_str(path, &own).unwrap();
+        assert!(!own.prefix_groups[0].shared);
+        assert_eq!(
+            WorkloadSpec::from_toml_str(path, &own.to_toml_string()).unwrap(),
+            own
+        );
         for (text, field) in [
             (group("sys", 0, 0.5), "prefix_groups[0].tokens"),
             (group("sys", 4000, 0.5), "prefix_groups[0].tokens"),
             (group("sys", 10, 1.5), "prefix_groups[0].share"),
             (group("", 10, 0.5), "prefix_groups[0].name"),
+            (
+                group("sys", 10, 0.5).replace("share = 0.5\n", ""),
+                "prefix_groups[0].share",
+            ),
             (
                 format!(
                     "{}{}",
@@ -707,6 +754,33 @@ sigma = 0.5
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(field) && e.contains("w.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn prefix_groups_of_a_turns_replay_take_no_share() {
+        let path = Path::new("r.toml");
+        let spec = |format: &str, share: &str| {
+            format!(
+                "schema_version = 1\nname = \"r\"\nagents = 2\nmax_context_tokens = 4096\n\
+                 [replay]\nformat = \"{format}\"\npath = \"t.csv\"\n[hint]\nkind = \"none\"\n\
+                 [[prefix_groups]]\nname = \"sys\"\ntokens = 100\n{share}"
+            )
+        };
+        let ok = WorkloadSpec::from_toml_str(path, &spec("turns", "")).unwrap();
+        assert_eq!(ok.prefix_groups[0].share, None);
+        assert_eq!(
+            WorkloadSpec::from_toml_str(path, &ok.to_toml_string()).unwrap(),
+            ok
+        );
+        for (text, field) in [
+            (spec("turns", "share = 0.5\n"), "prefix_groups[0].share"),
+            (spec("mooncake", ""), "prefix_groups"),
+        ] {
+            let e = WorkloadSpec::from_toml_str(path, &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains("r.toml"), "{e}");
         }
     }
 

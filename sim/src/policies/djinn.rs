@@ -451,7 +451,12 @@ mod tests {
             0,
         );
         assert!(kept.drop.is_empty() && kept.swap_out.is_empty());
-        assert!(kept.prefill.is_empty(), "without the drop the head waits");
+        assert!(!kept.prefill.is_empty(), "a parked turn with resident KV runs past the head");
+        assert!(
+            kept.prefill.iter().all(|p| p.agent == 2 || p.agent == 3),
+            "without the drop the head waits: {:?}",
+            kept.prefill.iter().map(|p| p.agent).collect::<Vec<_>>()
+        );
 
         // With host room the parked tail is swapped out instead, for all the queue lacks.
         let swapped = plan_with_parked_tail(DjinnParams::default(), 100);

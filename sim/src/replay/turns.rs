@@ -11,6 +11,10 @@
 //! - The window: as for generated workloads, a program ends before the turn whose input plus
 //!   output would exceed `max_context_tokens`, and a first prompt longer than the window is cut
 //!   to fit.
+//! - Prefix groups: a session naming a `[[prefix_groups]]` entry starts its first prompt with the
+//!   group's `tokens` (in the spec's units: `token_scale` does not apply), followed by the file's
+//!   `new_tokens`. The file's counts leave the prefix out, `context_tokens` included: a
+//!   compaction keeps the prefix (an agent keeps its system prompt), so the prefix is added to it.
 
 use std::path::Path;
 
@@ -23,7 +27,9 @@ use super::{hint_for, scaled, sort_and_renumber, trace_text};
 use crate::ids::AgentId;
 use crate::rng::stream;
 use crate::time::SimTime;
-use crate::workload::{arrival_times, AgentProgram, PauseProgram, TurnProgram, Workload};
+use crate::workload::{
+    arrival_times, AgentProgram, PauseProgram, SharedPrefix, TurnProgram, Workload,
+};
 
 /// The workload of a `[replay]` with a `turns` format.
 pub fn turns_workload(
@@ -34,7 +40,8 @@ pub fn turns_workload(
 ) -> Result<Workload, TraceError> {
     let (file, text) = trace_text(&replay.path)?;
     let syntax = Syntax::of(&replay.format, &file)?;
-    let sessions = parse_turns(&file, &text, syntax)?;
+    let groups: Vec<&str> = spec.prefix_groups.iter().map(|g| g.name.as_str()).collect();
+    let sessions = parse_turns(&file, &text, syntax, &groups)?;
     let path = Path::new(&file);
     let m = sessions.len();
     let n = spec.agent_count(Some(agents)) as usize;
@@ -117,20 +124,24 @@ fn program(
 ) -> AgentProgram {
     let window = spec.max_context_tokens as u64;
     let mut hint_rng = stream(seed, "hint", agent_id as u64);
+    let prefix = session.prefix_group.map(|group| SharedPrefix {
+        group,
+        tokens: spec.prefix_groups[group as usize].tokens,
+    });
+    let prefix_tokens = prefix.map_or(0, |p| p.tokens);
     let mut turns: Vec<TurnProgram> = Vec::with_capacity(session.turns.len());
     let mut sequence: u64 = 0;
     for (k, t) in session.turns.iter().enumerate() {
         let mut new_tokens = scaled(t.new_tokens, replay.token_scale);
         if k == 0 {
-            new_tokens = new_tokens.max(1);
+            new_tokens = new_tokens.max(1).saturating_add(prefix_tokens);
         }
         let mut generated = scaled(t.output_tokens, replay.token_scale).max(1);
         let full = sequence + new_tokens as u64;
         // Rounding the scaled context must not let it claim more than the sequence holds.
         let mut input = match t.context_tokens {
-            Some(c) if k > 0 => {
-                (scaled(c, replay.token_scale) as u64).clamp(new_tokens as u64, full)
-            }
+            Some(c) if k > 0 => (scaled(c, replay.token_scale) as u64 + prefix_tokens as u64)
+                .clamp(new_tokens as u64, full),
             _ => full,
         };
         if input + generated as u64 > window {
@@ -162,7 +173,8 @@ fn program(
     }
     AgentProgram {
         agent_id,
-        prefix: None,
+        // An unshared group's tokens stay in the prompt, held per agent.
+        prefix: prefix.filter(|p| spec.prefix_groups[p.group as usize].shared),
         arrival,
         turns,
     }
@@ -284,5 +296,47 @@ mod tests {
         assert_eq!(a.turns[2].context_tokens, Some(2500));
         assert_eq!(a.final_sequence_tokens(), 4425);
         assert!(a.peak_sequence_tokens() <= 8192);
+    }
+
+    #[test]
+    fn a_sessions_prefix_group_opens_its_first_prompt_and_survives_compaction() {
+        let path = write(
+            "grouped.csv",
+            "session,turn,new_tokens,output_tokens,pause_s,context_tokens,prefix_group\n\
+             a,0,800,10,1,,sys\n\
+             a,1,40,10,1,,\n\
+             a,2,40,10,,200,\n\
+             b,0,800,10,,,\n",
+        );
+        let group = "[arrival]\nkind = \"ramp\"\nramp_s = 0.0\n\
+                     [[prefix_groups]]\nname = \"other\"\ntokens = 50\n\
+                     [[prefix_groups]]\nname = \"sys\"\ntokens = 1000";
+        let mut s = spec(group, &path, true);
+        s.replay.as_mut().unwrap().token_scale = 0.5;
+        let w = turns_workload(&s, s.replay.as_ref().unwrap(), 4, 3).unwrap();
+        for a in &w.agents {
+            if a.turns.len() == 1 {
+                assert_eq!(a.prefix, None);
+                assert_eq!(a.turns[0].new_tokens, 400);
+                continue;
+            }
+            // The prefix is not scaled; the file's tokens are.
+            assert_eq!(a.prefix, Some(SharedPrefix { group: 1, tokens: 1000 }));
+            assert_eq!(a.turns[0].new_tokens, 1400);
+            // The compacted context (100 scaled) keeps the prefix in front.
+            assert_eq!(a.turns[2].context_tokens, Some(1100));
+        }
+        let unknown = write(
+            "unknown.csv",
+            "session,turn,new_tokens,output_tokens,pause_s,prefix_group\na,0,5,1,,tools\n",
+        );
+        let s = spec(group, &unknown, false);
+        let e = turns_workload(&s, s.replay.as_ref().unwrap(), 1, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown.csv") && e.contains("line 2: column `prefix_group`"),
+            "{e}"
+        );
     }
 }

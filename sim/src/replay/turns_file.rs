@@ -3,7 +3,9 @@
 //! Columns (CSV header, or JSONL keys): `session` (any string id), `turn` (order within the
 //! session; rows may come in any order), `new_tokens`, `output_tokens`, exactly one of
 //! `pause_s` (the pause after the turn; empty for a session's last turn) and `time_s` (the
-//! turn's absolute arrival), and optionally `hint_s` and `context_tokens`. Every error names the
+//! turn's absolute arrival), and optionally `hint_s`, `context_tokens` and `prefix_group` (the
+//! name of a spec's `[[prefix_groups]]` entry whose tokens open the session's first prompt; one
+//! name per session, on any of its rows, the others empty or the same). Every error names the
 //! file, the line and the column. Values are bounded before anything is sized by them.
 
 use std::collections::BTreeMap;
@@ -13,7 +15,7 @@ use traces::workload::CONTEXT_TOKENS_MAX;
 use traces::TraceError;
 
 /// Columns a turns file may have, in the order the docs list them.
-pub const COLUMNS: [&str; 8] = [
+pub const COLUMNS: [&str; 9] = [
     "session",
     "turn",
     "new_tokens",
@@ -22,6 +24,7 @@ pub const COLUMNS: [&str; 8] = [
     "time_s",
     "hint_s",
     "context_tokens",
+    "prefix_group",
 ];
 const REQUIRED: [&str; 4] = ["session", "turn", "new_tokens", "output_tokens"];
 
@@ -50,6 +53,8 @@ pub struct FileTurn {
 pub struct FileSession {
     pub id: String,
     pub start_s: Option<f64>,
+    /// Index (in the spec's `[[prefix_groups]]`) of the group whose prefix opens the session.
+    pub prefix_group: Option<u32>,
     pub turns: Vec<FileTurn>,
 }
 
@@ -102,11 +107,18 @@ struct Row {
     time_s: Option<f64>,
     hint_s: Option<f64>,
     context_tokens: Option<u32>,
+    prefix_group: Option<String>,
 }
 
 /// Parses a turns file into sessions in file order (by first `time_s` when the file has
-/// times, else by first appearance), each with its turns in `turn` order.
-pub fn parse_turns(file: &str, text: &str, syntax: Syntax) -> Result<Vec<FileSession>, TraceError> {
+/// times, else by first appearance), each with its turns in `turn` order. `groups` are the
+/// names of the spec's `[[prefix_groups]]`, which a `prefix_group` cell must name.
+pub fn parse_turns(
+    file: &str,
+    text: &str,
+    syntax: Syntax,
+    groups: &[&str],
+) -> Result<Vec<FileSession>, TraceError> {
     let path = Path::new(file);
     let rows = match syntax {
         Syntax::Csv => csv_rows(path, text)?,
@@ -115,7 +127,7 @@ pub fn parse_turns(file: &str, text: &str, syntax: Syntax) -> Result<Vec<FileSes
     if rows.is_empty() {
         return Err(TraceError::invalid(path, "document", "no turns"));
     }
-    sessions(path, rows)
+    sessions(path, rows, groups)
 }
 
 fn err(path: &Path, line: u64, column: &str, message: impl std::fmt::Display) -> TraceError {
@@ -304,6 +316,7 @@ fn row<'a>(
         time_s: None,
         hint_s: None,
         context_tokens: None,
+        prefix_group: None,
     };
     let optional = |cell: Cell| !matches!(cell, Cell::Empty);
     for (name, cell) in cells {
@@ -352,6 +365,13 @@ fn row<'a>(
             "context_tokens" if optional(cell) => {
                 r.context_tokens = Some(tokens(path, line, name, cell)?)
             }
+            "prefix_group" => {
+                r.prefix_group = match cell {
+                    Cell::Text(s) => Some(s.to_string()),
+                    Cell::Number(v) => Some(format!("{v}")),
+                    Cell::Empty => None,
+                }
+            }
             _ => {}
         }
     }
@@ -360,7 +380,7 @@ fn row<'a>(
 
 /// Groups rows into sessions, orders turns, derives pauses from times and checks each
 /// session's sequence (pauses present, times not decreasing, contexts consistent).
-fn sessions(path: &Path, rows: Vec<Row>) -> Result<Vec<FileSession>, TraceError> {
+fn sessions(path: &Path, rows: Vec<Row>, groups: &[&str]) -> Result<Vec<FileSession>, TraceError> {
     let by_time = rows[0].time_s.is_some();
     // Session id -> index in first-appearance order.
     let mut index: BTreeMap<String, usize> = BTreeMap::new();
@@ -396,7 +416,10 @@ fn sessions(path: &Path, rows: Vec<Row>) -> Result<Vec<FileSession>, TraceError>
                 ));
             }
         }
-        out.push(session(path, rows)?);
+        let group = prefix_group(path, &rows, groups)?;
+        let mut s = session(path, rows)?;
+        s.prefix_group = group;
+        out.push(s);
     }
     if by_time {
         // Stable: sessions starting together keep their order of appearance.
@@ -407,6 +430,55 @@ fn sessions(path: &Path, rows: Vec<Row>) -> Result<Vec<FileSession>, TraceError>
         });
     }
     Ok(out)
+}
+
+/// The group a session's rows name (at most one name, which the spec must declare).
+fn prefix_group(path: &Path, rows: &[Row], groups: &[&str]) -> Result<Option<u32>, TraceError> {
+    let mut named: Option<&Row> = None;
+    for r in rows {
+        let Some(name) = &r.prefix_group else {
+            continue;
+        };
+        match named {
+            None => named = Some(r),
+            Some(first) if first.prefix_group.as_ref() != Some(name) => {
+                return Err(err(
+                    path,
+                    r.line,
+                    "prefix_group",
+                    format!(
+                        "session {:?} names {name:?} here but {:?} on line {} (one group per session)",
+                        r.session,
+                        first.prefix_group.as_deref().unwrap_or_default(),
+                        first.line
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let Some(r) = named else {
+        return Ok(None);
+    };
+    let name = r.prefix_group.as_deref().unwrap_or_default();
+    match groups.iter().position(|g| *g == name) {
+        Some(i) => Ok(Some(i as u32)),
+        None if groups.is_empty() => Err(err(
+            path,
+            r.line,
+            "prefix_group",
+            format!("names {name:?}, but the spec declares no [[prefix_groups]]"),
+        )),
+        None => Err(err(
+            path,
+            r.line,
+            "prefix_group",
+            format!(
+                "names {name:?}, which is not among the spec's [[prefix_groups]] ({})",
+                groups.join(", ")
+            ),
+        )),
+    }
 }
 
 /// One session's rows (in turn order) to its turns.
@@ -486,6 +558,7 @@ fn session(path: &Path, rows: Vec<Row>) -> Result<FileSession, TraceError> {
     Ok(FileSession {
         id: rows[0].session.clone(),
         start_s: rows[0].time_s,
+        prefix_group: None,
         turns,
     })
 }
@@ -502,7 +575,7 @@ mod tests {
                    a,2,100,4,1.5,2.0,\n\
                    b,0,50,6,0.25,,50\n\
                    a,5,0,3,0.5,,80\n";
-        let s = parse_turns("t.csv", csv, Syntax::Csv).unwrap();
+        let s = parse_turns("t.csv", csv, Syntax::Csv, &[]).unwrap();
         // Without times: sessions in order of first appearance.
         assert_eq!(
             s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
@@ -526,7 +599,7 @@ mod tests {
                      \n\
                      {\"session\": \"x\", \"turn\": 0, \"new_tokens\": 9, \"output_tokens\": 1, \"time_s\": 1700000000.0}\n\
                      {\"session\": \"x\", \"turn\": 1, \"new_tokens\": 0, \"output_tokens\": 1, \"time_s\": 1700000002.5, \"hint_s\": null}\n";
-        let s = parse_turns("t.jsonl", jsonl, Syntax::Jsonl).unwrap();
+        let s = parse_turns("t.jsonl", jsonl, Syntax::Jsonl, &[]).unwrap();
         assert_eq!(s[0].id, "x");
         assert_eq!(s[1].id, "7");
         assert_eq!(s[0].turns[0].pause_s, Some(2.5));
@@ -546,9 +619,38 @@ mod tests {
     fn jsonl_rows_must_agree_on_pauses_or_times() {
         let jsonl = "{\"session\": \"a\", \"turn\": 0, \"new_tokens\": 9, \"output_tokens\": 1, \"time_s\": 1.0}\n\
                      {\"session\": \"a\", \"turn\": 1, \"new_tokens\": 9, \"output_tokens\": 1, \"pause_s\": 1.0}\n";
-        let e = parse_turns("t.jsonl", jsonl, Syntax::Jsonl)
+        let e = parse_turns("t.jsonl", jsonl, Syntax::Jsonl, &[])
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2: column `time_s`"), "{e}");
+    }
+
+    #[test]
+    fn prefix_group_is_one_declared_name_per_session() {
+        let csv = "session,turn,new_tokens,output_tokens,pause_s,prefix_group\n\
+                   a,0,100,4,1,\n\
+                   a,1,10,4,,sys\n\
+                   b,0,100,4,,\n\
+                   c,0,100,4,1,tools\n\
+                   c,1,10,4,,tools\n";
+        let s = parse_turns("t.csv", csv, Syntax::Csv, &["tools", "sys"]).unwrap();
+        let groups: Vec<_> = s.iter().map(|x| x.prefix_group).collect();
+        assert_eq!(groups, [Some(1), None, Some(0)]);
+        let e = parse_turns("t.csv", csv, Syntax::Csv, &["tools"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.csv") && e.contains("line 3: column `prefix_group`") && e.contains("\"sys\""),
+            "{e}"
+        );
+        let e = parse_turns("t.csv", csv, Syntax::Csv, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("declares no [[prefix_groups]]"), "{e}");
+        let two = csv.replace("c,1,10,4,,tools", "c,1,10,4,,sys");
+        let e = parse_turns("t.csv", &two, Syntax::Csv, &["tools", "sys"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 6: column `prefix_group`") && e.contains("line 5"), "{e}");
     }
 }

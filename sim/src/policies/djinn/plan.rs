@@ -501,8 +501,9 @@ impl Djinn {
 
     /// Step 4, commit waiting turns in order. When the head does not fit and nothing is
     /// running, later turns that fit may overtake it (work conservation: e.g. agents back from
-    /// a short pause whose KV is still resident need only their growth). A head that can never
-    /// fit, or that nothing could make room for, is rejected.
+    /// a short pause whose KV is still resident need only their growth); while turns run, only
+    /// those with resident KV may. A head that can never fit, or that nothing could make room
+    /// for, is rejected.
     pub(super) fn commit_in_order(
         &mut self,
         view: &SchedView,
@@ -534,6 +535,9 @@ impl Djinn {
             )
             .or(blocked);
         }
+        if blocked.is_some() && !self.committed.is_empty() {
+            self.overtake_with_resident_kv(view, &mut avail, evicted_waiting);
+        }
         for &agent in &self.committed[committed_before..] {
             let waited = view
                 .now
@@ -552,6 +556,34 @@ impl Djinn {
         for i in 0..plan.reject.len() {
             let agent = plan.reject[i];
             self.unpark(agent);
+        }
+    }
+
+    /// While the head waits for memory behind running turns, waiting turns whose KV is on the
+    /// GPU commit past it when their growth fits: they need no copy and no prefill of their
+    /// history, and the head gains nothing by their waiting (what it waits for is freed by
+    /// running turns ending or by evictions, not by the little these turns add). Without this,
+    /// one long decode (outputs of thousands of tokens at real scale) kept every agent back from
+    /// a short tool call queued behind a head that was swapped out.
+    fn overtake_with_resident_kv(&mut self, view: &SchedView, avail: &mut i64, skip: &[AgentId]) {
+        let mut picked = Vec::new();
+        for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
+            if !ready_to_commit(view, agent)
+                || skip.contains(&agent)
+                || view.kv.state(agent) != KvState::Gpu
+                || view.kv.blocks(agent) == 0
+            {
+                continue;
+            }
+            let need = need_blocks(view, agent) as i64;
+            if need <= *avail {
+                *avail -= need;
+                picked.push(agent);
+            }
+        }
+        for agent in picked {
+            self.waiting.remove(agent);
+            self.committed.push(agent);
         }
     }
 
