@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use sim::driver::Recording;
+use sim::workload::Programs;
 use sim::experiment::SimConfig;
 use sim::PolicyKind;
 use traces::GpuProfile;
@@ -253,7 +254,8 @@ fn run_case(case: &Case, pool: &rayon::ThreadPool) -> Result<BenchRow> {
     let mut config = SimConfig::new(case.policy, case.profile.clone());
     config.seed = 0;
     config.recording = Recording::Counts;
-    let workload = sim::workload::generate(&spec, case.agents, 0);
+    // Compact programs: a million agents' turns in a `Workload` took 690 MB of the 1 GB target.
+    let workload = sim::workload::generate_compact(&spec, case.agents, 0);
     let mut best = f64::INFINITY;
     let mut best_cpu = None;
     let mut last = None;
@@ -277,7 +279,7 @@ fn run_case(case: &Case, pool: &rayon::ThreadPool) -> Result<BenchRow> {
         case: case.workload.into(),
         policy: case.policy.name().into(),
         agents: case.agents,
-        turns: workload.turn_count(),
+        turns: workload.total_turns(),
         wall_s_best: best,
         cpu_s_best: best_cpu,
         sim_time_s: out.end_time.as_secs_f64(),

@@ -19,13 +19,13 @@ use crate::sched::{
     StepPlan,
 };
 use crate::time::{Clock, SimTime};
-use crate::workload::Workload;
+use crate::workload::Programs;
 
 mod checks;
 mod compaction;
 mod records;
 
-use records::TurnBook;
+use records::{kv_source, TurnBook};
 pub use records::{Recording, TurnLatencies};
 
 /// How thoroughly invariants are checked.
@@ -157,17 +157,17 @@ struct IdlePlan<'p> {
 /// Runs `workload` under `scheduler` on `backend` until every agent finished or was rejected.
 pub fn run(
     settings: &RunSettings,
-    workload: &Workload,
+    workload: &dyn Programs,
     scheduler: &mut dyn Scheduler,
     backend: &mut dyn Backend,
     clock: &mut dyn Clock,
 ) -> Result<RunOutput, RunError> {
     let mut state = LoopState::new(settings, workload);
-    for a in &workload.agents {
-        if let Some(p) = a.prefix {
+    for agent in 0..workload.agent_count() {
+        if let Some(p) = workload.prefix(agent) {
             state
                 .kv
-                .set_shared_prefix(a.agent_id, p.group, p.tokens)
+                .set_shared_prefix(agent, p.group, p.tokens)
                 .map_err(|e| RunError::Workload(e.to_string()))?;
         }
     }
@@ -176,7 +176,7 @@ pub fn run(
 
 struct LoopState<'w> {
     settings: &'w RunSettings,
-    workload: &'w Workload,
+    workload: &'w dyn Programs,
     kv: KvManager,
     agents: Vec<AgentRuntime>,
     trackers: Vec<Option<TurnTracker>>,
@@ -208,8 +208,8 @@ struct LoopState<'w> {
 }
 
 impl<'w> LoopState<'w> {
-    fn new(settings: &'w RunSettings, workload: &'w Workload) -> Self {
-        let n = workload.agents.len() as u32;
+    fn new(settings: &'w RunSettings, workload: &'w dyn Programs) -> Self {
+        let n = workload.agent_count();
         let mut state = LoopState {
             settings,
             workload,
@@ -219,15 +219,13 @@ impl<'w> LoopState<'w> {
                 settings.host_blocks,
                 n,
             ),
-            agents: workload
-                .agents
-                .iter()
-                .map(|a| AgentRuntime {
+            agents: (0..n)
+                .map(|agent| AgentRuntime {
                     phase: Phase::NotArrived,
-                    first_arrival: a.arrival,
+                    first_arrival: workload.arrival(agent),
                     turn_index: 0,
-                    turn_count: a.turns.len() as u32,
-                    turn_arrival: a.arrival,
+                    turn_count: workload.turn_count(agent),
+                    turn_arrival: workload.arrival(agent),
                     seq_tokens: 0,
                     generated: 0,
                     generate_target: 0,
@@ -244,7 +242,7 @@ impl<'w> LoopState<'w> {
             queue: BinaryHeap::with_capacity(n as usize),
             queue_seq: 0,
             out: RunOutput {
-                turns_planned: workload.turn_count(),
+                turns_planned: workload.total_turns(),
                 ..Default::default()
             },
             step: 0,
@@ -258,8 +256,8 @@ impl<'w> LoopState<'w> {
             book: TurnBook::new(settings.recording),
             next_audit_step: 0,
         };
-        for a in &workload.agents {
-            state.push_event(a.arrival, QueuedEvent::TurnArrival(a.agent_id));
+        for agent in 0..n {
+            state.push_event(workload.arrival(agent), QueuedEvent::TurnArrival(agent));
         }
         state
     }
@@ -509,7 +507,6 @@ impl<'w> LoopState<'w> {
     }
 
     fn turn_arrival(&mut self, agent: AgentId, at: SimTime) -> Result<(), RunError> {
-        let program = &self.workload.agents[agent as usize];
         let a = &mut self.agents[agent as usize];
         if a.phase == Phase::NotArrived {
             self.alive += 1;
@@ -517,7 +514,7 @@ impl<'w> LoopState<'w> {
         } else {
             a.turn_index += 1;
         }
-        let turn = program.turns[a.turn_index as usize];
+        let turn = self.workload.turn(agent, a.turn_index);
         a.phase = Phase::Waiting;
         a.turn_arrival = at;
         let compacted = turn
@@ -902,9 +899,12 @@ impl<'w> LoopState<'w> {
             let a = &mut self.agents[agent as usize];
             // In u128: a profile with absurd (but valid) costs makes steps long enough to overflow
             // u64 here (found by the robust-input tests).
-            a.attained_service_ns = a.attained_service_ns.saturating_add(
-                (duration as u128 * s.tokens as u128 / total_tokens as u128) as u64,
-            );
+            // (u128 division is a libcall: take it only when u64 would overflow.)
+            let share = match duration.checked_mul(s.tokens as u64) {
+                Some(product) => product / total_tokens,
+                None => (duration as u128 * s.tokens as u128 / total_tokens as u128) as u64,
+            };
+            a.attained_service_ns = a.attained_service_ns.saturating_add(share);
             let tracker = self.trackers[agent as usize]
                 .as_mut()
                 .expect("a computing agent has a turn");
@@ -949,25 +949,14 @@ impl<'w> LoopState<'w> {
             );
             return Err(self.invariant(now, message));
         }
-        rec.kv_source = if rec.tokens_recomputed > 0 {
-            if rec.context_tokens_at_admit == 0 {
-                "recomputed"
-            } else {
-                "partial_recompute"
-            }
-        } else if rec.restore_end_ns.is_some() {
-            "swapped_in"
-        } else if a.turn_index == 0 {
-            "new"
-        } else {
-            "resident"
+        // Only a full recording keeps the record (the string costs an allocation per turn).
+        if self.book.keeps_steps() {
+            rec.kv_source = kv_source(rec, a.turn_index).to_string();
         }
-        .to_string();
         self.book.close(&mut self.out, tracker.record_index);
         self.last_swap_in[agent as usize] = None;
-        let program = &self.workload.agents[agent as usize];
         let turn_index = a.turn_index;
-        let pause = program.turns[turn_index as usize].pause_after;
+        let pause = self.workload.turn(agent, turn_index).pause_after;
         match pause {
             Some(p) => {
                 a.phase = Phase::Paused;

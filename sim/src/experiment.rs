@@ -7,7 +7,7 @@ use crate::driver::{self, CheckLevel, Recording, RunError, RunLimits, RunOutput,
 use crate::policies::PolicyKind;
 use crate::sched::{CostHints, SchedConfig};
 use crate::time::VirtualClock;
-use crate::workload::Workload;
+use crate::workload::{Programs, Workload};
 
 /// The shipped workload specs, embedded so the binary works anywhere.
 pub const SHIPPED_WORKLOADS: [(&str, &str); 14] = [
@@ -171,7 +171,10 @@ pub fn simulate(
 }
 
 /// Simulates an already generated workload.
-pub fn simulate_workload(workload: &Workload, config: &SimConfig) -> Result<RunOutput, RunError> {
+pub fn simulate_workload(
+    workload: &dyn Programs,
+    config: &SimConfig,
+) -> Result<RunOutput, RunError> {
     simulate_with(workload, config, &config.settings(), &config.profile)
 }
 
@@ -179,7 +182,7 @@ pub fn simulate_workload(workload: &Workload, config: &SimConfig) -> Result<RunO
 /// profile that times the simulated GPU: the twin of a real run keeps the real run's pools and
 /// hints, and calibration times it with another profile than the one the policies were told.
 pub fn simulate_with(
-    workload: &Workload,
+    workload: &dyn Programs,
     config: &SimConfig,
     settings: &RunSettings,
     gpu_profile: &GpuProfile,

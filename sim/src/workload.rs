@@ -11,6 +11,9 @@ use crate::ids::AgentId;
 use crate::rng::{stream, SimRng};
 use crate::time::SimTime;
 
+mod compact;
+pub use compact::{generate_compact, CompactWorkload};
+
 /// The pause after a turn: its true length and what the scheduler is told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PauseProgram {
@@ -98,6 +101,40 @@ impl Workload {
     }
 }
 
+/// What the run loop reads of agent programs (agents are indexed by their position): a
+/// [`Workload`], or the same programs in [`CompactWorkload`]'s flat arrays.
+pub trait Programs {
+    fn agent_count(&self) -> u32;
+    fn arrival(&self, agent: AgentId) -> SimTime;
+    fn prefix(&self, agent: AgentId) -> Option<SharedPrefix>;
+    fn turn_count(&self, agent: AgentId) -> u32;
+    /// Turn `index` of `agent` (both must exist: the run loop asks only for turns it reached).
+    fn turn(&self, agent: AgentId, index: u32) -> TurnProgram;
+    /// Turns of all programs.
+    fn total_turns(&self) -> u64;
+}
+
+impl Programs for Workload {
+    fn agent_count(&self) -> u32 {
+        self.agents.len() as u32
+    }
+    fn arrival(&self, agent: AgentId) -> SimTime {
+        self.agents[agent as usize].arrival
+    }
+    fn prefix(&self, agent: AgentId) -> Option<SharedPrefix> {
+        self.agents[agent as usize].prefix
+    }
+    fn turn_count(&self, agent: AgentId) -> u32 {
+        self.agents[agent as usize].turns.len() as u32
+    }
+    fn turn(&self, agent: AgentId, index: u32) -> TurnProgram {
+        self.agents[agent as usize].turns[index as usize]
+    }
+    fn total_turns(&self) -> u64 {
+        self.turn_count()
+    }
+}
+
 /// Draws one value of `dist`.
 pub fn sample(dist: &Distribution, rng: &mut SimRng) -> f64 {
     match dist {
@@ -152,60 +189,11 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
     let prefixes = assign_prefix_groups(spec, agent_count, seed);
     let mut agents = Vec::with_capacity(agent_count as usize);
     for (index, arrival) in arrivals.into_iter().enumerate() {
-        let agent_id = index as AgentId;
-        let mut rng = stream(seed, "agent", index as u64);
-        let mut hint_rng = stream(seed, "hint", index as u64);
-        let turn_count = tokens(sample(&spec.agent.turns, &mut rng), 1);
-        let mut turns: Vec<TurnProgram> = Vec::with_capacity(turn_count as usize);
-        let mut context: u64 = 0;
-        let window = spec.max_context_tokens as u64;
         let prefix = prefixes.get(index).copied().flatten();
-        for turn_index in 0..turn_count {
-            let mut new_tokens = if turn_index == 0 {
-                let own = tokens(sample(&spec.agent.first_prompt_tokens, &mut rng), 1);
-                own.saturating_add(prefix.map_or(0, |p| p.tokens))
-            } else {
-                tokens(sample(&spec.agent.new_tokens, &mut rng), 0)
-            };
-            let mut generated_tokens = tokens(sample(&spec.agent.generated_tokens, &mut rng), 1);
-            let pause_s = sample(&spec.agent.pause_s, &mut rng);
-            let noise = match spec.hint {
-                HintSpec::Noisy { sigma } => Normal::new(0.0, sigma)
-                    .map(|d| d.sample(&mut hint_rng))
-                    .unwrap_or(0.0),
-                _ => 0.0,
-            };
-            if context + new_tokens as u64 + generated_tokens as u64 > window {
-                if turn_index > 0 {
-                    // The model window is full: the agent's program ends with the previous turn.
-                    break;
-                }
-                // A first prompt longer than the window is cut to fit (as a client would truncate;
-                // a shared prefix, at most half the window, survives the cut).
-                generated_tokens = generated_tokens.min((window / 2) as u32).max(1);
-                new_tokens = (window - generated_tokens as u64).max(1) as u32;
-            }
-            context += new_tokens as u64 + generated_tokens as u64;
-            let true_ns = SimTime::from_secs_f64(pause_s.max(0.0)).as_nanos();
-            let hint_ns = match spec.hint {
-                HintSpec::Exact => Some(true_ns),
-                HintSpec::Noisy { .. } => {
-                    Some(SimTime::from_secs_f64(pause_s.max(0.0) * noise.exp()).as_nanos())
-                }
-                HintSpec::None => None,
-            };
-            turns.push(TurnProgram {
-                new_tokens,
-                generated_tokens,
-                pause_after: Some(PauseProgram { true_ns, hint_ns }),
-                context_tokens: None,
-            });
-        }
-        if let Some(last) = turns.last_mut() {
-            last.pause_after = None;
-        }
+        let mut turns = Vec::new();
+        draw_turns(spec, seed, index, prefix, &mut turns);
         agents.push(AgentProgram {
-            agent_id,
+            agent_id: index as AgentId,
             arrival,
             turns,
             // An unshared group's tokens stay in the prompt, held per agent.
@@ -219,10 +207,71 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
     }
 }
 
+/// Draws the turns of agent `index` (starting with `prefix`) into `turns`, from its own streams:
+/// the same (spec, seed, index) always gives the same turns, whatever else is drawn.
+pub(crate) fn draw_turns(
+    spec: &WorkloadSpec,
+    seed: u64,
+    index: usize,
+    prefix: Option<SharedPrefix>,
+    turns: &mut Vec<TurnProgram>,
+) {
+    let mut rng = stream(seed, "agent", index as u64);
+    let mut hint_rng = stream(seed, "hint", index as u64);
+    let turn_count = tokens(sample(&spec.agent.turns, &mut rng), 1);
+    turns.reserve(turn_count as usize);
+    let mut context: u64 = 0;
+    let window = spec.max_context_tokens as u64;
+    for turn_index in 0..turn_count {
+        let mut new_tokens = if turn_index == 0 {
+            let own = tokens(sample(&spec.agent.first_prompt_tokens, &mut rng), 1);
+            own.saturating_add(prefix.map_or(0, |p| p.tokens))
+        } else {
+            tokens(sample(&spec.agent.new_tokens, &mut rng), 0)
+        };
+        let mut generated_tokens = tokens(sample(&spec.agent.generated_tokens, &mut rng), 1);
+        let pause_s = sample(&spec.agent.pause_s, &mut rng);
+        let noise = match spec.hint {
+            HintSpec::Noisy { sigma } => Normal::new(0.0, sigma)
+                .map(|d| d.sample(&mut hint_rng))
+                .unwrap_or(0.0),
+            _ => 0.0,
+        };
+        if context + new_tokens as u64 + generated_tokens as u64 > window {
+            if turn_index > 0 {
+                // The model window is full: the agent's program ends with the previous turn.
+                break;
+            }
+            // A first prompt longer than the window is cut to fit (as a client would truncate;
+            // a shared prefix, at most half the window, survives the cut).
+            generated_tokens = generated_tokens.min((window / 2) as u32).max(1);
+            new_tokens = (window - generated_tokens as u64).max(1) as u32;
+        }
+        context += new_tokens as u64 + generated_tokens as u64;
+        let true_ns = SimTime::from_secs_f64(pause_s.max(0.0)).as_nanos();
+        let hint_ns = match spec.hint {
+            HintSpec::Exact => Some(true_ns),
+            HintSpec::Noisy { .. } => {
+                Some(SimTime::from_secs_f64(pause_s.max(0.0) * noise.exp()).as_nanos())
+            }
+            HintSpec::None => None,
+        };
+        turns.push(TurnProgram {
+            new_tokens,
+            generated_tokens,
+            pause_after: Some(PauseProgram { true_ns, hint_ns }),
+            context_tokens: None,
+        });
+    }
+    if let Some(last) = turns.last_mut() {
+        last.pause_after = None;
+    }
+}
+
 /// Which agents start with which group's prefix: each group gets `share` of the agents (rounded),
 /// drawn by a seeded shuffle on a stream of its own (the other draws do not move). Empty when the
 /// spec has no groups.
-fn assign_prefix_groups(
+pub(crate) fn assign_prefix_groups(
     spec: &WorkloadSpec,
     agent_count: u32,
     seed: u64,

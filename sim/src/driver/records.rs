@@ -32,12 +32,17 @@ pub struct TurnLatencies {
 }
 
 /// The records of turns in progress. Under [`Recording::Full`] a record stays where it was
-/// opened and ends in `RunOutput::turns` (in arrival order, as the run directory expects);
-/// otherwise a closed record's slot is reused, so memory follows the turns in progress.
+/// opened and ends in `RunOutput::turns` (in arrival order, as the run directory expects); under
+/// [`Recording::Latencies`] a closed record's slot is reused, so memory follows the turns in
+/// progress. Under [`Recording::Counts`] nothing of a record is read back but its rejection,
+/// which is read as soon as it is set (the turn closes at once): every turn writes into one
+/// scratch record (a record per turn in progress took 160 MB of a million-agent run).
 pub(super) struct TurnBook {
     recording: Recording,
-    /// Slots of closed records, for reuse (never used under `Full`).
+    /// Slots of closed records, for reuse (only under `Latencies`).
     free: Vec<usize>,
+    /// Turns opened and not closed.
+    open: usize,
 }
 
 impl TurnBook {
@@ -45,6 +50,7 @@ impl TurnBook {
         TurnBook {
             recording,
             free: Vec::new(),
+            open: 0,
         }
     }
 
@@ -54,6 +60,14 @@ impl TurnBook {
 
     /// Stores a new turn's record; returns its slot in `out.turns`.
     pub(super) fn open(&mut self, out: &mut RunOutput, record: TurnRecord) -> usize {
+        self.open += 1;
+        if self.recording == Recording::Counts {
+            match out.turns.first_mut() {
+                Some(scratch) => *scratch = record,
+                None => out.turns.push(record),
+            }
+            return 0;
+        }
         match self.free.pop() {
             Some(slot) => {
                 out.turns[slot] = record;
@@ -68,10 +82,17 @@ impl TurnBook {
 
     /// The turn of `slot` finished or was rejected: its record is final.
     pub(super) fn close(&mut self, out: &mut RunOutput, slot: usize) {
-        let t = &out.turns[slot];
+        self.open -= 1;
+        let t = &mut out.turns[slot];
         out.turns_rejected += u64::from(t.rejected);
         match self.recording {
             Recording::Full => return,
+            Recording::Counts => {
+                // The scratch record is shared: the next turn to close is not rejected unless
+                // it says so.
+                t.rejected = false;
+                return;
+            }
             Recording::Latencies => {
                 if let (false, Some(finished)) = (t.rejected, t.finished_ns) {
                     out.turn_latencies.turn_ns.push(finished - t.arrival_ns);
@@ -82,7 +103,6 @@ impl TurnBook {
                     }
                 }
             }
-            Recording::Counts => {}
         }
         self.free.push(slot);
     }
@@ -95,7 +115,7 @@ impl TurnBook {
                 .iter()
                 .filter(|t| !t.rejected && t.finished_ns.is_none())
                 .count(),
-            Recording::Latencies | Recording::Counts => out.turns.len() - self.free.len(),
+            Recording::Latencies | Recording::Counts => self.open,
         }
     }
 
@@ -136,5 +156,22 @@ impl LoopState<'_> {
             host_blocks_free: self.kv.host_blocks_free(),
             preemptions,
         });
+    }
+}
+
+/// Where a finished turn's KV came from (for the turn record).
+pub(super) fn kv_source(rec: &TurnRecord, turn_index: u32) -> &'static str {
+    if rec.tokens_recomputed > 0 {
+        if rec.context_tokens_at_admit == 0 {
+            "recomputed"
+        } else {
+            "partial_recompute"
+        }
+    } else if rec.restore_end_ns.is_some() {
+        "swapped_in"
+    } else if turn_index == 0 {
+        "new"
+    } else {
+        "resident"
     }
 }

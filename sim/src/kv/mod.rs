@@ -308,9 +308,8 @@ impl KvManager {
     // ----- mutations (applied by the run loop from a plan) -----
 
     fn alloc_gpu(&mut self, agent: AgentId) -> BlockId {
-        let b = self.gpu.head;
-        debug_assert_ne!(b, NONE, "alloc_gpu on an empty pool");
-        self.gpu.unlink(b);
+        debug_assert_ne!(self.gpu.head, NONE, "alloc_gpu on an empty pool");
+        let b = self.gpu.pop_front();
         let tag = self.gpu.cache_tag[b as usize];
         if tag.0 != NONE {
             // Reusing a cached prefix block evicts it from its former owner's cached prefix, or
@@ -393,6 +392,7 @@ impl KvManager {
             // model-based KV test).
             self.untag_cached(agent);
         }
+        self.agents[agent as usize].slots.reserve(extra as usize);
         for _ in 0..extra {
             let b = self.alloc_gpu(agent);
             let a = &mut self.agents[agent as usize];
@@ -612,6 +612,15 @@ impl KvManager {
                 }
                 _ => unreachable!("the caller checked that nothing moves"),
             }
+        }
+        // Give the table's memory back: a table keeps the capacity of its longest context, so
+        // over a run with many drops every agent ever seen held a peak-sized table (5.2 GB of a
+        // million-agent run, where the live tables are bounded by the pools).
+        let slots = &mut self.agents[agent as usize].slots;
+        if slots.is_empty() {
+            *slots = Vec::new();
+        } else if slots.capacity() >= 2 * slots.len() {
+            slots.shrink_to_fit();
         }
     }
 

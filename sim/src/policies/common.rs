@@ -16,7 +16,9 @@ pub type QueuePosition = (u8, u64, u64);
 pub struct WaitQueue {
     /// (class: 0 = front, 1 = ordinary; key; sequence; agent)
     entries: BTreeSet<(u8, u64, u64, AgentId)>,
-    index: std::collections::BTreeMap<AgentId, (u8, u64, u64)>,
+    /// Each queued agent's entry, by agent id (dense: a lookup per event and plan stays O(1),
+    /// and a million queued agents take 32 MB instead of a second tree's 50).
+    index: Vec<Option<(u8, u64, u64)>>,
     next_seq: u64,
 }
 
@@ -42,11 +44,16 @@ impl WaitQueue {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.entries.insert((class, key, seq, agent));
-        self.index.insert(agent, (class, key, seq));
+        let i = agent as usize;
+        if self.index.len() <= i {
+            self.index.resize(i + 1, None);
+        }
+        self.index[i] = Some((class, key, seq));
     }
 
     pub fn remove(&mut self, agent: AgentId) -> bool {
-        if let Some((class, key, seq)) = self.index.remove(&agent) {
+        let entry = self.index.get_mut(agent as usize).and_then(Option::take);
+        if let Some((class, key, seq)) = entry {
             self.entries.remove(&(class, key, seq, agent));
             true
         } else {
@@ -55,7 +62,7 @@ impl WaitQueue {
     }
 
     pub fn contains(&self, agent: AgentId) -> bool {
-        self.index.contains_key(&agent)
+        self.position(agent).is_some()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = AgentId> + '_ {
@@ -65,7 +72,7 @@ impl WaitQueue {
     /// The agent's exact position in the queue (smaller = earlier), if it is queued: entries
     /// compare as the queue orders them.
     pub fn position(&self, agent: AgentId) -> Option<QueuePosition> {
-        self.index.get(&agent).copied()
+        self.index.get(agent as usize).copied().flatten()
     }
 
     /// Entries with their positions, in queue order.

@@ -16,7 +16,7 @@ pub mod swap;
 pub mod vllm;
 
 use crate::sched::Scheduler;
-use crate::workload::Workload;
+use crate::workload::Programs;
 
 pub use autellix::Placement;
 pub use batching::BatchPolicy;
@@ -135,7 +135,7 @@ impl PolicyKind {
     }
 
     /// A fresh scheduler of this kind with default parameters, to run `workload`.
-    pub fn build(self, workload: &Workload) -> Box<dyn Scheduler + Send> {
+    pub fn build(self, workload: &dyn Programs) -> Box<dyn Scheduler + Send> {
         self.build_with(PolicyOptions::default(), workload)
     }
 
@@ -145,7 +145,7 @@ impl PolicyKind {
     pub fn build_with(
         self,
         options: PolicyOptions,
-        workload: &Workload,
+        workload: &dyn Programs,
     ) -> Box<dyn Scheduler + Send> {
         match self {
             PolicyKind::Djinn => Box::new(djinn::Djinn::new(djinn::DjinnParams {
@@ -171,6 +171,7 @@ impl PolicyKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::Workload;
 
     #[test]
     fn names_round_trip() {

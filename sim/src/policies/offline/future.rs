@@ -4,7 +4,7 @@
 
 use crate::ids::AgentId;
 use crate::time::SimTime;
-use crate::workload::Workload;
+use crate::workload::Programs;
 
 /// One turn as it will happen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,19 +31,18 @@ pub struct Future {
 
 impl Future {
     /// The future of `workload` (agents are indexed by their position, as the run loop does).
-    pub fn of(workload: &Workload) -> Future {
-        let agents: Vec<AgentFuture> = workload
-            .agents
-            .iter()
-            .map(|a| AgentFuture {
-                arrival: a.arrival,
-                turns: a
-                    .turns
-                    .iter()
-                    .map(|t| TurnFuture {
-                        new_tokens: t.new_tokens,
-                        generated_tokens: t.generated_tokens,
-                        pause_ns: t.pause_after.map(|p| p.true_ns),
+    pub fn of(workload: &dyn Programs) -> Future {
+        let agents: Vec<AgentFuture> = (0..workload.agent_count())
+            .map(|agent| AgentFuture {
+                arrival: workload.arrival(agent),
+                turns: (0..workload.turn_count(agent))
+                    .map(|k| {
+                        let t = workload.turn(agent, k);
+                        TurnFuture {
+                            new_tokens: t.new_tokens,
+                            generated_tokens: t.generated_tokens,
+                            pause_ns: t.pause_after.map(|p| p.true_ns),
+                        }
                     })
                     .collect(),
             })
@@ -93,7 +92,7 @@ impl Future {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::{AgentProgram, PauseProgram, TurnProgram};
+    use crate::workload::{AgentProgram, PauseProgram, TurnProgram, Workload};
 
     #[test]
     fn the_future_is_the_workload_with_true_pauses_and_sorted_arrivals() {
