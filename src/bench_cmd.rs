@@ -5,8 +5,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use sim::driver::Recording;
-use sim::workload::Programs;
 use sim::experiment::SimConfig;
+use sim::workload::Programs;
 use sim::PolicyKind;
 use traces::GpuProfile;
 

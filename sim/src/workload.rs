@@ -196,8 +196,7 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
             agent_id: index as AgentId,
             arrival,
             turns,
-            // An unshared group's tokens stay in the prompt, held per agent.
-            prefix: prefix.filter(|p| spec.prefix_groups[p.group as usize].shared),
+            prefix: held_prefix(spec, prefix),
         });
     }
     Workload {
@@ -205,6 +204,15 @@ pub fn generate(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Workload {
         max_context_tokens: spec.max_context_tokens,
         agents,
     }
+}
+
+/// The prefix an agent's KV shares with its group: an unshared group's tokens stay in the prompt,
+/// held per agent, so the agent holds no shared prefix.
+pub(crate) fn held_prefix(
+    spec: &WorkloadSpec,
+    prefix: Option<SharedPrefix>,
+) -> Option<SharedPrefix> {
+    prefix.filter(|p| spec.prefix_groups[p.group as usize].shared)
 }
 
 /// Draws the turns of agent `index` (starting with `prefix`) into `turns`, from its own streams:
@@ -427,7 +435,11 @@ kind = "exact"
         assert_eq!(with, generate(&spec(&text), 50, 4));
         assert_ne!(with, generate(&spec(&text), 50, 5));
         // Unshared groups: the very same programs, each agent holding its own copy.
-        let own = generate(&spec(&text.replace("share = 0.6", "share = 0.6\nshared = false")), 50, 4);
+        let own = generate(
+            &spec(&text.replace("share = 0.6", "share = 0.6\nshared = false")),
+            50,
+            4,
+        );
         for (a, b) in own.agents.iter().zip(&with.agents) {
             assert_eq!(a.turns, b.turns);
             assert_eq!(a.prefix, b.prefix.filter(|p| p.group == 1));

@@ -451,7 +451,10 @@ mod tests {
             0,
         );
         assert!(kept.drop.is_empty() && kept.swap_out.is_empty());
-        assert!(!kept.prefill.is_empty(), "a parked turn with resident KV runs past the head");
+        assert!(
+            !kept.prefill.is_empty(),
+            "a parked turn with resident KV runs past the head"
+        );
         assert!(
             kept.prefill.iter().all(|p| p.agent == 2 || p.agent == 3),
             "without the drop the head waits: {:?}",

@@ -321,7 +321,13 @@ mod tests {
                 continue;
             }
             // The prefix is not scaled; the file's tokens are.
-            assert_eq!(a.prefix, Some(SharedPrefix { group: 1, tokens: 1000 }));
+            assert_eq!(
+                a.prefix,
+                Some(SharedPrefix {
+                    group: 1,
+                    tokens: 1000
+                })
+            );
             assert_eq!(a.turns[0].new_tokens, 1400);
             // The compacted context (100 scaled) keeps the prefix in front.
             assert_eq!(a.turns[2].context_tokens, Some(1100));

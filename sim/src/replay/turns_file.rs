@@ -640,7 +640,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("t.csv") && e.contains("line 3: column `prefix_group`") && e.contains("\"sys\""),
+            e.contains("t.csv")
+                && e.contains("line 3: column `prefix_group`")
+                && e.contains("\"sys\""),
             "{e}"
         );
         let e = parse_turns("t.csv", csv, Syntax::Csv, &[])
@@ -651,6 +653,9 @@ mod tests {
         let e = parse_turns("t.csv", &two, Syntax::Csv, &["tools", "sys"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("line 6: column `prefix_group`") && e.contains("line 5"), "{e}");
+        assert!(
+            e.contains("line 6: column `prefix_group`") && e.contains("line 5"),
+            "{e}"
+        );
     }
 }

@@ -8,8 +8,8 @@
 use traces::workload::{HintSpec, WorkloadSpec};
 
 use super::{
-    arrival_times, assign_prefix_groups, draw_turns, AgentProgram, PauseProgram, Programs,
-    SharedPrefix, TurnProgram, Workload,
+    arrival_times, assign_prefix_groups, draw_turns, held_prefix, AgentProgram, PauseProgram,
+    Programs, SharedPrefix, TurnProgram, Workload,
 };
 use crate::ids::AgentId;
 use crate::time::SimTime;
@@ -53,7 +53,8 @@ pub struct CompactWorkload {
 pub fn generate_compact(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> CompactWorkload {
     let agent_count = spec.agent_count(Some(agent_count));
     let arrivals = arrival_times(&spec.arrival, agent_count, seed);
-    let prefixes = assign_prefix_groups(spec, agent_count, seed);
+    let drawn_prefixes = assign_prefix_groups(spec, agent_count, seed);
+    let mut prefixes = Vec::with_capacity(drawn_prefixes.len());
     let mut starts = Vec::with_capacity(agent_count as usize + 1);
     let mut turns = Vec::new();
     let mut hints = match spec.hint {
@@ -65,8 +66,11 @@ pub fn generate_compact(spec: &WorkloadSpec, agent_count: u32, seed: u64) -> Com
     starts.push(0);
     for index in 0..agent_count as usize {
         buffer.clear();
-        let prefix = prefixes.get(index).copied().flatten();
+        let prefix = drawn_prefixes.get(index).copied().flatten();
         draw_turns(spec, seed, index, prefix, &mut buffer);
+        if !drawn_prefixes.is_empty() {
+            prefixes.push(held_prefix(spec, prefix));
+        }
         for t in &buffer {
             let pause = t.pause_after;
             turns.push(PackedTurn {
@@ -166,7 +170,7 @@ mod tests {
     use super::super::generate;
     use super::*;
 
-    fn spec(hint: &str, groups: bool) -> WorkloadSpec {
+    fn spec(hint: &str, groups: Groups) -> WorkloadSpec {
         let mut text = format!(
             r#"
 schema_version = 1
@@ -186,10 +190,20 @@ pause_s = {{ kind = "exponential", mean = 3.0 }}
 {hint}
 "#
         );
-        if groups {
+        if groups != Groups::None {
             text.push_str("[[prefix_groups]]\nname = \"g\"\ntokens = 300\nshare = 0.5\n");
         }
+        if groups == Groups::Unshared {
+            text.push_str("shared = false\n");
+        }
         WorkloadSpec::from_toml_str(std::path::Path::new("t.toml"), &text).unwrap()
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Groups {
+        None,
+        Shared,
+        Unshared,
     }
 
     #[test]
@@ -199,12 +213,13 @@ pause_s = {{ kind = "exponential", mean = 3.0 }}
             "kind = \"none\"",
             "kind = \"noisy\"\nsigma = 0.5",
         ];
-        for (hint, groups) in hints.iter().flat_map(|h| [(h, false), (h, true)]) {
+        let kinds = [Groups::None, Groups::Shared, Groups::Unshared];
+        for (hint, groups) in hints.iter().flat_map(|h| kinds.map(|g| (h, g))) {
             let s = spec(hint, groups);
             for seed in [0, 9] {
                 let full = generate(&s, 60, seed);
                 let compact = generate_compact(&s, 60, seed);
-                assert_eq!(compact.to_workload(), full, "{hint}, groups {groups}");
+                assert_eq!(compact.to_workload(), full, "{hint}, groups {groups:?}");
                 assert_eq!(compact.total_turns(), full.turn_count());
                 assert!(full.agents.iter().any(|a| a.turns.len() > 1));
             }
