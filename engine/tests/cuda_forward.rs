@@ -158,7 +158,10 @@ mod gpu {
 
     /// The CUDA model and GPU swap engine of the shared-prefix scenario: tiny-gqa in fp16 over
     /// `GPU_BLOCKS` blocks of `BLOCK` tokens, a pinned host pool, swaps ordered after the
-    /// model's stream; a poisoned block is all-ones bytes (NaN in fp16 and bf16).
+    /// model's stream. A poisoned block holds 0x4B4B in every fp16 element (14.6): finite,
+    /// because the attention kernels read whole blocks and weigh the slots past a sequence's end
+    /// by zero (the pool is zeroed at start-up for the same reason: 0 x NaN would be NaN), yet
+    /// far from any real K or V, so a block used after it was freed changes the logits.
     fn shared_prefix_engine(
         device: GpuDevice,
         ws: &WeightSet,
@@ -197,7 +200,7 @@ mod gpu {
                 unsafe {
                     cudarc::driver::result::memset_d8_sync(
                         pool.block_device_ptr(block),
-                        0xFF,
+                        0x4B,
                         pool.block_bytes(),
                     )
                 }

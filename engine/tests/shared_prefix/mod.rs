@@ -6,8 +6,10 @@
 //! of the agent that computed the prefix (its shared blocks stay while another table references
 //! them).
 //!
-//! Every freed GPU block is poisoned with NaN, so a block freed while still referenced, or a KV
-//! read from anywhere but the shared copy, shows up in the logits.
+//! Every freed GPU block is poisoned (NaN on the CPU, which reads only a sequence's own slots; a
+//! large finite value on the GPU, whose kernels read whole blocks and weigh the slots past the
+//! end by zero), so a block freed while still referenced, or a KV read from anywhere but the
+//! shared copy, shows up in the logits.
 //!
 //! The prefix is prefilled as a chunk of its own, by the agent that publishes it and by each
 //! unshared agent alike: a GEMM's last bits may depend on how many rows a chunk has (on the CPU
@@ -168,7 +170,7 @@ impl<M: PagedModel, S: SwapExecutor<Model = M>> Twins<M, S> {
         let a = self.shared.step(work);
         let b = self.unshared.step(work);
         for (row, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(x.iter().all(|v| v.is_finite()), "{what}: NaN logits");
+            assert!(x.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
             let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
             assert!(
                 same,
