@@ -75,6 +75,13 @@ impl KvManager {
                     a.gpu_slot_count, a.host_slot_count, a.moving_out_count, a.moving_in_count
                 ));
             }
+            if self.states[agent as usize] != a.state() {
+                return Err(format!(
+                    "agent {agent}: recorded KV state {:?} but its table says {:?}",
+                    self.states[agent as usize],
+                    a.state()
+                ));
+            }
             if a.kv_tokens > a.slots.len() as u32 * self.block_size_tokens {
                 return Err(format!(
                     "agent {agent}: {} KV tokens in {} blocks",
