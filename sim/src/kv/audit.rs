@@ -238,6 +238,16 @@ impl KvManager {
             }
         }
         for (g, blocks) in self.groups.iter().enumerate() {
+            let lead = blocks
+                .iter()
+                .take_while(|&&b| b != NONE && self.gpu.refs[b as usize] > 0)
+                .count();
+            if self.group_lead[g] as usize != lead {
+                return Err(format!(
+                    "prefix group {g}: lead of {} referenced blocks recorded, {lead} counted",
+                    self.group_lead[g]
+                ));
+            }
             for (i, &b) in blocks.iter().enumerate() {
                 if b != NONE && self.gpu.shared_key[b as usize] != (g as u32, i as u32) {
                     return Err(format!(

@@ -189,6 +189,10 @@ pub struct KvManager {
     groups: Vec<Vec<BlockId>>,
     /// Per prefix group: its prefix length in tokens.
     group_tokens: Vec<u32>,
+    /// Per prefix group: how many leading prefix blocks the group holds in some table (present
+    /// and referenced). Admission asks what a reclaim would bring for every waiting agent, and at
+    /// real scale a prefix is hundreds of blocks: the walk starts past this run.
+    group_lead: Vec<u32>,
     pub counters: KvStepCounters,
 }
 
@@ -210,6 +214,7 @@ impl KvManager {
             next_swap_id: 0,
             groups: Vec::new(),
             group_tokens: Vec::new(),
+            group_lead: Vec::new(),
             counters: KvStepCounters::default(),
         }
     }
