@@ -75,6 +75,13 @@ impl KvManager {
                     a.gpu_slot_count, a.host_slot_count, a.moving_out_count, a.moving_in_count
                 ));
             }
+            if self.states[agent as usize] != a.state() {
+                return Err(format!(
+                    "agent {agent}: recorded KV state {:?} but its table says {:?}",
+                    self.states[agent as usize],
+                    a.state()
+                ));
+            }
             if a.kv_tokens > a.slots.len() as u32 * self.block_size_tokens {
                 return Err(format!(
                     "agent {agent}: {} KV tokens in {} blocks",
@@ -231,6 +238,16 @@ impl KvManager {
             }
         }
         for (g, blocks) in self.groups.iter().enumerate() {
+            let lead = blocks
+                .iter()
+                .take_while(|&&b| b != NONE && self.gpu.refs[b as usize] > 0)
+                .count();
+            if self.group_lead[g] as usize != lead {
+                return Err(format!(
+                    "prefix group {g}: lead of {} referenced blocks recorded, {lead} counted",
+                    self.group_lead[g]
+                ));
+            }
             for (i, &b) in blocks.iter().enumerate() {
                 if b != NONE && self.gpu.shared_key[b as usize] != (g as u32, i as u32) {
                     return Err(format!(

@@ -50,6 +50,7 @@ impl KvManager {
             cached.push(b);
         }
         self.agents[agent as usize].cached = cached;
+        self.sync_state(agent);
         Ok(())
     }
 
@@ -91,12 +92,14 @@ impl KvManager {
         // of the group's shared blocks brings tokens it never computed (first-time tokens).
         a.tokens_dropped_total -= a.kv_tokens.min(a.computed_high_water) as u64;
         a.computed_high_water = a.computed_high_water.max(a.kv_tokens);
+        let tokens = a.kv_tokens;
         let lost_blocks = cached.len().saturating_sub(survive) as u32;
         if lost_blocks > 0 {
             self.counters.drops += 1;
             self.counters.dropped_tokens += (lost_blocks * bs) as u64;
         }
-        Ok(a.kv_tokens)
+        self.sync_state(agent);
+        Ok(tokens)
     }
 
     pub(super) fn untag_cached(&mut self, agent: AgentId) {

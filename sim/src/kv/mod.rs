@@ -178,12 +178,21 @@ pub struct KvManager {
     gpu: GpuPool,
     host: HostPool,
     agents: Vec<AgentKv>,
+    /// Each agent's [`KvState`], kept beside the tables: policies test the state of hundreds of
+    /// waiting agents per step, and one byte per agent stays in cache where the per-agent record
+    /// (a cache miss each) does not. Refreshed by every mutation that changes a table's shape;
+    /// the audit recomputes it.
+    states: Vec<KvState>,
     in_flight: BTreeMap<SwapId, SwapJob>,
     next_swap_id: SwapId,
     /// Per prefix group: the shared block of each full prefix block (`NONE` while absent).
     groups: Vec<Vec<BlockId>>,
     /// Per prefix group: its prefix length in tokens.
     group_tokens: Vec<u32>,
+    /// Per prefix group: how many leading prefix blocks the group holds in some table (present
+    /// and referenced). Admission asks what a reclaim would bring for every waiting agent, and at
+    /// real scale a prefix is hundreds of blocks: the walk starts past this run.
+    group_lead: Vec<u32>,
     pub counters: KvStepCounters,
 }
 
@@ -200,10 +209,12 @@ impl KvManager {
             gpu: GpuPool::new(gpu_blocks),
             host: HostPool::new(host_blocks),
             agents: vec![AgentKv::default(); agent_count as usize],
+            states: vec![KvState::Dropped; agent_count as usize],
             in_flight: BTreeMap::new(),
             next_swap_id: 0,
             groups: Vec::new(),
             group_tokens: Vec::new(),
+            group_lead: Vec::new(),
             counters: KvStepCounters::default(),
         }
     }
@@ -240,7 +251,7 @@ impl KvManager {
         self.agents.len() as u32
     }
     pub fn state(&self, agent: AgentId) -> KvState {
-        self.agents[agent as usize].state()
+        self.states[agent as usize]
     }
     /// Tokens whose KV is valid (wherever it is).
     pub fn kv_tokens(&self, agent: AgentId) -> u32 {
@@ -306,6 +317,11 @@ impl KvManager {
     }
 
     // ----- mutations (applied by the run loop from a plan) -----
+
+    /// Recomputes the agent's cached state after its table changed.
+    fn sync_state(&mut self, agent: AgentId) {
+        self.states[agent as usize] = self.agents[agent as usize].state();
+    }
 
     fn alloc_gpu(&mut self, agent: AgentId) -> BlockId {
         debug_assert_ne!(self.gpu.head, NONE, "alloc_gpu on an empty pool");
@@ -399,6 +415,7 @@ impl KvManager {
             a.slots.push(Slot::Gpu(b));
             a.gpu_slot_count += 1;
         }
+        self.sync_state(agent);
         Ok(extra)
     }
 
@@ -478,6 +495,7 @@ impl KvManager {
             a.moving_out_count += 1;
             pairs.push((gpu, host));
         }
+        self.sync_state(agent);
         Ok(self.register_swap(agent, SwapDirection::Out, pairs))
     }
 
@@ -515,6 +533,7 @@ impl KvManager {
                 pairs.push((gpu, host));
             }
         }
+        self.sync_state(agent);
         Ok(self.register_swap(agent, SwapDirection::In, pairs))
     }
 
@@ -562,6 +581,7 @@ impl KvManager {
                 _ => {}
             }
         }
+        self.sync_state(agent);
         Ok((agent, job.direction))
     }
 
@@ -622,6 +642,7 @@ impl KvManager {
         } else if slots.capacity() >= 2 * slots.len() {
             slots.shrink_to_fit();
         }
+        self.sync_state(agent);
     }
 
     /// The agent rewrote its sequence after its first `keep_tokens` tokens (it compacted its
@@ -703,6 +724,7 @@ impl KvManager {
         a.computed_high_water = 0;
         a.tokens_dropped_total = 0;
         a.tokens_recomputed_total = 0;
+        self.sync_state(agent);
         Ok(())
     }
 }

@@ -41,6 +41,7 @@ impl KvManager {
         if g >= self.groups.len() {
             self.groups.resize(g + 1, Vec::new());
             self.group_tokens.resize(g + 1, NONE);
+            self.group_lead.resize(g + 1, 0);
         }
         if self.group_tokens[g] == NONE {
             self.group_tokens[g] = prefix_tokens;
@@ -103,7 +104,10 @@ impl KvManager {
     /// Returns (blocks, of which shared blocks already referenced).
     pub(super) fn reclaim_run(&self, agent: AgentId) -> (u32, u32) {
         let a = &self.agents[agent as usize];
-        let (mut run, mut referenced) = (0u32, 0u32);
+        // Every block of the group's referenced lead within the agent's shareable prefix counts
+        // without a look.
+        let lead = a.group.map_or(0, |g| self.group_lead[g as usize].min(a.share_limit));
+        let (mut run, mut referenced) = (lead, lead);
         loop {
             let i = run as usize;
             if let Some(b) = self.group_block(agent, i) {
@@ -138,8 +142,11 @@ impl KvManager {
             self.gpu.unlink(b);
             self.gpu.owner[i] = SHARED;
             self.gpu.cache_tag[i] = (NONE, NONE);
+            self.gpu.refs[i] = 1;
+            self.extend_lead(self.gpu.shared_key[i]);
+        } else {
+            self.gpu.refs[i] += 1;
         }
-        self.gpu.refs[i] += 1;
         self.agents[agent as usize].shared_count += 1;
     }
 
@@ -152,6 +159,9 @@ impl KvManager {
         let i = b as usize;
         self.gpu.refs[i] -= 1;
         if self.gpu.refs[i] == 0 {
+            let (g, index) = self.gpu.shared_key[i];
+            let lead = &mut self.group_lead[g as usize];
+            *lead = (*lead).min(index);
             self.gpu.owner[i] = NONE;
             self.gpu.cache_tag[i] = GROUP_CACHED;
             self.gpu.push_back(b);
@@ -205,6 +215,23 @@ impl KvManager {
             self.gpu.shared_key[b as usize] = (g, i);
             self.groups[g as usize][i as usize] = b;
             self.agents[agent as usize].shared_count += 1;
+            self.extend_lead((g, i));
+        }
+    }
+
+    /// Block `index` of group `g` became referenced: when it was the first block past the
+    /// group's lead, the lead grows over it and over every referenced block after it.
+    fn extend_lead(&mut self, (g, index): (u32, u32)) {
+        let blocks = &self.groups[g as usize];
+        let lead = &mut self.group_lead[g as usize];
+        if *lead != index {
+            return;
+        }
+        while let Some(&b) = blocks.get(*lead as usize) {
+            if b == NONE || self.gpu.refs[b as usize] == 0 {
+                break;
+            }
+            *lead += 1;
         }
     }
 }

@@ -568,6 +568,10 @@ impl Djinn {
     fn overtake_with_resident_kv(&mut self, view: &SchedView, avail: &mut i64, skip: &[AgentId]) {
         let mut picked = Vec::new();
         for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
+            // Needs are never negative: once nothing is left, nothing more can be picked.
+            if *avail < 0 {
+                break;
+            }
             if !ready_to_commit(view, agent)
                 || skip.contains(&agent)
                 || view.kv.state(agent) != KvState::Gpu
