@@ -106,7 +106,9 @@ impl KvManager {
         let a = &self.agents[agent as usize];
         // Every block of the group's referenced lead within the agent's shareable prefix counts
         // without a look.
-        let lead = a.group.map_or(0, |g| self.group_lead[g as usize].min(a.share_limit));
+        let lead = a
+            .group
+            .map_or(0, |g| self.group_lead[g as usize].min(a.share_limit));
         let (mut run, mut referenced) = (lead, lead);
         loop {
             let i = run as usize;
