@@ -26,9 +26,10 @@ case "$card" in
   h200*) card_spec=h200 ;;
   *) card_spec=h100-sxm ;;
 esac
-# The suite's workloads, shrunk to about a minute of GPU time each (three policies); the same
+# The suite's workloads, shrunk to about a minute of GPU time each (three policies), on a 24 GiB GPU
+# KV pool so that memory pressure separates the policies and the ranking check means something; the same
 # scaled specs are simulated, so the comparison is like for like.
-suite_scale=(--agents-scale 0.2 --turns-scale 0.1 --time-scale 0.05 --host-kv-gib 4)
+suite_scale=(--agents-scale 0.2 --turns-scale 0.1 --time-scale 0.05 --host-kv-gib 4 --gpu-kv-gib 24)
 mkdir -p "results/$card" calibration/profiles
 for model in llama2-7b llama3.1-8b; do
   grid="results/$card/grid-$model"
