@@ -144,32 +144,35 @@ pub fn fit_form(
     Ok(profile)
 }
 
-/// Distribution of |ln(predicted / measured)| of one step kind.
+/// Distribution of |ln(predicted / measured)| of one step kind, and the ratio of the summed
+/// predicted to the summed measured time: the sign the |log| hides, weighted as a run's latency
+/// weighs its steps (below 1: the simulator is optimistic on these steps).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LogErrors {
     pub steps: usize,
     pub median: f64,
     pub p90: f64,
     pub p99: f64,
+    pub total_ratio: f64,
 }
 
 impl LogErrors {
-    /// The distribution of `v` (|log ratios|).
-    pub fn of_values(v: Vec<f64>) -> Self {
-        Self::of(v)
-    }
-
-    fn of(mut v: Vec<f64>) -> Self {
-        if v.is_empty() {
+    /// The distribution over `(predicted_ns, measured_ns)` pairs.
+    pub fn of_pairs(pairs: &[(f64, f64)]) -> Self {
+        if pairs.is_empty() {
             return LogErrors::default();
         }
+        let mut v: Vec<f64> = pairs.iter().map(|(p, m)| (p / m).ln().abs()).collect();
         v.sort_by(f64::total_cmp);
         let at = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+        let predicted: f64 = pairs.iter().map(|(p, _)| p).sum();
+        let measured: f64 = pairs.iter().map(|(_, m)| m).sum();
         LogErrors {
             steps: v.len(),
             median: at(0.5),
             p90: at(0.9),
             p99: at(0.99),
+            total_ratio: predicted / measured,
         }
     }
 }
@@ -179,13 +182,15 @@ pub fn log_errors(
     profile: &GpuProfile,
     samples: &[StepSample],
 ) -> BTreeMap<Option<StepKind>, LogErrors> {
-    let mut by: BTreeMap<Option<StepKind>, Vec<f64>> = BTreeMap::new();
+    let mut by: BTreeMap<Option<StepKind>, Vec<(f64, f64)>> = BTreeMap::new();
     for s in samples {
-        let r = (profile.step_ns(&s.shape) / s.duration_ns).ln().abs();
+        let r = (profile.step_ns(&s.shape), s.duration_ns);
         by.entry(Some(s.kind)).or_default().push(r);
         by.entry(None).or_default().push(r);
     }
-    by.into_iter().map(|(k, v)| (k, LogErrors::of(v))).collect()
+    by.into_iter()
+        .map(|(k, v)| (k, LogErrors::of_pairs(&v)))
+        .collect()
 }
 
 /// A step's shape, rounded, for leave-shape-out splits: every repetition of a shape falls in
@@ -213,7 +218,7 @@ pub fn held_out_errors(
         .enumerate()
         .map(|(i, k)| (*k, i % folds))
         .collect();
-    let mut by: BTreeMap<Option<StepKind>, Vec<f64>> = BTreeMap::new();
+    let mut by: BTreeMap<Option<StepKind>, Vec<(f64, f64)>> = BTreeMap::new();
     for fold in 0..folds {
         let (test, train): (Vec<&StepSample>, Vec<&StepSample>) =
             samples.iter().partition(|s| fold_of[&shape_key(s)] == fold);
@@ -223,12 +228,15 @@ pub fn held_out_errors(
         let train: Vec<StepSample> = train.into_iter().cloned().collect();
         let profile = fit_form(base, &train, form)?;
         for s in test {
-            let r = (profile.step_ns(&s.shape) / s.duration_ns).ln().abs();
+            let r = (profile.step_ns(&s.shape), s.duration_ns);
             by.entry(Some(s.kind)).or_default().push(r);
             by.entry(None).or_default().push(r);
         }
     }
-    Ok(by.into_iter().map(|(k, v)| (k, LogErrors::of(v))).collect())
+    Ok(by
+        .into_iter()
+        .map(|(k, v)| (k, LogErrors::of_pairs(&v)))
+        .collect())
 }
 
 #[cfg(test)]

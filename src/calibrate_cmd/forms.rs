@@ -36,27 +36,28 @@ fn beside_copy_errors(profile: &GpuProfile, steps: &[StepRecord]) -> LogErrors {
             busy(s.swap_in_bytes_started, &profile.host_to_device),
             busy(s.swap_out_bytes_started, &profile.device_to_host),
         );
-        v.push((predicted / s.duration_ns as f64).ln().abs());
+        v.push((predicted, s.duration_ns as f64));
     }
-    table::LogErrors::of_values(v)
+    table::LogErrors::of_pairs(&v)
 }
 
 fn cell(e: Option<&LogErrors>) -> String {
     match e {
         Some(e) if e.steps > 0 => format!(
-            "{:>6.1}% {:>6.1}% {:>6.1}%",
+            "{:>6.1}% {:>6.1}% {:>6.1}% {:>5.3}",
             100.0 * e.median,
             100.0 * e.p90,
-            100.0 * e.p99
+            100.0 * e.p99,
+            e.total_ratio
         ),
-        _ => format!("{:>22}", "-"),
+        _ => format!("{:>28}", "-"),
     }
 }
 
 fn section(title: &str, columns: &[(&str, &Errors)], beside: &[(&str, LogErrors)]) -> String {
     let mut s = format!("\n{title}\n{:<14} {:>7}", "steps", "n");
     for (name, _) in columns {
-        s += &format!(" {:>22}", format!("{name} p50/p90/p99"));
+        s += &format!(" {:>28}", format!("{name} p50/p90/p99 sum"));
     }
     s.push('\n');
     let kinds = [
@@ -108,7 +109,8 @@ pub fn compare_forms(
     let names = ["base", Form::Roofline.name(), Form::Table.name()];
     let profiles = [base, fitted, &with_table];
     let mut out = String::from(
-        "\nstep-time |ln(predicted / measured)| per kind: median, P90, P99 (0.01 = ~1%)\n",
+        "\nstep-time |ln(predicted / measured)| per kind: median, P90, P99 (0.01 = ~1%); sum = summed\n\
+         predicted / summed measured time (below 1: the simulator is optimistic on these steps)\n",
     );
     let in_sample: Vec<Errors> = profiles
         .iter()

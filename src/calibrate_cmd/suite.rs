@@ -348,7 +348,7 @@ pub fn run_suite(args: SuiteArgs) -> Result<()> {
         }
         for dir in &dirs {
             let run = read_real_run(dir)?;
-            let (sim, _) = simulate_twin(&run, &profile, &hints)?;
+            let sim = simulate_twin(&run, &profile, &hints)?.summary;
             device.clone_from(&run.manifest.device);
             rows.push(SuiteRow::new(&run.summary, &sim, dir.display().to_string()));
         }

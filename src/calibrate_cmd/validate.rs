@@ -11,7 +11,7 @@ use sim::experiment::SimConfig;
 use traces::{GpuProfile, RunManifest, RunSummary, StepRecord};
 
 use super::inputs::{real_runs, RealRun};
-use crate::runio::outdir::check_new_file;
+use crate::runio::outdir::{check_new_file, check_new_folder, Staging};
 
 #[derive(Args, Debug)]
 pub struct ValidateArgs {
@@ -30,9 +30,14 @@ pub struct ValidateArgs {
     /// refuses (before simulating) unless --overwrite.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
-    /// Replace an existing --csv file.
+    /// Replace an existing --csv file (and existing twins under --twins-out).
     #[arg(long)]
     pub overwrite: bool,
+    /// Also write every simulated twin as a run directory (manifest.json, turns.csv, steps.csv,
+    /// swaps.csv, summary.json) under DIR/<workload>/<policy>.<profile>.sim, to set its turns
+    /// and steps beside the real run's.
+    #[arg(long, value_name = "DIR")]
+    pub twins_out: Option<PathBuf>,
 }
 
 /// One row of `validate`: a real run against its simulated twin under one profile.
@@ -104,12 +109,14 @@ fn end_s(steps: &[StepRecord]) -> f64 {
         / 1e9
 }
 
+/// A simulated twin: its summary and everything the simulator recorded.
+pub(super) struct Twin {
+    pub summary: RunSummary,
+    pub output: sim::driver::RunOutput,
+}
+
 /// Simulates `run`'s workload with `profile`'s timing and `hints`' cost hints.
-pub(super) fn simulate_twin(
-    run: &RealRun,
-    profile: &GpuProfile,
-    hints: &GpuProfile,
-) -> Result<(RunSummary, Vec<StepRecord>)> {
+pub(super) fn simulate_twin(run: &RealRun, profile: &GpuProfile, hints: &GpuProfile) -> Result<Twin> {
     let m = &run.manifest;
     let dir = &run.dir;
     let policy = crate::runio::parse_policy(&m.policy)?;
@@ -147,7 +154,28 @@ pub(super) fn simulate_twin(
         slo_ns: run.summary.slo_ns,
     };
     let summary = analysis::summarize(&inputs, &output.turns, &output.steps, &output.swaps);
-    Ok((summary, output.steps))
+    Ok(Twin { summary, output })
+}
+
+/// Writes `twin` to DIR/<workload>/<policy>.<profile>.sim, with the real run's manifest marked
+/// as simulated under `profile_name`.
+fn write_twin(dir: &Path, run: &RealRun, profile_name: &str, twin: &Twin) -> Result<()> {
+    let stem = Path::new(profile_name)
+        .file_stem()
+        .map_or_else(|| profile_name.to_string(), |s| s.to_string_lossy().into_owned());
+    let out = dir
+        .join(&run.manifest.workload.name)
+        .join(format!("{}.{stem}.sim", run.manifest.policy));
+    std::fs::create_dir_all(out.parent().unwrap_or(dir))
+        .with_context(|| format!("creating {}", out.display()))?;
+    let mut manifest = run.manifest.clone();
+    manifest.backend = "sim".into();
+    manifest.profile_name = profile_name.to_string();
+    manifest.reproduce = format!(
+        "the simulated twin of {} under {profile_name} (djinn calibrate validate --twins-out)",
+        run.dir.display()
+    );
+    crate::runio::write_run(&out, &manifest, &twin.output, &twin.summary)
 }
 
 pub fn run_validate(args: ValidateArgs) -> Result<()> {
@@ -168,10 +196,21 @@ pub fn run_validate(args: ValidateArgs) -> Result<()> {
         .map(|n| Ok((n.clone(), calibration::load_profile(n)?)))
         .collect::<Result<_>>()?;
     let hints = calibration::load_profile(&args.hints_profile)?;
+    let twins = match &args.twins_out {
+        Some(dir) => {
+            check_new_folder(dir, args.overwrite)?;
+            Some(Staging::new(dir, false)?)
+        }
+        None => None,
+    };
     let mut rows = Vec::new();
     for run in &runs {
         for (name, profile) in &profiles {
-            let (sim, sim_steps) = simulate_twin(run, profile, &hints)?;
+            let twin = simulate_twin(run, profile, &hints)?;
+            if let Some(staging) = &twins {
+                write_twin(staging.path(), run, name, &twin)?;
+            }
+            let (sim, sim_steps) = (&twin.summary, &twin.output.steps);
             let real = &run.summary;
             rows.push(ValidationRow {
                 run: run.dir.display().to_string(),
@@ -184,15 +223,19 @@ pub fn run_validate(args: ValidateArgs) -> Result<()> {
                 latency_ms_p99_real: real.turn_latency.p99_ns as f64 / 1e6,
                 latency_ms_p99_sim: sim.turn_latency.p99_ns as f64 / 1e6,
                 decode_step_ms_p50_real: decode_step_ms_p50(&run.steps),
-                decode_step_ms_p50_sim: decode_step_ms_p50(&sim_steps),
+                decode_step_ms_p50_sim: decode_step_ms_p50(sim_steps),
                 end_s_real: end_s(&run.steps),
-                end_s_sim: end_s(&sim_steps),
+                end_s_sim: end_s(sim_steps),
                 swaps_out_real: real.swaps_out,
                 swaps_out_sim: sim.swaps_out,
                 drops_real: real.drops,
                 drops_sim: sim.drops,
             });
         }
+    }
+    if let (Some(staging), Some(dir)) = (twins, &args.twins_out) {
+        staging.publish(args.overwrite)?;
+        println!("wrote the simulated twins under {}", dir.display());
     }
     print!("{}", validation_table(&runs, &rows, &hints));
     if let Some(csv) = &args.csv {
