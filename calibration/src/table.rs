@@ -107,9 +107,19 @@ fn table_from(points: &[(f64, f64, f64)]) -> CorrectionTable {
 
 /// Correction tables for `roofline` (a profile of form roofline-v1) from the residuals of
 /// `samples`; `None` when no sample has a shape.
+///
+/// A prefill-only step of several sequences informs the roofline (it separates the GEMMs, which
+/// see all its tokens, from attention, which sees each sequence's), not the prefill table: that
+/// table is indexed by tokens per sequence, where a shared chunk's GEMMs would read as a short
+/// prompt's.
 pub fn fit_corrections(roofline: &GpuProfile, samples: &[StepSample]) -> Option<StepCorrections> {
     let mut by_kind: [Vec<(f64, f64, f64)>; 3] = Default::default();
     for s in samples {
+        let several_prefill_sequences =
+            s.kind == StepKind::Prefill && s.shape.sequences - s.shape.decode_sequences > 1.0;
+        if several_prefill_sequences {
+            continue;
+        }
         if let Some((_, x, y)) = table_coordinates(&s.shape) {
             let r = (s.duration_ns / roofline.step_ns(&s.shape)).ln();
             if r.is_finite() {

@@ -38,6 +38,7 @@ where
         StepSpec::Prefill {
             chunk: context.min(args_tokens),
             cached: 0,
+            seqs: 1,
         },
     ]
     .into_iter()

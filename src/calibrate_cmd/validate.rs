@@ -116,7 +116,11 @@ pub(super) struct Twin {
 }
 
 /// Simulates `run`'s workload with `profile`'s timing and `hints`' cost hints.
-pub(super) fn simulate_twin(run: &RealRun, profile: &GpuProfile, hints: &GpuProfile) -> Result<Twin> {
+pub(super) fn simulate_twin(
+    run: &RealRun,
+    profile: &GpuProfile,
+    hints: &GpuProfile,
+) -> Result<Twin> {
     let m = &run.manifest;
     let dir = &run.dir;
     let policy = crate::runio::parse_policy(&m.policy)?;
@@ -160,9 +164,10 @@ pub(super) fn simulate_twin(run: &RealRun, profile: &GpuProfile, hints: &GpuProf
 /// Writes `twin` to DIR/<workload>/<policy>.<profile>.sim, with the real run's manifest marked
 /// as simulated under `profile_name`.
 fn write_twin(dir: &Path, run: &RealRun, profile_name: &str, twin: &Twin) -> Result<()> {
-    let stem = Path::new(profile_name)
-        .file_stem()
-        .map_or_else(|| profile_name.to_string(), |s| s.to_string_lossy().into_owned());
+    let stem = Path::new(profile_name).file_stem().map_or_else(
+        || profile_name.to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
     let out = dir
         .join(&run.manifest.workload.name)
         .join(format!("{}.{stem}.sim", run.manifest.policy));

@@ -19,7 +19,8 @@ pub const MIN_REPS: u32 = 3;
 const SHAPE_OVERHEAD_NS: f64 = 2e6;
 
 /// One step to measure. Decode sequences attend to `context` tokens each (their new token
-/// included); a prefill chunk of `chunk` tokens sits on `cached` tokens of one sequence.
+/// included); a prefill chunk of `chunk` tokens is split evenly over `seqs` sequences (the
+/// engine batches several agents' prompts into one chunk), each on `cached` tokens of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StepSpec {
     Decode {
@@ -29,10 +30,12 @@ pub enum StepSpec {
     Prefill {
         chunk: u32,
         cached: u32,
+        seqs: u32,
     },
     Mixed {
         chunk: u32,
         cached: u32,
+        seqs: u32,
         batch: u32,
         context: u32,
     },
@@ -52,65 +55,100 @@ pub struct GridShape {
 impl StepSpec {
     /// The shape the cost model sees.
     pub fn shape(&self) -> StepShape {
-        let (chunk, cached, batch, context) = match *self {
-            StepSpec::Decode { batch, context } => (0, 0, batch, context),
-            StepSpec::Prefill { chunk, cached } => (chunk, cached, 0, 0),
+        let (chunk, cached, _, batch, context) = self.parts();
+        let split = self.prefill_split();
+        let c = cached as f64;
+        let k = split.len() as f64;
+        StepShape {
+            prefill_tokens: chunk as f64,
+            prefill_context_read_tokens: k * c + chunk as f64,
+            prefill_attention_pairs: split
+                .iter()
+                .map(|&n| {
+                    let n = n as f64;
+                    n * c + n * (n + 1.0) / 2.0
+                })
+                .sum(),
+            decode_sequences: batch as f64,
+            decode_context_tokens: batch as f64 * context as f64,
+            sequences: batch as f64 + k,
+        }
+    }
+
+    /// (chunk, cached, prefill sequences, decode batch, decode context); zeros where absent.
+    fn parts(&self) -> (u32, u32, u32, u32, u32) {
+        match *self {
+            StepSpec::Decode { batch, context } => (0, 0, 0, batch, context),
+            StepSpec::Prefill {
+                chunk,
+                cached,
+                seqs,
+            } => (chunk, cached, seqs, 0, 0),
             StepSpec::Mixed {
                 chunk,
                 cached,
+                seqs,
                 batch,
                 context,
-            } => (chunk, cached, batch, context),
-        };
-        let (n, c) = (chunk as f64, cached as f64);
-        StepShape {
-            prefill_tokens: n,
-            prefill_context_read_tokens: if chunk > 0 { c + n } else { 0.0 },
-            prefill_attention_pairs: n * c + n * (n + 1.0) / 2.0,
-            decode_sequences: batch as f64,
-            decode_context_tokens: batch as f64 * context as f64,
-            sequences: batch as f64 + if chunk > 0 { 1.0 } else { 0.0 },
+            } => (chunk, cached, seqs, batch, context),
         }
+    }
+
+    /// Tokens of the chunk each prefill sequence takes (the first ones take the remainder).
+    pub fn prefill_split(&self) -> Vec<u32> {
+        let (chunk, _, seqs, _, _) = self.parts();
+        if chunk == 0 {
+            return Vec::new();
+        }
+        let k = seqs.clamp(1, chunk);
+        (0..k)
+            .map(|i| chunk / k + u32::from(i < chunk % k))
+            .collect()
     }
 
     /// KV tokens the step's sequences hold.
     pub fn kv_tokens(&self) -> u64 {
-        match *self {
-            StepSpec::Decode { batch, context } => batch as u64 * context as u64,
-            StepSpec::Prefill { chunk, cached } => chunk as u64 + cached as u64,
-            StepSpec::Mixed {
-                chunk,
-                cached,
-                batch,
-                context,
-            } => chunk as u64 + cached as u64 + batch as u64 * context as u64,
-        }
+        let (chunk, cached, seqs, batch, context) = self.parts();
+        let prefill_seqs = if chunk > 0 { seqs.max(1) as u64 } else { 0 };
+        chunk as u64 + prefill_seqs * cached as u64 + batch as u64 * context as u64
     }
 
     /// Longest sequence of the step, tokens.
     pub fn longest(&self) -> u32 {
-        match *self {
-            StepSpec::Decode { context, .. } => context,
-            StepSpec::Prefill { chunk, cached } => chunk + cached,
-            StepSpec::Mixed {
-                chunk,
-                cached,
-                context,
-                ..
-            } => (chunk + cached).max(context),
+        let (_, cached, _, _, context) = self.parts();
+        let longest_chunk = self.prefill_split().first().copied().unwrap_or(0);
+        if longest_chunk > 0 {
+            (longest_chunk + cached).max(context)
+        } else {
+            context
         }
     }
 
     pub fn label(&self) -> String {
+        let prefill = |chunk: u32, cached: u32, seqs: u32| {
+            if seqs > 1 {
+                format!("prefill {chunk} as {seqs} sequences on {cached} each")
+            } else {
+                format!("prefill {chunk} on {cached}")
+            }
+        };
         match *self {
             StepSpec::Decode { batch, context } => format!("decode {batch} x {context}"),
-            StepSpec::Prefill { chunk, cached } => format!("prefill {chunk} on {cached}"),
+            StepSpec::Prefill {
+                chunk,
+                cached,
+                seqs,
+            } => prefill(chunk, cached, seqs),
             StepSpec::Mixed {
                 chunk,
                 cached,
+                seqs,
                 batch,
                 context,
-            } => format!("mixed prefill {chunk} on {cached} + decode {batch} x {context}"),
+            } => format!(
+                "mixed {} + decode {batch} x {context}",
+                prefill(chunk, cached, seqs)
+            ),
         }
     }
 }
@@ -203,30 +241,78 @@ fn candidates(limits: &GridLimits) -> Vec<GridShape> {
             ));
         }
     }
-    // Prefill: chunks 16..8192 (x2) on 0 and 1k..100k cached tokens (x4, and 100k).
+    // Prefill: chunks 16..8192 (x2) on 0 and 1k..100k cached tokens (x4, and 100k), and on half
+    // and three quarters of the model's window where those are new levels (a 4k model would
+    // otherwise see only 0 and 1k cached tokens).
     let mut cached_levels = vec![0u32];
     cached_levels.extend(powers(1024, 65536, 4));
     cached_levels.push(100_000);
+    for extra in [limits.max_context / 2, limits.max_context / 4 * 3] {
+        let near = cached_levels
+            .iter()
+            .any(|&c| c > 0 && (extra as f64 / c as f64).ln().abs() < 1.25f64.ln());
+        if extra >= 1024 && !near {
+            cached_levels.push(extra);
+        }
+    }
+    cached_levels.sort_unstable();
     for (ni, chunk) in powers(16, 8192, 2).into_iter().enumerate() {
         for (ki, &cached) in cached_levels.iter().enumerate() {
             let coarse = ni % 2 == 0 && ki % 2 == 0;
-            out.push(quiet(
-                StepSpec::Prefill { chunk, cached },
-                u8::from(!coarse),
-            ));
+            let step = StepSpec::Prefill {
+                chunk,
+                cached,
+                seqs: 1,
+            };
+            out.push(quiet(step, u8::from(!coarse)));
         }
     }
-    // Mixed: a chunk beside a decode batch at 2k context (or the model's maximum, if shorter).
+    // Chunks shared by several sequences, as a batch of agents' prompts is prefilled: the same
+    // tokens through the GEMMs, less attention, more sequences.
+    for chunk in [1024u32, 4096] {
+        for seqs in [2u32, 4, 8] {
+            for cached in [0u32, 1024] {
+                let step = StepSpec::Prefill {
+                    chunk,
+                    cached,
+                    seqs,
+                };
+                out.push(quiet(step, u8::from(seqs != 4 || cached != 0)));
+            }
+        }
+    }
+    // Mixed: a chunk beside a decode batch at 2k context (or the model's maximum, if shorter);
+    // then a 1k chunk, whole or shared by four sequences, beside decode batches at short, middle
+    // and (long-context models) a quarter-window context.
     let mid_context = limits.max_context.clamp(1, 2048);
     for (ni, chunk) in [64u32, 512, 2048].into_iter().enumerate() {
         for (bi, batch) in [4u32, 16, 64].into_iter().enumerate() {
             let step = StepSpec::Mixed {
                 chunk,
                 cached: mid_context / 2,
+                seqs: 1,
                 batch,
                 context: mid_context,
             };
             out.push(quiet(step, u8::from(ni % 2 == 1 || bi % 2 == 1)));
+        }
+    }
+    let mut mixed_contexts = vec![limits.max_context.clamp(1, 512), mid_context];
+    if limits.max_context / 4 > mid_context {
+        mixed_contexts.push(limits.max_context / 4);
+    }
+    for (ci, &context) in mixed_contexts.iter().enumerate() {
+        for (seqs, cached) in [(1u32, mid_context / 4), (4, 0)] {
+            for batch in [8u32, 32] {
+                let step = StepSpec::Mixed {
+                    chunk: 1024,
+                    cached,
+                    seqs,
+                    batch,
+                    context,
+                };
+                out.push(quiet(step, u8::from(ci != 0 || batch != 8)));
+            }
         }
     }
     // Copies beside steps: both directions, two sizes, beside decode and prefill steps.
@@ -242,10 +328,12 @@ fn candidates(limits: &GridLimits) -> Vec<GridShape> {
         StepSpec::Prefill {
             chunk: 512,
             cached: 0,
+            seqs: 1,
         },
         StepSpec::Prefill {
             chunk: 4096,
             cached: 0,
+            seqs: 1,
         },
     ];
     for (vi, victim) in victims.into_iter().enumerate() {
@@ -288,8 +376,10 @@ fn does_not_fit(shape: &GridShape, limits: &GridLimits) -> Option<String> {
     }
     let (tokens, batch) = match *step {
         StepSpec::Decode { batch, .. } => (batch, batch),
-        StepSpec::Prefill { chunk, .. } => (chunk, 1),
-        StepSpec::Mixed { chunk, batch, .. } => (chunk + batch, batch + 1),
+        StepSpec::Prefill { chunk, seqs, .. } => (chunk, seqs.max(1)),
+        StepSpec::Mixed {
+            chunk, seqs, batch, ..
+        } => (chunk + batch, batch + seqs.max(1)),
     };
     if tokens > limits.max_step_tokens || batch > limits.max_batch {
         return Some(format!(
@@ -407,7 +497,8 @@ mod tests {
             s.step,
             StepSpec::Prefill {
                 chunk: 16,
-                cached: 0
+                cached: 0,
+                seqs: 1
             }
         )));
         assert!(has(&|s| matches!(

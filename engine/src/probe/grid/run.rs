@@ -52,24 +52,22 @@ fn step_inputs(step: &StepSpec, block_size: usize, vocab: u32) -> StepInputs {
         let tokens: Vec<u32> = (0..new).map(|i| token(salt * 7919 + i, vocab)).collect();
         (table, context, tokens)
     };
-    match *step {
-        StepSpec::Decode { batch, context } => {
-            for b in 0..batch as usize {
-                seqs.push(seq(context as usize - 1, 1, b + 1));
-            }
-        }
-        StepSpec::Prefill { chunk, cached } => seqs.push(seq(cached as usize, chunk as usize, 0)),
+    let (cached, batch, context) = match *step {
+        StepSpec::Decode { batch, context } => (0, batch, context),
+        StepSpec::Prefill { cached, .. } => (cached, 0, 0),
         StepSpec::Mixed {
-            chunk,
             cached,
             batch,
             context,
-        } => {
-            seqs.push(seq(cached as usize, chunk as usize, 0));
-            for b in 0..batch as usize {
-                seqs.push(seq(context as usize - 1, 1, b + 1));
-            }
-        }
+            ..
+        } => (cached, batch, context),
+    };
+    // Prefill sequences first (salts 1_000_000 + i keep their tokens apart from decode ones).
+    for (i, tokens) in step.prefill_split().into_iter().enumerate() {
+        seqs.push(seq(cached as usize, tokens as usize, 1_000_000 + i));
+    }
+    for b in 0..batch as usize {
+        seqs.push(seq(context as usize - 1, 1, b + 1));
     }
     StepInputs {
         seqs,
@@ -85,7 +83,7 @@ fn record(step: &StepSpec, index: u64, start_ns: u64, duration_ns: u64) -> trace
         start_ns,
         duration_ns,
         prefill_tokens: shape.prefill_tokens as u32,
-        prefill_sequences: u32::from(shape.prefill_tokens > 0.0),
+        prefill_sequences: step.prefill_split().len() as u32,
         prefill_attention_pairs: shape.prefill_attention_pairs as u64,
         decode_batch: shape.decode_sequences as u32,
         decode_context_tokens: shape.decode_context_tokens as u64,
@@ -228,6 +226,7 @@ mod tests {
         let step = StepSpec::Mixed {
             chunk: 20,
             cached: 12,
+            seqs: 1,
             batch: 2,
             context: 17,
         };
@@ -241,5 +240,29 @@ mod tests {
         let rec = record(&step, 0, 0, 5);
         assert_eq!(rec.prefill_attention_pairs, 20 * 12 + 20 * 21 / 2);
         assert_eq!(rec.decode_context_tokens, 34);
+    }
+
+    #[test]
+    fn a_shared_chunk_gives_each_prefill_sequence_its_share_and_blocks() {
+        let step = StepSpec::Mixed {
+            chunk: 10,
+            cached: 16,
+            seqs: 3,
+            batch: 1,
+            context: 5,
+        };
+        let inputs = step_inputs(&step, 16, 256);
+        let lens: Vec<(usize, usize)> = inputs.seqs.iter().map(|s| (s.1, s.2.len())).collect();
+        assert_eq!(lens, vec![(16, 4), (16, 3), (16, 3), (4, 1)]);
+        // 16 + 4 tokens take two blocks each; the decode sequence one: no block is shared.
+        assert_eq!(inputs.seqs[2].0, vec![4, 5]);
+        assert_eq!(inputs.blocks, 7);
+        let rec = record(&step, 0, 0, 5);
+        assert_eq!(rec.prefill_sequences, 3);
+        assert_eq!(rec.prefill_tokens, 10);
+        // Each sequence's pairs: 4 x 16 + 4 x 5 / 2, then twice 3 x 16 + 3 x 4 / 2.
+        assert_eq!(rec.prefill_attention_pairs, 64 + 10 + 2 * (48 + 6));
+        assert_eq!(step.shape().sequences, 4.0);
+        assert_eq!(step.kv_tokens(), 10 + 3 * 16 + 5);
     }
 }
