@@ -5,7 +5,9 @@
 #   2. fit from the grid     djinn calibrate fit --grid (seconds, CPU)
 #   3. held-out validation   djinn calibrate validate-suite with the fitted profile, recorded into it
 #
-#   calibration/scripts/calibrate_card.sh /path/to/djinn <card-label> [grid budget-s per model]
+#   calibration/scripts/calibrate_card.sh /path/to/djinn <card-label> [grid budget-s per model] [models]
+#
+# models: comma-separated, default llama2-7b,llama3.1-8b (one model alone takes about half the time).
 #
 # Writes calibration/profiles/<card>-<model>-fitted.json (with provenance.validation) and under
 # results/<card>/: grid-<model>/, fit-<model>.txt, validation-suite-<model>/ (the real run
@@ -17,10 +19,11 @@
 # start-up per workload: about 13.5 minutes in all. An interrupted suite resumes with the same
 # command (its finished runs are kept).
 set -euo pipefail
-usage="usage: calibrate_card.sh DJINN_BINARY CARD_LABEL [GRID_BUDGET_S]"
+usage="usage: calibrate_card.sh DJINN_BINARY CARD_LABEL [GRID_BUDGET_S] [MODELS]"
 djinn=${1:?$usage}
 card=${2:?$usage}
 budget=${3:-120}
+models=${4:-llama2-7b,llama3.1-8b}
 case "$card" in
   h100*) card_spec=h100-sxm ;;
   h200*) card_spec=h200 ;;
@@ -31,7 +34,7 @@ esac
 # scaled specs are simulated, so the comparison is like for like.
 suite_scale=(--agents-scale 0.2 --turns-scale 0.1 --time-scale 0.05 --host-kv-gib 4 --gpu-kv-gib 24)
 mkdir -p "results/$card" calibration/profiles
-for model in llama2-7b llama3.1-8b; do
+for model in ${models//,/ }; do
   grid="results/$card/grid-$model"
   profile="calibration/profiles/$card-$model-fitted.json"
   suite="results/$card/validation-suite-$model"
