@@ -140,6 +140,9 @@ pub fn plan_for(
         warmup: args.warmup,
         reps: args.reps,
         budget_s: args.budget_s,
+        copy_ns_per_token: [&predict.host_to_device, &predict.device_to_host].map(|ch| {
+            facts.block_bytes as f64 / args.block_size as f64 / ch.bandwidth_bytes_per_s * 1e9
+        }),
     };
     plan_grid(&limits, &|s: &StepShape| {
         predict.step_ns(s)

@@ -187,6 +187,9 @@ pub struct GridLimits {
     pub warmup: u32,
     pub reps: u32,
     pub budget_s: f64,
+    /// Nanoseconds a copy takes per KV token, host to device and device to host: a shape beside
+    /// copies waits for them before its next repetition, so they count toward the budget.
+    pub copy_ns_per_token: [f64; 2],
 }
 
 /// The planned grid.
@@ -399,8 +402,13 @@ pub fn plan_grid(limits: &GridLimits, predict_ns: &dyn Fn(&StepShape) -> f64) ->
         match does_not_fit(&shape, limits) {
             Some(why) => skipped.push(format!("{}: {why}", shape.label())),
             None => {
-                let ns = predict_ns(&shape.step.shape()).max(0.0) + SHAPE_OVERHEAD_NS;
-                kept.push((shape, ns));
+                let copies_ns = [shape.swap_in_tokens, shape.swap_out_tokens]
+                    .iter()
+                    .zip(limits.copy_ns_per_token)
+                    .map(|(&tokens, ns)| tokens as f64 * ns.max(0.0))
+                    .fold(0.0, f64::max);
+                let step_ns = predict_ns(&shape.step.shape()).max(0.0);
+                kept.push((shape, step_ns.max(copies_ns) + SHAPE_OVERHEAD_NS));
             }
         }
     }
@@ -472,6 +480,12 @@ mod tests {
             warmup: 2,
             reps: 7,
             budget_s: 300.0,
+            copy_ns_per_token: [
+                profile.kv_bytes_per_token as f64 / profile.host_to_device.bandwidth_bytes_per_s
+                    * 1e9,
+                profile.kv_bytes_per_token as f64 / profile.device_to_host.bandwidth_bytes_per_s
+                    * 1e9,
+            ],
         };
         (limits, profile)
     }
@@ -525,6 +539,24 @@ mod tests {
         // 100k cached tokens do not fit a 4k model.
         assert!(plan.skipped.iter().any(|s| s.contains("on 100000")));
         assert_eq!(plan, plan_grid(&limits, &|s| p.step_ns(s)), "deterministic");
+    }
+
+    #[test]
+    fn copies_beside_a_step_count_toward_the_budget() {
+        let (mut limits, p) = h100_llama2();
+        limits.budget_s = 1e6;
+        let with = plan_grid(&limits, &|s| p.step_ns(s));
+        limits.copy_ns_per_token = [0.0, 0.0];
+        let without = plan_grid(&limits, &|s| p.step_ns(s));
+        assert_eq!(with.shapes, without.shapes);
+        // 16k tokens of llama2-7b KV are 8 GiB: ~0.16 s a copy at 55 GB/s, against a ~10 ms
+        // step; the plan must see them.
+        assert!(
+            with.predicted_s > without.predicted_s + 5.0,
+            "{} vs {}",
+            with.predicted_s,
+            without.predicted_s
+        );
     }
 
     #[test]
