@@ -103,10 +103,13 @@ fn validate_shows_the_fitted_profile_simulating_real_runs_more_closely() {
     let dir = temp("calibrate", "validate");
     std::fs::create_dir_all(&dir).unwrap();
     let csv = dir.join("validation.csv");
+    let twins = dir.join("twins");
     let out = djinn()
         .current_dir(root())
         .args(["calibrate", "validate", RUNS, "--csv"])
         .arg(&csv)
+        .arg("--twins-out")
+        .arg(&twins)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -140,6 +143,55 @@ fn validate_shows_the_fitted_profile_simulating_real_runs_more_closely() {
         fitted < 0.1 && fitted < analytic / 2.0,
         "p50 error analytic {analytic}, fitted {fitted}"
     );
+    // Every twin is a run directory whose summary is the CSV row's simulated side.
+    let twin_dirs: Vec<std::path::PathBuf> = std::fs::read_dir(&twins)
+        .unwrap()
+        .flat_map(|w| std::fs::read_dir(w.unwrap().path()).unwrap())
+        .map(|d| d.unwrap().path())
+        .collect();
+    assert_eq!(twin_dirs.len(), 6, "{twin_dirs:?}");
+    for d in &twin_dirs {
+        for f in [
+            "manifest.json",
+            "turns.csv",
+            "steps.csv",
+            "swaps.csv",
+            "summary.json",
+        ] {
+            assert!(d.join(f).is_file(), "{}: no {f}", d.display());
+        }
+    }
+    let fitted_twin = twin_dirs
+        .iter()
+        .find(|d| d.to_string_lossy().ends_with(".h100-llama2-7b-fitted.sim"))
+        .unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fitted_twin.join("summary.json")).unwrap())
+            .unwrap();
+    let p50_ms = summary["turn_latency"]["p50_ns"].as_f64().unwrap() / 1e6;
+    let policy = summary["policy"].as_str().unwrap();
+    let row = rows
+        .iter()
+        .find(|r| {
+            &r[col("profile")] == "h100-llama2-7b-fitted"
+                && &r[col("policy")] == policy
+                && fitted_twin.to_string_lossy().contains(&format!(
+                    "/{policy}-x{}-seed{}.",
+                    &r[col("agents")],
+                    0
+                ))
+        })
+        .unwrap();
+    let csv_p50: f64 = row[col("latency_ms_p50_sim")].parse().unwrap();
+    assert!((p50_ms - csv_p50).abs() < 1e-6, "{p50_ms} vs {csv_p50}");
+    // A second write to the same folder is refused without --overwrite.
+    let again = djinn()
+        .current_dir(root())
+        .args(["calibrate", "validate", RUNS, "--twins-out"])
+        .arg(&twins)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -34,8 +34,8 @@ pub struct ValidateArgs {
     #[arg(long)]
     pub overwrite: bool,
     /// Also write every simulated twin as a run directory (manifest.json, turns.csv, steps.csv,
-    /// swaps.csv, summary.json) under DIR/<workload>/<policy>.<profile>.sim, to set its turns
-    /// and steps beside the real run's.
+    /// swaps.csv, summary.json) under DIR/<workload>/<policy>-x<agents>-seed<seed>.<profile>.sim
+    /// (numbered when real runs repeat), to set its turns and steps beside the real run's.
     #[arg(long, value_name = "DIR")]
     pub twins_out: Option<PathBuf>,
 }
@@ -161,16 +161,28 @@ pub(super) fn simulate_twin(
     Ok(Twin { summary, output })
 }
 
-/// Writes `twin` to DIR/<workload>/<policy>.<profile>.sim, with the real run's manifest marked
-/// as simulated under `profile_name`.
+/// Writes `twin` to DIR/<workload>/<policy>-x<agents>-seed<seed>.<profile>.sim, with the real
+/// run's manifest marked as simulated under `profile_name`.
 fn write_twin(dir: &Path, run: &RealRun, profile_name: &str, twin: &Twin) -> Result<()> {
     let stem = Path::new(profile_name).file_stem().map_or_else(
         || profile_name.to_string(),
         |s| s.to_string_lossy().into_owned(),
     );
-    let out = dir
-        .join(&run.manifest.workload.name)
-        .join(format!("{}.{stem}.sim", run.manifest.policy));
+    let m = &run.manifest;
+    let base = format!("{}-x{}-seed{}.{stem}", m.policy, m.agents, m.seed);
+    // Two real runs alike in all of these (repeats) get numbered twins, never one merged folder.
+    let workload_dir = dir.join(&m.workload.name);
+    let out = (1..)
+        .map(|n| {
+            let name = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            workload_dir.join(format!("{name}.sim"))
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| workload_dir.join(format!("{base}.sim")));
     std::fs::create_dir_all(out.parent().unwrap_or(dir))
         .with_context(|| format!("creating {}", out.display()))?;
     let mut manifest = run.manifest.clone();
