@@ -16,7 +16,9 @@ def main():
     ours = engine["rows"]
     comparisons = []
     for peer in hf:
-        same = [r for r in ours if r["kind"] == peer["kind"] and r["batch"] == peer["batch"]]
+        # A chunk on a cached context is compared only with the engine's chunk on the same context.
+        same = [r for r in ours if r["kind"] == peer["kind"] and r["batch"] == peer["batch"]
+                and r.get("cached_tokens", 0) == peer.get("cached_tokens", 0)]
         if not same:
             continue
         mine = min(same, key=lambda r: abs(r["tokens"] - peer["tokens"]))
@@ -27,13 +29,13 @@ def main():
               f"vs djinn-cuda {mine['ms_p50']:8.3f} ms ({mine['tokens']} tokens): x{speedup:.2f}")
     merged = dict(engine, rows=ours + hf, comparisons=comparisons)
     json.dump(merged, open(prefix + ".json", "w"), indent=1)
-    fields = ["system", "kind", "batch", "tokens", "ms_p50", "ms_mean", "ms_min", "reps", "tokens_per_s",
+    fields = ["system", "kind", "batch", "tokens", "cached_tokens", "ms_p50", "ms_mean", "ms_min", "reps", "tokens_per_s",
               "floor_ms_datasheet", "ratio_to_datasheet_floor", "floor_ms_measured_rates", "ratio_to_measured_floor"]
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["device"] + fields)
         for r in merged["rows"]:
-            w.writerow([engine["device"]] + [round(r[k], 4) if isinstance(r[k], float) else r[k] for k in fields])
+            w.writerow([engine["device"]] + [round(r.get(k, 0), 4) if isinstance(r.get(k, 0), float) else r.get(k, 0) for k in fields])
     print(f"wrote {prefix}.json and {prefix}.csv")
 
 

@@ -33,11 +33,25 @@ import torch
 from hf_compare_7b import metrics
 
 
-def forward_rows(model, tokens, keep):
-    """Logits (float32) of the last `keep` positions of one forward over `tokens`."""
+def forward_rows(model, tokens, keep, chunk=1024):
+    """Logits (float32) of the last `keep` positions of a forward over `tokens`, fed in chunks of
+    `chunk` tokens through HF's KV cache: SDPA with a cache and an explicit mask runs the math
+    kernel, whose score matrix for a 32k-token prompt in one piece would be 128 GiB in fp32."""
+    from transformers import DynamicCache
+
     ids = torch.tensor([tokens], device="cuda")
+    n = ids.shape[1]
+    cache = DynamicCache()
+    rows = []
     with torch.no_grad():
-        return model(ids, logits_to_keep=keep).logits[0, -keep:].float()
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            wanted = end - max(start, n - keep)
+            out = model(ids[:, start:end], past_key_values=cache, use_cache=True,
+                        logits_to_keep=max(wanted, 1))
+            if wanted > 0:
+                rows.append(out.logits[0, -wanted:].float())
+    return torch.cat(rows)
 
 
 def judge(name, eng_rows, low, ref, positions):
