@@ -566,17 +566,34 @@ impl Djinn {
     /// one long decode (outputs of thousands of tokens at real scale) kept every agent back from
     /// a short tool call queued behind a head that was swapped out.
     fn overtake_with_resident_kv(&mut self, view: &SchedView, avail: &mut i64, skip: &[AgentId]) {
+        // Needs are never negative: once nothing is left, nothing can be picked.
+        if *avail < 0 || self.resident_waiting.is_empty() {
+            return;
+        }
+        // Only the first WAITING_SCAN_MAX waiting turns are looked at.
+        let last = if self.waiting.len() > WAITING_SCAN_MAX {
+            self.waiting
+                .iter_positions()
+                .nth(WAITING_SCAN_MAX - 1)
+                .map(|(pos, _)| pos)
+        } else {
+            None
+        };
+        let kv = view.kv;
         let mut picked = Vec::new();
-        for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
-            // Needs are never negative: once nothing is left, nothing more can be picked.
-            if *avail < 0 {
+        let mut stale = Vec::new();
+        for &(pos, agent) in &self.resident_waiting {
+            if last.is_some_and(|last| pos > last) {
                 break;
             }
-            if !ready_to_commit(view, agent)
-                || skip.contains(&agent)
-                || view.kv.state(agent) != KvState::Gpu
-                || view.kv.blocks(agent) == 0
+            if self.waiting.position(agent) != Some(pos)
+                || kv.state(agent) != KvState::Gpu
+                || kv.blocks(agent) == 0
             {
+                stale.push(agent);
+                continue;
+            }
+            if skip.contains(&agent) {
                 continue;
             }
             let need = need_blocks(view, agent) as i64;
@@ -584,6 +601,9 @@ impl Djinn {
                 *avail -= need;
                 picked.push(agent);
             }
+        }
+        for agent in stale {
+            self.forget_resident_waiting(agent);
         }
         for agent in picked {
             self.waiting.remove(agent);
