@@ -324,8 +324,12 @@ impl KvManager {
     }
 
     fn alloc_gpu(&mut self, agent: AgentId) -> BlockId {
+        if let Some(b) = self.gpu.pop_uncached() {
+            self.gpu.owner[b as usize] = agent;
+            return b;
+        }
         debug_assert_ne!(self.gpu.head, NONE, "alloc_gpu on an empty pool");
-        let b = self.gpu.pop_front();
+        let b = self.gpu.pop_linked();
         let tag = self.gpu.cache_tag[b as usize];
         if tag.0 != NONE {
             // Reusing a cached prefix block evicts it from its former owner's cached prefix, or
