@@ -412,12 +412,23 @@ impl KvManager {
             // model-based KV test).
             self.untag_cached(agent);
         }
-        self.agents[agent as usize].slots.reserve(extra as usize);
-        for _ in 0..extra {
-            let b = self.alloc_gpu(agent);
-            let a = &mut self.agents[agent as usize];
+        let a = &mut self.agents[agent as usize];
+        a.slots.reserve(extra as usize);
+        a.gpu_slot_count += extra;
+        // The blocks at the front of the free queue carry no cache key: take them as one run, in
+        // the order `alloc_gpu` would (a recompute after a drop takes hundreds at once).
+        let front = &mut self.gpu.front;
+        let run = (extra as usize).min(front.len());
+        let start = front.len() - run;
+        for &b in front[start..].iter().rev() {
+            self.gpu.owner[b as usize] = agent;
             a.slots.push(Slot::Gpu(b));
-            a.gpu_slot_count += 1;
+        }
+        front.truncate(start);
+        self.gpu.free_count -= run as u32;
+        for _ in run..extra as usize {
+            let b = self.alloc_gpu(agent);
+            self.agents[agent as usize].slots.push(Slot::Gpu(b));
         }
         self.sync_state(agent);
         Ok(extra)
@@ -618,6 +629,22 @@ impl KvManager {
 
     /// Frees the agent's blocks beyond the first `keep_blocks` (none of them may be moving).
     fn free_slots_beyond(&mut self, agent: AgentId, keep_blocks: usize) {
+        let a = &mut self.agents[agent as usize];
+        if a.shared_count == 0 && a.host_slot_count == 0 && a.slots.len() > keep_blocks {
+            // Every slot beyond is a private GPU block (none moves, none is on the host or
+            // shared): free them as one run, last first, as the general loop below would.
+            let freed = a.slots.len() - keep_blocks;
+            for slot in a.slots[keep_blocks..].iter().rev() {
+                let Slot::Gpu(b) = *slot else {
+                    unreachable!("no host slot and nothing moving beyond the kept blocks")
+                };
+                debug_assert!(self.gpu.owner[b as usize] == agent, "free of block {b}");
+                self.gpu.owner[b as usize] = NONE;
+                self.gpu.push_front(b);
+            }
+            a.slots.truncate(keep_blocks);
+            a.gpu_slot_count -= freed as u32;
+        }
         while self.agents[agent as usize].slots.len() > keep_blocks {
             match self.agents[agent as usize].slots.pop().expect("len > keep") {
                 Slot::Gpu(b) => {

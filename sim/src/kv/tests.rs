@@ -225,7 +225,11 @@ fn audit_catches_a_cached_block_at_the_front_of_the_free_queue() {
     let mut kv = KvManager::new(16, 4, 0, 1);
     kv.ensure_capacity(0, 32).unwrap();
     kv.free_all(0).unwrap();
-    assert_eq!(kv.gpu.front.len(), 2, "freed blocks without a key go to the front");
+    assert_eq!(
+        kv.gpu.front.len(),
+        2,
+        "freed blocks without a key go to the front"
+    );
     kv.audit().unwrap();
     // Corrupt on purpose: a block at the front tagged as a cached prefix would be reused
     // before the blocks it should outlive.
