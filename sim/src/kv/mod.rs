@@ -175,6 +175,10 @@ pub struct KvStepCounters {
 #[derive(Clone, Debug)]
 pub struct KvManager {
     block_size_tokens: u32,
+    /// log2 of the block size when it is a power of two (it is in every shipped profile):
+    /// `blocks_for` runs for every committed turn several times a step, and a shift costs a
+    /// cycle where a division costs tens.
+    block_shift: Option<u32>,
     gpu: GpuPool,
     host: HostPool,
     agents: Vec<AgentKv>,
@@ -206,6 +210,9 @@ impl KvManager {
         assert!(block_size_tokens > 0, "block size must be > 0");
         KvManager {
             block_size_tokens,
+            block_shift: block_size_tokens
+                .is_power_of_two()
+                .then(|| block_size_tokens.trailing_zeros()),
             gpu: GpuPool::new(gpu_blocks),
             host: HostPool::new(host_blocks),
             agents: vec![AgentKv::default(); agent_count as usize],
@@ -245,7 +252,10 @@ impl KvManager {
     }
     /// Blocks needed to hold `tokens` tokens.
     pub fn blocks_for(&self, tokens: u32) -> u32 {
-        tokens.div_ceil(self.block_size_tokens)
+        match self.block_shift {
+            Some(shift) => ((tokens as u64 + (1u64 << shift) - 1) >> shift) as u32,
+            None => tokens.div_ceil(self.block_size_tokens),
+        }
     }
     pub fn agent_count(&self) -> u32 {
         self.agents.len() as u32

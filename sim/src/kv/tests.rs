@@ -236,3 +236,17 @@ fn audit_catches_a_cached_block_at_the_front_of_the_free_queue() {
     kv.gpu.cache_tag[kv.gpu.front[0] as usize] = (0, 0);
     assert!(kv.audit().is_err());
 }
+
+#[test]
+fn blocks_for_rounds_up_with_and_without_a_power_of_two_block() {
+    for block in [1u32, 16, 24] {
+        let kv = KvManager::new(block, 4, 0, 1);
+        for tokens in [0u32, 1, 15, 16, 17, 23, 24, 25, 4_000_000_000, u32::MAX] {
+            assert_eq!(
+                kv.blocks_for(tokens),
+                tokens.div_ceil(block),
+                "{tokens} / {block}"
+            );
+        }
+    }
+}
