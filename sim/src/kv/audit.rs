@@ -150,9 +150,30 @@ impl KvManager {
     fn audit_free_lists(&self) -> Result<(), String> {
         let gpu_n = self.gpu.owner.len();
         let mut count = 0u32;
+        let mut queued = vec![false; gpu_n];
+        for &b in &self.gpu.front {
+            let i = b as usize;
+            if i >= gpu_n || std::mem::replace(&mut queued[i], true) {
+                return Err(format!(
+                    "GPU block {b} is in the free queue twice, or unknown"
+                ));
+            }
+            if self.gpu.owner[i] != NONE || self.gpu.refs[i] != 0 {
+                return Err(format!("GPU block {b} is in the free queue but owned"));
+            }
+            if self.gpu.cache_tag[i] != (NONE, NONE) {
+                return Err(format!(
+                    "GPU block {b} is cached but at the front of the free queue"
+                ));
+            }
+            count += 1;
+        }
         let mut prev = NONE;
         let mut cur = self.gpu.head;
         while cur != NONE {
+            if std::mem::replace(&mut queued[cur as usize], true) {
+                return Err(format!("GPU block {cur} is in the free queue twice"));
+            }
             if self.gpu.owner[cur as usize] != NONE {
                 return Err(format!("GPU block {cur} is in the free queue but owned"));
             }

@@ -175,6 +175,10 @@ pub struct KvStepCounters {
 #[derive(Clone, Debug)]
 pub struct KvManager {
     block_size_tokens: u32,
+    /// log2 of the block size when it is a power of two (it is in every shipped profile):
+    /// `blocks_for` runs for every committed turn several times a step, and a shift costs a
+    /// cycle where a division costs tens.
+    block_shift: Option<u32>,
     gpu: GpuPool,
     host: HostPool,
     agents: Vec<AgentKv>,
@@ -206,6 +210,9 @@ impl KvManager {
         assert!(block_size_tokens > 0, "block size must be > 0");
         KvManager {
             block_size_tokens,
+            block_shift: block_size_tokens
+                .is_power_of_two()
+                .then(|| block_size_tokens.trailing_zeros()),
             gpu: GpuPool::new(gpu_blocks),
             host: HostPool::new(host_blocks),
             agents: vec![AgentKv::default(); agent_count as usize],
@@ -245,7 +252,10 @@ impl KvManager {
     }
     /// Blocks needed to hold `tokens` tokens.
     pub fn blocks_for(&self, tokens: u32) -> u32 {
-        tokens.div_ceil(self.block_size_tokens)
+        match self.block_shift {
+            Some(shift) => ((tokens as u64 + (1u64 << shift) - 1) >> shift) as u32,
+            None => tokens.div_ceil(self.block_size_tokens),
+        }
     }
     pub fn agent_count(&self) -> u32 {
         self.agents.len() as u32
@@ -324,8 +334,12 @@ impl KvManager {
     }
 
     fn alloc_gpu(&mut self, agent: AgentId) -> BlockId {
+        if let Some(b) = self.gpu.pop_uncached() {
+            self.gpu.owner[b as usize] = agent;
+            return b;
+        }
         debug_assert_ne!(self.gpu.head, NONE, "alloc_gpu on an empty pool");
-        let b = self.gpu.pop_front();
+        let b = self.gpu.pop_linked();
         let tag = self.gpu.cache_tag[b as usize];
         if tag.0 != NONE {
             // Reusing a cached prefix block evicts it from its former owner's cached prefix, or
@@ -408,12 +422,23 @@ impl KvManager {
             // model-based KV test).
             self.untag_cached(agent);
         }
-        self.agents[agent as usize].slots.reserve(extra as usize);
-        for _ in 0..extra {
-            let b = self.alloc_gpu(agent);
-            let a = &mut self.agents[agent as usize];
+        let a = &mut self.agents[agent as usize];
+        a.slots.reserve(extra as usize);
+        a.gpu_slot_count += extra;
+        // The blocks at the front of the free queue carry no cache key: take them as one run, in
+        // the order `alloc_gpu` would (a recompute after a drop takes hundreds at once).
+        let front = &mut self.gpu.front;
+        let run = (extra as usize).min(front.len());
+        let start = front.len() - run;
+        for &b in front[start..].iter().rev() {
+            self.gpu.owner[b as usize] = agent;
             a.slots.push(Slot::Gpu(b));
-            a.gpu_slot_count += 1;
+        }
+        front.truncate(start);
+        self.gpu.free_count -= run as u32;
+        for _ in run..extra as usize {
+            let b = self.alloc_gpu(agent);
+            self.agents[agent as usize].slots.push(Slot::Gpu(b));
         }
         self.sync_state(agent);
         Ok(extra)
@@ -614,6 +639,22 @@ impl KvManager {
 
     /// Frees the agent's blocks beyond the first `keep_blocks` (none of them may be moving).
     fn free_slots_beyond(&mut self, agent: AgentId, keep_blocks: usize) {
+        let a = &mut self.agents[agent as usize];
+        if a.shared_count == 0 && a.host_slot_count == 0 && a.slots.len() > keep_blocks {
+            // Every slot beyond is a private GPU block (none moves, none is on the host or
+            // shared): free them as one run, last first, as the general loop below would.
+            let freed = a.slots.len() - keep_blocks;
+            for slot in a.slots[keep_blocks..].iter().rev() {
+                let Slot::Gpu(b) = *slot else {
+                    unreachable!("no host slot and nothing moving beyond the kept blocks")
+                };
+                debug_assert!(self.gpu.owner[b as usize] == agent, "free of block {b}");
+                self.gpu.owner[b as usize] = NONE;
+                self.gpu.push_front(b);
+            }
+            a.slots.truncate(keep_blocks);
+            a.gpu_slot_count -= freed as u32;
+        }
         while self.agents[agent as usize].slots.len() > keep_blocks {
             match self.agents[agent as usize].slots.pop().expect("len > keep") {
                 Slot::Gpu(b) => {

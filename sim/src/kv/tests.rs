@@ -219,3 +219,34 @@ fn audit_catches_a_wrong_reference_count() {
     kv.gpu.refs[b as usize] = 2;
     assert!(kv.audit().unwrap_err().contains("references"));
 }
+
+#[test]
+fn audit_catches_a_cached_block_at_the_front_of_the_free_queue() {
+    let mut kv = KvManager::new(16, 4, 0, 1);
+    kv.ensure_capacity(0, 32).unwrap();
+    kv.free_all(0).unwrap();
+    assert_eq!(
+        kv.gpu.front.len(),
+        2,
+        "freed blocks without a key go to the front"
+    );
+    kv.audit().unwrap();
+    // Corrupt on purpose: a block at the front tagged as a cached prefix would be reused
+    // before the blocks it should outlive.
+    kv.gpu.cache_tag[kv.gpu.front[0] as usize] = (0, 0);
+    assert!(kv.audit().is_err());
+}
+
+#[test]
+fn blocks_for_rounds_up_with_and_without_a_power_of_two_block() {
+    for block in [1u32, 16, 24] {
+        let kv = KvManager::new(block, 4, 0, 1);
+        for tokens in [0u32, 1, 15, 16, 17, 23, 24, 25, 4_000_000_000, u32::MAX] {
+            assert_eq!(
+                kv.blocks_for(tokens),
+                tokens.div_ceil(block),
+                "{tokens} / {block}"
+            );
+        }
+    }
+}

@@ -134,14 +134,23 @@ pub fn build_batch(
         // Without compute the run loop would otherwise move on to the next event.
         plan.wake_no_later_than(view.now);
     }
-    for &agent in committed {
+    // Where the prefill pass starts: the first agent this pass found resident but not
+    // decoding, or where it stopped (what comes before is decodes only; usually most of the
+    // batch, with the turns to prefill admitted last).
+    let mut prefill_from = committed.len();
+    for (i, &agent) in committed.iter().enumerate() {
         if seqs_left == 0 || tokens_left == 0 {
+            prefill_from = prefill_from.min(i);
             break;
         }
-        if view.kv.is_resident(agent) && view.is_decoding(agent) {
-            plan.decode.push(agent);
-            tokens_left -= 1;
-            seqs_left -= 1;
+        if view.kv.is_resident(agent) {
+            if view.is_decoding(agent) {
+                plan.decode.push(agent);
+                tokens_left -= 1;
+                seqs_left -= 1;
+            } else {
+                prefill_from = prefill_from.min(i);
+            }
         }
     }
     let prefill_tokens_max = view
@@ -149,7 +158,7 @@ pub fn build_batch(
         .batching
         .prefill_cap(view, &plan.decode, queue_waiting);
     tokens_left = tokens_left.min(prefill_tokens_max as i64);
-    for &agent in committed {
+    for &agent in &committed[prefill_from..] {
         if seqs_left == 0 || tokens_left <= 0 {
             break;
         }

@@ -145,6 +145,14 @@ pub struct Djinn {
     /// are the first to move out of the way.
     parked: BTreeSet<(QueuePosition, AgentId)>,
     parked_at: BTreeMap<AgentId, QueuePosition>,
+    /// Waiting agents whose KV may be wholly on the GPU, by queue position: the only turns the
+    /// resident-KV overtake can pick, so it reads these instead of testing the queue head's
+    /// 512 states a step (almost all failing; a third of a large run's time). Entered where a
+    /// waiting agent's KV can become resident (its turn arrives, a swap of it completes: the
+    /// run loop changes a waiting agent's KV then only, after compacting it), left with the
+    /// queue or on eviction; the overtake re-tests each entry it reads and forgets stale ones.
+    resident_waiting: BTreeSet<(QueuePosition, AgentId)>,
+    resident_waiting_at: BTreeMap<AgentId, QueuePosition>,
     /// Agents swapping out, with the GPU blocks the copy will free.
     swapping_out: BTreeMap<AgentId, u32>,
     predictor: PausePredictor,
@@ -169,6 +177,8 @@ impl Djinn {
             queue_wait_ns: 0.0,
             parked: BTreeSet::new(),
             parked_at: BTreeMap::new(),
+            resident_waiting: BTreeSet::new(),
+            resident_waiting_at: BTreeMap::new(),
             params,
         }
     }
@@ -194,15 +204,38 @@ impl Djinn {
 
     fn park(&mut self, agent: AgentId) {
         if let Some(pos) = self.waiting.position(agent) {
-            self.unpark(agent);
+            if let Some(old) = self.parked_at.remove(&agent) {
+                self.parked.remove(&(old, agent));
+            }
             self.parked.insert((pos, agent));
             self.parked_at.insert(agent, pos);
         }
     }
 
+    /// Called wherever an agent leaves the queue or is evicted: it is no longer parked, nor a
+    /// candidate to overtake.
     fn unpark(&mut self, agent: AgentId) {
         if let Some(pos) = self.parked_at.remove(&agent) {
             self.parked.remove(&(pos, agent));
+        }
+        self.forget_resident_waiting(agent);
+    }
+
+    /// Enters a waiting agent whose KV is on the GPU as a candidate to overtake.
+    fn note_resident_waiting(&mut self, view: &SchedView, agent: AgentId) {
+        let Some(pos) = self.waiting.position(agent) else {
+            return;
+        };
+        if view.kv.state(agent) == KvState::Gpu && view.kv.blocks(agent) > 0 {
+            self.forget_resident_waiting(agent);
+            self.resident_waiting.insert((pos, agent));
+            self.resident_waiting_at.insert(agent, pos);
+        }
+    }
+
+    pub(super) fn forget_resident_waiting(&mut self, agent: AgentId) {
+        if let Some(pos) = self.resident_waiting_at.remove(&agent) {
+            self.resident_waiting.remove(&(pos, agent));
         }
     }
 
@@ -222,6 +255,31 @@ impl Djinn {
                 .saturating_sub(t_in + self.prefetch_margin_ns(t_in));
             self.prefetch_at.insert((start, agent));
             self.prefetch_key.insert(agent, start);
+        }
+    }
+
+    /// What a completed swap changes in the indexes of paused agents and parked turns.
+    fn on_swap_done(&mut self, view: &SchedView, agent: AgentId, direction: SwapDirection) {
+        match direction {
+            SwapDirection::Out => {
+                self.swapping_out.remove(&agent);
+                if view.agent(agent).phase == Phase::Paused {
+                    self.schedule_prefetch(view, agent);
+                    self.forget_host_paused(agent);
+                    let key = self.return_key(view, agent);
+                    self.host_paused.insert((key, agent));
+                    self.host_paused_key.insert(agent, key);
+                }
+            }
+            SwapDirection::In => {
+                if view.agent(agent).phase == Phase::Paused {
+                    let key = self.return_key(view, agent);
+                    self.resident_paused.insert((key, agent));
+                } else if self.waiting.contains(agent) {
+                    // Prefetched for a turn that arrived while the copy ran.
+                    self.park(agent);
+                }
+            }
         }
     }
 }
@@ -268,6 +326,7 @@ impl Scheduler for Djinn {
                 if view.kv.state(agent) == KvState::Gpu && view.kv.blocks(agent) > 0 {
                     self.park(agent);
                 }
+                self.note_resident_waiting(view, agent);
             }
             SchedEvent::TurnFinished { agent, pause, .. } => {
                 self.committed.retain(|&a| a != agent);
@@ -293,27 +352,10 @@ impl Scheduler for Djinn {
             }
             SchedEvent::SwapDone {
                 agent, direction, ..
-            } => match direction {
-                SwapDirection::Out => {
-                    self.swapping_out.remove(&agent);
-                    if view.agent(agent).phase == Phase::Paused {
-                        self.schedule_prefetch(view, agent);
-                        self.forget_host_paused(agent);
-                        let key = self.return_key(view, agent);
-                        self.host_paused.insert((key, agent));
-                        self.host_paused_key.insert(agent, key);
-                    }
-                }
-                SwapDirection::In => {
-                    if view.agent(agent).phase == Phase::Paused {
-                        let key = self.return_key(view, agent);
-                        self.resident_paused.insert((key, agent));
-                    } else if self.waiting.contains(agent) {
-                        // Prefetched for a turn that arrived while the copy ran.
-                        self.park(agent);
-                    }
-                }
-            },
+            } => {
+                self.on_swap_done(view, agent, direction);
+                self.note_resident_waiting(view, agent);
+            }
         }
     }
 

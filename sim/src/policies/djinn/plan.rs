@@ -7,7 +7,7 @@ use std::ops::Bound::{Excluded, Unbounded};
 use crate::ids::AgentId;
 use crate::kv::KvState;
 use crate::policies::common::{
-    commit_waiting, need_blocks, never_fits, ready_to_commit, reserved_growth, QueuePosition,
+    commit_waiting, need_blocks, never_fits, ready_to_commit, QueuePosition,
 };
 use crate::sched::{Phase, SchedView, StepPlan};
 use crate::time::SimTime;
@@ -80,12 +80,14 @@ impl Djinn {
         let kv = view.kv;
         let total = kv.gpu_blocks_total() as i64;
         let watermark = (total as f64 * self.params.watermark_fraction).ceil() as i64;
-        let reserved = reserved_growth(view, &self.committed) as i64;
-        let committed_held: i64 = self
-            .committed
-            .iter()
-            .map(|&a| kv.gpu_blocks_held(a) as i64)
-            .sum();
+        // One pass over the committed turns for their reserved growth and held blocks.
+        let mut reserved = 0u32;
+        let mut committed_held = 0i64;
+        for &a in &self.committed {
+            reserved += view.growth_blocks_to_finish(a);
+            committed_held += kv.gpu_blocks_held(a) as i64;
+        }
+        let reserved = reserved as i64;
         let demand_cap = total - committed_held - reserved;
         let mut waiting_demand: i64 = 0;
         let mut head_region_end: Option<QueuePosition> = None;
@@ -224,7 +226,8 @@ impl Djinn {
         budget: &mut PlanBudget,
     ) {
         let kv = view.kv;
-        for agent in std::mem::take(&mut self.fresh) {
+        let mut fresh = std::mem::take(&mut self.fresh);
+        for &agent in &fresh {
             if frame.pressure < self.params.keep_below_pressure
                 || view.agent(agent).phase != Phase::Paused
                 || kv.state(agent) != KvState::Gpu
@@ -252,6 +255,11 @@ impl Djinn {
                     self.evict(view, agent, key, false, plan, budget);
                 }
             }
+        }
+        // Keep the buffer (nothing above adds fresh pauses): no allocation per plan.
+        fresh.clear();
+        if self.fresh.is_empty() {
+            self.fresh = fresh;
         }
     }
 
@@ -566,17 +574,34 @@ impl Djinn {
     /// one long decode (outputs of thousands of tokens at real scale) kept every agent back from
     /// a short tool call queued behind a head that was swapped out.
     fn overtake_with_resident_kv(&mut self, view: &SchedView, avail: &mut i64, skip: &[AgentId]) {
+        // Needs are never negative: once nothing is left, nothing can be picked.
+        if *avail < 0 || self.resident_waiting.is_empty() {
+            return;
+        }
+        // Only the first WAITING_SCAN_MAX waiting turns are looked at.
+        let last = if self.waiting.len() > WAITING_SCAN_MAX {
+            self.waiting
+                .iter_positions()
+                .nth(WAITING_SCAN_MAX - 1)
+                .map(|(pos, _)| pos)
+        } else {
+            None
+        };
+        let kv = view.kv;
         let mut picked = Vec::new();
-        for agent in self.waiting.iter().take(WAITING_SCAN_MAX) {
-            // Needs are never negative: once nothing is left, nothing more can be picked.
-            if *avail < 0 {
+        let mut stale = Vec::new();
+        for &(pos, agent) in &self.resident_waiting {
+            if last.is_some_and(|last| pos > last) {
                 break;
             }
-            if !ready_to_commit(view, agent)
-                || skip.contains(&agent)
-                || view.kv.state(agent) != KvState::Gpu
-                || view.kv.blocks(agent) == 0
+            if self.waiting.position(agent) != Some(pos)
+                || kv.state(agent) != KvState::Gpu
+                || kv.blocks(agent) == 0
             {
+                stale.push(agent);
+                continue;
+            }
+            if skip.contains(&agent) {
                 continue;
             }
             let need = need_blocks(view, agent) as i64;
@@ -584,6 +609,9 @@ impl Djinn {
                 *avail -= need;
                 picked.push(agent);
             }
+        }
+        for agent in stale {
+            self.forget_resident_waiting(agent);
         }
         for agent in picked {
             self.waiting.remove(agent);
