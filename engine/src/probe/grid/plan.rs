@@ -522,6 +522,28 @@ mod tests {
         // An 8k chunk is longer than the 4k model: skipped, and said so.
         assert!(plan.skipped.iter().any(|s| s.starts_with("prefill 8192")));
         assert!(has(&|s| matches!(s.step, StepSpec::Mixed { .. })));
+        // Chunks shared by several prompts, alone and beside a short-context decode batch; cached
+        // levels inside the 4k window beyond 1k.
+        assert!(has(&|s| matches!(
+            s.step,
+            StepSpec::Prefill { seqs: 4, .. }
+        )));
+        assert!(has(&|s| matches!(
+            s.step,
+            StepSpec::Mixed {
+                seqs: 4,
+                context: 512,
+                ..
+            }
+        )));
+        assert!(has(&|s| matches!(
+            s.step,
+            StepSpec::Prefill {
+                cached: 2048,
+                seqs: 1,
+                ..
+            }
+        )));
         assert!(has(&|s| s.swap_in_tokens > 0 && s.swap_out_tokens == 0));
         assert!(has(&|s| s.swap_out_tokens > 0 && s.swap_in_tokens == 0));
         // Batch 256 at 4k context needs 1M KV tokens: skipped, and said so.
