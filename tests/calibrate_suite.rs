@@ -179,3 +179,81 @@ fn recording_into_another_profile_is_refused_before_the_engine_starts() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn capacity_at_an_slo_is_measured_real_beside_simulated() {
+    let dir = temp("calibrate-suite", "capacity");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("suite");
+    let run = suite(
+        &shipped_fitted(),
+        &out,
+        &[
+            "--workload",
+            "seed-cliff",
+            "--policy",
+            "djinn",
+            "--policy",
+            "vllm",
+            "--capacity-agents",
+            "1,2,3",
+            "--capacity-slo-ms",
+            "1000000",
+        ],
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let csv = std::fs::read_to_string(out.join("capacity.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    // Two policies x three agent counts, each a real run with its own directory.
+    assert_eq!(rows.len(), 6, "{csv}");
+    for r in &rows {
+        let agents: u32 = r[col("agents")].parse().unwrap();
+        let run = Path::new(r[col("run_dir")]);
+        assert_eq!(json(&run.join("manifest.json"))["agents"], agents);
+        assert!(run.starts_with(out.join(format!("capacity/agents-{agents}"))));
+        // A generous SLO: every count passes on both sides.
+        assert_eq!((r[col("passes_real")], r[col("passes_sim")]), ("true", "true"));
+    }
+    let table = std::fs::read_to_string(out.join("validation-suite.txt")).unwrap();
+    assert!(table.contains("capacity real     3, simulated     3"), "{table}");
+    assert!(table.contains("capacity identical on 2/2 policies"), "{table}");
+
+    // An SLO no run meets gives capacity 0 on both sides, from the same runs.
+    let tight = suite(
+        &shipped_fitted(),
+        &out,
+        &[
+            "--workload",
+            "seed-cliff",
+            "--policy",
+            "djinn",
+            "--policy",
+            "vllm",
+            "--capacity-agents",
+            "1,2,3",
+            "--capacity-slo-ms",
+            "0.001",
+            "--reuse-runs",
+        ],
+    );
+    assert!(tight.status.success(), "{}", text(&tight));
+    assert_eq!(text(&tight).matches("keeping the runs").count(), 4);
+    let table = std::fs::read_to_string(out.join("validation-suite.txt")).unwrap();
+    assert!(table.contains("capacity real     0, simulated     0"), "{table}");
+    fails_with(
+        &[
+            "calibrate",
+            "validate-suite",
+            "--backend",
+            "cpu",
+            "--profile",
+            "h100-llama2-7b",
+            "--capacity-slo-ms=0",
+        ],
+        "--capacity-slo-ms must be a number in (0, 86400000]",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

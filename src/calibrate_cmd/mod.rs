@@ -15,6 +15,7 @@ mod inputs;
 mod profile;
 mod profile_engines;
 mod suite;
+mod suite_capacity;
 mod suite_scale;
 mod suite_table;
 mod validate;

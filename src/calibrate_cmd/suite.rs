@@ -12,6 +12,7 @@ use sim::PolicyKind;
 use traces::{GpuProfile, WorkloadSpec};
 
 use super::inputs::read_real_run;
+use super::suite_capacity::{capacity_text, CapacityRow};
 use super::suite_scale::{scaled_spec, Scale};
 use super::suite_table::{rank_rows, suite_text, summary, Overall, SuiteRow, Targets};
 use super::validate::simulate_twin;
@@ -100,6 +101,17 @@ pub struct SuiteArgs {
     /// validation is replaced only with --overwrite.
     #[arg(long, value_name = "PROFILE.json")]
     pub record_into: Option<PathBuf>,
+    /// Also measure capacity at an SLO: --capacity-workload under every policy at each of these
+    /// agent counts (comma-separated, e.g. 8,16,32), real beside simulated; written to
+    /// capacity.csv and the text. Each count is a full engine run per policy: budget GPU time.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub capacity_agents: Vec<u32>,
+    /// The workload of the capacity measurement (scaled like the others).
+    #[arg(long, default_value = "seed-cliff", value_name = "NAME|PATH")]
+    pub capacity_workload: String,
+    /// The SLO of the capacity measurement: P99 turn latency, ms.
+    #[arg(long, default_value_t = 5000.0)]
+    pub capacity_slo_ms: f64,
 }
 
 /// Wraps `djinn engine run`'s flags so one run of the suite parses exactly as that command does.
@@ -142,6 +154,24 @@ fn check(args: &SuiteArgs) -> Result<()> {
         if !(v.is_finite() && v > 0.0 && v <= max) {
             bail!("{flag} must be a number in (0, {max}], got {v}");
         }
+    }
+    if args.capacity_agents.len() > 16 {
+        bail!(
+            "--capacity-agents: at most 16 counts (each is an engine run per policy), got {}",
+            args.capacity_agents.len()
+        );
+    }
+    for &n in &args.capacity_agents {
+        crate::runio::check_agents_flag(Some(n)).context("--capacity-agents")?;
+    }
+    if !(args.capacity_slo_ms.is_finite()
+        && args.capacity_slo_ms > 0.0
+        && args.capacity_slo_ms <= 86_400_000.0)
+    {
+        bail!(
+            "--capacity-slo-ms must be a number in (0, 86400000], got {}",
+            args.capacity_slo_ms
+        );
     }
     if args.out.exists() && !args.overwrite && !args.reuse_runs {
         bail!(
@@ -219,6 +249,7 @@ fn engine_words(
     workload: &str,
     agents: u32,
     policies: &[PolicyKind],
+    out: &Path,
 ) -> Vec<String> {
     let backend = match args.backend {
         EngineBackendKind::Cuda => "cuda",
@@ -240,7 +271,7 @@ fn engine_words(
         "--time-limit-s".into(),
         args.run_time_limit_s.to_string(),
         "--out".into(),
-        args.out.join("runs").display().to_string(),
+        out.display().to_string(),
     ];
     for p in policies {
         w.extend(["--policy".into(), p.name().to_string()]);
@@ -322,30 +353,25 @@ pub fn run_suite(args: SuiteArgs) -> Result<()> {
         let agents = agents_for(&args, &spec);
         prepared.push((spec, source, agents));
     }
+    let capacity_csv = args.out.join("capacity.csv");
+    if !args.capacity_agents.is_empty() {
+        check_new_file(&capacity_csv, "--out", args.overwrite || args.reuse_runs)?;
+    }
+    let capacity_workload = if args.capacity_agents.is_empty() {
+        None
+    } else {
+        Some(prepare_workload(&args, &args.capacity_workload)?)
+    };
+    let runner = Runner {
+        args: &args,
+        model: &model,
+        hints_name: &hints_name,
+        policies: &policies,
+    };
     let mut rows = Vec::new();
     let mut device = String::new();
     for (spec, source, agents) in &prepared {
-        let folder = args.out.join("runs").join(&spec.name);
-        let dirs: Vec<PathBuf> = policies.iter().map(|p| folder.join(p.name())).collect();
-        let kept = args.reuse_runs && dirs.iter().all(|d| d.join("manifest.json").is_file());
-        if kept {
-            for d in &dirs {
-                check_reused(d, spec, *agents, args.seed)?;
-            }
-            println!(
-                "== {}: keeping the runs under {}",
-                spec.name,
-                folder.display()
-            );
-        } else {
-            let words = engine_words(&args, &model, &hints_name, source, *agents, &policies);
-            let line = EngineRunLine::try_parse_from(&words)
-                .map_err(|e| anyhow::anyhow!("the engine run of `{}`: {e}", spec.name))?;
-            let mut run_args = line.run;
-            // A partial folder left by an interrupted suite is replaced, not kept.
-            run_args.overwrite |= args.reuse_runs;
-            run_cmd::run(run_args).with_context(|| format!("the engine run of `{}`", spec.name))?;
-        }
+        let dirs = runner.run_or_reuse(spec, source, *agents, &args.out.join("runs"))?;
         for dir in &dirs {
             let run = read_real_run(dir)?;
             let sim = simulate_twin(&run, &profile, &hints)?.summary;
@@ -375,7 +401,26 @@ pub fn run_suite(args: SuiteArgs) -> Result<()> {
         "VALIDATION SUITE: profile {} against real runs ({against}); policies plan with {}'s hints",
         profile.name, hints.name
     );
-    let text = suite_text(&header, &rows, &verdicts, targets);
+    let mut text = suite_text(&header, &rows, &verdicts, targets);
+    if let Some((spec, source)) = &capacity_workload {
+        let mut capacity_rows = Vec::new();
+        for &n in &args.capacity_agents {
+            let root = args.out.join("capacity").join(format!("agents-{n}"));
+            for dir in runner.run_or_reuse(spec, source, n, &root)? {
+                let run = read_real_run(&dir)?;
+                let sim = simulate_twin(&run, &profile, &hints)?.summary;
+                capacity_rows.push(CapacityRow::new(
+                    &run.summary,
+                    &sim,
+                    args.capacity_slo_ms,
+                    dir.display().to_string(),
+                ));
+            }
+        }
+        text += &capacity_text(&capacity_rows);
+        traces::write_csv_atomic(&capacity_csv, &capacity_rows)?;
+        println!("wrote {}", capacity_csv.display());
+    }
     print!("{text}");
     traces::write_csv_atomic(&csv, &rows)?;
     traces::write_atomic(&txt, text.as_bytes())?;
@@ -390,6 +435,63 @@ pub fn run_suite(args: SuiteArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What every engine run of the suite shares.
+struct Runner<'a> {
+    args: &'a SuiteArgs,
+    model: &'a str,
+    hints_name: &'a str,
+    policies: &'a [PolicyKind],
+}
+
+impl Runner<'_> {
+    /// Runs `spec` (read from `source`) with `agents` agents under every policy into
+    /// `root/<workload>/<policy>/`, or keeps the runs already there (--reuse-runs); returns the
+    /// run directories.
+    fn run_or_reuse(
+        &self,
+        spec: &WorkloadSpec,
+        source: &str,
+        agents: u32,
+        root: &Path,
+    ) -> Result<Vec<PathBuf>> {
+        let args = self.args;
+        let folder = root.join(&spec.name);
+        let dirs: Vec<PathBuf> = self
+            .policies
+            .iter()
+            .map(|p| folder.join(p.name()))
+            .collect();
+        let kept = args.reuse_runs && dirs.iter().all(|d| d.join("manifest.json").is_file());
+        if kept {
+            for d in &dirs {
+                check_reused(d, spec, agents, args.seed)?;
+            }
+            println!(
+                "== {}: keeping the runs under {}",
+                spec.name,
+                folder.display()
+            );
+            return Ok(dirs);
+        }
+        let words = engine_words(
+            args,
+            self.model,
+            self.hints_name,
+            source,
+            agents,
+            self.policies,
+            root,
+        );
+        let line = EngineRunLine::try_parse_from(&words)
+            .map_err(|e| anyhow::anyhow!("the engine run of `{}`: {e}", spec.name))?;
+        let mut run_args = line.run;
+        // A partial folder left by an interrupted suite is replaced, not kept.
+        run_args.overwrite |= args.reuse_runs;
+        run_cmd::run(run_args).with_context(|| format!("the engine run of `{}`", spec.name))?;
+        Ok(dirs)
+    }
 }
 
 /// `path` must hold the profile under test (validation aside), and no validation unless
