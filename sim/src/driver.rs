@@ -837,26 +837,6 @@ impl<'w> LoopState<'w> {
         }
     }
 
-    fn check_computable(&self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
-        let a = &self.agents[agent as usize];
-        if !matches!(a.phase, Phase::Waiting | Phase::Running) {
-            return Err(self.invariant(
-                now,
-                format!("agent {agent} ordered to compute while {:?}", a.phase),
-            ));
-        }
-        if !self.kv.is_resident(agent) {
-            return Err(self.invariant(
-                now,
-                format!(
-                    "agent {agent} ordered to compute while its KV is {:?}",
-                    self.kv.state(agent)
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// Hands a started swap to the backend and records it. Returns its block count.
     fn start_swap(
         &mut self,
