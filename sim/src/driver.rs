@@ -821,7 +821,8 @@ impl<'w> LoopState<'w> {
                 a.phase = Phase::Running;
                 self.admit_seq += 1;
                 a.admit_seq = self.admit_seq;
-                let t = self.trackers[s.agent as usize].turn
+                let t = self.trackers[s.agent as usize]
+                    .turn
                     .as_ref()
                     .expect("a waiting agent has a turn");
                 let rec = &mut self.out.turns[t.record_index];
@@ -902,7 +903,8 @@ impl<'w> LoopState<'w> {
                 }
             };
             a.attained_service_ns = a.attained_service_ns.saturating_add(share);
-            let tracker = self.trackers[agent as usize].turn
+            let tracker = self.trackers[agent as usize]
+                .turn
                 .as_mut()
                 .expect("a computing agent has a turn");
             tracker.first_time_tokens += (s.tokens - recomputed) as u64;
@@ -928,7 +930,8 @@ impl<'w> LoopState<'w> {
     }
 
     fn finish_turn(&mut self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
-        let tracker = self.trackers[agent as usize].turn
+        let tracker = self.trackers[agent as usize]
+            .turn
             .take()
             .expect("finishing turn exists");
         let a = &mut self.agents[agent as usize];

@@ -23,7 +23,8 @@ impl LoopState<'_> {
             Err(e) => return Err(self.kv_err(now, e)),
         }
         self.pending_compactions.remove(&agent);
-        let new_tokens = self.trackers[agent as usize].turn
+        let new_tokens = self.trackers[agent as usize]
+            .turn
             .as_ref()
             .map_or(0, |t| t.new_tokens);
         self.agents[agent as usize].seq_tokens = keep + new_tokens;
