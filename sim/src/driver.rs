@@ -146,6 +146,18 @@ struct TurnTracker {
     preempted_at: Option<SimTime>,
 }
 
+/// What the run loop keeps per agent, in one cache line: a step touches it for every agent of
+/// its batch, and the duplicate stamp in an array of its own cost a second cache miss per agent
+/// per step.
+#[repr(align(64))]
+#[derive(Default)]
+struct AgentLoop {
+    /// The turn in progress (waiting, running or preempted); `None` between turns.
+    turn: Option<TurnTracker>,
+    /// Step stamp of the last batch the agent was in (duplicate detection).
+    batch_stamp: u64,
+}
+
 /// A plan that computed nothing, and the count of such plans in a row at one instant.
 struct IdlePlan<'p> {
     plan: &'p StepPlan,
@@ -179,7 +191,7 @@ struct LoopState<'w> {
     workload: &'w dyn Programs,
     kv: KvManager,
     agents: Vec<AgentRuntime>,
-    trackers: Vec<Option<TurnTracker>>,
+    trackers: Vec<AgentLoop>,
     last_swap_in: Vec<Option<(SimTime, SimTime)>>,
     swap_starts: std::collections::BTreeMap<SwapId, usize>,
     /// Agents whose turn compacted the history while their KV was moving: the tokens to keep
@@ -192,8 +204,6 @@ struct LoopState<'w> {
     admit_seq: u64,
     unfinished: u32,
     alive: u32,
-    /// Step stamp of the last batch each agent was in (duplicate detection).
-    batch_stamp: Vec<u64>,
     /// Swap bytes started by plans since the last step record. Plans without compute write no
     /// record, so their swaps (and the KV counters' drops) go into the next one; they were lost
     /// before (found by the property tests: steps.csv reported no swaps for a lone agent).
@@ -235,7 +245,7 @@ impl<'w> LoopState<'w> {
                     admit_seq: 0,
                 })
                 .collect(),
-            trackers: (0..n).map(|_| None).collect(),
+            trackers: (0..n).map(|_| AgentLoop::default()).collect(),
             last_swap_in: vec![None; n as usize],
             swap_starts: Default::default(),
             pending_compactions: Default::default(),
@@ -249,7 +259,6 @@ impl<'w> LoopState<'w> {
             admit_seq: 0,
             unfinished: n,
             alive: 0,
-            batch_stamp: vec![0; n as usize],
             unreported_swap_bytes: (0, 0),
             unreported_preemptions: (0, 0),
             events: Vec::new(),
@@ -544,7 +553,7 @@ impl<'w> LoopState<'w> {
             requeued_ns: 0,
         };
         let record_index = self.book.open(&mut self.out, record);
-        self.trackers[agent as usize] = Some(TurnTracker {
+        self.trackers[agent as usize].turn = Some(TurnTracker {
             record_index,
             first_time_tokens: 0,
             new_tokens: turn.new_tokens,
@@ -631,7 +640,7 @@ impl<'w> LoopState<'w> {
             self.kv.free_all(agent).map_err(|e| self.kv_err(now, e))?;
             self.pending_compactions.remove(&agent);
             self.agents[agent as usize].phase = Phase::Rejected;
-            if let Some(t) = self.trackers[agent as usize].take() {
+            if let Some(t) = self.trackers[agent as usize].turn.take() {
                 self.out.turns[t.record_index].rejected = true;
                 self.book.close(&mut self.out, t.record_index);
             }
@@ -653,7 +662,7 @@ impl<'w> LoopState<'w> {
                 .map_err(|e| self.kv_err(now, e))?;
             // A hit of the group's shared prefix covers tokens this agent never computed: they
             // count as its turn's first-time tokens (computed once, by another agent).
-            if let Some(t) = self.trackers[agent as usize].as_mut() {
+            if let Some(t) = self.trackers[agent as usize].turn.as_mut() {
                 t.first_time_tokens += (self.kv.computed_high_water(agent) - high_water) as u64;
             }
             changed = true;
@@ -695,7 +704,7 @@ impl<'w> LoopState<'w> {
         if self.agents[agent as usize].phase != Phase::Running {
             return;
         }
-        let Some(t) = self.trackers[agent as usize].as_mut() else {
+        let Some(t) = self.trackers[agent as usize].turn.as_mut() else {
             return;
         };
         if t.preempted_at.is_some() {
@@ -787,12 +796,13 @@ impl<'w> LoopState<'w> {
             } else {
                 batch.decode[i - batch.prefill.len()].agent
             };
-            if self.batch_stamp[agent as usize] == stamp {
+            let entry = &mut self.trackers[agent as usize];
+            if entry.batch_stamp == stamp {
                 return Err(
                     self.invariant(now, format!("agent {agent} appears twice in one batch"))
                 );
             }
-            self.batch_stamp[agent as usize] = stamp;
+            entry.batch_stamp = stamp;
         }
         Ok(())
     }
@@ -801,7 +811,7 @@ impl<'w> LoopState<'w> {
     /// context and restore window).
     fn admit_batch(&mut self, batch: &StepBatch, now: SimTime) {
         for s in batch.prefill.iter().chain(batch.decode.iter()) {
-            if let Some(t) = self.trackers[s.agent as usize].as_mut() {
+            if let Some(t) = self.trackers[s.agent as usize].turn.as_mut() {
                 if let Some(at) = t.preempted_at.take() {
                     self.out.turns[t.record_index].requeued_ns += now.as_nanos() - at.as_nanos();
                 }
@@ -812,6 +822,7 @@ impl<'w> LoopState<'w> {
                 self.admit_seq += 1;
                 a.admit_seq = self.admit_seq;
                 let t = self.trackers[s.agent as usize]
+                    .turn
                     .as_ref()
                     .expect("a waiting agent has a turn");
                 let rec = &mut self.out.turns[t.record_index];
@@ -825,26 +836,6 @@ impl<'w> LoopState<'w> {
                 }
             }
         }
-    }
-
-    fn check_computable(&self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
-        let a = &self.agents[agent as usize];
-        if !matches!(a.phase, Phase::Waiting | Phase::Running) {
-            return Err(self.invariant(
-                now,
-                format!("agent {agent} ordered to compute while {:?}", a.phase),
-            ));
-        }
-        if !self.kv.is_resident(agent) {
-            return Err(self.invariant(
-                now,
-                format!(
-                    "agent {agent} ordered to compute while its KV is {:?}",
-                    self.kv.state(agent)
-                ),
-            ));
-        }
-        Ok(())
     }
 
     /// Hands a started swap to the backend and records it. Returns its block count.
@@ -885,6 +876,9 @@ impl<'w> LoopState<'w> {
         duration: u64,
     ) -> Result<(), RunError> {
         let total_tokens = (batch.prefill_tokens() + batch.decode.len() as u64).max(1);
+        // The share of a one-token computation (every decode): the same for all of them, so one
+        // division a step instead of one per decode (the same quotient as the general formula).
+        let unit_share = duration / total_tokens;
         for (is_prefill, s) in batch
             .prefill
             .iter()
@@ -900,12 +894,17 @@ impl<'w> LoopState<'w> {
             // In u128: a profile with absurd (but valid) costs makes steps long enough to overflow
             // u64 here (found by the robust-input tests).
             // (u128 division is a libcall: take it only when u64 would overflow.)
-            let share = match duration.checked_mul(s.tokens as u64) {
-                Some(product) => product / total_tokens,
-                None => (duration as u128 * s.tokens as u128 / total_tokens as u128) as u64,
+            let share = if s.tokens == 1 {
+                unit_share
+            } else {
+                match duration.checked_mul(s.tokens as u64) {
+                    Some(product) => product / total_tokens,
+                    None => (duration as u128 * s.tokens as u128 / total_tokens as u128) as u64,
+                }
             };
             a.attained_service_ns = a.attained_service_ns.saturating_add(share);
             let tracker = self.trackers[agent as usize]
+                .turn
                 .as_mut()
                 .expect("a computing agent has a turn");
             tracker.first_time_tokens += (s.tokens - recomputed) as u64;
@@ -932,6 +931,7 @@ impl<'w> LoopState<'w> {
 
     fn finish_turn(&mut self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
         let tracker = self.trackers[agent as usize]
+            .turn
             .take()
             .expect("finishing turn exists");
         let a = &mut self.agents[agent as usize];

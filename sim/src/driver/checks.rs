@@ -1,6 +1,7 @@
 //! The run loop's invariant checks after a step (and the final ones at the end of a run).
 
 use super::{CheckLevel, LoopState, RunError};
+use crate::ids::AgentId;
 use crate::sched::Phase;
 use crate::time::SimTime;
 
@@ -84,5 +85,36 @@ impl LoopState<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The agent of a compute order has a turn in progress and all its KV on the GPU. Runs for
+    /// every agent of every batch: inlined, with the error built off the path.
+    #[inline]
+    pub(super) fn check_computable(&self, agent: AgentId, now: SimTime) -> Result<(), RunError> {
+        let a = &self.agents[agent as usize];
+        if matches!(a.phase, Phase::Waiting | Phase::Running) && self.kv.is_resident(agent) {
+            return Ok(());
+        }
+        Err(self.not_computable(agent, now))
+    }
+
+    /// Why [`Self::check_computable`] refused.
+    #[cold]
+    #[inline(never)]
+    fn not_computable(&self, agent: AgentId, now: SimTime) -> RunError {
+        let a = &self.agents[agent as usize];
+        if !matches!(a.phase, Phase::Waiting | Phase::Running) {
+            return self.invariant(
+                now,
+                format!("agent {agent} ordered to compute while {:?}", a.phase),
+            );
+        }
+        self.invariant(
+            now,
+            format!(
+                "agent {agent} ordered to compute while its KV is {:?}",
+                self.kv.state(agent)
+            ),
+        )
     }
 }

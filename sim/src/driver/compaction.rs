@@ -24,6 +24,7 @@ impl LoopState<'_> {
         }
         self.pending_compactions.remove(&agent);
         let new_tokens = self.trackers[agent as usize]
+            .turn
             .as_ref()
             .map_or(0, |t| t.new_tokens);
         self.agents[agent as usize].seq_tokens = keep + new_tokens;

@@ -122,8 +122,11 @@ pub enum KvError {
     UnknownSwap(SwapId),
 }
 
-/// Per-agent KV bookkeeping.
+/// Per-agent KV bookkeeping. The fields every step reads for each agent of its batch (table
+/// length, counts, token marks) come first and the record starts on a cache line, so they cost
+/// one line per agent per step; the cached prefix and the totals follow.
 #[derive(Clone, Debug, Default)]
+#[repr(C, align(64))]
 pub struct AgentKv {
     slots: Vec<Slot>,
     /// Tokens of the sequence prefix whose KV is valid.
@@ -132,19 +135,19 @@ pub struct AgentKv {
     host_slot_count: u32,
     moving_out_count: u32,
     moving_in_count: u32,
-    /// The prefix released to the GPU prefix cache (vllm): logical index -> block that held it.
-    cached: Vec<BlockId>,
+    /// Slots of the table that point at shared blocks (all on the GPU).
+    shared_count: u32,
     /// Highest token count whose KV has ever been computed: positions below it are recomputes.
     computed_high_water: u32,
-    tokens_dropped_total: u64,
-    tokens_recomputed_total: u64,
-    /// The agent's prefix group, if its sequence starts with a shared prefix.
-    group: Option<u32>,
     /// Leading logical blocks whose KV is the group's (the prefix's full blocks, fewer after a
     /// compaction cut into the prefix): only these may be shared.
     share_limit: u32,
-    /// Slots of the table that point at shared blocks (all on the GPU).
-    shared_count: u32,
+    tokens_recomputed_total: u64,
+    /// The prefix released to the GPU prefix cache (vllm): logical index -> block that held it.
+    cached: Vec<BlockId>,
+    tokens_dropped_total: u64,
+    /// The agent's prefix group, if its sequence starts with a shared prefix.
+    group: Option<u32>,
 }
 
 impl AgentKv {
@@ -394,7 +397,21 @@ impl KvManager {
     }
 
     /// Grows a resident agent's GPU table so it can hold `tokens` tokens. Returns new blocks.
+    #[inline]
     pub fn ensure_capacity(&mut self, agent: AgentId, tokens: u32) -> Result<u32, KvError> {
+        // Most calls (a decode within its last block) grow nothing: answer those here, inlined
+        // into the run loop's batch pass, without the call.
+        let a = &self.agents[agent as usize];
+        let have = a.slots.len();
+        if a.gpu_slot_count as usize == have && self.blocks_for(tokens) as usize <= have {
+            return Ok(0);
+        }
+        self.grow(agent, tokens)
+    }
+
+    /// [`Self::ensure_capacity`] when the table may have to grow (or the agent is not resident).
+    #[inline(never)]
+    fn grow(&mut self, agent: AgentId, tokens: u32) -> Result<u32, KvError> {
         if !self.is_resident(agent) {
             return Err(KvError::NotResident {
                 agent,
@@ -446,22 +463,17 @@ impl KvManager {
 
     /// Records that the KV of `tokens` more tokens was computed (prefill chunk or decode).
     /// Returns how many of them were recomputes of dropped KV.
+    #[inline]
     pub fn advance(&mut self, agent: AgentId, tokens: u32) -> Result<u32, KvError> {
-        if !self.is_resident(agent) {
-            return Err(KvError::NotResident {
-                agent,
-                action: "compute",
-                state: self.state(agent),
-            });
-        }
-        let capacity = self.table_blocks(agent) * self.block_size_tokens;
+        let block_size = self.block_size_tokens;
         let a = &mut self.agents[agent as usize];
+        let table = a.slots.len() as u32;
+        if a.gpu_slot_count != table {
+            return Err(self.advance_error(agent, 0));
+        }
         let end = a.kv_tokens + tokens;
-        if end > capacity {
-            return Err(KvError::Invalid {
-                agent,
-                message: format!("computing to {end} tokens but blocks hold only {capacity}"),
-            });
+        if end > table * block_size {
+            return Err(self.advance_error(agent, end));
         }
         let recomputed = a.computed_high_water.min(end).saturating_sub(a.kv_tokens);
         a.tokens_recomputed_total += recomputed as u64;
@@ -472,6 +484,25 @@ impl KvManager {
             self.publish_full_blocks(agent, before);
         }
         Ok(recomputed)
+    }
+
+    /// Why [`Self::advance`] refused (off its inlined path): the agent is not resident, or
+    /// computing to `end` tokens overflows its table.
+    #[cold]
+    #[inline(never)]
+    fn advance_error(&self, agent: AgentId, end: u32) -> KvError {
+        if !self.is_resident(agent) {
+            return KvError::NotResident {
+                agent,
+                action: "compute",
+                state: self.state(agent),
+            };
+        }
+        let capacity = self.table_blocks(agent) * self.block_size_tokens;
+        KvError::Invalid {
+            agent,
+            message: format!("computing to {end} tokens but blocks hold only {capacity}"),
+        }
     }
 
     /// Starts copying the agent's last `block_count` private GPU blocks to the host (all of them
