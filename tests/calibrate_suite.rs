@@ -215,11 +215,20 @@ fn capacity_at_an_slo_is_measured_real_beside_simulated() {
         assert_eq!(json(&run.join("manifest.json"))["agents"], agents);
         assert!(run.starts_with(out.join(format!("capacity/agents-{agents}"))));
         // A generous SLO: every count passes on both sides.
-        assert_eq!((r[col("passes_real")], r[col("passes_sim")]), ("true", "true"));
+        assert_eq!(
+            (r[col("passes_real")], r[col("passes_sim")]),
+            ("true", "true")
+        );
     }
     let table = std::fs::read_to_string(out.join("validation-suite.txt")).unwrap();
-    assert!(table.contains("capacity real     3, simulated     3"), "{table}");
-    assert!(table.contains("capacity identical on 2/2 policies"), "{table}");
+    assert!(
+        table.contains("capacity real     3, simulated     3"),
+        "{table}"
+    );
+    assert!(
+        table.contains("capacity identical on 2/2 policies"),
+        "{table}"
+    );
 
     // An SLO no run meets gives capacity 0 on both sides, from the same runs.
     let tight = suite(
@@ -242,7 +251,10 @@ fn capacity_at_an_slo_is_measured_real_beside_simulated() {
     assert!(tight.status.success(), "{}", text(&tight));
     assert_eq!(text(&tight).matches("keeping the runs").count(), 4);
     let table = std::fs::read_to_string(out.join("validation-suite.txt")).unwrap();
-    assert!(table.contains("capacity real     0, simulated     0"), "{table}");
+    assert!(
+        table.contains("capacity real     0, simulated     0"),
+        "{table}"
+    );
     fails_with(
         &[
             "calibrate",
