@@ -185,10 +185,9 @@ fn capacity_at_an_slo_is_measured_real_beside_simulated() {
     let dir = temp("calibrate-suite", "capacity");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("suite");
-    let run = suite(
-        &shipped_fitted(),
-        &out,
-        &[
+    // seed-cliff under two policies at 1, 2 and 3 agents, with the SLO (and more) given.
+    let capacity = |slo_and_more: &[&str]| {
+        let mut words = vec![
             "--workload",
             "seed-cliff",
             "--policy",
@@ -198,9 +197,11 @@ fn capacity_at_an_slo_is_measured_real_beside_simulated() {
             "--capacity-agents",
             "1,2,3",
             "--capacity-slo-ms",
-            "1000000",
-        ],
-    );
+        ];
+        words.extend_from_slice(slo_and_more);
+        suite(&shipped_fitted(), &out, &words)
+    };
+    let run = capacity(&["1000000"]);
     assert!(run.status.success(), "{}", text(&run));
     let csv = std::fs::read_to_string(out.join("capacity.csv")).unwrap();
     let mut lines = csv.lines();
@@ -231,23 +232,7 @@ fn capacity_at_an_slo_is_measured_real_beside_simulated() {
     );
 
     // An SLO no run meets gives capacity 0 on both sides, from the same runs.
-    let tight = suite(
-        &shipped_fitted(),
-        &out,
-        &[
-            "--workload",
-            "seed-cliff",
-            "--policy",
-            "djinn",
-            "--policy",
-            "vllm",
-            "--capacity-agents",
-            "1,2,3",
-            "--capacity-slo-ms",
-            "0.001",
-            "--reuse-runs",
-        ],
-    );
+    let tight = capacity(&["0.001", "--reuse-runs"]);
     assert!(tight.status.success(), "{}", text(&tight));
     assert_eq!(text(&tight).matches("keeping the runs").count(), 4);
     let table = std::fs::read_to_string(out.join("validation-suite.txt")).unwrap();
