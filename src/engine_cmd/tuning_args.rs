@@ -39,6 +39,14 @@ pub enum GemmTuningArg {
     Off,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecodeGemmArg {
+    /// cuBLAS GEMMs.
+    Cublas,
+    /// The multi-row streaming GEMV (each weight read once per step; gate_up with SiLU fused).
+    Gemv,
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct TuningArgs {
     /// Prefill attention kernels.
@@ -69,6 +77,10 @@ pub struct TuningArgs {
     /// Launch kernels without programmatic dependent launch (it is only used on sm_90+ anyway).
     #[arg(long)]
     pub no_pdl: bool,
+    /// Linear layers of decode steps of 2-32 sequences (batch 1 always runs the streaming GEMV,
+    /// larger batches cuBLAS).
+    #[arg(long, value_enum, default_value_t = DecodeGemmArg::Cublas)]
+    pub decode_gemm: DecodeGemmArg,
 }
 
 /// A token count, or `never`.
@@ -84,7 +96,9 @@ fn parse_threshold(s: &str) -> Result<usize, String> {
 impl TuningArgs {
     /// The engine's options these flags ask for.
     pub fn to_tuning(&self) -> anyhow::Result<engine::cuda::EngineTuning> {
-        use engine::cuda::{DecodeAttention, EngineTuning, GemmTuning, PrefillAttention};
+        use engine::cuda::{
+            DecodeAttention, DecodeGemm, EngineTuning, GemmTuning, PrefillAttention,
+        };
         let defaults = EngineTuning::default();
         if self.gemm_tuning == GemmTuningArg::Off && self.gemm_table.is_some() {
             anyhow::bail!("--gemm-table names a table but --gemm-tuning is off");
@@ -114,6 +128,10 @@ impl TuningArgs {
                 .unwrap_or(defaults.half_residual_min_tokens),
             prune_last_layer: !self.whole_last_layer,
             pdl: !self.no_pdl,
+            decode_gemm: match self.decode_gemm {
+                DecodeGemmArg::Cublas => DecodeGemm::Cublas,
+                DecodeGemmArg::Gemv => DecodeGemm::Gemv,
+            },
         })
     }
 }

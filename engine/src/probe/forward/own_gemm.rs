@@ -7,7 +7,7 @@ use cudarc::driver::result as dr;
 use crate::config::DType;
 use crate::cuda::gemm_tune::{GemmOut, TunedGemm};
 use crate::cuda::{
-    drv, kargs, legacy_stream_done, CudaError, CudaModel, OwnGateUpMaps, TUNE_MIN_ROWS,
+    drv, kargs, legacy_stream_done, CudaError, CudaModel, GemmPath, OwnGateUpMaps, TUNE_MIN_ROWS,
 };
 
 /// One comparison: (what, max |candidate - reference|, max |reference|).
@@ -89,7 +89,11 @@ impl Arms<'_> {
             2 * self.inter,
             self.h,
             GemmOut::Half,
-            self.rows >= TUNE_MIN_ROWS,
+            if self.rows >= TUNE_MIN_ROWS {
+                GemmPath::Tuned
+            } else {
+                GemmPath::Cublas
+            },
         )
     }
 
