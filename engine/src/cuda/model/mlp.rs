@@ -99,7 +99,8 @@ impl CudaModel {
             );
         }
         let gemm_ex = || self.gemm_ex(x, w, y, m, n, k, out);
-        if let (GemmPath::Tuned, true, Some(tuned)) = (path, self.use_gemm_tuning, &self.tuned_gemm) {
+        if let (GemmPath::Tuned, true, Some(tuned)) = (path, self.use_gemm_tuning, &self.tuned_gemm)
+        {
             let args = GemmArgs {
                 x,
                 w,
@@ -149,17 +150,18 @@ impl CudaModel {
     }
 
     /// gate_up with SiLU-mul fused through the multi-row GEMV: `act[rows, inter] =
-    /// silu(x · gate^T) * (x · up^T)` with `w` = [gate; up] (`batch_gemv_fits(rows, k)`; the
-    /// caller checks). One CTA per 8 outputs of a row (the intermediate size is a multiple of 8).
+    /// silu(x · gate^T) * (x · up^T)` with `w` = [gate; up] of `2 inter` rows
+    /// (`batch_gemv_fits(rows, k)` and `inter` a multiple of 8; the caller checks). One CTA per 8
+    /// outputs of a row.
     pub(crate) fn launch_batch_gemv_silu(
         &self,
         x: u64,
         w: u64,
         act: u64,
         rows: usize,
+        inter: usize,
         k: usize,
     ) -> Result<(), CudaError> {
-        let inter = self.config.intermediate_size;
         let f = self.kernels.gemv_batch_silu[Self::batch_gemv_entry(rows)];
         let (m_i, inter_i, k_i) = (rows as i32, inter as i32, k as i32);
         self.launch_fwd(
@@ -331,7 +333,7 @@ impl CudaModel {
             self.mark("gemv_gate_up_silu")?;
         } else if path == GemmPath::BatchGemv && batch_gemv_fits(rows, h) {
             let (normed, act) = (self.buf.normed.ptr(), self.buf.buf_b.ptr());
-            self.launch_batch_gemv_silu(normed, self.wptr(lw.gate_up), act, rows, h)?;
+            self.launch_batch_gemv_silu(normed, self.wptr(lw.gate_up), act, rows, inter, h)?;
             self.mark("gemv_gate_up_silu")?;
         } else if let Some(maps) = self
             .own_gate_up
