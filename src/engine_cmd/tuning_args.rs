@@ -96,9 +96,7 @@ fn parse_threshold(s: &str) -> Result<usize, String> {
 impl TuningArgs {
     /// The engine's options these flags ask for.
     pub fn to_tuning(&self) -> anyhow::Result<engine::cuda::EngineTuning> {
-        use engine::cuda::{
-            DecodeAttention, DecodeGemm, EngineTuning, GemmTuning, PrefillAttention,
-        };
+        use engine::cuda::{DecodeAttention, EngineTuning, GemmTuning, PrefillAttention};
         let defaults = EngineTuning::default();
         if self.gemm_tuning == GemmTuningArg::Off && self.gemm_table.is_some() {
             anyhow::bail!("--gemm-table names a table but --gemm-tuning is off");
@@ -128,10 +126,17 @@ impl TuningArgs {
                 .unwrap_or(defaults.half_residual_min_tokens),
             prune_last_layer: !self.whole_last_layer,
             pdl: !self.no_pdl,
-            decode_gemm: match self.decode_gemm {
-                DecodeGemmArg::Cublas => DecodeGemm::Cublas,
-                DecodeGemmArg::Gemv => DecodeGemm::Gemv,
-            },
+            decode_gemm: self.decode_gemm.to_engine(),
         })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl DecodeGemmArg {
+    pub fn to_engine(self) -> engine::cuda::DecodeGemm {
+        match self {
+            DecodeGemmArg::Cublas => engine::cuda::DecodeGemm::Cublas,
+            DecodeGemmArg::Gemv => engine::cuda::DecodeGemm::Gemv,
+        }
     }
 }

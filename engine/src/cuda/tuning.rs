@@ -63,6 +63,16 @@ pub enum DecodeGemm {
     Gemv,
 }
 
+impl DecodeGemm {
+    /// The name `--decode-gemm` takes (and report rows carry).
+    pub fn label(self) -> &'static str {
+        match self {
+            DecodeGemm::Cublas => "cublas",
+            DecodeGemm::Gemv => "gemv",
+        }
+    }
+}
+
 /// Most rows (decode sequences) the multi-row GEMV takes.
 pub const BATCH_GEMV_MAX_ROWS: usize = 32;
 
