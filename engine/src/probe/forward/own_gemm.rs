@@ -222,7 +222,7 @@ impl Arms<'_> {
 }
 
 /// Max |candidate - reference| (infinite where the candidate is not finite) and max |reference|.
-fn compare(name: String, cand: &[f32], reference: &[f32]) -> Comparison {
+pub(crate) fn compare(name: String, cand: &[f32], reference: &[f32]) -> Comparison {
     let (mut max_diff, mut ref_max) = (0f32, 0f32);
     for (a, b) in cand.iter().zip(reference) {
         let d = if a.is_finite() {
