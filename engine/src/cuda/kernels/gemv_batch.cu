@@ -31,12 +31,12 @@ __device__ __forceinline__ void bg_mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u3
 }
 
 // One lane's loads of one stage: BG_U groups of its two weight rows (lo = row g, hi = row g + 8).
-// `pred` false: zeros (past the end of K).
 struct BgStage {
     uint4 lo[BG_U], hi[BG_U];
 };
 
-// Multiplies one 32-element group: the lane's weight loads `wl`, `wh` against x rows 8j + g.
+// Multiplies one 32-element group: the lane's weight loads `wl`, `wh` against x rows 8j + g
+// (`pred` false: x taken as zeros, past the end of K; the caller zeroes the weights too).
 template <int TILES>
 __device__ __forceinline__ void bg_group(const uint4& wl, const uint4& wh, const uint4* const (&xrow)[TILES],
                                          int chunk, bool pred, float (&acc)[TILES][4]) {
