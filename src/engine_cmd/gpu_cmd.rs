@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::tuning_args::TuningArgs;
+use super::tuning_args::{DecodeGemmArg, TuningArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// after the timed ones (the card still hot): where the wall-vs-GPU gap goes.
     #[arg(long)]
     pub prefill_gap: bool,
+    /// Time every decode row under each of these settings of --decode-gemm in turn and print
+    /// them side by side with their floor ratios (default: --decode-gemm's alone).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub decode_gemm_arms: Vec<DecodeGemmArg>,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -420,10 +424,18 @@ mod with_cuda {
             decode_batches: args.batches.clone(),
             decode_contexts: args.contexts.clone(),
             prefill_gap: args.prefill_gap,
+            decode_gemm_arms: args
+                .decode_gemm_arms
+                .iter()
+                .map(|arm| arm.to_engine())
+                .collect(),
         };
         let mut rows = cb::run_grid(&mut model, &grid, |row| {
             println!("{}", cb::format_row(row));
         })?;
+        for line in cb::format_decode_gemm_pairs(&rows) {
+            println!("{line}");
+        }
         for p in &bench_profiles(&mut model, &args, max_batch)? {
             println!("{p}");
         }
@@ -565,10 +577,10 @@ mod with_cuda {
         std::fs::create_dir_all(out)?;
         let json_path = out.join("engine_bench.json");
         std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
-        let mut csv = String::from("device,system,kind,batch,tokens,cached_tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor\n");
+        let mut csv = String::from("device,system,kind,batch,tokens,cached_tokens,ms_p50,ms_mean,ms_min,reps,tokens_per_s,floor_ms_datasheet,ratio_to_datasheet_floor,floor_ms_measured_rates,ratio_to_measured_floor,decode_gemm\n");
         for r in &report.rows {
             csv += &format!(
-                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.1},{:.4},{:.3},{:.4},{:.3}\n",
+                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.1},{:.4},{:.3},{:.4},{:.3},{}\n",
                 report.device,
                 r.system,
                 r.kind,
@@ -583,7 +595,8 @@ mod with_cuda {
                 r.floor_ms_datasheet,
                 r.ratio_to_datasheet_floor,
                 r.floor_ms_measured_rates,
-                r.ratio_to_measured_floor
+                r.ratio_to_measured_floor,
+                r.decode_gemm
             );
         }
         std::fs::write(out.join("engine_bench.csv"), csv)?;

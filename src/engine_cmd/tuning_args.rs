@@ -39,6 +39,14 @@ pub enum GemmTuningArg {
     Off,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecodeGemmArg {
+    /// cuBLAS GEMMs.
+    Cublas,
+    /// The multi-row streaming GEMV (each weight read once per step; gate_up with SiLU fused).
+    Gemv,
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct TuningArgs {
     /// Prefill attention kernels.
@@ -69,6 +77,10 @@ pub struct TuningArgs {
     /// Launch kernels without programmatic dependent launch (it is only used on sm_90+ anyway).
     #[arg(long)]
     pub no_pdl: bool,
+    /// Linear layers of decode steps of 2-32 sequences (batch 1 always runs the streaming GEMV,
+    /// larger batches cuBLAS).
+    #[arg(long, value_enum, default_value_t = DecodeGemmArg::Cublas)]
+    pub decode_gemm: DecodeGemmArg,
 }
 
 /// A token count, or `never`.
@@ -114,6 +126,17 @@ impl TuningArgs {
                 .unwrap_or(defaults.half_residual_min_tokens),
             prune_last_layer: !self.whole_last_layer,
             pdl: !self.no_pdl,
+            decode_gemm: self.decode_gemm.to_engine(),
         })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl DecodeGemmArg {
+    pub fn to_engine(self) -> engine::cuda::DecodeGemm {
+        match self {
+            DecodeGemmArg::Cublas => engine::cuda::DecodeGemm::Cublas,
+            DecodeGemmArg::Gemv => engine::cuda::DecodeGemm::Gemv,
+        }
     }
 }

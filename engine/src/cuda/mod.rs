@@ -30,12 +30,12 @@ mod tuning;
 
 pub use device::{cuda_include_dir, GpuDevice};
 pub use gemm_tune::TABLE_HEADER as GEMM_TABLE_HEADER;
-pub(crate) use model::{kargs, OwnGateUpMaps, CUBLAS_WORKSPACE_BYTES, TUNE_MIN_ROWS};
+pub(crate) use model::{kargs, GemmPath, OwnGateUpMaps, CUBLAS_WORKSPACE_BYTES, TUNE_MIN_ROWS};
 pub use model::{CudaModel, CudaModelOptions, KvDemand, WeightSource};
 pub use pool::{DeviceBuffer, GpuKvPool};
 pub use tuning::{
-    DecodeAttention, EngineTuning, GemmTuning, PrefillAttention, HALF_RESIDUAL_MIN_TOKENS,
-    OWN_GATE_UP_MIN_TOKENS,
+    DecodeAttention, DecodeGemm, EngineTuning, GemmTuning, PrefillAttention, BATCH_GEMV_MAX_ROWS,
+    HALF_RESIDUAL_MIN_TOKENS, OWN_GATE_UP_MIN_TOKENS,
 };
 
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! The forward's remaining choices, typed: which prefill and decode attention kernels, how prefill GEMMs pick
-//! their algorithm, and the step-size thresholds of the paths whose winner depends on the step.
+//! their algorithm, which kernel runs the linear layers of small decode batches, and the step-size thresholds of the paths whose winner depends on the step.
 //! `EngineTuning::default()` is the measured-fastest path on every supported card (`Auto` resolves
 //! per card at start-up); the other values exist for the consistency checks and benchmarks that
 //! compare paths. docs/engine-cuda.md holds the measurements behind each default.
@@ -51,6 +51,31 @@ pub enum GemmTuning {
     Table(Option<PathBuf>),
 }
 
+/// What runs the linear layers (qkv, o_proj, gate_up, down_proj, LM head) of decode steps of 2 to
+/// `BATCH_GEMV_MAX_ROWS` sequences. Batch 1 always runs the streaming GEMV; larger steps cuBLAS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DecodeGemm {
+    /// cuBLAS (`cublasGemmEx`).
+    #[default]
+    Cublas,
+    /// The multi-row streaming GEMV (`gemv_batch*`, tensor-core products, each weight read once
+    /// per step), gate_up with SiLU-mul fused.
+    Gemv,
+}
+
+impl DecodeGemm {
+    /// The name `--decode-gemm` takes (and report rows carry).
+    pub fn label(self) -> &'static str {
+        match self {
+            DecodeGemm::Cublas => "cublas",
+            DecodeGemm::Gemv => "gemv",
+        }
+    }
+}
+
+/// Most rows (decode sequences) the multi-row GEMV takes.
+pub const BATCH_GEMV_MAX_ROWS: usize = 32;
+
 /// The typed options of the CUDA forward, parsed once (CLI flags of the `djinn engine`
 /// subcommands) and carried in `CudaModelOptions`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +94,8 @@ pub struct EngineTuning {
     pub prune_last_layer: bool,
     /// Programmatic dependent launch of the forward's kernels (sm_90+; ignored before).
     pub pdl: bool,
+    /// Linear layers of decode steps of 2 to `BATCH_GEMV_MAX_ROWS` sequences.
+    pub decode_gemm: DecodeGemm,
 }
 
 /// Default thresholds (the measured crossovers on the H100, docs/engine-cuda.md).
@@ -85,6 +112,7 @@ impl Default for EngineTuning {
             half_residual_min_tokens: HALF_RESIDUAL_MIN_TOKENS,
             prune_last_layer: true,
             pdl: true,
+            decode_gemm: DecodeGemm::Cublas,
         }
     }
 }

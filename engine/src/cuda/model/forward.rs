@@ -3,12 +3,13 @@
 
 use cudarc::driver::{result as dr, sys as dsys};
 
-use super::mlp::LayerTail;
+use super::mlp::{GemmPath, LayerTail};
 use super::weights::LayerOffsets;
 use super::{
     drv, kargs, trace, CudaError, CudaModel, Logits, SeqStep, NORM_ROWS_MIN_TOKENS, TUNE_MIN_ROWS,
 };
 use crate::cuda::gemm_tune::GemmOut;
+use crate::cuda::tuning::DecodeGemm;
 
 /// A step that has not finished after this long is reported as hung.
 const STEP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -29,8 +30,9 @@ struct StepPlan {
     mode: AttnMode,
     /// Batch 1: RoPE + KV write ride on the qkv GEMV, SiLU-mul on the gate/up GEMV.
     fused_gemv: bool,
-    /// Large prefill GEMMs take the algorithm the cuBLASLt timing picked (gemm_tune/).
-    tunable: bool,
+    /// How GEMMs of more than one row run: large prefill GEMMs take the algorithm the cuBLASLt
+    /// timing picked (gemm_tune/); decode steps of 2-32 rows the multi-row GEMV if chosen.
+    path: GemmPath,
     /// rope_kv_write rotates q too (decode; prefill kernels that do not rotate q on load).
     rotate_q: i32,
     /// The residual stream in the weights' type (else f32).
@@ -78,7 +80,11 @@ impl CudaModel {
             n_seqs,
             mode,
             fused_gemv: n_tokens == 1 && !is_prefill,
-            tunable: is_prefill && n_tokens >= TUNE_MIN_ROWS,
+            path: match (is_prefill, self.decode_gemm) {
+                (true, _) if n_tokens >= TUNE_MIN_ROWS => GemmPath::Tuned,
+                (false, DecodeGemm::Gemv) => GemmPath::BatchGemv,
+                _ => GemmPath::Cublas,
+            },
             rotate_q: i32::from(!is_prefill || !self.prefill.rotates_q()),
             half_resid,
             prune_last: self.prune_last_layer && is_prefill && n_tokens > n_seqs,
@@ -135,6 +141,12 @@ impl CudaModel {
             ],
         )?;
         self.mark("rmsnorm")?;
+        // A decode step's LM head runs on its n_tokens (= n_seqs) rows, as its other GEMMs.
+        let lm_path = if is_prefill {
+            GemmPath::Cublas
+        } else {
+            step.path
+        };
         self.gemm(
             self.buf.final_normed.ptr(),
             self.wptr(self.layout.lm_head),
@@ -143,7 +155,7 @@ impl CudaModel {
             c.vocab_size,
             h,
             GemmOut::F32,
-            false,
+            lm_path,
         )?;
         self.mark("lm_head")?;
         let vocab_i = c.vocab_size as i32;
@@ -209,7 +221,7 @@ impl CudaModel {
                     norm_kernel,
                     norm_threads,
                     gemv: step.n_seqs == 1,
-                    tunable: false,
+                    path: GemmPath::Cublas,
                 })
             }
             AttnMode::Prefill { num_tiles } => {
@@ -225,7 +237,7 @@ impl CudaModel {
             norm_kernel,
             norm_threads,
             gemv: step.fused_gemv,
-            tunable: step.tunable,
+            path: step.path,
         });
         self.enqueue_layer_tail(layer, lw, &tail)
     }
@@ -287,7 +299,7 @@ impl CudaModel {
             qkv_width,
             h,
             GemmOut::Half,
-            step.tunable,
+            step.path,
         )?;
         self.mark("gemm_qkv")?;
         // One CTA per token looping over the (head, pair) items.

@@ -11,6 +11,7 @@
 //! - `prefill_attention_wgmma.cu`: `attn_prefill_wgmma`.
 //! - `prefill_attention_ws.cu`: `attn_prefill_wgmma_ws` (also defines `TmaMap`).
 //! - `gemv.cu`: `gemv`, `gemv_silu`, `gemv_rope`.
+//! - `gemv_batch.cu`: `gemv_batch{1..4}`, `gemv_batch_silu{1..4}` (decode batches of 2-32 rows).
 //! - `misc.cu`: `silu_mul`, `argmax_rows`, `copy_words`.
 //! - `gemm_ws.cu`: `gemm_ws`, `gemm_ws_silu`.
 
@@ -31,9 +32,14 @@ const KERNEL_SOURCE: &str = concat!(
     include_str!("../kernels/prefill_attention_wgmma.cu"),
     include_str!("../kernels/prefill_attention_ws.cu"),
     include_str!("../kernels/gemv.cu"),
+    include_str!("../kernels/gemv_batch.cu"),
     include_str!("../kernels/misc.cu"),
     include_str!("../kernels/gemm_ws.cu"),
 );
+
+/// Entry points of the multi-row GEMVs, one per tile count of 8 x rows (BG_MAX_TILES in
+/// gemv_batch.cu): 32 rows at most.
+pub(crate) const BATCH_GEMV_TILES: usize = 4;
 
 /// Query rows per tile of `attn_prefill_mma64` (4 warps x 16 rows).
 pub(super) const PREFILL_SMALL_TILE_ROWS: usize = 64;
@@ -185,6 +191,9 @@ pub(crate) struct Kernels {
     pub gemv: dsys::CUfunction,
     pub gemv_silu: dsys::CUfunction,
     pub gemv_rope: dsys::CUfunction,
+    /// Multi-row GEMVs (plain, gate_up with SiLU-mul fused); entry `i` takes up to 8 (i + 1) x rows.
+    pub gemv_batch: [dsys::CUfunction; BATCH_GEMV_TILES],
+    pub gemv_batch_silu: [dsys::CUfunction; BATCH_GEMV_TILES],
     pub argmax_rows: dsys::CUfunction,
     pub copy_words: dsys::CUfunction,
     /// Each sequence's last row (q and residual) into compact rows for the pruned last layer.
@@ -253,6 +262,18 @@ impl Kernels {
             gemv: f("gemv")?,
             gemv_silu: f("gemv_silu")?,
             gemv_rope: f("gemv_rope")?,
+            gemv_batch: [
+                f("gemv_batch1")?,
+                f("gemv_batch2")?,
+                f("gemv_batch3")?,
+                f("gemv_batch4")?,
+            ],
+            gemv_batch_silu: [
+                f("gemv_batch_silu1")?,
+                f("gemv_batch_silu2")?,
+                f("gemv_batch_silu3")?,
+                f("gemv_batch_silu4")?,
+            ],
             argmax_rows: f("argmax_rows")?,
             copy_words: f("copy_words")?,
             gather_last_rows: f("gather_last_rows")?,

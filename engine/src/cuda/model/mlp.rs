@@ -1,23 +1,48 @@
 //! GEMM dispatch and a layer's tail (o_proj, post-attention RMSNorm, MLP). Batch-1 steps use the
-//! streaming GEMV kernels; prefill-sized GEMMs the tuned cuBLASLt choice; gate_up of large steps on
-//! sm_90 the own warp-specialised wgmma GEMM with SiLU-mul in its epilogue; the rest cuBLAS.
+//! streaming GEMV kernels; decode steps of 2-32 rows the multi-row GEMV when
+//! `DecodeGemm::Gemv` is chosen; prefill-sized GEMMs the tuned cuBLASLt choice; gate_up of large
+//! steps on sm_90 the own warp-specialised wgmma GEMM with SiLU-mul in its epilogue; the rest
+//! cuBLAS.
 
 use std::ffi::c_void;
 
 use cudarc::cublas::{result as br, sys as bsys};
 use cudarc::driver::sys as dsys;
 
-use super::kernels::OWN_GEMM_SMEM_BYTES;
+use super::kernels::{BATCH_GEMV_TILES, OWN_GEMM_SMEM_BYTES};
 use super::tma::{TmaMap, OWN_GEMM_TILE_M};
 use super::weights::LayerOffsets;
 use super::{kargs, CudaError, CudaModel, CUBLAS_WORKSPACE_BYTES};
 use crate::config::DType;
 use crate::cuda::gemm_tune::{GemmArgs, GemmOut};
+use crate::cuda::tuning::BATCH_GEMV_MAX_ROWS;
 
 /// Output rows per warp and threads per CTA of the batch-1 GEMV kernels (GEMV_R, GEMV_THREADS in
 /// gemv.cu).
 const GEMV_ROWS_PER_WARP: usize = 2;
 pub(crate) const GEMV_THREADS: usize = 128;
+/// Weight rows per CTA and threads per CTA of the multi-row GEMV (gemv_batch.cu: 16 rows, the
+/// SiLU variant 8 gate and 8 up rows; BG_THREADS).
+const BATCH_GEMV_ROWS_PER_CTA: usize = 16;
+const BATCH_GEMV_THREADS: u32 = 128;
+/// x rows per tile of the multi-row GEMV (the mma's n dimension).
+const BATCH_GEMV_TILE_ROWS: usize = 8;
+
+/// How `CudaModel::gemm` runs a GEMM of more than one row (one row always takes the batch-1 GEMV).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemmPath {
+    /// `cublasGemmEx`.
+    Cublas,
+    /// Large prefill GEMMs: the tuned cuBLASLt choice where tuning is on.
+    Tuned,
+    /// Decode steps of 2 to `BATCH_GEMV_MAX_ROWS` rows: the multi-row GEMV (cuBLAS beyond).
+    BatchGemv,
+}
+
+/// Whether the multi-row GEMV takes an `m`-row GEMM of inner size `k` (16-byte loads of each row).
+pub(crate) fn batch_gemv_fits(m: usize, k: usize) -> bool {
+    (2..=BATCH_GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
+}
 /// Columns of one tile of the own GEMM (GM_BN in gemm_ws.cu).
 const OWN_GEMM_TILE_N: usize = 256;
 
@@ -35,8 +60,8 @@ pub(super) struct LayerTail {
     pub norm_threads: u32,
     /// One row: gate_up through the SiLU-fused GEMV.
     pub gemv: bool,
-    /// Large prefill GEMMs: the tuned cuBLASLt choice.
-    pub tunable: bool,
+    /// How the GEMMs of more than one row run (`BatchGemv`: gate_up with SiLU-mul fused too).
+    pub path: GemmPath,
 }
 
 impl CudaModel {
@@ -56,8 +81,11 @@ impl CudaModel {
         n: usize,
         k: usize,
         out: GemmOut,
-        tunable: bool,
+        path: GemmPath,
     ) -> Result<(), CudaError> {
+        if path == GemmPath::BatchGemv && batch_gemv_fits(m, k) {
+            return self.launch_batch_gemv(x, w, y, m, n, k, out);
+        }
         if m == 1 && k.is_multiple_of(8) {
             // Batch-1 decode: a streaming GEMV reads the weights closer to the bandwidth floor than
             // cuBLAS does for m = 1 (docs/engine-cuda.md).
@@ -71,7 +99,8 @@ impl CudaModel {
             );
         }
         let gemm_ex = || self.gemm_ex(x, w, y, m, n, k, out);
-        if let (true, true, Some(tuned)) = (tunable, self.use_gemm_tuning, &self.tuned_gemm) {
+        if let (GemmPath::Tuned, true, Some(tuned)) = (path, self.use_gemm_tuning, &self.tuned_gemm)
+        {
             let args = GemmArgs {
                 x,
                 w,
@@ -94,6 +123,59 @@ impl CudaModel {
             return tuned.run(&args, &gemm_ex);
         }
         gemm_ex()
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]^T` through the multi-row GEMV (`batch_gemv_fits(m, k)`; the
+    /// caller checks): one CTA per 16 weight rows, the entry point for ceil(m / 8) x-row tiles.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_batch_gemv(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: GemmOut,
+    ) -> Result<(), CudaError> {
+        let f = self.kernels.gemv_batch[Self::batch_gemv_entry(m)];
+        let (m_i, n_i, k_i, code) = (m as i32, n as i32, k as i32, out.gemv_code());
+        self.launch_fwd(
+            f,
+            (n.div_ceil(BATCH_GEMV_ROWS_PER_CTA) as u32, 1, 1),
+            (BATCH_GEMV_THREADS, 1, 1),
+            0,
+            kargs![w, x, y, m_i, n_i, k_i, code],
+        )
+    }
+
+    /// gate_up with SiLU-mul fused through the multi-row GEMV: `act[rows, inter] =
+    /// silu(x · gate^T) * (x · up^T)` with `w` = [gate; up] of `2 inter` rows
+    /// (`batch_gemv_fits(rows, k)` and `inter` a multiple of 8; the caller checks). One CTA per 8
+    /// outputs of a row.
+    pub(crate) fn launch_batch_gemv_silu(
+        &self,
+        x: u64,
+        w: u64,
+        act: u64,
+        rows: usize,
+        inter: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        let f = self.kernels.gemv_batch_silu[Self::batch_gemv_entry(rows)];
+        let (m_i, inter_i, k_i) = (rows as i32, inter as i32, k as i32);
+        self.launch_fwd(
+            f,
+            ((inter / 8) as u32, 1, 1),
+            (BATCH_GEMV_THREADS, 1, 1),
+            0,
+            kargs![w, x, act, m_i, inter_i, k_i],
+        )
+    }
+
+    /// Index of the multi-row GEMV entry point for `m` x rows (ceil(m / 8) tiles).
+    fn batch_gemv_entry(m: usize) -> usize {
+        (m.div_ceil(BATCH_GEMV_TILE_ROWS).clamp(1, BATCH_GEMV_TILES)) - 1
     }
 
     /// `gemm` through `cublasGemmEx` (cuBLAS's own algorithm choice).
@@ -210,7 +292,7 @@ impl CudaModel {
     ) -> Result<(), CudaError> {
         let c = &self.config;
         let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
-        let (rows, tunable) = (tail.rows, tail.tunable);
+        let (rows, path) = (tail.rows, tail.path);
         let (h_i, eps, null) = (h as i32, c.rms_norm_eps as f32, 0u64);
         self.gemm(
             self.buf.buf_b.ptr(),
@@ -220,7 +302,7 @@ impl CudaModel {
             h,
             c.num_attention_heads * hd,
             tail.out_kind,
-            tunable,
+            path,
         )?;
         self.mark("gemm_o")?;
         self.launch_fwd(
@@ -249,6 +331,10 @@ impl CudaModel {
                 kargs![w, self.buf.normed.ptr(), self.buf.buf_b.ptr(), inter_i, k_i],
             )?;
             self.mark("gemv_gate_up_silu")?;
+        } else if path == GemmPath::BatchGemv && batch_gemv_fits(rows, h) {
+            let (normed, act) = (self.buf.normed.ptr(), self.buf.buf_b.ptr());
+            self.launch_batch_gemv_silu(normed, self.wptr(lw.gate_up), act, rows, inter, h)?;
+            self.mark("gemv_gate_up_silu")?;
         } else if let Some(maps) = self
             .own_gate_up
             .as_ref()
@@ -275,7 +361,7 @@ impl CudaModel {
                 2 * inter,
                 h,
                 GemmOut::Half,
-                tunable,
+                path,
             )?;
             self.mark("gemm_gate_up")?;
             self.launch_silu_mul(rows)?;
@@ -289,7 +375,7 @@ impl CudaModel {
             h,
             inter,
             tail.out_kind,
-            tunable,
+            path,
         )?;
         self.mark("gemm_down")?;
         Ok(())

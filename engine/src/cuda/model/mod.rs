@@ -6,7 +6,8 @@
 //! - `weights`: tensor offsets, upload, seeded random generation, HF checkpoint export.
 //! - `launch`: kernel launches (with programmatic dependent launch).
 //! - `attention`: decode and prefill attention launches.
-//! - `mlp`: GEMM dispatch (GEMV, tuned cuBLASLt, cuBLAS, own wgmma GEMM) and a layer's tail.
+//! - `mlp`: GEMM dispatch (GEMV, multi-row GEMV, tuned cuBLASLt, cuBLAS, own wgmma GEMM) and a
+//!   layer's tail.
 //! - `forward`: one step (staging, the layer loop, results).
 //! - `graphs`: decode graph buckets and their capture.
 
@@ -17,7 +18,7 @@ use cudarc::cublas::{sys as bsys, CudaBlas};
 use cudarc::driver::{sys as dsys, CudaGraph};
 
 use super::gemm_tune::TunedGemm;
-use super::tuning::{DecodeAttention, EngineTuning, GemmTuning};
+use super::tuning::{DecodeAttention, DecodeGemm, EngineTuning, GemmTuning};
 use super::{drv, legacy_stream_done, CudaError, DeviceBuffer, GpuDevice, GpuKvPool};
 use crate::batch::{Logits, PagedModel, SeqStep};
 use crate::config::{DType, ModelConfig};
@@ -36,7 +37,7 @@ mod weights;
 pub(crate) use kernels::Kernels;
 pub(crate) use kernels::PrefillKernel;
 pub(crate) use launch::kargs;
-pub(crate) use mlp::GEMV_THREADS;
+pub(crate) use mlp::{GemmPath, GEMV_THREADS};
 pub(crate) use plan::Buffers;
 use plan::{PinnedBuffer, StepLayout};
 pub(crate) use tma::{OwnGateUpMaps, TmaMap};
@@ -183,6 +184,8 @@ pub struct CudaModel {
     /// Prefill steps run the last layer's attention, o_proj and MLP on each sequence's last row
     /// only (the logits read nothing else; every row's KV is still written).
     prune_last_layer: bool,
+    /// What runs the linear layers of decode steps of 2 to `BATCH_GEMV_MAX_ROWS` sequences.
+    decode_gemm: DecodeGemm,
     /// Bytes allocated at start-up, by purpose (for reports).
     pub memory_breakdown: Vec<(String, usize)>,
 }
@@ -336,6 +339,7 @@ impl CudaModel {
             use_gemm_tuning: true,
             half_resid_min_tokens: tuning.half_residual_min_tokens,
             prune_last_layer: tuning.prune_last_layer,
+            decode_gemm: tuning.decode_gemm,
             memory_breakdown,
         };
         match source {
@@ -462,6 +466,21 @@ impl CudaModel {
             &mut self.own_gate_up_min_tokens,
             min_tokens,
         )
+    }
+
+    /// What runs the linear layers of decode steps of 2 to 32 sequences.
+    pub fn decode_gemm(&self) -> DecodeGemm {
+        self.decode_gemm
+    }
+
+    /// Switches the linear layers of decode steps of 2 to 32 sequences between cuBLAS and the
+    /// multi-row GEMV (checks and benchmarks compare the two); returns the previous choice.
+    /// Captured decode graphs are dropped on a change, since each one fixed its path.
+    pub fn set_decode_gemm(&mut self, choice: DecodeGemm) -> DecodeGemm {
+        if choice != self.decode_gemm {
+            self.graphs.clear();
+        }
+        std::mem::replace(&mut self.decode_gemm, choice)
     }
 
     fn elem(&self) -> usize {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::SeqStep;
-use crate::cuda::{CudaError, CudaModel};
+use crate::cuda::{CudaError, CudaModel, DecodeGemm};
 
 pub const DATASHEET_BANDWIDTH_BYTES_PER_S: f64 = 3.35e12;
 pub const MEASURED_BANDWIDTH_BYTES_PER_S: f64 = 3.0e12;
@@ -42,6 +42,10 @@ pub struct BenchRow {
     /// ms_p50 / floor_ms_datasheet.
     pub ratio_to_datasheet_floor: f64,
     pub ratio_to_measured_floor: f64,
+    /// Decode rows: what ran the linear layers of 2-32 sequence steps (`DecodeGemm::label`);
+    /// empty for prefill rows.
+    #[serde(default)]
+    pub decode_gemm: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -190,6 +194,7 @@ pub fn bench_decode(
         floor_ms_measured_rates: floor_ms,
         ratio_to_datasheet_floor: p50 / floor_ds,
         ratio_to_measured_floor: p50 / floor_ms,
+        decode_gemm: model.decode_gemm().label().into(),
     })
 }
 
@@ -333,6 +338,7 @@ fn prefill_row(
         floor_ms_measured_rates: floor_ms,
         ratio_to_datasheet_floor: p50 / floor_ds,
         ratio_to_measured_floor: p50 / floor_ms,
+        decode_gemm: String::new(),
     }
 }
 
@@ -366,22 +372,80 @@ pub fn run_grid(
             Err(e) => return Err(e),
         }
     }
+    let chosen = model.decode_gemm();
+    let arms = if grid.decode_gemm_arms.is_empty() {
+        vec![chosen]
+    } else {
+        grid.decode_gemm_arms.clone()
+    };
     for &context in &grid.decode_contexts {
         for &batch in &grid.decode_batches {
             let reps = if batch * context >= 32 * 2048 { 20 } else { 50 };
-            match bench_decode(model, batch, context, 5, reps) {
-                Ok(row) => {
-                    on_row(&row);
-                    rows.push(row);
+            // The arms of one configuration back to back (the card in the same state); the
+            // first warm-up step of each arm captures its decode graph.
+            for &arm in &arms {
+                model.set_decode_gemm(arm);
+                match bench_decode(model, batch, context, 5, reps) {
+                    Ok(row) => {
+                        on_row(&row);
+                        rows.push(row);
+                    }
+                    Err(CudaError::BadInput(why)) => {
+                        eprintln!("skipped decode batch {batch} context {context}: {why}")
+                    }
+                    Err(e) => {
+                        model.set_decode_gemm(chosen);
+                        return Err(e);
+                    }
                 }
-                Err(CudaError::BadInput(why)) => {
-                    eprintln!("skipped decode batch {batch} context {context}: {why}")
-                }
-                Err(e) => return Err(e),
             }
         }
     }
+    model.set_decode_gemm(chosen);
     Ok(rows)
+}
+
+/// One line per decode configuration timed under more than one `DecodeGemm` setting: each
+/// setting's p50 and its ratio to the measured-rates floor, and each against the first.
+pub fn format_decode_gemm_pairs(rows: &[BenchRow]) -> Vec<String> {
+    let decode: Vec<&BenchRow> = rows.iter().filter(|r| r.kind == "decode_step").collect();
+    let mut lines = Vec::new();
+    let mut seen: Vec<(usize, usize)> = Vec::new();
+    for first in &decode {
+        let key = (first.batch, first.tokens);
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let arms: Vec<&&BenchRow> = decode
+            .iter()
+            .filter(|r| (r.batch, r.tokens) == key)
+            .collect();
+        if arms.len() < 2 {
+            continue;
+        }
+        let parts: Vec<String> = arms
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {:.3} ms (x{:.2} floor, x{:.3} of {})",
+                    r.decode_gemm,
+                    r.ms_p50,
+                    r.ratio_to_measured_floor,
+                    r.ms_p50 / first.ms_p50,
+                    first.decode_gemm
+                )
+            })
+            .collect();
+        lines.push(format!(
+            "decode batch {:>3} tokens {:>6}, floor {:.3} ms @3.0TB/s: {}",
+            key.0,
+            key.1,
+            first.floor_ms_measured_rates,
+            parts.join(" | ")
+        ));
+    }
+    lines
 }
 
 /// What `run_grid` measures.
@@ -396,6 +460,9 @@ pub struct BenchGrid {
     pub decode_contexts: Vec<usize>,
     /// Time each prefill's GPU span and host enqueue time, and profile one hot prefill.
     pub prefill_gap: bool,
+    /// Time every decode configuration under each of these settings in turn (empty: the model's
+    /// own setting only).
+    pub decode_gemm_arms: Vec<DecodeGemm>,
 }
 
 /// One line per row: figure, floor, ratio.
@@ -405,8 +472,13 @@ pub fn format_row(row: &BenchRow) -> String {
     } else {
         String::new()
     };
+    let arm = if row.decode_gemm.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", row.decode_gemm)
+    };
     format!(
-        "{:<12} {:<13} batch {:>3} tokens {:>6}{cached}: {:>9.3} ms p50 (mean {:.3}, min {:.3}, n={}) {:>10.0} tok/s | floor {:.3} ms @3.35TB/s+989TF (x{:.2}), {:.3} ms @3.0TB/s+790TF (x{:.2})",
+        "{:<12} {:<13} batch {:>3} tokens {:>6}{cached}{arm}: {:>9.3} ms p50 (mean {:.3}, min {:.3}, n={}) {:>10.0} tok/s | floor {:.3} ms @3.35TB/s+989TF (x{:.2}), {:.3} ms @3.0TB/s+790TF (x{:.2})",
         row.system,
         row.kind,
         row.batch,

@@ -261,7 +261,8 @@ impl Fixture {
 /// decode give the same last-token logits; (2) a batch of decodes equals each decoded alone;
 /// (3) graph replay equals eager launches; then the pruned last layer against the whole one,
 /// decode attention per KV head against per query head (grouped-query models) and,
-/// on a long prompt, each optional path against its reference path. Returns a list of (check,
+/// on a long prompt, each optional path against its reference path, and decode batches on the
+/// multi-row GEMV against cuBLAS. Returns a list of (check,
 /// max |diff|, passed).
 pub fn self_consistency(model: &mut CudaModel, tolerance_rel: f32) -> Result<Results, CudaError> {
     let fx = Fixture::new(model, tolerance_rel);
@@ -270,6 +271,17 @@ pub fn self_consistency(model: &mut CudaModel, tolerance_rel: f32) -> Result<Res
     pruned_last_layer_checks(model, &fx, &mut results)?;
     decode_attention_checks(model, &fx, &mut results)?;
     long_prompt_checks(model, &fx, &mut results)?;
+    // Last: these prompts overwrite the fixture's blocks.
+    let batches: Vec<usize> = [2, 3, 8]
+        .into_iter()
+        .filter(|&b| super::batch_gemv::decode_check_fits(model, b))
+        .collect();
+    eprintln!("consistency: multi-row GEMV vs cuBLAS, decode batches {batches:?}");
+    results.extend(super::batch_gemv::decode_checks(
+        model,
+        &batches,
+        tolerance_rel,
+    )?);
     Ok(results)
 }
 

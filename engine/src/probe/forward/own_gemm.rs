@@ -7,7 +7,7 @@ use cudarc::driver::result as dr;
 use crate::config::DType;
 use crate::cuda::gemm_tune::{GemmOut, TunedGemm};
 use crate::cuda::{
-    drv, kargs, legacy_stream_done, CudaError, CudaModel, OwnGateUpMaps, TUNE_MIN_ROWS,
+    drv, kargs, legacy_stream_done, CudaError, CudaModel, GemmPath, OwnGateUpMaps, TUNE_MIN_ROWS,
 };
 
 /// One comparison: (what, max |candidate - reference|, max |reference|).
@@ -89,7 +89,11 @@ impl Arms<'_> {
             2 * self.inter,
             self.h,
             GemmOut::Half,
-            self.rows >= TUNE_MIN_ROWS,
+            if self.rows >= TUNE_MIN_ROWS {
+                GemmPath::Tuned
+            } else {
+                GemmPath::Cublas
+            },
         )
     }
 
@@ -218,7 +222,7 @@ impl Arms<'_> {
 }
 
 /// Max |candidate - reference| (infinite where the candidate is not finite) and max |reference|.
-fn compare(name: String, cand: &[f32], reference: &[f32]) -> Comparison {
+pub(crate) fn compare(name: String, cand: &[f32], reference: &[f32]) -> Comparison {
     let (mut max_diff, mut ref_max) = (0f32, 0f32);
     for (a, b) in cand.iter().zip(reference) {
         let d = if a.is_finite() {
